@@ -1,0 +1,91 @@
+"""Zero-shot classification: class weights from prompt templates (CLIP's prompt ensembling) and
+top-k / mean per-class recall, defined as in CLIP_benchmark's `zeroshot_classification`."""
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import numpy as np
+
+TOPK = (1, 5)
+TOPK_KEY = "top{k}"
+MEAN_PER_CLASS_RECALL_KEY = "mean_per_class_recall"
+ROW_BLOCK_SIZE = 4096  # rows of logits compared at once, bounds the (block, C) temporary
+
+EncodeText = Callable[[list[str]], np.ndarray]  # prompts -> (n, D) embeddings
+Normalize = Callable[[np.ndarray], np.ndarray]
+
+
+def l2_normalize(x: np.ndarray) -> np.ndarray:
+    """Unit L2 norm along the last axis (the sphere topology)."""
+    return x / np.linalg.norm(x, axis=-1, keepdims=True)
+
+
+def fill_templates(templates: Sequence[str], classname: str) -> list[str]:
+    """One prompt per template; `format(c=...)` as CLIP_benchmark does, so `{{`/`}}` escapes work alike."""
+    return [template.format(c=classname) for template in templates]
+
+
+def build_zeroshot_weights(
+    encode_text: EncodeText,
+    classnames: Sequence[str],
+    templates: Sequence[str],
+    normalize: Normalize = l2_normalize,
+) -> np.ndarray:
+    """(C, D) classifier: per class, normalise each prompt embedding, average, normalise again.
+
+    `normalize` is applied to the prompt embeddings and to their mean; the default is CLIP's
+    sphere, a topology with another projection (e.g. per-block for oblique) passes its own.
+    """
+    weights = []
+    for classname in classnames:
+        prompt_embeddings = normalize(np.asarray(encode_text(fill_templates(templates, classname)), np.float64))
+        weights.append(normalize(prompt_embeddings.mean(axis=0)))  # (T, D) -> (D,)
+    return np.stack(weights)
+
+
+def check_logits_and_labels(logits: np.ndarray, labels: np.ndarray) -> None:
+    """Shapes must agree, labels index classes, and logits be finite (NaN would compare as a hit)."""
+    if logits.ndim != 2 or labels.shape != (logits.shape[0],) or logits.shape[0] == 0:
+        raise ValueError(f"expected logits (N, C) and labels (N,) with N > 0, got {logits.shape} and {labels.shape}")
+    if labels.min() < 0 or labels.max() >= logits.shape[1]:
+        raise ValueError(f"labels must lie in [0, {logits.shape[1]}), got [{labels.min()}, {labels.max()}]")
+    if not np.isfinite(logits).all():
+        raise ValueError("logits contain NaN or inf")
+
+
+def compute_label_ranks(logits: np.ndarray, labels: np.ndarray, block_size: int = ROW_BLOCK_SIZE) -> np.ndarray:
+    """(N,) 0-based rank of the true class: other classes scoring >= it.
+
+    Ties count against the true class, so a collapsed model that gives every class the same
+    logit scores 0, not 100 %. Without ties this is the position in CLIP_benchmark's topk.
+    """
+    ranks = np.empty(len(labels), dtype=np.int64)
+    for start in range(0, len(labels), block_size):
+        block = logits[start : start + block_size]  # (B, C)
+        true_logit = np.take_along_axis(block, labels[start : start + block_size, None], axis=1)  # (B, 1)
+        ranks[start : start + block_size] = np.count_nonzero(block >= true_logit, axis=1) - 1  # minus itself
+    return ranks
+
+
+def compute_mean_per_class_recall(correct: np.ndarray, labels: np.ndarray) -> float:
+    """Recall averaged over the classes present in `labels` (sklearn's balanced accuracy)."""
+    support = np.bincount(labels)  # (C',) samples per class
+    hits = np.bincount(labels, weights=correct.astype(np.float64), minlength=len(support))
+    present = support > 0
+    return float(np.mean(hits[present] / support[present]))
+
+
+def compute_zeroshot_metrics(
+    logits: np.ndarray, labels: np.ndarray, topk: Sequence[int] = TOPK
+) -> dict[str, float]:
+    """{"top1", "top5", "mean_per_class_recall"} for (N, C) logits and (N,) integer labels.
+
+    k is clipped to C, so top-5 on a 3-class set is 1.0 (CLIP_benchmark reports NaN there).
+    """
+    logits, labels = np.asarray(logits), np.asarray(labels).astype(np.int64)
+    check_logits_and_labels(logits, labels)
+    ranks = compute_label_ranks(logits, labels)
+    n_classes = logits.shape[1]
+    metrics = {TOPK_KEY.format(k=k): float(np.mean(ranks < min(k, n_classes))) for k in topk}
+    metrics[MEAN_PER_CLASS_RECALL_KEY] = compute_mean_per_class_recall(ranks == 0, labels)
+    return metrics

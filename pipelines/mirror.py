@@ -1,0 +1,116 @@
+"""A loopback-only HTTP file server, so the demo corpus goes through the real download path.
+
+It refuses any address outside 127.0.0.0/8 and ::1 before binding. Run in the foreground
+with `python -m pipelines.mirror --root demo_out/mirror --port 8000`.
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+import ipaddress
+import socket
+import threading
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any, Callable
+
+DEFAULT_HOST = "127.0.0.1"
+# Many concurrent downloader threads connect at once; the socketserver default backlog of 5
+# would drop their SYNs and stall each on a one-second retransmit.
+REQUEST_QUEUE_SIZE = 128
+# serve_forever notices shutdown() only between polls; its 0.5 s default makes every stop slow.
+SHUTDOWN_POLL_S = 0.05
+
+Resolver = Callable[..., list[tuple[Any, ...]]]
+
+
+def check_loopback_host(host: str, resolve: Resolver = socket.getaddrinfo) -> str:
+    """The first address `host` resolves to; ValueError unless every address is loopback."""
+    if not host:
+        raise ValueError("mirror host must be given; an empty host binds every interface")
+    try:
+        infos = resolve(host, None)
+    except socket.gaierror as error:
+        raise ValueError(f"mirror host {host!r} does not resolve: {error}") from error
+    addresses = [info[4][0] for info in infos]
+    outside = [a for a in addresses if not ipaddress.ip_address(a.split("%")[0]).is_loopback]
+    if not addresses or outside:
+        raise ValueError(
+            f"mirror host {host!r} resolves to {sorted(set(outside)) or 'nothing'}, outside "
+            "127.0.0.0/8 and ::1; the mirror only serves on loopback"
+        )
+    return addresses[0]
+
+
+class QuietHandler(SimpleHTTPRequestHandler):
+    """Serves files under its directory without one log line per request."""
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+def build_server(address: str, port: int, root: Path) -> ThreadingHTTPServer:
+    family = socket.AF_INET6 if ipaddress.ip_address(address).version == 6 else socket.AF_INET
+    server_class = type("LoopbackServer", (ThreadingHTTPServer,),
+                        {"address_family": family, "request_queue_size": REQUEST_QUEUE_SIZE})
+    handler = functools.partial(QuietHandler, directory=str(root))
+    return server_class((address, port), handler)
+
+
+class LoopbackMirror:
+    """Serves `root` over HTTP on a loopback address from a daemon thread; a context manager."""
+
+    def __init__(self, root: str | Path, host: str = DEFAULT_HOST, port: int = 0) -> None:
+        self.root = Path(root)
+        self.address = check_loopback_host(host)
+        self.port = port
+        self._server: ThreadingHTTPServer | None = None
+        self._thread: threading.Thread | None = None
+
+    @property
+    def base_url(self) -> str:
+        if self._server is None:
+            raise RuntimeError("the mirror is not running")
+        host = f"[{self.address}]" if ":" in self.address else self.address
+        return f"http://{host}:{self._server.server_address[1]}"
+
+    def start(self) -> LoopbackMirror:
+        if not self.root.is_dir():
+            raise FileNotFoundError(f"mirror root {self.root} is not a directory")
+        self._server = build_server(self.address, self.port, self.root)
+        serve = functools.partial(self._server.serve_forever, poll_interval=SHUTDOWN_POLL_S)
+        self._thread = threading.Thread(target=serve, name="loopback-mirror", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        if self._server is None:
+            return
+        self._server.shutdown()
+        self._server.server_close()
+        self._thread.join()
+        self._server, self._thread = None, None
+
+    def __enter__(self) -> LoopbackMirror:
+        return self.start()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--root", required=True, type=Path)
+    parser.add_argument("--host", default=DEFAULT_HOST)
+    parser.add_argument("--port", type=int, default=0, help="0 picks a free port")
+    args = parser.parse_args(argv)
+    with LoopbackMirror(args.root, host=args.host, port=args.port) as mirror:
+        print(mirror.base_url, flush=True)
+        try:
+            threading.Event().wait()
+        except KeyboardInterrupt:
+            pass
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,88 @@
+"""The loopback mirror serves files, answers 404 for missing ones, and refuses non-loopback hosts.
+
+Only 127.0.0.1 is ever connected to; other ranges are checked with a stubbed resolver.
+"""
+from __future__ import annotations
+
+import socket
+import urllib.error
+import urllib.request
+
+import pytest
+
+from pipelines.mirror import LoopbackMirror, check_loopback_host
+
+
+def stub_resolver(*addresses: str):
+    """A getaddrinfo stand-in answering `addresses` for any host, without any lookup."""
+    def resolve(host, port, *args, **kwargs):
+        return [(socket.AF_INET6 if ":" in a else socket.AF_INET, socket.SOCK_STREAM, 6, "", (a, 0))
+                for a in addresses]
+    return resolve
+
+
+def test_mirror_serves_file_bytes(tmp_path):
+    payload = bytes(range(256)) * 40
+    (tmp_path / "images").mkdir()
+    (tmp_path / "images" / "000001.jpg").write_bytes(payload)
+    with LoopbackMirror(tmp_path) as mirror:
+        assert mirror.base_url.startswith("http://127.0.0.1:")
+        with urllib.request.urlopen(f"{mirror.base_url}/images/000001.jpg", timeout=5) as response:
+            assert response.status == 200
+            assert response.read() == payload
+
+
+def test_mirror_answers_404_for_missing_file(tmp_path):
+    with LoopbackMirror(tmp_path) as mirror:
+        with pytest.raises(urllib.error.HTTPError) as error:
+            urllib.request.urlopen(f"{mirror.base_url}/images/missing.jpg", timeout=5)
+    assert error.value.code == 404
+
+
+def test_mirror_stops_and_frees_its_port(tmp_path):
+    mirror = LoopbackMirror(tmp_path).start()
+    port = int(mirror.base_url.rsplit(":", 1)[1])
+    mirror.stop()
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", port))  # would raise if the server socket were still open
+
+
+@pytest.mark.parametrize("host", ["10.0.0.1", "8.8.8.8", "0.0.0.0", "192.168.1.10"])
+def test_guard_rejects_non_loopback_addresses(host):
+    with pytest.raises(ValueError, match="loopback"):
+        check_loopback_host(host, resolve=stub_resolver(host))
+
+
+def test_guard_rejects_hostname_resolving_outside_loopback():
+    with pytest.raises(ValueError, match="203.0.113.7"):
+        check_loopback_host("mirror.example", resolve=stub_resolver("203.0.113.7"))
+
+
+def test_guard_rejects_hostname_with_any_non_loopback_address():
+    with pytest.raises(ValueError):
+        check_loopback_host("mixed.example", resolve=stub_resolver("127.0.0.1", "10.1.2.3"))
+
+
+def test_guard_rejects_empty_host():
+    with pytest.raises(ValueError):
+        check_loopback_host("", resolve=stub_resolver("127.0.0.1"))
+
+
+@pytest.mark.parametrize("host,addresses,expected", [
+    ("127.0.0.1", ["127.0.0.1"], "127.0.0.1"),
+    ("127.0.0.2", ["127.0.0.2"], "127.0.0.2"),
+    ("localhost", ["::1", "127.0.0.1"], "::1"),
+])
+def test_guard_accepts_loopback(host, addresses, expected):
+    assert check_loopback_host(host, resolve=stub_resolver(*addresses)) == expected
+
+
+def test_guard_accepts_loopback_literals_with_real_resolver():
+    # Numeric literals resolve locally without any lookup traffic.
+    assert check_loopback_host("127.0.0.1") == "127.0.0.1"
+    assert check_loopback_host("127.0.0.2") == "127.0.0.2"
+
+
+def test_mirror_refuses_to_bind_outside_loopback(tmp_path):
+    with pytest.raises(ValueError):
+        LoopbackMirror(tmp_path, host="10.0.0.1")

@@ -1,0 +1,72 @@
+"""Deterministic data order over shards: which shards each worker reads in an epoch, in
+which order, and where a resumed run picks up, all as functions of (seed, epoch, step).
+
+Shard order is a per-epoch permutation; worker r reads shards r, r+W, ...; samples inside
+a shard are permuted per (seed, epoch, shard). Every worker takes the same number of steps
+per epoch (the smallest worker's sample count // batch size), so steps line up.
+"""
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+
+import numpy as np
+
+from pipelines import shards, storage
+from training.batches import EPOCH
+
+ITEM_SHARD, ITEM_SKIP, ITEM_EPOCH = "shard", "skip", "epoch"
+
+
+def order_shards(entries: list[dict], seed: int, epoch: int) -> list[dict]:
+    order = np.random.default_rng([seed, epoch, 0]).permutation(len(entries))
+    return [entries[i] for i in order]
+
+
+def worker_shards(entries: list[dict], seed: int, epoch: int, rank: int, world: int) -> list[dict]:
+    return order_shards(entries, seed, epoch)[rank::world]
+
+
+def compute_epoch_steps(entries: list[dict], seed: int, epoch: int, world: int, batch_size: int) -> int:
+    totals = [sum(e["n_samples"] for e in worker_shards(entries, seed, epoch, r, world))
+              for r in range(world)]
+    return min(totals) // batch_size
+
+
+def locate_step(entries, seed: int, world: int, batch_size: int, step: int,
+                epochs: int) -> tuple[int, int]:
+    """(epoch, step within epoch) of a global step."""
+    for epoch in range(epochs):
+        n = compute_epoch_steps(entries, seed, epoch, world, batch_size)
+        if step < n:
+            return epoch, step
+        step -= n
+    return epochs, 0
+
+
+def compute_total_steps(entries, seed: int, world: int, batch_size: int, epochs: int) -> int:
+    return sum(compute_epoch_steps(entries, seed, e, world, batch_size) for e in range(epochs))
+
+
+def plan_worker_epoch(entries, seed: int, epoch: int, rank: int, world: int,
+                      skip_samples: int) -> list[dict]:
+    """Reader items for one worker and epoch; the first `skip_samples` samples (already
+    trained on before a resume) are skipped, whole shards without being read."""
+    items = []
+    for entry in worker_shards(entries, seed, epoch, rank, world):
+        if skip_samples >= entry["n_samples"]:
+            skip_samples -= entry["n_samples"]
+            continue
+        items.append({ITEM_SHARD: json.dumps(entry), ITEM_SKIP: skip_samples, ITEM_EPOCH: epoch})
+        skip_samples = 0
+    return items
+
+
+def iter_item_samples(item: dict, build_uri: str, seed: int) -> Iterator[dict]:
+    """Sample rows of one reader item, in the epoch's within-shard order."""
+    entry, epoch = json.loads(item[ITEM_SHARD]), int(item[ITEM_EPOCH])
+    fs, build_path = storage.open_storage(build_uri)
+    samples = shards.read_shard_samples(fs, build_path, entry)
+    order = np.random.default_rng([seed, epoch, entry["id"] + 1]).permutation(len(samples))
+    for i in order[int(item[ITEM_SKIP]):]:
+        yield {**samples[i], EPOCH: epoch}

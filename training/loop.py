@@ -1,0 +1,97 @@
+"""The per-worker training loop: a page long, free of Ray. It takes an iterable of prepared
+batches and a report callback, so a test can hand it a list."""
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+import torch
+
+from training.batches import IMAGES, TEXTS
+from training.checkpoint import unwrap
+from training.transforms import normalize_image_tensor
+
+
+@dataclass(frozen=True)
+class LoopSettings:
+    start_step: int
+    total_steps: int
+    seed: int
+    rank: int
+    world_size: int
+    device: torch.device
+    log_every: int = 10
+    checkpoint_every: int = 200
+    grad_clip_norm: float = 1.0
+    bf16: bool = False  # autocast to bfloat16 (GPU)
+
+
+class MetricMeter:
+    """Sums over a logging window; `summary` divides once."""
+
+    def __init__(self):
+        self.sums, self.count = defaultdict(float), 0
+        self.window_start, self.wait_s, self.samples = time.perf_counter(), 0.0, 0
+
+    def update(self, values: dict, samples: int, wait_s: float) -> None:
+        for k, v in values.items():
+            self.sums[k] += v
+        self.count, self.samples, self.wait_s = self.count + 1, self.samples + samples, self.wait_s + wait_s
+
+    def summary(self, world_size: int) -> dict:
+        elapsed = time.perf_counter() - self.window_start
+        out = {k: v / max(self.count, 1) for k, v in self.sums.items()}
+        out["samples_per_s"] = self.samples * world_size / max(elapsed, 1e-9)
+        out["data_wait_fraction"] = self.wait_s / max(elapsed, 1e-9)
+        return out
+
+
+def seed_step(model, seed: int, step: int, rank: int) -> None:
+    """Reseed the model's own random draws (patch masks) from (seed, step, rank)."""
+    for module in unwrap(model).modules():
+        if hasattr(module, "generator"):
+            device = next(unwrap(model).parameters()).device
+            module.generator = torch.Generator(device=device).manual_seed(
+                hash((seed, step, rank)) % (2 ** 63))
+
+
+def train_step(model, objective, optimizer, scheduler, batch: dict, s: LoopSettings) -> dict:
+    images = normalize_image_tensor(torch.as_tensor(batch[IMAGES]).to(s.device, non_blocking=True))
+    texts = torch.as_tensor(batch[TEXTS]).to(s.device, non_blocking=True)
+    with torch.autocast(device_type=s.device.type, dtype=torch.bfloat16, enabled=s.bf16):
+        outputs = model(images, texts)
+        terms = objective(outputs)
+    loss = sum(terms.values())
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), s.grad_clip_norm)
+    optimizer.step()
+    scheduler.step()
+    unwrap(model).clamp_logit_scale()
+    scale = unwrap(model).tower.logit_scale.exp().item()
+    return {**{f"loss/{k}": v.item() for k, v in terms.items()}, "loss/total": loss.item(),
+            "logit_scale": scale, "temperature": 1.0 / scale, "grad_norm": grad_norm.item(),
+            "lr": optimizer.param_groups[0]["lr"]}
+
+
+def run_training(model, objective, optimizer, scheduler, batches: Iterable[dict],
+                 s: LoopSettings, report: Callable[[int, dict, bool], None]) -> None:
+    """Train from s.start_step to s.total_steps. `report(step, metrics, checkpoint)` is
+    called every log_every steps and at checkpoints (checkpoint=True), including the last."""
+    model.train()
+    meter, step, batch_iter = MetricMeter(), s.start_step, iter(batches)
+    while step < s.total_steps:
+        wait_start = time.perf_counter()
+        batch = next(batch_iter)
+        wait_s = time.perf_counter() - wait_start
+        seed_step(model, s.seed, step, s.rank)
+        meter.update(train_step(model, objective, optimizer, scheduler, batch, s),
+                     len(batch[IMAGES]), wait_s)
+        step += 1
+        is_last = step == s.total_steps
+        want_ckpt = is_last or step % s.checkpoint_every == 0
+        if want_ckpt or step % s.log_every == 0:
+            report(step, meter.summary(s.world_size), want_ckpt)
+            meter = MetricMeter()

@@ -1,0 +1,55 @@
+"""Symmetric InfoNCE (CLIP, Radford et al. 2021, Eq. in Fig. 3) over features gathered across
+workers with gradients; equals open_clip's `ClipLoss` on the same inputs."""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+
+def gather_features(features: torch.Tensor, rank: int, world_size: int,
+                    with_grad: bool) -> torch.Tensor:
+    """Concatenate every worker's features (B_global, D) in rank order."""
+    if world_size == 1:
+        return features
+    if with_grad:
+        return torch.cat(torch.distributed.nn.functional.all_gather(features), dim=0)
+    gathered = [torch.zeros_like(features) for _ in range(world_size)]
+    dist.all_gather(gathered, features)
+    gathered[rank] = features  # keep the local slice differentiable
+    return torch.cat(gathered, dim=0)
+
+
+def compute_contrastive_logits(image_features, text_features, logit_scale, rank, world_size,
+                               gather_with_grad, local_loss):
+    """(logits_per_image, logits_per_text, labels) in open_clip's ClipLoss conventions."""
+    all_image = gather_features(image_features, rank, world_size, gather_with_grad)
+    all_text = gather_features(text_features, rank, world_size, gather_with_grad)
+    if local_loss:  # each worker scores its own rows against the whole batch
+        logits_per_image = logit_scale * image_features @ all_text.T  # (B, B_global)
+        logits_per_text = logit_scale * text_features @ all_image.T
+        offset = rank * image_features.shape[0]
+    else:
+        logits_per_image = logit_scale * all_image @ all_text.T  # (B_global, B_global)
+        logits_per_text = logits_per_image.T
+        offset = 0
+    labels = torch.arange(logits_per_image.shape[0], device=image_features.device) + offset
+    return logits_per_image, logits_per_text, labels
+
+
+class ContrastiveLoss(nn.Module):
+    """{"contrastive": symmetric cross-entropy} from normalised image and text features."""
+
+    def __init__(self, rank: int = 0, world_size: int = 1, gather_with_grad: bool = True,
+                 local_loss: bool = False):
+        super().__init__()
+        self.rank, self.world_size = rank, world_size
+        self.gather_with_grad, self.local_loss = gather_with_grad, local_loss
+
+    def forward(self, outputs: dict) -> dict:
+        logits_i, logits_t, labels = compute_contrastive_logits(
+            outputs["image_features"], outputs["text_features"], outputs["logit_scale"],
+            self.rank, self.world_size, self.gather_with_grad, self.local_loss)
+        loss = (F.cross_entropy(logits_i, labels) + F.cross_entropy(logits_t, labels)) / 2
+        return {"contrastive": loss}

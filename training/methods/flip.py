@@ -1,0 +1,42 @@
+"""FLIP's random patch dropping (Li et al., 2023): a random subset of patch tokens is removed
+from the sequence before the vision transformer, so the step really gets cheaper."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def compute_num_keep(num_patches: int, ratio: float) -> int:
+    """Patch tokens kept when `ratio` of them is dropped (at least one)."""
+    return max(1, num_patches - round(ratio * num_patches))
+
+
+def random_masking(x: torch.Tensor, num_keep: int, generator: torch.Generator | None) -> torch.Tensor:
+    """Keep `num_keep` random patch tokens of x (B, 1 + L, D); the class token stays first.
+
+    MAE's recipe: draw noise per patch, argsort it, keep the first tokens with a gather.
+    """
+    cls_token, patches = x[:, :1], x[:, 1:]  # (B, 1, D), (B, L, D)
+    noise = torch.rand(patches.shape[:2], device=x.device, generator=generator)  # (B, L)
+    keep = noise.argsort(dim=1)[:, :num_keep]  # (B, K) indices of kept patches
+    kept = patches.gather(1, keep.unsqueeze(-1).expand(-1, -1, patches.shape[-1]))
+    return torch.cat([cls_token, kept], dim=1)  # (B, 1 + K, D)
+
+
+class RandomPatchDrop(nn.Module):
+    """Drop-in for open_clip's `visual.patch_dropout` hook (after positional embeddings,
+    before ln_pre). Identity in eval mode. `generator` is reseeded per step by the loop so a
+    resumed run draws the same masks."""
+
+    def __init__(self, ratio: float):
+        super().__init__()
+        if not 0.0 <= ratio < 1.0:
+            raise ValueError(f"mask ratio must be in [0, 1), got {ratio}")
+        self.ratio = ratio
+        self.generator: torch.Generator | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.ratio == 0.0:
+            return x
+        num_keep = compute_num_keep(x.shape[1] - 1, self.ratio)
+        return random_masking(x, num_keep, self.generator)

@@ -1,0 +1,34 @@
+"""Vision-language towers built from open_clip model configs.
+
+The standard sizes (ViT-B-32, ViT-B-16, ViT-L-14, ...) come from open_clip's own config
+registry; the tiny sizes for CPU runs live in `training/model_configs/` and are registered
+into the same registry, so every tower is created by `open_clip.create_model(<arch>)`.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import open_clip
+
+MODEL_CONFIG_DIR = Path(__file__).parent / "model_configs"
+TINY_ARCHS = tuple(sorted(p.stem for p in MODEL_CONFIG_DIR.glob("*.json")))
+
+
+def register_tiny_configs() -> None:
+    """Add our CPU-sized configs to open_clip's registry (idempotent)."""
+    if not set(TINY_ARCHS) <= set(open_clip.list_models()):
+        open_clip.add_model_config(MODEL_CONFIG_DIR)
+
+
+def build_tower_model(arch: str, *, pretrained: str | None = None):
+    """An open_clip CLIP model for `arch`, optionally loading a local checkpoint file."""
+    register_tiny_configs()
+    known = open_clip.list_models()
+    if arch not in known:
+        raise ValueError(f"unknown architecture {arch!r}; known: {', '.join(known)}")
+    return open_clip.create_model(arch, pretrained=pretrained)
+
+
+def build_tokenizer(arch: str):
+    register_tiny_configs()
+    return open_clip.get_tokenizer(arch)

@@ -1,0 +1,41 @@
+"""Where training metrics go: console and TensorBoard on rank 0, nowhere on other ranks
+(a null tracker chosen once, so the loop has no `if rank == 0`)."""
+from __future__ import annotations
+
+import logging
+
+log = logging.getLogger("training")
+
+
+class NullTracker:
+    def log(self, step: int, metrics: dict) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+class ConsoleTensorBoardTracker:
+    def __init__(self, tensorboard_dir: str | None):
+        self.writer = None
+        if tensorboard_dir:
+            from torch.utils.tensorboard import SummaryWriter
+            self.writer = SummaryWriter(tensorboard_dir)
+
+    def log(self, step: int, metrics: dict) -> None:
+        text = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                        for k, v in metrics.items())
+        print(f"step {step} {text}", flush=True)
+        if self.writer is not None:
+            for name, value in metrics.items():
+                if isinstance(value, (int, float)):
+                    self.writer.add_scalar(name, value, step)
+            self.writer.flush()
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+def build_tracker(rank: int, tensorboard_dir: str | None):
+    return ConsoleTensorBoardTracker(tensorboard_dir) if rank == 0 else NullTracker()

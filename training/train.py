@@ -1,0 +1,247 @@
+"""Train a CLIP-style model with Ray Train from prepared shards.
+
+    python training/train.py --data ./shards/cc12m/<build-id> --method flip --num-workers 2
+    ray job submit --working-dir . -- python training/train.py --data s3://bucket/shards/cc12m/<id> \
+        --method flip --arch ViT-B-16 --num-workers 8 --use-gpu --storage s3://bucket/runs --run-name x
+
+Each worker streams its own deterministic slice of the shards through Ray Data (decode,
+joint crop of image and edge map, per-patch edge scores, caption sampling, tokenisation on
+CPU workers) into the loop in `training/loop.py`. `--resume` continues an existing run from
+its latest checkpoint with the same data order.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script: make the repository root importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np  # noqa: E402
+import ray  # noqa: E402
+import ray.train  # noqa: E402
+import torch  # noqa: E402
+from ray.train.torch import TorchConfig, TorchTrainer  # noqa: E402
+
+from pipelines import ray_setup, shards, storage  # noqa: E402
+from pipelines.build import arrow_filesystem, code_version  # noqa: E402
+from training import checkpoint, data_order  # noqa: E402
+from training.batches import BatchPreprocessor  # noqa: E402
+from training.config import TrainConfig, apply_overrides, config_from_dict, config_to_dict  # noqa: E402
+from training.loop import LoopSettings, run_training  # noqa: E402
+from training.losses.contrastive import ContrastiveLoss  # noqa: E402
+from training.methods import build_method_config  # noqa: E402
+from training.model import build_model, tower_geometry  # noqa: E402
+from training.optim import build_optimizer, build_scheduler  # noqa: E402
+from training.tracking import build_tracker  # noqa: E402
+
+FLAG_TO_FIELD = {"arch": "model.arch", "pretrained": "model.pretrained", "mask_ratio": "masking.ratio",
+                 "batch_size": "data.batch_size_per_worker", "lr": "optim.lr",
+                 "warmup_steps": "optim.warmup_steps", "epochs": "run.epochs",
+                 "max_steps": "run.max_steps", "seed": "run.seed", "num_workers": "run.num_workers",
+                 "run_name": "run.name", "storage": "run.storage", "log_every": "run.log_every",
+                 "checkpoint_every": "run.checkpoint_every"}
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", required=True, help="build root: <root>/<corpus>/<build-id>")
+    p.add_argument("--method", default="clip")
+    for flag in FLAG_TO_FIELD:
+        p.add_argument(f"--{flag.replace('_', '-')}", default=None)
+    p.add_argument("--use-gpu", action="store_true")
+    p.add_argument("--resume", action="store_true", help="continue the run from its latest checkpoint")
+    p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                   help="override any config field, e.g. --set optim.weight_decay=0.1")
+    p.add_argument("--export", default=None, help="after training, write an open_clip checkpoint file")
+    p.add_argument("--ray-address", default=None)
+    return p.parse_args(argv)
+
+
+def build_config(args: argparse.Namespace) -> TrainConfig:
+    overrides = {field: getattr(args, flag) for flag, field in FLAG_TO_FIELD.items()
+                 if getattr(args, flag) is not None}
+    overrides.update(dict(item.split("=", 1) for item in args.set))
+    overrides.update({"data.build_uri": args.data, "run.use_gpu": args.use_gpu})
+    return apply_overrides(build_method_config(args.method), overrides)
+
+
+def iter_worker_batches(config: TrainConfig, entries: list[dict], rank: int, world: int,
+                        start_step: int, geometry: tuple[int, int]):
+    """This worker's prepared batches from `start_step` on, epoch after epoch."""
+    batch, seed = config.data.batch_size_per_worker, config.run.seed
+    first_epoch, done_in_epoch = data_order.locate_step(entries, seed, world, batch, start_step,
+                                                        config.run.epochs)
+    for epoch in range(first_epoch, config.run.epochs):
+        skipped_steps = done_in_epoch if epoch == first_epoch else 0
+        n_steps = data_order.compute_epoch_steps(entries, seed, epoch, world, batch) - skipped_steps
+        items = data_order.plan_worker_epoch(entries, seed, epoch, rank, world, skipped_steps * batch)
+        dataset = build_epoch_dataset(config, items, geometry)
+        for i, prepared in enumerate(dataset.iter_batches(
+                batch_size=batch, batch_format="numpy", drop_last=True,
+                prefetch_batches=config.data.prefetch_batches)):
+            if i >= n_steps:
+                break
+            yield prepared
+
+
+class PrepareShardItems:
+    """Ray Data stage: reader items (one shard each) -> prepared batches. Reading and
+    preparing share one actor so that a worker's data pipeline holds exactly
+    `preprocess_concurrency` CPUs and can never starve its own read tasks."""
+
+    def __init__(self, config: TrainConfig, geometry: tuple[int, int]):
+        image_size, patch_size = geometry
+        self.build_uri, self.seed = config.data.build_uri, config.run.seed
+        self.batch_size = config.data.batch_size_per_worker
+        self.prepare = BatchPreprocessor(config.model.arch, image_size, patch_size,
+                                         config.data.crop_scale, config.run.seed,
+                                         config.data.caption_policy)
+
+    def __call__(self, items: dict):
+        for i in range(len(items[data_order.ITEM_SHARD])):
+            item = {k: v[i] for k, v in items.items()}
+            rows = list(data_order.iter_item_samples(item, self.build_uri, self.seed))
+            for start in range(0, len(rows), self.batch_size):
+                chunk = rows[start:start + self.batch_size]
+                yield self.prepare({k: np.array([r[k] for r in chunk], dtype=object) for k in chunk[0]})
+
+
+def build_epoch_dataset(config: TrainConfig, items: list[dict], geometry: tuple[int, int]):
+    """Ray Data: this worker's shards, in order, prepared on CPU actors."""
+    context = ray.data.DataContext.get_current()
+    context.execution_options.preserve_order = True  # the data order is part of the run
+    context.enable_progress_bars = False
+    return ray.data.from_items(items, override_num_blocks=max(1, len(items))).map_batches(
+        PrepareShardItems, fn_constructor_args=(config, geometry), batch_size=1,
+        batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=config.data.preprocess_concurrency))
+
+
+def restore(model, optimizer, scheduler) -> int:
+    """Step of the run's latest checkpoint (0 for a fresh run), state restored in place."""
+    ckpt = ray.train.get_checkpoint()
+    if ckpt is None:
+        return 0
+    with ckpt.as_directory() as directory:
+        return checkpoint.load_training_state(Path(directory), model, optimizer, scheduler)["step"]
+
+
+def build_reporter(config: TrainConfig, rank: int, model, optimizer, scheduler, extra: dict):
+    tracker = build_tracker(rank, config.run.tensorboard_dir or default_tensorboard_dir(config))
+
+    def report(step: int, metrics: dict, want_checkpoint: bool) -> None:
+        tracker.log(step, metrics)
+        if not want_checkpoint:
+            ray.train.report({**metrics, "step": step})
+            return
+        with tempfile.TemporaryDirectory() as tmp:
+            ckpt = None
+            if rank == 0:
+                checkpoint.save_checkpoint(Path(tmp), model, optimizer, scheduler, step, config, extra)
+                ckpt = ray.train.Checkpoint.from_directory(tmp)
+            ray.train.report({**metrics, "step": step}, checkpoint=ckpt,
+                             checkpoint_dir_name=f"step_{step:08d}")
+    return report
+
+
+def default_tensorboard_dir(config: TrainConfig) -> str | None:
+    storage_root = config.run.storage
+    if storage_root.startswith("s3://"):
+        return None  # TensorBoard logs are local-only: pass run.tensorboard_dir explicitly
+    return str(Path(storage_root).resolve() / config.run.name / "tensorboard")
+
+
+def train_loop_per_worker(loop_config: dict) -> None:
+    config, manifest = config_from_dict(loop_config["config"]), loop_config["manifest"]
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    device = ray.train.torch.get_device()
+    torch.manual_seed(config.run.seed)
+    model = build_model(config.model, config.masking, config.loss).to(device)
+    total_steps = loop_config["total_steps"]
+    optimizer = build_optimizer(model, config.optim)
+    scheduler = build_scheduler(optimizer, config.optim.warmup_steps, total_steps)
+    start_step = restore(model, optimizer, scheduler)
+    geometry = tower_geometry(model)
+    ddp_model = ray.train.torch.prepare_model(model, move_to_device=False)
+    objective = ContrastiveLoss(rank, world, config.loss.gather_with_grad, config.loss.local_loss)
+    settings = LoopSettings(start_step=start_step, total_steps=total_steps, seed=config.run.seed,
+                            rank=rank, world_size=world, device=device,
+                            log_every=config.run.log_every, checkpoint_every=config.run.checkpoint_every,
+                            grad_clip_norm=config.optim.grad_clip_norm, bf16=device.type == "cuda")
+    batches = iter_worker_batches(config, manifest["shards"], rank, world, start_step, geometry)
+    report = build_reporter(config, rank, ddp_model, optimizer, scheduler, loop_config["extra"])
+    run_training(ddp_model, objective, optimizer, scheduler, batches, settings, report)
+
+
+def plan_total_steps(config: TrainConfig, manifest: dict) -> int:
+    total = data_order.compute_total_steps(manifest["shards"], config.run.seed, config.run.num_workers,
+                                           config.data.batch_size_per_worker, config.run.epochs)
+    if total == 0:
+        raise ValueError("the build has fewer samples per worker than one batch")
+    return min(total, config.run.max_steps or total)
+
+
+def build_run_config(config: TrainConfig) -> ray.train.RunConfig:
+    fs, storage_path = arrow_filesystem(config.run.storage)
+    if fs is None:
+        storage_path = str(Path(storage_path).resolve())
+    return ray.train.RunConfig(
+        name=config.run.name, storage_path=storage_path, storage_filesystem=fs,
+        checkpoint_config=ray.train.CheckpointConfig(num_to_keep=config.run.keep_checkpoints),
+        failure_config=ray.train.FailureConfig(max_failures=0))
+
+
+def check_run_state(config: TrainConfig, resume: bool) -> None:
+    """A new run must not silently continue an old one, nor a resume start from scratch."""
+    fs, path = storage.open_storage(storage.join(config.run.storage, config.run.name))
+    exists = fs.exists(path) and bool(fs.glob(storage.join(path, "step_*", checkpoint.STATE_FILE)))
+    if exists and not resume:
+        raise SystemExit(f"run {config.run.name!r} already has checkpoints under {config.run.storage}; "
+                         "pass --resume to continue it or choose another --run-name")
+    if resume and not exists:
+        raise SystemExit(f"--resume: no checkpoint of run {config.run.name!r} under {config.run.storage}")
+
+
+def fit(config: TrainConfig, resume: bool = False):
+    manifest = shards.read_manifest(config.data.build_uri)
+    check_run_state(config, resume)
+    extra = {"manifest_digest": shards.manifest_digest(manifest), "data_uri": config.data.build_uri,
+             "code_version": code_version()}
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"config": config_to_dict(config), "manifest": manifest, "extra": extra,
+                           "total_steps": plan_total_steps(config, manifest)},
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=config.run.num_workers, use_gpu=config.run.use_gpu,
+            resources_per_worker={"CPU": config.run.cpus_per_worker}),
+        torch_config=TorchConfig(backend="nccl" if config.run.use_gpu else "gloo"),
+        run_config=build_run_config(config))
+    return trainer.fit()
+
+
+def local_cpu_budget(config: TrainConfig) -> int:
+    """Logical CPUs of a local instance: every worker's own CPU plus its data actors."""
+    needed = config.run.num_workers * (config.run.cpus_per_worker + config.data.preprocess_concurrency)
+    return max(os.cpu_count() or 1, int(np.ceil(needed)))
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    config = build_config(args)
+    # Locally, training workers hold their CPUs while Ray Data decodes for them: give the
+    # local instance logical CPUs for both (a cluster sizes itself).
+    ray_setup.init_ray(args.ray_address, num_cpus=local_cpu_budget(config))
+    result = fit(config, resume=args.resume)
+    print(f"latest checkpoint: {result.checkpoint.path if result.checkpoint else None}")
+    if args.export and result.checkpoint:
+        checkpoint.export_open_clip(storage.join(config.run.storage, config.run.name), args.export)
+        print(f"open_clip export: {args.export}")
+    return result
+
+
+if __name__ == "__main__":
+    main()
