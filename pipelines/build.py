@@ -11,6 +11,7 @@ import hashlib
 import json
 import logging
 import math
+import os
 import subprocess
 import time
 from collections import Counter
@@ -63,6 +64,9 @@ def compute_build_id(input_digests: list[str], params: BuildParams) -> str:
 
 
 def code_version() -> str:
+    """Git commit of the code (CLIPFORGE_CODE_VERSION wins: container images have no .git)."""
+    if os.environ.get("CLIPFORGE_CODE_VERSION"):
+        return os.environ["CLIPFORGE_CODE_VERSION"]
     try:
         out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
                              text=True, cwd=Path(__file__).parent, timeout=5)

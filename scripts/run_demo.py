@@ -69,9 +69,9 @@ def train_model(args, out: Path, build_uri: str) -> str:
 def evaluate_model(out: Path, run_dir: str) -> dict:
     eval_root = out / "corpus" / "eval"
     return evaluate.main(["--checkpoint", run_dir, "--output", str(out / "report"),
-                          "--zeroshot", str(eval_root / "zeroshot"),
-                          "--retrieval", str(eval_root / "retrieval" / "dataset_karpathy.json"),
-                          "--long-retrieval", str(eval_root / "long")])
+                          "--zeroshot", f"demo-zeroshot={eval_root / 'zeroshot'}",
+                          "--retrieval", f"demo-retrieval={eval_root / 'retrieval' / 'dataset_karpathy.json'}",
+                          "--long-retrieval", f"demo-long={eval_root / 'long'}"])
 
 
 def main(argv=None) -> dict:

@@ -53,7 +53,8 @@ class RunConfig:
     name: str = "run"
     storage: str = "./runs"  # local folder or s3:// prefix
     epochs: int = 1
-    max_steps: int | None = None  # stop early (benchmarks, tests)
+    max_steps: int | None = None  # stop after this step; the LR schedule still spans all epochs
+    max_failures: int = 0  # worker-group restarts from the latest checkpoint (Ray Train)
     seed: int = 0
     num_workers: int = 1
     use_gpu: bool = False

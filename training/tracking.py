@@ -2,7 +2,9 @@
 (a null tracker chosen once, so the loop has no `if rank == 0`)."""
 from __future__ import annotations
 
+import json
 import logging
+from pathlib import Path
 
 log = logging.getLogger("training")
 
@@ -16,8 +18,8 @@ class NullTracker:
 
 
 class ConsoleTensorBoardTracker:
-    def __init__(self, tensorboard_dir: str | None):
-        self.writer = None
+    def __init__(self, tensorboard_dir: str | None, metrics_path: str | None = None):
+        self.writer, self.metrics_path = None, metrics_path
         if tensorboard_dir:
             from torch.utils.tensorboard import SummaryWriter
             self.writer = SummaryWriter(tensorboard_dir)
@@ -26,6 +28,10 @@ class ConsoleTensorBoardTracker:
         text = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                         for k, v in metrics.items())
         print(f"step {step} {text}", flush=True)
+        if self.metrics_path:
+            Path(self.metrics_path).parent.mkdir(parents=True, exist_ok=True)
+            with open(self.metrics_path, "a") as f:
+                f.write(json.dumps({"step": step, **metrics}) + "\n")
         if self.writer is not None:
             for name, value in metrics.items():
                 if isinstance(value, (int, float)):
@@ -37,5 +43,5 @@ class ConsoleTensorBoardTracker:
             self.writer.close()
 
 
-def build_tracker(rank: int, tensorboard_dir: str | None):
-    return ConsoleTensorBoardTracker(tensorboard_dir) if rank == 0 else NullTracker()
+def build_tracker(rank: int, tensorboard_dir: str | None, metrics_path: str | None = None):
+    return ConsoleTensorBoardTracker(tensorboard_dir, metrics_path) if rank == 0 else NullTracker()

@@ -130,7 +130,8 @@ def restore(model, optimizer, scheduler) -> int:
 
 
 def build_reporter(config: TrainConfig, rank: int, model, optimizer, scheduler, extra: dict):
-    tracker = build_tracker(rank, config.run.tensorboard_dir or default_tensorboard_dir(config))
+    tracker = build_tracker(rank, config.run.tensorboard_dir or default_tensorboard_dir(config),
+                            metrics_file(config))
 
     def report(step: int, metrics: dict, want_checkpoint: bool) -> None:
         tracker.log(step, metrics)
@@ -147,6 +148,13 @@ def build_reporter(config: TrainConfig, rank: int, model, optimizer, scheduler, 
     return report
 
 
+def metrics_file(config: TrainConfig) -> str | None:
+    """Rank 0 appends every logged window to <storage>/<name>/metrics.jsonl (local storage)."""
+    if config.run.storage.startswith("s3://"):
+        return None
+    return str(Path(config.run.storage).resolve() / config.run.name / "metrics.jsonl")
+
+
 def default_tensorboard_dir(config: TrainConfig) -> str | None:
     storage_root = config.run.storage
     if storage_root.startswith("s3://"):
@@ -161,14 +169,14 @@ def train_loop_per_worker(loop_config: dict) -> None:
     device = ray.train.torch.get_device()
     torch.manual_seed(config.run.seed)
     model = build_model(config.model, config.masking, config.loss).to(device)
-    total_steps = loop_config["total_steps"]
+    schedule_steps, stop_step = loop_config["schedule_steps"], loop_config["stop_step"]
     optimizer = build_optimizer(model, config.optim)
-    scheduler = build_scheduler(optimizer, config.optim.warmup_steps, total_steps)
+    scheduler = build_scheduler(optimizer, config.optim.warmup_steps, schedule_steps)
     start_step = restore(model, optimizer, scheduler)
     geometry = tower_geometry(model)
     ddp_model = ray.train.torch.prepare_model(model, move_to_device=False)
     objective = ContrastiveLoss(rank, world, config.loss.gather_with_grad, config.loss.local_loss)
-    settings = LoopSettings(start_step=start_step, total_steps=total_steps, seed=config.run.seed,
+    settings = LoopSettings(start_step=start_step, total_steps=stop_step, seed=config.run.seed,
                             rank=rank, world_size=world, device=device,
                             log_every=config.run.log_every, checkpoint_every=config.run.checkpoint_every,
                             grad_clip_norm=config.optim.grad_clip_norm, bf16=device.type == "cuda")
@@ -177,12 +185,14 @@ def train_loop_per_worker(loop_config: dict) -> None:
     run_training(ddp_model, objective, optimizer, scheduler, batches, settings, report)
 
 
-def plan_total_steps(config: TrainConfig, manifest: dict) -> int:
+def plan_steps(config: TrainConfig, manifest: dict) -> dict:
+    """The schedule spans all epochs; `run.max_steps` only stops early (an interrupted or
+    budget-capped run), so a later `--resume` continues the very same schedule."""
     total = data_order.compute_total_steps(manifest["shards"], config.run.seed, config.run.num_workers,
                                            config.data.batch_size_per_worker, config.run.epochs)
     if total == 0:
         raise ValueError("the build has fewer samples per worker than one batch")
-    return min(total, config.run.max_steps or total)
+    return {"schedule_steps": total, "stop_step": min(total, config.run.max_steps or total)}
 
 
 def build_run_config(config: TrainConfig) -> ray.train.RunConfig:
@@ -192,7 +202,7 @@ def build_run_config(config: TrainConfig) -> ray.train.RunConfig:
     return ray.train.RunConfig(
         name=config.run.name, storage_path=storage_path, storage_filesystem=fs,
         checkpoint_config=ray.train.CheckpointConfig(num_to_keep=config.run.keep_checkpoints),
-        failure_config=ray.train.FailureConfig(max_failures=0))
+        failure_config=ray.train.FailureConfig(max_failures=config.run.max_failures))
 
 
 def check_run_state(config: TrainConfig, resume: bool) -> None:
@@ -214,7 +224,7 @@ def fit(config: TrainConfig, resume: bool = False):
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"config": config_to_dict(config), "manifest": manifest, "extra": extra,
-                           "total_steps": plan_total_steps(config, manifest)},
+                           **plan_steps(config, manifest)},
         scaling_config=ray.train.ScalingConfig(
             num_workers=config.run.num_workers, use_gpu=config.run.use_gpu,
             resources_per_worker={"CPU": config.run.cpus_per_worker}),

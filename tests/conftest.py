@@ -1,0 +1,52 @@
+"""Shared fixtures: offline environment, one local Ray instance per session (on loopback),
+and a small demo corpus served by a loopback mirror."""
+from __future__ import annotations
+
+import os
+
+for _key, _value in {"RAY_USAGE_STATS_ENABLED": "0", "NO_ALBUMENTATIONS_UPDATE": "1",
+                     "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled"}.items():
+    os.environ.setdefault(_key, _value)
+os.environ.pop("RAY_ADDRESS", None)  # tests never join an outside cluster
+
+import pytest  # noqa: E402
+
+RAY_TEST_CPUS = 4  # logical: 2 training workers + their data actors, on 2 real cores
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """A local Ray instance shared by every `ray` test (starting one costs seconds)."""
+    import ray
+
+    from pipelines import ray_setup
+    ray_setup.init_ray(num_cpus=RAY_TEST_CPUS)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def small_corpus(tmp_path_factory):
+    """A 48-image demo corpus (plus its eval split), and a TSV served from a loopback
+    mirror that includes a dead URL and corrupt files; yields (corpus, tsv path)."""
+    from pipelines.demo_corpus import write_cc12m_tsv, write_demo_corpus
+    from pipelines.mirror import LoopbackMirror
+    root = tmp_path_factory.mktemp("corpus")
+    corpus = write_demo_corpus(root / "corpus", n_images=48, seed=3, n_eval_per_class=1,
+                               n_eval_retrieval=20)
+    with LoopbackMirror(corpus.mirror_root) as mirror:
+        tsv = write_cc12m_tsv(corpus, mirror.base_url, root / "cc12m.tsv", n_dead=1, n_corrupt=2)
+        yield corpus, tsv
+
+
+PREPARE_ARGS = ["--image-size", "32", "--shard-size", "12", "--threads-per-task", "4", "--timeout", "5"]
+
+
+@pytest.fixture(scope="session")
+def small_build(ray_session, small_corpus, tmp_path_factory):
+    """The small corpus prepared by prepare_cc12m.py; yields (corpus, tsv, out, build uri)."""
+    from pipelines import prepare_cc12m
+    corpus, tsv = small_corpus
+    out = tmp_path_factory.mktemp("shards")
+    build_uri = prepare_cc12m.main(["--input", str(tsv), "--output", str(out), *PREPARE_ARGS])
+    return corpus, tsv, out, build_uri

@@ -1,0 +1,211 @@
+"""Caption rows and groups: TSV parsing and rejection reasons, merging rows per image, and the
+pure stages and helpers of pipelines/build.py called directly on NumPy batches (no Ray)."""
+from __future__ import annotations
+
+import json
+from collections import Counter
+
+import numpy as np
+import pytest
+
+from pipelines import build  # imports ray (module only; Ray is never started here)
+from pipelines.captions import (HEADER, REJECT_BAD_URL, REJECT_EMPTY_CAPTION,
+                                REJECT_LONG_CAPTION, REJECT_MALFORMED, CaptionRules,
+                                caption_kind, group_captions, parse_tsv_line, sample_key)
+from pipelines.shards import CAPTION_LONG, CAPTION_SHORT
+from pipelines.stages import DownloadParams
+
+RULES = CaptionRules(max_caption_chars=40, long_caption_min_words=5)
+URL_A, URL_B, URL_C = (f"https://127.0.0.1/img/{n}.jpg" for n in "abc")
+
+# --- parse_tsv_line ----------------------------------------------------------------------
+
+
+def test_good_row_is_kept():
+    assert parse_tsv_line(f"{URL_A}\ta red circle\n", RULES) == (URL_A, "a red circle", "")
+    assert parse_tsv_line(f"{URL_A}\ta red circle\r\n", RULES) == (URL_A, "a red circle", "")
+    upper = "HTTP://127.0.0.1/1.jpg"  # scheme case-insensitive, URL padding stripped
+    assert parse_tsv_line(f" {upper} \tok", RULES) == (upper, "ok", "")
+
+
+@pytest.mark.parametrize("line", ["url\tcaption", "URL\tCaption\n", " url \t caption "])
+def test_header_row_is_tolerated(line):
+    assert parse_tsv_line(line, RULES) == ("", "", HEADER)
+
+
+@pytest.mark.parametrize("line", [URL_A, f"{URL_A}\tone\ttwo", "", "\n"])
+def test_row_without_exactly_two_fields_is_malformed(line):
+    assert parse_tsv_line(line, RULES) == ("", "", REJECT_MALFORMED)
+
+
+@pytest.mark.parametrize("url", ["ftp://127.0.0.1/a.jpg", "/data/a.jpg", "file:///a.jpg",
+                                 "data:image/png;base64,AAAA", "httpx://a/b.jpg", ""])
+def test_url_without_http_scheme_is_rejected(url):
+    assert parse_tsv_line(f"{url}\ta caption", RULES) == ("", "", REJECT_BAD_URL)
+
+
+@pytest.mark.parametrize("caption", ["", "   ", "\u00a0\u2003", "\x0b\x0c"])
+def test_blank_caption_is_rejected(caption):
+    assert parse_tsv_line(f"{URL_A}\t{caption}", RULES) == (URL_A, "", REJECT_EMPTY_CAPTION)
+
+
+def test_caption_length_limit_applies_after_cleaning():
+    at_limit = "x" * RULES.max_caption_chars
+    assert parse_tsv_line(f"{URL_A}\t{at_limit}", RULES) == (URL_A, at_limit, "")
+    assert parse_tsv_line(f"{URL_A}\t{at_limit}y", RULES) == (URL_A, "", REJECT_LONG_CAPTION)
+    # Padding that cleaning removes does not count towards the limit.
+    assert parse_tsv_line(f"{URL_A}\t   {at_limit}   ", RULES)[2] == ""
+
+
+def test_whitespace_runs_collapse_to_one_space():
+    line = f"{URL_A}\t  a\u00a0 red \x0b\x0c circle\u2003on   grey  "
+    assert parse_tsv_line(line, RULES) == (URL_A, "a red circle on grey", "")
+
+
+# --- caption_kind and group_captions ---------------------------------------------------
+
+
+def test_caption_kind_threshold_counts_words():
+    n = RULES.long_caption_min_words
+    assert caption_kind(" ".join(["w"] * (n - 1)), RULES) == CAPTION_SHORT
+    assert caption_kind(" ".join(["w"] * n), RULES) == CAPTION_LONG
+    assert caption_kind("  ".join(["w"] * (n - 1)) + "  ", RULES) == CAPTION_SHORT
+
+
+def test_group_captions_merges_rows_of_one_url_anywhere_in_the_input():
+    urls = [URL_B, URL_A, URL_C, URL_B, URL_A, URL_B, URL_A]
+    caps = ["b one", "a one", "c one", "b two", "a one", "b one", "a two words here and more"]
+    groups = group_captions(urls, caps, RULES, source_name="demo")
+    assert [g["key"] for g in groups] == sorted(sample_key(u) for u in (URL_A, URL_B, URL_C))
+    by_url = {g["url"]: g for g in groups}
+    assert all(g["key"] == sample_key(url) for url, g in by_url.items())
+    # First-seen order, exact duplicates of one image kept once.
+    assert [c["text"] for c in by_url[URL_A]["captions"]] == ["a one", "a two words here and more"]
+    assert [c["text"] for c in by_url[URL_B]["captions"]] == ["b one", "b two"]
+    assert [c["text"] for c in by_url[URL_C]["captions"]] == ["c one"]
+    assert by_url[URL_A]["captions"] == [
+        {"text": "a one", "source": "demo", "kind": CAPTION_SHORT},
+        {"text": "a two words here and more", "source": "demo", "kind": CAPTION_LONG}]
+
+
+def test_same_caption_on_two_images_stays_with_each():
+    groups = group_captions([URL_A, URL_B], ["same words", "same words"], RULES)
+    assert [len(g["captions"]) for g in groups] == [1, 1]
+
+
+def test_sample_key_is_stable_and_distinct():
+    assert sample_key(URL_A) == sample_key(URL_A)
+    assert sample_key(URL_A) != sample_key(URL_B)
+    assert len(sample_key(URL_A)) == 24 and int(sample_key(URL_A), 16) >= 0
+
+
+def test_groups_do_not_depend_on_row_order():
+    urls = [URL_A, URL_B, URL_A, URL_C]
+    caps = ["one", "two", "three", "four"]
+    forward = group_captions(urls, caps, RULES)
+    backward = group_captions(urls[::-1], caps[::-1], RULES)
+    assert [g["key"] for g in forward] == [g["key"] for g in backward]
+    assert ({g["url"]: {c["text"] for c in g["captions"]} for g in forward}
+            == {g["url"]: {c["text"] for c in g["captions"]} for g in backward})
+
+
+# --- pure stages of pipelines/build.py --------------------------------------------------
+
+
+def test_parse_tsv_rows_stage_on_a_numpy_batch():
+    lines = ["url\tcaption", f"{URL_A}\tfirst", f"{URL_B}\tsecond", "garbage",
+             f"{URL_A}\t  third  ", "ftp://127.0.0.1/y\tz", f"{URL_C}\t"]
+    out = build.ParseTsvRows(RULES, n_buckets=3)({"text": np.array(lines, dtype=object)})
+    assert set(out) == {"url", "caption", "reason", "bucket"}
+    assert all(len(column) == len(lines) for column in out.values())
+    assert list(out["reason"]) == [HEADER, "", "", REJECT_MALFORMED, "", REJECT_BAD_URL,
+                                   REJECT_EMPTY_CAPTION]
+    assert list(out["caption"][[1, 2, 4]]) == ["first", "second", "third"]
+    assert out["bucket"].dtype == np.int64
+    assert ((out["bucket"] >= 0) & (out["bucket"] < 3)).all()
+    # Grouping happens per bucket, so every row of one URL must land in the same bucket.
+    assert out["bucket"][1] == out["bucket"][4]
+
+
+def test_rows_of_one_url_share_a_bucket_across_batches():
+    stage = build.ParseTsvRows(RULES, n_buckets=7)
+    urls = [f"http://127.0.0.1/{i}.jpg" for i in range(50)]
+    first = stage({"text": np.array([f"{u}\tcap one" for u in urls], dtype=object)})
+    second = stage({"text": np.array([f"{u}\tcap two" for u in urls[::-1]], dtype=object)})
+    assert list(first["bucket"]) == list(second["bucket"][::-1])
+    assert len(set(first["bucket"])) > 1  # buckets actually spread the URLs
+
+
+def test_group_bucket_stage_matches_group_captions():
+    urls = np.array([URL_B, URL_A, URL_B, URL_A], dtype=object)
+    caps = np.array(["b1", "a1", "b2", "a1"], dtype=object)
+    out = build.GroupBucket(RULES, "demo")({"url": urls, "caption": caps, "bucket": np.zeros(4)})
+    groups = [json.loads(g) for g in out["group"]]
+    assert groups == group_captions(list(urls), list(caps), RULES, "demo")
+    assert list(out["key"]) == [g["key"] for g in groups]
+
+
+def test_assign_shards_is_deterministic_and_in_range():
+    keys = np.array([sample_key(f"http://127.0.0.1/{i}.jpg") for i in range(200)], dtype=object)
+    first = build.assign_shards({"key": keys.copy()}, num_shards=5)["shard_id"]
+    again = build.assign_shards({"key": keys[::-1].copy()}, num_shards=5)["shard_id"][::-1]
+    assert first.dtype == np.int64
+    assert np.array_equal(first, again)
+    assert set(first.tolist()) == set(range(5))  # 200 keys reach every shard
+    assert list(first) == [int(k[:8], 16) % 5 for k in keys]
+
+
+def test_pack_shard_sorts_groups_by_key():
+    groups = [{"key": k, "url": k, "captions": []} for k in ("c1", "a2", "b3")]
+    batch = {"shard_id": np.array([4, 4, 4]), "key": np.array([g["key"] for g in groups], object),
+             "group": np.array([json.dumps(g) for g in groups], dtype=object)}
+    out = build.pack_shard(batch)
+    assert out["shard_id"].tolist() == [4]
+    assert [g["key"] for g in json.loads(out["groups"][0])] == ["a2", "b3", "c1"]
+
+
+def test_build_id_ignores_network_settings_but_not_content_settings():
+    base = build.BuildParams(corpus="demo", shard_size=10,
+                             download=DownloadParams(image_size=64), caption_rules=RULES)
+    digests = ["d" * 64]
+    same = build.BuildParams(corpus="demo", shard_size=10, caption_rules=RULES,
+                             download=DownloadParams(image_size=64, timeout_s=1.0, retries=5,
+                                                     thread_count=2))
+    assert build.compute_build_id(digests, same) == build.compute_build_id(digests, base)
+    assert "timeout_s" not in build.content_params(base)["download"]
+    changed = [
+        build.BuildParams(corpus="demo", shard_size=10, caption_rules=RULES,
+                          download=DownloadParams(image_size=96)),
+        build.BuildParams(corpus="demo", shard_size=10, download=DownloadParams(image_size=64),
+                          caption_rules=CaptionRules(max_caption_chars=41,
+                                                     long_caption_min_words=5)),
+        build.BuildParams(corpus="demo", shard_size=11, download=DownloadParams(image_size=64),
+                          caption_rules=RULES),
+        build.BuildParams(corpus="other", shard_size=10, download=DownloadParams(image_size=64),
+                          caption_rules=RULES),
+    ]
+    ids = {build.compute_build_id(digests, p) for p in changed}
+    assert build.compute_build_id(digests, base) not in ids and len(ids) == len(changed)
+    assert build.compute_build_id(["e" * 64], base) != build.compute_build_id(digests, base)
+
+
+def test_assemble_manifest_counts_add_up():
+    params = build.BuildParams(corpus="demo", shard_size=2)
+    reasons = Counter({"": 9, HEADER: 1, REJECT_BAD_URL: 2, REJECT_MALFORMED: 1})
+    shard_stats = {
+        1: {"shard": {"id": 1, "n_samples": 1}, "failures": {"http_404": 1},
+            "n_groups": 2, "n_captions_written": 3},
+        0: {"shard": {"id": 0, "n_samples": 2}, "failures": {"decode_error": 1, "http_404": 1},
+            "n_groups": 4, "n_captions_written": 4},
+    }
+    manifest = build.assemble_manifest("bid", [{"uri": "x.tsv"}], params, reasons, shard_stats)
+    counts = manifest["counts"]
+    assert counts == {"rows_read": 12, "header_rows": 1,
+                      "rows_rejected": {REJECT_BAD_URL: 2, REJECT_MALFORMED: 1},
+                      "unique_images": 6, "downloaded": 3,
+                      "failed": {"decode_error": 1, "http_404": 2}, "written": 3,
+                      "captions_written": 7}
+    assert counts["unique_images"] == counts["written"] + sum(counts["failed"].values())
+    assert [e["id"] for e in manifest["shards"]] == [0, 1]
+    assert manifest["params"] == build.content_params(params)
+    assert manifest["build_id"] == "bid" and manifest["corpus"] == "demo"

@@ -1,0 +1,209 @@
+"""The CPU stages without Ray: download through img2dataset from a loopback mirror, resize once,
+classify failures, and build one shard end to end. Only 127.0.0.1 is ever contacted."""
+from __future__ import annotations
+
+import io
+import json
+import socket
+
+import cv2
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from pipelines import shards, storage
+from pipelines.captions import sample_key
+from pipelines.edges import EDGE_FULL_SCALE, decode_edge_png
+from pipelines.mirror import LoopbackMirror
+from pipelines.stages import (DownloadParams, ImageFetcher, ShardBuilder,
+                              classify_download_error, classify_resize_error,
+                              is_truncated_jpeg)
+
+IMAGE_SIZE = 32
+PARAMS = DownloadParams(image_size=IMAGE_SIZE, timeout_s=5.0, retries=0, thread_count=4)
+# (width, height) of the good images: landscape, portrait, square, smaller than IMAGE_SIZE.
+GOOD_SIZES = {"wide.jpg": (96, 64), "tall.jpg": (48, 80), "square.jpg": (40, 40),
+              "small.jpg": (20, 30)}
+# Bad files and the reason each must be counted under.
+BAD_FILES = {"truncated.jpg": "truncated_image", "text.jpg": "decode_error",
+             "empty.jpg": "decode_error"}
+
+
+def encode_jpeg(width: int, height: int, seed: int) -> bytes:
+    rng = np.random.default_rng(seed)
+    pixels = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="JPEG", quality=90)
+    return buffer.getvalue()
+
+
+@pytest.fixture(scope="module")
+def mirror(tmp_path_factory):
+    root = tmp_path_factory.mktemp("mirror")
+    for seed, (name, (width, height)) in enumerate(GOOD_SIZES.items()):
+        (root / name).write_bytes(encode_jpeg(width, height, seed))
+    jpeg = encode_jpeg(96, 96, 99)
+    (root / "truncated.jpg").write_bytes(jpeg[:len(jpeg) // 2])  # past the header, mid-scan
+    (root / "text.jpg").write_bytes(b"this is not an image\n")
+    (root / "empty.jpg").write_bytes(b"")
+    with LoopbackMirror(root) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def fetch() -> ImageFetcher:
+    return ImageFetcher(PARAMS)
+
+
+def closed_loopback_port() -> int:
+    """A loopback port with nothing listening (connections are refused)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.mark.parametrize("name", list(GOOD_SIZES))
+def test_good_image_is_resized_to_the_image_size(mirror, fetch, name):
+    image, reason = fetch("k", f"{mirror.base_url}/{name}")
+    assert reason == ""
+    width, height = GOOD_SIZES[name]
+    assert (image["width"], image["height"]) == (IMAGE_SIZE, IMAGE_SIZE)
+    assert (image["original_width"], image["original_height"]) == (width, height)
+    decoded = cv2.imdecode(np.frombuffer(image["jpg"], np.uint8), cv2.IMREAD_COLOR)
+    assert decoded.shape == (IMAGE_SIZE, IMAGE_SIZE, 3)
+
+
+@pytest.mark.parametrize("name,reason", [*BAD_FILES.items(), ("missing.jpg", "http_404")])
+def test_bad_file_is_counted_under_its_reason(mirror, fetch, name, reason):
+    assert fetch("k", f"{mirror.base_url}/{name}") == (None, reason)
+
+
+@pytest.mark.parametrize("url", [
+    f"http://127.0.0.1:{closed_loopback_port()}/a.jpg",  # connection refused
+    "http://",  # no host
+    "not a url",
+    "ftp://127.0.0.1:1/a.jpg",
+])
+def test_failed_fetch_returns_a_reason_and_never_raises(fetch, url):
+    image, reason = fetch("k", url)
+    assert image is None and reason
+
+
+def test_refused_connection_is_a_connection_error(fetch):
+    port = closed_loopback_port()
+    assert fetch("k", f"http://127.0.0.1:{port}/a.jpg") == (None, "connection_error")
+
+
+def test_server_that_never_answers_is_a_timeout():
+    with socket.socket() as silent:  # accepts connections (backlog) but never replies
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(1)
+        fetcher = ImageFetcher(DownloadParams(image_size=IMAGE_SIZE, timeout_s=0.3, retries=0))
+        url = f"http://127.0.0.1:{silent.getsockname()[1]}/a.jpg"
+        assert fetcher("k", url) == (None, "timeout")
+
+
+def test_image_below_the_minimum_size_is_refused(mirror):
+    fetcher = ImageFetcher(DownloadParams(image_size=IMAGE_SIZE, min_image_size=41, retries=0))
+    assert fetcher("k", f"{mirror.base_url}/square.jpg") == (None, "image_too_small")
+
+
+@pytest.mark.parametrize("message,reason", [
+    ("HTTP Error 404: Not Found", "http_404"),
+    ("HTTP Error 503: Service Unavailable", "http_503"),
+    ("HTTP Error: weird", "http_error"),
+    ("<urlopen error [Errno 111] Connection refused>", "connection_error"),
+    ("<urlopen error [Errno -2] Name or service not known>", "connection_error"),
+    ("timed out", "timeout"),
+    ("<urlopen error timed out>", "timeout"),
+    ("The read operation timed out", "timeout"),
+    ("Use of image disallowed by X-Robots-Tag directive", "disallowed_by_header"),
+    ("Remote end closed connection without response", "download_error"),
+    ("", "download_error"),
+])
+def test_classify_download_error(message, reason):
+    assert classify_download_error(message) == reason
+
+
+@pytest.mark.parametrize("message,reason", [
+    ("Image decoding error", "decode_error"), ("image too small", "image_too_small"),
+    ("image area too large", "image_too_large"), ("aspect ratio too large", "bad_aspect_ratio"),
+    ("OpenCV(4.x) error: (-215:Assertion failed) !buf.empty()", "decode_error"),
+])
+def test_classify_resize_error(message, reason):
+    assert classify_resize_error(message) == reason
+
+
+def test_truncation_check_looks_for_the_end_marker():
+    jpeg = encode_jpeg(64, 64, 0)
+    assert not is_truncated_jpeg(jpeg)
+    assert is_truncated_jpeg(jpeg[:-2]) and is_truncated_jpeg(jpeg[:200])
+    assert not is_truncated_jpeg(b"\x89PNG\r\n\x1a\n")  # only JPEGs are judged
+
+
+def assert_edges_of(edge_u8: np.ndarray, grey_u8: np.ndarray) -> None:
+    """edge_u8 is the quantised Sobel map of grey_u8, but for one level at exact .5 ties
+    (cv2.magnitude's ulp error; see test_edges_transforms.assert_edges_of)."""
+    img = grey_u8.astype(np.float64)
+    gx = cv2.Sobel(img, cv2.CV_64F, 1, 0, ksize=3, borderType=cv2.BORDER_REFLECT_101)
+    gy = cv2.Sobel(img, cv2.CV_64F, 0, 1, ksize=3, borderType=cv2.BORDER_REFLECT_101)
+    scaled = np.sqrt(gx * gx + gy * gy) * (255.0 / EDGE_FULL_SCALE)
+    at_tie = np.abs(scaled - np.floor(scaled) - 0.5) < 1e-4
+    difference = np.abs(edge_u8.astype(np.int64) - np.clip(np.rint(scaled), 0, 255))
+    assert np.all((difference == 0) | (at_tie & (difference == 1)))
+
+
+def group_for(url: str, n_captions: int) -> dict:
+    return {"key": sample_key(url), "url": url,
+            "captions": [{"text": f"caption {i} of {url}", "source": "test", "kind": "short"}
+                         for i in range(n_captions)]}
+
+
+def test_shard_builder_publishes_good_images_and_counts_failures(mirror, tmp_path):
+    good = [group_for(f"{mirror.base_url}/{name}", 1 + i) for i, name in enumerate(GOOD_SIZES)]
+    bad = [group_for(f"{mirror.base_url}/{name}", 1) for name in [*BAD_FILES, "missing.jpg"]]
+    bad.append(group_for(f"http://127.0.0.1:{closed_loopback_port()}/gone.jpg", 1))
+    build_uri = str(tmp_path / "demo" / "build0")
+
+    result = ShardBuilder(build_uri, PARAMS)(4, bad[:2] + good + bad[2:])
+
+    assert result["failures"] == {"truncated_image": 1, "decode_error": 2, "http_404": 1,
+                                  "connection_error": 1}
+    assert result["n_groups"] == len(good) + len(bad)
+    assert result["n_captions_written"] == sum(len(g["captions"]) for g in good)
+    fs, build_path = storage.open_storage(build_uri)
+    entry = result["shard"]
+    assert entry["n_samples"] == len(good)
+    stats = shards.read_shard_stats(fs, build_path, 4)
+    assert stats == {k: v for k, v in result.items() if k != "seconds"}
+    tar_path, index_path = shards.shard_paths(build_path, 4)
+    assert sorted(p.name for p in (tmp_path / "demo" / "build0").rglob("*") if p.is_file()) == \
+        sorted(["000004.tar", "000004.parquet"])  # published, no temporaries left
+    assert sorted(pq.read_table(index_path).column("key").to_pylist()) == \
+        sorted(g["key"] for g in good)
+
+    samples = shards.read_shard_samples(fs, build_path, entry, verify=True)
+    groups = {g["key"]: g for g in good}
+    assert sorted(s[shards.KEY] for s in samples) == sorted(groups)
+    for sample in samples:
+        grey = cv2.imdecode(np.frombuffer(sample[shards.IMAGE], np.uint8), cv2.IMREAD_GRAYSCALE)
+        assert grey is not None and grey.shape == (IMAGE_SIZE, IMAGE_SIZE)
+        edge = decode_edge_png(sample[shards.EDGE])
+        assert edge.shape == grey.shape
+        assert_edges_of(edge, grey)  # the edge map of this very image
+        meta = json.loads(sample[shards.META])
+        group = groups[sample[shards.KEY]]
+        assert meta["source"] == group["url"] and meta["captions"] == group["captions"]
+        assert (meta["width"], meta["height"]) == (IMAGE_SIZE, IMAGE_SIZE)
+        name = group["url"].rsplit("/", 1)[1]
+        assert (meta["original_width"], meta["original_height"]) == GOOD_SIZES[name]
+
+
+def test_shard_builder_with_only_failures_publishes_an_empty_shard(mirror, tmp_path):
+    groups = [group_for(f"{mirror.base_url}/missing-{i}.jpg", 2) for i in range(3)]
+    result = ShardBuilder(str(tmp_path / "b"), PARAMS)(0, groups)
+    assert result["failures"] == {"http_404": 3}
+    assert result["shard"]["n_samples"] == 0 and result["n_captions_written"] == 0
+    fs, build_path = storage.open_storage(str(tmp_path / "b"))
+    assert shards.read_shard_samples(fs, build_path, result["shard"], verify=True) == []
