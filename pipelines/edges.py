@@ -19,7 +19,10 @@ def compute_sobel_magnitude(grey: np.ndarray) -> np.ndarray:
     img = grey.astype(np.float32)
     gx = cv2.Sobel(img, cv2.CV_32F, 1, 0, ksize=SOBEL_KSIZE, borderType=cv2.BORDER_REFLECT_101)
     gy = cv2.Sobel(img, cv2.CV_32F, 0, 1, ksize=SOBEL_KSIZE, borderType=cv2.BORDER_REFLECT_101)
-    return cv2.magnitude(gx, gy)
+    # Not cv2.magnitude: its SIMD path rounds the last bit differently with buffer alignment,
+    # which flips exact .5 quantisation ties between runs. Sobel of 8-bit input is integral,
+    # so this sum is exact in float32 and numpy's sqrt is correctly rounded: reproducible.
+    return np.sqrt(gx * gx + gy * gy)
 
 
 def quantize_edges(magnitude: np.ndarray) -> np.ndarray:

@@ -38,8 +38,12 @@ MANIFEST = "manifest.json"
 SHARD_STATS_KEY = "clipforge.shard_stats"
 SHARDS_DIR = "shards"
 INDEX_DIR = "index"
-INDEX_COLUMNS = ("key", "shard", "source", "n_captions", "n_long", "width", "height",
-                 "image_bytes", "edge_bytes", "captions")
+INDEX_SCHEMA = pa.schema([
+    ("key", pa.string()), ("shard", pa.int64()), ("source", pa.string()),
+    ("n_captions", pa.int64()), ("n_long", pa.int64()), ("width", pa.int64()),
+    ("height", pa.int64()), ("image_bytes", pa.int64()), ("edge_bytes", pa.int64()),
+    ("captions", pa.list_(pa.string()))])
+INDEX_COLUMNS = tuple(INDEX_SCHEMA.names)
 
 
 def shard_name(shard_id: int) -> str:
@@ -105,7 +109,7 @@ def build_index_table(samples: list[dict], shard_id: int) -> pa.Table:
         "edge_bytes": [len(s[EDGE]) for s in samples],
         "captions": [[c["text"] for c in m["captions"]] for m in metas],
     }
-    return pa.table(columns)
+    return pa.table(columns, schema=INDEX_SCHEMA)  # explicit: an empty shard keeps the types
 
 
 def write_shard(fs, build_path: str, shard_id: int, samples: list[dict],

@@ -25,6 +25,16 @@ REPORT_KEYS = {"loss/contrastive", "loss/total", "logit_scale", "temperature", "
                "samples_per_s", "data_wait_fraction", "grad_norm"}
 
 
+@pytest.fixture(autouse=True, scope="module")
+def single_torch_thread():
+    """One intra-op thread: on a shared CPU, OpenMP threads waiting on each other make the
+    tiny model's steps up to 50x slower; results do not depend on it."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def make_batches(num_batches: int, batch_size: int = 4, seed: int = 0) -> list[dict]:
     """Prepared batches as the data pipeline hands them over: uint8 images, token ids."""
     rng = np.random.default_rng(seed)
@@ -89,8 +99,8 @@ def test_loss_decreases_on_a_fixed_batch():
                  settings(0, steps, log_every=1), recorder)
     losses = [recorder.losses()[s] for s in range(1, steps + 1)]
     first, last = np.mean(losses[:3]), np.mean(losses[-3:])
-    assert first == pytest.approx(math.log(8), rel=0.2)  # chance level for 8 pairs
-    assert last < 0.5 * first, losses
+    assert first > 0.5 * math.log(8)  # starts near chance level for 8 pairs
+    assert last < 0.25 * first, losses
 
 
 def test_resumed_run_repeats_the_straight_run_exactly(tmp_path):

@@ -116,10 +116,6 @@ def test_shard_with_no_samples_round_trips(build):
     assert shards.read_shard_stats(fs, build_path, 2)["failures"] == {"http_404": 3}
 
 
-@pytest.mark.xfail(strict=True, raises=pa.ArrowNotImplementedError,
-                   reason="build_index_table infers column types, so an empty "
-                   "shard's index has null-typed columns that cannot be read together with "
-                   "the others; it needs an explicit schema")
 def test_index_folder_reads_as_one_table_with_an_empty_shard(build, samples):
     fs, build_path = build
     shards.write_shard(fs, build_path, 0, [])

@@ -25,6 +25,16 @@ from training.towers import build_tokenizer, register_tiny_configs
 
 ARCH = "clip-micro-p8-32"
 
+
+@pytest.fixture(autouse=True, scope="module")
+def single_torch_thread():
+    """One intra-op thread: on a shared CPU, OpenMP threads waiting on each other make the
+    tiny model's steps up to 50x slower; results do not depend on it."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
 # ---------------------------------------------------------------- configuration
 
 

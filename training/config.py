@@ -94,10 +94,18 @@ def _replace_path(node, path: list[str], value):
 
 
 def _coerce(current, value):
-    """Parse a command-line string to the type of the field it replaces."""
+    """Parse a command-line string to the type of the field it replaces (an unset optional
+    field takes JSON if the string is JSON, else the string itself, e.g. a path)."""
     if not isinstance(value, str) or isinstance(current, str):
         return value
-    parsed = json.loads(value) if value not in ("None", "none") else None
+    if value in ("None", "none", "null"):
+        return None
+    try:
+        parsed = json.loads(value)
+    except json.JSONDecodeError:
+        if current is None:
+            return value
+        raise ValueError(f"cannot parse {value!r} as a {type(current).__name__}") from None
     return tuple(parsed) if isinstance(current, tuple) else parsed
 
 

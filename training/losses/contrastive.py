@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
+import torch.distributed.nn  # noqa: F401  (all_gather with gradients)
 import torch.nn.functional as F
 from torch import nn
 
 
 def gather_features(features: torch.Tensor, rank: int, world_size: int,
-                    with_grad: bool) -> torch.Tensor:
+                    with_grad: bool, local_loss: bool = False) -> torch.Tensor:
     """Concatenate every worker's features (B_global, D) in rank order."""
     if world_size == 1:
         return features
@@ -17,15 +18,16 @@ def gather_features(features: torch.Tensor, rank: int, world_size: int,
         return torch.cat(torch.distributed.nn.functional.all_gather(features), dim=0)
     gathered = [torch.zeros_like(features) for _ in range(world_size)]
     dist.all_gather(gathered, features)
-    gathered[rank] = features  # keep the local slice differentiable
+    if not local_loss:  # the local rows then score through the gathered copy: keep its grad
+        gathered[rank] = features
     return torch.cat(gathered, dim=0)
 
 
 def compute_contrastive_logits(image_features, text_features, logit_scale, rank, world_size,
                                gather_with_grad, local_loss):
     """(logits_per_image, logits_per_text, labels) in open_clip's ClipLoss conventions."""
-    all_image = gather_features(image_features, rank, world_size, gather_with_grad)
-    all_text = gather_features(text_features, rank, world_size, gather_with_grad)
+    all_image = gather_features(image_features, rank, world_size, gather_with_grad, local_loss)
+    all_text = gather_features(text_features, rank, world_size, gather_with_grad, local_loss)
     if local_loss:  # each worker scores its own rows against the whole batch
         logits_per_image = logit_scale * image_features @ all_text.T  # (B, B_global)
         logits_per_text = logit_scale * text_features @ all_image.T
