@@ -149,11 +149,9 @@ def test_two_process_gather_without_grad_matches_clip_loss(gathered_results):
     assert_matches_clip_loss(gathered_results, (False, False))
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "with gather_with_grad=False and local_loss=True, our gather_features puts the local "
-    "(differentiable) features back into the gathered tensor, which ClipLoss does only when "
-    "local_loss is False: the forward matches, the feature gradients do not"))
 def test_two_process_local_loss_without_grad_matches_clip_loss(gathered_results):
+    """ClipLoss puts the local differentiable rows back into the no-grad gather only without
+    local_loss; doing it with local_loss too adds gradient terms ClipLoss does not have."""
     assert_matches_clip_loss(gathered_results, (False, True))
 
 
@@ -194,12 +192,9 @@ def test_two_process_gather_matches_single_process_on_whole_batch(gathered_resul
         torch.testing.assert_close(res["summed_d_scale"], WORLD_SIZE * full[3], rtol=1e-10, atol=1e-10)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "training/losses/contrastive.py uses torch.distributed.nn.functional.all_gather but never "
-    "imports torch.distributed.nn; it only works when open_clip.loss was imported first"))
 def test_loss_module_resolves_its_gather_alone():
-    """In a fresh interpreter that imports only our loss module, the gather-with-grad path
-    must resolve (AttributeError otherwise as soon as world_size > 1)."""
+    """In a fresh interpreter that imports only our loss module (open_clip imports
+    torch.distributed.nn for us elsewhere), the gather-with-grad path must resolve."""
     code = ("import torch, training.losses.contrastive\n"
             "torch.distributed.nn.functional.all_gather\n")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)

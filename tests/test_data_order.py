@@ -169,7 +169,8 @@ def test_resume_plan_continues_the_full_epoch(build, world, epoch):
 def test_epoch_reads_every_sample_once_with_intact_rows(build):
     uri, entries = build
     rows = read_plan(plan_worker_epoch(entries, 0, 0, 0, 1, 0), uri, 0)
-    written = {s[shards.KEY]: s for i, n in enumerate(SHARD_SIZES) for s in (make_sample(i, j) for j in range(n))}
+    written = {s[shards.KEY]: s for i, n in enumerate(SHARD_SIZES)
+               for s in (make_sample(i, j) for j in range(n))}
     assert sorted(r[shards.KEY] for r in rows) == sorted(written)
     for row in rows:
         assert {k: row[k] for k in shards.SAMPLE_COLUMNS} == written[row[shards.KEY]]

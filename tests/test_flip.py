@@ -46,7 +46,7 @@ def drop_patches(x: torch.Tensor, ratio: float, seed: int) -> torch.Tensor:
 @pytest.mark.parametrize("num_patches, ratio, expected", [
     (16, 0.5, 8), (196, 0.5, 98), (16, 0.75, 4), (49, 0.0, 49), (10, 0.3, 7),
     (1, 0.9, 1),  # at least one patch survives
-    (10, 0.95, 1),
+    (10, 0.95, 1), (5, 0.5, 2), (7, 0.5, 3), (196, 0.3, 137), (100, 0.9, 10),
 ])
 def test_compute_num_keep_by_hand(num_patches, ratio, expected):
     assert compute_num_keep(num_patches, ratio) == expected

@@ -16,7 +16,7 @@ from training.loop import LoopSettings, run_training
 from training.losses.contrastive import ContrastiveLoss
 from training.methods import build_method_config
 from training.model import build_model
-from training.optim import build_optimizer, build_scheduler
+from training.optim import compute_lr_factor, build_optimizer, build_scheduler
 from training.towers import build_tokenizer
 
 ARCH = "clip-micro-p8-32"
@@ -86,8 +86,11 @@ def test_reports_at_log_steps_and_checkpoints_with_expected_keys():
         assert metrics["loss/total"] == pytest.approx(metrics["loss/contrastive"])
         assert metrics["temperature"] == pytest.approx(1 / metrics["logit_scale"])
         assert metrics["samples_per_s"] > 0 and 0 <= metrics["data_wait_fraction"] <= 1
-    # lr is reported after the scheduler step: the rate of the next step.
-    assert recorder.calls[-1][1]["lr"] == pytest.approx(scheduler.get_last_lr()[0])
+    # lr is the rate the reported step used: step index 6 of 7, warmup 2 (before its
+    # scheduler step), not the next step's rate.
+    expected = CONFIG.optim.lr * compute_lr_factor(6, 2, 7)
+    assert recorder.calls[-1][1]["lr"] == pytest.approx(expected)
+    assert expected != pytest.approx(scheduler.get_last_lr()[0])
 
 
 def test_loss_decreases_on_a_fixed_batch():

@@ -3,10 +3,8 @@ the temperature clamp, checkpoints (exact round trip, completeness, latest-compl
 the open_clip export and the inference rebuild."""
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
-import shutil
 from pathlib import Path
 
 import pytest
@@ -41,9 +39,7 @@ def single_torch_thread():
 def test_config_round_trips_through_json():
     config = apply_overrides(build_method_config("flip"), {
         "model.arch": ARCH, "optim.lr": 1e-3, "optim.betas": (0.9, 0.95),
-        "data.crop_scale": (0.5, 1.0), "run.max_steps": 7})
-    # Set directly: a string override of a None-valued field hits the _coerce bug below.
-    config = dataclasses.replace(config, run=dataclasses.replace(config.run, tensorboard_dir="/tmp/tb"))
+        "data.crop_scale": (0.5, 1.0), "run.max_steps": 7, "run.tensorboard_dir": "/tmp/tb"})
     restored = config_from_dict(json.loads(json.dumps(config_to_dict(config))))
     assert restored == config
     assert isinstance(restored.data.crop_scale, tuple) and isinstance(restored.optim.betas, tuple)
@@ -59,15 +55,18 @@ def test_string_overrides_take_the_field_type():
     assert apply_overrides(config, {"run.max_steps": "None"}).run.max_steps is None
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "training/config.py _coerce json-parses any string replacing a non-str value, so a "
-    "`str | None` field that is None (model.pretrained, run.tensorboard_dir) rejects a plain "
-    "path given on the command line (--pretrained /x.pt) with JSONDecodeError"))
 def test_string_override_of_optional_path_field():
+    """`--pretrained /x.pt`: an unset optional field takes a plain (non-JSON) string as is."""
     config = apply_overrides(TrainConfig(), {"model.pretrained": "/ckpt/model.pt",
                                              "run.tensorboard_dir": "/tmp/tb"})
     assert config.model.pretrained == "/ckpt/model.pt"
     assert config.run.tensorboard_dir == "/tmp/tb"
+
+
+@pytest.mark.parametrize("dotted, value", [("optim.lr", "fast"), ("data.crop_scale", "(0.5, 1)")])
+def test_unparsable_string_override_is_an_error(dotted, value):
+    with pytest.raises(ValueError, match="cannot parse"):
+        apply_overrides(TrainConfig(), {dotted: value})
 
 
 @pytest.mark.parametrize("dotted", ["optim.lrr", "nonsense", "run.optim.lr"])

@@ -7,6 +7,7 @@ from collections import defaultdict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from training.batches import IMAGES, TEXTS
@@ -53,8 +54,8 @@ def seed_step(model, seed: int, step: int, rank: int) -> None:
     for module in unwrap(model).modules():
         if hasattr(module, "generator"):
             device = next(unwrap(model).parameters()).device
-            module.generator = torch.Generator(device=device).manual_seed(
-                hash((seed, step, rank)) % (2 ** 63))
+            state = np.random.SeedSequence([seed, step, rank]).generate_state(1, np.uint64)[0]
+            module.generator = torch.Generator(device=device).manual_seed(int(state) >> 1)
 
 
 def train_step(model, objective, optimizer, scheduler, batch: dict, s: LoopSettings) -> dict:
@@ -67,13 +68,14 @@ def train_step(model, objective, optimizer, scheduler, batch: dict, s: LoopSetti
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), s.grad_clip_norm)
+    lr = optimizer.param_groups[0]["lr"]  # the rate this step used
     optimizer.step()
     scheduler.step()
     unwrap(model).clamp_logit_scale()
     scale = unwrap(model).tower.logit_scale.exp().item()
     return {**{f"loss/{k}": v.item() for k, v in terms.items()}, "loss/total": loss.item(),
             "logit_scale": scale, "temperature": 1.0 / scale, "grad_norm": grad_norm.item(),
-            "lr": optimizer.param_groups[0]["lr"]}
+            "lr": lr}
 
 
 def run_training(model, objective, optimizer, scheduler, batches: Iterable[dict],

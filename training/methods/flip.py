@@ -7,8 +7,10 @@ from torch import nn
 
 
 def compute_num_keep(num_patches: int, ratio: float) -> int:
-    """Patch tokens kept when `ratio` of them is dropped (at least one)."""
-    return max(1, num_patches - round(ratio * num_patches))
+    """Patch tokens kept when `ratio` of them is dropped: floor(L * (1 - ratio)), at least
+    one (open_clip's PatchDropout rule; the rounding to 1e-6 absorbs float noise such as
+    100 * (1 - 0.9) = 9.999999999999998)."""
+    return max(1, int(round(num_patches * (1.0 - ratio), 6)))
 
 
 def random_masking(x: torch.Tensor, num_keep: int, generator: torch.Generator | None) -> torch.Tensor:
