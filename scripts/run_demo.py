@@ -35,6 +35,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=64, help="per worker")
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--shard-size", type=int, default=250, help="images per shard (>= workers shards needed)")
     return p.parse_args(argv)
 
 
@@ -49,7 +50,7 @@ def prepare_corpus(args, out: Path) -> str:
     try:
         tsv = write_cc12m_tsv(corpus, mirror.base_url, out / "cc12m.tsv")
         return prepare_cc12m.main(["--input", str(tsv), "--output", str(out / "shards"),
-                                   "--image-size", "64", "--shard-size", "250"])
+                                   "--image-size", "64", "--shard-size", str(args.shard_size)])
     finally:
         mirror.stop()
 

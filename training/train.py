@@ -191,7 +191,10 @@ def plan_steps(config: TrainConfig, manifest: dict) -> dict:
     total = data_order.compute_total_steps(manifest["shards"], config.run.seed, config.run.num_workers,
                                            config.data.batch_size_per_worker, config.run.epochs)
     if total == 0:
-        raise ValueError("the build has fewer samples per worker than one batch")
+        raise ValueError(f"no full batch for every worker: {config.run.num_workers} workers of "
+                         f"{config.data.batch_size_per_worker} samples each, but the build has "
+                         f"{len(manifest['shards'])} shards of {[e['n_samples'] for e in manifest['shards']][:8]}... "
+                         "samples (each worker reads whole shards: use smaller shards or fewer workers)")
     return {"schedule_steps": total, "stop_step": min(total, config.run.max_steps or total)}
 
 
