@@ -24,5 +24,7 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None) -> None
     if address:
         ray.init(address=address, runtime_env={"env_vars": env})
     else:
-        ray.init(num_cpus=num_cpus, include_dashboard=False, runtime_env={"env_vars": env},
-                 _node_ip_address="127.0.0.1")
+        # address="local": the embedded default never attaches to some other cluster that
+        # happens to run on this machine; join one explicitly with --ray-address/RAY_ADDRESS.
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False,
+                 runtime_env={"env_vars": env}, _node_ip_address="127.0.0.1")

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from pipelines import shards, storage
 from training.batches import EPOCH
 from training.data_order import (ITEM_EPOCH, ITEM_SHARD, ITEM_SKIP, compute_epoch_steps,
-                                 compute_total_steps, iter_item_samples, locate_step,
+                                 compute_total_steps, iter_item_samples, locate_step, plan_worker_run,
                                  order_shards, plan_worker_epoch, worker_shards)
 
 
@@ -185,3 +185,20 @@ def test_within_shard_order_is_a_per_epoch_permutation(build):
     assert all(sorted(order) == stored for order in orders.values())
     assert orders[0] == [r[shards.KEY] for r in iter_item_samples({**item, ITEM_EPOCH: 0}, uri, 5)]
     assert len({tuple(order) for order in orders.values()}) > 1  # reshuffled across epochs
+
+
+@pytest.mark.parametrize("world, batch", [(1, 4), (2, 3)])
+def test_run_plan_batches_into_exactly_the_runs_steps_and_resumes(build, world, batch):
+    """One stream for all epochs: each epoch contributes its whole batches only, and the
+    stream from step k is the full stream without its first k batches."""
+    uri, entries = build
+    seed, epochs = 3, 3
+    total = compute_total_steps(entries, seed, world, batch, epochs)
+    for rank in range(world):
+        full = read_plan(plan_worker_run(entries, seed, rank, world, batch, 0, epochs), uri, seed)
+        assert len(full) == total * batch
+        per_epoch = [compute_epoch_steps(entries, seed, e, world, batch) * batch for e in range(epochs)]
+        assert [sum(r[EPOCH] == e for r in full) for e in range(epochs)] == per_epoch
+        for step in range(total + 1):
+            resumed = read_plan(plan_worker_run(entries, seed, rank, world, batch, step, epochs), uri, seed)
+            assert resumed == full[step * batch:], (rank, step)

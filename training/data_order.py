@@ -15,7 +15,7 @@ import numpy as np
 from pipelines import shards, storage
 from training.batches import EPOCH
 
-ITEM_SHARD, ITEM_SKIP, ITEM_EPOCH = "shard", "skip", "epoch"
+ITEM_SHARD, ITEM_SKIP, ITEM_TAKE, ITEM_EPOCH = "shard", "skip", "take", "epoch"
 
 
 def order_shards(entries: list[dict], seed: int, epoch: int) -> list[dict]:
@@ -49,16 +49,34 @@ def compute_total_steps(entries, seed: int, world: int, batch_size: int, epochs:
 
 
 def plan_worker_epoch(entries, seed: int, epoch: int, rank: int, world: int,
-                      skip_samples: int) -> list[dict]:
+                      skip_samples: int, take_samples: int | None = None) -> list[dict]:
     """Reader items for one worker and epoch; the first `skip_samples` samples (already
-    trained on before a resume) are skipped, whole shards without being read."""
-    items = []
+    trained on before a resume) are skipped, whole shards without being read, and at most
+    `take_samples` samples follow (the epoch's whole batches; None = all)."""
+    items, remaining = [], float("inf") if take_samples is None else take_samples
     for entry in worker_shards(entries, seed, epoch, rank, world):
         if skip_samples >= entry["n_samples"]:
             skip_samples -= entry["n_samples"]
             continue
-        items.append({ITEM_SHARD: json.dumps(entry), ITEM_SKIP: skip_samples, ITEM_EPOCH: epoch})
-        skip_samples = 0
+        if remaining <= 0:
+            break
+        take = int(min(entry["n_samples"] - skip_samples, remaining))
+        items.append({ITEM_SHARD: json.dumps(entry), ITEM_SKIP: skip_samples, ITEM_TAKE: take,
+                      ITEM_EPOCH: epoch})
+        remaining, skip_samples = remaining - take, 0
+    return items
+
+
+def plan_worker_run(entries, seed: int, rank: int, world: int, batch_size: int,
+                    start_step: int, epochs: int) -> list[dict]:
+    """Reader items for all of one worker's remaining steps: every epoch trimmed to its
+    whole batches, so one stream of samples batches into exactly the run's steps."""
+    first_epoch, done = locate_step(entries, seed, world, batch_size, start_step, epochs)
+    items = []
+    for epoch in range(first_epoch, epochs):
+        skip = done * batch_size if epoch == first_epoch else 0
+        take = compute_epoch_steps(entries, seed, epoch, world, batch_size) * batch_size - skip
+        items += plan_worker_epoch(entries, seed, epoch, rank, world, skip, take)
     return items
 
 
@@ -68,5 +86,7 @@ def iter_item_samples(item: dict, build_uri: str, seed: int) -> Iterator[dict]:
     fs, build_path = storage.open_storage(build_uri)
     samples = shards.read_shard_samples(fs, build_path, entry)
     order = np.random.default_rng([seed, epoch, entry["id"] + 1]).permutation(len(samples))
-    for i in order[int(item[ITEM_SKIP]):]:
+    skip = int(item[ITEM_SKIP])
+    take = int(item.get(ITEM_TAKE, len(samples) - skip))
+    for i in order[skip:skip + take]:
         yield {**samples[i], EPOCH: epoch}

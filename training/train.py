@@ -71,21 +71,13 @@ def build_config(args: argparse.Namespace) -> TrainConfig:
 
 def iter_worker_batches(config: TrainConfig, entries: list[dict], rank: int, world: int,
                         start_step: int, geometry: tuple[int, int]):
-    """This worker's prepared batches from `start_step` on, epoch after epoch."""
-    batch, seed = config.data.batch_size_per_worker, config.run.seed
-    first_epoch, done_in_epoch = data_order.locate_step(entries, seed, world, batch, start_step,
-                                                        config.run.epochs)
-    for epoch in range(first_epoch, config.run.epochs):
-        skipped_steps = done_in_epoch if epoch == first_epoch else 0
-        n_steps = data_order.compute_epoch_steps(entries, seed, epoch, world, batch) - skipped_steps
-        items = data_order.plan_worker_epoch(entries, seed, epoch, rank, world, skipped_steps * batch)
-        dataset = build_epoch_dataset(config, items, geometry)
-        for i, prepared in enumerate(dataset.iter_batches(
-                batch_size=batch, batch_format="numpy", drop_last=True,
-                prefetch_batches=config.data.prefetch_batches)):
-            if i >= n_steps:
-                break
-            yield prepared
+    """This worker's prepared batches from `start_step` to the end of the last epoch, from
+    one Ray Data stream (its actors live for the whole run, not one epoch)."""
+    items = data_order.plan_worker_run(entries, config.run.seed, rank, world,
+                                       config.data.batch_size_per_worker, start_step, config.run.epochs)
+    dataset = build_run_dataset(config, items, geometry)
+    yield from dataset.iter_batches(batch_size=config.data.batch_size_per_worker, batch_format="numpy",
+                                    drop_last=True, prefetch_batches=config.data.prefetch_batches)
 
 
 class PrepareShardItems:
@@ -110,7 +102,7 @@ class PrepareShardItems:
                 yield self.prepare({k: np.array([r[k] for r in chunk], dtype=object) for k in chunk[0]})
 
 
-def build_epoch_dataset(config: TrainConfig, items: list[dict], geometry: tuple[int, int]):
+def build_run_dataset(config: TrainConfig, items: list[dict], geometry: tuple[int, int]):
     """Ray Data: this worker's shards, in order, prepared on CPU actors."""
     context = ray.data.DataContext.get_current()
     context.execution_options.preserve_order = True  # the data order is part of the run
