@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.demo_build import ensure_demo_build, mean_samples_per_s
+from benchmarks.demo_build import add_job_args, ensure_demo_build, mean_samples_per_s
 from pipelines import ray_setup, shards, storage
 from training import data_order, train
 from training.batches import BatchPreprocessor
@@ -63,12 +63,8 @@ def run_in_memory(build_uri: str, args) -> float:
 
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--workdir", default="bench_out")
-    p.add_argument("--n-images", type=int, default=2000)
+    add_job_args(p)
     p.add_argument("--method", default="clip")
-    p.add_argument("--arch", default="clip-tiny-p8-64")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--steps", type=int, default=60)
     args = p.parse_args(argv)
     workdir = Path(args.workdir).resolve()
     ray_setup.init_ray(num_cpus=4)

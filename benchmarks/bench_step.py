@@ -63,10 +63,12 @@ def main(argv=None) -> dict:
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (a Ray worker with one CPU gets one)")
     args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
     results = {m: time_method(m, args) for m in ("clip", "flip")}
     for r in results.values():
-        print(f"{r['method']:5s} {args.arch} batch {args.batch_size} on {args.device}: "
+        print(f"{r['method']:5s} {args.arch} batch {args.batch_size} on {args.device} ({args.threads} thread(s)): "
               f"{r['step_s'] * 1e3:8.1f} ms/step  {r['samples_per_s']:9.1f} samples/s  peak {r['peak_gib']:.2f} GiB")
     ratio = results["flip"]["samples_per_s"] / results["clip"]["samples_per_s"]
     print(f"FLIP({args.mask_ratio}) / CLIP throughput ratio: {ratio:.2f}x")

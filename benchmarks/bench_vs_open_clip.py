@@ -16,7 +16,7 @@ import sys
 import time
 from pathlib import Path
 
-from benchmarks.demo_build import ensure_demo_build, mean_samples_per_s
+from benchmarks.demo_build import add_job_args, ensure_demo_build, mean_samples_per_s
 from pipelines import ray_setup
 from training import train
 from training.towers import MODEL_CONFIG_DIR
@@ -54,11 +54,7 @@ def run_ours(build_uri: str, args, workdir: Path) -> float:
 
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--workdir", default="bench_out")
-    p.add_argument("--n-images", type=int, default=2000)
-    p.add_argument("--arch", default="clip-tiny-p8-64")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--steps", type=int, default=60)
+    add_job_args(p)
     args = p.parse_args(argv)
     workdir = Path(args.workdir).resolve()
     ray_setup.init_ray(num_cpus=4)

@@ -30,3 +30,12 @@ def mean_samples_per_s(metrics_path: Path, skip_windows: int = 1) -> float:
     rows = [json.loads(line) for line in metrics_path.read_text().splitlines()]
     rows = rows[skip_windows:] or rows
     return sum(r["samples_per_s"] for r in rows) / len(rows)
+
+
+def add_job_args(parser) -> None:
+    """The arguments every benchmark of the training job shares."""
+    parser.add_argument("--workdir", default="bench_out")
+    parser.add_argument("--n-images", type=int, default=2000)
+    parser.add_argument("--arch", default="clip-tiny-p8-64")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--steps", type=int, default=60)

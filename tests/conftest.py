@@ -14,6 +14,17 @@ import pytest  # noqa: E402
 RAY_TEST_CPUS = 4  # logical: 2 training workers + their data actors, on 2 real cores
 
 
+@pytest.fixture(scope="module")
+def single_torch_thread():
+    """One intra-op thread: on a shared CPU, OpenMP threads waiting on each other make the
+    tiny model's steps up to 50x slower; results do not depend on it."""
+    import torch
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def ray_session():
     """A local Ray instance shared by every `ray` test (starting one costs seconds)."""

@@ -17,14 +17,7 @@ ARCH = "clip-micro-p8-32"  # 32 px images, 8 px patches: a 4 x 4 grid, L = 16
 NUM_PATCHES = 16
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_torch_thread():
-    """One intra-op thread: on a shared CPU, OpenMP threads waiting on each other make the
-    tiny model's steps up to 50x slower; results do not depend on it."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_torch_thread")  # see conftest
 
 
 def make_tokens(batch: int, num_patches: int, dim: int = 4, seed: int = 0) -> torch.Tensor:

@@ -25,14 +25,7 @@ REPORT_KEYS = {"loss/contrastive", "loss/total", "logit_scale", "temperature", "
                "samples_per_s", "data_wait_fraction", "grad_norm"}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_torch_thread():
-    """One intra-op thread: on a shared CPU, OpenMP threads waiting on each other make the
-    tiny model's steps up to 50x slower; results do not depend on it."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_torch_thread")  # see conftest
 
 
 def make_batches(num_batches: int, batch_size: int = 4, seed: int = 0) -> list[dict]:

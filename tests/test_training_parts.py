@@ -24,16 +24,7 @@ from training.towers import build_tokenizer, register_tiny_configs
 ARCH = "clip-micro-p8-32"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_torch_thread():
-    """One intra-op thread: on a shared CPU, OpenMP threads waiting on each other make the
-    tiny model's steps up to 50x slower; results do not depend on it."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-# ---------------------------------------------------------------- configuration
+pytestmark = pytest.mark.usefixtures("single_torch_thread")  # see conftest
 
 
 def test_config_round_trips_through_json():
