@@ -1,7 +1,7 @@
 """The one-command demo: every stage of the system on the embedded default (local Ray,
 local folders, a loopback mirror), then the evaluation report.
 
-    bash scripts/demo.sh [--out demo_out] [--n-images 3000] [--epochs 12]
+    bash scripts/demo.sh [--out demo_out] [--n-images 3000] [--epochs 20]
 """
 from __future__ import annotations
 
@@ -29,7 +29,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--n-images", type=int, default=3000)
     p.add_argument("--method", default="flip")
     p.add_argument("--arch", default="clip-tiny-p8-64")
-    p.add_argument("--epochs", type=int, default=12)
+    p.add_argument("--epochs", type=int, default=20)
     p.add_argument("--max-steps", type=int, default=None)
     p.add_argument("--num-workers", type=int, default=2)
     p.add_argument("--batch-size", type=int, default=64, help="per worker")
