@@ -50,7 +50,7 @@ def small_corpus(tmp_path_factory):
         yield corpus, tsv
 
 
-PREPARE_ARGS = ["--image-size", "32", "--shard-size", "12", "--threads-per-task", "4", "--timeout", "5"]
+PREPARE_ARGS = ["--image-size", "32", "--shard-size", "6", "--threads-per-task", "4", "--timeout", "5"]
 
 
 @pytest.fixture(scope="session")

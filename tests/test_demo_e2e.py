@@ -14,7 +14,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 def test_demo_runs_end_to_end(ray_session, tmp_path):
     import run_demo
     report = run_demo.main(["--out", str(tmp_path), "--n-images", "96", "--epochs", "2",
-                            "--batch-size", "16", "--arch", "clip-micro-p8-32", "--shard-size", "24"])
+                            "--batch-size", "8", "--arch", "clip-micro-p8-32", "--shard-size", "12"])
     assert set(report["zeroshot"]) == {"demo-zeroshot"} and report["skipped"] == {}
     assert report["zeroshot"]["demo-zeroshot"]["n_classes"] == 40
     assert set(report["retrieval"]) == {"demo-retrieval", "demo-long"}
