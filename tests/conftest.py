@@ -3,6 +3,7 @@ and a small demo corpus served by a loopback mirror."""
 from __future__ import annotations
 
 import os
+import socket
 
 for _key, _value in {"RAY_USAGE_STATS_ENABLED": "0", "NO_ALBUMENTATIONS_UPDATE": "1",
                      "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled"}.items():
@@ -11,7 +12,14 @@ os.environ.pop("RAY_ADDRESS", None)  # tests never join an outside cluster
 
 import pytest  # noqa: E402
 
-RAY_TEST_CPUS = 4  # logical: 2 training workers + their data actors, on 2 real cores
+RAY_TEST_CPUS = 4
+
+
+def free_port() -> int:
+    """A free TCP port on 127.0.0.1 (for servers a test starts)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]  # logical: 2 training workers + their data actors, on 2 real cores
 
 
 @pytest.fixture(scope="module")
