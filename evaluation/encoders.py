@@ -2,6 +2,8 @@
 `__init__`) that the evaluation job runs as Ray Data actors and tests call directly."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import torch
 
@@ -18,7 +20,7 @@ class ImageEncoder:
 
     @torch.no_grad()
     def __call__(self, batch: dict) -> dict:
-        pixels = torch.stack([self.bundle.preprocess(open(p, "rb").read()) for p in batch[PATH]])
+        pixels = torch.stack([self.bundle.preprocess(Path(p).read_bytes()) for p in batch[PATH]])
         features = self.bundle.model.encode_image(pixels.to(self.device), normalize=True)
         return {INDEX: batch[INDEX], EMBEDDING: features.float().cpu().numpy()}
 

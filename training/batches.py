@@ -55,9 +55,15 @@ class BatchPreprocessor:
         return image.transpose(2, 0, 1), scores, caption  # uint8 (3, H, W): 4x less to move
 
     def __call__(self, batch: dict) -> dict:
-        rows = [{k: batch[k][i] for k in shards.SAMPLE_COLUMNS} for i in range(len(batch[shards.KEY]))]
-        prepared = [self.prepare_sample(r, int(e)) for r, e in zip(rows, batch[EPOCH])]
+        """A batch in Ray Data's column form (dict of arrays, with the reader's epoch)."""
+        n = len(batch[shards.KEY])
+        return self.prepare_rows([{k: batch[k][i] for k in (*shards.SAMPLE_COLUMNS, EPOCH)}
+                                  for i in range(n)])
+
+    def prepare_rows(self, rows: list[dict]) -> dict:
+        """Sample rows (each with its epoch) -> one prepared batch."""
+        prepared = [self.prepare_sample(r, int(r[EPOCH])) for r in rows]
         return {IMAGES: np.stack([p[0] for p in prepared]),  # (B, 3, H, W) uint8, normalised on device
                 EDGE_SCORES: np.stack([p[1] for p in prepared]),  # (B, L) float32
                 TEXTS: self.tokenizer([p[2] for p in prepared]).numpy(),  # (B, context) int64
-                KEYS: np.asarray(batch[shards.KEY], dtype=object)}
+                KEYS: np.asarray([r[shards.KEY] for r in rows], dtype=object)}

@@ -43,7 +43,8 @@ class MetricMeter:
 
     def summary(self, world_size: int) -> dict:
         elapsed = time.perf_counter() - self.window_start
-        out = {k: v / max(self.count, 1) for k, v in self.sums.items()}
+        # float() here, once per window: the step itself never waits on the device.
+        out = {k: float(v) / max(self.count, 1) for k, v in self.sums.items()}
         out["samples_per_s"] = self.samples * world_size / max(elapsed, 1e-9)
         out["data_wait_fraction"] = self.wait_s / max(elapsed, 1e-9)
         return out
@@ -72,9 +73,10 @@ def train_step(model, objective, optimizer, scheduler, batch: dict, s: LoopSetti
     optimizer.step()
     scheduler.step()
     unwrap(model).clamp_logit_scale()
-    scale = unwrap(model).tower.logit_scale.exp().item()
-    return {**{f"loss/{k}": v.item() for k, v in terms.items()}, "loss/total": loss.item(),
-            "logit_scale": scale, "temperature": 1.0 / scale, "grad_norm": grad_norm.item(),
+    scale = unwrap(model).tower.logit_scale.detach().exp()
+    # Detached device tensors, no .item(): a host synchronisation per step would stall the GPU.
+    return {**{f"loss/{k}": v.detach() for k, v in terms.items()}, "loss/total": loss.detach(),
+            "logit_scale": scale, "temperature": 1.0 / scale, "grad_norm": grad_norm.detach(),
             "lr": lr}
 
 

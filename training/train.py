@@ -98,8 +98,7 @@ class PrepareShardItems:
             item = {k: v[i] for k, v in items.items()}
             rows = list(data_order.iter_item_samples(item, self.build_uri, self.seed))
             for start in range(0, len(rows), self.batch_size):
-                chunk = rows[start:start + self.batch_size]
-                yield self.prepare({k: np.array([r[k] for r in chunk], dtype=object) for k in chunk[0]})
+                yield self.prepare.prepare_rows(rows[start:start + self.batch_size])
 
 
 def build_run_dataset(config: TrainConfig, items: list[dict], geometry: tuple[int, int]):
