@@ -1,7 +1,10 @@
 """Sobel edge maps, stored 8-bit and lossless beside each image (CLIP-PGS's edge input).
 
-The stored value is the Sobel gradient magnitude of the grey image scaled by
-255 / EDGE_FULL_SCALE and clipped, so one unit means the same gradient in every image.
+The Sobel gradient magnitude is computed on the stored image at full resolution, then
+averaged over EDGE_CELL x EDGE_CELL pixel cells (a (H//4, W//4) map: per-patch scores only
+need cell means, and a full-resolution map would cost more bytes than the JPEG itself).
+The stored value is that mean scaled by 255 / EDGE_FULL_SCALE and clipped, so one unit
+means the same gradient in every image.
 """
 from __future__ import annotations
 
@@ -12,6 +15,7 @@ SOBEL_KSIZE = 3
 # A 3x3 Sobel of a unit-per-pixel ramp gives 8; 1020 = 8 * 127.5 covers a step of
 # half the 8-bit range per pixel, so only the hardest black/white edges clip.
 EDGE_FULL_SCALE = 1020.0
+EDGE_CELL = 4  # image pixels per edge-map cell, along each axis
 
 
 def compute_sobel_magnitude(grey: np.ndarray) -> np.ndarray:
@@ -35,12 +39,28 @@ def dequantize_edges(edge_u8: np.ndarray) -> np.ndarray:
     return edge_u8.astype(np.float32) * (EDGE_FULL_SCALE / 255.0)
 
 
+def edge_map_shape(height: int, width: int) -> tuple[int, int]:
+    """(rows, cols) of the stored edge map of a (height, width) image."""
+    return max(1, height // EDGE_CELL), max(1, width // EDGE_CELL)
+
+
+def pool_edges(magnitude: np.ndarray) -> np.ndarray:
+    """Cell means of a full-resolution magnitude map (exact when the sides divide by the cell)."""
+    rows, cols = edge_map_shape(*magnitude.shape)
+    return cv2.resize(magnitude, (cols, rows), interpolation=cv2.INTER_AREA)
+
+
+def edge_map_u8(grey: np.ndarray) -> np.ndarray:
+    """The stored edge map of a grey image: pooled Sobel magnitude, quantised to 8 bits."""
+    return quantize_edges(pool_edges(compute_sobel_magnitude(grey)))
+
+
 def compute_edge_png(jpeg_bytes: bytes) -> bytes:
-    """Lossless 8-bit edge map (PNG) of an encoded image, same geometry as the image."""
+    """Lossless 8-bit edge map (PNG) of an encoded image, of shape edge_map_shape(H, W)."""
     grey = cv2.imdecode(np.frombuffer(jpeg_bytes, np.uint8), cv2.IMREAD_GRAYSCALE)
     if grey is None:
         raise ValueError("image does not decode")
-    ok, png = cv2.imencode(".png", quantize_edges(compute_sobel_magnitude(grey)))
+    ok, png = cv2.imencode(".png", edge_map_u8(grey))
     if not ok:
         raise ValueError("edge map does not encode")
     return png.tobytes()

@@ -18,8 +18,9 @@ from hypothesis import strategies as st
 from pipelines import shards
 from pipelines.captions import sample_key
 from pipelines.demo_corpus import read_corpus_records, write_demo_corpus
-from pipelines.edges import (EDGE_FULL_SCALE, compute_edge_png, compute_sobel_magnitude,
-                             decode_edge_png, dequantize_edges, quantize_edges)
+from pipelines.edges import (EDGE_CELL, EDGE_FULL_SCALE, compute_edge_png,
+                             compute_sobel_magnitude, decode_edge_png, dequantize_edges,
+                             edge_map_shape, edge_map_u8, quantize_edges)
 from pipelines.stages import build_sample
 from training.batches import (EDGE_SCORES, EPOCH, IMAGES, KEYS, TEXTS, BatchPreprocessor,
                               choose_caption)
@@ -57,22 +58,37 @@ def exact_sobel_magnitude(grey_u8: np.ndarray) -> np.ndarray:
     return np.sqrt(gx * gx + gy * gy)
 
 
+def naive_cell_means(magnitude: np.ndarray) -> np.ndarray:
+    """Reference pooling: the mean of each EDGE_CELL x EDGE_CELL block (sides divisible)."""
+    rows, cols = magnitude.shape[0] // EDGE_CELL, magnitude.shape[1] // EDGE_CELL
+    return magnitude.reshape(rows, EDGE_CELL, cols, EDGE_CELL).mean(axis=(1, 3))
+
+
 def assert_edges_of(edge_u8: np.ndarray, grey_u8: np.ndarray) -> None:
-    """edge_u8 is exactly the quantised Sobel map of grey_u8: the float32 magnitude of
-    integer Sobel components is correctly rounded, and 255 / EDGE_FULL_SCALE = 1/4 is exact,
-    so even exact .5 ties (magnitudes 4k + 2) round the same way as the float64 reference."""
-    scaled = exact_sobel_magnitude(grey_u8) * (255.0 / EDGE_FULL_SCALE)
-    np.testing.assert_array_equal(edge_u8, np.clip(np.rint(scaled), 0, 255).astype(np.uint8))
+    """edge_u8 is the quantised cell-mean Sobel map of grey_u8 (sides divisible by the cell):
+    equal to the float64 reference up to one level where the float32 mean sits on a .5 tie."""
+    scaled = naive_cell_means(exact_sobel_magnitude(grey_u8)) * (255.0 / EDGE_FULL_SCALE)
+    expected = np.clip(np.rint(scaled), 0, 255)
+    assert edge_u8.shape == expected.shape
+    assert np.max(np.abs(edge_u8.astype(np.float64) - expected)) <= 1
+    assert np.mean(edge_u8 != expected) < 0.01
 
 
-def test_edge_png_has_the_image_geometry_and_is_lossless():
+def test_edge_png_has_the_pooled_geometry_and_is_lossless():
     rng = np.random.default_rng(0)
     image = cv2.GaussianBlur(rng.integers(0, 256, (48, 80, 3), dtype=np.uint8), (5, 5), 0)
     ok, jpeg = cv2.imencode(".jpg", image)
     assert ok
     edge = decode_edge_png(compute_edge_png(jpeg.tobytes()))
-    assert edge.shape == (48, 80) and edge.dtype == np.uint8
+    assert edge.shape == (12, 20) == edge_map_shape(48, 80) and edge.dtype == np.uint8
     assert_edges_of(edge, cv2.imdecode(jpeg, cv2.IMREAD_GRAYSCALE))
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (3, 7), (5, 9), (257, 130)])
+def test_edge_maps_of_any_size_have_at_least_one_cell(shape):
+    grey = np.random.default_rng(2).integers(0, 256, shape, dtype=np.uint8)
+    assert edge_map_u8(grey).shape == edge_map_shape(*shape)
+    assert min(edge_map_shape(*shape)) >= 1
 
 
 def test_sobel_magnitude_is_correctly_rounded():
@@ -93,21 +109,23 @@ def test_edge_maps_refuse_bad_input():
 
 # --- the key property: transformed stored edges vs Sobel of the transformed image ---------
 
-IMAGE_SIDE, OUT_SIZE, PATCH = 128, 64, 8
+# The geometry of training, halved: 256 px stored images, 16 px patches; the stored map has
+# one value per 4x4 cell, so a patch spans 2.5 (zoom 1.6) to 8 (zoom 0.5) cells.
+IMAGE_SIDE, OUT_SIZE, PATCH = 256, 128, 16
 # Plane waves (amplitude, wavelength in pixels, direction in radians, phase).
-WAVES = ((1.0, 48.0, 0.3, 0.0), (0.8, 72.0, 1.9, 1.0), (0.6, 96.0, -0.7, 2.0))
+WAVES = ((1.0, 96.0, 0.3, 0.0), (0.8, 144.0, 1.9, 1.0), (0.6, 192.0, -0.7, 2.0))
 SHORTEST_WAVELENGTH = min(w[1] for w in WAVES)
 # Square crops: zoom = OUT_SIZE / side from 0.5 to 1.6, at assorted offsets.
-SQUARE_BOXES = (CropBox(0, 0, 128, 128), CropBox(14, 8, 100, 100), CropBox(24, 30, 80, 80),
-                CropBox(37, 19, 56, 56), CropBox(60, 5, 48, 48), CropBox(9, 71, 40, 40))
+SQUARE_BOXES = (CropBox(0, 0, 256, 256), CropBox(28, 16, 200, 200), CropBox(48, 60, 160, 160),
+                CropBox(74, 38, 112, 112), CropBox(120, 10, 96, 96), CropBox(18, 142, 80, 80))
 # RandomResizedCrop's aspect ratios reach 3/4 and 4/3.
-OBLONG_BOXES = (CropBox(10, 10, 100, 75), CropBox(10, 10, 75, 100), CropBox(20, 20, 64, 48))
+OBLONG_BOXES = (CropBox(20, 20, 200, 150), CropBox(20, 20, 150, 200), CropBox(40, 40, 128, 96))
 
 
 def smooth_grey_image() -> np.ndarray:
-    """(128, 128) uint8: a sum of low-frequency plane waves spanning 10..245.
+    """(256, 256) uint8: a sum of low-frequency plane waves spanning 10..245.
 
-    Smooth (shortest wavelength 48 px), so Sobel approximates the gradient well at both
+    Smooth (shortest wavelength 96 px), so Sobel approximates the gradient well at both
     the stored and the transformed resolution; 8-bit like every stored image.
     """
     y, x = np.mgrid[0:IMAGE_SIDE, 0:IMAGE_SIDE].astype(np.float64)
@@ -142,8 +160,8 @@ def interior_patch_scores(edges: np.ndarray) -> np.ndarray:
 
 def edge_scores_both_ways(image: np.ndarray, box: CropBox, interpolation: int):
     """(scores from the transformed stored edge map, scores from Sobel on the transformed image)."""
-    stored = quantize_edges(compute_sobel_magnitude(image))  # what a shard holds (lossless PNG)
-    from_stored = interior_patch_scores(transform_edges(stored, box, OUT_SIZE))
+    stored = edge_map_u8(image)  # what a shard holds (lossless PNG)
+    from_stored = interior_patch_scores(transform_edges(stored, box, OUT_SIZE, image.shape))
     transformed = apply_crop(image, box, OUT_SIZE, interpolation)  # uint8, as in training
     recomputed = interior_patch_scores(compute_sobel_magnitude(transformed))
     return from_stored, recomputed
@@ -162,6 +180,8 @@ def edge_scores_both_ways(image: np.ndarray, box: CropBox, interpolation: int):
 # except in the flattest patches at zoom 1.6 (4.8% of 6.5 units: |grad| has a cusp at the
 # field's extrema, which interpolation rounds off). Together at most 25% of the tolerance
 # is used (largest error 1.2 units, at zoom 0.5); bias <= 0.9%; correlation >= 0.9997.
+# (Measured with full-resolution stored maps; with 4x4 cells every patch stays within
+# the same tolerance at this geometry, correlation >= 0.9985.)
 DISCRETISATION = 0.05
 
 
@@ -179,9 +199,10 @@ def test_patch_edge_scores_match_sobel_of_the_transformed_image(box, interpolati
     # over 36 patches the quantisation error averages out, leaving Sobel's truncation.
     assert abs(from_stored.sum() / recomputed.sum() - 1) <= sobel_truncation_bound(
         SHORTEST_WAVELENGTH, zoom) + 0.01
-    # Shape: r ~ 1 - (rms error / spread between patches)^2 / 2, so r > 0.999 allows an rms
-    # per-patch error of 4.5% of the spread (10-15 units here, errors <= 1.2 units).
-    assert np.corrcoef(from_stored, recomputed)[0, 1] > 0.999
+    # Shape: r ~ 1 - (rms error / spread between patches)^2 / 2, so r > 0.998 allows an rms
+    # per-patch error of 6.3% of the spread; measured >= 0.9985 (the 4x4 cell pooling of the
+    # stored map blurs a little across patch borders; full-resolution maps gave 0.9997).
+    assert np.corrcoef(from_stored, recomputed)[0, 1] > 0.998
 
 
 @pytest.mark.parametrize("box", OBLONG_BOXES, ids=lambda b: f"{b.height}x{b.width}")

@@ -14,7 +14,8 @@ from PIL import Image
 
 from pipelines import shards, storage
 from pipelines.captions import sample_key
-from pipelines.edges import EDGE_FULL_SCALE, decode_edge_png
+from pipelines.edges import decode_edge_png, edge_map_shape
+from tests.test_edges_transforms import assert_edges_of
 from pipelines.mirror import LoopbackMirror
 from pipelines.stages import (DownloadParams, ImageFetcher, ShardBuilder,
                               classify_download_error, classify_resize_error,
@@ -142,15 +143,6 @@ def test_truncation_check_looks_for_the_end_marker():
     assert not is_truncated_jpeg(b"\x89PNG\r\n\x1a\n")  # only JPEGs are judged
 
 
-def assert_edges_of(edge_u8: np.ndarray, grey_u8: np.ndarray) -> None:
-    """edge_u8 is exactly the quantised Sobel map of grey_u8 (float64 reference)."""
-    img = grey_u8.astype(np.float64)
-    gx = cv2.Sobel(img, cv2.CV_64F, 1, 0, ksize=3, borderType=cv2.BORDER_REFLECT_101)
-    gy = cv2.Sobel(img, cv2.CV_64F, 0, 1, ksize=3, borderType=cv2.BORDER_REFLECT_101)
-    scaled = np.sqrt(gx * gx + gy * gy) * (255.0 / EDGE_FULL_SCALE)
-    np.testing.assert_array_equal(edge_u8, np.clip(np.rint(scaled), 0, 255).astype(np.uint8))
-
-
 def group_for(url: str, n_captions: int) -> dict:
     return {"key": sample_key(url), "url": url,
             "captions": [{"text": f"caption {i} of {url}", "source": "test", "kind": "short"}
@@ -187,7 +179,7 @@ def test_shard_builder_publishes_good_images_and_counts_failures(mirror, tmp_pat
         grey = cv2.imdecode(np.frombuffer(sample[shards.IMAGE], np.uint8), cv2.IMREAD_GRAYSCALE)
         assert grey is not None and grey.shape == (IMAGE_SIZE, IMAGE_SIZE)
         edge = decode_edge_png(sample[shards.EDGE])
-        assert edge.shape == grey.shape
+        assert edge.shape == edge_map_shape(*grey.shape)
         assert_edges_of(edge, grey)  # the edge map of this very image
         meta = json.loads(sample[shards.META])
         group = groups[sample[shards.KEY]]

@@ -49,7 +49,8 @@ class BatchPreprocessor:
         rgb = transforms.decode_rgb(row[shards.IMAGE])
         box = transforms.sample_crop(rng, rgb.shape[0], rgb.shape[1], self.crop_scale)
         image = transforms.apply_crop(rgb, box, self.image_size, cv2.INTER_CUBIC)
-        edges = transforms.transform_edges(decode_edge_png(row[shards.EDGE]), box, self.image_size)
+        edges = transforms.transform_edges(decode_edge_png(row[shards.EDGE]), box, self.image_size,
+                                           rgb.shape)
         scores = transforms.reduce_edges_per_patch(edges, self.patch_size)
         caption = choose_caption(json.loads(row[shards.META])["captions"], self.caption_policy, rng)
         return image.transpose(2, 0, 1), scores, caption  # uint8 (3, H, W): 4x less to move

@@ -43,10 +43,20 @@ def apply_crop(image: np.ndarray, box: CropBox, size: int, interpolation: int) -
     return cv2.resize(crop, (size, size), interpolation=interpolation)
 
 
-def transform_edges(edge_u8: np.ndarray, box: CropBox, size: int) -> np.ndarray:
-    """The stored edge map under the image's crop-and-resize, in gradient units of the
-    *transformed* image: resizing by a factor z scales every gradient by 1/z."""
-    edges = apply_crop(dequantize_edges(edge_u8), box, size, cv2.INTER_LINEAR)
+def transform_edges(edge_u8: np.ndarray, box: CropBox, size: int,
+                    image_shape: tuple[int, ...]) -> np.ndarray:
+    """The stored edge map (any resolution, e.g. pooled cells) under the image's
+    crop-and-resize, sampled bilinearly at each output pixel's centre, in gradient units of
+    the *transformed* image: resizing by a factor z scales every gradient by 1/z."""
+    scale_y, scale_x = edge_u8.shape[0] / image_shape[0], edge_u8.shape[1] / image_shape[1]
+    step_x, step_y = box.width / size, box.height / size  # image pixels per output pixel
+    # Output pixel u has its centre at image x = left + (u + 1/2) step_x, which is edge-map
+    # coordinate x * scale_x - 1/2 (pixel centres at integers): cv2.resize's convention.
+    affine = np.array([[step_x * scale_x, 0.0, (box.left + step_x / 2) * scale_x - 0.5],
+                       [0.0, step_y * scale_y, (box.top + step_y / 2) * scale_y - 0.5]])
+    edges = cv2.warpAffine(dequantize_edges(edge_u8), affine, (size, size),
+                           flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
+                           borderMode=cv2.BORDER_REPLICATE)
     zoom = math.sqrt((size / box.width) * (size / box.height))
     return edges / zoom
 
