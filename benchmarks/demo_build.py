@@ -20,6 +20,7 @@ def ensure_demo_build(workdir: Path, n_images: int, image_size: int = 64) -> str
     with LoopbackMirror(corpus.mirror_root, port=MIRROR_PORT) as mirror:
         tsv = write_cc12m_tsv(corpus, mirror.base_url, workdir / f"cc12m-{n_images}.tsv")
         build_uri = prepare_cc12m.main(["--input", str(tsv), "--output", str(workdir / "shards"),
+                                        "--allow-loopback-urls",
                                         "--image-size", str(image_size), "--shard-size", "250"])
     marker.write_text(json.dumps({"build_uri": build_uri}))
     return build_uri

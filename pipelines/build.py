@@ -1,9 +1,19 @@
-"""The Ray Data pipeline every prepare job shares: rows -> caption groups -> shards -> manifest.
+"""The Ray Data pipeline every prepare job shares:
+caption rows -> caption groups -> staged shards -> content dedup -> shards -> manifest.
 
-A corpus adds only its row reader (`prepare_<corpus>.py`). The build id is a digest of the
-inputs and of every content-changing parameter; a finished build is reused, an interrupted
-one resumes shard by shard (a shard is done when its index is published), and the
-manifest is written last.
+A corpus adds only its row reader (`prepare_<corpus>.py`): a Ray dataset of caption rows
+(ROW_COLUMNS: image source, caption, kind, origin, reject reason). The build id is a digest
+of the inputs and of every content-changing parameter; a finished build is reused.
+
+Two phases, each resumable shard by shard (a step of a shard is done when its index is
+published, and indexes are published after their tars):
+  A. fetch: each planned shard downloads its groups and is published under `staging/`;
+  B. dedup: one plan, written once, merges samples whose stored image bytes are identical
+     (the same picture behind different URLs or paths: sha256 of the decoded, resized and
+     re-encoded JPEG) into the sample of the smallest key, which takes all their captions;
+     each staged shard is then rewritten without the merged-away samples and published
+     under `shards/` + `index/`.
+The staging area is removed and the manifest written last.
 """
 from __future__ import annotations
 
@@ -21,15 +31,23 @@ from pathlib import Path
 import numpy as np
 import ray
 
-from pipelines import captions, shards, storage
+from pipelines import captions, dedup, shards, storage
 from pipelines.stages import DownloadParams, ShardBuilder
 
 log = logging.getLogger("pipelines.build")
 
 # Bump when a stage changes what it writes: it enters every build id.
-STAGES_VERSION = "1"
+STAGES_VERSION = "2"
 ROWS_PER_BUCKET = 200_000
 MAX_SHUFFLE_PARTITIONS = 256
+# Caption rows, the one thing a corpus reader produces.
+ROW_COLUMNS = ("source", "caption", "kind", "origin", "reason")
+# The image failure rate is judged only once this many images were tried (or all of them).
+FAILURE_RATE_MIN_IMAGES = 200
+
+
+class BuildAborted(RuntimeError):
+    """The input looks wrong (too many failures): nothing more is fetched, no manifest."""
 
 
 @dataclass(frozen=True)
@@ -38,6 +56,8 @@ class BuildParams:
     shard_size: int = 1000
     download: DownloadParams = field(default_factory=DownloadParams)
     caption_rules: captions.CaptionRules = field(default_factory=captions.CaptionRules)
+    reader: dict = field(default_factory=dict)  # the corpus reader's content settings
+    max_failure_rate: float = 1.0  # abort above this fraction of rejected rows or images
 
 
 def content_params(params: BuildParams) -> dict:
@@ -46,7 +66,8 @@ def content_params(params: BuildParams) -> dict:
     for transient in ("timeout_s", "retries", "thread_count"):
         download.pop(transient)
     return {"corpus": params.corpus, "shard_size": params.shard_size, "download": download,
-            "caption_rules": asdict(params.caption_rules), "stages_version": STAGES_VERSION}
+            "caption_rules": asdict(params.caption_rules), "reader": params.reader,
+            "stages_version": STAGES_VERSION}
 
 
 def compute_input_digest(uri: str) -> str:
@@ -75,31 +96,45 @@ def code_version() -> str:
         return "unknown"
 
 
-class ParseTsvRows:
-    """Ray Data batch stage: TSV lines -> url, caption, reject reason, group bucket."""
+def rows_to_columns(rows: list[dict]) -> dict:
+    """Caption-row dicts -> Ray Data's numpy column form."""
+    return {c: np.array([r.get(c, "") for r in rows], dtype=object) for c in ROW_COLUMNS}
 
-    def __init__(self, rules: captions.CaptionRules, n_buckets: int):
-        self.rules, self.n_buckets = rules, n_buckets
+
+class ParseTsvRows:
+    """CC12M reader stage: TSV lines (read as Latin-1) -> caption rows."""
+
+    def __init__(self, rules: captions.CaptionRules, origin: str):
+        self.rules, self.origin = rules, origin
 
     def __call__(self, batch: dict) -> dict:
-        parsed = [captions.parse_tsv_line(line, self.rules) for line in batch["text"]]
-        urls = [p[0] for p in parsed]
-        buckets = [int(captions.sample_key(u)[:8], 16) % self.n_buckets for u in urls]
-        return {"url": np.array(urls, dtype=object),
-                "caption": np.array([p[1] for p in parsed], dtype=object),
-                "reason": np.array([p[2] for p in parsed], dtype=object),
-                "bucket": np.array(buckets, dtype=np.int64)}
+        return rows_to_columns([self.parse(line) for line in batch["text"]])
+
+    def parse(self, line: str) -> dict:
+        text = captions.redecode_utf8(line)
+        if text is None:
+            return {"reason": captions.REJECT_NON_UTF8}
+        url, caption, reason = captions.parse_tsv_line(text, self.rules)
+        return {"source": url, "caption": caption, "origin": self.origin, "reason": reason}
+
+
+def add_buckets(batch: dict, n_buckets: int) -> dict:
+    """Bucket of a row = digest of its image source: all rows of one image meet in one."""
+    batch["bucket"] = np.array([int(captions.sample_key(s)[:8], 16) % n_buckets
+                                for s in batch["source"]], dtype=np.int64)
+    return batch
 
 
 class GroupBucket:
-    """Ray Data group stage: the rows of one URL bucket -> one row per caption group."""
+    """Ray Data group stage: the rows of one source bucket -> one row per caption group."""
 
-    def __init__(self, rules: captions.CaptionRules, corpus: str):
-        self.rules, self.corpus = rules, corpus
+    def __init__(self, rules: captions.CaptionRules):
+        self.rules = rules
 
     def __call__(self, batch: dict) -> dict:
-        groups = captions.group_captions(list(batch["url"]), list(batch["caption"]),
-                                         self.rules, self.corpus)
+        rows = [{c: batch[c][i] for c in ("source", "caption", "kind", "origin")}
+                for i in range(len(batch["source"]))]
+        groups = captions.group_captions(rows, self.rules)
         return {"key": np.array([g["key"] for g in groups], dtype=object),
                 "group": np.array([json.dumps(g) for g in groups], dtype=object)}
 
@@ -119,10 +154,11 @@ def pack_shard(batch: dict) -> dict:
 
 
 class BuildShardTask:
-    """Ray Data batch stage (batch of one shard spec) around the plain ShardBuilder."""
+    """Ray Data batch stage (batch of one shard spec) around the plain ShardBuilder:
+    phase A, published under the build's staging area."""
 
     def __init__(self, build_uri: str, download: DownloadParams):
-        self.builder = ShardBuilder(build_uri, download)
+        self.builder = ShardBuilder(storage.join(build_uri, dedup.STAGING_DIR), download)
 
     def __call__(self, batch: dict) -> dict:
         stats = [self.builder(int(s), json.loads(g))
@@ -135,18 +171,38 @@ def count_reasons(parsed) -> Counter:
     return Counter({r["reason"]: r["count()"] for r in rows})
 
 
-def plan_caption_groups(lines, params: BuildParams):
-    """Parsed rows -> (materialised caption groups, row counts by reject reason)."""
-    n_lines = lines.count()
-    n_buckets = max(1, math.ceil(n_lines / ROWS_PER_BUCKET))
-    parsed = lines.map_batches(ParseTsvRows, fn_constructor_args=(params.caption_rules, n_buckets),
-                               batch_format="numpy", concurrency=1).materialize()
-    reasons = count_reasons(parsed)
-    kept = parsed.filter(lambda r: r["reason"] == "")
+def plan_caption_groups(rows, params: BuildParams):
+    """Caption rows -> (materialised caption groups, row counts by reject reason)."""
+    rows = rows.materialize()
+    n_buckets = max(1, math.ceil(rows.count() / ROWS_PER_BUCKET))
+    reasons = count_reasons(rows)
+    check_row_failures(reasons, params.max_failure_rate)
+    kept = rows.filter(lambda r: r["reason"] == "").map_batches(
+        add_buckets, fn_kwargs={"n_buckets": n_buckets}, batch_format="numpy")
     groups = kept.groupby("bucket", num_partitions=n_buckets).map_groups(
-        GroupBucket, fn_constructor_args=(params.caption_rules, params.corpus),
-        batch_format="numpy", concurrency=1)
+        GroupBucket, fn_constructor_args=(params.caption_rules,), batch_format="numpy",
+        concurrency=1)
     return groups.materialize(), reasons
+
+
+def check_row_failures(reasons: Counter, max_rate: float) -> None:
+    rows = sum(n for r, n in reasons.items() if r != captions.HEADER)
+    rejected = sum(n for r, n in reasons.items() if r not in ("", captions.HEADER))
+    if rows and rejected / rows > max_rate:
+        raise BuildAborted(f"{rejected} of {rows} input rows rejected ({rejected / rows:.1%} > "
+                           f"--max-failure-rate {max_rate:.1%}): {dict(reasons)}; is the input "
+                           "in the expected layout?")
+
+
+def check_image_failures(stats: list[dict], remaining: int, max_rate: float) -> None:
+    tried = sum(s["n_groups"] for s in stats)
+    failed = sum(sum(s["failures"].values()) for s in stats)
+    if (tried >= FAILURE_RATE_MIN_IMAGES or remaining == 0) and tried and failed / tried > max_rate:
+        reasons = Counter()
+        for s in stats:
+            reasons.update(s["failures"])
+        raise BuildAborted(f"{failed} of {tried} images failed ({failed / tried:.1%} > "
+                           f"--max-failure-rate {max_rate:.1%}): {dict(reasons)}")
 
 
 def plan_shards(groups, params: BuildParams) -> tuple[object, int]:
@@ -161,7 +217,8 @@ def plan_shards(groups, params: BuildParams) -> tuple[object, int]:
 
 def run_shard_tasks(specs, build_uri: str, params: BuildParams, todo: set[int],
                     num_shards: int) -> list[dict]:
-    """Build the shards not yet published, logging progress as each one lands."""
+    """Phase A: fetch the shards not yet staged, logging progress as each one lands, and
+    abort when the failure rate says the input is wrong."""
     pending = specs.filter(lambda r: int(r["shard_id"]) in todo)
     results = pending.map_batches(BuildShardTask, fn_constructor_args=(build_uri, params.download),
                                   batch_size=1, batch_format="numpy", concurrency=(1, 64))
@@ -170,14 +227,60 @@ def run_shard_tasks(specs, build_uri: str, params: BuildParams, todo: set[int],
         stats.append(json.loads(row["stats"]))
         done += 1
         n_ok = sum(s["shard"]["n_samples"] for s in stats)
-        log.info("shard %d/%d published (%d images written this run, %.1f img/s)", done,
-                 num_shards, n_ok, n_ok / max(time.monotonic() - start, 1e-9))
+        log.info("shard %d/%d fetched (%d images this run, %.1f img/s)", done, num_shards, n_ok,
+                 n_ok / max(time.monotonic() - start, 1e-9))
+        check_image_failures(stats, len(todo) - len(stats), params.max_failure_rate)
     return stats
+
+
+class PublishShardTask:
+    """Ray Data batch stage, phase B: a staged shard minus its merged-away duplicates."""
+
+    def __init__(self, build_uri: str):
+        self.build_uri = build_uri
+
+    def __call__(self, batch: dict) -> dict:
+        fs, build_path = storage.open_storage(self.build_uri)
+        for shard_id in batch["shard_id"]:
+            dedup.publish_shard(fs, build_path, int(shard_id))
+        return {"shard_id": batch["shard_id"]}
+
+
+def run_dedup(fs, build_path: str, build_uri: str, num_shards: int) -> None:
+    """Phase B: write the dedup plan once, then publish every shard not yet published."""
+    todo = [i for i in range(num_shards) if not fs.exists(shards.shard_paths(build_path, i)[1])]
+    if not todo:
+        return
+    if not dedup.plan_exists(fs, build_path):
+        duplicates = find_duplicates(fs, build_path, num_shards)
+        dedup.write_plan(fs, build_path, duplicates, num_shards)
+        log.info("dedup: %d images merged into %d others", sum(len(d["drop"]) for d in duplicates),
+                 len(duplicates))
+    ray.data.from_items([{"shard_id": i} for i in todo]).map_batches(
+        PublishShardTask, fn_constructor_args=(build_uri,), batch_size=1, batch_format="numpy",
+        concurrency=(1, 16)).materialize()
+
+
+def find_duplicates(fs, build_path: str, num_shards: int) -> list[dict]:
+    """Groups of staged samples with identical image bytes (Ray Data groupby on the digest)."""
+    paths = [dedup.staged_index_path(build_path, i) for i in range(num_shards)]
+    arrow_fs = arrow_filesystem_for(fs)
+    index = ray.data.read_parquet(paths, filesystem=arrow_fs, columns=list(dedup.PLAN_COLUMNS))
+    n_partitions = max(1, min(MAX_SHUFFLE_PARTITIONS, num_shards))
+    groups = index.groupby(shards.DIGEST, num_partitions=n_partitions).map_groups(
+        dedup.duplicate_groups, batch_format="numpy")
+    return [json.loads(row["plan"]) for row in groups.take_all()]
 
 
 def collect_shard_stats(fs, build_path: str, num_shards: int) -> dict[int, dict]:
     found = {i: shards.read_shard_stats(fs, build_path, i) for i in range(num_shards)}
     return {i: s for i, s in found.items() if s is not None}
+
+
+def staged_or_published(fs, build_path: str, num_shards: int) -> set[int]:
+    """Shards that phase A need not fetch again."""
+    staged = collect_shard_stats(fs, storage.join(build_path, dedup.STAGING_DIR), num_shards)
+    return set(staged) | set(collect_shard_stats(fs, build_path, num_shards))
 
 
 def assemble_manifest(build_id: str, inputs: list[dict], params: BuildParams,
@@ -187,40 +290,56 @@ def assemble_manifest(build_id: str, inputs: list[dict], params: BuildParams,
         failed.update(s["failures"])
     entries = [shard_stats[i]["shard"] for i in sorted(shard_stats)]
     written = sum(e["n_samples"] for e in entries)
-    unique_images = sum(s["n_groups"] for s in shard_stats.values())
+    merged = sum(s.get("duplicates_merged", 0) for s in shard_stats.values())
     counts = {"rows_read": sum(reasons.values()) - reasons.get(captions.HEADER, 0),
               "header_rows": reasons.get(captions.HEADER, 0),
               "rows_rejected": {r: n for r, n in sorted(reasons.items())
                                 if r not in ("", captions.HEADER)},
-              "unique_images": unique_images, "downloaded": written,
-              "failed": dict(sorted(failed.items())), "written": written,
+              "unique_sources": sum(s["n_groups"] for s in shard_stats.values()),
+              "downloaded": written + merged, "failed": dict(sorted(failed.items())),
+              "duplicates_merged": merged, "written": written,
               "captions_written": sum(s["n_captions_written"] for s in shard_stats.values())}
-    return {"corpus": params.corpus, "build_id": build_id, "format_version": 1,
+    return {"corpus": params.corpus, "build_id": build_id, "format_version": 2,
             "params": content_params(params), "code_version": code_version(),
             "inputs": inputs, "counts": counts, "shards": entries,
             "created_unix": int(time.time())}
 
 
-def arrow_filesystem(uri: str):
-    """(pyarrow filesystem or None, path) for Ray Data I/O: `s3://` goes through s3fs so
-    that a non-AWS endpoint (AWS_ENDPOINT_URL) is honoured."""
-    if not uri.startswith("s3://"):
-        return None, uri
+def arrow_filesystem_for(fs):
+    """A pyarrow filesystem for Ray Data I/O through an fsspec filesystem (s3fs keeps a
+    non-AWS endpoint, AWS_ENDPOINT_URL, that pyarrow's own S3 client would not)."""
+    protocols = fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)
+    if "file" in protocols or "local" in protocols:
+        return None
     from pyarrow.fs import FSSpecHandler, PyFileSystem
+    return PyFileSystem(FSSpecHandler(fs))
+
+
+def arrow_filesystem(uri: str):
+    """(pyarrow filesystem or None, path) of a local path or `s3://` URI."""
     fs, path = storage.open_storage(uri)
-    return PyFileSystem(FSSpecHandler(fs)), path
+    return arrow_filesystem_for(fs), (path if uri.startswith("s3://") else uri)
 
 
 def read_text_lines(uris: list[str]):
-    """Ray Data dataset of the lines of text files (one column "text")."""
+    """Ray Data dataset of the lines of text files (one column "text"), read as Latin-1 so
+    that a non-UTF-8 line is a counted reject (captions.redecode_utf8), not a failed job."""
     fs, _ = arrow_filesystem(uris[0])
     paths = [arrow_filesystem(u)[1] for u in uris]
-    return ray.data.read_text(paths, filesystem=fs, drop_empty_lines=True)
+    return ray.data.read_text(paths, filesystem=fs, drop_empty_lines=True,
+                              encoding=captions.READ_ENCODING)
+
+
+def read_tsv_rows(uris: list[str], rules: captions.CaptionRules, origin: str):
+    """The CC12M reader: `url<TAB>caption` lines -> caption rows."""
+    return read_text_lines(uris).map_batches(ParseTsvRows, fn_constructor_args=(rules, origin),
+                                             batch_format="numpy", concurrency=1)
 
 
 def run_build(input_uris: list[str], output_root: str, params: BuildParams, *,
-              read_lines) -> tuple[str, dict]:
-    """Build (or reuse) the corpus; returns (build uri, manifest)."""
+              read_rows) -> tuple[str, dict]:
+    """Build (or reuse) the corpus from `read_rows(input_uris)` (a dataset of caption rows);
+    returns (build uri, manifest)."""
     inputs = [{"uri": u, "sha256": compute_input_digest(u)} for u in input_uris]
     build_id = compute_build_id([i["sha256"] for i in inputs], params)
     build_uri = storage.join(output_root, params.corpus, build_id)
@@ -228,16 +347,17 @@ def run_build(input_uris: list[str], output_root: str, params: BuildParams, *,
     if fs.exists(storage.join(build_path, shards.MANIFEST)):
         log.info("build %s is complete already: nothing to do", build_uri)
         return build_uri, shards.read_manifest(build_uri)
-    for folder in (shards.SHARDS_DIR, shards.INDEX_DIR):
-        storage.remove_stale_temporaries(fs, storage.join(build_path, folder))
-    groups, reasons = plan_caption_groups(read_lines(input_uris), params)
+    dedup.remove_temporaries(fs, build_path)
+    groups, reasons = plan_caption_groups(read_rows(input_uris), params)
     specs, num_shards = plan_shards(groups, params)
-    done = collect_shard_stats(fs, build_path, num_shards)
+    done = staged_or_published(fs, build_path, num_shards)
     if done:
-        log.info("resuming %s: %d of %d shards already published", build_uri, len(done), num_shards)
-    run_shard_tasks(specs, build_uri, params, set(range(num_shards)) - set(done), num_shards)
+        log.info("resuming %s: %d of %d shards already fetched", build_uri, len(done), num_shards)
+    run_shard_tasks(specs, build_uri, params, set(range(num_shards)) - done, num_shards)
+    run_dedup(fs, build_path, build_uri, num_shards)
     manifest = assemble_manifest(build_id, inputs, params, reasons,
                                  collect_shard_stats(fs, build_path, num_shards))
+    dedup.remove_staging(fs, build_path)
     shards.write_manifest(fs, build_path, manifest)
     log.info("build %s complete: %s", build_uri, json.dumps(manifest["counts"]))
     return build_uri, manifest

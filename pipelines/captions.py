@@ -19,7 +19,12 @@ REJECT_MALFORMED = "malformed_row"
 REJECT_BAD_URL = "bad_url"
 REJECT_EMPTY_CAPTION = "empty_caption"
 REJECT_LONG_CAPTION = "caption_too_long"
+REJECT_NON_UTF8 = "non_utf8_row"
 HEADER = "header"
+# Text inputs are read as Latin-1 (every byte is one character, nothing fails to decode),
+# then each line is decoded as UTF-8 on its own: one bad line is a counted reject, not a
+# failed job.
+READ_ENCODING = "latin-1"
 
 
 @dataclass(frozen=True)
@@ -27,6 +32,14 @@ class CaptionRules:
     """Parameters that change which captions a build keeps (they enter the build id)."""
     max_caption_chars: int = 4000
     long_caption_min_words: int = 20
+
+
+def redecode_utf8(line: str) -> str | None:
+    """A line read as Latin-1, decoded as UTF-8 (None when it is not valid UTF-8)."""
+    try:
+        return line.encode(READ_ENCODING).decode("utf-8")
+    except (UnicodeEncodeError, UnicodeDecodeError):
+        return None
 
 
 def parse_tsv_line(line: str, rules: CaptionRules) -> tuple[str, str, str]:
@@ -60,19 +73,19 @@ def sample_key(source: str) -> str:
     return hashlib.sha256(source.encode("utf-8")).hexdigest()[:24]
 
 
-def group_captions(urls: list[str], captions: list[str], rules: CaptionRules,
-                   source_name: str = "cc12m") -> list[dict]:
-    """Merge rows by image URL into caption-multiplicity groups (first-seen caption order).
+def group_captions(rows: list[dict], rules: CaptionRules) -> list[dict]:
+    """Merge caption rows (source, caption, kind, origin) by image source into
+    caption-multiplicity groups, first-seen caption order; a caption's kind is inferred
+    from its length when the row leaves it empty.
 
     Identical captions of one image are kept once. Groups come out sorted by key.
     """
-    merged: dict[str, list[str]] = {}
-    for url, caption in zip(urls, captions):
-        texts = merged.setdefault(url, [])
-        if caption not in texts:
-            texts.append(caption)
-    groups = [{"key": sample_key(url), "url": url,
-               "captions": [{"text": t, "source": source_name, "kind": caption_kind(t, rules)}
-                            for t in texts]}
-              for url, texts in merged.items()]
+    merged: dict[str, dict[str, dict]] = {}
+    for row in rows:
+        texts = merged.setdefault(row["source"], {})
+        if row["caption"] not in texts:
+            texts[row["caption"]] = {"text": row["caption"], "source": row["origin"],
+                                     "kind": row["kind"] or caption_kind(row["caption"], rules)}
+    groups = [{"key": sample_key(source), "source": source, "captions": list(texts.values())}
+              for source, texts in merged.items()]
     return sorted(groups, key=lambda g: g["key"])

@@ -10,6 +10,7 @@ import functools
 import ipaddress
 import socket
 import threading
+import time
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, Callable
@@ -43,27 +44,38 @@ def check_loopback_host(host: str, resolve: Resolver = socket.getaddrinfo) -> st
 
 
 class QuietHandler(SimpleHTTPRequestHandler):
-    """Serves files under its directory without one log line per request."""
+    """Serves files under its directory without one log line per request; counts requests
+    and optionally answers each after a delay (to slow a job down for a test)."""
+
+    def do_GET(self) -> None:
+        with self.server.count_lock:
+            self.server.requests_served += 1
+        if self.server.delay_s:
+            time.sleep(self.server.delay_s)
+        super().do_GET()
 
     def log_message(self, format: str, *args: Any) -> None:
         pass
 
 
-def build_server(address: str, port: int, root: Path) -> ThreadingHTTPServer:
+def build_server(address: str, port: int, root: Path, delay_s: float = 0.0) -> ThreadingHTTPServer:
     family = socket.AF_INET6 if ipaddress.ip_address(address).version == 6 else socket.AF_INET
     server_class = type("LoopbackServer", (ThreadingHTTPServer,),
                         {"address_family": family, "request_queue_size": REQUEST_QUEUE_SIZE})
     handler = functools.partial(QuietHandler, directory=str(root))
-    return server_class((address, port), handler)
+    server = server_class((address, port), handler)
+    server.requests_served, server.count_lock, server.delay_s = 0, threading.Lock(), delay_s
+    return server
 
 
 class LoopbackMirror:
     """Serves `root` over HTTP on a loopback address from a daemon thread; a context manager."""
 
-    def __init__(self, root: str | Path, host: str = DEFAULT_HOST, port: int = 0) -> None:
+    def __init__(self, root: str | Path, host: str = DEFAULT_HOST, port: int = 0,
+                 delay_s: float = 0.0) -> None:
         self.root = Path(root)
         self.address = check_loopback_host(host)
-        self.port = port
+        self.port, self.delay_s = port, delay_s
         self._server: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
 
@@ -74,10 +86,14 @@ class LoopbackMirror:
         host = f"[{self.address}]" if ":" in self.address else self.address
         return f"http://{host}:{self._server.server_address[1]}"
 
+    @property
+    def requests_served(self) -> int:
+        return self._server.requests_served if self._server is not None else 0
+
     def start(self) -> LoopbackMirror:
         if not self.root.is_dir():
             raise FileNotFoundError(f"mirror root {self.root} is not a directory")
-        self._server = build_server(self.address, self.port, self.root)
+        self._server = build_server(self.address, self.port, self.root, self.delay_s)
         serve = functools.partial(self._server.serve_forever, poll_interval=SHUTDOWN_POLL_S)
         self._thread = threading.Thread(target=serve, name="loopback-mirror", daemon=True)
         self._thread.start()

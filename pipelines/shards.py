@@ -38,11 +38,13 @@ MANIFEST = "manifest.json"
 SHARD_STATS_KEY = "clipforge.shard_stats"
 SHARDS_DIR = "shards"
 INDEX_DIR = "index"
+DIGEST = "content_digest"  # sha256 of the stored JPEG: identical pictures, identical digests
 INDEX_SCHEMA = pa.schema([
     ("key", pa.string()), ("shard", pa.int64()), ("source", pa.string()),
     ("n_captions", pa.int64()), ("n_long", pa.int64()), ("width", pa.int64()),
     ("height", pa.int64()), ("image_bytes", pa.int64()), ("edge_bytes", pa.int64()),
-    ("captions", pa.list_(pa.string()))])
+    ("captions", pa.list_(pa.string())), (DIGEST, pa.string()),
+    ("captions_json", pa.string())])  # the caption group with kinds and origins
 INDEX_COLUMNS = tuple(INDEX_SCHEMA.names)
 
 
@@ -108,6 +110,8 @@ def build_index_table(samples: list[dict], shard_id: int) -> pa.Table:
         "image_bytes": [len(s[IMAGE]) for s in samples],
         "edge_bytes": [len(s[EDGE]) for s in samples],
         "captions": [[c["text"] for c in m["captions"]] for m in metas],
+        DIGEST: [hashlib.sha256(s[IMAGE]).hexdigest() for s in samples],
+        "captions_json": [json.dumps(m["captions"], sort_keys=True) for m in metas],
     }
     return pa.table(columns, schema=INDEX_SCHEMA)  # explicit: an empty shard keeps the types
 

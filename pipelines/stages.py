@@ -1,4 +1,5 @@
-"""The CPU stages of every prepare job: download (img2dataset), resize once, Sobel edges, write.
+"""The CPU stages of every prepare job: fetch (img2dataset for URLs, fsspec for files), check
+and normalise the source image, resize once (img2dataset), Sobel edges, write.
 
 Each stage is a plain callable (state in `__init__`, work in `__call__`) so tests call them
 without Ray; `pipelines/build.py` composes them into one Ray Data task per shard, so image
@@ -16,7 +17,7 @@ from dataclasses import asdict, dataclass
 from img2dataset.downloader import download_image_with_retry
 from img2dataset.resizer import Resizer
 
-from pipelines import edges, shards, storage
+from pipelines import edges, image_input, shards, storage, url_guard
 
 USER_AGENT_TOKEN = "clipforge"
 DISALLOWED_HEADER_DIRECTIVES = ["noai", "noimageai", "noindex", "noimageindex"]
@@ -28,8 +29,9 @@ class DownloadParams:
     image_size: int = 256
     resize_mode: str = "center_crop"
     encode_quality: int = 95
-    min_image_size: int = 0
-    max_image_area: float = 178956970.0  # PIL's decompression-bomb limit
+    min_image_size: int = 32  # shorter side, in source pixels
+    max_image_area: int = 89_478_485  # source pixels; Pillow's decompression-bomb warning level
+    allow_loopback: bool = False  # fetch URLs on 127.0.0.0/8 (the demo mirror, tests)
     timeout_s: float = 10.0
     retries: int = 1
     thread_count: int = 16
@@ -38,6 +40,8 @@ class DownloadParams:
 def classify_download_error(message: str) -> str:
     """Manifest reason for an img2dataset download error string."""
     text = message.lower()
+    if url_guard.BLOCKED_REASON in text:
+        return url_guard.BLOCKED_REASON
     if "http error" in text:
         code = text.split("http error", 1)[1].strip().split(":", 1)[0]
         return f"http_{code}" if code.isdigit() else "http_error"
@@ -56,14 +60,9 @@ def classify_resize_error(message: str) -> str:
     return known.get(message.lower().strip(), "decode_error")
 
 
-def is_truncated_jpeg(data: bytes) -> bool:
-    """A JPEG without its end-of-image marker near the end was cut off (OpenCV would
-    silently decode the top part and grey out the rest)."""
-    return data[:2] == b"\xff\xd8" and b"\xff\xd9" not in data[-1024:]
-
-
 class ImageFetcher:
-    """Downloads each URL once with img2dataset's downloader and resizes it once."""
+    """Fetches each source once (a URL through img2dataset's downloader behind the address
+    guard, a file through fsspec), checks and normalises it, and resizes it once."""
 
     def __init__(self, params: DownloadParams):
         self.params = params
@@ -71,28 +70,56 @@ class ImageFetcher:
                                resize_only_if_bigger=False, encode_quality=params.encode_quality,
                                encode_format="jpg", min_image_size=params.min_image_size,
                                max_image_area=params.max_image_area)
+        url_guard.install_redirect_guard(params.allow_loopback)
 
-    def __call__(self, key: str, url: str) -> tuple[dict | None, str]:
+    def __call__(self, key: str, source: str) -> tuple[dict | None, str]:
         """(image record, "") on success, (None, reason) on failure."""
-        _, stream, err = download_image_with_retry(
-            (key, url), timeout=self.params.timeout_s, retries=self.params.retries,
-            user_agent_token=USER_AGENT_TOKEN,
-            disallowed_header_directives=DISALLOWED_HEADER_DIRECTIVES)
-        if stream is None:
-            return None, classify_download_error(err or "")
-        raw = stream.getvalue()
-        if is_truncated_jpeg(raw):
-            return None, "truncated_image"
+        raw, reason = self.fetch_bytes(key, source)
+        if raw is None:
+            return None, reason
+        raw, reason = image_input.prepare_source_image(raw, self.params.max_image_area,
+                                                       self.params.min_image_size)
+        if raw is None:
+            return None, reason
         jpg, width, height, orig_w, orig_h, err = self.resizer(io.BytesIO(raw))
         if err is not None or jpg is None:
             return None, classify_resize_error(err or "image decoding error")
         return {"jpg": jpg, "width": width, "height": height,
                 "original_width": orig_w, "original_height": orig_h}, ""
 
+    def fetch_bytes(self, key: str, source: str) -> tuple[bytes | None, str]:
+        if not source.lower().startswith(("http://", "https://")):
+            return read_file_source(source)
+        if not url_guard.url_allowed(source, self.params.allow_loopback):
+            return None, url_guard.BLOCKED_REASON
+        _, stream, err = download_image_with_retry(
+            (key, source), timeout=self.params.timeout_s, retries=self.params.retries,
+            user_agent_token=USER_AGENT_TOKEN,
+            disallowed_header_directives=DISALLOWED_HEADER_DIRECTIVES)
+        if stream is None:
+            return None, classify_download_error(err or "")
+        return stream.getvalue(), ""
+
+
+STORAGE_SCHEMES = ("s3", "gs", "gcs", "az", "abfs", "file")
+
+
+def read_file_source(uri: str) -> tuple[bytes | None, str]:
+    """An image file named by a local path or an object-store URI (`s3://`, ...)."""
+    if "://" in uri and uri.split("://", 1)[0].lower() not in STORAGE_SCHEMES:
+        return None, "bad_source"
+    try:
+        fs, path = storage.open_storage(uri)
+        return storage.read_bytes(fs, path), ""
+    except FileNotFoundError:
+        return None, "missing_file"
+    except (OSError, ValueError):
+        return None, "read_error"
+
 
 def build_sample(group: dict, image: dict) -> dict:
     """A shard sample row from a caption group and its downloaded image."""
-    meta = {"key": group["key"], "source": group["url"], "captions": group["captions"],
+    meta = {"key": group["key"], "source": group["source"], "captions": group["captions"],
             "width": image["width"], "height": image["height"],
             "original_width": image["original_width"],
             "original_height": image["original_height"]}
@@ -114,7 +141,7 @@ class ShardBuilder:
     def __call__(self, shard_id: int, groups: list[dict]) -> dict:
         start = time.monotonic()
         with ThreadPoolExecutor(self.params.thread_count) as pool:
-            fetched = list(pool.map(lambda g: self.fetch(g["key"], g["url"]), groups))
+            fetched = list(pool.map(lambda g: self.fetch(g["key"], g["source"]), groups))
         samples, failures = [], Counter()
         for group, (image, reason) in zip(groups, fetched):
             if image is None:

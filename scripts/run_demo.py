@@ -50,7 +50,8 @@ def prepare_corpus(args, out: Path) -> str:
     try:
         tsv = write_cc12m_tsv(corpus, mirror.base_url, out / "cc12m.tsv")
         return prepare_cc12m.main(["--input", str(tsv), "--output", str(out / "shards"),
-                                   "--image-size", "64", "--shard-size", str(args.shard_size)])
+                                   "--image-size", "64", "--shard-size", str(args.shard_size),
+                                   "--allow-loopback-urls"])
     finally:
         mirror.stop()
 

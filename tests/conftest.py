@@ -58,7 +58,7 @@ def small_corpus(tmp_path_factory):
         yield corpus, tsv
 
 
-PREPARE_ARGS = ["--image-size", "32", "--shard-size", "6", "--threads-per-task", "4", "--timeout", "5"]
+PREPARE_ARGS = ["--allow-loopback-urls", "--image-size", "32", "--shard-size", "6", "--threads-per-task", "4", "--timeout", "5"]
 
 
 @pytest.fixture(scope="session")

@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 
 from pipelines import build  # imports ray (module only; Ray is never started here)
-from pipelines.captions import (HEADER, REJECT_BAD_URL, REJECT_EMPTY_CAPTION,
-                                REJECT_LONG_CAPTION, REJECT_MALFORMED, CaptionRules,
+from pipelines.captions import (HEADER, READ_ENCODING, REJECT_BAD_URL, REJECT_EMPTY_CAPTION,
+                                REJECT_LONG_CAPTION, REJECT_MALFORMED, REJECT_NON_UTF8,
+                                CaptionRules,
                                 caption_kind, group_captions, parse_tsv_line, sample_key)
 from pipelines.shards import CAPTION_LONG, CAPTION_SHORT
 from pipelines.stages import DownloadParams
@@ -72,12 +73,18 @@ def test_caption_kind_threshold_counts_words():
     assert caption_kind("  ".join(["w"] * (n - 1)) + "  ", RULES) == CAPTION_SHORT
 
 
+def rows_of(urls, caps, origin="cc12m", kinds=None) -> list[dict]:
+    kinds = kinds or [""] * len(urls)
+    return [{"source": u, "caption": c, "kind": k, "origin": origin}
+            for u, c, k in zip(urls, caps, kinds)]
+
+
 def test_group_captions_merges_rows_of_one_url_anywhere_in_the_input():
     urls = [URL_B, URL_A, URL_C, URL_B, URL_A, URL_B, URL_A]
     caps = ["b one", "a one", "c one", "b two", "a one", "b one", "a two words here and more"]
-    groups = group_captions(urls, caps, RULES, source_name="demo")
+    groups = group_captions(rows_of(urls, caps, "demo"), RULES)
     assert [g["key"] for g in groups] == sorted(sample_key(u) for u in (URL_A, URL_B, URL_C))
-    by_url = {g["url"]: g for g in groups}
+    by_url = {g["source"]: g for g in groups}
     assert all(g["key"] == sample_key(url) for url, g in by_url.items())
     # First-seen order, exact duplicates of one image kept once.
     assert [c["text"] for c in by_url[URL_A]["captions"]] == ["a one", "a two words here and more"]
@@ -88,8 +95,15 @@ def test_group_captions_merges_rows_of_one_url_anywhere_in_the_input():
         {"text": "a two words here and more", "source": "demo", "kind": CAPTION_LONG}]
 
 
+def test_a_kind_given_by_the_reader_wins_over_the_word_count():
+    rows = rows_of([URL_A, URL_A], ["short words", "many words " * 10], "sharegpt4v",
+                   kinds=[CAPTION_LONG, CAPTION_SHORT])
+    (group,) = group_captions(rows, RULES)
+    assert [c["kind"] for c in group["captions"]] == [CAPTION_LONG, CAPTION_SHORT]
+
+
 def test_same_caption_on_two_images_stays_with_each():
-    groups = group_captions([URL_A, URL_B], ["same words", "same words"], RULES)
+    groups = group_captions(rows_of([URL_A, URL_B], ["same words", "same words"]), RULES)
     assert [len(g["captions"]) for g in groups] == [1, 1]
 
 
@@ -102,11 +116,11 @@ def test_sample_key_is_stable_and_distinct():
 def test_groups_do_not_depend_on_row_order():
     urls = [URL_A, URL_B, URL_A, URL_C]
     caps = ["one", "two", "three", "four"]
-    forward = group_captions(urls, caps, RULES)
-    backward = group_captions(urls[::-1], caps[::-1], RULES)
+    forward = group_captions(rows_of(urls, caps), RULES)
+    backward = group_captions(rows_of(urls[::-1], caps[::-1]), RULES)
     assert [g["key"] for g in forward] == [g["key"] for g in backward]
-    assert ({g["url"]: {c["text"] for c in g["captions"]} for g in forward}
-            == {g["url"]: {c["text"] for c in g["captions"]} for g in backward})
+    assert ({g["source"]: {c["text"] for c in g["captions"]} for g in forward}
+            == {g["source"]: {c["text"] for c in g["captions"]} for g in backward})
 
 
 # --- pure stages of pipelines/build.py --------------------------------------------------
@@ -115,33 +129,42 @@ def test_groups_do_not_depend_on_row_order():
 def test_parse_tsv_rows_stage_on_a_numpy_batch():
     lines = ["url\tcaption", f"{URL_A}\tfirst", f"{URL_B}\tsecond", "garbage",
              f"{URL_A}\t  third  ", "ftp://127.0.0.1/y\tz", f"{URL_C}\t"]
-    out = build.ParseTsvRows(RULES, n_buckets=3)({"text": np.array(lines, dtype=object)})
-    assert set(out) == {"url", "caption", "reason", "bucket"}
+    out = build.ParseTsvRows(RULES, "cc12m")({"text": np.array(lines, dtype=object)})
+    assert set(out) == set(build.ROW_COLUMNS)
     assert all(len(column) == len(lines) for column in out.values())
     assert list(out["reason"]) == [HEADER, "", "", REJECT_MALFORMED, "", REJECT_BAD_URL,
                                    REJECT_EMPTY_CAPTION]
     assert list(out["caption"][[1, 2, 4]]) == ["first", "second", "third"]
-    assert out["bucket"].dtype == np.int64
-    assert ((out["bucket"] >= 0) & (out["bucket"] < 3)).all()
-    # Grouping happens per bucket, so every row of one URL must land in the same bucket.
-    assert out["bucket"][1] == out["bucket"][4]
+    assert list(out["source"][[1, 2, 4]]) == [URL_A, URL_B, URL_A]
+    assert set(out["origin"][[1, 2, 4]]) == {"cc12m"}
 
 
-def test_rows_of_one_url_share_a_bucket_across_batches():
-    stage = build.ParseTsvRows(RULES, n_buckets=7)
-    urls = [f"http://127.0.0.1/{i}.jpg" for i in range(50)]
-    first = stage({"text": np.array([f"{u}\tcap one" for u in urls], dtype=object)})
-    second = stage({"text": np.array([f"{u}\tcap two" for u in urls[::-1]], dtype=object)})
-    assert list(first["bucket"]) == list(second["bucket"][::-1])
-    assert len(set(first["bucket"])) > 1  # buckets actually spread the URLs
+def test_non_utf8_lines_are_rejected_alone():
+    """Lines arrive decoded as Latin-1 (read_text_lines); one bad byte rejects one line."""
+    raw = [f"{URL_A}\tcaf\u00e9 au lait".encode("utf-8"), f"{URL_B}\tcaf\xe9".encode("latin-1")]
+    lines = np.array([r.decode(READ_ENCODING) for r in raw], dtype=object)
+    out = build.ParseTsvRows(RULES, "cc12m")({"text": lines})
+    assert list(out["reason"]) == ["", REJECT_NON_UTF8]
+    assert out["caption"][0] == "caf\u00e9 au lait"
+
+
+def test_rows_of_one_source_share_a_bucket_across_batches():
+    urls = np.array([f"http://127.0.0.1/{i}.jpg" for i in range(50)], dtype=object)
+    first = build.add_buckets({"source": urls.copy()}, n_buckets=7)["bucket"]
+    second = build.add_buckets({"source": urls[::-1].copy()}, n_buckets=7)["bucket"]
+    assert first.dtype == np.int64 and ((first >= 0) & (first < 7)).all()
+    assert list(first) == list(second[::-1])
+    assert len(set(first)) > 1  # buckets actually spread the URLs
 
 
 def test_group_bucket_stage_matches_group_captions():
     urls = np.array([URL_B, URL_A, URL_B, URL_A], dtype=object)
     caps = np.array(["b1", "a1", "b2", "a1"], dtype=object)
-    out = build.GroupBucket(RULES, "demo")({"url": urls, "caption": caps, "bucket": np.zeros(4)})
+    batch = {"source": urls, "caption": caps, "kind": np.array([""] * 4, dtype=object),
+             "origin": np.array(["demo"] * 4, dtype=object), "bucket": np.zeros(4)}
+    out = build.GroupBucket(RULES)(batch)
     groups = [json.loads(g) for g in out["group"]]
-    assert groups == group_captions(list(urls), list(caps), RULES, "demo")
+    assert groups == group_captions(rows_of(list(urls), list(caps), "demo"), RULES)
     assert list(out["key"]) == [g["key"] for g in groups]
 
 
@@ -156,7 +179,7 @@ def test_assign_shards_is_deterministic_and_in_range():
 
 
 def test_pack_shard_sorts_groups_by_key():
-    groups = [{"key": k, "url": k, "captions": []} for k in ("c1", "a2", "b3")]
+    groups = [{"key": k, "source": k, "captions": []} for k in ("c1", "a2", "b3")]
     batch = {"shard_id": np.array([4, 4, 4]), "key": np.array([g["key"] for g in groups], object),
              "group": np.array([json.dumps(g) for g in groups], dtype=object)}
     out = build.pack_shard(batch)
@@ -194,18 +217,19 @@ def test_assemble_manifest_counts_add_up():
     reasons = Counter({"": 9, HEADER: 1, REJECT_BAD_URL: 2, REJECT_MALFORMED: 1})
     shard_stats = {
         1: {"shard": {"id": 1, "n_samples": 1}, "failures": {"http_404": 1},
-            "n_groups": 2, "n_captions_written": 3},
+            "n_groups": 3, "n_captions_written": 3},
         0: {"shard": {"id": 0, "n_samples": 2}, "failures": {"decode_error": 1, "http_404": 1},
-            "n_groups": 4, "n_captions_written": 4},
+            "n_groups": 4, "n_captions_written": 4, "duplicates_merged": 1},
     }
     manifest = build.assemble_manifest("bid", [{"uri": "x.tsv"}], params, reasons, shard_stats)
     counts = manifest["counts"]
     assert counts == {"rows_read": 12, "header_rows": 1,
                       "rows_rejected": {REJECT_BAD_URL: 2, REJECT_MALFORMED: 1},
-                      "unique_images": 6, "downloaded": 3,
+                      "unique_sources": 7, "downloaded": 4,
                       "failed": {"decode_error": 1, "http_404": 2}, "written": 3,
-                      "captions_written": 7}
-    assert counts["unique_images"] == counts["written"] + sum(counts["failed"].values())
+                      "duplicates_merged": 1, "captions_written": 7}
+    assert counts["unique_sources"] == (counts["written"] + counts["duplicates_merged"]
+                                        + sum(counts["failed"].values()))
     assert [e["id"] for e in manifest["shards"]] == [0, 1]
     assert manifest["params"] == build.content_params(params)
     assert manifest["build_id"] == "bid" and manifest["corpus"] == "demo"

@@ -76,7 +76,8 @@ def test_prepare_cc12m_through_ray_job_submit(head_node, small_corpus, tmp_path)
     result = subprocess.run(
         [RAY, "job", "submit", f"--address={address}", f"--working-dir={ROOT}", "--",
          "python", "pipelines/prepare_cc12m.py", "--input", str(tsv), "--output", str(out),
-         "--image-size", "32", "--shard-size", "16", "--threads-per-task", "4"],
+         "--image-size", "32", "--shard-size", "16", "--threads-per-task", "4",
+         "--allow-loopback-urls"],
         env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "succeeded" in result.stdout

@@ -95,6 +95,8 @@ def test_index_has_one_row_per_sample_with_the_index_columns(build, samples):
             "width": meta["width"], "height": meta["height"],
             "image_bytes": len(sample[shards.IMAGE]), "edge_bytes": len(sample[shards.EDGE]),
             "captions": [c["text"] for c in meta["captions"]],
+            shards.DIGEST: hashlib.sha256(sample[shards.IMAGE]).hexdigest(),
+            "captions_json": json.dumps(meta["captions"], sort_keys=True),
         }
 
 

@@ -17,18 +17,19 @@ from pipelines.captions import sample_key
 from pipelines.edges import decode_edge_png, edge_map_shape
 from tests.test_edges_transforms import assert_edges_of
 from pipelines.mirror import LoopbackMirror
+from pipelines.image_input import is_truncated_jpeg
 from pipelines.stages import (DownloadParams, ImageFetcher, ShardBuilder,
-                              classify_download_error, classify_resize_error,
-                              is_truncated_jpeg)
+                              classify_download_error, classify_resize_error)
 
 IMAGE_SIZE = 32
-PARAMS = DownloadParams(image_size=IMAGE_SIZE, timeout_s=5.0, retries=0, thread_count=4)
+PARAMS = DownloadParams(image_size=IMAGE_SIZE, min_image_size=0, allow_loopback=True,
+                        timeout_s=5.0, retries=0, thread_count=4)
 # (width, height) of the good images: landscape, portrait, square, smaller than IMAGE_SIZE.
 GOOD_SIZES = {"wide.jpg": (96, 64), "tall.jpg": (48, 80), "square.jpg": (40, 40),
               "small.jpg": (20, 30)}
 # Bad files and the reason each must be counted under.
-BAD_FILES = {"truncated.jpg": "truncated_image", "text.jpg": "decode_error",
-             "empty.jpg": "decode_error"}
+BAD_FILES = {"truncated.jpg": "truncated_image", "text.jpg": "not_an_image",
+             "empty.jpg": "empty_file"}
 
 
 def encode_jpeg(width: int, height: int, seed: int) -> bytes:
@@ -80,15 +81,29 @@ def test_bad_file_is_counted_under_its_reason(mirror, fetch, name, reason):
     assert fetch("k", f"{mirror.base_url}/{name}") == (None, reason)
 
 
-@pytest.mark.parametrize("url", [
-    f"http://127.0.0.1:{closed_loopback_port()}/a.jpg",  # connection refused
-    "http://",  # no host
-    "not a url",
-    "ftp://127.0.0.1:1/a.jpg",
+@pytest.mark.parametrize("url,expected", [
+    (f"http://127.0.0.1:{closed_loopback_port()}/a.jpg", "connection_error"),
+    ("http://", "blocked_address"),  # no host
+    ("not a url", "missing_file"),  # a relative path that does not exist
+    ("ftp://127.0.0.1:1/a.jpg", "bad_source"),  # neither a web URL nor an object store
 ])
-def test_failed_fetch_returns_a_reason_and_never_raises(fetch, url):
-    image, reason = fetch("k", url)
-    assert image is None and reason
+def test_failed_fetch_returns_a_reason_and_never_raises(fetch, url, expected):
+    assert fetch("k", url) == (None, expected)
+
+
+def test_loopback_urls_are_refused_unless_allowed(mirror):
+    guarded = ImageFetcher(DownloadParams(image_size=IMAGE_SIZE, retries=0))
+    before = mirror.requests_served
+    assert guarded("k", f"{mirror.base_url}/square.jpg") == (None, "blocked_address")
+    assert mirror.requests_served == before  # refused before any connection
+
+
+def test_files_are_read_from_paths(mirror, fetch, tmp_path):
+    path = tmp_path / "local.jpg"
+    path.write_bytes(encode_jpeg(40, 40, 5))
+    image, reason = fetch("k", str(path))
+    assert reason == "" and (image["width"], image["height"]) == (IMAGE_SIZE, IMAGE_SIZE)
+    assert fetch("k", str(tmp_path / "absent.jpg")) == (None, "missing_file")
 
 
 def test_refused_connection_is_a_connection_error(fetch):
@@ -100,13 +115,15 @@ def test_server_that_never_answers_is_a_timeout():
     with socket.socket() as silent:  # accepts connections (backlog) but never replies
         silent.bind(("127.0.0.1", 0))
         silent.listen(1)
-        fetcher = ImageFetcher(DownloadParams(image_size=IMAGE_SIZE, timeout_s=0.3, retries=0))
+        fetcher = ImageFetcher(DownloadParams(image_size=IMAGE_SIZE, timeout_s=0.3, retries=0,
+                                              allow_loopback=True))
         url = f"http://127.0.0.1:{silent.getsockname()[1]}/a.jpg"
         assert fetcher("k", url) == (None, "timeout")
 
 
 def test_image_below_the_minimum_size_is_refused(mirror):
-    fetcher = ImageFetcher(DownloadParams(image_size=IMAGE_SIZE, min_image_size=41, retries=0))
+    fetcher = ImageFetcher(DownloadParams(image_size=IMAGE_SIZE, min_image_size=41, retries=0,
+                                          allow_loopback=True))
     assert fetcher("k", f"{mirror.base_url}/square.jpg") == (None, "image_too_small")
 
 
@@ -144,7 +161,7 @@ def test_truncation_check_looks_for_the_end_marker():
 
 
 def group_for(url: str, n_captions: int) -> dict:
-    return {"key": sample_key(url), "url": url,
+    return {"key": sample_key(url), "source": url,
             "captions": [{"text": f"caption {i} of {url}", "source": "test", "kind": "short"}
                          for i in range(n_captions)]}
 
@@ -157,7 +174,7 @@ def test_shard_builder_publishes_good_images_and_counts_failures(mirror, tmp_pat
 
     result = ShardBuilder(build_uri, PARAMS)(4, bad[:2] + good + bad[2:])
 
-    assert result["failures"] == {"truncated_image": 1, "decode_error": 2, "http_404": 1,
+    assert result["failures"] == {"truncated_image": 1, "not_an_image": 1, "empty_file": 1, "http_404": 1,
                                   "connection_error": 1}
     assert result["n_groups"] == len(good) + len(bad)
     assert result["n_captions_written"] == sum(len(g["captions"]) for g in good)
@@ -183,9 +200,9 @@ def test_shard_builder_publishes_good_images_and_counts_failures(mirror, tmp_pat
         assert_edges_of(edge, grey)  # the edge map of this very image
         meta = json.loads(sample[shards.META])
         group = groups[sample[shards.KEY]]
-        assert meta["source"] == group["url"] and meta["captions"] == group["captions"]
+        assert meta["source"] == group["source"] and meta["captions"] == group["captions"]
         assert (meta["width"], meta["height"]) == (IMAGE_SIZE, IMAGE_SIZE)
-        name = group["url"].rsplit("/", 1)[1]
+        name = group["source"].rsplit("/", 1)[1]
         assert (meta["original_width"], meta["original_height"]) == GOOD_SIZES[name]
 
 

@@ -1,0 +1,118 @@
+"""Content dedup between the fetch phase and the published shards (see pipelines/build.py).
+
+The dedup key is the sha256 of the stored JPEG, i.e. of the image after decoding, upright
+RGB conversion, resizing and re-encoding with fixed settings: the same picture reached
+through two URLs or paths gives the same bytes, whatever its source encoding. (Near
+duplicates, such as re-compressed or re-scaled copies, are not merged.) In a set of
+duplicates the smallest key stays; its caption group becomes the union of all their
+captions, its own first, then the others' in key order, each text once.
+
+The plan is written once per build as one small JSON file per shard, then a marker, so a
+resumed phase B applies exactly the same plan.
+"""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+
+from pipelines import shards, storage
+
+STAGING_DIR = "staging"
+PLAN_DIR = "dedup"
+PLAN_DONE = "_complete"
+PLAN_COLUMNS = ("key", "shard", shards.DIGEST, "captions_json")
+
+
+def staging_path(build_path: str) -> str:
+    return storage.join(build_path, STAGING_DIR)
+
+
+def staged_index_path(build_path: str, shard_id: int) -> str:
+    return shards.shard_paths(staging_path(build_path), shard_id)[1]
+
+
+def plan_path(build_path: str, shard_id: int) -> str:
+    return storage.join(staging_path(build_path), PLAN_DIR, f"{shards.shard_name(shard_id)}.json")
+
+
+def duplicate_groups(batch: dict) -> dict:
+    """Ray Data group stage (all index rows of one digest) -> a merge, or nothing."""
+    if len(batch["key"]) < 2:
+        return {"plan": np.array([], dtype=object)}
+    rows = sorted(zip(batch["key"], batch["shard"], batch["captions_json"]))
+    merged, texts = [], set()
+    for _, _, captions_json in rows:
+        for caption in json.loads(captions_json):
+            if caption["text"] not in texts:
+                texts.add(caption["text"])
+                merged.append(caption)
+    keep_key, keep_shard, _ = rows[0]
+    plan = {"keep": [str(keep_key), int(keep_shard)], "captions": merged,
+            "drop": [[str(k), int(s)] for k, s, _ in rows[1:]]}
+    return {"plan": np.array([json.dumps(plan)], dtype=object)}
+
+
+def shard_edits(duplicates: list[dict], num_shards: int) -> list[dict]:
+    """Per shard: keys to drop and caption groups to replace."""
+    edits = [{"drop": [], "captions": {}} for _ in range(num_shards)]
+    for d in duplicates:
+        key, shard = d["keep"]
+        edits[shard]["captions"][key] = d["captions"]
+        for dropped, dropped_shard in d["drop"]:
+            edits[dropped_shard]["drop"].append(dropped)
+    return edits
+
+
+def write_plan(fs, build_path: str, duplicates: list[dict], num_shards: int) -> None:
+    for shard_id, edit in enumerate(shard_edits(duplicates, num_shards)):
+        data = json.dumps(edit, sort_keys=True).encode("utf-8")
+        storage.write_bytes_atomic(fs, plan_path(build_path, shard_id), data)
+    marker = storage.join(staging_path(build_path), PLAN_DIR, PLAN_DONE)
+    storage.write_bytes_atomic(fs, marker, b"")
+
+
+def plan_exists(fs, build_path: str) -> bool:
+    return fs.exists(storage.join(staging_path(build_path), PLAN_DIR, PLAN_DONE))
+
+
+def apply_edits(samples: list[dict], edit: dict) -> list[dict]:
+    drop, new_captions = set(edit["drop"]), edit["captions"]
+    kept = []
+    for sample in samples:
+        if sample[shards.KEY] in drop:
+            continue
+        if sample[shards.KEY] in new_captions:
+            meta = json.loads(sample[shards.META])
+            meta["captions"] = new_captions[sample[shards.KEY]]
+            sample = {**sample, shards.META: json.dumps(meta, sort_keys=True)}
+        kept.append(sample)
+    return kept
+
+
+def publish_shard(fs, build_path: str, shard_id: int) -> dict:
+    """Staged shard -> published shard under the plan; the staged copy is removed after."""
+    staged = staging_path(build_path)
+    stats = shards.read_shard_stats(fs, staged, shard_id)
+    edit = json.loads(storage.read_bytes(fs, plan_path(build_path, shard_id)))
+    samples = shards.read_shard_samples(fs, staged, stats["shard"], verify=True)
+    kept = apply_edits(samples, edit)
+    stats = {k: v for k, v in stats.items() if k != "shard"}
+    stats["duplicates_merged"] = len(samples) - len(kept)
+    stats["n_captions_written"] = sum(len(json.loads(s[shards.META])["captions"]) for s in kept)
+    entry = shards.write_shard(fs, build_path, shard_id, kept, stats)
+    for path in shards.shard_paths(staged, shard_id):
+        fs.rm(path)
+    return entry
+
+
+def remove_temporaries(fs, build_path: str) -> None:
+    """Temporaries an interrupted run left in the build (never mistaken for data)."""
+    for root in (build_path, staging_path(build_path)):
+        for folder in (shards.SHARDS_DIR, shards.INDEX_DIR, PLAN_DIR):
+            storage.remove_stale_temporaries(fs, storage.join(root, folder))
+
+
+def remove_staging(fs, build_path: str) -> None:
+    if fs.exists(staging_path(build_path)):
+        fs.rm(staging_path(build_path), recursive=True)
