@@ -112,14 +112,19 @@ def sharegpt4v_caption_rows(record, image_root: str, coco: dict | None,
     captions in `coco` (coco_captions_by_file). A record without a usable image path or gpt
     reply gives one rejected row; so does an empty or too long long caption.
     """
-    image = record.get("image") if isinstance(record, dict) else None
+    if not isinstance(record, dict):
+        return [rejected_row("", REJECT_MALFORMED_RECORD)]
+    image, reply = record.get("image"), gpt_reply(record)
     path_reason = image_path_reason(image)
-    source = join(image_root, image) if path_reason == "" else ""
-    reply = gpt_reply(record) if isinstance(record, dict) else None
+    source = "" if path_reason else join(image_root, image)
     reason = path_reason or ("" if isinstance(reply, str) else REJECT_MALFORMED_RECORD)
     if reason:
-        return [caption_row(source, "", kind=CAPTION_LONG, origin=ORIGIN_LONG, reason=reason)]
+        return [rejected_row(source, reason)]
     return long_caption_rows(source, reply, rules) + coco_rows(source, image, coco, rules)
+
+
+def rejected_row(source: str, reason: str) -> dict:
+    return caption_row(source, "", kind=CAPTION_LONG, origin=ORIGIN_LONG, reason=reason)
 
 
 def long_caption_rows(source: str, reply: str, rules: CaptionRules) -> list[dict]:

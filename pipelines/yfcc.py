@@ -146,17 +146,24 @@ def yfcc_caption_rows(record: dict, rules: CaptionRules) -> list[dict]:
     A description identical to the title is rejected as a duplicate, so the text is kept once.
     """
     url = record[REC_URL]
-    for reason, rejected in ((record[REC_REASON], bool(record[REC_REASON])),
-                             (REJECT_VIDEO, record[REC_IS_VIDEO]),
-                             (REJECT_BAD_URL, not is_http_url(url))):
-        if rejected:
-            return [caption_row(url, "", origin=ORIGIN_TITLE, reason=reason)]
+    reason = record_reason(record)
+    if reason:
+        return [caption_row(url, "", origin=ORIGIN_TITLE, reason=reason)]
     title, title_reason = check_title(record[REC_TITLE], rules)
     description, description_reason = check_caption(clean_yfcc_text(record[REC_DESCRIPTION]), rules)
     if description and description == title:
         description_reason = REJECT_DUPLICATE
     return [caption_row(url, title, origin=ORIGIN_TITLE, reason=title_reason),
             caption_row(url, description, origin=ORIGIN_DESCRIPTION, reason=description_reason)]
+
+
+def record_reason(record: dict) -> str:
+    """Why a whole record yields no caption ("" when its fields are worth reading)."""
+    if record[REC_REASON]:
+        return record[REC_REASON]
+    if record[REC_IS_VIDEO]:
+        return REJECT_VIDEO
+    return "" if is_http_url(record[REC_URL]) else REJECT_BAD_URL
 
 
 def check_title(raw: str, rules: CaptionRules) -> tuple[str, str]:

@@ -15,12 +15,13 @@ from urllib.parse import quote_plus
 import numpy as np
 import pandas as pd
 
-from pipelines.captions import CaptionRules
+from pipelines.captions import CaptionRules, sample_key
 from pipelines.demo_corpus import (ImageSettings, long_caption, render_jpeg, sample_scene,
                                    short_captions, stream_rng)
 
 IMAGE_SETTINGS = ImageSettings(image_size=48, jpeg_quality=90)
 PLACEHOLDER_BASE_URL = "http://127.0.0.1:9"  # discard port: for tests that never download
+YFCC_MIRROR_DIR = "mirror"  # under root; it may be served before the writer fills it
 MISSING_PHOTO_ID = 999_999_999  # listed in the subset, absent from the metadata
 
 # --- YFCC15M -----------------------------------------------------------------------------
@@ -42,6 +43,10 @@ class YfccFixture:
     # Reading the metadata file itself adds these:
     malformed_lines: int                     # lines giving reason "malformed_row"
     metadata_only_ids: list[int]             # photos in the metadata but not in the subset
+
+    @property
+    def expected_keys(self) -> set[str]:
+        return {sample_key(url) for url in self.expected_captions}
 
 
 @dataclass
@@ -131,8 +136,9 @@ def photo_hash(photo_id: int) -> bytes:
 def write_yfcc_fixture(root: Path, image_base_url: str | None, n_photos: int = 9, seed: int = 0,
                        *, columns: int = 23, subset_header: bool = True,
                        rules: CaptionRules = CaptionRules()) -> YfccFixture:
-    """Metadata TSV, subset TSV, joined CSV/Parquet and JPEGs (under root/mirror) of a corpus
-    with n_photos ordinary photos plus one photo per rule; two more photos are outside the subset."""
+    """Metadata TSV, subset TSV, joined CSV/Parquet and JPEGs (under root/YFCC_MIRROR_DIR) of a
+    corpus with n_photos ordinary photos plus one photo per rule; two more photos are outside the
+    subset. Download URLs are image_base_url + relative path (PLACEHOLDER_BASE_URL when None)."""
     if columns not in (23, 25):
         raise ValueError(f"YFCC100M metadata has 23 or 25 columns, not {columns}")
     root, base = Path(root), (image_base_url or PLACEHOLDER_BASE_URL).rstrip("/")
@@ -140,7 +146,7 @@ def write_yfcc_fixture(root: Path, image_base_url: str | None, n_photos: int = 9
     outside = normal_photos(2, seed + 1, 9000)
     urls = {p.photo_id: f"{base}/{yfcc_relative_path(p.photo_id)}" if p.url_ok else ""
             for p in photos + outside}
-    write_yfcc_images(root / "mirror", photos, seed)
+    write_yfcc_images(root / YFCC_MIRROR_DIR, photos, seed)
     metadata_tsv = root / "yfcc100m_dataset.tsv"
     lines = [metadata_line(p, urls[p.photo_id], columns, n) for n, p in enumerate(photos + outside)]
     lines.insert(3, b"this\tline\tis\tmalformed\n")
@@ -158,7 +164,8 @@ def write_yfcc_fixture(root: Path, image_base_url: str | None, n_photos: int = 9
     table.to_csv(joined_csv, index=False)
     table.to_parquet(joined_parquet, index=False)
     return YfccFixture(
-        metadata_tsv, subset_tsv, joined_csv, joined_parquet, root / "mirror", columns, subset_ids,
+        metadata_tsv, subset_tsv, joined_csv, joined_parquet, root / YFCC_MIRROR_DIR, columns,
+        subset_ids,
         expected_captions={urls[p.photo_id]: set(p.kept) for p in photos if p.kept},
         expected_reasons=Counter(r for p in photos for r in p.reasons),
         n_subset_records=len(photos), malformed_lines=1,
@@ -183,7 +190,7 @@ QUESTION = "<image>\nWhat do you see happening in this image?"
 
 @dataclass
 class ShareGPT4VRecordExpectation:
-    source: str | None              # absolute image path, None when the record has no usable one
+    image: str | None               # relative image path; None when the record has no usable one
     captions: dict[str, list[str]]  # origin -> kept captions
     reasons: list[str] = field(default_factory=list)
 
@@ -195,14 +202,21 @@ class ShareGPT4VFixture:
     image_root: Path
     records: list[ShareGPT4VRecordExpectation]  # one per JSON record, in file order
 
-    def expected_captions(self, indices) -> dict[str, set[str]]:
-        """source -> kept caption texts over the given record indices (images with >= 1)."""
+    def expected_captions(self, indices, image_root: str | None = None) -> dict[str, set[str]]:
+        """source -> kept caption texts over the given record indices (images with >= 1).
+
+        Sources are under image_root (default: the local image folder; pass the URI of a copy,
+        e.g. on s3://, when the build reads the copy)."""
+        root = (str(self.image_root) if image_root is None else image_root).rstrip("/")
         out = {}
         for i in indices:
             texts = {t for ts in self.records[i].captions.values() for t in ts}
             if texts:
-                out[self.records[i].source] = texts
+                out[f"{root}/{self.records[i].image}"] = texts
         return out
+
+    def expected_keys(self, indices, image_root: str | None = None) -> set[str]:
+        return {sample_key(s) for s in self.expected_captions(indices, image_root)}
 
     def expected_reasons(self, indices) -> Counter:
         return Counter(r for i in indices for r in self.records[i].reasons)
@@ -247,7 +261,7 @@ def write_sharegpt4v_fixture(root: Path, n_records: int = 12, seed: int = 0,
                                  for k, t in enumerate(texts)]
             captions["coco"] = texts
         records.append(sharegpt4v_record(f"{i:012d}", image, reply))
-        expectations.append(ShareGPT4VRecordExpectation(str(image_root / image), captions))
+        expectations.append(ShareGPT4VRecordExpectation(image, captions))
     add_bad_sharegpt4v_records(records, expectations, image_root, rules)
     coco = {"info": {}, "licenses": [], "images": coco_images,
             "annotations": interleave(coco_annotations)}
@@ -260,22 +274,21 @@ def write_sharegpt4v_fixture(root: Path, n_records: int = 12, seed: int = 0,
 def add_bad_sharegpt4v_records(records, expectations, image_root: Path, rules: CaptionRules) -> None:
     ok_image = "sam/images/sa_bad.jpg"
     write_image(image_root / ok_image, sample_scene(stream_rng(0, 21)), stream_rng(0, 22))
-    source = str(image_root / ok_image)
     no_gpt = {"id": "x1", "image": ok_image, "conversations": [{"from": "human", "value": QUESTION}]}
-    bad = [  # (index or None to append, record, source, reason)
+    bad = [  # (index or None to append, record, image, reason)
         (min(2, len(records)), {"id": "x0", "conversations": []}, None, "malformed_record"),
-        (None, no_gpt, source, "malformed_record"),
-        (None, sharegpt4v_record("x2", ok_image, None), source, "malformed_record"),
+        (None, no_gpt, ok_image, "malformed_record"),
+        (None, sharegpt4v_record("x2", ok_image, None), ok_image, "malformed_record"),
         (None, sharegpt4v_record("x3", "../secret/sa_1.jpg", "a caption"), None, "bad_path"),
         (None, sharegpt4v_record("x4", "/etc/sa_1.jpg", "a caption"), None, "bad_path"),
-        (None, sharegpt4v_record("x5", ok_image, " \n "), source, "empty_caption"),
+        (None, sharegpt4v_record("x5", ok_image, " \n "), ok_image, "empty_caption"),
         (None, sharegpt4v_record("x6", ok_image, "A long one. " * rules.max_caption_chars),
-         source, "caption_too_long"),
+         ok_image, "caption_too_long"),
     ]
-    for index, record, src, reason in bad:
+    for index, record, image, reason in bad:
         index = len(records) if index is None else index
         records.insert(index, record)
-        expectations.insert(index, ShareGPT4VRecordExpectation(src, {}, [reason]))
+        expectations.insert(index, ShareGPT4VRecordExpectation(image, {}, [reason]))
 
 
 def sharegpt4v_record(record_id: str, image: str, reply) -> dict:

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import json
 from collections import Counter
+from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pipelines.captions import CaptionRules
+from pipelines.captions import CaptionRules, sample_key
 from pipelines.sharegpt4v import (coco_captions_by_file, first_sentence, sharegpt4v_caption_rows,
                                   split_of_record, split_validation)
 from tests.corpus_fixtures import write_sharegpt4v_fixture
@@ -168,21 +169,25 @@ def test_fixture_files_have_the_published_layouts(tmp_path):
     assert {"coco/train2017/" + i["file_name"] for i in coco["images"]} <= images
 
 
-@pytest.mark.parametrize("n_records,n_val", [(6, 3), (9, 5)])
-def test_fixture_expectations_match_the_reader(tmp_path, n_records, n_val):
+@pytest.mark.parametrize("n_records,n_val,image_root", [(6, 3, None), (9, 5, "s3://bucket/copy/")])
+def test_fixture_expectations_match_the_reader(tmp_path, n_records, n_val, image_root):
     fx = write_sharegpt4v_fixture(tmp_path, n_records=n_records)
     records = json.loads(fx.json_path.read_text())
     coco = coco_captions_by_file(json.loads(fx.coco_captions_json.read_text()))
+    root = str(fx.image_root) if image_root is None else image_root
     for indices in split_validation(len(records), n_val):
         captions, reasons = {}, Counter()
         for i in indices:
-            for row in sharegpt4v_caption_rows(records[i], str(fx.image_root), coco, CaptionRules()):
+            for row in sharegpt4v_caption_rows(records[i], root, coco, CaptionRules()):
                 if row["reason"]:
                     reasons[row["reason"]] += 1
                 else:
                     captions.setdefault(row["source"], set()).add(row["caption"])
-        assert captions == fx.expected_captions(indices)
+        assert captions == fx.expected_captions(indices, image_root)
+        assert {sample_key(s) for s in captions} == fx.expected_keys(indices, image_root)
         assert reasons == fx.expected_reasons(indices)
+    if image_root is None:  # every expected source is a JPEG on disk
+        assert all(Path(s).read_bytes()[:2] == b"\xff\xd8" for s in fx.expected_captions(range(len(records))))
     train = split_validation(len(records), n_val)[1]
     assert set(fx.expected_reasons(train)) == {"malformed_record", "bad_path", "empty_caption",
                                                "caption_too_long"}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import html
 import re
+import urllib.request
 from collections import Counter
 from urllib.parse import quote_plus
 
@@ -13,10 +14,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pipelines.captions import CaptionRules
+from pipelines.mirror import LoopbackMirror
 from pipelines.yfcc import (NO_PHOTO_ID, clean_yfcc_text, decode_metadata_lines,
                             is_camera_default_title, joined_record, parse_metadata_line,
                             parse_subset_line, yfcc_caption_rows)
-from tests.corpus_fixtures import MISSING_PHOTO_ID, write_yfcc_fixture
+from tests.corpus_fixtures import MISSING_PHOTO_ID, YFCC_MIRROR_DIR, write_yfcc_fixture
 
 RULES = CaptionRules(max_caption_chars=40, long_caption_min_words=5)
 URL = "http://farm4.staticflickr.com/3/12345_abcdef.jpg"
@@ -257,3 +259,13 @@ def test_fixture_expectations_match_the_reader_on_every_layout(tmp_path, columns
     assert any("\ufffd" in c for cs in fx.expected_captions.values() for c in cs)
     assert html.unescape("&amp;") in {c[5] for cs in fx.expected_captions.values() for c in cs
                                       if c.startswith("Pier")}
+
+
+def test_fixture_urls_are_served_by_the_loopback_mirror(tmp_path):
+    (tmp_path / YFCC_MIRROR_DIR).mkdir()  # served before the writer knows the port
+    with LoopbackMirror(tmp_path / YFCC_MIRROR_DIR) as mirror:
+        fx = write_yfcc_fixture(tmp_path, mirror.base_url, n_photos=3)
+        assert len(fx.expected_keys) == len(fx.expected_captions) > 3
+        for url in fx.expected_captions:
+            with urllib.request.urlopen(url, timeout=10) as response:
+                assert response.read()[:2] == b"\xff\xd8"
