@@ -23,7 +23,7 @@ REJECT_BAD_PATH = "bad_path"
 
 # Words whose trailing "." never ends a sentence (compared lower-case, without the dot).
 ABBREVIATIONS = frozenset({"mr", "mrs", "ms", "dr", "prof", "st", "sr", "jr", "mt", "vs",
-                           "e.g", "i.e", "approx", "fig", "no", "inc", "ltd", "co"})
+                           "e.g", "i.e", "approx", "fig", "inc", "ltd", "co"})
 # A candidate sentence end: ".", "!" or "?" (closing quotes/brackets may follow), then
 # whitespace, then the next sentence's first character: a capital, a digit or an opening quote.
 _SENTENCE_END = re.compile(r"""([.!?])['")\]]*\s+(?=[A-Z0-9"'(\[])""")

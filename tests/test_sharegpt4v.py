@@ -44,6 +44,8 @@ def summary(rows):
     ("A dog.\n\nIt sleeps.", "A dog."),
     ("  Padded   text.  Second. ", "Padded text."),
     ("It costs $3. 5 people came.", "It costs $3."),
+    ("Is it wet? No. The sky is clear.", "Is it wet?"),
+    ("Is it a bus no. It is a van.", "Is it a bus no."),
 ])
 def test_first_sentence_examples(text, first):
     assert first_sentence(text) == first
