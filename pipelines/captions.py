@@ -26,6 +26,14 @@ HEADER = "header"
 # failed job.
 READ_ENCODING = "latin-1"
 
+# Fields of a caption row, the unit every corpus reader hands to pipelines/build.py:
+# rows that share a source form one caption group (one image sample).
+ROW_SOURCE = "source"    # image URL (http/https) or storage path/URI of the image file
+ROW_CAPTION = "caption"  # cleaned caption text; "" when rejected
+ROW_KIND = "kind"        # CAPTION_SHORT, CAPTION_LONG or "" (inferred from the word count)
+ROW_ORIGIN = "origin"    # where the caption comes from, e.g. "yfcc-title", "coco"
+ROW_REASON = "reason"    # "" for a kept row, else a reject reason counted in the manifest
+
 
 @dataclass(frozen=True)
 class CaptionRules:
@@ -47,20 +55,41 @@ def parse_tsv_line(line: str, rules: CaptionRules) -> tuple[str, str, str]:
     fields = line.rstrip("\r\n").split("\t")
     if len(fields) != 2:
         return "", "", REJECT_MALFORMED
-    url, caption = fields[0].strip(), clean_caption(fields[1])
-    if (url.lower(), caption.lower()) == HEADER_FIELDS:
+    url = fields[0].strip()
+    if (url.lower(), clean_caption(fields[1]).lower()) == HEADER_FIELDS:
         return "", "", HEADER
-    if not url.lower().startswith(URL_SCHEMES):
+    if not is_http_url(url):
         return "", "", REJECT_BAD_URL
-    if not caption:
-        return url, "", REJECT_EMPTY_CAPTION
-    if len(caption) > rules.max_caption_chars:
-        return url, "", REJECT_LONG_CAPTION
-    return url, caption, ""
+    caption, reason = check_caption(fields[1], rules)
+    return url, caption, reason
 
 
 def clean_caption(text: str) -> str:
     return _WHITESPACE.sub(" ", text).strip()
+
+
+def is_http_url(url: str) -> bool:
+    return url.lower().startswith(URL_SCHEMES)
+
+
+def check_caption(text: str, rules: CaptionRules) -> tuple[str, str]:
+    """(cleaned caption, reject reason): ("", reason) for an empty or too long caption.
+
+    The length limit applies after cleaning, so padding never counts towards it.
+    """
+    caption = clean_caption(text)
+    if not caption:
+        return "", REJECT_EMPTY_CAPTION
+    if len(caption) > rules.max_caption_chars:
+        return "", REJECT_LONG_CAPTION
+    return caption, ""
+
+
+def caption_row(source: str, caption: str, *, kind: str = "", origin: str,
+                reason: str = "") -> dict:
+    """One caption row (see ROW_* above); a rejected row carries no caption text."""
+    return {ROW_SOURCE: source, ROW_CAPTION: "" if reason else caption, ROW_KIND: kind,
+            ROW_ORIGIN: origin, ROW_REASON: reason}
 
 
 def caption_kind(caption: str, rules: CaptionRules) -> str:
