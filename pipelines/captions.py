@@ -20,6 +20,7 @@ REJECT_BAD_URL = "bad_url"
 REJECT_EMPTY_CAPTION = "empty_caption"
 REJECT_LONG_CAPTION = "caption_too_long"
 REJECT_NON_UTF8 = "non_utf8_row"
+REJECT_NON_UTF8_CAPTION = "non_utf8_caption"  # holds U+FFFD: bytes were not UTF-8 upstream
 HEADER = "header"
 # Text inputs are read as Latin-1 (every byte is one character, nothing fails to decode),
 # then each line is decoded as UTF-8 on its own: one bad line is a counted reject, not a
@@ -82,6 +83,8 @@ def check_caption(text: str, rules: CaptionRules) -> tuple[str, str]:
         return "", REJECT_EMPTY_CAPTION
     if len(caption) > rules.max_caption_chars:
         return "", REJECT_LONG_CAPTION
+    if "\ufffd" in caption:
+        return "", REJECT_NON_UTF8_CAPTION
     return caption, ""
 
 

@@ -108,7 +108,7 @@ def special_photos(first_id: int, rules: CaptionRules) -> list[_YfccPhoto]:
         plain_photo(next(i), "", "", [], ["empty_caption", "empty_caption"]),
         plain_photo(next(i), "a blue square", long_text, ["a blue square"], ["caption_too_long"]),
         _YfccPhoto(next(i), b"Caf\xe9+terrace", yfcc_encode("IMG of my cat"), "Caf\ufffd terrace",
-                   "IMG of my cat", ["Caf\ufffd terrace", "IMG of my cat"], []),
+                   "IMG of my cat", ["IMG of my cat"], ["non_utf8_caption"]),
         plain_photo(next(i), "a photo with no URL", "", [], ["bad_url"], url_ok=False, image=False),
     ]
 
