@@ -265,7 +265,7 @@ def find_duplicates(fs, build_path: str, num_shards: int) -> list[dict]:
     """Groups of staged samples with identical image bytes (Ray Data groupby on the digest)."""
     paths = [dedup.staged_index_path(build_path, i) for i in range(num_shards)]
     arrow_fs = arrow_filesystem_for(fs)
-    index = ray.data.read_parquet(paths, filesystem=arrow_fs, columns=list(dedup.PLAN_COLUMNS))
+    index = ray.data.read_parquet(paths, filesystem=arrow_fs).select_columns(list(dedup.PLAN_COLUMNS))
     n_partitions = max(1, min(MAX_SHUFFLE_PARTITIONS, num_shards))
     groups = index.groupby(shards.DIGEST, num_partitions=n_partitions).map_groups(
         dedup.duplicate_groups, batch_format="numpy")

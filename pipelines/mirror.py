@@ -43,15 +43,27 @@ def check_loopback_host(host: str, resolve: Resolver = socket.getaddrinfo) -> st
     return addresses[0]
 
 
+# Failure paths for tests of the download stage: `/_status/503/...` answers that status,
+# `/_stall/...` accepts the request and answers nothing for STALL_S seconds.
+STATUS_PREFIX, STALL_PREFIX, STALL_S = "/_status/", "/_stall/", 10.0
+
+
 class QuietHandler(SimpleHTTPRequestHandler):
-    """Serves files under its directory without one log line per request; counts requests
-    and optionally answers each after a delay (to slow a job down for a test)."""
+    """Serves files under its directory without one log line per request; counts requests,
+    optionally answers each after a delay (to slow a job down for a test) and simulates
+    HTTP errors and stalled servers on the paths above."""
 
     def do_GET(self) -> None:
         with self.server.count_lock:
             self.server.requests_served += 1
         if self.server.delay_s:
             time.sleep(self.server.delay_s)
+        if self.path.startswith(STATUS_PREFIX):
+            self.send_error(int(self.path[len(STATUS_PREFIX):].split("/", 1)[0]))
+            return
+        if self.path.startswith(STALL_PREFIX):
+            time.sleep(STALL_S)
+            return
         super().do_GET()
 
     def log_message(self, format: str, *args: Any) -> None:
@@ -61,7 +73,8 @@ class QuietHandler(SimpleHTTPRequestHandler):
 def build_server(address: str, port: int, root: Path, delay_s: float = 0.0) -> ThreadingHTTPServer:
     family = socket.AF_INET6 if ipaddress.ip_address(address).version == 6 else socket.AF_INET
     server_class = type("LoopbackServer", (ThreadingHTTPServer,),
-                        {"address_family": family, "request_queue_size": REQUEST_QUEUE_SIZE})
+                        {"address_family": family, "request_queue_size": REQUEST_QUEUE_SIZE,
+                         "daemon_threads": True})
     handler = functools.partial(QuietHandler, directory=str(root))
     server = server_class((address, port), handler)
     server.requests_served, server.count_lock, server.delay_s = 0, threading.Lock(), delay_s

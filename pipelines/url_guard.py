@@ -24,6 +24,13 @@ Resolver = Callable[..., list[tuple[Any, ...]]]
 BLOCKED_REASON = "blocked_address"
 
 
+def system_resolver(host: str, port) -> list[tuple[Any, ...]]:
+    return socket.getaddrinfo(host, port)
+
+
+RESOLVE: Resolver = system_resolver  # tests replace this with a stub, never the network
+
+
 def address_allowed(address: str, allow_loopback: bool) -> bool:
     ip = ipaddress.ip_address(address.split("%", 1)[0])
     if ip.version == 6 and ip.ipv4_mapped is not None:
@@ -33,19 +40,19 @@ def address_allowed(address: str, allow_loopback: bool) -> bool:
     return ip.is_global and not ip.is_multicast
 
 
-def host_allowed(host: str, allow_loopback: bool, resolve: Resolver = socket.getaddrinfo) -> bool:
+def host_allowed(host: str, allow_loopback: bool, resolve: Resolver | None = None) -> bool:
     """True when every address `host` resolves to may be fetched (unresolvable: False)."""
     if not host:
         return False
     try:
-        infos = resolve(host, None)
+        infos = (resolve or RESOLVE)(host, None)
     except (socket.gaierror, UnicodeError):
         return False
     addresses = {info[4][0] for info in infos}
     return bool(addresses) and all(address_allowed(a, allow_loopback) for a in addresses)
 
 
-def url_allowed(url: str, allow_loopback: bool, resolve: Resolver = socket.getaddrinfo) -> bool:
+def url_allowed(url: str, allow_loopback: bool, resolve: Resolver | None = None) -> bool:
     parts = urllib.parse.urlsplit(url)
     return parts.scheme in ("http", "https") and host_allowed(parts.hostname or "",
                                                               allow_loopback, resolve)
@@ -54,7 +61,7 @@ def url_allowed(url: str, allow_loopback: bool, resolve: Resolver = socket.getad
 class GuardedRedirectHandler(urllib.request.HTTPRedirectHandler):
     """Follows a redirect only to an address the guard allows."""
 
-    def __init__(self, allow_loopback: bool, resolve: Resolver = socket.getaddrinfo):
+    def __init__(self, allow_loopback: bool, resolve: Resolver | None = None):
         super().__init__()
         self.allow_loopback, self.resolve = allow_loopback, resolve
 

@@ -69,3 +69,26 @@ def small_build(ray_session, small_corpus, tmp_path_factory):
     out = tmp_path_factory.mktemp("shards")
     build_uri = prepare_cc12m.main(["--input", str(tsv), "--output", str(out), *PREPARE_ARGS])
     return corpus, tsv, out, build_uri
+
+
+S3_BUCKET = "clipforge-test"
+
+
+@pytest.fixture
+def s3_env(monkeypatch):
+    """A moto S3 server on 127.0.0.1 and the standard AWS variables pointing at it."""
+    from moto.server import ThreadedMotoServer
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+           "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}"}
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.delenv("AWS_PROFILE", raising=False)
+    import s3fs
+    s3fs.S3FileSystem.clear_instance_cache()
+    s3fs.S3FileSystem().mkdir(S3_BUCKET)
+    yield env
+    s3fs.S3FileSystem.clear_instance_cache()
+    server.stop()

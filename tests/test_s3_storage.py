@@ -9,32 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import free_port
+from tests.conftest import S3_BUCKET as BUCKET
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 ROOT = Path(__file__).resolve().parents[1]
-BUCKET = "clipforge-test"
 
-
-
-@pytest.fixture
-def s3_env(monkeypatch):
-    """A moto S3 server on 127.0.0.1 and the standard AWS variables pointing at it."""
-    from moto.server import ThreadedMotoServer
-    port = free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-           "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}"}
-    for key, value in env.items():
-        monkeypatch.setenv(key, value)
-    monkeypatch.delenv("AWS_PROFILE", raising=False)
-    import s3fs
-    s3fs.S3FileSystem.clear_instance_cache()
-    s3fs.S3FileSystem().mkdir(BUCKET)
-    yield env
-    s3fs.S3FileSystem.clear_instance_cache()
-    server.stop()
 
 
 def test_checkpoints_go_to_s3_and_load_back(small_build, s3_env, tmp_path):
