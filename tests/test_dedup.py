@@ -1,0 +1,71 @@
+"""Content dedup and the failure-rate abort, on plain data (no Ray)."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from pipelines import build, dedup, shards
+
+
+def caption(text: str, kind: str = "short") -> dict:
+    return {"text": text, "source": "test", "kind": kind}
+
+
+def group(keys, shard_ids, captions) -> dict:
+    return {"key": np.array(keys, dtype=object), "shard": np.array(shard_ids),
+            shards.DIGEST: np.array(["d"] * len(keys), dtype=object),
+            "captions_json": np.array([json.dumps(c) for c in captions], dtype=object)}
+
+
+def test_a_unique_image_plans_nothing():
+    out = dedup.duplicate_groups(group(["k1"], [0], [[caption("a")]]))
+    assert len(out["plan"]) == 0
+
+
+def test_duplicates_merge_into_the_smallest_key_with_every_caption_once():
+    out = dedup.duplicate_groups(group(
+        ["k3", "k1", "k2"], [2, 0, 1],
+        [[caption("c"), caption("shared")], [caption("a")], [caption("shared"), caption("b", "long")]]))
+    (plan,) = [json.loads(p) for p in out["plan"]]
+    assert plan["keep"] == ["k1", 0]
+    assert plan["drop"] == [["k2", 1], ["k3", 2]]
+    assert [c["text"] for c in plan["captions"]] == ["a", "shared", "b", "c"]
+    assert plan["captions"][2]["kind"] == "long"
+
+
+def sample(key: str, texts: list[str]) -> dict:
+    meta = {"key": key, "source": f"http://x/{key}", "captions": [caption(t) for t in texts]}
+    return {shards.KEY: key, shards.IMAGE: b"jpg", shards.EDGE: b"png", shards.META: json.dumps(meta)}
+
+
+def test_edits_drop_merged_samples_and_replace_caption_groups():
+    plans = [{"keep": ["k1", 0], "drop": [["k2", 1], ["k3", 0]], "captions": [caption("a"), caption("b")]}]
+    edits = dedup.shard_edits(plans, num_shards=2)
+    assert edits[0]["drop"] == ["k3"] and edits[1]["drop"] == ["k2"]
+    kept = dedup.apply_edits([sample("k1", ["a"]), sample("k3", ["b"]), sample("k4", ["z"])], edits[0])
+    assert [s[shards.KEY] for s in kept] == ["k1", "k4"]
+    assert [c["text"] for c in json.loads(kept[0][shards.META])["captions"]] == ["a", "b"]
+    assert dedup.apply_edits([sample("k2", ["b"])], edits[1]) == []
+
+
+def stats(n_groups: int, failures: dict) -> dict:
+    return {"n_groups": n_groups, "failures": failures}
+
+
+def test_image_failure_rate_aborts_once_enough_images_were_tried():
+    bad = [stats(100, {"http_404": 95})]
+    build.check_image_failures(bad, remaining=3, max_rate=0.9)  # 100 tried: too few to judge
+    with pytest.raises(build.BuildAborted, match="95 of 200 images failed"):
+        build.check_image_failures(bad + [stats(100, {"timeout": 0})], remaining=3, max_rate=0.4)
+    build.check_image_failures(bad + [stats(100, {})], remaining=0, max_rate=0.5)  # 47.5%
+    with pytest.raises(build.BuildAborted):
+        build.check_image_failures([stats(10, {"http_404": 9})], remaining=0, max_rate=0.5)
+
+
+def test_row_failure_rate_ignores_the_header():
+    from collections import Counter
+    build.check_row_failures(Counter({"": 5, "header": 1, "bad_url": 5}), max_rate=0.5)
+    with pytest.raises(build.BuildAborted, match="6 of 11 input rows"):
+        build.check_row_failures(Counter({"": 5, "header": 1, "bad_url": 6}), max_rate=0.5)
