@@ -16,17 +16,18 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from evaluation.datasets.compositional import SUGARCREPE_SUBSETS  # noqa: E402
 from evaluation.report import headline  # noqa: E402
 from evaluation.tasks.intra_modal import MAP_KEY  # noqa: E402
 
-# section -> (title, metric of an entry shown as a bar, in percent)
+# section -> (title, entry -> {bar label suffix: fraction}); each bar is shown in percent
 PANELS = {
-    "zeroshot": ("Zero-shot top-1 (mAP for multi-label)", headline),
-    "retrieval": ("Retrieval R@1 (image→text | text→image mean)",
-                  lambda e: (e["text_retrieval_recall@1"] + e["image_retrieval_recall@1"]) / 2),
-    "linear_probe": ("Linear probe top-1", lambda e: e.get("top1")),
-    "compositionality": ("SugarCrepe average accuracy", lambda e: e.get("average")),
-    "intra_modal": ("Intra-modal retrieval mAP", lambda e: e.get(MAP_KEY)),
+    "zeroshot": ("Zero-shot top-1 (mAP for multi-label)", lambda e: {"": headline(e)}),
+    "retrieval": ("Retrieval R@1", lambda e: {"I→T": e.get("text_retrieval_recall@1"),
+                                              "T→I": e.get("image_retrieval_recall@1")}),
+    "linear_probe": ("Linear probe top-1", lambda e: {"": e.get("top1")}),
+    "compositionality": ("SugarCrepe accuracy", lambda e: {k: e.get(k) for k in [*SUGARCREPE_SUBSETS, "average"]}),
+    "intra_modal": ("Intra-modal retrieval mAP", lambda e: {"": e.get(MAP_KEY)}),
 }
 BARS_FILE = "plot_{section}.png"
 COMPARE_FILE = "compare_{section}.png"
@@ -35,19 +36,21 @@ COMPARE_FILE = "compare_{section}.png"
 def panel_values(reports: list[dict], section: str) -> tuple[list[str], np.ndarray]:
     """Dataset names present in any report, and (n_reports, n_datasets) percentages (NaN if absent)."""
     metric = PANELS[section][1]
-    names = sorted({name for report in reports for name in report.get(section, {})})
+    per_report = [{f"{name} {suffix}".strip(): value for name, entry in report.get(section, {}).items()
+                   for suffix, value in metric(entry).items()} for report in reports]
+    names = list(dict.fromkeys(name for bars in per_report for name in bars))  # the report's order
     values = np.full((len(reports), len(names)), np.nan)
-    for i, report in enumerate(reports):
+    for i, bars in enumerate(per_report):
         for j, name in enumerate(names):
-            entry = report.get(section, {}).get(name)
-            value = metric(entry) if entry else None
-            values[i, j] = np.nan if value is None else 100 * value
+            if bars.get(name) is not None:
+                values[i, j] = 100 * bars[name]
     return names, values
 
 
 def label_of(report: dict, index: int) -> str:
     info = report.get("checkpoint", {})
-    return f"{info.get('method', '?')} step {info.get('step', '?')}" if info else f"report {index + 1}"
+    where = str(info.get("path", "")).rstrip("/").rsplit("/", 1)[-1]
+    return f"{index + 1}: {info.get('method', '?')} step {info.get('step', '?')} {where}".strip()
 
 
 def draw_bars(reports: list[dict], section: str, out_file: Path) -> Path:
