@@ -32,10 +32,10 @@ def save_micro_checkpoint(directory: Path, seed: int = 5) -> Path:
                                       {"manifest_digest": "feed", "code_version": "test"})
 
 
-def class_image(label: int, index: int, image_format: str = "PNG") -> bytes:
+def class_image(label: int, index: int, image_format: str = "PNG", noise: float = 25.0) -> bytes:
     """A 32x32 image of the class colour with per-image noise."""
     rng = np.random.default_rng([label, index])
-    pixels = np.clip(np.array(BASE_COLOURS[label]) + rng.normal(0, 25, size=(32, 32, 3)), 0, 255).astype(np.uint8)
+    pixels = np.clip(np.array(BASE_COLOURS[label]) + rng.normal(0, noise, size=(32, 32, 3)), 0, 255).astype(np.uint8)
     buf = io.BytesIO()
     Image.fromarray(pixels).save(buf, format=image_format)
     return buf.getvalue()
