@@ -4,6 +4,7 @@ its dataset(s); loading it gives a `Benchmark`; `requests` lists the images and 
 similarity (training/inference.py SIMILARITIES)."""
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -51,14 +52,16 @@ class Benchmark:
 
 
 def load_dataset(spec: dict, need_templates: bool):
-    """A dataset from its spec: {"format": ..., "path": ..., other reader arguments}."""
+    """A dataset from its spec: {"format": ..., "path": ..., other reader arguments}; a
+    "protocol" key names the protocol of a retrieval set whose files do not say it."""
     spec = dict(spec)
-    reader_name, path = spec.pop("format"), spec.pop("path")
+    reader_name, path, protocol = spec.pop("format"), spec.pop("path"), spec.pop("protocol", None)
     if reader_name not in READERS:
         raise ValueError(f"unknown dataset format {reader_name!r}; known: {sorted(READERS)}")
     if reader_name in ("wds", "image_folder"):
         spec["need_templates"] = need_templates
-    return READERS[reader_name](path, **spec)
+    dataset = READERS[reader_name](path, **spec)
+    return dataclasses.replace(dataset, protocol=protocol) if protocol else dataset
 
 
 def load_benchmark(entry: dict) -> Benchmark:

@@ -20,6 +20,7 @@ import argparse
 import logging
 import os
 import sys
+import tarfile
 import tempfile
 from pathlib import Path
 
@@ -106,7 +107,7 @@ def load_benchmarks(entries: list[dict], skipped: dict) -> list[Benchmark]:
         try:
             benchmarks.append(load_benchmark(entry))
             log.info("[%d/%d] loaded %s", i, len(entries), entry_key(entry))
-        except (FileNotFoundError, ValueError, KeyError) as err:  # skip it, never fail the suite
+        except (OSError, ValueError, KeyError, tarfile.TarError) as err:  # skip it, never fail the suite
             skipped[entry_key(entry)] = f"{type(err).__name__}: {err}"
             log.warning("[%d/%d] skipped %s: %s", i, len(entries), entry_key(entry), err)
     return benchmarks

@@ -93,8 +93,8 @@ def test_wds_classification_matches_clip_benchmark_reader(wds_classification: Pa
     assert (ours.name, ours.classnames, ours.templates) == ("tiny", theirs.classes, theirs.templates)
     np.testing.assert_array_equal(ours.labels, [label for _, label in pairs])
     np.testing.assert_array_equal(ours.labels, [i % 3 for i in range(7)])  # three shards, in order
-    for data, (image, _) in zip(ours.images, pairs, strict=True):
-        np.testing.assert_array_equal(decode(data), image)
+    for ref, (image, _) in zip(ours.images, pairs, strict=True):
+        np.testing.assert_array_equal(decode(read_image(ref)), image)
 
 
 def test_wds_multilabel(tmp_path: Path):
@@ -312,4 +312,18 @@ def test_readers_take_s3_uris(s3_bucket, tmp_path: Path, wds_classification: Pat
                                                  "s3://bench/sugar_crepe/val2017/00000001.jpg"]
     np.testing.assert_array_equal(decode(read_image(dataset.subsets["add_att"].images[1])), decode(image_bytes(colour(1), "JPEG")))
     from_s3, from_disk = load_wds("s3://bench/wds_tiny"), load_wds(str(wds_classification))
-    assert from_s3.images == from_disk.images and from_s3.classnames == CLASSNAMES
+    assert from_s3.images[4].startswith("s3://bench/wds_tiny/test/1.tar::bytes=")
+    assert [read_image(r) for r in from_s3.images] == [read_image(r) for r in from_disk.images]
+    assert from_s3.classnames == CLASSNAMES
+
+
+def test_wds_images_are_byte_ranges_of_their_shards(wds_classification: Path):
+    dataset = load_wds(str(wds_classification))
+    uri, _, span = dataset.images[0].rpartition("::bytes=")
+    assert uri == str(wds_classification / "test" / "0.tar")
+    offset, size = (int(x) for x in span.split("+"))
+    assert read_image(dataset.images[0]) == (wds_classification / "test" / "0.tar").read_bytes()[offset:offset + size]
+    data = (wds_classification / "test" / "2.tar").read_bytes()
+    (wds_classification / "test" / "2.tar").write_bytes(data[:520])  # rewritten after listing
+    with pytest.raises(ValueError, match="changed"):
+        read_image(dataset.images[-1])

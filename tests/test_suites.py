@@ -83,3 +83,13 @@ def test_command_line_entries(tmp_path):
         ("zeroshot", "cifar10"), ("linear_probe", "cifar10"), ("zeroshot", "mine"), ("retrieval", "Urban1k")]
     assert entries[0]["test"]["path"] == "/cb/wds_cifar10"
     assert entries[2]["test"]["format"] == "image_folder" and entries[3]["test"]["format"] == "long_folder"
+
+
+def test_spec_protocol_names_a_wds_retrieval_protocol(tmp_path):
+    from tests.test_eval_readers import write_wds
+    root = write_wds(tmp_path / "wds_flickr8k", "test", [{"txt": b"a dog", "png": b"x"}], per_shard=1,
+                     dataset_type="retrieval")
+    bench = load_benchmark({"name": "f8k", "task": "retrieval",
+                            "test": {"format": "wds", "path": str(root), "protocol": "karpathy-test-1k"}})
+    assert bench.data["test"].protocol == "karpathy-test-1k"
+    assert suites.suite_entries("pgs")[23]["test"]["protocol"] == "karpathy-test-5k (clip_benchmark wds)"

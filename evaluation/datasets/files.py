@@ -7,8 +7,13 @@ from pathlib import Path
 
 from pipelines import storage
 
-ImageRef = str | bytes  # a file's URI, or the encoded image itself
+ImageRef = str | bytes  # a file's URI, a byte range of one (a tar member), or the encoded image itself
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp"})
+RANGE_MARK = "::bytes="  # `<uri>::bytes=<offset>+<size>`: an image stored inside a larger file
+
+
+def range_ref(uri: str, offset: int, size: int) -> str:
+    return f"{uri}{RANGE_MARK}{offset}+{size}"
 
 
 class Location:
@@ -71,7 +76,17 @@ def read_image(ref: ImageRef) -> bytes:
     """The encoded bytes of an image reference."""
     if isinstance(ref, bytes):
         return ref
-    return Location(ref).read_bytes()
+    uri, mark, span = ref.rpartition(RANGE_MARK)
+    if not mark:
+        return Location(ref).read_bytes()
+    offset, size = (int(x) for x in span.split("+"))
+    location = Location(uri)
+    with location.fs.open(location.path, "rb") as f:
+        f.seek(offset)
+        data = f.read(size)
+    if len(data) != size:
+        raise ValueError(f"{uri} ends before byte {offset + size}: the file changed since it was listed")
+    return data
 
 
 def check_files_exist(refs: list[str], source: str) -> None:

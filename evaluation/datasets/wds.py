@@ -6,6 +6,8 @@
 
 `dataset_type.txt` is "retrieval" (captions in `txt`, one per line), "multilabel" (an `npy`
 0/1 vector per image) or absent / "classification" (an integer in `cls`). Local or s3://.
+Images are not loaded here: each is referred to by its byte range inside its shard, so a set
+as large as ImageNet's train split costs the driver only its labels.
 """
 from __future__ import annotations
 
@@ -16,7 +18,7 @@ from collections.abc import Iterator
 import numpy as np
 
 from evaluation.datasets.classification import CLASSNAMES_FILE, ClassificationSet, check_templates
-from evaluation.datasets.files import Location, read_lines
+from evaluation.datasets.files import Location, range_ref, read_lines
 from evaluation.datasets.retrieval import RetrievalSet, flatten_captions
 
 NSHARDS_FILE = "nshards.txt"
@@ -26,33 +28,35 @@ IMAGE_EXTS = ("webp", "png", "jpg", "jpeg")  # CLIP_benchmark's preference order
 WDS_PROTOCOL = "clip_benchmark-wds-{split}"
 
 
-def iter_tar_members(data: bytes) -> Iterator[tuple[str, dict[str, bytes]]]:
-    """(key, {ext: bytes}) per sample, grouped as WebDataset groups consecutive members."""
+def iter_tar_members(shard: Location) -> Iterator[tuple[str, dict[str, bytes | str]]]:
+    """(key, {ext: value}) per sample, grouped as WebDataset groups consecutive members; an
+    image's value is its byte-range reference, other members' values their bytes."""
     key, members = None, {}
-    with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
+    with shard.fs.open(shard.path, "rb") as f, tarfile.open(fileobj=f, mode="r:") as tar:
         for member in tar:
             if not member.isfile():
                 continue
             directory, _, base = member.name.rpartition("/")
             stem, _, ext = base.partition(".")
-            name = f"{directory}/{stem}" if directory else stem
+            name, ext = (f"{directory}/{stem}" if directory else stem), ext.lower()
             if key is not None and name != key:
                 yield key, members
                 members = {}
             key = name
-            members[ext.lower()] = tar.extractfile(member).read()
+            members[ext] = (range_ref(shard.uri, member.offset_data, member.size) if ext in IMAGE_EXTS
+                            else tar.extractfile(member).read())
     if key is not None:
         yield key, members
 
 
-def iter_wds_samples(root: Location, split: str) -> Iterator[tuple[str, dict[str, bytes]]]:
+def iter_wds_samples(root: Location, split: str) -> Iterator[tuple[str, dict[str, bytes | str]]]:
     folder = root.child(split)
     n_shards = int(folder.child(NSHARDS_FILE).read_text("shard count").strip())
     for shard in range(n_shards):
-        yield from iter_tar_members(folder.child(f"{shard}.tar").read_bytes())
+        yield from iter_tar_members(folder.child(f"{shard}.tar"))
 
 
-def pick(members: dict[str, bytes], exts: tuple[str, ...], key: str) -> bytes:
+def pick(members: dict, exts: tuple[str, ...], key: str):
     for ext in exts:
         if ext in members:
             return members[ext]
@@ -101,7 +105,7 @@ def load_wds_retrieval(root: Location, split: str, name: str) -> RetrievalSet:
 
 def load_wds(root: str, split: str = "test", name: str | None = None,
              need_templates: bool = True) -> ClassificationSet | RetrievalSet:
-    """Read one split of a CLIP_benchmark WebDataset folder (images come back as bytes)."""
+    """Read one split of a CLIP_benchmark WebDataset folder (images as byte ranges of its shards)."""
     location = Location(root)
     if not location.child(split, NSHARDS_FILE).exists():
         raise FileNotFoundError(f"missing {location.uri}/{split}/{NSHARDS_FILE}: not a CLIP_benchmark "
