@@ -31,7 +31,7 @@ import numpy as np  # noqa: E402
 import ray  # noqa: E402
 
 from evaluation import encoders, suites  # noqa: E402
-from evaluation.benchmarks import IMAGE, Benchmark, load_benchmark, requests, score  # noqa: E402
+from evaluation.benchmarks import IMAGE, TASKS, Benchmark, load_benchmark, requests, score  # noqa: E402
 from evaluation.cache import EmbeddingCache, digest_values, model_fingerprint  # noqa: E402
 from evaluation.datasets.files import Location  # noqa: E402
 from evaluation.plots import write_plots  # noqa: E402
@@ -94,7 +94,18 @@ def collect_entries(args: argparse.Namespace) -> list[dict]:
         for spec in getattr(args, kind):
             name, _, path = spec.rpartition("=")
             entries.append({"name": name or Location(path).name(), "task": task, "test": ad_hoc_spec(kind, path)})
+    check_unique_names(entries)
     return entries
+
+
+def check_unique_names(entries: list[dict]) -> None:
+    """Two benchmarks reporting into one section under one name would overwrite each other."""
+    seen = set()
+    for entry in entries:
+        key = (TASKS.get(entry.get("task"), (entry.get("task"),))[0], entry.get("name"))
+        if key in seen:
+            raise ValueError(f"two benchmarks named {key[1]!r} report into section {key[0]!r}; rename one")
+        seen.add(key)
 
 
 def entry_key(entry: dict) -> str:
@@ -169,9 +180,10 @@ def run_evaluation(args: argparse.Namespace) -> dict:
     cache = EmbeddingCache(None if args.cache == "none" else args.cache, fingerprint)
     features = embed(benchmarks, cache, args)
     log.info("embedding cache: %d hit(s), %d miss(es)", cache.hits, cache.misses)
-    for bench, feats in zip(benchmarks, features):
+    for i, (bench, feats) in enumerate(zip(benchmarks, features), 1):
         try:
             report[bench.section][bench.name] = score(bench, feats, bundle.similarity)
+            log.info("[%d/%d] scored %s/%s", i, len(benchmarks), bench.task, bench.name)
             report["datasets"][entry_key(vars(bench))] = describe(bench)
         except ValueError as err:  # e.g. non-finite scores from a diverged model
             report["skipped"][entry_key(vars(bench))] = f"ValueError: {err}"

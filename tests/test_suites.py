@@ -19,7 +19,7 @@ def test_shipped_suites_are_well_formed(name):
         for role in TASKS[entry["task"]][1]:
             assert entry[role]["format"] in READERS, entry
             assert not any("{" in str(v) for v in entry[role].values()), entry  # every root resolved
-    keys = [(e["task"], e["name"]) for e in entries]
+    keys = [(TASKS[e["task"]][0], e["name"]) for e in entries]  # one report entry per section and name
     assert len(keys) == len(set(keys)), f"{name}: duplicate benchmark names"
 
 
@@ -93,3 +93,10 @@ def test_spec_protocol_names_a_wds_retrieval_protocol(tmp_path):
                             "test": {"format": "wds", "path": str(root), "protocol": "karpathy-test-1k"}})
     assert bench.data["test"].protocol == "karpathy-test-1k"
     assert suites.suite_entries("pgs")[23]["test"]["protocol"] == "karpathy-test-5k (clip_benchmark wds)"
+
+
+def test_duplicate_names_in_one_section_are_refused(tmp_path):
+    args = evaluate.parse_args(["--checkpoint", "c", "--output", "o", "--zeroshot", f"x={tmp_path}",
+                                f"x={tmp_path / 'other'}"])
+    with pytest.raises(ValueError, match="two benchmarks named 'x'"):
+        evaluate.collect_entries(args)
