@@ -14,7 +14,7 @@ from evaluation.datasets import (load_coco_captions, load_flickr_token, load_ima
                                  load_long_caption_build, load_long_caption_folder, load_sugarcrepe, load_wds)
 from evaluation.tasks.compositionality import compute_pair_accuracy, summarize_sugarcrepe
 from evaluation.tasks.intra_modal import (GAP_KEY, MAP_KEY, compute_modality_gap, compute_retrieval_map,
-                                          compute_text_to_text_map)
+                                          compute_text_to_text_map, query_map_named)
 from evaluation.tasks.linear_probe import LinearProbeConfig, evaluate_linear_probe
 from evaluation.tasks.retrieval import compute_retrieval_recall
 from evaluation.tasks.zeroshot import (build_zeroshot_weights, compute_multilabel_metrics, compute_zeroshot_metrics,
@@ -148,16 +148,20 @@ def score_compositionality(bench: Benchmark, features: dict, similarity: Similar
 
 def score_image_retrieval(bench: Benchmark, features: dict, similarity: Similarity) -> dict:
     train, test = bench.data["train"], bench.data["test"]
-    value = compute_retrieval_map(features["test"], test.labels, features["train"], train.labels, similarity)
-    return {MAP_KEY: value, "protocol": "image->image, query test / gallery train",
+    query = bench.options.get("query", "native")
+    value = compute_retrieval_map(features["test"], test.labels, features["train"], train.labels, similarity,
+                                  query_map_named(query))
+    return {MAP_KEY: value, "protocol": f"image->image, {query} test queries / train gallery",
             "n_queries": test.n_images, "n_gallery": train.n_images}
 
 
 def score_text_retrieval(bench: Benchmark, features: dict, similarity: Similarity) -> dict:
     dataset = bench.data["test"]
-    value = compute_text_to_text_map(features["captions"], dataset.text_to_image, similarity)
+    query = bench.options.get("query", "native")
+    value = compute_text_to_text_map(features["captions"], dataset.text_to_image, similarity, query_map_named(query))
     gap = compute_modality_gap(features["images"], features["captions"], dataset.text_to_image)
-    return {MAP_KEY: value, GAP_KEY: gap, "protocol": f"text->text, first caption queries ({dataset.protocol})",
+    return {MAP_KEY: value, GAP_KEY: gap,
+            "protocol": f"text->text, {query} first-caption queries ({dataset.protocol})",
             "n_queries": dataset.n_images, "n_gallery": dataset.n_texts - dataset.n_images}
 
 

@@ -137,3 +137,21 @@ def test_linear_probe_separates_separable_features():
     assert metrics["top1"] > 0.9
     shuffled = evaluate_linear_probe(train_x, rng.permutation(train_y), test_x, test_y, 4, LinearProbeConfig(epochs=5))
     assert shuffled["top1"] < 0.6  # labels carrying no signal: the probe cannot generalise
+
+
+def test_a_registered_query_map_is_named_in_benchmark_options(monkeypatch):
+    from evaluation.benchmarks import Benchmark, score
+    from evaluation.datasets.classification import ClassificationSet
+    from evaluation.tasks import intra_modal
+    monkeypatch.setitem(intra_modal.QUERY_MAPS, "negated", lambda q: -q)
+    rng = np.random.default_rng(4)
+    test = ClassificationSet("t", ["q"] * 5, np.arange(5) % 3, ["a", "b", "c"], [])
+    train = ClassificationSet("t", ["g"] * 12, np.arange(12) % 3, ["a", "b", "c"], [])
+    features = {"test": rng.normal(size=(5, 4)), "train": rng.normal(size=(12, 4))}
+    bench = Benchmark("t", "image_retrieval", {"train": train, "test": test}, {"query": "negated"})
+    result = score(bench, features, dot)
+    assert result["mAP"] == pytest.approx(compute_retrieval_map(-features["test"], test.labels, features["train"],
+                                                                train.labels, dot))
+    assert "negated test queries" in result["protocol"]
+    with pytest.raises(ValueError, match="unknown query map"):
+        score(Benchmark("t", "image_retrieval", {"train": train, "test": test}, {"query": "oti"}), features, dot)

@@ -4,7 +4,8 @@ class), text->text mAP on a captioning set (each image's first caption queries t
 relevant = same image), and ‖mean image feature − mean text feature‖ over paired samples.
 
 `query_map` turns query features into what is ranked against the gallery; the identity is the
-native baseline, and a modality-inversion (OTI/OVI) feature plugs in there."""
+native baseline, and a modality-inversion (OTI/OVI) feature plugs in there: register it in
+QUERY_MAPS and name it in a suite entry's options (`"options": {"query": "oti"}`)."""
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -21,6 +22,15 @@ QueryMap = Callable[[np.ndarray], np.ndarray]
 
 def identity(features: np.ndarray) -> np.ndarray:
     return features
+
+
+QUERY_MAPS: dict[str, QueryMap] = {"native": identity}
+
+
+def query_map_named(name: str) -> QueryMap:
+    if name not in QUERY_MAPS:
+        raise ValueError(f"unknown query map {name!r}; registered: {sorted(QUERY_MAPS)}")
+    return QUERY_MAPS[name]
 
 
 def compute_average_precisions(scores: np.ndarray, relevant: np.ndarray) -> np.ndarray:
