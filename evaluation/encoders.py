@@ -2,26 +2,38 @@
 `__init__`) that the evaluation job runs as Ray Data actors and tests call directly."""
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import torch
 
+from evaluation.datasets.files import ImageRef, read_image
 from training.inference import load_inference_model
 
-INDEX, PATH, TEXT, EMBEDDING = "index", "path", "text", "embedding"
+INDEX, URI, DATA, TEXT, EMBEDDING = "index", "uri", "data", "text", "embedding"
+
+
+def image_rows(refs: list[ImageRef]) -> list[dict]:
+    """One row per image: its URI, or its bytes when it has no file of its own (uniform column types)."""
+    return [{INDEX: i, URI: ref if isinstance(ref, str) else "", DATA: ref if isinstance(ref, bytes) else b""}
+            for i, ref in enumerate(refs)]
+
+
+def text_rows(texts: list[str]) -> list[dict]:
+    return [{INDEX: i, TEXT: t} for i, t in enumerate(texts)]
 
 
 class ImageEncoder:
-    """Rows {index, path} -> {index, embedding}: unit image features of each file."""
+    """Rows {index, uri, data} -> {index, embedding}: unit image features."""
 
     def __init__(self, checkpoint_uri: str, device: str = "cpu"):
         self.bundle, self.device = load_inference_model(checkpoint_uri, device), device
 
+    def pixels(self, batch: dict) -> torch.Tensor:
+        images = [bytes(data) if len(data) else read_image(str(uri)) for uri, data in zip(batch[URI], batch[DATA])]
+        return torch.stack([self.bundle.preprocess(image) for image in images])
+
     @torch.no_grad()
     def __call__(self, batch: dict) -> dict:
-        pixels = torch.stack([self.bundle.preprocess(Path(p).read_bytes()) for p in batch[PATH]])
-        features = self.bundle.model.encode_image(pixels.to(self.device), normalize=True)
+        features = self.bundle.model.encode_image(self.pixels(batch).to(self.device), normalize=True)
         return {INDEX: batch[INDEX], EMBEDDING: features.float().cpu().numpy()}
 
 

@@ -1,22 +1,27 @@
-"""Evaluate a checkpoint: zero-shot classification and image<->text retrieval, as its own
-Ray job. Every image of every dataset is encoded in one Ray Data pass over encoder actors,
-every text (class prompts, captions) in a second one; metrics are plain NumPy.
+"""Evaluate a checkpoint on named suites (each paper's benchmarks) or ad hoc datasets, as its
+own Ray job. Every image still to embed, over all datasets, goes through one Ray Data pass
+over encoder actors (GPUs on a cluster), every text through a second; embeddings are cached
+per checkpoint and dataset, so a re-run only encodes what changed; metrics are NumPy.
 
+    python evaluation/evaluate.py --checkpoint runs/<run> --suite pgs \
+        --root clip_benchmark=s3://bucket/clip_benchmark --root coco=/data/coco --output reports/<run>
     python evaluation/evaluate.py --checkpoint runs/<run> --zeroshot demo/eval/zeroshot \
         --retrieval demo/eval/retrieval/dataset_karpathy.json --output reports/<run>
     ray job submit --working-dir . -- python evaluation/evaluate.py --checkpoint s3://... ...
 
-A dataset can be named: `--zeroshot NAME=PATH`. Missing or unreadable datasets are listed
-under "skipped" in the report instead of failing the job. Writes report.json and report.md
-to --output (local folder or s3://).
+Ad hoc datasets can be named: `--zeroshot NAME=PATH` (an image folder or a CLIP_benchmark
+WebDataset folder). A dataset that is missing or unreadable is listed under "skipped" in the
+report instead of failing the job. Writes report.json, report.md and PNG plots to --output
+(local folder or s3://); `--compare other/report.json` adds a side-by-side plot.
 """
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
+import tarfile
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 
 if __package__ in (None, ""):  # run as a script: make the repository root importable
@@ -25,118 +30,170 @@ if __package__ in (None, ""):  # run as a script: make the repository root impor
 import numpy as np  # noqa: E402
 import ray  # noqa: E402
 
-from evaluation import encoders  # noqa: E402
-from evaluation.datasets.classification import load_image_folder  # noqa: E402
-from evaluation.datasets.retrieval import load_karpathy, load_long_caption_folder  # noqa: E402
-from evaluation.report import write_report  # noqa: E402
-from evaluation.tasks.retrieval import compute_retrieval_recall  # noqa: E402
-from evaluation.tasks.zeroshot import build_zeroshot_weights, compute_zeroshot_metrics, fill_templates  # noqa: E402
+from evaluation import encoders, suites  # noqa: E402
+from evaluation.benchmarks import IMAGE, TASKS, Benchmark, load_benchmark, requests, score  # noqa: E402
+from evaluation.cache import EmbeddingCache, digest_values, model_fingerprint  # noqa: E402
+from evaluation.datasets.files import Location  # noqa: E402
+from evaluation.plots import write_plots  # noqa: E402
+from evaluation.report import add_group_averages, write_report  # noqa: E402
 from pipelines import ray_setup, storage  # noqa: E402
+from training import checkpoint  # noqa: E402
 from training.inference import load_inference_model  # noqa: E402
 
 log = logging.getLogger("evaluation")
-LOADERS = {"zeroshot": load_image_folder, "retrieval": load_karpathy, "long_retrieval": load_long_caption_folder}
-SECTION = {"zeroshot": "zeroshot", "retrieval": "retrieval", "long_retrieval": "retrieval"}
+DEFAULT_CACHE = os.path.join(os.path.expanduser("~"), ".cache", "clipforge", "embeddings")
+AD_HOC = {"zeroshot": "zeroshot", "retrieval": "retrieval", "long_retrieval": "retrieval"}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True, help="checkpoint or run directory, local or s3://")
-    p.add_argument("--zeroshot", nargs="*", default=[], help="image-folder classification sets")
+    p.add_argument("--suite", action="append", default=[],
+                   help=f"named suite ({', '.join(suites.available_suites())}) or a suite JSON file")
+    p.add_argument("--root", action="append", default=[], metavar="NAME=URI", help="override a suite's data root")
+    p.add_argument("--only", nargs="*", default=None, help="evaluate only these benchmark names of the suites")
+    p.add_argument("--zeroshot", nargs="*", default=[], help="image-folder or CLIP_benchmark WebDataset sets")
     p.add_argument("--retrieval", nargs="*", default=[], help="Karpathy-layout JSON files (test split)")
-    p.add_argument("--long-retrieval", nargs="*", default=[], help="Urban1k-layout folders")
+    p.add_argument("--long-retrieval", nargs="*", default=[], help="Urban1k-layout folders or shard builds")
     p.add_argument("--output", required=True, help="report folder, local or s3://")
+    p.add_argument("--cache", default=DEFAULT_CACHE, help="embedding cache, local or s3:// ('none' disables)")
+    p.add_argument("--compare", nargs="*", default=[], help="other report.json files to plot beside this one")
     p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--num-encoders", type=int, default=1, help="Ray Data encoder actors")
+    p.add_argument("--num-encoders", type=int, default=1, help="Ray Data encoder actors (one GPU each with --use-gpu)")
     p.add_argument("--use-gpu", action="store_true")
     p.add_argument("--ray-address", default=None)
     return p.parse_args(argv)
 
 
-@dataclass
-class Task:
-    """One dataset to score, with the slices of the shared image and text lists it owns."""
-    kind: str
-    name: str
-    dataset: object
-    images: slice = None  # set by assign_slices
-    texts: slice = None
+def parse_assignments(pairs: list[str]) -> dict[str, str]:
+    out = {}
+    for pair in pairs:
+        name, sep, value = pair.partition("=")
+        if not sep or not name:
+            raise SystemExit(f"expected NAME=URI, got {pair!r}")
+        out[name] = value
+    return out
 
 
-def load_tasks(args: argparse.Namespace, skipped: dict) -> list[Task]:
-    tasks = []
-    for kind, loader in LOADERS.items():
+def ad_hoc_spec(kind: str, path: str) -> dict:
+    """The dataset spec of a --zeroshot / --retrieval / --long-retrieval path."""
+    location = Location(path)
+    if kind == "zeroshot":
+        return {"format": "wds" if location.child("test", "nshards.txt").exists() else "image_folder", "path": path}
+    if kind == "retrieval":
+        return {"format": "karpathy", "path": path}
+    return {"format": "long_build" if location.child("manifest.json").exists() else "long_folder", "path": path}
+
+
+def collect_entries(args: argparse.Namespace) -> list[dict]:
+    roots = parse_assignments(args.root)
+    entries = [e for suite in args.suite for e in suites.suite_entries(suite, roots)]
+    if args.only is not None:
+        entries = [e for e in entries if e["name"] in set(args.only)]
+    for kind, task in AD_HOC.items():
         for spec in getattr(args, kind):
             name, _, path = spec.rpartition("=")
-            try:
-                dataset = loader(path)
-            except (FileNotFoundError, ValueError) as err:  # skip it, never fail the suite
-                skipped[name or path] = f"{type(err).__name__}: {err}"
-                continue
-            tasks.append(Task(kind, name or dataset.name, dataset))
-    return tasks
+            entries.append({"name": name or Location(path).name(), "task": task, "test": ad_hoc_spec(kind, path)})
+    check_unique_names(entries)
+    return entries
 
 
-def task_texts(task: Task) -> list[str]:
-    if task.kind == "zeroshot":  # every class name in every template, class-major
-        return [p for c in task.dataset.classnames for p in fill_templates(task.dataset.templates, c)]
-    return list(task.dataset.captions)
+def check_unique_names(entries: list[dict]) -> None:
+    """Two benchmarks reporting into one section under one name would overwrite each other."""
+    seen = set()
+    for entry in entries:
+        key = (TASKS.get(entry.get("task"), (entry.get("task"),))[0], entry.get("name"))
+        if key in seen:
+            raise ValueError(f"two benchmarks named {key[1]!r} report into section {key[0]!r}; rename one")
+        seen.add(key)
 
 
-def assign_slices(tasks: list[Task]) -> tuple[list, list[str]]:
-    images, texts = [], []
-    for task in tasks:
-        paths, prompts = [str(p) for p in task.dataset.image_paths], task_texts(task)
-        task.images = slice(len(images), len(images) + len(paths))
-        task.texts = slice(len(texts), len(texts) + len(prompts))
-        images, texts = images + paths, texts + prompts
-    return images, texts
+def entry_key(entry: dict) -> str:
+    return f"{entry.get('task')}/{entry.get('name')}"
 
 
-def encode(encoder_cls, column: str, values: list, args: argparse.Namespace) -> np.ndarray:
+def load_benchmarks(entries: list[dict], skipped: dict) -> list[Benchmark]:
+    benchmarks = []
+    for i, entry in enumerate(entries, 1):
+        try:
+            benchmarks.append(load_benchmark(entry))
+            log.info("[%d/%d] loaded %s", i, len(entries), entry_key(entry))
+        except (OSError, ValueError, KeyError, tarfile.TarError) as err:  # skip it, never fail the suite
+            skipped[entry_key(entry)] = f"{type(err).__name__}: {err}"
+            log.warning("[%d/%d] skipped %s: %s", i, len(entries), entry_key(entry), err)
+    return benchmarks
+
+
+def encode(modality: str, values: list, args: argparse.Namespace) -> np.ndarray:
     """(N, D) unit features of `values`, in order, from encoder actors."""
-    if not values:
-        return np.zeros((0, 0), np.float32)
-    rows = [{encoders.INDEX: i, column: v} for i, v in enumerate(values)]
+    rows = encoders.image_rows(values) if modality == IMAGE else encoders.text_rows(values)
+    encoder = encoders.ImageEncoder if modality == IMAGE else encoders.TextEncoder
     out = ray.data.from_items(rows).map_batches(
-        encoder_cls, fn_constructor_args=(args.checkpoint, "cuda" if args.use_gpu else "cpu"),
+        encoder, fn_constructor_args=(args.checkpoint, "cuda" if args.use_gpu else "cpu"),
         batch_size=args.batch_size, batch_format="numpy", num_gpus=1 if args.use_gpu else 0,
         compute=ray.data.ActorPoolStrategy(size=args.num_encoders))
     return encoders.stack_by_index(out.take_all())
 
 
-def score_task(task: Task, image_features, text_features, similarity) -> dict:
-    images, texts = image_features[task.images], text_features[task.texts]
-    if task.kind == "zeroshot":
-        lookup = dict(zip(task_texts(task), texts))  # prompt -> its precomputed feature
-        weights = build_zeroshot_weights(lambda prompts: np.stack([lookup[p] for p in prompts]),
-                                         task.dataset.classnames, task.dataset.templates)  # (C, D)
-        metrics = compute_zeroshot_metrics(similarity(images, weights), task.dataset.labels)
-        return {**metrics, "n_images": task.dataset.n_images, "n_classes": task.dataset.n_classes}
-    metrics = compute_retrieval_recall(similarity(images, texts), task.dataset.text_to_image)
-    return {**metrics, "protocol": task.dataset.protocol, "n_images": task.dataset.n_images,
-            "n_texts": task.dataset.n_texts}
+def embed(benchmarks: list[Benchmark], cache: EmbeddingCache, args: argparse.Namespace) -> list[dict]:
+    """Each benchmark's embeddings by role: cached ones loaded, the rest encoded in one pass per
+    modality (inputs shared by several benchmarks, e.g. a test split, are encoded once)."""
+    wanted = [requests(b) for b in benchmarks]
+    unique = {(m, digest_values(vs)): (m, vs) for reqs in wanted for m, vs in reqs.values()}
+    done = {key: cache.load(m, vs) for key, (m, vs) in unique.items()}
+    for modality in (IMAGE, "text"):
+        todo = [key for key, feats in done.items() if feats is None and key[0] == modality]
+        values = [v for key in todo for v in unique[key][1]]
+        if not values:
+            continue
+        log.info("encoding %d %ss (%d input set(s) not cached)", len(values), modality, len(todo))
+        features, start = encode(modality, values, args), 0
+        for key in todo:
+            n = len(unique[key][1])
+            done[key] = features[start:start + n]
+            cache.save(modality, unique[key][1], done[key])
+            start += n
+    return [{role: done[(m, digest_values(vs))] for role, (m, vs) in reqs.items()} for reqs in wanted]
+
+
+def checkpoint_fingerprint(bundle) -> str:
+    state = checkpoint.read_state(Path(bundle.info["resolved"]))
+    return model_fingerprint(state["files"][checkpoint.MODEL_FILE], {
+        "image_size": bundle.preprocess.image_size, "preprocess": type(bundle.preprocess).__name__,
+        "arch": bundle.info["arch"]})
+
+
+def describe(bench: Benchmark) -> dict:
+    """What the report records of a benchmark's data: its specs and a digest of each input."""
+    return {"task": bench.task, "specs": bench.specs,
+            "digests": {role: digest_values(values) for role, (_, values) in requests(bench).items()}}
 
 
 def run_evaluation(args: argparse.Namespace) -> dict:
     bundle = load_inference_model(args.checkpoint)
-    report = {"checkpoint": bundle.info, "zeroshot": {}, "retrieval": {}, "skipped": {}}
-    tasks = load_tasks(args, report["skipped"])
-    images, texts = assign_slices(tasks)
-    image_features = encode(encoders.ImageEncoder, encoders.PATH, images, args)
-    text_features = encode(encoders.TextEncoder, encoders.TEXT, texts, args)
-    for task in tasks:
+    fingerprint = checkpoint_fingerprint(bundle)
+    report = {"checkpoint": {**bundle.info, "fingerprint": fingerprint}, "suites": list(args.suite),
+              "zeroshot": {}, "retrieval": {}, "linear_probe": {}, "compositionality": {}, "intra_modal": {},
+              "datasets": {}, "skipped": {}}
+    entries = collect_entries(args)
+    benchmarks = load_benchmarks(entries, report["skipped"])
+    cache = EmbeddingCache(None if args.cache == "none" else args.cache, fingerprint)
+    features = embed(benchmarks, cache, args)
+    log.info("embedding cache: %d hit(s), %d miss(es)", cache.hits, cache.misses)
+    for i, (bench, feats) in enumerate(zip(benchmarks, features), 1):
         try:
-            report[SECTION[task.kind]][task.name] = score_task(task, image_features, text_features,
-                                                               bundle.similarity)
+            report[bench.section][bench.name] = score(bench, feats, bundle.similarity)
+            log.info("[%d/%d] scored %s/%s", i, len(benchmarks), bench.task, bench.name)
+            report["datasets"][entry_key(vars(bench))] = describe(bench)
         except ValueError as err:  # e.g. non-finite scores from a diverged model
-            report["skipped"][task.name] = f"ValueError: {err}"
+            report["skipped"][entry_key(vars(bench))] = f"ValueError: {err}"
+    add_group_averages(report, entries)
     return report
 
 
-def publish_report(report: dict, output: str) -> None:
+def publish_report(report: dict, output: str, compare: list[str] = ()) -> None:
     with tempfile.TemporaryDirectory() as tmp:
-        paths = write_report(report, tmp)
+        paths = [*write_report(report, tmp), *write_plots(report, tmp, compare)]
         fs, path = storage.open_storage(output)
         for local in paths:
             storage.write_bytes_atomic(fs, storage.join(path, Path(local).name), Path(local).read_bytes())
@@ -147,7 +204,7 @@ def main(argv=None) -> dict:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     ray_setup.init_ray(args.ray_address)
     report = run_evaluation(args)
-    publish_report(report, args.output)
+    publish_report(report, args.output, args.compare)
     print(f"report written to {args.output}")
     return report
 

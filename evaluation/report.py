@@ -1,5 +1,6 @@
 """The evaluation report: one dict (schema below) written as `report.json` and rendered as
-`report.md` with paper-style tables of zero-shot accuracy and retrieval recall."""
+`report.md` with tables laid out like the papers' (zero-shot accuracy with group averages,
+retrieval recall, linear probe, SugarCrepe, intra-modal mAP and the modality gap)."""
 from __future__ import annotations
 
 import json
@@ -7,8 +8,11 @@ import math
 from pathlib import Path
 from typing import Any, TypedDict
 
+from evaluation.datasets.compositional import SUGARCREPE_SUBSETS
+from evaluation.tasks.compositionality import AVERAGE_KEY
+from evaluation.tasks.intra_modal import GAP_KEY, MAP_KEY
 from evaluation.tasks.retrieval import IMAGE_RETRIEVAL_KEY, RECALL_KS, TEXT_RETRIEVAL_KEY
-from evaluation.tasks.zeroshot import MEAN_PER_CLASS_RECALL_KEY, TOPK_KEY
+from evaluation.tasks.zeroshot import MEAN_AVERAGE_PRECISION_KEY, MEAN_PER_CLASS_RECALL_KEY, TOPK_KEY
 
 REPORT_JSON = "report.json"
 REPORT_MD = "report.md"
@@ -17,6 +21,10 @@ REPORT_MD = "report.md"
 CHECKPOINT_KEY = "checkpoint"
 ZEROSHOT_KEY = "zeroshot"
 RETRIEVAL_KEY = "retrieval"
+LINEAR_PROBE_KEY = "linear_probe"
+COMPOSITIONALITY_KEY = "compositionality"
+INTRA_MODAL_KEY = "intra_modal"
+AVERAGES_KEY = "averages"
 SKIPPED_KEY = "skipped"
 
 # Fields of the checkpoint section shown in the Markdown header (others stay in the JSON only).
@@ -34,6 +42,7 @@ ZEROSHOT_COLUMNS = {
     "top-1": TOPK_KEY.format(k=1),
     "top-5": TOPK_KEY.format(k=5),
     "mean per-class recall": MEAN_PER_CLASS_RECALL_KEY,
+    "mAP (multi-label)": MEAN_AVERAGE_PRECISION_KEY,
 }
 IMAGE_TO_TEXT_KEY = TEXT_RETRIEVAL_KEY  # image query, captions retrieved
 TEXT_TO_IMAGE_KEY = IMAGE_RETRIEVAL_KEY  # caption query, images retrieved
@@ -72,11 +81,17 @@ RetrievalEntry = TypedDict(
 )
 
 
-class Report(TypedDict):
+class Report(TypedDict, total=False):
     checkpoint: CheckpointInfo
-    zeroshot: dict[str, ZeroshotEntry]
+    suites: list[str]
+    zeroshot: dict[str, ZeroshotEntry]  # a multi-label set has mean_average_precision instead of top-k
     retrieval: dict[str, RetrievalEntry]
-    skipped: dict[str, str]  # dataset name -> why it was not evaluated
+    linear_probe: dict[str, dict]  # top1, top5, mean_per_class_recall, protocol, n_train, n_test
+    compositionality: dict[str, dict]  # per SugarCrepe subset, average_<object|attribute|relation|edit>, average
+    intra_modal: dict[str, dict]  # mAP (+ modality_gap for text sets), protocol
+    averages: dict[str, dict]  # suite group -> {"mean", "datasets", "missing"} of zero-shot headline metrics
+    datasets: dict[str, dict]  # "task/name" -> {"task", "specs", "digests"} of the data evaluated
+    skipped: dict[str, str]  # "task/name" -> why it was not evaluated
 
 
 def format_percent(value: Any) -> str:
@@ -103,18 +118,52 @@ def format_header(checkpoint: dict) -> list[str]:
         f"- Checkpoint: {f'`{path}`' if path else MISSING}",
         f"- Step: {checkpoint.get(CHECKPOINT_STEP_KEY, MISSING)}",
         f"- Method: {checkpoint.get(CHECKPOINT_METHOD_KEY, MISSING)}",
-        f"- Data manifest digest(s): {', '.join(f'`{d}`' for d in digests) or MISSING}",
-    ]
+        f"- Data manifest digest(s): {', '.join(f'`{d}`' for d in digests if d) or MISSING}",
+    ] + [f"- {label}: {checkpoint[key]}" for key, label in (("topology", "Topology (similarity)"),
+                                                           ("fingerprint", "Weights + preprocessing fingerprint"))
+         if key in checkpoint]
 
 
-def format_zeroshot_section(zeroshot: dict[str, dict]) -> list[str]:
-    """One row per dataset, sorted by name so the JSON round trip renders identically."""
+def headline(entry: dict) -> float | None:
+    """A zero-shot entry's headline number: top-1, or mAP for a multi-label set."""
+    return entry.get(TOPK_KEY.format(k=1), entry.get(MEAN_AVERAGE_PRECISION_KEY))
+
+
+def add_group_averages(report: dict, entries: list[dict]) -> None:
+    """Per suite group (e.g. the 17 PGS zero-shot sets), the mean headline metric over the sets
+    evaluated, listing those missing: an average over fewer sets is not the paper's number."""
+    groups: dict[str, list[str]] = {}
+    for entry in entries:
+        if entry.get("task") == "zeroshot":
+            for group in entry.get("groups", []):
+                groups.setdefault(group, []).append(entry["name"])
+    zeroshot = report.get(ZEROSHOT_KEY, {})
+    report[AVERAGES_KEY] = {}
+    for group, names in groups.items():
+        present = [n for n in names if n in zeroshot]
+        values = [headline(zeroshot[n]) for n in present]
+        report[AVERAGES_KEY][group] = {"mean": sum(values) / len(values) if values else None,
+                                       "datasets": present, "missing": [n for n in names if n not in zeroshot]}
+
+
+def format_zeroshot_section(zeroshot: dict[str, dict], averages: dict[str, dict]) -> list[str]:
+    """One row per dataset, sorted by name so the JSON round trip renders identically; then each
+    suite group as one wide row (datasets as columns, as the papers' tables) with its average."""
     lines = ["## Zero-shot classification", ""]
     if not zeroshot:
         return lines + ["None."]
-    rows = [[name] + [format_percent(entry.get(key)) for key in ZEROSHOT_COLUMNS.values()]
+    columns = {h: k for h, k in ZEROSHOT_COLUMNS.items() if any(k in e for e in zeroshot.values())}
+    rows = [[name] + [format_percent(entry.get(key)) for key in columns.values()]
             for name, entry in sorted(zeroshot.items())]
-    return lines + format_table(["dataset", *ZEROSHOT_COLUMNS], rows, n_text_columns=1)
+    lines += format_table(["dataset", *columns], rows, n_text_columns=1)
+    for group, average in sorted(averages.items()):
+        names = average["datasets"]
+        lines += ["", f"### {group} (top-1; mAP for multi-label)", ""]
+        lines += format_table([*names, "average"], [[format_percent(headline(zeroshot[n])) for n in names]
+                                                    + [format_percent(average["mean"])]], n_text_columns=0)
+        if average["missing"]:
+            lines += ["", f"Average over {len(names)} sets; missing: {', '.join(average['missing'])}."]
+    return lines
 
 
 def format_retrieval_section(retrieval: dict[str, dict]) -> list[str]:
@@ -131,17 +180,55 @@ def format_retrieval_section(retrieval: dict[str, dict]) -> list[str]:
     return lines + format_table(header, rows, n_text_columns=2)
 
 
+def format_linear_probe_section(probes: dict[str, dict]) -> list[str]:
+    lines = ["## Linear probe", ""]
+    if not probes:
+        return lines + ["None."]
+    rows = [[name, str(entry.get(PROTOCOL_KEY, MISSING))]
+            + [format_percent(entry.get(key)) for key in list(ZEROSHOT_COLUMNS.values())[:3]]
+            for name, entry in sorted(probes.items())]
+    return lines + format_table(["dataset", "protocol", *list(ZEROSHOT_COLUMNS)[:3]], rows, n_text_columns=2)
+
+
+def format_compositionality_section(results: dict[str, dict]) -> list[str]:
+    """SugarCrepe as its paper lays it out: Replace obj/att/rel, Swap obj/att, Add obj/att, averages."""
+    lines = ["## Compositionality (SugarCrepe accuracy)", ""]
+    if not results:
+        return lines + ["None."]
+    averages = [f"{AVERAGE_KEY}_{t}" for t in ("object", "attribute", "relation")] + [AVERAGE_KEY]
+    header = ["dataset"] + [f"{e.capitalize()} {t[:3]}" for e, t in SUGARCREPE_SUBSETS.values()] + [
+        "avg object", "avg attribute", "avg relation", "avg"]
+    rows = [[name] + [format_percent(entry.get(key)) for key in [*SUGARCREPE_SUBSETS, *averages]]
+            for name, entry in sorted(results.items())]
+    return lines + format_table(header, rows, n_text_columns=1)
+
+
+def format_intra_modal_section(results: dict[str, dict]) -> list[str]:
+    lines = ["## Intra-modal retrieval and modality gap", ""]
+    if not results:
+        return lines + ["None."]
+    rows = [[name, str(entry.get(PROTOCOL_KEY, MISSING)), format_percent(entry.get(MAP_KEY)),
+             f"{entry[GAP_KEY]:.3f}" if GAP_KEY in entry else MISSING] for name, entry in sorted(results.items())]
+    return lines + format_table(["dataset", "protocol", "mAP", "modality gap"], rows, n_text_columns=2)
+
+
 def format_skipped_section(skipped: dict[str, str]) -> list[str]:
     lines = ["## Skipped", ""]
     return lines + ([f"- {name}: {reason}" for name, reason in sorted(skipped.items())] or ["None."])
+
+
+OPTIONAL_SECTIONS = {LINEAR_PROBE_KEY: format_linear_probe_section,
+                     COMPOSITIONALITY_KEY: format_compositionality_section,
+                     INTRA_MODAL_KEY: format_intra_modal_section}
 
 
 def format_report_markdown(report: dict) -> str:
     """The whole report as Markdown: header, zero-shot table, retrieval table, skipped datasets."""
     sections = [
         format_header(report.get(CHECKPOINT_KEY, {})),
-        format_zeroshot_section(report.get(ZEROSHOT_KEY, {})),
+        format_zeroshot_section(report.get(ZEROSHOT_KEY, {}), report.get(AVERAGES_KEY, {})),
         format_retrieval_section(report.get(RETRIEVAL_KEY, {})),
+        *[formatter(report[key]) for key, formatter in OPTIONAL_SECTIONS.items() if report.get(key)],
         format_skipped_section(report.get(SKIPPED_KEY, {})),
     ]
     return "\n\n".join("\n".join(lines) for lines in sections) + "\n"

@@ -1,12 +1,13 @@
-"""Readers for the benchmark sets the evaluation job scores: classification image folders
-and image-caption retrieval sets, each returned as a small frozen dataclass of paths and labels."""
+"""Readers for the benchmark sets the evaluation job scores, each returning a small frozen
+dataclass of image references (URIs or bytes), labels and captions."""
 from evaluation.datasets.classification import ClassificationSet, load_image_folder
-from evaluation.datasets.retrieval import RetrievalSet, load_karpathy, load_long_caption_folder
+from evaluation.datasets.compositional import CompositionSet, load_sugarcrepe
+from evaluation.datasets.retrieval import (RetrievalSet, load_coco_captions, load_flickr_token, load_karpathy,
+                                           load_long_caption_build, load_long_caption_folder)
+from evaluation.datasets.wds import load_wds
 
 __all__ = [
-    "ClassificationSet",
-    "RetrievalSet",
-    "load_image_folder",
-    "load_karpathy",
-    "load_long_caption_folder",
+    "ClassificationSet", "CompositionSet", "RetrievalSet", "load_coco_captions", "load_flickr_token",
+    "load_image_folder", "load_karpathy", "load_long_caption_build", "load_long_caption_folder",
+    "load_sugarcrepe", "load_wds",
 ]

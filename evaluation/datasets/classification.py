@@ -1,85 +1,109 @@
-"""Zero-shot classification sets stored as an image folder (torchvision ImageFolder layout)
-next to a `classnames.txt` and a `templates.txt` of prompt templates."""
+"""Classification sets for zero-shot classification and linear probes, from an image folder
+(torchvision ImageFolder layout) next to a class-name file and a template file. Local or s3://.
+
+ImageNet-A/-R/-O as distributed (one folder per WordNet id, a subset of the 1000 classes):
+put the 1000 ImageNet class names in `classnames.txt` and their ids in `wnids.txt`; the
+classes are the ids that have a folder, in ImageNet order, as CLIP_benchmark masks them.
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 
+from evaluation.datasets.files import ImageRef, Location, read_lines
+
 CLASSNAMES_FILE = "classnames.txt"
-TEMPLATES_FILE = "templates.txt"
+TEMPLATES_FILES = ("templates.txt", "zeroshot_classification_templates.txt")  # ours, CLIP_benchmark's
+WNIDS_FILE = "wnids.txt"
 CLASSNAME_FIELD = "{c}"  # CLIP_benchmark fills templates with template.format(c=classname)
-IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png"})
 
 
 @dataclass(frozen=True)
 class ClassificationSet:
-    """Images with one integer label each; label i names `classnames[i]`."""
+    """Images with labels: (N,) class indices, or (N, C) 0/1 for a multi-label set.
+    Label i names `classnames[i]`; `templates` may be empty for a set used only by linear probes."""
 
     name: str
-    image_paths: list[Path]
-    labels: np.ndarray  # (n_images,) int64
+    images: list[ImageRef]
+    labels: np.ndarray
     classnames: list[str]
     templates: list[str]
 
     @property
     def n_images(self) -> int:
-        return len(self.image_paths)
+        return len(self.images)
 
     @property
     def n_classes(self) -> int:
         return len(self.classnames)
 
-
-def is_image_file(path: Path) -> bool:
-    """True for a visible file with an image suffix (any case, so `.JPG` counts)."""
-    return path.is_file() and not path.name.startswith(".") and path.suffix.lower() in IMAGE_SUFFIXES
-
-
-def read_nonempty_lines(path: Path, what: str) -> list[str]:
-    """The stripped, non-blank lines of `path`; a missing file is an error naming `what` it holds."""
-    if not path.is_file():
-        raise FileNotFoundError(f"missing {what} file: {path}")
-    lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
-    return [line for line in lines if line]
+    @property
+    def multilabel(self) -> bool:
+        return self.labels.ndim == 2
 
 
-def check_templates(templates: list[str], path: Path) -> None:
+def check_templates(templates: list[str], source: str) -> None:
     """Every template must take the class name as `{c}` and no other format field."""
     if not templates:
-        raise ValueError(f"no templates in {path}")
+        raise ValueError(f"no templates in {source}")
     for template in templates:
         if CLASSNAME_FIELD not in template:
-            raise ValueError(f"template {template!r} in {path} has no {CLASSNAME_FIELD} placeholder")
+            raise ValueError(f"template {template!r} in {source} has no {CLASSNAME_FIELD} placeholder")
         try:
             template.format(c="x")
         except (KeyError, IndexError, ValueError) as error:
-            raise ValueError(f"template {template!r} in {path} is not a valid format string: {error}") from error
+            raise ValueError(f"template {template!r} in {source} is not a valid format string: {error}") from error
 
 
-def list_class_dirs(root: Path) -> list[Path]:
-    """Class folders sorted by name, so folder i is class i (torchvision's ImageFolder rule).
+def read_templates(*folders: Location) -> list[str]:
+    """Templates from the first of `templates.txt` / `zeroshot_classification_templates.txt` found."""
+    for folder in folders:
+        for filename in TEMPLATES_FILES:
+            location = folder.child(filename)
+            if location.exists():
+                templates = read_lines(location, "templates")
+                check_templates(templates, location.uri)
+                return templates
+    raise FileNotFoundError(f"missing templates file ({' or '.join(TEMPLATES_FILES)}) in {folders[0].uri}")
 
-    Hidden folders (`.ipynb_checkpoints`, `.cache`) are left out: they are never classes.
-    """
-    return sorted((p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")), key=lambda p: p.name)
+
+def select_class_subset(root: Location, dir_names: list[str], classnames: list[str]) -> list[str]:
+    """Class names of the folders when they are a subset of the listed classes (ImageNet-A/R/O)."""
+    wnids = read_lines(root.child(WNIDS_FILE), "class ids")
+    if len(wnids) != len(classnames):
+        raise ValueError(f"{root.uri}: {WNIDS_FILE} has {len(wnids)} ids for {len(classnames)} class names")
+    unknown = sorted(set(dir_names) - set(wnids))
+    if unknown:
+        raise ValueError(f"{root.uri}: class folders {unknown[:5]} are not in {WNIDS_FILE}")
+    if [w for w in wnids if w in set(dir_names)] != dir_names:
+        raise ValueError(f"{root.uri}: {WNIDS_FILE} must list the ids in sorted order, as folders sort")
+    return [name for wnid, name in zip(wnids, classnames) if wnid in set(dir_names)]
 
 
-def load_image_folder(root: str | Path, name: str | None = None) -> ClassificationSet:
-    """Read `<root>/classnames.txt`, `<root>/templates.txt` and `<root>/<class_dir>/*.{jpg,jpeg,png}`."""
-    root = Path(root)
-    classnames = read_nonempty_lines(root / CLASSNAMES_FILE, "class names")
-    templates = read_nonempty_lines(root / TEMPLATES_FILE, "templates")
-    check_templates(templates, root / TEMPLATES_FILE)
-    class_dirs = list_class_dirs(root)
-    if len(class_dirs) != len(classnames):
-        raise ValueError(
-            f"{root} has {len(class_dirs)} class folders but {root / CLASSNAMES_FILE} names {len(classnames)} classes"
-        )
-    per_class = [sorted(p for p in class_dir.iterdir() if is_image_file(p)) for class_dir in class_dirs]
-    image_paths = [path for paths in per_class for path in paths]
-    if not image_paths:
-        raise ValueError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) under {root}")
-    labels = np.repeat(np.arange(len(class_dirs), dtype=np.int64), [len(paths) for paths in per_class])
-    return ClassificationSet(name or root.name, image_paths, labels, classnames, templates)
+def match_classnames(root: Location, dir_names: list[str], classnames: list[str]) -> list[str]:
+    if len(dir_names) == len(classnames):
+        return classnames
+    if len(dir_names) < len(classnames) and root.child(WNIDS_FILE).exists():
+        return select_class_subset(root, dir_names, classnames)
+    raise ValueError(f"{root.uri} has {len(dir_names)} class folders but {CLASSNAMES_FILE} names "
+                     f"{len(classnames)} classes")
+
+
+def load_image_folder(root: str, name: str | None = None, split: str | None = None,
+                      need_templates: bool = True) -> ClassificationSet:
+    """Read `<root>[/<split>]/<class_dir>/*.{jpg,jpeg,png,webp}` with `classnames.txt` and a template
+    file in `<root>[/<split>]` or `<root>`. Folder i in name order is class i (ImageFolder's rule)."""
+    top = Location(root)
+    folder = top.child(split) if split else top
+    meta = folder if folder.child(CLASSNAMES_FILE).exists() else top
+    classnames = read_lines(meta.child(CLASSNAMES_FILE), "class names")
+    templates = read_templates(folder, top) if need_templates else []
+    class_dirs = folder.entries(dirs=True)
+    classnames = match_classnames(meta, [n for n, _ in class_dirs], classnames)
+    per_class = [[uri for _, uri in Location(uri).image_files()] for _, uri in class_dirs]
+    images = [uri for uris in per_class for uri in uris]
+    if not images:
+        raise ValueError(f"no images (.jpg, .jpeg, .png, .webp) under {folder.uri}")
+    labels = np.repeat(np.arange(len(class_dirs), dtype=np.int64), [len(uris) for uris in per_class])
+    return ClassificationSet(name or top.name(), images, labels, classnames, templates)

@@ -9,6 +9,7 @@ import numpy as np
 TOPK = (1, 5)
 TOPK_KEY = "top{k}"
 MEAN_PER_CLASS_RECALL_KEY = "mean_per_class_recall"
+MEAN_AVERAGE_PRECISION_KEY = "mean_average_precision"
 ROW_BLOCK_SIZE = 4096  # rows of logits compared at once, bounds the (block, C) temporary
 
 EncodeText = Callable[[list[str]], np.ndarray]  # prompts -> (n, D) embeddings
@@ -89,3 +90,22 @@ def compute_zeroshot_metrics(
     metrics = {TOPK_KEY.format(k=k): float(np.mean(ranks < min(k, n_classes))) for k in topk}
     metrics[MEAN_PER_CLASS_RECALL_KEY] = compute_mean_per_class_recall(ranks == 0, labels)
     return metrics
+
+
+def compute_average_precision_per_class(scores: np.ndarray, targets: np.ndarray) -> np.ndarray:
+    """(C,) average precision of each class for (N, C) scores and 0/1 targets: the mean of
+    precision@rank over the ranks of the positives (CLIP_benchmark's / torchnet's definition);
+    a class without positives scores 0."""
+    order = np.argsort(-scores, axis=0, kind="stable")  # (N, C) rows ranked per class
+    truth = np.take_along_axis(targets.astype(np.float64), order, axis=0)  # (N, C)
+    precision = np.cumsum(truth, axis=0) / np.arange(1, len(scores) + 1)[:, None]
+    return (precision * truth).sum(axis=0) / np.maximum(truth.sum(axis=0), 1)
+
+
+def compute_multilabel_metrics(logits: np.ndarray, targets: np.ndarray) -> dict[str, float]:
+    """{"mean_average_precision"} for a multi-label set (VOC2007-multilabel): AP averaged over classes."""
+    logits, targets = np.asarray(logits), np.asarray(targets)
+    if logits.shape != targets.shape or logits.ndim != 2 or not np.isfinite(logits).all():
+        raise ValueError(f"expected finite logits and 0/1 targets of one (N, C) shape, got {logits.shape} "
+                         f"and {targets.shape}")
+    return {MEAN_AVERAGE_PRECISION_KEY: float(compute_average_precision_per_class(logits, targets).mean())}

@@ -1,0 +1,175 @@
+"""What each kind of benchmark encodes and how it is scored. A suite entry names a task and
+its dataset(s); loading it gives a `Benchmark`; `requests` lists the images and texts to embed
+(by role); `score` turns those embeddings into the report entry, with the checkpoint's
+similarity (training/inference.py SIMILARITIES)."""
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from evaluation.datasets import (load_coco_captions, load_flickr_token, load_image_folder, load_karpathy,
+                                 load_long_caption_build, load_long_caption_folder, load_sugarcrepe, load_wds)
+from evaluation.tasks.compositionality import compute_pair_accuracy, summarize_sugarcrepe
+from evaluation.tasks.intra_modal import (GAP_KEY, MAP_KEY, compute_modality_gap, compute_retrieval_map,
+                                          compute_text_to_text_map, query_map_named)
+from evaluation.tasks.linear_probe import LinearProbeConfig, evaluate_linear_probe
+from evaluation.tasks.retrieval import compute_retrieval_recall
+from evaluation.tasks.zeroshot import (build_zeroshot_weights, compute_multilabel_metrics, compute_zeroshot_metrics,
+                                       fill_templates)
+
+IMAGE, TEXT = "image", "text"
+READERS: dict[str, Callable] = {
+    "wds": load_wds, "image_folder": load_image_folder, "karpathy": load_karpathy,
+    "coco_captions": load_coco_captions, "flickr_token": load_flickr_token,
+    "long_folder": load_long_caption_folder, "long_build": load_long_caption_build, "sugarcrepe": load_sugarcrepe,
+}
+# task -> (report section, dataset roles it reads)
+TASKS = {
+    "zeroshot": ("zeroshot", ("test",)),
+    "retrieval": ("retrieval", ("test",)),
+    "linear_probe": ("linear_probe", ("train", "test")),
+    "compositionality": ("compositionality", ("test",)),
+    "image_retrieval": ("intra_modal", ("train", "test")),
+    "text_retrieval": ("intra_modal", ("test",)),
+}
+Similarity = Callable[[np.ndarray, np.ndarray], np.ndarray]
+
+
+@dataclass(eq=False)
+class Benchmark:
+    name: str
+    task: str
+    data: dict[str, object]  # role ("test", "train") -> dataset
+    options: dict = field(default_factory=dict)
+    specs: dict = field(default_factory=dict)  # role -> the dataset spec it was read from
+
+    @property
+    def section(self) -> str:
+        return TASKS[self.task][0]
+
+
+def load_dataset(spec: dict, need_templates: bool):
+    """A dataset from its spec: {"format": ..., "path": ..., other reader arguments}; a
+    "protocol" key names the protocol of a retrieval set whose files do not say it."""
+    spec = dict(spec)
+    reader_name, path, protocol = spec.pop("format"), spec.pop("path"), spec.pop("protocol", None)
+    if reader_name not in READERS:
+        raise ValueError(f"unknown dataset format {reader_name!r}; known: {sorted(READERS)}")
+    if reader_name in ("wds", "image_folder"):
+        spec["need_templates"] = need_templates
+    dataset = READERS[reader_name](path, **spec)
+    return dataclasses.replace(dataset, protocol=protocol) if protocol else dataset
+
+
+def load_benchmark(entry: dict) -> Benchmark:
+    """Load the datasets of one suite entry: {"name", "task", "test": spec[, "train": spec][, "options"]}."""
+    if entry.get("task") not in TASKS:
+        raise ValueError(f"{entry.get('name')}: unknown task {entry.get('task')!r}; known: {sorted(TASKS)}")
+    roles = TASKS[entry["task"]][1]
+    missing = [role for role in roles if role not in entry]
+    if missing:
+        raise ValueError(f"{entry['name']}: task {entry['task']} needs dataset(s) {missing}")
+    data = {role: load_dataset(entry[role], need_templates=entry["task"] == "zeroshot") for role in roles}
+    return Benchmark(entry["name"], entry["task"], data, entry.get("options", {}), {r: entry[r] for r in roles})
+
+
+def class_prompts(dataset) -> list[str]:
+    """Every class name in every template, class-major."""
+    return [p for c in dataset.classnames for p in fill_templates(dataset.templates, c)]
+
+
+def unique_images(composition) -> list:
+    return list(dict.fromkeys(ref for pairs in composition.subsets.values() for ref in pairs.images))
+
+
+def composition_texts(composition) -> list[str]:
+    return [t for pairs in composition.subsets.values() for t in (*pairs.positives, *pairs.negatives)]
+
+
+def requests(bench: Benchmark) -> dict[str, tuple[str, list]]:
+    """Role -> (modality, values to embed), in the order `score` expects them."""
+    test = bench.data["test"]
+    if bench.task == "zeroshot":
+        return {"images": (IMAGE, test.images), "prompts": (TEXT, class_prompts(test))}
+    if bench.task in ("retrieval", "text_retrieval"):
+        return {"images": (IMAGE, test.images), "captions": (TEXT, test.captions)}
+    if bench.task in ("linear_probe", "image_retrieval"):
+        return {"train": (IMAGE, bench.data["train"].images), "test": (IMAGE, test.images)}
+    return {"images": (IMAGE, unique_images(test)), "texts": (TEXT, composition_texts(test))}
+
+
+def score_zeroshot(bench: Benchmark, features: dict, similarity: Similarity) -> dict:
+    dataset = bench.data["test"]
+    blocks = iter(features["prompts"].reshape(dataset.n_classes, len(dataset.templates), -1))  # class-major
+    weights = build_zeroshot_weights(lambda prompts: next(blocks), dataset.classnames, dataset.templates)
+    logits = np.asarray(similarity(features["images"], weights), np.float64)
+    metrics = (compute_multilabel_metrics(logits, dataset.labels) if dataset.multilabel
+               else compute_zeroshot_metrics(logits, dataset.labels))
+    return {**metrics, "n_images": dataset.n_images, "n_classes": dataset.n_classes}
+
+
+def score_retrieval(bench: Benchmark, features: dict, similarity: Similarity) -> dict:
+    dataset = bench.data["test"]
+    metrics = compute_retrieval_recall(similarity(features["images"], features["captions"]), dataset.text_to_image)
+    return {**metrics, "protocol": dataset.protocol, "n_images": dataset.n_images, "n_texts": dataset.n_texts}
+
+
+def score_linear_probe(bench: Benchmark, features: dict, similarity: Similarity) -> dict:
+    train, test = bench.data["train"], bench.data["test"]
+    config = LinearProbeConfig(**bench.options)
+    metrics = evaluate_linear_probe(features["train"], train.labels, features["test"], test.labels,
+                                    max(train.n_classes, test.n_classes), config)
+    return {**metrics, "protocol": f"adamw-lr{config.lr}-bs{config.batch_size}-ep{config.epochs}",
+            "n_train": train.n_images, "n_test": test.n_images, "n_classes": test.n_classes}
+
+
+def paired_similarity(similarity: Similarity, a: np.ndarray, b: np.ndarray, block: int = 512) -> np.ndarray:
+    """(N,) similarity of row i of `a` with row i of `b`, through the topology's similarity."""
+    return np.concatenate([np.diagonal(np.asarray(similarity(a[s:s + block], b[s:s + block])))
+                           for s in range(0, len(a), block)])
+
+
+def score_compositionality(bench: Benchmark, features: dict, similarity: Similarity) -> dict:
+    composition = bench.data["test"]
+    row_of = {ref: i for i, ref in enumerate(unique_images(composition))}
+    texts, start, accuracies = features["texts"], 0, {}
+    for subset, pairs in composition.subsets.items():
+        n = len(pairs.images)
+        images = features["images"][[row_of[ref] for ref in pairs.images]]
+        positives, negatives = texts[start:start + n], texts[start + n:start + 2 * n]
+        start += 2 * n
+        accuracies[subset] = compute_pair_accuracy(paired_similarity(similarity, images, positives),
+                                                   paired_similarity(similarity, images, negatives))
+    return {**summarize_sugarcrepe(accuracies), "protocol": composition.protocol, "n_images": composition.n_images}
+
+
+def score_image_retrieval(bench: Benchmark, features: dict, similarity: Similarity) -> dict:
+    train, test = bench.data["train"], bench.data["test"]
+    query = bench.options.get("query", "native")
+    value = compute_retrieval_map(features["test"], test.labels, features["train"], train.labels, similarity,
+                                  query_map_named(query))
+    return {MAP_KEY: value, "protocol": f"image->image, {query} test queries / train gallery",
+            "n_queries": test.n_images, "n_gallery": train.n_images}
+
+
+def score_text_retrieval(bench: Benchmark, features: dict, similarity: Similarity) -> dict:
+    dataset = bench.data["test"]
+    query = bench.options.get("query", "native")
+    value = compute_text_to_text_map(features["captions"], dataset.text_to_image, similarity, query_map_named(query))
+    gap = compute_modality_gap(features["images"], features["captions"], dataset.text_to_image)
+    return {MAP_KEY: value, GAP_KEY: gap,
+            "protocol": f"text->text, {query} first-caption queries ({dataset.protocol})",
+            "n_queries": dataset.n_images, "n_gallery": dataset.n_texts - dataset.n_images}
+
+
+SCORERS = {"zeroshot": score_zeroshot, "retrieval": score_retrieval, "linear_probe": score_linear_probe,
+           "compositionality": score_compositionality, "image_retrieval": score_image_retrieval,
+           "text_retrieval": score_text_retrieval}
+
+
+def score(bench: Benchmark, features: dict[str, np.ndarray], similarity: Similarity) -> dict:
+    """The report entry of one benchmark from the embeddings of its `requests`."""
+    return SCORERS[bench.task](bench, features, similarity)

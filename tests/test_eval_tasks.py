@@ -1,0 +1,157 @@
+"""The tasks beyond zero-shot top-k and retrieval recall: multi-label mAP, intra-modal mAP,
+the modality gap, SugarCrepe accuracy and its averages, and the linear probe, each checked by
+hand on tiny inputs and against a naive reference (or CLIP_benchmark's code) on random ones."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from clip_benchmark.metrics.zeroshot_classification import average_precision_per_class
+
+from evaluation.tasks.compositionality import compute_pair_accuracy, summarize_sugarcrepe
+from evaluation.tasks.intra_modal import (compute_average_precisions, compute_modality_gap, compute_retrieval_map,
+                                          compute_text_to_text_map, split_first_caption)
+from evaluation.tasks.linear_probe import LinearProbeConfig, cosine_lr, evaluate_linear_probe
+from evaluation.tasks.zeroshot import compute_average_precision_per_class, compute_multilabel_metrics
+
+
+def dot(a, b):
+    return a @ b.T
+
+
+# ---------------------------------------------------------------- average precision
+
+
+def test_average_precision_by_hand():
+    # One query, gallery ranked by score: [r, n, r, n, r] -> precision at the relevant ranks
+    # 1/1, 2/3, 3/5 -> AP = (1 + 2/3 + 3/5) / 3.
+    scores = np.array([[0.9, 0.8, 0.7, 0.6, 0.5]])
+    relevant = np.array([[True, False, True, False, True]])
+    assert compute_average_precisions(scores, relevant)[0] == pytest.approx((1 + 2 / 3 + 3 / 5) / 3)
+    # The same gallery shuffled: the ranking, not the storage order, decides.
+    perm = np.array([4, 2, 0, 3, 1])
+    assert compute_average_precisions(scores[:, perm], relevant[:, perm])[0] == pytest.approx((1 + 2 / 3 + 3 / 5) / 3)
+    assert compute_average_precisions(scores, np.zeros_like(relevant))[0] == 0.0
+
+
+def naive_average_precision(scores: np.ndarray, relevant: np.ndarray) -> float:
+    ranked = relevant[np.argsort(-scores)]
+    hits, total = 0, 0.0
+    for rank, is_relevant in enumerate(ranked, 1):
+        if is_relevant:
+            hits += 1
+            total += hits / rank
+    return total / max(hits, 1)
+
+
+def test_multilabel_ap_matches_naive_and_clip_benchmark():
+    rng = np.random.default_rng(0)
+    scores, targets = rng.normal(size=(50, 7)), rng.random((50, 7)) < 0.3
+    targets[:, 6] = False  # a class without positives scores 0 on both sides
+    ours = compute_average_precision_per_class(scores, targets)
+    naive = [naive_average_precision(scores[:, c], targets[:, c]) for c in range(7)]
+    theirs = average_precision_per_class(torch.from_numpy(scores), torch.from_numpy(targets.astype(np.int64)))
+    np.testing.assert_allclose(ours, naive, atol=1e-12)
+    np.testing.assert_allclose(ours, theirs.numpy(), atol=1e-6)
+    assert compute_multilabel_metrics(scores, targets)["mean_average_precision"] == pytest.approx(np.mean(naive))
+    with pytest.raises(ValueError):
+        compute_multilabel_metrics(scores, targets[:, :3])
+
+
+# ---------------------------------------------------------------- intra-modal retrieval and gap
+
+
+def test_image_to_image_map_against_naive_loop():
+    rng = np.random.default_rng(1)
+    queries, gallery = rng.normal(size=(9, 4)), rng.normal(size=(20, 4))
+    q_labels, g_labels = rng.integers(0, 3, 9), rng.integers(0, 3, 20)
+    naive = np.mean([naive_average_precision(gallery @ q, g_labels == label) for q, label in zip(queries, q_labels)])
+    for block in (1, 4, 256):
+        assert compute_retrieval_map(queries, q_labels, gallery, g_labels, dot, block_size=block) == pytest.approx(naive)
+
+
+def test_query_map_plugs_in_an_inverted_query():
+    rng = np.random.default_rng(2)
+    queries, gallery = rng.normal(size=(5, 4)), rng.normal(size=(12, 4))
+    labels = np.arange(5) % 3
+    g_labels = np.arange(12) % 3
+    native = compute_retrieval_map(queries, labels, gallery, g_labels, dot)
+    flipped = compute_retrieval_map(queries, labels, gallery, g_labels, dot, query_map=lambda q: -q)
+    naive = np.mean([naive_average_precision(gallery @ -q, g_labels == label) for q, label in zip(queries, labels)])
+    assert flipped == pytest.approx(naive) and flipped != pytest.approx(native)
+
+
+def test_text_to_text_first_caption_queries_the_rest():
+    text_to_image = np.array([0, 0, 0, 1, 1, 2, 2])
+    queries, gallery = split_first_caption(text_to_image)
+    np.testing.assert_array_equal(queries, [0, 3, 5])
+    np.testing.assert_array_equal(gallery, [1, 2, 4, 6])
+    # Captions as one-hot image ids: each query finds exactly its own image's captions first.
+    features = np.eye(3)[text_to_image]
+    assert compute_text_to_text_map(features, text_to_image, dot) == pytest.approx(1.0)
+
+
+def test_modality_gap_by_hand():
+    images = np.array([[1.0, 0.0], [0.0, 2.0]])  # normalised: e1, e2
+    texts = np.array([[-3.0, 0.0], [0.0, -1.0], [0.0, -5.0]])  # -e1, -e2, -e2
+    text_to_image = np.array([0, 1, 1])
+    # image mean over pairs: (e1 + 2 e2) / 3; text mean: -(e1 + 2 e2) / 3; gap = 2 |(1, 2)| / 3
+    assert compute_modality_gap(images, texts, text_to_image) == pytest.approx(2 * np.sqrt(5) / 3)
+
+
+# ---------------------------------------------------------------- SugarCrepe
+
+
+def test_pair_accuracy_ties_are_misses():
+    assert compute_pair_accuracy(np.array([0.5, 0.2, 0.3]), np.array([0.4, 0.2, 0.9])) == pytest.approx(1 / 3)
+    with pytest.raises(ValueError):
+        compute_pair_accuracy(np.array([np.nan]), np.array([0.0]))
+
+
+def test_sugarcrepe_averages():
+    accuracies = {"replace_obj": 0.9, "replace_att": 0.8, "replace_rel": 0.7, "swap_obj": 0.6,
+                  "swap_att": 0.5, "add_obj": 0.4, "add_att": 0.3}
+    summary = summarize_sugarcrepe(accuracies)
+    assert summary["average_object"] == pytest.approx((0.9 + 0.6 + 0.4) / 3)
+    assert summary["average_attribute"] == pytest.approx((0.8 + 0.5 + 0.3) / 3)
+    assert summary["average_relation"] == pytest.approx(0.7)
+    assert summary["average_replace"] == pytest.approx(0.8) and summary["average_add"] == pytest.approx(0.35)
+    assert summary["average"] == pytest.approx(0.6)
+
+
+# ---------------------------------------------------------------- linear probe
+
+
+def test_cosine_schedule_without_warmup():
+    assert [cosine_lr(0.1, s, 4) for s in (0, 2, 4)] == pytest.approx([0.1, 0.05, 0.0])
+
+
+@pytest.mark.usefixtures("single_torch_thread")
+def test_linear_probe_separates_separable_features():
+    rng = np.random.default_rng(3)
+    centres = rng.normal(size=(4, 8)) * 3
+    train_y, test_y = np.arange(200) % 4, np.arange(40) % 4
+    train_x = centres[train_y] + rng.normal(size=(200, 8))
+    test_x = centres[test_y] + rng.normal(size=(40, 8))
+    metrics = evaluate_linear_probe(train_x, train_y, test_x, test_y, 4, LinearProbeConfig(epochs=5))
+    assert metrics["top1"] > 0.9
+    shuffled = evaluate_linear_probe(train_x, rng.permutation(train_y), test_x, test_y, 4, LinearProbeConfig(epochs=5))
+    assert shuffled["top1"] < 0.6  # labels carrying no signal: the probe cannot generalise
+
+
+def test_a_registered_query_map_is_named_in_benchmark_options(monkeypatch):
+    from evaluation.benchmarks import Benchmark, score
+    from evaluation.datasets.classification import ClassificationSet
+    from evaluation.tasks import intra_modal
+    monkeypatch.setitem(intra_modal.QUERY_MAPS, "negated", lambda q: -q)
+    rng = np.random.default_rng(4)
+    test = ClassificationSet("t", ["q"] * 5, np.arange(5) % 3, ["a", "b", "c"], [])
+    train = ClassificationSet("t", ["g"] * 12, np.arange(12) % 3, ["a", "b", "c"], [])
+    features = {"test": rng.normal(size=(5, 4)), "train": rng.normal(size=(12, 4))}
+    bench = Benchmark("t", "image_retrieval", {"train": train, "test": test}, {"query": "negated"})
+    result = score(bench, features, dot)
+    assert result["mAP"] == pytest.approx(compute_retrieval_map(-features["test"], test.labels, features["train"],
+                                                                train.labels, dot))
+    assert "negated test queries" in result["protocol"]
+    with pytest.raises(ValueError, match="unknown query map"):
+        score(Benchmark("t", "image_retrieval", {"train": train, "test": test}, {"query": "oti"}), features, dot)
