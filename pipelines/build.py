@@ -205,18 +205,22 @@ def check_image_failures(stats: list[dict], remaining: int, max_rate: float) -> 
                            f"--max-failure-rate {max_rate:.1%}): {dict(reasons)}")
 
 
-def plan_shards(groups, params: BuildParams) -> tuple[object, int]:
+def plan_shards(groups, params: BuildParams) -> tuple[object, list[int]]:
+    """(one spec row per shard, the shard ids that hold groups: a shard id the key hash
+    leaves empty is never written)."""
     n_groups = groups.count()
     num_shards = max(1, math.ceil(n_groups / params.shard_size))
-    specs = groups.map_batches(assign_shards, fn_kwargs={"num_shards": num_shards},
-                               batch_format="numpy")
-    specs = specs.groupby("shard_id", num_partitions=min(num_shards, MAX_SHUFFLE_PARTITIONS))
-    specs = specs.map_groups(pack_shard, batch_format="numpy")
-    return specs, num_shards
+    assigned = groups.map_batches(assign_shards, fn_kwargs={"num_shards": num_shards},
+                                  batch_format="numpy")
+    shard_ids = sorted(int(i) for i in assigned.unique("shard_id")) if n_groups else []
+    specs = assigned.groupby("shard_id", num_partitions=min(num_shards, MAX_SHUFFLE_PARTITIONS))
+    return specs.map_groups(pack_shard, batch_format="numpy"), shard_ids
 
 
 def run_shard_tasks(specs, build_uri: str, params: BuildParams, todo: set[int],
                     num_shards: int) -> list[dict]:
+    if not todo:
+        return []
     """Phase A: fetch the shards not yet staged, logging progress as each one lands, and
     abort when the failure rate says the input is wrong."""
     pending = specs.filter(lambda r: int(r["shard_id"]) in todo)
@@ -246,14 +250,14 @@ class PublishShardTask:
         return {"shard_id": batch["shard_id"]}
 
 
-def run_dedup(fs, build_path: str, build_uri: str, num_shards: int) -> None:
+def run_dedup(fs, build_path: str, build_uri: str, shard_ids: list[int]) -> None:
     """Phase B: write the dedup plan once, then publish every shard not yet published."""
-    todo = [i for i in range(num_shards) if not fs.exists(shards.shard_paths(build_path, i)[1])]
+    todo = [i for i in shard_ids if not fs.exists(shards.shard_paths(build_path, i)[1])]
     if not todo:
         return
     if not dedup.plan_exists(fs, build_path):
-        duplicates = find_duplicates(fs, build_path, num_shards)
-        dedup.write_plan(fs, build_path, duplicates, num_shards)
+        duplicates = find_duplicates(fs, build_path, shard_ids)
+        dedup.write_plan(fs, build_path, duplicates, shard_ids)
         log.info("dedup: %d images merged into %d others", sum(len(d["drop"]) for d in duplicates),
                  len(duplicates))
     ray.data.from_items([{"shard_id": i} for i in todo]).map_batches(
@@ -261,26 +265,26 @@ def run_dedup(fs, build_path: str, build_uri: str, num_shards: int) -> None:
         concurrency=(1, 16)).materialize()
 
 
-def find_duplicates(fs, build_path: str, num_shards: int) -> list[dict]:
+def find_duplicates(fs, build_path: str, shard_ids: list[int]) -> list[dict]:
     """Groups of staged samples with identical image bytes (Ray Data groupby on the digest)."""
-    paths = [dedup.staged_index_path(build_path, i) for i in range(num_shards)]
+    paths = [dedup.staged_index_path(build_path, i) for i in shard_ids]
     arrow_fs = arrow_filesystem_for(fs)
     index = ray.data.read_parquet(paths, filesystem=arrow_fs).select_columns(list(dedup.PLAN_COLUMNS))
-    n_partitions = max(1, min(MAX_SHUFFLE_PARTITIONS, num_shards))
+    n_partitions = max(1, min(MAX_SHUFFLE_PARTITIONS, len(shard_ids)))
     groups = index.groupby(shards.DIGEST, num_partitions=n_partitions).map_groups(
         dedup.duplicate_groups, batch_format="numpy")
     return [json.loads(row["plan"]) for row in groups.take_all()]
 
 
-def collect_shard_stats(fs, build_path: str, num_shards: int) -> dict[int, dict]:
-    found = {i: shards.read_shard_stats(fs, build_path, i) for i in range(num_shards)}
+def collect_shard_stats(fs, build_path: str, shard_ids: list[int]) -> dict[int, dict]:
+    found = {i: shards.read_shard_stats(fs, build_path, i) for i in shard_ids}
     return {i: s for i, s in found.items() if s is not None}
 
 
-def staged_or_published(fs, build_path: str, num_shards: int) -> set[int]:
+def staged_or_published(fs, build_path: str, shard_ids: list[int]) -> set[int]:
     """Shards that phase A need not fetch again."""
-    staged = collect_shard_stats(fs, storage.join(build_path, dedup.STAGING_DIR), num_shards)
-    return set(staged) | set(collect_shard_stats(fs, build_path, num_shards))
+    staged = collect_shard_stats(fs, storage.join(build_path, dedup.STAGING_DIR), shard_ids)
+    return set(staged) | set(collect_shard_stats(fs, build_path, shard_ids))
 
 
 def assemble_manifest(build_id: str, inputs: list[dict], params: BuildParams,
@@ -349,14 +353,16 @@ def run_build(input_uris: list[str], output_root: str, params: BuildParams, *,
         return build_uri, shards.read_manifest(build_uri)
     dedup.remove_temporaries(fs, build_path)
     groups, reasons = plan_caption_groups(read_rows(input_uris), params)
-    specs, num_shards = plan_shards(groups, params)
-    done = staged_or_published(fs, build_path, num_shards)
+    specs, shard_ids = plan_shards(groups, params)
+    done = staged_or_published(fs, build_path, shard_ids)
     if done:
-        log.info("resuming %s: %d of %d shards already fetched", build_uri, len(done), num_shards)
-    run_shard_tasks(specs, build_uri, params, set(range(num_shards)) - done, num_shards)
-    run_dedup(fs, build_path, build_uri, num_shards)
+        log.info("resuming %s: %d of %d shards already fetched", build_uri, len(done), len(shard_ids))
+    run_shard_tasks(specs, build_uri, params, set(shard_ids) - done, len(shard_ids))
+    fs.invalidate_cache()  # s3fs lists from a cache: the workers wrote what it has not seen
+    run_dedup(fs, build_path, build_uri, shard_ids)
+    fs.invalidate_cache()
     manifest = assemble_manifest(build_id, inputs, params, reasons,
-                                 collect_shard_stats(fs, build_path, num_shards))
+                                 collect_shard_stats(fs, build_path, shard_ids))
     dedup.remove_staging(fs, build_path)
     shards.write_manifest(fs, build_path, manifest)
     log.info("build %s complete: %s", build_uri, json.dumps(manifest["counts"]))

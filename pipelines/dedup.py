@@ -53,9 +53,9 @@ def duplicate_groups(batch: dict) -> dict:
     return {"plan": np.array([json.dumps(plan)], dtype=object)}
 
 
-def shard_edits(duplicates: list[dict], num_shards: int) -> list[dict]:
+def shard_edits(duplicates: list[dict], shard_ids: list[int]) -> dict[int, dict]:
     """Per shard: keys to drop and caption groups to replace."""
-    edits = [{"drop": [], "captions": {}} for _ in range(num_shards)]
+    edits = {i: {"drop": [], "captions": {}} for i in shard_ids}
     for d in duplicates:
         key, shard = d["keep"]
         edits[shard]["captions"][key] = d["captions"]
@@ -64,8 +64,8 @@ def shard_edits(duplicates: list[dict], num_shards: int) -> list[dict]:
     return edits
 
 
-def write_plan(fs, build_path: str, duplicates: list[dict], num_shards: int) -> None:
-    for shard_id, edit in enumerate(shard_edits(duplicates, num_shards)):
+def write_plan(fs, build_path: str, duplicates: list[dict], shard_ids: list[int]) -> None:
+    for shard_id, edit in shard_edits(duplicates, shard_ids).items():
         data = json.dumps(edit, sort_keys=True).encode("utf-8")
         storage.write_bytes_atomic(fs, plan_path(build_path, shard_id), data)
     marker = storage.join(staging_path(build_path), PLAN_DIR, PLAN_DONE)

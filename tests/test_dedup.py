@@ -42,7 +42,7 @@ def sample(key: str, texts: list[str]) -> dict:
 
 def test_edits_drop_merged_samples_and_replace_caption_groups():
     plans = [{"keep": ["k1", 0], "drop": [["k2", 1], ["k3", 0]], "captions": [caption("a"), caption("b")]}]
-    edits = dedup.shard_edits(plans, num_shards=2)
+    edits = dedup.shard_edits(plans, [0, 1])
     assert edits[0]["drop"] == ["k3"] and edits[1]["drop"] == ["k2"]
     kept = dedup.apply_edits([sample("k1", ["a"]), sample("k3", ["b"]), sample("k4", ["z"])], edits[0])
     assert [s[shards.KEY] for s in kept] == ["k1", "k4"]

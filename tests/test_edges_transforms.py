@@ -282,7 +282,7 @@ def shard_rows(tmp_path_factory) -> list[dict]:
                     for t in record["short_captions"]]
         captions.append({"text": record["long_caption"], "source": "demo",
                          "kind": shards.CAPTION_LONG})
-        group = {"key": sample_key(url), "url": url, "captions": captions}
+        group = {"key": sample_key(url), "source": url, "captions": captions}
         image = {"jpg": jpg, "width": width, "height": height, "original_width": width,
                  "original_height": height}
         rows.append(build_sample(group, image))

@@ -22,8 +22,8 @@ RAY = str(Path(sys.executable).parent / "ray")
 
 
 
-@pytest.fixture
-def head_node(tmp_path):
+@pytest.fixture(scope="module")
+def head_node(tmp_path_factory):
     """A one-node cluster on 127.0.0.1, stopped through the process that started it."""
     env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_USAGE_STATS_ENABLED": "0",
            "PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}"}
@@ -34,7 +34,7 @@ def head_node(tmp_path):
                                            "dashboard-agent-grpc-port", "runtime-env-agent-port",
                                            "metrics-export-port", "node-manager-port",
                                            "object-manager-port")}
-    log = open(tmp_path / "head.log", "w")
+    log = open(tmp_path_factory.mktemp("head") / "head.log", "w")
     short_dir = tempfile.mkdtemp(prefix="rj", dir="/tmp")  # Ray's socket paths must stay < 108 bytes
     head = subprocess.Popen(
         [RAY, "start", "--head", "--block", "--node-ip-address=127.0.0.1",
@@ -84,4 +84,35 @@ def test_prepare_cc12m_through_ray_job_submit(head_node, small_corpus, tmp_path)
     (build_dir,) = (out / "cc12m").iterdir()
     counts = shards.read_manifest(str(build_dir))["counts"]
     assert counts["written"] == corpus.n_images
-    assert counts["failed"] == {"http_404": 1, "truncated_image": 1, "decode_error": 1}
+    assert counts["failed"] == {"http_404": 1, "truncated_image": 1, "not_an_image": 1}
+
+
+def submit(head_node, script: str, *args: str) -> str:
+    address, env = head_node
+    result = subprocess.run(
+        [RAY, "job", "submit", f"--address={address}", f"--working-dir={ROOT}", "--",
+         "python", f"pipelines/{script}", *args, "--image-size", "32", "--shard-size", "8",
+         "--threads-per-task", "4", "--allow-loopback-urls"],
+        env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "succeeded" in result.stdout
+    return result.stdout
+
+
+def test_prepare_yfcc15m_and_sharegpt4v_through_ray_job_submit(head_node, tmp_path):
+    from pipelines.mirror import LoopbackMirror
+    from tests.build_checks import captions_by_source, check_build
+    from tests.corpus_fixtures import write_sharegpt4v_fixture, write_yfcc_fixture
+    (tmp_path / "yfcc" / "mirror").mkdir(parents=True)
+    with LoopbackMirror(tmp_path / "yfcc" / "mirror") as mirror:
+        fx = write_yfcc_fixture(tmp_path / "yfcc", mirror.base_url, n_photos=4)
+        submit(head_node, "prepare_yfcc15m.py", "--joined", str(fx.joined_parquet),
+               "--output", str(tmp_path / "out"))
+    (build_dir,) = (tmp_path / "out" / "yfcc15m").iterdir()
+    assert captions_by_source(check_build(str(build_dir))[1]) == fx.expected_captions
+    sg = write_sharegpt4v_fixture(tmp_path / "sharegpt4v", n_records=6)
+    submit(head_node, "prepare_sharegpt4v.py", "--captions", str(sg.json_path), "--image-root",
+           str(sg.image_root), "--coco-captions", str(sg.coco_captions_json),
+           "--validation-records", "2", "--output", str(tmp_path / "out"))
+    (val_dir,) = (tmp_path / "out" / "sharegpt4v-val2").iterdir()
+    assert captions_by_source(check_build(str(val_dir))[1]) == sg.expected_captions(range(2))

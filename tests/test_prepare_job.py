@@ -25,8 +25,8 @@ def read_all_samples(build_uri: str) -> list[dict]:
 def test_bad_rows_are_counted_and_everything_else_is_present(built):
     corpus, tsv, _, build_uri = built
     counts = shards.read_manifest(build_uri)["counts"]
-    assert counts["failed"] == {"http_404": 1, "truncated_image": 1, "decode_error": 1}
-    assert counts["unique_images"] == corpus.n_images + 3
+    assert counts["failed"] == {"http_404": 1, "truncated_image": 1, "not_an_image": 1}
+    assert counts["unique_sources"] == corpus.n_images + 3
     assert counts["written"] == counts["downloaded"] == corpus.n_images
     assert counts["rows_read"] == len(tsv.read_text().splitlines())
     samples = read_all_samples(build_uri)

@@ -50,17 +50,20 @@ def kill_and_resume(tsv: Path, output: str, env: dict) -> str:
     proc = start_prepare(tsv, output, env)
 
     def some_shard_fetched() -> bool:
-        return bool(fs.glob(f"{root}/cc12m/*/staging/index/*.parquet")) if fs.exists(root) else False
+        fs.invalidate_cache()  # s3fs would answer from its listing cache
+        return bool(fs.glob(f"{root}/cc12m/*/staging/index/*.parquet"))
 
     wait_until(some_shard_fetched, 240, proc)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait(timeout=60)
-    assert not fs.glob(f"{root}/cc12m/*/manifest.json"), "killed too late: the build had finished"
     fs.invalidate_cache()
+    assert not fs.glob(f"{root}/cc12m/*/manifest.json"), "killed too late: the build had finished"
     resumed = start_prepare(tsv, output, env)
     out, _ = resumed.communicate(timeout=600)
+    Path(os.environ.get("RESUME_LOG", "/dev/null")).write_text(out)
     assert resumed.returncode == 0, out[-3000:]
     assert "already fetched" in out  # it resumed rather than starting over
+    fs.invalidate_cache()
     (build_dir,) = fs.glob(f"{root}/cc12m/*")
     return f"s3://{build_dir}" if output.startswith("s3://") else build_dir
 
