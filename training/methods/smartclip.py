@@ -22,7 +22,7 @@ def compute_padding_mask(texts: torch.Tensor) -> torch.Tensor:
 def binarize_straight_through(probs: torch.Tensor) -> torch.Tensor:
     """1[p > 0.5] in the forward pass, d/dp = 1 in the backward pass (Bengio et al. 2013)."""
     hard = (probs > 0.5).to(probs.dtype)
-    return hard + probs - probs.detach()
+    return hard + (probs - probs.detach())  # (p − p) is exactly 0: the forward value stays 0/1
 
 
 class AttentionPool(nn.Module):
