@@ -19,7 +19,8 @@ def project_to_principal_components(features: torch.Tensor, num_components: int)
     mean = features.mean(dim=0, keepdim=True)  # (1, d)
     centred = features - mean
     with torch.no_grad():
-        _, _, vh = torch.linalg.svd(centred.float(), full_matrices=False)  # rows: directions
+        low_precision = centred.dtype in (torch.float16, torch.bfloat16)  # SVD needs fp32 there
+        _, _, vh = torch.linalg.svd(centred.float() if low_precision else centred, full_matrices=False)
     basis = vh[:num_components].to(features.dtype)  # (k, d)
     return centred @ basis.T @ basis + mean
 
