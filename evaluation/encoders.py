@@ -15,8 +15,8 @@ INDEX, PATH, TEXT, EMBEDDING = "index", "path", "text", "embedding"
 class ImageEncoder:
     """Rows {index, path} -> {index, embedding}: unit image features of each file."""
 
-    def __init__(self, checkpoint_uri: str, device: str = "cpu"):
-        self.bundle, self.device = load_inference_model(checkpoint_uri, device), device
+    def __init__(self, checkpoint_uri: str, device: str = "cpu", scorer: str = "plain"):
+        self.bundle, self.device = load_inference_model(checkpoint_uri, device, scorer), device
 
     @torch.no_grad()
     def __call__(self, batch: dict) -> dict:
@@ -28,8 +28,8 @@ class ImageEncoder:
 class TextEncoder:
     """Rows {index, text} -> {index, embedding}: unit text features."""
 
-    def __init__(self, checkpoint_uri: str, device: str = "cpu"):
-        self.bundle, self.device = load_inference_model(checkpoint_uri, device), device
+    def __init__(self, checkpoint_uri: str, device: str = "cpu", scorer: str = "plain"):
+        self.bundle, self.device = load_inference_model(checkpoint_uri, device, scorer), device
 
     @torch.no_grad()
     def __call__(self, batch: dict) -> dict:

@@ -32,7 +32,7 @@ from evaluation.report import write_report  # noqa: E402
 from evaluation.tasks.retrieval import compute_retrieval_recall  # noqa: E402
 from evaluation.tasks.zeroshot import build_zeroshot_weights, compute_zeroshot_metrics, fill_templates  # noqa: E402
 from pipelines import ray_setup, storage  # noqa: E402
-from training.inference import load_inference_model  # noqa: E402
+from training.inference import SCORERS, load_inference_model  # noqa: E402
 
 log = logging.getLogger("evaluation")
 LOADERS = {"zeroshot": load_image_folder, "retrieval": load_karpathy, "long_retrieval": load_long_caption_folder}
@@ -49,6 +49,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--num-encoders", type=int, default=1, help="Ray Data encoder actors")
     p.add_argument("--use-gpu", action="store_true")
+    p.add_argument("--scorer", default="plain", choices=SCORERS,
+                   help="plain cosine (default) or SmartCLIP's masked cosine (training/inference.py)")
     p.add_argument("--ray-address", default=None)
     return p.parse_args(argv)
 
@@ -99,7 +101,7 @@ def encode(encoder_cls, column: str, values: list, args: argparse.Namespace) -> 
         return np.zeros((0, 0), np.float32)
     rows = [{encoders.INDEX: i, column: v} for i, v in enumerate(values)]
     out = ray.data.from_items(rows).map_batches(
-        encoder_cls, fn_constructor_args=(args.checkpoint, "cuda" if args.use_gpu else "cpu"),
+        encoder_cls, fn_constructor_args=(args.checkpoint, "cuda" if args.use_gpu else "cpu", args.scorer),
         batch_size=args.batch_size, batch_format="numpy", num_gpus=1 if args.use_gpu else 0,
         compute=ray.data.ActorPoolStrategy(size=args.num_encoders))
     return encoders.stack_by_index(out.take_all())
@@ -119,7 +121,7 @@ def score_task(task: Task, image_features, text_features, similarity) -> dict:
 
 
 def run_evaluation(args: argparse.Namespace) -> dict:
-    bundle = load_inference_model(args.checkpoint)
+    bundle = load_inference_model(args.checkpoint, scorer=args.scorer)  # info["scorer"] is reported
     report = {"checkpoint": bundle.info, "zeroshot": {}, "retrieval": {}, "skipped": {}}
     tasks = load_tasks(args, report["skipped"])
     images, texts = assign_slices(tasks)
