@@ -43,13 +43,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--finetune-lr", type=float, default=2e-4, help="CLIP towers")
     p.add_argument("--new-module-lr", type=float, default=1e-3, help="SmartCLIP's mask network")
     p.add_argument("--lambda-sparsity", type=float, default=0.01)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="of the pretrain")
+    p.add_argument("--finetune-seeds", type=int, nargs="+", default=[0], help="one fine-tune per method and seed")
     return p.parse_args(argv)
 
 
-def common_flags(args, build_uri: str, workdir: Path, epochs: int, lr: float) -> list[str]:
+def common_flags(args, build_uri: str, workdir: Path, epochs: int, lr: float, seed: int) -> list[str]:
     return ["--data", build_uri, "--arch", ARCH, "--num-workers", "1", "--batch-size", str(args.batch_size),
-            "--epochs", str(epochs), "--lr", str(lr), "--seed", str(args.seed),
+            "--epochs", str(epochs), "--lr", str(lr), "--seed", str(seed),
             "--storage", str(workdir / "runs"), "--log-every", "20", "--checkpoint-every", "100000"]
 
 
@@ -64,21 +65,25 @@ def finetune_flags(args, pretrained: str) -> list[str]:
     return [item for k, v in overrides.items() for item in ("--set", f"{k}={v}")]
 
 
-def train_run(name: str, argv: list[str], workdir: Path) -> str:
-    run_dir = workdir / "runs" / name
-    if not (run_dir / "done").exists():
+def train_run(name: str, argv: list[str], workdir: Path) -> tuple[str, float]:
+    """(run directory, seconds it took); a finished run is reused."""
+    run_dir, start = workdir / "runs" / name, time.monotonic()
+    if not (run_dir / "done.json").exists():
         train.main(argv + ["--run-name", name])
-        (run_dir / "done").write_text("")
-    return str(run_dir)
+        (run_dir / "done.json").write_text(json.dumps({"seconds": time.monotonic() - start}))
+    return str(run_dir), json.loads((run_dir / "done.json").read_text())["seconds"]
 
 
-def evaluate_run(run_dir: str, eval_root: Path, out: Path, scorer: str) -> dict:
-    if (out / "report.json").exists():  # runs and reports are reused: delete --workdir to redo
-        return json.loads((out / "report.json").read_text())
-    return evaluate.main(["--checkpoint", run_dir, "--output", str(out), "--scorer", scorer,
-                          "--zeroshot", f"zeroshot={eval_root / 'zeroshot'}",
-                          "--retrieval", f"short={eval_root / 'retrieval' / 'dataset_karpathy.json'}",
-                          "--long-retrieval", f"long={eval_root / 'long'}"])
+def evaluate_run(run_dir: str, eval_root: Path, out: Path, scorer: str) -> tuple[dict, float]:
+    """(report, seconds it took); a finished report is reused."""
+    start = time.monotonic()
+    if not (out / "seconds.json").exists():
+        evaluate.main(["--checkpoint", run_dir, "--output", str(out), "--scorer", scorer,
+                       "--zeroshot", f"zeroshot={eval_root / 'zeroshot'}",
+                       "--retrieval", f"short={eval_root / 'retrieval' / 'dataset_karpathy.json'}",
+                       "--long-retrieval", f"long={eval_root / 'long'}"])
+        (out / "seconds.json").write_text(json.dumps({"seconds": time.monotonic() - start}))
+    return json.loads((out / "report.json").read_text()), json.loads((out / "seconds.json").read_text())["seconds"]
 
 
 def summarize(report: dict) -> dict:
@@ -88,35 +93,56 @@ def summarize(report: dict) -> dict:
             "short I2T R@1": short["text_retrieval_recall@1"], "short T2I R@1": short["image_retrieval_recall@1"]}
 
 
-def format_table(rows: dict[str, dict]) -> str:
-    columns = list(next(iter(rows.values())))
-    lines = ["| model | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
-    lines += [f"| {name} | " + " | ".join(f"{row[c]:.3f}" for c in columns) + " |" for name, row in rows.items()]
+def format_table(rows: dict[str, list[dict]]) -> str:
+    """Mean over seeds per model (and the spread when there are several seeds)."""
+    columns = list(next(iter(rows.values()))[0])
+    lines = ["| model | seeds | " + " | ".join(columns) + " |", "|---" * (len(columns) + 2) + "|"]
+    for name, runs in rows.items():
+        cells = []
+        for c in columns:
+            values = [r[c] for r in runs]
+            spread = f" ({min(values):.3f}-{max(values):.3f})" if len(values) > 1 else ""
+            cells.append(f"{sum(values) / len(values):.3f}{spread}")
+        lines.append(f"| {name} | {len(runs)} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
+def plan_runs(args, build_uri: str, workdir: Path) -> tuple[dict[str, list[tuple[str, str]]], float]:
+    """{model label: [(run directory, scorer) per seed]} and the training seconds, training
+    what is not trained yet: the short-caption pretrain once, each fine-tune per seed."""
+    pretrained, seconds = train_run("pretrain-short", common_flags(
+        args, build_uri, workdir, args.pretrain_epochs, args.pretrain_lr, args.seed)
+        + ["--method", "clip", "--set", "data.caption_policy=short"], workdir)
+    runs = {"pretrained (short captions)": [(pretrained, "plain")]}
+    for method, extra in FINETUNES.items():
+        for seed in args.finetune_seeds:
+            argv = common_flags(args, build_uri, workdir, args.finetune_epochs, args.finetune_lr, seed)
+            run_dir, took = train_run(f"finetune-{method}-s{seed}", argv + ["--method", method] + extra
+                                      + finetune_flags(args, pretrained), workdir)
+            runs.setdefault(f"+ {method} fine-tune", []).append((run_dir, "plain"))
+            seconds += took
+    runs["+ smartclip fine-tune, masked scorer"] = [(d, "masked") for d, _ in runs["+ smartclip fine-tune"]]
+    return runs, seconds
+
+
 def main(argv=None) -> dict:
-    args, start = parse_args(argv), time.monotonic()
+    args = parse_args(argv)
     workdir = Path(args.workdir).resolve()
     workdir.mkdir(parents=True, exist_ok=True)
     build_uri = ensure_demo_build(workdir, args.n_images)
     eval_root = workdir / f"corpus-{args.n_images}" / "eval"
-    pretrained = train_run("pretrain-short", common_flags(args, build_uri, workdir, args.pretrain_epochs,
-                                                          args.pretrain_lr) + ["--method", "clip",
-                                                          "--set", "data.caption_policy=short"], workdir)
-    runs = {"pretrained (short captions)": (pretrained, "plain")}
-    for method, extra in FINETUNES.items():
-        argv = common_flags(args, build_uri, workdir, args.finetune_epochs, args.finetune_lr)
-        runs[f"+ {method} fine-tune"] = (train_run(f"finetune-{method}", argv + ["--method", method] + extra
-                                                   + finetune_flags(args, pretrained), workdir), "plain")
-    runs["+ smartclip fine-tune, masked scorer"] = (runs["+ smartclip fine-tune"][0], "masked")
-    rows = {name: summarize(evaluate_run(run_dir, eval_root, workdir / "reports" / f"{i}-{scorer}", scorer))
-            for i, (name, (run_dir, scorer)) in enumerate(runs.items())}
-    table = format_table(rows)
+    runs, train_seconds = plan_runs(args, build_uri, workdir)
+    rows, eval_seconds = {}, 0.0
+    for name, entries in runs.items():
+        for run_dir, scorer in entries:
+            report, took = evaluate_run(run_dir, eval_root, workdir / "reports" / f"{Path(run_dir).name}-{scorer}", scorer)
+            rows.setdefault(name, []).append(summarize(report))
+            eval_seconds += took
     print(f"\n{args.n_images} images, batch {args.batch_size}, 1 worker; pretrain {args.pretrain_epochs} epochs "
-          f"(lr {args.pretrain_lr}), each fine-tune {args.finetune_epochs} epochs (towers lr {args.finetune_lr}, "
-          f"mask network lr {args.new_module_lr}, λ_sparsity {args.lambda_sparsity}); "
-          f"{time.monotonic() - start:.0f} s in all\n{table}")
+          f"(lr {args.pretrain_lr}); each fine-tune {args.finetune_epochs} epochs, seeds {args.finetune_seeds} "
+          f"(towers lr {args.finetune_lr}, mask network lr {args.new_module_lr}, λ_sparsity {args.lambda_sparsity}); "
+          f"training {train_seconds:.0f} s + evaluation {eval_seconds:.0f} s (as measured when each ran)\n"
+          f"{format_table(rows)}")
     (workdir / "results.json").write_text(json.dumps({"args": vars(args), "rows": rows}, indent=1))
     return rows
 
