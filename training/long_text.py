@@ -34,12 +34,12 @@ def stretch_positional_table(table: torch.Tensor, keep: int, factor: int) -> tor
 
 def freeze_rows(param: nn.Parameter, num_rows: int) -> None:
     """Zero the gradient of the first rows (Long-CLIP's frozen copy of positions < k). With
-    no weight decay on the table (optim.py) AdamW then never moves them."""
+    no weight decay on the table (optim.py) AdamW then never moves them. The row mask is made
+    on the gradient's device: a host-to-device copy per step would wait on the GPU."""
     if num_rows == 0:
         return
-    row_mask = torch.ones(param.shape[0], 1, dtype=param.dtype, device=param.device)
-    row_mask[:num_rows] = 0
-    param.register_hook(lambda grad: grad * row_mask.to(grad.device, grad.dtype))
+    param.register_hook(lambda grad: grad * (torch.arange(grad.shape[0], device=grad.device) >= num_rows)
+                        .to(grad.dtype)[:, None])
 
 
 def apply_long_text(tower: nn.Module, keep: int, factor: int) -> None:

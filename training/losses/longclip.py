@@ -15,7 +15,8 @@ def project_to_principal_components(features: torch.Tensor, num_components: int)
     """(B, d) -> (B, d): centre the batch, keep its top-k principal directions, map back and
     add the mean again. The directions come from an SVD treated as constant (no gradient
     through the decomposition, whose derivative blows up at repeated singular values); the
-    gradient flows through the projection itself."""
+    gradient flows through the projection itself. On CUDA the SVD synchronises with the host
+    once per step (as the eigendecomposition in Long-CLIP's own code does)."""
     mean = features.mean(dim=0, keepdim=True)  # (1, d)
     centred = features - mean
     with torch.no_grad():
