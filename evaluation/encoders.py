@@ -24,8 +24,8 @@ def text_rows(texts: list[str]) -> list[dict]:
 class ImageEncoder:
     """Rows {index, uri, data} -> {index, embedding}: unit image features."""
 
-    def __init__(self, checkpoint_uri: str, device: str = "cpu"):
-        self.bundle, self.device = load_inference_model(checkpoint_uri, device), device
+    def __init__(self, checkpoint_uri: str, device: str = "cpu", scorer: str = "plain"):
+        self.bundle, self.device = load_inference_model(checkpoint_uri, device, scorer), device
 
     def pixels(self, batch: dict) -> torch.Tensor:
         images = [bytes(data) if len(data) else read_image(str(uri)) for uri, data in zip(batch[URI], batch[DATA])]
@@ -40,8 +40,8 @@ class ImageEncoder:
 class TextEncoder:
     """Rows {index, text} -> {index, embedding}: unit text features."""
 
-    def __init__(self, checkpoint_uri: str, device: str = "cpu"):
-        self.bundle, self.device = load_inference_model(checkpoint_uri, device), device
+    def __init__(self, checkpoint_uri: str, device: str = "cpu", scorer: str = "plain"):
+        self.bundle, self.device = load_inference_model(checkpoint_uri, device, scorer), device
 
     @torch.no_grad()
     def __call__(self, batch: dict) -> dict:

@@ -38,7 +38,7 @@ from evaluation.plots import write_plots  # noqa: E402
 from evaluation.report import add_group_averages, write_report  # noqa: E402
 from pipelines import ray_setup, storage  # noqa: E402
 from training import checkpoint  # noqa: E402
-from training.inference import load_inference_model  # noqa: E402
+from training.inference import SCORERS, load_inference_model  # noqa: E402
 
 log = logging.getLogger("evaluation")
 DEFAULT_CACHE = os.path.join(os.path.expanduser("~"), ".cache", "clipforge", "embeddings")
@@ -61,6 +61,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--num-encoders", type=int, default=1, help="Ray Data encoder actors (one GPU each with --use-gpu)")
     p.add_argument("--use-gpu", action="store_true")
+    p.add_argument("--scorer", default="plain", choices=SCORERS,
+                   help="plain cosine (default) or SmartCLIP's masked cosine (training/inference.py)")
     p.add_argument("--ray-address", default=None)
     return p.parse_args(argv)
 
@@ -129,7 +131,7 @@ def encode(modality: str, values: list, args: argparse.Namespace) -> np.ndarray:
     rows = encoders.image_rows(values) if modality == IMAGE else encoders.text_rows(values)
     encoder = encoders.ImageEncoder if modality == IMAGE else encoders.TextEncoder
     out = ray.data.from_items(rows).map_batches(
-        encoder, fn_constructor_args=(args.checkpoint, "cuda" if args.use_gpu else "cpu"),
+        encoder, fn_constructor_args=(args.checkpoint, "cuda" if args.use_gpu else "cpu", args.scorer),
         batch_size=args.batch_size, batch_format="numpy", num_gpus=1 if args.use_gpu else 0,
         compute=ray.data.ActorPoolStrategy(size=args.num_encoders))
     return encoders.stack_by_index(out.take_all())
@@ -160,7 +162,7 @@ def checkpoint_fingerprint(bundle) -> str:
     state = checkpoint.read_state(Path(bundle.info["resolved"]))
     return model_fingerprint(state["files"][checkpoint.MODEL_FILE], {
         "image_size": bundle.preprocess.image_size, "preprocess": type(bundle.preprocess).__name__,
-        "arch": bundle.info["arch"]})
+        "arch": bundle.info["arch"], "scorer": bundle.info.get("scorer", "plain")})
 
 
 def describe(bench: Benchmark) -> dict:
@@ -170,7 +172,7 @@ def describe(bench: Benchmark) -> dict:
 
 
 def run_evaluation(args: argparse.Namespace) -> dict:
-    bundle = load_inference_model(args.checkpoint)
+    bundle = load_inference_model(args.checkpoint, scorer=args.scorer)  # info["scorer"] is reported
     fingerprint = checkpoint_fingerprint(bundle)
     report = {"checkpoint": {**bundle.info, "fingerprint": fingerprint}, "suites": list(args.suite),
               "zeroshot": {}, "retrieval": {}, "linear_probe": {}, "compositionality": {}, "intra_modal": {},

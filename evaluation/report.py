@@ -120,6 +120,7 @@ def format_header(checkpoint: dict) -> list[str]:
         f"- Method: {checkpoint.get(CHECKPOINT_METHOD_KEY, MISSING)}",
         f"- Data manifest digest(s): {', '.join(f'`{d}`' for d in digests if d) or MISSING}",
     ] + [f"- {label}: {checkpoint[key]}" for key, label in (("topology", "Topology (similarity)"),
+                                                           ("scorer", "Scorer"),
                                                            ("fingerprint", "Weights + preprocessing fingerprint"))
          if key in checkpoint]
 

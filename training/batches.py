@@ -17,8 +17,9 @@ from training import transforms
 from training.towers import build_tokenizer
 
 IMAGES, TEXTS, EDGE_SCORES, KEYS = "images", "texts", "edge_scores", "keys"
+SHORT_TEXTS = "short_texts"  # a second, short caption per image (policy "long_and_short")
 EPOCH = "epoch"  # column added by the reader: randomness is a function of (seed, epoch, key)
-CAPTION_POLICIES = ("uniform", "short", "long")
+CAPTION_POLICIES = ("uniform", "short", "long", "mix", "long_and_short")
 
 
 def sample_rng(seed: int, epoch: int, key: str) -> np.random.Generator:
@@ -26,25 +27,42 @@ def sample_rng(seed: int, epoch: int, key: str) -> np.random.Generator:
     return np.random.default_rng([seed, epoch, int(key[:15], 16)])
 
 
-def choose_caption(captions: list[dict], policy: str, rng: np.random.Generator) -> str:
-    """One caption of the group: uniform over all, or restricted to one kind when present."""
-    if policy not in CAPTION_POLICIES:
-        raise ValueError(f"unknown caption policy {policy!r}; known: {CAPTION_POLICIES}")
+def choose_caption(captions: list[dict], policy: str, rng: np.random.Generator,
+                   long_fraction: float = 0.5) -> str:
+    """One caption of the group: uniform over all, restricted to one kind when present, or
+    ("mix") the long kind with probability `long_fraction`, else the short kind."""
+    if policy not in CAPTION_POLICIES or policy == "long_and_short":
+        raise ValueError(f"unknown single-caption policy {policy!r}; known: {CAPTION_POLICIES[:4]}")
+    if policy == "mix":
+        policy = shards.CAPTION_LONG if rng.random() < long_fraction else shards.CAPTION_SHORT
     pool = [c for c in captions if policy == "uniform" or c["kind"] == policy] or captions
     return pool[int(rng.integers(len(pool)))]["text"]
+
+
+def choose_captions(captions: list[dict], policy: str, rng: np.random.Generator,
+                    long_fraction: float) -> tuple[str, ...]:
+    """The caption(s) of one image for one step: one, or (long, short) for "long_and_short"."""
+    if policy == "long_and_short":
+        return (choose_caption(captions, shards.CAPTION_LONG, rng),
+                choose_caption(captions, shards.CAPTION_SHORT, rng))
+    return (choose_caption(captions, policy, rng, long_fraction),)
 
 
 class BatchPreprocessor:
     """Shard rows (dict of arrays) -> a prepared batch (dict of arrays)."""
 
     def __init__(self, arch: str, image_size: int, patch_size: int, crop_scale, seed: int,
-                 caption_policy: str = "uniform"):
-        self.tokenizer = build_tokenizer(arch)
+                 caption_policy: str = "uniform", long_fraction: float = 0.5,
+                 context_length: int | None = None):
+        if caption_policy not in CAPTION_POLICIES:
+            raise ValueError(f"unknown caption policy {caption_policy!r}; known: {CAPTION_POLICIES}")
+        self.tokenizer = build_tokenizer(arch, context_length)
         self.image_size, self.patch_size = image_size, patch_size
         self.crop_scale, self.seed, self.caption_policy = tuple(crop_scale), seed, caption_policy
+        self.long_fraction = long_fraction
         cv2.setNumThreads(1)
 
-    def prepare_sample(self, row: dict, epoch: int) -> tuple[np.ndarray, np.ndarray, str]:
+    def prepare_sample(self, row: dict, epoch: int) -> tuple[np.ndarray, np.ndarray, tuple[str, ...]]:
         rng = sample_rng(self.seed, epoch, row[shards.KEY])
         rgb = transforms.decode_rgb(row[shards.IMAGE])
         box = transforms.sample_crop(rng, rgb.shape[0], rgb.shape[1], self.crop_scale)
@@ -52,8 +70,9 @@ class BatchPreprocessor:
         edges = transforms.transform_edges(decode_edge_png(row[shards.EDGE]), box, self.image_size,
                                            rgb.shape)
         scores = transforms.reduce_edges_per_patch(edges, self.patch_size)
-        caption = choose_caption(json.loads(row[shards.META])["captions"], self.caption_policy, rng)
-        return image.transpose(2, 0, 1), scores, caption  # uint8 (3, H, W): 4x less to move
+        captions = choose_captions(json.loads(row[shards.META])["captions"], self.caption_policy,
+                                   rng, self.long_fraction)
+        return image.transpose(2, 0, 1), scores, captions  # uint8 (3, H, W): 4x less to move
 
     def __call__(self, batch: dict) -> dict:
         """A batch in Ray Data's column form (dict of arrays, with the reader's epoch)."""
@@ -64,7 +83,10 @@ class BatchPreprocessor:
     def prepare_rows(self, rows: list[dict]) -> dict:
         """Sample rows (each with its epoch) -> one prepared batch."""
         prepared = [self.prepare_sample(r, int(r[EPOCH])) for r in rows]
-        return {IMAGES: np.stack([p[0] for p in prepared]),  # (B, 3, H, W) uint8, normalised on device
-                EDGE_SCORES: np.stack([p[1] for p in prepared]),  # (B, L) float32
-                TEXTS: self.tokenizer([p[2] for p in prepared]).numpy(),  # (B, context) int64
-                KEYS: np.asarray([r[shards.KEY] for r in rows], dtype=object)}
+        batch = {IMAGES: np.stack([p[0] for p in prepared]),  # (B, 3, H, W) uint8, normalised on device
+                 EDGE_SCORES: np.stack([p[1] for p in prepared]),  # (B, L) float32
+                 TEXTS: self.tokenizer([p[2][0] for p in prepared]).numpy(),  # (B, context) int64
+                 KEYS: np.asarray([r[shards.KEY] for r in rows], dtype=object)}
+        if self.caption_policy == "long_and_short":
+            batch[SHORT_TEXTS] = self.tokenizer([p[2][1] for p in prepared]).numpy()  # (B, context)
+        return batch

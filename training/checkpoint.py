@@ -124,6 +124,11 @@ def load_config(directory: Path) -> TrainConfig:
     return config_from_dict(read_state(directory)["config"])
 
 
+def load_model_state_dict(directory: Path) -> dict:
+    """The whole ContrastiveModel state dict (towers and any added modules)."""
+    return load_file(directory / MODEL_FILE)
+
+
 def tower_state_dict(directory: Path) -> dict:
     """The open_clip model's own state dict (tensors only) from a checkpoint."""
     weights = load_file(directory / MODEL_FILE)

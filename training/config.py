@@ -11,7 +11,13 @@ from dataclasses import dataclass, field
 @dataclass(frozen=True)
 class ModelConfig:
     arch: str = "clip-tiny-p8-64"
-    pretrained: str | None = None  # a local open_clip checkpoint file
+    # Starting weights: an open_clip pretrained tag ("openai"), an open_clip checkpoint file
+    # (local or s3://), or a checkpoint / run directory of this project (its towers only).
+    pretrained: str | None = None
+    # Long-CLIP positional stretching (training/long_text.py): context n -> k + f·(n − k),
+    # the first k rows frozen. factor 1 = off; Long-CLIP: keep 20, factor 4 (77 -> 248).
+    text_positions_kept: int = 20
+    text_stretch_factor: int = 1
 
 
 @dataclass(frozen=True)
@@ -26,6 +32,18 @@ class LossConfig:
     max_logit_scale: float = 100.0  # the temperature is clipped at 1 / max_logit_scale
     gather_with_grad: bool = True
     local_loss: bool = False
+    kind: str = "clip"  # objective: "clip" | "longclip" | "smartclip" (training/objectives.py)
+    reset_logit_scale: bool = False  # pretrained start: set log-scale to init_logit_scale anyway
+    label_smoothing: float = 0.0  # Long-CLIP trains with 0.1; SmartCLIP's Eq. 3 has none
+    pca_components: int = 32  # Long-CLIP: short captions vs the batch's top-k image components
+
+
+@dataclass(frozen=True)
+class SmartClipConfig:
+    """SmartCLIP's mask network and loss weights (METHODS.md §1.3, §1.5)."""
+    mask_init_bias: float = 3.0  # sigmoid(3) = 0.95: masks start all ones (pretrained CLIP)
+    lambda_align: float = 1.0
+    lambda_sparsity: float = 0.01  # on the un-normalised L1 of the mask, batch mean
 
 
 @dataclass(frozen=True)
@@ -33,7 +51,11 @@ class DataConfig:
     build_uri: str = ""
     batch_size_per_worker: int = 64
     crop_scale: tuple[float, float] = (0.9, 1.0)  # RandomResizedCrop area range (open_clip's)
-    caption_policy: str = "uniform"  # one caption of the group per image per step
+    # One caption of the group per image per step ("uniform", "short", "long", "mix": the long
+    # caption with probability long_caption_fraction, else a short one), or "long_and_short"
+    # (Long-CLIP: one long and one short caption per image).
+    caption_policy: str = "uniform"
+    long_caption_fraction: float = 0.5
     preprocess_concurrency: int = 1  # Ray Data CPU tasks decoding for each training worker
     prefetch_batches: int = 4
 
@@ -46,6 +68,7 @@ class OptimConfig:
     eps: float = 1e-6
     warmup_steps: int = 100
     grad_clip_norm: float = 1.0
+    new_module_lr: float | None = None  # modules outside the CLIP towers (mask network); None: lr
 
 
 @dataclass(frozen=True)
@@ -71,6 +94,7 @@ class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     masking: MaskingConfig = field(default_factory=MaskingConfig)
     loss: LossConfig = field(default_factory=LossConfig)
+    smartclip: SmartClipConfig = field(default_factory=SmartClipConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     run: RunConfig = field(default_factory=RunConfig)

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from training.batches import IMAGES, TEXTS
+from training.batches import IMAGES, SHORT_TEXTS, TEXTS
 from training.checkpoint import unwrap
 from training.transforms import normalize_image_tensor
 
@@ -61,9 +61,10 @@ def seed_step(model, seed: int, step: int, rank: int) -> None:
 
 def train_step(model, objective, optimizer, scheduler, batch: dict, s: LoopSettings) -> dict:
     images = normalize_image_tensor(torch.as_tensor(batch[IMAGES]).to(s.device, non_blocking=True))
-    texts = torch.as_tensor(batch[TEXTS]).to(s.device, non_blocking=True)
+    texts = {name: torch.as_tensor(batch[column]).to(s.device, non_blocking=True)
+             for name, column in (("texts", TEXTS), ("short_texts", SHORT_TEXTS)) if column in batch}
     with torch.autocast(device_type=s.device.type, dtype=torch.bfloat16, enabled=s.bf16):
-        outputs = model(images, texts)
+        outputs = model(images, **texts)
         terms = objective(outputs)
     loss = sum(terms.values())
     optimizer.zero_grad(set_to_none=True)
@@ -77,7 +78,7 @@ def train_step(model, objective, optimizer, scheduler, batch: dict, s: LoopSetti
     # Detached device tensors, no .item(): a host synchronisation per step would stall the GPU.
     return {**{f"loss/{k}": v.detach() for k, v in terms.items()}, "loss/total": loss.detach(),
             "logit_scale": scale, "temperature": 1.0 / scale, "grad_norm": grad_norm.detach(),
-            "lr": lr}
+            "lr": lr, **outputs.get("diagnostics", {})}
 
 
 def run_training(model, objective, optimizer, scheduler, batches: Iterable[dict],

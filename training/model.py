@@ -1,24 +1,43 @@
 """The trained model: an open_clip tower pair plus the parts a method adds around it
-(patch selection in the vision tower), returning a dict of named outputs."""
+(patch selection in the vision tower, long-text positions, SmartCLIP's mask network),
+returning a dict of named outputs."""
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-from training.config import LossConfig, MaskingConfig, ModelConfig
+from training.config import LossConfig, MaskingConfig, ModelConfig, SmartClipConfig, TrainConfig
+from training.long_text import apply_long_text
 from training.methods.flip import RandomPatchDrop
-from training.towers import build_tower_model
+from training.methods.smartclip import MaskNetwork
+from training.pretrained import load_pretrained_tower
 
 PATCH_SELECTORS = {"none": None, "random": RandomPatchDrop}
 
 
-class ContrastiveModel(nn.Module):
-    """Wraps an open_clip CLIP; `forward` returns normalised features and the logit scale."""
+def encode_text_with_states(tower: nn.Module, texts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(unit text features (B, d), token states after ln_final (B, L, w)) from open_clip's own
+    `encode_text`; the states are read by a forward hook on `ln_final`."""
+    states = []
+    handle = tower.ln_final.register_forward_hook(lambda module, args, out: states.append(out))
+    try:
+        features = tower.encode_text(texts, normalize=True)
+    finally:
+        handle.remove()
+    return features, states[0]
 
-    def __init__(self, tower: nn.Module, patch_selector: nn.Module | None, max_logit_scale: float):
+
+class ContrastiveModel(nn.Module):
+    """Wraps an open_clip CLIP; `forward` returns normalised features and the logit scale,
+    the features of a second (short) caption when given, and with a mask network each
+    caption's binary mask over embedding dimensions plus its mean density."""
+
+    def __init__(self, tower: nn.Module, patch_selector: nn.Module | None, max_logit_scale: float,
+                 mask_network: nn.Module | None = None):
         super().__init__()
         self.tower = tower
         self.max_logit_scale = max_logit_scale
+        self.mask_network = mask_network  # outside `tower`: the open_clip export stays plain CLIP
         if patch_selector is not None:
             tower.visual.patch_dropout = patch_selector  # open_clip's hook after pos. embed.
 
@@ -26,10 +45,21 @@ class ContrastiveModel(nn.Module):
     def patch_selector(self) -> nn.Module:
         return self.tower.visual.patch_dropout
 
-    def forward(self, images: torch.Tensor, texts: torch.Tensor) -> dict:
-        return {"image_features": self.tower.encode_image(images, normalize=True),
-                "text_features": self.tower.encode_text(texts, normalize=True),
-                "logit_scale": self.tower.logit_scale.exp()}
+    def encode_text(self, texts: torch.Tensor) -> dict:
+        if self.mask_network is None:
+            return {"text_features": self.tower.encode_text(texts, normalize=True)}
+        features, states = encode_text_with_states(self.tower, texts)
+        masks, _ = self.mask_network(states, texts)  # (B, d) 0/1 forward values
+        return {"text_features": features, "text_masks": masks,
+                "diagnostics": {"mask_density": masks.detach().mean()}}
+
+    def forward(self, images: torch.Tensor, texts: torch.Tensor,
+                short_texts: torch.Tensor | None = None) -> dict:
+        outputs = {"image_features": self.tower.encode_image(images, normalize=True),
+                   **self.encode_text(texts), "logit_scale": self.tower.logit_scale.exp()}
+        if short_texts is not None:
+            outputs["short_text_features"] = self.tower.encode_text(short_texts, normalize=True)
+        return outputs
 
     @torch.no_grad()
     def clamp_logit_scale(self) -> None:
@@ -44,12 +74,30 @@ def build_patch_selector(masking: MaskingConfig) -> nn.Module | None:
     return None if selector is None else selector(masking.ratio)
 
 
-def build_model(model: ModelConfig, masking: MaskingConfig, loss: LossConfig) -> ContrastiveModel:
-    tower = build_tower_model(model.arch, pretrained=model.pretrained)
-    if model.pretrained is None:
+def build_mask_network(tower: nn.Module, smartclip: SmartClipConfig) -> MaskNetwork:
+    """Shaped like one block of the text tower (its width, heads and activation)."""
+    block = tower.transformer.resblocks[0]
+    return MaskNetwork(tower.transformer.width, block.attn.num_heads, tower.text_projection.shape[1],
+                       smartclip.mask_init_bias, act_layer=type(block.mlp.gelu))
+
+
+def build_model(model: ModelConfig, masking: MaskingConfig, loss: LossConfig,
+                smartclip: SmartClipConfig | None = None) -> ContrastiveModel:
+    """The towers (from `model.pretrained` if set), long-text positions, patch selection, and
+    a mask network when `smartclip` is given."""
+    tower = load_pretrained_tower(model.arch, model.pretrained)
+    apply_long_text(tower, model.text_positions_kept, model.text_stretch_factor)
+    if model.pretrained is None or loss.reset_logit_scale:
         with torch.no_grad():
             tower.logit_scale.fill_(loss.init_logit_scale)
-    return ContrastiveModel(tower, build_patch_selector(masking), loss.max_logit_scale)
+    mask_network = None if smartclip is None else build_mask_network(tower, smartclip)
+    return ContrastiveModel(tower, build_patch_selector(masking), loss.max_logit_scale, mask_network)
+
+
+def build_training_model(config: TrainConfig) -> ContrastiveModel:
+    """The model a training config describes (the mask network only for SmartCLIP's loss)."""
+    smartclip = config.smartclip if config.loss.kind == "smartclip" else None
+    return build_model(config.model, config.masking, config.loss, smartclip)
 
 
 def tower_geometry(model: ContrastiveModel) -> tuple[int, int]:

@@ -29,6 +29,7 @@ def build_tower_model(arch: str, *, pretrained: str | None = None):
     return open_clip.create_model(arch, pretrained=pretrained)
 
 
-def build_tokenizer(arch: str):
+def build_tokenizer(arch: str, context_length: int | None = None):
+    """open_clip's tokenizer of `arch`, with another context (stretched text towers) if given."""
     register_tiny_configs()
-    return open_clip.get_tokenizer(arch)
+    return open_clip.get_tokenizer(arch, context_length=context_length)

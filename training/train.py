@@ -32,9 +32,10 @@ from training import checkpoint, data_order  # noqa: E402
 from training.batches import BatchPreprocessor  # noqa: E402
 from training.config import TrainConfig, apply_overrides, config_from_dict, config_to_dict  # noqa: E402
 from training.loop import LoopSettings, run_training  # noqa: E402
-from training.losses.contrastive import ContrastiveLoss  # noqa: E402
 from training.methods import build_method_config  # noqa: E402
-from training.model import build_model, tower_geometry  # noqa: E402
+from training.long_text import text_context_length  # noqa: E402
+from training.model import build_training_model, tower_geometry  # noqa: E402
+from training.objectives import build_objective  # noqa: E402
 from training.optim import build_optimizer, build_scheduler  # noqa: E402
 from training.tracking import build_tracker  # noqa: E402
 
@@ -89,9 +90,12 @@ class PrepareShardItems:
         image_size, patch_size = geometry
         self.build_uri, self.seed = config.data.build_uri, config.run.seed
         self.batch_size = config.data.batch_size_per_worker
+        context = text_context_length(config.model.arch, config.model.text_positions_kept,
+                                      config.model.text_stretch_factor)
         self.prepare = BatchPreprocessor(config.model.arch, image_size, patch_size,
                                          config.data.crop_scale, config.run.seed,
-                                         config.data.caption_policy)
+                                         config.data.caption_policy, config.data.long_caption_fraction,
+                                         context_length=context)
 
     def __call__(self, items: dict):
         for i in range(len(items[data_order.ITEM_SHARD])):
@@ -159,14 +163,14 @@ def train_loop_per_worker(loop_config: dict) -> None:
     rank, world = context.get_world_rank(), context.get_world_size()
     device = ray.train.torch.get_device()
     torch.manual_seed(config.run.seed)
-    model = build_model(config.model, config.masking, config.loss).to(device)
+    model = build_training_model(config).to(device)
     schedule_steps, stop_step = loop_config["schedule_steps"], loop_config["stop_step"]
     optimizer = build_optimizer(model, config.optim)
     scheduler = build_scheduler(optimizer, config.optim.warmup_steps, schedule_steps)
     start_step = restore(model, optimizer, scheduler)
     geometry = tower_geometry(model)
     ddp_model = ray.train.torch.prepare_model(model, move_to_device=False)
-    objective = ContrastiveLoss(rank, world, config.loss.gather_with_grad, config.loss.local_loss)
+    objective = build_objective(config.loss, config.smartclip, rank, world)
     settings = LoopSettings(start_step=start_step, total_steps=stop_step, seed=config.run.seed,
                             rank=rank, world_size=world, device=device,
                             log_every=config.run.log_every, checkpoint_every=config.run.checkpoint_every,

@@ -7,6 +7,15 @@ from dataclasses import dataclass, field
 from training.config import TrainConfig, apply_overrides
 
 
+# Long-CLIP's fine-tuning recipe (METHODS.md §1.2), shared by SmartCLIP: 77 -> 248 text
+# positions, lr 1e-6, wd 1e-2, AdamW (0.9, 0.999) eps 1e-8, 200 warm-up steps, logit scale
+# reset to 100. Start from weights with `--pretrained`.
+LONG_TEXT_FINETUNE = {"model.text_positions_kept": 20, "model.text_stretch_factor": 4,
+                      "optim.lr": 1e-6, "optim.weight_decay": 1e-2, "optim.betas": (0.9, 0.999),
+                      "optim.eps": 1e-8, "optim.warmup_steps": 200,
+                      "loss.init_logit_scale": 4.6052, "loss.reset_logit_scale": True}
+
+
 @dataclass(frozen=True)
 class MethodRecipe:
     description: str
@@ -18,6 +27,14 @@ METHODS: dict[str, MethodRecipe] = {
                          {"masking.kind": "none", "masking.ratio": 0.0}),
     "flip": MethodRecipe("FLIP: random patch dropping (tokens removed from the sequence)",
                          {"masking.kind": "random", "masking.ratio": 0.5}),
+    "longclip": MethodRecipe("Long-CLIP: 248-token text, long-caption loss + short captions "
+                             "against the batch's top-32 image components (fine-tune)",
+                             {**LONG_TEXT_FINETUNE, "loss.kind": "longclip",
+                              "data.caption_policy": "long_and_short"}),
+    "smartclip": MethodRecipe("SmartCLIP: mask network, modular contrastive loss and L1 "
+                              "sparsity, one caption (long or short) per image per step (fine-tune)",
+                              {**LONG_TEXT_FINETUNE, "loss.kind": "smartclip",
+                               "data.caption_policy": "mix", "optim.new_module_lr": 1e-3}),
 }
 
 

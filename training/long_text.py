@@ -1,0 +1,75 @@
+"""Long-CLIP's positional stretching (Zhang et al. 2024; METHODS.md §1.2): a text tower
+trained with context n reads k + f·(n − k) tokens. The first k positional rows are kept and
+frozen, every later row is interpolated into f rows, the last one extrapolated. Long-CLIP
+uses n = 77, k = 20, f = 4 -> 248; the tiny CPU archs use the same rule with their own n, k.
+"""
+from __future__ import annotations
+
+import open_clip
+import torch
+from torch import nn
+
+
+def compute_stretched_context(context: int, keep: int, factor: int) -> int:
+    """Positions after stretching: k + f·(n − k) (Long-CLIP: 20 + 4·57 = 248)."""
+    if factor < 1 or not 0 <= keep < context or context < 2:
+        raise ValueError(f"cannot stretch context {context} keeping {keep} rows by factor {factor} "
+                         "(need factor >= 1, 0 <= keep < context, context >= 2)")
+    return keep + factor * (context - keep)
+
+
+def stretch_positional_table(table: torch.Tensor, keep: int, factor: int) -> torch.Tensor:
+    """(n, w) -> (k + f·(n − k), w). Rows < k copied; old row i >= k gives f rows
+    P[i] + (j/f)·(P[i+1] − P[i]), j = 0..f−1, with P[n] := 2·P[n−1] − P[n−2] (linear
+    extrapolation past the last row)."""
+    n = table.shape[0]
+    compute_stretched_context(n, keep, factor)  # validates
+    source = table[keep:]  # (n − k, w)
+    beyond = 2 * table[-1:] - table[-2:-1]  # (1, w) extrapolated P[n]
+    following = torch.cat([table[keep + 1:], beyond])  # (n − k, w) row i+1 of each source row
+    weights = torch.arange(factor, dtype=table.dtype, device=table.device) / factor  # (f,)
+    rows = source[:, None] + weights[None, :, None] * (following - source)[:, None]  # (n − k, f, w)
+    return torch.cat([table[:keep], rows.reshape(-1, table.shape[1])])
+
+
+def freeze_rows(param: nn.Parameter, num_rows: int) -> None:
+    """Zero the gradient of the first rows (Long-CLIP's frozen copy of positions < k). With
+    no weight decay on the table (optim.py) AdamW then never moves them. The row mask is made
+    on the gradient's device: a host-to-device copy per step would wait on the GPU."""
+    if num_rows == 0:
+        return
+    param.register_hook(lambda grad: grad * (torch.arange(grad.shape[0], device=grad.device) >= num_rows)
+                        .to(grad.dtype)[:, None])
+
+
+def apply_long_text(tower: nn.Module, keep: int, factor: int) -> None:
+    """Stretch an open_clip CLIP's text positions in place: positional table, causal mask and
+    `context_length`; the first `keep` rows stop learning. factor 1 leaves the tower as is."""
+    if factor == 1:
+        return
+    if not isinstance(getattr(tower, "positional_embedding", None), nn.Parameter):
+        raise ValueError(f"{type(tower).__name__} has no text positional table to stretch "
+                         "(only open_clip CLIP towers with their own text transformer)")
+    with torch.no_grad():
+        table = stretch_positional_table(tower.positional_embedding.data, keep, factor)
+    tower.positional_embedding = nn.Parameter(table)
+    freeze_rows(tower.positional_embedding, keep)
+    tower.context_length = table.shape[0]
+    causal = torch.full((table.shape[0],) * 2, float("-inf"), device=table.device).triu_(1)
+    tower.attn_mask = causal  # the (non-persistent) buffer open_clip's encode_text passes on
+
+
+def arch_context_length(arch: str) -> int:
+    """The text context an open_clip architecture was defined with."""
+    from training.towers import register_tiny_configs
+    register_tiny_configs()
+    config = open_clip.get_model_config(arch)
+    if config is None:
+        raise ValueError(f"unknown architecture {arch!r}")
+    return int(config["text_cfg"].get("context_length", 77))
+
+
+def text_context_length(arch: str, keep: int, factor: int) -> int:
+    """The tokenizer context of a (possibly stretched) text tower."""
+    context = arch_context_length(arch)
+    return context if factor == 1 else compute_stretched_context(context, keep, factor)
