@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.test_s3_storage import BUCKET, s3_env  # noqa: F401  (fixture: moto server on loopback)
+from tests.conftest import S3_BUCKET as BUCKET  # the s3_env fixture (moto on loopback) is in conftest
 from training import checkpoint
 from training.config import LossConfig, MaskingConfig, ModelConfig, apply_overrides
 from training.long_text import stretch_positional_table
@@ -75,7 +75,7 @@ def test_unknown_pretrained_name_is_an_error(tmp_path):
         build_model(ModelConfig(ARCH, pretrained="no-such-weights"), MaskingConfig(), LossConfig())
 
 
-def test_open_clip_file_on_s3(s3_env, tmp_path):  # noqa: F811
+def test_open_clip_file_on_s3(s3_env, tmp_path):
     import s3fs
     state = trained_tower_state(seed=11)
     local = write_open_clip_file(tmp_path / "tiny.pt", state)
