@@ -266,8 +266,11 @@ def run_dedup(fs, build_path: str, build_uri: str, shard_ids: list[int]) -> None
 
 
 def find_duplicates(fs, build_path: str, shard_ids: list[int]) -> list[dict]:
-    """Groups of staged samples with identical image bytes (Ray Data groupby on the digest)."""
+    """Groups of samples with identical image bytes (Ray Data groupby on the digest), over
+    the staged index of each shard, or its published one where it has none."""
     paths = [dedup.staged_index_path(build_path, i) for i in shard_ids]
+    paths = [p if fs.exists(p) else shards.shard_paths(build_path, i)[1]
+             for i, p in zip(shard_ids, paths)]
     arrow_fs = arrow_filesystem_for(fs)
     index = ray.data.read_parquet(paths, filesystem=arrow_fs).select_columns(list(dedup.PLAN_COLUMNS))
     n_partitions = max(1, min(MAX_SHUFFLE_PARTITIONS, len(shard_ids)))

@@ -72,6 +72,7 @@ def small_build(ray_session, small_corpus, tmp_path_factory):
 
 
 S3_BUCKET = "clipforge-test"
+S3_TEST_SECRET = "clipforge-test-secret-7f3a"  # distinctive: tests check it is never written
 
 
 @pytest.fixture
@@ -81,11 +82,15 @@ def s3_env(monkeypatch):
     port = free_port()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
-    env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+    env = {"AWS_ACCESS_KEY_ID": "clipforge-test-key-id", "AWS_SECRET_ACCESS_KEY": S3_TEST_SECRET,
            "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}"}
     for key, value in env.items():
         monkeypatch.setenv(key, value)
     monkeypatch.delenv("AWS_PROFILE", raising=False)
+    import urllib.request
+    # moto keeps its state per process, across server instances: start every test empty.
+    urllib.request.urlopen(urllib.request.Request(f"{env['AWS_ENDPOINT_URL']}/moto-api/reset",
+                                                  method="POST"), timeout=10).close()
     import s3fs
     s3fs.S3FileSystem.clear_instance_cache()
     s3fs.S3FileSystem().mkdir(S3_BUCKET)
