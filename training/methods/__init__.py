@@ -18,6 +18,14 @@ METHODS: dict[str, MethodRecipe] = {
                          {"masking.kind": "none", "masking.ratio": 0.0}),
     "flip": MethodRecipe("FLIP: random patch dropping (tokens removed from the sequence)",
                          {"masking.kind": "random", "masking.ratio": 0.5}),
+    # CLIP-PGS variants, named by their lower mask-ratio bound; `--set pgs.mode=paper` (§2.5)
+    # instead of the released code's semantics, `pgs.use_edges` / `pgs.use_ot` for Table 6.
+    "pgs0.5": MethodRecipe("CLIP-PGS0.5: edge/similarity-guided patch dropping, 50 % of patches",
+                           {"masking.kind": "pgs", "masking.ratio": 0.0, "pgs.min_mask_ratio": 0.5,
+                            "pgs.max_mask_ratio": 0.5}),
+    "pgs0.3": MethodRecipe("CLIP-PGS0.3: edge/similarity-guided patch dropping, 30-50 % of patches",
+                           {"masking.kind": "pgs", "masking.ratio": 0.0, "pgs.min_mask_ratio": 0.3,
+                            "pgs.max_mask_ratio": 0.5}),
 }
 
 
