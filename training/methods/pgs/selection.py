@@ -33,12 +33,13 @@ def compute_num_seeds(num_patches: int, candidate_ratio: float) -> int:
 
 def compute_drop_bounds(num_patches: int, min_ratio: float, max_ratio: float) -> tuple[int, int]:
     """Per-image drop count range [ceil(lower L), floor(upper L)] of the paper mode (float
-    noise such as 0.3 * 10 = 3.0000000000000004 rounded away first)."""
+    noise such as 0.3 * 10 = 3.0000000000000004 rounded away first). A range holding no
+    whole count (PGS0.5 with odd L: [24.5, 24.5]) falls back to FLIP's count at the upper
+    ratio, L - floor(L (1 - upper))."""
     low = math.ceil(round(min_ratio * num_patches, 6))
     high = math.floor(round(max_ratio * num_patches, 6))
-    if not 0 <= low <= high < num_patches:
-        raise ValueError(f"mask ratio bounds [{min_ratio}, {max_ratio}] give no drop count in "
-                         f"[0, {num_patches}) for {num_patches} patches")
+    if low > high:
+        low = high = num_patches - compute_num_keep(num_patches, max_ratio)
     return low, high
 
 
