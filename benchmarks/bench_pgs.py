@@ -86,7 +86,8 @@ def time_selection(model, batch: dict, device: torch.device, bf16: bool) -> floa
         return timed(lambda: model.token_selector(tokens, images, edges, 0.5), device)
 
 
-VARIANTS = (("flip@0.5", "pgs0.5/reference", "pgs0.5/paper"), ("flip@0.3", "pgs0.3/reference", "pgs0.3/paper"))
+VARIANTS = (("flip@0.5", "pgs0.5/reference", "pgs0.5/paper"),
+            ("flip@0.3", "pgs0.3/reference", "pgs0.3/paper"))
 
 
 def main(argv=None) -> dict:

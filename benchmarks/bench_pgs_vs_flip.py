@@ -39,7 +39,8 @@ def train_and_evaluate(label: str, extra: list[str], build_uri: str, args, workd
                 "--run-name", run, "--log-every", "10", "--checkpoint-every", "100000"])
     train_s = time.monotonic() - start
     zeroshot_dir = workdir / f"corpus-{args.n_images}" / "eval" / "zeroshot"
-    report = evaluate.main(["--checkpoint", str(workdir / "runs" / run), "--output", str(workdir / "reports" / run),
+    report = evaluate.main(["--checkpoint", str(workdir / "runs" / run),
+                            "--output", str(workdir / "reports" / run),
                             "--zeroshot", f"demo-zeroshot={zeroshot_dir}"])
     zeroshot = next(iter(report["zeroshot"].values()))
     rows = [json.loads(line) for line in (workdir / "runs" / run / "metrics.jsonl").read_text().splitlines()]
@@ -68,7 +69,8 @@ def main(argv=None) -> list[dict]:
                for label, extra in method_runs(args.ratio).items()]
     print(f"\n{args.arch}, {args.n_images} demo images, {args.epochs} epochs, 2 workers x {args.batch_size}, "
           f"lr {args.lr}, seed {args.seed}")
-    print(f"{'method':22s} {'steps':>5s} {'drop':>6s} {'zero-shot top-1':>16s} {'x chance':>9s} {'train s':>8s}")
+    print(f"{'method':22s} {'steps':>5s} {'drop':>6s} {'zero-shot top-1':>16s} {'x chance':>9s} "
+          f"{'train s':>8s}")
     for r in results:
         print(f"{r['label']:22s} {r['steps']:5d} {r['drop']:6.3f} {r['top1']:16.3f} "
               f"{r['top1'] / r['chance']:9.1f} {r['train_s']:8.0f}")

@@ -24,7 +24,8 @@ from PIL import Image, ImageDraw  # noqa: E402
 from training.config import PGSConfig  # noqa: E402
 from training.methods.flip import compute_num_keep  # noqa: E402
 from training.methods.pgs import PGSSelector  # noqa: E402
-from training.methods.pgs.examples import load_skimage_sample, prepare_batch, render_demo_samples  # noqa: E402
+from training.methods.pgs.examples import (load_skimage_sample, prepare_batch,  # noqa: E402
+                                           render_demo_samples)
 from training.transforms import normalize_image_tensor  # noqa: E402
 
 COLUMNS = (("original", None), ("FLIP 0.5", None),
@@ -48,12 +49,15 @@ def visible_masks(config: PGSConfig | None, images, edges, patch_size: int, seed
     generator = torch.Generator().manual_seed(seed)
     visible = torch.zeros(batch, num_patches, dtype=torch.bool)
     if config is None:
-        keep = torch.rand(batch, num_patches, generator=generator).argsort(dim=1)[:, :compute_num_keep(num_patches, 0.5)]
+        order = torch.rand(batch, num_patches, generator=generator).argsort(dim=1)
+        keep = order[:, :compute_num_keep(num_patches, 0.5)]
         return visible.scatter_(1, keep, True).numpy()
     selector = PGSSelector(config, patch_size).train()
     selector.generator = generator
     selection = selector(torch.zeros(batch, num_patches, 1), images, edges, 0.0)
-    shown = torch.ones_like(selection.keep_index, dtype=torch.bool) if selection.hidden is None else ~selection.hidden
+    shown = torch.ones_like(selection.keep_index, dtype=torch.bool)
+    if selection.hidden is not None:
+        shown = ~selection.hidden
     return visible.scatter_(1, selection.keep_index, shown).numpy()
 
 
@@ -67,7 +71,8 @@ def paint_dropped(image_hwc: np.ndarray, visible: np.ndarray, patch_size: int) -
     return tile
 
 
-def write_mask_grid(out: Path, rgbs: list[np.ndarray], image_size: int, patch_size: int, seed: int) -> tuple[int, int]:
+def write_mask_grid(out: Path, rgbs: list[np.ndarray], image_size: int, patch_size: int,
+                    seed: int) -> tuple[int, int]:
     images_u8, edge_np = prepare_batch(rgbs, image_size, patch_size)
     images, edges = normalize_image_tensor(torch.from_numpy(images_u8)), torch.from_numpy(edge_np)
     width, height = compute_grid_size(len(rgbs), image_size)

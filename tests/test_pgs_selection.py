@@ -18,8 +18,9 @@ from training.methods.flip import random_masking
 from training.methods.pgs import PGSSelector
 from training.methods.pgs.examples import (SKIMAGE_SAMPLES, load_skimage_sample, prepare_batch,
                                            render_demo_samples)
-from training.methods.pgs.selection import (compute_drop_bounds, compute_mixed_similarity,
-                                            compute_reference_edges, extract_pixel_patches,
+from training.methods.pgs.selection import (build_sobel_kernels, compute_drop_bounds,
+                                            compute_mixed_similarity, compute_reference_edges,
+                                            extract_pixel_patches,
                                             select_paper, select_reference, standardize_patches)
 from training.transforms import normalize_image_tensor
 
@@ -132,7 +133,7 @@ def test_reference_mode_equals_the_naive_released_algorithm(use_edges, use_ot, a
     tokens = torch.randn(batch, 64, 12, generator=g, dtype=torch.float64)
     seed_noise, order_noise = torch.rand(2, batch, 64, generator=g, dtype=torch.float64)
     std = standardize_patches(extract_pixel_patches(images, p))
-    edges = compute_reference_edges(std, (8, 8)) if use_edges else None  # checked below
+    edges = compute_reference_edges(std, (8, 8), build_sobel_kernels()) if use_edges else None  # checked below
     similarity = compute_mixed_similarity(tokens, std, alpha)
     naive_sims = np.stack([alpha * naive_cosines(t) + (1 - alpha) * naive_cosines(naive_patches(im, p))
                            for t, im in zip(tokens.numpy(), images.numpy())])
@@ -177,7 +178,7 @@ def test_reference_edge_map_is_min_max_sobel_of_round_off_noise():
     images = smooth_images(2, 32, seed=4).double()
     std = standardize_patches(extract_pixel_patches(images, 4))
     assert std.mean(dim=-1).abs().max() < 1e-12
-    edges = compute_reference_edges(std, (8, 8))
+    edges = compute_reference_edges(std, (8, 8), build_sobel_kernels())
     grey = std.mean(dim=-1).reshape(2, 8, 8).numpy()
     for b in range(2):
         np.testing.assert_allclose(edges[b].numpy(), naive_sobel_minmax(grey[b]), rtol=1e-9, atol=1e-9)

@@ -9,9 +9,10 @@ from torch import nn
 from training.config import PGSConfig
 from training.methods.pgs.attention import (check_supported_tower, embed_patch_tokens,
                                             encode_selected_tokens)
-from training.methods.pgs.selection import (Selection, compute_drop_bounds, compute_mixed_similarity,
-                                            compute_reference_edges, extract_pixel_patches,
-                                            select_paper, select_reference, standardize_patches)
+from training.methods.pgs.selection import (Selection, build_sobel_kernels, compute_drop_bounds,
+                                            compute_mixed_similarity, compute_reference_edges,
+                                            extract_pixel_patches, select_paper, select_reference,
+                                            standardize_patches)
 
 PGS_MODES = ("reference", "paper")
 
@@ -38,6 +39,7 @@ class PGSSelector(nn.Module):
         check_pgs_config(config)
         self.config, self.patch_size = config, patch_size
         self.generator: torch.Generator | None = None
+        self.register_buffer("sobel_kernels", build_sobel_kernels(), persistent=False)
 
     def draw_noise(self, count: int, shape, device) -> list[torch.Tensor]:
         return [torch.rand(shape, device=device, generator=self.generator) for _ in range(count)]
@@ -53,8 +55,11 @@ class PGSSelector(nn.Module):
             shape = tokens.shape[:2]
             if self.config.mode == "reference":
                 grid = (images.shape[-2] // self.patch_size, images.shape[-1] // self.patch_size)
-                edges = compute_reference_edges(std_patches, grid) if self.config.use_edges else None
-                return select_reference(similarity, edges, self.config, *self.draw_noise(2, shape, tokens.device))
+                edges = None
+                if self.config.use_edges:
+                    edges = compute_reference_edges(std_patches, grid, self.sobel_kernels)
+                noise = self.draw_noise(2, shape, tokens.device)
+                return select_reference(similarity, edges, self.config, *noise)
             edges = None
             if self.config.use_edges:
                 if edge_scores is None:

@@ -90,22 +90,27 @@ def normalize_min_max(values: torch.Tensor) -> torch.Tensor:
     return (values - low) / span.clamp_min(torch.finfo(values.dtype).tiny)
 
 
-def compute_sobel_magnitude(grey: torch.Tensor) -> torch.Tensor:
+def build_sobel_kernels() -> torch.Tensor:
+    """(2, 1, 3, 3): d/dx and d/dy (a module buffer, so no host copy inside the step)."""
+    kx = torch.tensor(SOBEL_X)
+    return torch.stack([kx, kx.T]).unsqueeze(1)
+
+
+def compute_sobel_magnitude(grey: torch.Tensor, kernels: torch.Tensor) -> torch.Tensor:
     """(B, 1, h, w) -> (B, 1, h, w) 3x3 Sobel gradient magnitude, zero padding 1."""
-    kx = torch.tensor(SOBEL_X, dtype=grey.dtype, device=grey.device)
-    kernels = torch.stack([kx, kx.T]).unsqueeze(1)  # (2, 1, 3, 3): d/dx, d/dy
-    grad = F.conv2d(grey, kernels, padding=1)
+    grad = F.conv2d(grey, kernels.to(grey.dtype), padding=1)
     return grad.pow(2).sum(dim=1, keepdim=True).sqrt()
 
 
 # ------------------------------------------------------------------ reference mode
 
 
-def compute_reference_edges(std_patches: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+def compute_reference_edges(std_patches: torch.Tensor, grid: tuple[int, int],
+                            kernels: torch.Tensor) -> torch.Tensor:
     """The released edge map (§2.3 step 2, degenerate by design: the mean of a standardised
     patch is zero up to round-off, which min-max normalisation blows up). (B, L) in [0, 1]."""
     grey = std_patches.mean(dim=-1).reshape(-1, 1, *grid)  # (B, 1, gh, gw)
-    return normalize_min_max(compute_sobel_magnitude(grey).flatten(1))
+    return normalize_min_max(compute_sobel_magnitude(grey, kernels).flatten(1))
 
 
 def select_reference(similarity: torch.Tensor, edges: torch.Tensor | None, config: PGSConfig,
