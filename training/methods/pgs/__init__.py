@@ -52,20 +52,26 @@ class PGSSelector(nn.Module):
         with torch.autocast(device_type=tokens.device.type, enabled=False):
             std_patches = standardize_patches(extract_pixel_patches(images.float(), self.patch_size))
             similarity = compute_mixed_similarity(tokens.float(), std_patches, epoch_fraction)  # (B, L, L)
-            shape = tokens.shape[:2]
             if self.config.mode == "reference":
                 grid = (images.shape[-2] // self.patch_size, images.shape[-1] // self.patch_size)
-                edges = None
-                if self.config.use_edges:
-                    edges = compute_reference_edges(std_patches, grid, self.sobel_kernels)
-                noise = self.draw_noise(2, shape, tokens.device)
-                return select_reference(similarity, edges, self.config, *noise)
-            edges = None
-            if self.config.use_edges:
-                if edge_scores is None:
-                    raise ValueError("pgs paper mode with edges needs the batch's edge_scores")
-                edges = edge_scores.float()
-            return select_paper(similarity, edges, self.config, *self.draw_noise(3, shape, tokens.device))
+                return self.select_reference(similarity, std_patches, grid)
+            return self.select_paper(similarity, edge_scores)
+
+    def select_reference(self, similarity, std_patches, grid: tuple[int, int]) -> Selection:
+        edges = None
+        if self.config.use_edges:  # the released (degenerate) edge map, from the pixels
+            edges = compute_reference_edges(std_patches, grid, self.sobel_kernels)
+        noise = self.draw_noise(2, similarity.shape[:2], similarity.device)
+        return select_reference(similarity, edges, self.config, *noise)
+
+    def select_paper(self, similarity, edge_scores: torch.Tensor | None) -> Selection:
+        edges = None
+        if self.config.use_edges:  # the stored Sobel maps, reduced per patch by the loader
+            if edge_scores is None:
+                raise ValueError("pgs paper mode with edges needs the batch's edge_scores")
+            edges = edge_scores.float()
+        noise = self.draw_noise(3, similarity.shape[:2], similarity.device)
+        return select_paper(similarity, edges, self.config, *noise)
 
 
 def encode_image_with_selection(visual: nn.Module, selector: PGSSelector, images: torch.Tensor,
