@@ -36,6 +36,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--shard-size", type=int, default=250, help="images per shard (>= workers shards needed)")
+    p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                   help="config override for training, e.g. --method pgs0.3 --set pgs.mode=paper")
     return p.parse_args(argv)
 
 
@@ -63,7 +65,7 @@ def train_model(args, out: Path, build_uri: str) -> str:
             "--num-workers", str(args.num_workers), "--batch-size", str(args.batch_size),
             "--epochs", str(args.epochs), "--lr", str(args.lr), "--warmup-steps", "50",
             "--seed", str(args.seed), "--storage", str(out / "runs"), "--run-name", run_name,
-            "--log-every", "20", "--checkpoint-every", "100"]
+            "--log-every", "20", "--checkpoint-every", "100", *(f"--set={item}" for item in args.set)]
     train.main(argv + (["--max-steps", str(args.max_steps)] if args.max_steps else []))
     return str(out / "runs" / run_name)
 

@@ -22,8 +22,23 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class MaskingConfig:
-    kind: str = "none"  # "none" | "random" (FLIP)
+    kind: str = "none"  # "none" | "random" (FLIP) | "pgs" (CLIP-PGS, bounds in the `pgs` section)
     ratio: float = 0.0  # fraction of patch tokens removed during training
+
+
+@dataclass(frozen=True)
+class PGSConfig:
+    """CLIP-PGS patch selection (METHODS.md §2); used when masking.kind == "pgs"."""
+    mode: str = "reference"  # "reference": released code's semantics | "paper": §2.5
+    min_mask_ratio: float = 0.5  # the variant: PGS0.5 -> 0.5, PGS0.3 -> 0.3
+    max_mask_ratio: float = 0.5
+    candidate_ratio: float = 0.05  # initial (seed) patches
+    use_edges: bool = True  # ED (Table 6 ablation)
+    use_ot: bool = True  # OTN (Table 6 ablation)
+    similarity_threshold: float = 0.5
+    sinkhorn_iters: int = 50
+    sinkhorn_reg: float = 0.1  # paper mode: kernel exp(S / reg)
+    edge_protect_fraction: float = 0.2  # paper mode: strongest-edge patches never dropped
 
 
 @dataclass(frozen=True)
@@ -93,6 +108,7 @@ class TrainConfig:
     method: str = "clip"
     model: ModelConfig = field(default_factory=ModelConfig)
     masking: MaskingConfig = field(default_factory=MaskingConfig)
+    pgs: PGSConfig = field(default_factory=PGSConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     smartclip: SmartClipConfig = field(default_factory=SmartClipConfig)
     data: DataConfig = field(default_factory=DataConfig)

@@ -2,6 +2,8 @@
 batches and a report callback, so a test can hand it a list."""
 from __future__ import annotations
 
+import bisect
+import itertools
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterable
@@ -10,7 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from training.batches import IMAGES, SHORT_TEXTS, TEXTS
+from training.batches import EDGE_SCORES, IMAGES, SHORT_TEXTS, TEXTS
 from training.checkpoint import unwrap
 from training.transforms import normalize_image_tensor
 
@@ -27,6 +29,7 @@ class LoopSettings:
     checkpoint_every: int = 200
     grad_clip_norm: float = 1.0
     bf16: bool = False  # autocast to bfloat16 (GPU)
+    epoch_steps: tuple[int, ...] = ()  # steps of each epoch of the schedule (CLIP-PGS's alpha)
 
 
 class MetricMeter:
@@ -59,12 +62,24 @@ def seed_step(model, seed: int, step: int, rank: int) -> None:
             module.generator = torch.Generator(device=device).manual_seed(int(state) >> 1)
 
 
-def train_step(model, objective, optimizer, scheduler, batch: dict, s: LoopSettings) -> dict:
+def compute_epoch_fraction(step: int, epoch_steps: tuple[int, ...]) -> float:
+    """epoch / epochs of the step (0-based epoch; 0.0 without an epoch plan)."""
+    if not epoch_steps:
+        return 0.0
+    epoch = bisect.bisect_right(list(itertools.accumulate(epoch_steps)), step)
+    return min(epoch, len(epoch_steps) - 1) / len(epoch_steps)
+
+
+def train_step(model, objective, optimizer, scheduler, batch: dict, s: LoopSettings,
+               epoch_fraction: float = 0.0) -> dict:
     images = normalize_image_tensor(torch.as_tensor(batch[IMAGES]).to(s.device, non_blocking=True))
     texts = {name: torch.as_tensor(batch[column]).to(s.device, non_blocking=True)
              for name, column in (("texts", TEXTS), ("short_texts", SHORT_TEXTS)) if column in batch}
+    edge_scores = batch.get(EDGE_SCORES)
+    if edge_scores is not None:
+        edge_scores = torch.as_tensor(edge_scores).to(s.device, non_blocking=True)
     with torch.autocast(device_type=s.device.type, dtype=torch.bfloat16, enabled=s.bf16):
-        outputs = model(images, **texts)
+        outputs = model(images, **texts, edge_scores=edge_scores, epoch_fraction=epoch_fraction)
         terms = objective(outputs)
     loss = sum(terms.values())
     optimizer.zero_grad(set_to_none=True)
@@ -78,7 +93,8 @@ def train_step(model, objective, optimizer, scheduler, batch: dict, s: LoopSetti
     # Detached device tensors, no .item(): a host synchronisation per step would stall the GPU.
     return {**{f"loss/{k}": v.detach() for k, v in terms.items()}, "loss/total": loss.detach(),
             "logit_scale": scale, "temperature": 1.0 / scale, "grad_norm": grad_norm.detach(),
-            "lr": lr, **outputs.get("diagnostics", {})}
+            "lr": lr, **outputs.get("diagnostics", {}),
+            **{k: v for k, v in outputs.items() if k.startswith("masking/")}}
 
 
 def run_training(model, objective, optimizer, scheduler, batches: Iterable[dict],
@@ -92,8 +108,9 @@ def run_training(model, objective, optimizer, scheduler, batches: Iterable[dict]
         batch = next(batch_iter)
         wait_s = time.perf_counter() - wait_start
         seed_step(model, s.seed, step, s.rank)
-        meter.update(train_step(model, objective, optimizer, scheduler, batch, s),
-                     len(batch[IMAGES]), wait_s)
+        metrics = train_step(model, objective, optimizer, scheduler, batch, s,
+                             compute_epoch_fraction(step, s.epoch_steps))
+        meter.update(metrics, len(batch[IMAGES]), wait_s)
         step += 1
         is_last = step == s.total_steps
         want_ckpt = is_last or step % s.checkpoint_every == 0

@@ -4,15 +4,21 @@ returning a dict of named outputs."""
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from training.config import LossConfig, MaskingConfig, ModelConfig, SmartClipConfig, TrainConfig
+from training.config import LossConfig, MaskingConfig, ModelConfig, PGSConfig, SmartClipConfig, TrainConfig
 from training.long_text import apply_long_text
 from training.methods.flip import RandomPatchDrop
+from training.methods.pgs import (PGSSelector, check_supported_tower, encode_image_with_selection,
+                                  summarize_selection)
 from training.methods.smartclip import MaskNetwork
 from training.pretrained import load_pretrained_tower
 
-PATCH_SELECTORS = {"none": None, "random": RandomPatchDrop}
+# Selectors in open_clip's patch-dropout hook see only the tokens; token selectors (PGS)
+# also read the images and edge scores, so the model runs the vision tower around them.
+PATCH_SELECTORS = {"none": None, "random": RandomPatchDrop, "pgs": None}
+TOKEN_SELECTORS = {"pgs": PGSSelector}
 
 
 def encode_text_with_states(tower: nn.Module, texts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -29,17 +35,21 @@ def encode_text_with_states(tower: nn.Module, texts: torch.Tensor) -> tuple[torc
 
 class ContrastiveModel(nn.Module):
     """Wraps an open_clip CLIP; `forward` returns normalised features and the logit scale,
-    the features of a second (short) caption when given, and with a mask network each
-    caption's binary mask over embedding dimensions plus its mean density."""
+    the features of a second (short) caption when given, with a mask network each caption's
+    binary mask over embedding dimensions plus its mean density, and with a token selector
+    (PGS) its `masking/...` statistics."""
 
     def __init__(self, tower: nn.Module, patch_selector: nn.Module | None, max_logit_scale: float,
-                 mask_network: nn.Module | None = None):
+                 mask_network: nn.Module | None = None, token_selector: PGSSelector | None = None):
         super().__init__()
         self.tower = tower
         self.max_logit_scale = max_logit_scale
         self.mask_network = mask_network  # outside `tower`: the open_clip export stays plain CLIP
         if patch_selector is not None:
             tower.visual.patch_dropout = patch_selector  # open_clip's hook after pos. embed.
+        if token_selector is not None:
+            check_supported_tower(tower.visual)
+        self.token_selector = token_selector
 
     @property
     def patch_selector(self) -> nn.Module:
@@ -54,12 +64,23 @@ class ContrastiveModel(nn.Module):
                 "diagnostics": {"mask_density": masks.detach().mean()}}
 
     def forward(self, images: torch.Tensor, texts: torch.Tensor,
-                short_texts: torch.Tensor | None = None) -> dict:
-        outputs = {"image_features": self.tower.encode_image(images, normalize=True),
-                   **self.encode_text(texts), "logit_scale": self.tower.logit_scale.exp()}
+                short_texts: torch.Tensor | None = None, edge_scores: torch.Tensor | None = None,
+                epoch_fraction: float = 0.0) -> dict:
+        """edge_scores (B, L) and epoch_fraction (epoch / epochs) feed a token selector."""
+        image_features, selection_stats = self.encode_image_for_training(images, edge_scores, epoch_fraction)
+        outputs = {"image_features": image_features, **self.encode_text(texts),
+                   "logit_scale": self.tower.logit_scale.exp(), **selection_stats}
         if short_texts is not None:
             outputs["short_text_features"] = self.tower.encode_text(short_texts, normalize=True)
         return outputs
+
+    def encode_image_for_training(self, images, edge_scores, epoch_fraction) -> tuple[torch.Tensor, dict]:
+        if self.token_selector is None or not self.training:  # evaluation sees every token
+            return self.tower.encode_image(images, normalize=True), {}
+        pooled, selection = encode_image_with_selection(self.tower.visual, self.token_selector, images,
+                                                        edge_scores, epoch_fraction)
+        num_patches = self.tower.visual.positional_embedding.shape[0] - 1
+        return F.normalize(pooled, dim=-1), summarize_selection(selection, num_patches)
 
     @torch.no_grad()
     def clamp_logit_scale(self) -> None:
@@ -81,23 +102,34 @@ def build_mask_network(tower: nn.Module, smartclip: SmartClipConfig) -> MaskNetw
                        smartclip.mask_init_bias, act_layer=type(block.mlp.gelu))
 
 
+def build_token_selector(masking: MaskingConfig, pgs: PGSConfig, patch_size: int) -> PGSSelector | None:
+    if masking.kind not in TOKEN_SELECTORS:
+        return None
+    if masking.ratio != 0.0:
+        raise ValueError("CLIP-PGS takes its mask ratios from pgs.min_mask_ratio / pgs.max_mask_ratio; "
+                         f"leave masking.ratio at 0 (got {masking.ratio})")
+    return TOKEN_SELECTORS[masking.kind](pgs, patch_size)
+
+
 def build_model(model: ModelConfig, masking: MaskingConfig, loss: LossConfig,
-                smartclip: SmartClipConfig | None = None) -> ContrastiveModel:
-    """The towers (from `model.pretrained` if set), long-text positions, patch selection, and
-    a mask network when `smartclip` is given."""
+                smartclip: SmartClipConfig | None = None, *, pgs: PGSConfig = PGSConfig()) -> ContrastiveModel:
+    """The towers (from `model.pretrained` if set), long-text positions, patch selection (FLIP
+    in open_clip's hook, PGS around the vision tower), and a mask network when `smartclip`
+    is given."""
     tower = load_pretrained_tower(model.arch, model.pretrained)
     apply_long_text(tower, model.text_positions_kept, model.text_stretch_factor)
     if model.pretrained is None or loss.reset_logit_scale:
         with torch.no_grad():
             tower.logit_scale.fill_(loss.init_logit_scale)
     mask_network = None if smartclip is None else build_mask_network(tower, smartclip)
-    return ContrastiveModel(tower, build_patch_selector(masking), loss.max_logit_scale, mask_network)
+    return ContrastiveModel(tower, build_patch_selector(masking), loss.max_logit_scale, mask_network,
+                            build_token_selector(masking, pgs, tower.visual.patch_size[0]))
 
 
 def build_training_model(config: TrainConfig) -> ContrastiveModel:
     """The model a training config describes (the mask network only for SmartCLIP's loss)."""
     smartclip = config.smartclip if config.loss.kind == "smartclip" else None
-    return build_model(config.model, config.masking, config.loss, smartclip)
+    return build_model(config.model, config.masking, config.loss, smartclip, pgs=config.pgs)
 
 
 def tower_geometry(model: ContrastiveModel) -> tuple[int, int]:

@@ -174,7 +174,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
     settings = LoopSettings(start_step=start_step, total_steps=stop_step, seed=config.run.seed,
                             rank=rank, world_size=world, device=device,
                             log_every=config.run.log_every, checkpoint_every=config.run.checkpoint_every,
-                            grad_clip_norm=config.optim.grad_clip_norm, bf16=device.type == "cuda")
+                            grad_clip_norm=config.optim.grad_clip_norm, bf16=device.type == "cuda",
+                            epoch_steps=tuple(loop_config["epoch_steps"]))
     batches = iter_worker_batches(config, manifest["shards"], rank, world, start_step, geometry)
     report = build_reporter(config, rank, ddp_model, optimizer, scheduler, loop_config["extra"])
     run_training(ddp_model, objective, optimizer, scheduler, batches, settings, report)
@@ -183,14 +184,17 @@ def train_loop_per_worker(loop_config: dict) -> None:
 def plan_steps(config: TrainConfig, manifest: dict) -> dict:
     """The schedule spans all epochs; `run.max_steps` only stops early (an interrupted or
     budget-capped run), so a later `--resume` continues the very same schedule."""
-    total = data_order.compute_total_steps(manifest["shards"], config.run.seed, config.run.num_workers,
-                                           config.data.batch_size_per_worker, config.run.epochs)
+    epoch_steps = [data_order.compute_epoch_steps(manifest["shards"], config.run.seed, epoch,
+                                                  config.run.num_workers, config.data.batch_size_per_worker)
+                   for epoch in range(config.run.epochs)]
+    total = sum(epoch_steps)
     if total == 0:
         raise ValueError(f"no full batch for every worker: {config.run.num_workers} workers of "
                          f"{config.data.batch_size_per_worker} samples each, but the build has "
                          f"{len(manifest['shards'])} shards of {[e['n_samples'] for e in manifest['shards']][:8]}... "
                          "samples (each worker reads whole shards: use smaller shards or fewer workers)")
-    return {"schedule_steps": total, "stop_step": min(total, config.run.max_steps or total)}
+    return {"schedule_steps": total, "stop_step": min(total, config.run.max_steps or total),
+            "epoch_steps": epoch_steps}
 
 
 def build_run_config(config: TrainConfig) -> ray.train.RunConfig:

@@ -35,6 +35,14 @@ METHODS: dict[str, MethodRecipe] = {
                               "sparsity, one caption (long or short) per image per step (fine-tune)",
                               {**LONG_TEXT_FINETUNE, "loss.kind": "smartclip",
                                "data.caption_policy": "mix", "optim.new_module_lr": 1e-3}),
+    # CLIP-PGS variants, named by their lower mask-ratio bound; `--set pgs.mode=paper` (§2.5)
+    # instead of the released code's semantics, `pgs.use_edges` / `pgs.use_ot` for Table 6.
+    "pgs0.5": MethodRecipe("CLIP-PGS0.5: edge/similarity-guided patch dropping, 50 % of patches",
+                           {"masking.kind": "pgs", "masking.ratio": 0.0, "pgs.min_mask_ratio": 0.5,
+                            "pgs.max_mask_ratio": 0.5}),
+    "pgs0.3": MethodRecipe("CLIP-PGS0.3: edge/similarity-guided patch dropping, 30-50 % of patches",
+                           {"masking.kind": "pgs", "masking.ratio": 0.0, "pgs.min_mask_ratio": 0.3,
+                            "pgs.max_mask_ratio": 0.5}),
 }
 
 
