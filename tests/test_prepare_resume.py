@@ -27,7 +27,7 @@ ARGS = ["--allow-loopback-urls", "--image-size", "32", "--shard-size", "3",
         "--threads-per-task", "1", "--timeout", "5"]
 
 
-def start_prepare(tsv: Path, output: str, env: dict) -> subprocess.Popen:
+def start_prepare(tsv, output: str, env: dict) -> subprocess.Popen:
     """The job in its own process group, so that one signal reaches the driver and the Ray
     processes it started."""
     return subprocess.Popen(
@@ -46,7 +46,7 @@ def wait_until(predicate, timeout_s: float, proc: subprocess.Popen) -> None:
         time.sleep(0.2)
 
 
-def kill_and_resume(tsv: Path, output: str, env: dict) -> str:
+def kill_and_resume(tsv, output: str, env: dict) -> str:
     fs, root = storage.open_storage(output)
     proc = start_prepare(tsv, output, env)
 
@@ -91,8 +91,12 @@ def test_killed_build_resumes_to_exactly_the_expected_keys_locally(slow_corpus, 
 
 
 def test_killed_build_resumes_to_exactly_the_expected_keys_on_s3(slow_corpus, s3_env):
+    """Input TSV and build both on S3."""
+    import s3fs
     tsv, expected = slow_corpus
-    build_uri = kill_and_resume(tsv, f"s3://{S3_BUCKET}/shards", {**os.environ, **s3_env})
+    s3fs.S3FileSystem().put(str(tsv), f"{S3_BUCKET}/inputs/cc12m.tsv")
+    build_uri = kill_and_resume(f"s3://{S3_BUCKET}/inputs/cc12m.tsv", f"s3://{S3_BUCKET}/shards",
+                                {**os.environ, **s3_env})
     manifest, metas = check_build(build_uri)
     text = json.dumps(manifest)
     assert s3_env["AWS_SECRET_ACCESS_KEY"] not in text and s3_env["AWS_ACCESS_KEY_ID"] not in text

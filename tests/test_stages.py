@@ -17,6 +17,7 @@ from pipelines.captions import sample_key
 from pipelines.edges import decode_edge_png, edge_map_shape
 from tests.test_edges_transforms import assert_edges_of
 from pipelines.mirror import LoopbackMirror
+from tests.conftest import S3_BUCKET
 from pipelines.image_input import is_truncated_jpeg
 from pipelines.stages import (DownloadParams, ImageFetcher, ShardBuilder,
                               classify_download_error, classify_resize_error)
@@ -96,6 +97,15 @@ def test_loopback_urls_are_refused_unless_allowed(mirror):
     before = mirror.requests_served
     assert guarded("k", f"{mirror.base_url}/square.jpg") == (None, "blocked_address")
     assert mirror.requests_served == before  # refused before any connection
+
+
+def test_files_are_read_from_s3(fetch, s3_env):
+    """ShareGPT4V's images live under an s3:// prefix (moto on loopback)."""
+    import s3fs
+    s3fs.S3FileSystem().pipe(f"{S3_BUCKET}/images/a.jpg", encode_jpeg(40, 40, 6))
+    image, reason = fetch("k", f"s3://{S3_BUCKET}/images/a.jpg")
+    assert reason == "" and (image["width"], image["height"]) == (IMAGE_SIZE, IMAGE_SIZE)
+    assert fetch("k", f"s3://{S3_BUCKET}/images/absent.jpg") == (None, "missing_file")
 
 
 def test_files_are_read_from_paths(mirror, fetch, tmp_path):
