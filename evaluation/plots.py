@@ -62,7 +62,8 @@ def draw_bars(reports: list[dict], section: str, out_file: Path) -> Path:
         bars = ax.bar(x + (i - (len(reports) - 1) / 2) * width, np.nan_to_num(values[i]), width,
                       label=label_of(report, i))
         ax.bar_label(bars, labels=["–" if np.isnan(v) else f"{v:.1f}" for v in values[i]], fontsize=7)
-    ax.set_xticks(x, names, rotation=45 if len(names) > 4 else 0, ha="right" if len(names) > 4 else "center")
+    crowded = len(names) > 4 or sum(len(n) for n in names) > 48  # labels would overlap flat
+    ax.set_xticks(x, names, rotation=30 if crowded else 0, ha="right" if crowded else "center")
     ax.set_ylabel("%")
     ax.set_ylim(0, max(100, np.nanmax(values, initial=0) * 1.1))
     ax.set_title(PANELS[section][0])
