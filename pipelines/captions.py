@@ -107,10 +107,12 @@ def sample_key(source: str) -> str:
 
 def group_captions(rows: list[dict], rules: CaptionRules) -> list[dict]:
     """Merge caption rows (source, caption, kind, origin) by image source into
-    caption-multiplicity groups, first-seen caption order; a caption's kind is inferred
-    from its length when the row leaves it empty.
+    caption-multiplicity groups; a caption's kind is inferred from its length when the row
+    leaves it empty.
 
-    Identical captions of one image are kept once. Groups come out sorted by key.
+    Identical captions of one image are kept once (the first row seen). Captions come out
+    sorted by text and groups by key: the rows of one image reach the grouping stage in an
+    order the shuffle does not fix, and shards must be byte-for-byte reproducible.
     """
     merged: dict[str, dict[str, dict]] = {}
     for row in rows:
@@ -118,6 +120,7 @@ def group_captions(rows: list[dict], rules: CaptionRules) -> list[dict]:
         if row["caption"] not in texts:
             texts[row["caption"]] = {"text": row["caption"], "source": row["origin"],
                                      "kind": row["kind"] or caption_kind(row["caption"], rules)}
-    groups = [{"key": sample_key(source), "source": source, "captions": list(texts.values())}
+    groups = [{"key": sample_key(source), "source": source,
+               "captions": [texts[t] for t in sorted(texts)]}
               for source, texts in merged.items()]
     return sorted(groups, key=lambda g: g["key"])

@@ -86,7 +86,7 @@ def test_group_captions_merges_rows_of_one_url_anywhere_in_the_input():
     assert [g["key"] for g in groups] == sorted(sample_key(u) for u in (URL_A, URL_B, URL_C))
     by_url = {g["source"]: g for g in groups}
     assert all(g["key"] == sample_key(url) for url, g in by_url.items())
-    # First-seen order, exact duplicates of one image kept once.
+    # Sorted by text, exact duplicates of one image kept once.
     assert [c["text"] for c in by_url[URL_A]["captions"]] == ["a one", "a two words here and more"]
     assert [c["text"] for c in by_url[URL_B]["captions"]] == ["b one", "b two"]
     assert [c["text"] for c in by_url[URL_C]["captions"]] == ["c one"]
@@ -99,7 +99,8 @@ def test_a_kind_given_by_the_reader_wins_over_the_word_count():
     rows = rows_of([URL_A, URL_A], ["short words", "many words " * 10], "sharegpt4v",
                    kinds=[CAPTION_LONG, CAPTION_SHORT])
     (group,) = group_captions(rows, RULES)
-    assert [c["kind"] for c in group["captions"]] == [CAPTION_LONG, CAPTION_SHORT]
+    assert {c["text"]: c["kind"] for c in group["captions"]} == {
+        "short words": CAPTION_LONG, "many words " * 10: CAPTION_SHORT}
 
 
 def test_same_caption_on_two_images_stays_with_each():
