@@ -4,7 +4,8 @@ from __future__ import annotations
 import argparse
 import logging
 
-from pipelines.build import BuildParams
+from pipelines import ray_setup
+from pipelines.build import BuildAborted, BuildParams
 from pipelines.captions import CaptionRules
 from pipelines.stages import DownloadParams
 
@@ -48,6 +49,17 @@ def build_params(args: argparse.Namespace, reader: dict | None = None) -> BuildP
 
 def configure_logging() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+
+
+def run_job(run, args: argparse.Namespace):
+    """A prepare job's entry: logging, Ray (local or --ray-address), then `run(args)`; an
+    aborted build exits with its reason instead of a traceback."""
+    configure_logging()
+    ray_setup.init_ray(args.ray_address)
+    try:
+        return run(args)
+    except BuildAborted as error:
+        raise SystemExit(f"build aborted: {error}") from error
 
 
 def report(build_uri: str, manifest: dict) -> None:

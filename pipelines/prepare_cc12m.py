@@ -14,7 +14,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: make the repository root importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipelines import build, cli, ray_setup  # noqa: E402
+from pipelines import build, cli  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -32,12 +32,7 @@ def run(args: argparse.Namespace) -> tuple[str, dict]:
 
 def main(argv=None) -> str:
     args = parse_args(argv)
-    cli.configure_logging()
-    ray_setup.init_ray(args.ray_address)
-    try:
-        build_uri, manifest = run(args)
-    except build.BuildAborted as error:
-        raise SystemExit(f"build aborted: {error}") from error
+    build_uri, manifest = cli.run_job(run, args)
     cli.report(build_uri, manifest)
     return build_uri
 

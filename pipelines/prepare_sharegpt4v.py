@@ -25,7 +25,7 @@ if __package__ in (None, ""):  # run as a script: make the repository root impor
 
 import ray  # noqa: E402
 
-from pipelines import build, cli, ray_setup, sharegpt4v, storage  # noqa: E402
+from pipelines import build, cli, sharegpt4v, storage  # noqa: E402
 from pipelines.captions import CaptionRules  # noqa: E402
 
 RECORDS_PER_BLOCK = 20_000
@@ -94,12 +94,7 @@ def run(args: argparse.Namespace) -> dict[str, tuple[str, dict]]:
 
 def main(argv=None) -> dict[str, str]:
     args = parse_args(argv)
-    cli.configure_logging()
-    ray_setup.init_ray(args.ray_address)
-    try:
-        builds = run(args)
-    except build.BuildAborted as error:
-        raise SystemExit(f"build aborted: {error}") from error
+    builds = cli.run_job(run, args)
     for split, (build_uri, manifest) in builds.items():
         print(f"[{split}]")
         cli.report(build_uri, manifest)

@@ -26,7 +26,7 @@ if __package__ in (None, ""):  # run as a script: make the repository root impor
 import numpy as np  # noqa: E402
 import ray  # noqa: E402
 
-from pipelines import build, cli, ray_setup, yfcc  # noqa: E402
+from pipelines import build, cli, yfcc  # noqa: E402
 from pipelines.captions import READ_ENCODING, CaptionRules  # noqa: E402
 
 
@@ -136,12 +136,7 @@ def run(args: argparse.Namespace) -> tuple[str, dict]:
 
 def main(argv=None) -> str:
     args = parse_args(argv)
-    cli.configure_logging()
-    ray_setup.init_ray(args.ray_address)
-    try:
-        build_uri, manifest = run(args)
-    except build.BuildAborted as error:
-        raise SystemExit(f"build aborted: {error}") from error
+    build_uri, manifest = cli.run_job(run, args)
     cli.report(build_uri, manifest)
     return build_uri
 
