@@ -6,8 +6,10 @@ batch, and the selection's own share of the PGS step (the paper claims < 3 % ove
 
 Steps of the variants are interleaved and both the median and the minimum are printed: on
 a shared machine the minimum is the steadier figure. "selection" times the selector alone (similarities, OTN, seeds, ranking) on the step's
-tokens; the rest of PGS's cost is its attention mask and, in reference mode and for PGS0.3 in
-paper mode, the tokens it keeps in the sequence but hides.
+tokens; the rest of PGS's cost is its attention mask and the tokens it keeps in the sequence
+but hides: with the default `batch_min` compaction only what the batch does not share
+(PGS0.3 paper mode), with `static` (".../static", no host read) all of each image's
+data-dependent drop.
 """
 from __future__ import annotations
 
@@ -38,12 +40,13 @@ def synthetic_batch(arch: str, image_size: int, num_patches: int, batch_size: in
 
 
 def build_variant(label: str, args):
-    """(label, model) for "flip@r" or "pgs0.x/<mode>"."""
+    """(label, model) for "flip@r" or "pgs0.x/<mode>[/<compaction>]"."""
     if label.startswith("flip@"):
         config = apply_overrides(build_method_config("flip"), {"masking.ratio": float(label[5:])})
     else:
-        method, mode = label.split("/")
-        config = apply_overrides(build_method_config(method), {"pgs.mode": mode})
+        method, mode, *compaction = label.split("/")
+        config = apply_overrides(build_method_config(method),
+                                 {"pgs.mode": mode, "pgs.compaction": (compaction or ["batch_min"])[0]})
     config = apply_overrides(config, {"model.arch": args.arch})
     torch.manual_seed(0)
     return config, build_model(config.model, config.masking, config.loss, pgs=config.pgs).to(args.device)
@@ -106,7 +109,7 @@ def time_selection(model, batch: dict, device: torch.device, bf16: bool) -> floa
 
 
 VARIANTS = (("flip@0.5", "pgs0.5/reference", "pgs0.5/paper"),
-            ("flip@0.3", "pgs0.3/reference", "pgs0.3/paper"))
+            ("flip@0.3", "pgs0.3/reference", "pgs0.3/paper", "pgs0.3/paper/static"))
 
 
 def main(argv=None) -> dict:
@@ -121,7 +124,7 @@ def main(argv=None) -> dict:
     torch.set_num_threads(args.threads)
     print(f"{args.arch}, batch {args.batch_size}, {args.device} ({args.threads} thread(s)), "
           f"median of {args.steps} steps after {args.warmup} warm-up")
-    print(f"{'variant':18s} {'ms/step':>9s} {'vs FLIP':>8s} {'min ms':>8s} {'vs FLIP':>8s} "
+    print(f"{'variant':20s} {'ms/step':>9s} {'vs FLIP':>8s} {'min ms':>8s} {'vs FLIP':>8s} "
           f"{'selection ms':>13s} {'share of step':>14s}")
     results = {}
     for group in VARIANTS:
@@ -130,7 +133,7 @@ def main(argv=None) -> dict:
         for r in (flip, *pgs):
             selection = "-" if r is flip else f"{r['selection_s'] * 1e3:.2f}"
             share = "-" if r is flip else f"{100 * r['selection_s'] / r['step_s']:.1f}%"
-            print(f"{r['label']:18s} {r['step_s'] * 1e3:9.1f} {r['step_s'] / flip['step_s']:7.2f}x "
+            print(f"{r['label']:20s} {r['step_s'] * 1e3:9.1f} {r['step_s'] / flip['step_s']:7.2f}x "
                   f"{r['min_step_s'] * 1e3:8.1f} {r['min_step_s'] / flip['min_step_s']:7.2f}x "
                   f"{selection:>13s} {share:>14s}")
     return results

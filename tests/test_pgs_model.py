@@ -19,7 +19,7 @@ from training.config import PGSConfig, apply_overrides, config_from_dict, config
 from training.loop import LoopSettings, compute_epoch_fraction, run_training, seed_step, train_step
 from training.losses.contrastive import ContrastiveLoss
 from training.methods import build_method_config
-from training.methods.pgs import PGSSelector, Selection
+from training.methods.pgs import PGSSelector, Selection, remove_shared_hidden
 from training.methods.pgs.attention import (build_key_padding_mask, embed_patch_tokens,
                                             encode_selected_tokens)
 from training.model import build_model
@@ -160,12 +160,32 @@ def test_selection_carries_no_gradient_but_kept_tokens_do(mode):
     images = torch.randn(4, 3, 32, 32, requires_grad=True)
     edges = torch.rand(4, 16) * 10
     out = model(images, torch.as_tensor(make_batch()[TEXTS]), edge_scores=edges, epoch_fraction=0.5)
-    assert all(not v.requires_grad for k, v in out.items() if k.startswith("masking/"))
+    assert all(not torch.as_tensor(v).requires_grad for k, v in out.items() if k.startswith("masking/"))
     out["image_features"].sum().backward()
     assert model.tower.visual.conv1.weight.grad.abs().sum() > 0
     # Patches dropped from every image get no gradient at the input; kept ones do.
     grad_per_patch = images.grad.abs().reshape(4, 3, 4, 8, 4, 8).sum(dim=(1, 3, 5)).reshape(4, 16)
     assert ((grad_per_patch > 0).sum(dim=1) < 16).all() and ((grad_per_patch > 0).sum(dim=1) > 0).all()
+
+
+@pytest.mark.parametrize("mode", ["reference", "paper"])
+def test_batch_min_compaction_changes_the_length_not_the_result(mode):
+    # Physically removing the batch's shared hidden count equals hiding those tokens.
+    batch, images = make_batch(), torch.randn(4, 3, 32, 32)
+    texts, edges = torch.as_tensor(batch[TEXTS]), torch.as_tensor(batch[EDGE_SCORES])
+    outputs = {}
+    for compaction in ("static", "batch_min"):
+        model = build_pgs_model(mode=mode, compaction=compaction).train()
+        model.token_selector.generator = torch.Generator().manual_seed(3)
+        with torch.no_grad():
+            outputs[compaction] = model(images, texts, edge_scores=edges, epoch_fraction=0.25)
+    static, compact = outputs["static"], outputs["batch_min"]
+    torch.testing.assert_close(compact["image_features"], static["image_features"], rtol=1e-4, atol=1e-5)
+    assert torch.equal(compact["masking/drop_fraction"], static["masking/drop_fraction"])
+    shared_drop = round(float(16 * static["masking/drop_fraction_min"]))
+    assert compact["masking/sequence_patches"] == 16 - shared_drop
+    low = {"reference": 16 - int(16 * 0.7), "paper": math.ceil(0.3 * 16)}[mode]
+    assert static["masking/sequence_patches"] == 16 - low
 
 
 def test_pgs_needs_class_token_pooling_and_masking_ratio_zero():
@@ -243,12 +263,13 @@ def test_recipes_and_config_round_trip():
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("mode", ["reference", "paper"])
-def test_training_step_never_synchronises_with_the_host(mode):
+def test_selection_never_synchronises_with_the_host(mode):
+    # The selectors and the static-length encoder; batch_min compaction's one read is below.
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
     device = torch.device("cuda")
-    config = pgs_config(mode=mode)
-    model = build_pgs_model(mode=mode).to(device)
+    config = pgs_config(mode=mode, compaction="static")
+    model = build_pgs_model(mode=mode, compaction="static").to(device)
     optimizer = build_optimizer(model, config.optim)
     scheduler = build_scheduler(optimizer, 1, 4)
     s = LoopSettings(0, 4, 0, 0, 1, device, epoch_steps=(2, 2))
@@ -265,3 +286,23 @@ def test_training_step_never_synchronises_with_the_host(mode):
         encode_selected_tokens(model.tower.visual, embed_patch_tokens(model.tower.visual, images), selection)
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("mode", ["reference", "paper"])
+def test_batch_min_compaction_reads_the_host_once(mode):
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    device = torch.device("cuda")
+    selector = build_pgs_model(mode=mode).train().to(device).token_selector
+    selector.generator = torch.Generator(device).manual_seed(0)
+    selection = selector(torch.randn(4, 16, 64, device=device), torch.randn(4, 3, 32, 32, device=device),
+                         torch.rand(4, 16, device=device), 0.5)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with pytest.warns(UserWarning, match="synchroniz") as caught:
+            remove_shared_hidden(selection)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert len([w for w in caught if "synchroniz" in str(w.message)]) == 1

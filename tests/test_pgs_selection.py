@@ -15,12 +15,12 @@ from hypothesis import strategies as st
 
 from training.config import PGSConfig
 from training.methods.flip import random_masking
-from training.methods.pgs import PGSSelector
+from training.methods.pgs import PGSSelector, Selection
 from training.methods.pgs.examples import (SKIMAGE_SAMPLES, load_skimage_sample, prepare_batch,
                                            render_demo_samples)
 from training.methods.pgs.selection import (build_sobel_kernels, compute_drop_bounds,
                                             compute_mixed_similarity, compute_reference_edges,
-                                            extract_pixel_patches,
+                                            extract_pixel_patches, remove_shared_hidden,
                                             select_paper, select_reference, standardize_patches)
 from training.transforms import normalize_image_tensor
 
@@ -171,6 +171,9 @@ def test_reference_keep_count_follows_the_batch_and_is_hidden_not_resized():
     assert selection.keep_index.shape == (4, cap)  # static length
     num_keep = 64 - selection.num_dropped[0]
     assert num_keep < cap and torch.equal(selection.hidden.sum(dim=1), (cap - num_keep).long().expand(4))
+    compact = remove_shared_hidden(selection)  # batch-uniform: everything hidden leaves
+    assert compact.hidden is None and compact.keep_index.shape == (4, int(num_keep))
+    assert [visible_patches(compact, b) for b in range(4)] == [visible_patches(selection, b) for b in range(4)]
 
 
 def test_reference_edge_map_is_min_max_sobel_of_round_off_noise():
@@ -234,6 +237,29 @@ def test_paper_mode_drops_within_the_bounds_and_keeps_the_strongest_edges(
         if use_edges:  # the top 20 % of edge scores are never dropped
             strongest = edges[b].argsort(descending=True)[:math.ceil(0.2 * L)].tolist()
             assert set(strongest) <= set(visible)
+    compact = remove_shared_hidden(selection)  # the batch minimum leaves the sequence
+    assert compact.keep_index.shape == (batch, L - int(selection.num_dropped.min()))
+    assert [visible_patches(compact, b) for b in range(batch)] == [visible_patches(selection, b)
+                                                                   for b in range(batch)]
+
+
+@settings(max_examples=60, deadline=None)
+@given(batch=st.integers(1, 5), kept=st.integers(1, 12), density=st.floats(0.0, 1.0), seed=st.integers(0, 2 ** 31))
+def test_removing_the_shared_hidden_count_keeps_every_visible_set(batch, kept, density, seed):
+    g = torch.Generator().manual_seed(seed)
+    keep = torch.stack([torch.randperm(20, generator=g)[:kept] for _ in range(batch)])
+    hidden = torch.rand(batch, kept, generator=g) < density
+    selection = Selection(keep, hidden, 20.0 - kept + hidden.sum(1).float())
+    compact = remove_shared_hidden(selection)
+    counts = hidden.sum(dim=1)
+    assert compact.keep_index.shape == (batch, kept - int(counts.min()))
+    assert compact.num_dropped is selection.num_dropped
+    for b in range(batch):  # same visible tokens, in the same order
+        assert visible_patches(compact, b) == visible_patches(selection, b)
+    if compact.hidden is None:  # nothing left to hide only when every image hid as many
+        assert (counts == counts[0]).all()
+    else:
+        assert compact.hidden.sum(dim=1).min() == 0
 
 
 @pytest.mark.parametrize("num_patches, low, high, expected", [

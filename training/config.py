@@ -39,6 +39,10 @@ class PGSConfig:
     sinkhorn_iters: int = 50
     sinkhorn_reg: float = 0.1  # paper mode: kernel exp(S / reg)
     edge_protect_fraction: float = 0.2  # paper mode: strongest-edge patches never dropped
+    # "batch_min": the hidden tokens every image of the step shares leave the sequence
+    # physically (one count read to the host per step); "static": the sequence length never
+    # depends on the data (no host read; the rest stays hidden by the key mask).
+    compaction: str = "batch_min"
 
 
 @dataclass(frozen=True)

@@ -11,15 +11,18 @@ from training.methods.pgs.attention import (check_supported_tower, embed_patch_t
                                             encode_selected_tokens)
 from training.methods.pgs.selection import (Selection, build_sobel_kernels, compute_drop_bounds,
                                             compute_mixed_similarity, compute_reference_edges,
-                                            extract_pixel_patches, select_paper, select_reference,
-                                            standardize_patches)
+                                            extract_pixel_patches, remove_shared_hidden, select_paper,
+                                            select_reference, standardize_patches)
 
 PGS_MODES = ("reference", "paper")
+PGS_COMPACTIONS = ("batch_min", "static")
 
 
 def check_pgs_config(config: PGSConfig) -> None:
     if config.mode not in PGS_MODES:
         raise ValueError(f"unknown pgs.mode {config.mode!r}; known: {PGS_MODES}")
+    if config.compaction not in PGS_COMPACTIONS:
+        raise ValueError(f"unknown pgs.compaction {config.compaction!r}; known: {PGS_COMPACTIONS}")
     if not 0.0 <= config.min_mask_ratio <= config.max_mask_ratio < 1.0:
         raise ValueError("need 0 <= pgs.min_mask_ratio <= pgs.max_mask_ratio < 1, got "
                          f"{config.min_mask_ratio}, {config.max_mask_ratio}")
@@ -79,16 +82,21 @@ def encode_image_with_selection(visual: nn.Module, selector: PGSSelector, images
     """(pooled image embedding (B, E), selection): the vision tower on the selected tokens."""
     tokens = embed_patch_tokens(visual, images)  # (B, 1 + L, D)
     selection = selector(tokens[:, 1:].detach(), images, edge_scores, epoch_fraction)
+    if selector.config.compaction == "batch_min":
+        selection = remove_shared_hidden(selection)
     return encode_selected_tokens(visual, tokens, selection), selection
 
 
 def summarize_selection(selection: Selection, num_patches: int) -> dict:
-    """Device-tensor metrics of the realised drop (no host synchronisation)."""
+    """Metrics of the realised drop (device tensors, no host synchronisation) and the
+    number of patch tokens physically in the sequence."""
     dropped = selection.num_dropped / num_patches
     return {"masking/kept_patches": num_patches - selection.num_dropped.mean(),
             "masking/drop_fraction": dropped.mean(),
-            "masking/drop_fraction_min": dropped.min(), "masking/drop_fraction_max": dropped.max()}
+            "masking/drop_fraction_min": dropped.min(), "masking/drop_fraction_max": dropped.max(),
+            "masking/sequence_patches": float(selection.keep_index.shape[1])}  # a host int
 
 
-__all__ = ["PGSSelector", "PGS_MODES", "Selection", "check_pgs_config", "check_supported_tower",
-           "compute_drop_bounds", "encode_image_with_selection", "summarize_selection"]
+__all__ = ["PGSSelector", "PGS_COMPACTIONS", "PGS_MODES", "Selection", "check_pgs_config", "check_supported_tower",
+           "compute_drop_bounds", "encode_image_with_selection", "remove_shared_hidden",
+           "summarize_selection"]

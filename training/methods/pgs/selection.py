@@ -6,8 +6,10 @@ Two modes (METHODS.md §2): `select_reference` reproduces the released code's se
 Random draws come in as arguments, so each step is checkable against a naive reference.
 
 Shapes: B images, L patches on a grid of g_h x g_w, D token width, P = 3 p^2 pixel values.
-The sequence length after selection is static (it never depends on device values, so no
-host synchronisation): the data-dependent rest of each image's drop is hidden by a mask.
+The selectors' output length is static (it never depends on device values, so selection
+needs no host synchronisation): each image's data-dependent rest is hidden by a mask.
+`remove_shared_hidden` then takes the hidden tokens that every image of the batch shares
+out of the sequence (the batch minimum), at the price of one count read by the host.
 """
 from __future__ import annotations
 
@@ -51,6 +53,25 @@ class Selection:
     keep_index: torch.Tensor
     hidden: torch.Tensor | None
     num_dropped: torch.Tensor
+
+
+def remove_shared_hidden(selection: Selection) -> Selection:
+    """Removes from the sequence the number of hidden tokens every image has (the batch
+    minimum of hidden counts), so the data-dependent drop costs no compute where the batch
+    agrees: reference mode's batch-uniform keep count leaves nothing hidden, and paper
+    mode's images drop min_b k_b physically. The visible token set of each image does not
+    change. One host read per call (the two counts, in one transfer): shapes need them."""
+    if selection.hidden is None:
+        return selection
+    counts = selection.hidden.sum(dim=1)
+    fewest, most = torch.stack([counts.min(), counts.max()]).tolist()
+    if most == 0:
+        return Selection(selection.keep_index, None, selection.num_dropped)
+    if fewest == 0:
+        return selection
+    order = selection.hidden.logical_not().to(torch.uint8).argsort(dim=1, stable=True)[:, fewest:]
+    hidden = selection.hidden.gather(1, order) if most > fewest else None
+    return Selection(selection.keep_index.gather(1, order), hidden, selection.num_dropped)
 
 
 # ------------------------------------------------------------------ shared features
