@@ -4,6 +4,9 @@ reference mode's batched, sync-free balancing loop against the released loop wri
 literally (with its Python `break`)."""
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import numpy as np
 import ot
 import pytest
@@ -106,3 +109,13 @@ def test_reference_loop_is_the_simultaneous_update_which_does_not_balance():
     positive = torch.rand(2, 8, 8, generator=g, dtype=torch.float64) + 0.05
     sums = balance_similarity_reference(positive, 50).sum(dim=1)
     assert ((sums - 1).abs() > 1e-2).all()
+
+
+def test_pot_is_imported_without_its_gpu_array_backends():
+    # JAX, when installed, preallocates most of the GPU on import; POT would import it.
+    code = ("import os; os.environ['POT_BACKEND_DISABLE_CUPY'] = ''; "
+            "import training.methods.pgs.sinkhorn, ot.backend as b; "
+            "print(os.environ['POT_BACKEND_DISABLE_JAX'], os.environ['POT_BACKEND_DISABLE_TENSORFLOW'], "
+            "repr(os.environ['POT_BACKEND_DISABLE_CUPY']), sorted(type(x).__name__ for x in b.get_backend_list()))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["1", "1", "''", "['NumpyBackend',", "'TorchBackend']"]
