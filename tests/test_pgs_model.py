@@ -306,3 +306,26 @@ def test_batch_min_compaction_reads_the_host_once(mode):
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert len([w for w in caught if "synchroniz" in str(w.message)]) == 1
+
+
+@pytest.mark.gpu
+def test_hidden_equals_removed_tokens_in_bf16_on_cuda():
+    # The key-padding mask through the GPU's fused attention kernels in bf16, on ViT-B/16.
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    config = apply_overrides(pgs_config(), {"model.arch": "ViT-B-16"})
+    torch.manual_seed(0)
+    visual = build_model(config.model, config.masking, config.loss, pgs=config.pgs).cuda().train().tower.visual
+    g = torch.Generator().manual_seed(0)
+    keep = torch.stack([torch.randperm(196, generator=g)[:120] for _ in range(3)])
+    hidden = torch.rand(3, 120, generator=g) < 0.3
+    selection = Selection(keep.cuda(), hidden.cuda(), (76 + hidden.sum(1)).float().cuda())
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+        tokens = embed_patch_tokens(visual, torch.randn(3, 3, 224, 224, device="cuda"))
+        masked = encode_selected_tokens(visual, tokens, selection).float()
+        unmasked = encode_selected_tokens(visual, tokens, Selection(selection.keep_index, None, None)).float()
+        removed = torch.cat([encode_selected_tokens(visual, tokens[b:b + 1], Selection(
+            selection.keep_index[b][~selection.hidden[b]][None], None, None)) for b in range(3)]).float()
+    error = (masked - removed).norm(dim=-1) / removed.norm(dim=-1)
+    ignored = (unmasked - removed).norm(dim=-1) / removed.norm(dim=-1)  # what a mask that blocks nothing gives
+    assert (error < 0.03).all() and (error < ignored / 4).all(), (error, ignored)  # bf16 rounding: ~0.008

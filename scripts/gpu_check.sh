@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# The checks that need a GPU, as one command for a lent GPU machine (CI has none):
+# the GPU-marked tests (PGS selection without host synchronisation, the key-padding mask in
+# bf16, every method's bf16 step on ViT-B/16) and the PGS step-time benchmark on ViT-B/16
+# with the largest batch that fits, with a profile of the selector.
+#
+# The machine's own python3 has torch; packages it lacks travel as wheels in .whl/
+# (open_clip_torch, ftfy, wcwidth, POT for python 3.12), installed into /tmp/site.
+# Results go to $OUT (or ./gpu_out) as gpu_check.log.
+set -uo pipefail
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 WANDB_MODE=disabled RAY_USAGE_STATS_ENABLED=0
+out=${OUT:-gpu_out}
+mkdir -p "$out"
+exec > >(tee "$out/gpu_check.log") 2>&1
+if [ -d .whl ]; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+        --target /tmp/site .whl/*.whl || exit 1
+    export PYTHONPATH=/tmp/site
+fi
+nvidia-smi -L
+python3 -c "import torch, ot, open_clip; print('torch', torch.__version__, 'POT', ot.__version__,
+'open_clip', open_clip.__version__, torch.cuda.get_device_name())" || exit 1
+python3 -m pytest -p no:cacheprovider -m gpu -q -rs tests/test_pgs_model.py tests/test_gpu_paths.py
+tests_rc=$?
+for batch in ${GPU_BATCHES:-1024 512 256}; do
+    python3 -m benchmarks.bench_pgs --device cuda --arch ViT-B-16 --batch-size "$batch" --steps 20 \
+        --profile-selection && break
+    echo "batch $batch did not fit or failed; trying a smaller one"
+done
+exit $tests_rc
