@@ -97,7 +97,21 @@ def time_group(labels: tuple[str, ...], args) -> list[dict]:
     for index in range(args.warmup + args.steps):
         for variant in variants:
             variant.step(index)
+    if args.profile_selection:
+        for variant in variants[1:]:
+            profile_selection(variant)
     return [v.summary(args.warmup) for v in variants]
+
+
+def profile_selection(variant: Variant) -> None:
+    """Where the selector's time goes: the operators with the most self time, one call."""
+    from torch.profiler import ProfilerActivity, profile
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if variant.device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        time_selection(variant.model, variant.batch, variant.device, variant.settings.bf16)
+    key = "self_device_time_total" if variant.device.type == "cuda" else "self_cpu_time_total"
+    print(f"selection of {variant.label}, by {key}:")
+    print(prof.key_averages().table(sort_by=key, row_limit=12, max_name_column_width=48))
 
 
 def time_selection(model, batch: dict, device: torch.device, bf16: bool) -> float:
@@ -120,6 +134,8 @@ def main(argv=None) -> dict:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    p.add_argument("--profile-selection", action="store_true",
+                   help="print the selector's operators by self time (torch.profiler)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     print(f"{args.arch}, batch {args.batch_size}, {args.device} ({args.threads} thread(s)), "
