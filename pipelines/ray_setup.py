@@ -4,10 +4,23 @@ from __future__ import annotations
 import os
 
 import ray
+from ray._private import ray_constants
 
 # Set for every process Ray starts: no usage reporting, no update checks, no hub access.
 OFFLINE_ENV = {"RAY_USAGE_STATS_ENABLED": "0", "NO_ALBUMENTATIONS_UPDATE": "1",
                "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled", "TOKENIZERS_PARALLELISM": "false"}
+
+# Ray replaces 127.0.0.1 by the machine's routable address (`resolve_ip_for_localhost`), so
+# `_node_ip_address="127.0.0.1"` alone still binds the GCS and workers to e.g. eth0. Only a
+# single-node instance keeps loopback; Ray spells that switch with its Windows/macOS flag,
+# read once at import, and then refuses to add nodes (a local instance never has any).
+LOOPBACK_ENV = {ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR: "0"}
+
+
+def keep_on_loopback() -> None:
+    """Make a Ray instance started from this process use 127.0.0.1 for every address."""
+    os.environ.update(LOOPBACK_ENV)  # the processes Ray starts import it afresh
+    ray_constants.ENABLE_RAY_CLUSTER = False  # this process imported it already
 
 
 def init_ray(address: str | None = None, *, num_cpus: int | None = None) -> None:
@@ -26,5 +39,6 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None) -> None
     else:
         # address="local": the embedded default never attaches to some other cluster that
         # happens to run on this machine; join one explicitly with --ray-address/RAY_ADDRESS.
+        keep_on_loopback()
         ray.init(address="local", num_cpus=num_cpus, include_dashboard=False,
                  runtime_env={"env_vars": env}, _node_ip_address="127.0.0.1")

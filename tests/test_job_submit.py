@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from pipelines import shards
+from pipelines import ray_setup, shards
 from tests.conftest import free_port
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
@@ -25,7 +25,7 @@ RAY = str(Path(sys.executable).parent / "ray")
 @pytest.fixture(scope="module")
 def head_node(tmp_path_factory):
     """A one-node cluster on 127.0.0.1, stopped through the process that started it."""
-    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_USAGE_STATS_ENABLED": "0",
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_USAGE_STATS_ENABLED": "0", **ray_setup.LOOPBACK_ENV,
            "PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}"}
     env.pop("RAY_ADDRESS", None)
     dashboard = free_port()
@@ -116,3 +116,17 @@ def test_prepare_yfcc15m_and_sharegpt4v_through_ray_job_submit(head_node, tmp_pa
            "--validation-records", "2", "--output", str(tmp_path / "out"))
     (val_dir,) = (tmp_path / "out" / "sharegpt4v-val2").iterdir()
     assert captions_by_source(check_build(str(val_dir))[1]) == sg.expected_captions(range(2))
+
+
+def test_the_head_node_and_its_jobs_use_loopback_only(head_node):
+    # Ray swaps 127.0.0.1 for the machine's routable address unless told it is single-node.
+    code = ("import ray; ray.init(); import ray.util; "
+            "print('addresses', ray.get_runtime_context().gcs_address, ray.util.get_node_ip_address(), "
+            "*sorted({n['NodeManagerAddress'] for n in ray.nodes()}))")
+    address, env = head_node
+    result = subprocess.run([RAY, "job", "submit", f"--address={address}", "--", "python", "-c", code],
+                            env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    (line,) = [x for x in result.stdout.splitlines() if x.startswith("addresses ")]
+    gcs, node_ip, *managers = line.split()[1:]
+    assert gcs.startswith("127.0.0.1:") and node_ip == "127.0.0.1" and managers == ["127.0.0.1"]
