@@ -4,8 +4,11 @@
 # bf16, every method's bf16 step on ViT-B/16) and the PGS step-time benchmark on ViT-B/16
 # with the largest batch that fits, with a profile of the selector.
 #
-# The machine's own python3 has torch; packages it lacks travel as wheels in .whl/
-# (open_clip_torch, ftfy, wcwidth, POT for python 3.12), installed into /tmp/site.
+# The machine's own python3 has torch; packages it lacks travel as wheels in .whl/ (git
+# ignores it), installed into /tmp/site. Fetch them once where pip reaches PyPI:
+#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 \
+#       --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 \
+#       -d .whl open_clip_torch==3.3.0 ftfy==6.3.1 wcwidth==0.9.4 POT==0.9.7.post1
 # Results go to $OUT (or ./gpu_out) as gpu_check.log.
 set -uo pipefail
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 WANDB_MODE=disabled RAY_USAGE_STATS_ENABLED=0
