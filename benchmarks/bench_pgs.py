@@ -81,7 +81,7 @@ class Variant:
                                                         self.scheduler, self.batch, self.settings, 0.5),
                                      self.device))
         if self.model.token_selector is not None:
-            self.selection_times.append(time_selection(self.model, self.batch, self.device, self.settings.bf16))
+            self.selection_times.append(run_selection(self.model, self.batch, self.device, self.settings.bf16))
 
     def summary(self, warmup: int) -> dict:
         selection = self.selection_times[warmup:]
@@ -104,22 +104,29 @@ def time_group(labels: tuple[str, ...], args) -> list[dict]:
 
 
 def profile_selection(variant: Variant) -> None:
-    """Where the selector's time goes: the operators with the most self time, one call."""
+    """Where the selector's time goes: its operators with the most self time, one call (the
+    inputs' transfer and patch embedding happen outside the profiled region)."""
     from torch.profiler import ProfilerActivity, profile
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if variant.device.type == "cuda" else [])
-    with profile(activities=activities) as prof:
-        time_selection(variant.model, variant.batch, variant.device, variant.settings.bf16)
-    key = "self_device_time_total" if variant.device.type == "cuda" else "self_cpu_time_total"
+    cuda = variant.device.type == "cuda"
+
+    def profiled(fn, device):
+        with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
+            timed(fn, device)
+        return prof
+
+    prof = run_selection(variant.model, variant.batch, variant.device, variant.settings.bf16, profiled)
+    key = "self_device_time_total" if cuda else "self_cpu_time_total"
     print(f"selection of {variant.label}, by {key}:")
     print(prof.key_averages().table(sort_by=key, row_limit=12, max_name_column_width=48))
 
 
-def time_selection(model, batch: dict, device: torch.device, bf16: bool) -> float:
+def run_selection(model, batch: dict, device: torch.device, bf16: bool, measure=None):
+    """`measure(fn, device)` (default: `timed`) of the selector alone on the step's tokens."""
     images = normalize_image_tensor(torch.as_tensor(batch[IMAGES]).to(device))
     edges = torch.as_tensor(batch[EDGE_SCORES]).to(device)
     with torch.no_grad(), torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=bf16):
         tokens = embed_patch_tokens(model.tower.visual, images)[:, 1:]
-        return timed(lambda: model.token_selector(tokens, images, edges, 0.5), device)
+        return (measure or timed)(lambda: model.token_selector(tokens, images, edges, 0.5), device)
 
 
 VARIANTS = (("flip@0.5", "pgs0.5/reference", "pgs0.5/paper"),
