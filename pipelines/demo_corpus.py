@@ -101,6 +101,9 @@ ZEROSHOT_DIR = "eval/zeroshot"
 RETRIEVAL_DIR = "eval/retrieval"
 LONG_DIR = "eval/long"
 CLASSNAMES_TXT = "classnames.txt"
+# Attribute name -> its value for each class in classnames.txt order: evaluation reports the
+# accuracy of each attribute of the top-1 class (colour, shape) beside top-1 itself.
+CLASS_ATTRIBUTES_JSON = "class_attributes.json"
 TEMPLATES_TXT = "templates.txt"
 SCENES_JSONL = "scenes.jsonl"
 KARPATHY_JSON = "dataset_karpathy.json"
@@ -155,6 +158,12 @@ def stream_rng(seed: int, stream: int, index: int = 0) -> np.random.Generator:
 def class_names() -> list[str]:
     """All colour x shape classes, colour-major: class i is line i of classnames.txt."""
     return [f"{colour} {shape}" for colour in COLOURS for shape in SHAPES]
+
+
+def class_attributes() -> dict[str, list[str]]:
+    """{"colour": [...], "shape": [...]}: each class's attribute values, in class_names() order."""
+    return {"colour": [colour for colour in COLOURS for _ in SHAPES],
+            "shape": [shape for _ in COLOURS for shape in SHAPES]}
 
 
 def sample_scene(rng: np.random.Generator, n_objects: int | None = None) -> Scene:
@@ -417,6 +426,7 @@ def write_zeroshot_split(zeroshot_dir: Path, n_per_class: int, settings: ImageSe
     write_lines(zeroshot_dir / CLASSNAMES_TXT, class_names())
     write_lines(zeroshot_dir / TEMPLATES_TXT, ZEROSHOT_TEMPLATES)
     write_lines(zeroshot_dir / SCENES_JSONL, records)
+    write_bytes(zeroshot_dir / CLASS_ATTRIBUTES_JSON, json.dumps(class_attributes()).encode("utf-8"))
 
 
 def sample_unseen_scene(rng: np.random.Generator, seen: set) -> Scene:

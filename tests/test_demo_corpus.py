@@ -212,6 +212,12 @@ def test_zeroshot_images_are_single_objects_of_their_class(corpus):
         assert record["classname"] == class_names()[record["label"]]
 
 
+def test_zeroshot_class_attributes_name_each_class(corpus):
+    attributes = json.loads((corpus.zeroshot_dir / "class_attributes.json").read_text())
+    assert set(attributes) == {"colour", "shape"}
+    assert [f"{c} {s}" for c, s in zip(attributes["colour"], attributes["shape"])] == class_names()
+
+
 def test_retrieval_split_is_karpathy_layout(corpus):
     data = json.loads((corpus.retrieval_dir / "dataset_karpathy.json").read_text())
     images = data["images"]
