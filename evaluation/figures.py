@@ -48,23 +48,27 @@ def group_spans(values: list[str]) -> list[tuple[str, int, int]]:
     return spans
 
 
-def draw_groups(ax, spans: list[tuple[str, int, int]], n: int, fontsize: float) -> None:
-    """Separator lines between groups; group names above the columns and right of the rows."""
+def draw_groups(ax, spans: list[tuple[str, int, int]], fontsize: float) -> None:
+    """Separator lines between groups; group names just above the columns and right of the rows."""
     for value, first, last in spans:
         if first > 0:
             ax.axhline(first - 0.5, color="black", lw=0.8)
             ax.axvline(first - 0.5, color="black", lw=0.8)
         middle = (first + last) / 2
-        ax.text(middle, -0.8, value, ha="center", va="bottom", fontsize=fontsize, fontweight="bold")
-        ax.text(n - 0.2, middle, value, ha="left", va="center", fontsize=fontsize, fontweight="bold")
+        style = {"textcoords": "offset points", "fontsize": fontsize, "fontweight": "bold"}
+        ax.annotate(value, (middle, 1), xycoords=("data", "axes fraction"), xytext=(0, 3), ha="center",
+                    va="bottom", **style)
+        ax.annotate(value, (1, middle), xycoords=("axes fraction", "data"), xytext=(4, 0), ha="left",
+                    va="center", **style)
 
 
-def confusion_title(name: str, entry: dict) -> str:
+def confusion_title(name: str, entry: dict, width: int) -> str:
     title = f"Zero-shot confusion: {name} (top-1 {100 * entry.get('top1', float('nan')):.1f} %, " \
             f"{entry.get('n_images', '?')} images)"
     accuracy = entry.get("attribute_accuracy") or {}
     parts = [f"{k.replace('_given_', ' | ')} right {100 * v:.1f} %" for k, v in accuracy.items() if v is not None]
-    return title + ("\n" + " · ".join(parts) if parts else "")
+    unbroken = [part.replace(" ", "\u00a0") for part in parts]  # textwrap breaks lines between parts only
+    return "\n".join([title, *textwrap.wrap(" · ".join(unbroken), width)])
 
 
 def draw_confusion(name: str, entry: dict, out_file: Path) -> Path:
@@ -88,11 +92,11 @@ def draw_confusion(name: str, entry: dict, out_file: Path) -> Path:
                 ax.text(j, i, str(count), ha="center", va="center", fontsize=fontsize,
                         color="white" if fractions[i, j] > 0.5 else "black")
     if attributes:
-        draw_groups(ax, group_spans([list(attributes.values())[0][c] for c in order]), n, fontsize + 1)
+        draw_groups(ax, group_spans([list(attributes.values())[0][c] for c in order]), fontsize + 1)
     ax.set_xlabel("predicted class (top-1)")
     ax.set_ylabel("true class")
-    ax.set_title(confusion_title(name, entry), pad=24 if attributes else 8)
-    fig.colorbar(image, ax=ax, fraction=0.035, pad=0.07 if attributes else 0.03,
+    ax.set_title(confusion_title(name, entry, int(8 * side)), pad=fontsize + 10 if attributes else 8)
+    fig.colorbar(image, ax=ax, fraction=0.035, pad=1.0 / side if attributes else 0.03,
                  label="fraction of the true class's images")
     fig.tight_layout()
     fig.savefig(out_file, dpi=100)
