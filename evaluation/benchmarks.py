@@ -16,9 +16,10 @@ from evaluation.tasks.compositionality import compute_pair_accuracy, summarize_s
 from evaluation.tasks.intra_modal import (GAP_KEY, MAP_KEY, compute_modality_gap, compute_retrieval_map,
                                           compute_text_to_text_map, query_map_named)
 from evaluation.tasks.linear_probe import LinearProbeConfig, evaluate_linear_probe
-from evaluation.tasks.retrieval import compute_retrieval_recall
-from evaluation.tasks.zeroshot import (build_zeroshot_weights, compute_multilabel_metrics, compute_zeroshot_metrics,
-                                       fill_templates)
+from evaluation.tasks.retrieval import compute_retrieval_recall, select_gallery
+from evaluation.tasks.zeroshot import (ATTRIBUTE_ACCURACY_KEY, build_zeroshot_weights, compute_attribute_accuracy,
+                                       compute_confusion, compute_multilabel_metrics, compute_zeroshot_metrics,
+                                       fill_templates, top1_predictions)
 
 IMAGE, TEXT = "image", "text"
 READERS: dict[str, Callable] = {
@@ -36,6 +37,9 @@ TASKS = {
     "text_retrieval": ("intra_modal", ("test",)),
 }
 Similarity = Callable[[np.ndarray, np.ndarray], np.ndarray]
+CONFUSION_KEY = "confusion"  # zero-shot entry: {"classnames", "counts" (true x predicted)[, "attributes"]}
+CONFUSION_MAX_CLASSES = 100  # larger sets keep report.json small: no confusion counts
+GALLERY_KEY = "gallery"  # retrieval entry: [{"image": uri or None, "caption", "top": [{"text", "correct", "score"}]}]
 
 
 @dataclass(eq=False)
@@ -106,15 +110,38 @@ def score_zeroshot(bench: Benchmark, features: dict, similarity: Similarity) -> 
     blocks = iter(features["prompts"].reshape(dataset.n_classes, len(dataset.templates), -1))  # class-major
     weights = build_zeroshot_weights(lambda prompts: next(blocks), dataset.classnames, dataset.templates)
     logits = np.asarray(similarity(features["images"], weights), np.float64)
-    metrics = (compute_multilabel_metrics(logits, dataset.labels) if dataset.multilabel
-               else compute_zeroshot_metrics(logits, dataset.labels))
-    return {**metrics, "n_images": dataset.n_images, "n_classes": dataset.n_classes}
+    if dataset.multilabel:
+        return {**compute_multilabel_metrics(logits, dataset.labels), "n_images": dataset.n_images,
+                "n_classes": dataset.n_classes}
+    entry = {**compute_zeroshot_metrics(logits, dataset.labels), "n_images": dataset.n_images,
+             "n_classes": dataset.n_classes}
+    predictions = top1_predictions(logits)
+    if dataset.attributes:
+        entry[ATTRIBUTE_ACCURACY_KEY] = compute_attribute_accuracy(predictions, dataset.labels, dataset.attributes)
+    if dataset.n_classes <= CONFUSION_MAX_CLASSES:
+        counts = compute_confusion(predictions, dataset.labels, dataset.n_classes)
+        entry[CONFUSION_KEY] = {"classnames": list(dataset.classnames), "counts": counts.tolist(),
+                                **({"attributes": dataset.attributes} if dataset.attributes else {})}
+    return entry
+
+
+def gallery_entries(dataset, scores: np.ndarray) -> list[dict]:
+    """A few image queries with their best captions, for the report's retrieval gallery; an image
+    held as bytes (a shard build's) is recorded as None, its caption still shown."""
+    groups = dataset.caption_groups()
+    return [{"image": dataset.images[image] if isinstance(dataset.images[image], str) else None,
+             "caption": groups[image][0],
+             "top": [{"text": dataset.captions[t], "correct": correct, "score": score}
+                     for t, score, correct in top]}
+            for image, top in select_gallery(scores, dataset.text_to_image)]
 
 
 def score_retrieval(bench: Benchmark, features: dict, similarity: Similarity) -> dict:
     dataset = bench.data["test"]
-    metrics = compute_retrieval_recall(similarity(features["images"], features["captions"]), dataset.text_to_image)
-    return {**metrics, "protocol": dataset.protocol, "n_images": dataset.n_images, "n_texts": dataset.n_texts}
+    scores = np.asarray(similarity(features["images"], features["captions"]))
+    metrics = compute_retrieval_recall(scores, dataset.text_to_image)
+    return {**metrics, "protocol": dataset.protocol, "n_images": dataset.n_images, "n_texts": dataset.n_texts,
+            GALLERY_KEY: gallery_entries(dataset, scores)}
 
 
 def score_linear_probe(bench: Benchmark, features: dict, similarity: Similarity) -> dict:

@@ -34,6 +34,7 @@ from evaluation import encoders, suites  # noqa: E402
 from evaluation.benchmarks import IMAGE, TASKS, Benchmark, load_benchmark, requests, score  # noqa: E402
 from evaluation.cache import EmbeddingCache, digest_values, model_fingerprint  # noqa: E402
 from evaluation.datasets.files import Location  # noqa: E402
+from evaluation.figures import load_run_metrics  # noqa: E402
 from evaluation.plots import write_plots  # noqa: E402
 from evaluation.report import add_group_averages, write_report  # noqa: E402
 from pipelines import ray_setup, storage  # noqa: E402
@@ -195,7 +196,8 @@ def run_evaluation(args: argparse.Namespace) -> dict:
 
 def publish_report(report: dict, output: str, compare: list[str] = ()) -> None:
     with tempfile.TemporaryDirectory() as tmp:
-        paths = [*write_report(report, tmp), *write_plots(report, tmp, compare)]
+        plots = write_plots(report, tmp, compare, load_run_metrics(report.get("checkpoint", {})))
+        paths = [*write_report(report, tmp, [p.name for p in plots]), *plots]
         fs, path = storage.open_storage(output)
         for local in paths:
             storage.write_bytes_atomic(fs, storage.join(path, Path(local).name), Path(local).read_bytes())

@@ -1,6 +1,7 @@
 """PNG plots of evaluation reports (matplotlib, Agg backend): one bar chart per report section
 with the headline metric of each dataset, and, given several reports (checkpoints), grouped
-bars side by side.
+bars side by side; with them the pictures of evaluation/figures.py (confusion matrices,
+training curves, retrieval galleries). report.md links them all.
 
     python -m evaluation.plots reports/a/report.json reports/b/report.json --out reports/compare
 """
@@ -16,8 +17,10 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from evaluation import figures  # noqa: E402
 from evaluation.datasets.compositional import SUGARCREPE_SUBSETS  # noqa: E402
-from evaluation.report import headline  # noqa: E402
+from evaluation.report import (BARS_FILE, COMPARE_FILE, CONFUSION_FILE, CURVES_FILE, GALLERY_FILE,  # noqa: E402
+                               file_safe, headline)
 from evaluation.tasks.intra_modal import MAP_KEY  # noqa: E402
 
 # section -> (title, entry -> {bar label suffix: fraction}); each bar is shown in percent
@@ -29,8 +32,7 @@ PANELS = {
     "compositionality": ("SugarCrepe accuracy", lambda e: {k: e.get(k) for k in [*SUGARCREPE_SUBSETS, "average"]}),
     "intra_modal": ("Intra-modal retrieval mAP", lambda e: {"": e.get(MAP_KEY)}),
 }
-BARS_FILE = "plot_{section}.png"
-COMPARE_FILE = "compare_{section}.png"
+GALLERY_MAX_SETS = 3  # retrieval sets drawn as a gallery, in report order
 
 
 def panel_values(reports: list[dict], section: str) -> tuple[list[str], np.ndarray]:
@@ -75,9 +77,27 @@ def draw_bars(reports: list[dict], section: str, out_file: Path) -> Path:
     return out_file
 
 
-def write_plots(report: dict, out_dir: str | Path, compare: list[str] = ()) -> list[Path]:
+def write_figures(report: dict, out_dir: Path, metrics: list[dict]) -> list[Path]:
+    """Training curves (when the run logged `metrics`), a confusion matrix per zero-shot set
+    that stored its counts, a gallery per retrieval set that stored one (the first few)."""
+    written = []
+    if metrics:
+        checkpoint = report.get("checkpoint", {})
+        written.append(figures.draw_training_curves(metrics, out_dir / CURVES_FILE, figures.curves_title(checkpoint),
+                                                    checkpoint.get("step")))
+    for name, entry in report.get("zeroshot", {}).items():
+        if entry.get("confusion"):
+            written.append(figures.draw_confusion(name, entry, out_dir / CONFUSION_FILE.format(name=file_safe(name))))
+    galleries = [(n, e) for n, e in report.get("retrieval", {}).items() if e.get("gallery")][:GALLERY_MAX_SETS]
+    for name, entry in galleries:
+        written.append(figures.draw_gallery(name, entry, out_dir / GALLERY_FILE.format(name=file_safe(name))))
+    return [path for path in written if path is not None]
+
+
+def write_plots(report: dict, out_dir: str | Path, compare: list[str] = (), metrics: list[dict] = ()) -> list[Path]:
     """A bar chart per non-empty section of `report`; with `compare` (other report.json files),
-    a side-by-side chart per section as well. Returns the files written."""
+    a side-by-side chart per section as well; then `write_figures` (`metrics`: the run's
+    logging windows, figures.load_run_metrics). Returns the files written."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     others = [json.loads(Path(path).read_text(encoding="utf-8")) for path in compare]
@@ -87,7 +107,7 @@ def write_plots(report: dict, out_dir: str | Path, compare: list[str] = ()) -> l
             written.append(draw_bars([report], section, out_dir / BARS_FILE.format(section=section)))
         if others and any(r.get(section) for r in [report, *others]):
             written.append(draw_bars([report, *others], section, out_dir / COMPARE_FILE.format(section=section)))
-    return written
+    return written + write_figures(report, out_dir, list(metrics))
 
 
 def main(argv=None) -> list[Path]:
@@ -96,7 +116,7 @@ def main(argv=None) -> list[Path]:
     p.add_argument("--out", required=True)
     args = p.parse_args(argv)
     first = json.loads(Path(args.reports[0]).read_text(encoding="utf-8"))
-    return write_plots(first, args.out, args.reports[1:])
+    return write_plots(first, args.out, args.reports[1:], figures.load_run_metrics(first.get("checkpoint", {})))
 
 
 if __name__ == "__main__":

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import math
+import re
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, TypedDict
 
@@ -12,10 +14,24 @@ from evaluation.datasets.compositional import SUGARCREPE_SUBSETS
 from evaluation.tasks.compositionality import AVERAGE_KEY
 from evaluation.tasks.intra_modal import GAP_KEY, MAP_KEY
 from evaluation.tasks.retrieval import IMAGE_RETRIEVAL_KEY, RECALL_KS, TEXT_RETRIEVAL_KEY
-from evaluation.tasks.zeroshot import MEAN_AVERAGE_PRECISION_KEY, MEAN_PER_CLASS_RECALL_KEY, TOPK_KEY
+from evaluation.tasks.zeroshot import (ATTRIBUTE_ACCURACY_KEY, MEAN_AVERAGE_PRECISION_KEY,
+                                       MEAN_PER_CLASS_RECALL_KEY, TOPK_KEY)
 
 REPORT_JSON = "report.json"
 REPORT_MD = "report.md"
+# The PNGs beside report.md (evaluation/plots.py writes them), with the caption report.md gives each.
+BARS_FILE = "plot_{section}.png"
+COMPARE_FILE = "compare_{section}.png"
+CURVES_FILE = "plot_training_curves.png"
+CONFUSION_FILE = "plot_confusion_{name}.png"
+GALLERY_FILE = "plot_gallery_{name}.png"
+FIGURE_CAPTIONS = [  # (file name pattern, caption), the first match wins
+    (CURVES_FILE, "Training curves of the checkpoint's run"),
+    (CONFUSION_FILE, "Zero-shot confusion matrix: {name}"),
+    (GALLERY_FILE, "Retrieval gallery: {name}"),
+    (COMPARE_FILE, "Side by side: {section}"),
+    (BARS_FILE, "Headline metrics: {section}"),
+]
 
 # Top-level sections of a report dict.
 CHECKPOINT_KEY = "checkpoint"
@@ -167,6 +183,40 @@ def format_zeroshot_section(zeroshot: dict[str, dict], averages: dict[str, dict]
     return lines
 
 
+def format_attribute_section(zeroshot: dict[str, dict]) -> list[str]:
+    """Per zero-shot set whose classes combine attributes: the accuracy of each attribute of the
+    top-1 class, and of each other attribute among images with that one right (tasks/zeroshot.py)."""
+    entries = {n: e[ATTRIBUTE_ACCURACY_KEY] for n, e in sorted(zeroshot.items()) if e.get(ATTRIBUTE_ACCURACY_KEY)}
+    if not entries:
+        return []
+    keys = list(dict.fromkeys(k for accuracy in entries.values() for k in accuracy))
+    header = ["dataset"] + [k.replace("_given_", ", given right ") for k in keys]
+    rows = [[name] + [format_percent(accuracy.get(k)) for k in keys] for name, accuracy in entries.items()]
+    return ["", "### Attribute accuracy of the top-1 class", ""] + format_table(header, rows, n_text_columns=1)
+
+
+def figure_caption(file_name: str) -> str:
+    for pattern, caption in FIGURE_CAPTIONS:
+        fields = {key: f"(?P<{key}>.+)" for key in ("name", "section")}
+        match = re.fullmatch(pattern.replace(".", r"\.").format(**fields), file_name)
+        if match:
+            return caption.format(**match.groupdict())
+    return file_name
+
+
+def format_figures_section(figures: Sequence[str]) -> list[str]:
+    """A Markdown image link per PNG written beside report.md."""
+    lines = ["## Figures", ""]
+    for name in figures:
+        lines += [f"![{figure_caption(name)}]({name})", ""]
+    return lines[:-1]
+
+
+def file_safe(name: str) -> str:
+    """A dataset name as a file name part."""
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name)
+
+
 def format_retrieval_section(retrieval: dict[str, dict]) -> list[str]:
     """Papers' layout: Image→Text R@1/5/10 then Text→Image R@1/5/10, per dataset and protocol."""
     lines = ["## Retrieval", ""]
@@ -223,13 +273,16 @@ OPTIONAL_SECTIONS = {LINEAR_PROBE_KEY: format_linear_probe_section,
                      INTRA_MODAL_KEY: format_intra_modal_section}
 
 
-def format_report_markdown(report: dict) -> str:
-    """The whole report as Markdown: header, zero-shot table, retrieval table, skipped datasets."""
+def format_report_markdown(report: dict, figures: Sequence[str] = ()) -> str:
+    """The whole report as Markdown: header, zero-shot table (and attribute accuracies),
+    retrieval table, optional sections, links to the `figures` (PNG file names), skipped datasets."""
+    zeroshot = report.get(ZEROSHOT_KEY, {})
     sections = [
         format_header(report.get(CHECKPOINT_KEY, {})),
-        format_zeroshot_section(report.get(ZEROSHOT_KEY, {}), report.get(AVERAGES_KEY, {})),
+        format_zeroshot_section(zeroshot, report.get(AVERAGES_KEY, {})) + format_attribute_section(zeroshot),
         format_retrieval_section(report.get(RETRIEVAL_KEY, {})),
         *[formatter(report[key]) for key, formatter in OPTIONAL_SECTIONS.items() if report.get(key)],
+        *([format_figures_section(figures)] if figures else []),
         format_skipped_section(report.get(SKIPPED_KEY, {})),
     ]
     return "\n\n".join("\n".join(lines) for lines in sections) + "\n"
@@ -242,12 +295,13 @@ def convert_numpy_scalar(value: Any) -> Any:
     raise TypeError(f"{type(value).__name__} is not JSON serialisable")
 
 
-def write_report(report: dict, out_dir: str | Path) -> tuple[Path, Path]:
-    """Write `report.json` (sorted keys, indent 2) and `report.md` into `out_dir`; return both paths."""
+def write_report(report: dict, out_dir: str | Path, figures: Sequence[str] = ()) -> tuple[Path, Path]:
+    """Write `report.json` (sorted keys, indent 2) and `report.md` (linking the PNG file names
+    `figures`, written beside it) into `out_dir`; return both paths."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     json_path, md_path = out_dir / REPORT_JSON, out_dir / REPORT_MD
     json_path.write_text(json.dumps(report, sort_keys=True, indent=2, default=convert_numpy_scalar) + "\n",
                          encoding="utf-8")
-    md_path.write_text(format_report_markdown(report), encoding="utf-8")
+    md_path.write_text(format_report_markdown(report, figures), encoding="utf-8")
     return json_path, md_path

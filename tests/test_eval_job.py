@@ -93,9 +93,12 @@ def test_suite_job_report_plots_and_cache(ray_session, job_inputs, monkeypatch, 
     assert report["datasets"]["linear_probe/shapes"]["digests"]["test"] == \
         report["datasets"]["image_retrieval/shapes"]["digests"]["test"]
     written = sorted(p.name for p in (tmp_path / "first").iterdir())
-    assert written == ["plot_compositionality.png", "plot_intra_modal.png", "plot_linear_probe.png",
-                       "plot_retrieval.png", "plot_zeroshot.png", "report.json", "report.md"]
+    pngs = ["plot_compositionality.png", "plot_confusion_shapes.png", "plot_confusion_wds_shapes.png",
+            "plot_gallery_tiny-karpathy.png", "plot_intra_modal.png", "plot_linear_probe.png", "plot_retrieval.png",
+            "plot_zeroshot.png"]  # no training curves: the micro checkpoint's run logged no metrics.jsonl
+    assert written == [*pngs, "report.json", "report.md"]
     markdown = (tmp_path / "first" / "report.md").read_text()
+    assert all(f"]({name})" in markdown for name in pngs)
     assert "## Compositionality (SugarCrepe accuracy)" in markdown and "- zeroshot/absent: FileNotFoundError" in markdown
 
     calls.clear()  # a re-run encodes nothing and scores the same

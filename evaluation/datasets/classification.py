@@ -7,7 +7,8 @@ classes are the ids that have a folder, in ImageNet order, as CLIP_benchmark mas
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import json
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -16,6 +17,7 @@ from evaluation.datasets.files import ImageRef, Location, read_lines
 CLASSNAMES_FILE = "classnames.txt"
 TEMPLATES_FILES = ("templates.txt", "zeroshot_classification_templates.txt")  # ours, CLIP_benchmark's
 WNIDS_FILE = "wnids.txt"
+ATTRIBUTES_FILE = "class_attributes.json"  # optional: {attribute: [value of class i, ...]}
 CLASSNAME_FIELD = "{c}"  # CLIP_benchmark fills templates with template.format(c=classname)
 
 
@@ -29,6 +31,7 @@ class ClassificationSet:
     labels: np.ndarray
     classnames: list[str]
     templates: list[str]
+    attributes: dict[str, list[str]] = field(default_factory=dict)  # attribute -> value per class
 
     @property
     def n_images(self) -> int:
@@ -106,4 +109,19 @@ def load_image_folder(root: str, name: str | None = None, split: str | None = No
     if not images:
         raise ValueError(f"no images (.jpg, .jpeg, .png, .webp) under {folder.uri}")
     labels = np.repeat(np.arange(len(class_dirs), dtype=np.int64), [len(uris) for uris in per_class])
-    return ClassificationSet(name or top.name(), images, labels, classnames, templates)
+    attributes = read_class_attributes(meta.child(ATTRIBUTES_FILE), len(classnames))
+    return ClassificationSet(name or top.name(), images, labels, classnames, templates, attributes)
+
+
+def read_class_attributes(location: Location, n_classes: int) -> dict[str, list[str]]:
+    """`class_attributes.json` when present ({} otherwise): each attribute's value per class, in
+    class order, e.g. {"colour": ["red", "red", ...], "shape": ["circle", "square", ...]}."""
+    if not location.exists():
+        return {}
+    attributes = json.loads(location.read_text("class attributes"))
+    if not isinstance(attributes, dict) or not attributes:
+        raise ValueError(f"{location.uri}: expected a non-empty object of attribute -> values per class")
+    for attribute, values in attributes.items():
+        if not isinstance(values, list) or len(values) != n_classes:
+            raise ValueError(f"{location.uri}: attribute {attribute!r} needs one value per class ({n_classes})")
+    return {attribute: [str(v) for v in values] for attribute, values in attributes.items()}

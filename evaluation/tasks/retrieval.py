@@ -66,3 +66,21 @@ def compute_retrieval_recall(
         metrics[IMAGE_RETRIEVAL_KEY.format(k=k)] = float(np.mean(text_query_ranks < k))
         metrics[TEXT_RETRIEVAL_KEY.format(k=k)] = float(np.mean(image_query_ranks < k))
     return metrics
+
+
+GALLERY_QUERIES = 4  # image queries shown per retrieval set
+GALLERY_TOP = 3  # captions shown per query
+
+
+def select_gallery(scores: np.ndarray, text_to_image: np.ndarray, n_queries: int = GALLERY_QUERIES,
+                   top: int = GALLERY_TOP) -> list[tuple[int, list[tuple[int, float, bool]]]]:
+    """A few image queries spread evenly over the set, each with its `top` best captions:
+    [(image index, [(caption index, score, is a caption of this image), ...]), ...]."""
+    scores, text_to_image = np.asarray(scores), np.asarray(text_to_image)
+    queries = np.unique(np.linspace(0, scores.shape[0] - 1, min(n_queries, scores.shape[0])).round().astype(int))
+    gallery = []
+    for image in queries:
+        best = np.argsort(-scores[image], kind="stable")[:top]
+        gallery.append((int(image), [(int(t), float(scores[image, t]), bool(text_to_image[t] == image))
+                                     for t in best]))
+    return gallery

@@ -109,3 +109,42 @@ def compute_multilabel_metrics(logits: np.ndarray, targets: np.ndarray) -> dict[
         raise ValueError(f"expected finite logits and 0/1 targets of one (N, C) shape, got {logits.shape} "
                          f"and {targets.shape}")
     return {MEAN_AVERAGE_PRECISION_KEY: float(compute_average_precision_per_class(logits, targets).mean())}
+
+
+ATTRIBUTE_ACCURACY_KEY = "attribute_accuracy"
+GIVEN_KEY = "{other}_given_{attribute}"  # e.g. "shape_given_colour"
+
+
+def compute_attribute_accuracy(predictions: np.ndarray, labels: np.ndarray,
+                               class_attributes: dict[str, Sequence[str]]) -> dict[str, float | None]:
+    """Accuracy per attribute of classes that combine attributes (e.g. "red circle" = colour red,
+    shape circle), from (N,) top-1 predicted and (N,) true class indices.
+
+    `class_attributes` maps each attribute name to its value per class. For image n the
+    attribute a is right when class `predictions[n]` has the same value of a as class `labels[n]`:
+    - `acc[a]` = fraction of images whose top-1 class has the right a;
+    - `acc["b_given_a"]` (every ordered pair a != b) = among the images whose top-1 class has the
+      right a, the fraction whose top-1 class also has the right b; None when no image has a right.
+    With colour and shape, "shape_given_colour" asks whether the model tells shapes apart once it
+    has the colour: chance is 1 / n_shapes when shape is guessed within the right colour.
+    """
+    predictions, labels = np.asarray(predictions, np.int64), np.asarray(labels, np.int64)
+    right = {a: np.asarray(values)[predictions] == np.asarray(values)[labels] for a, values in class_attributes.items()}
+    accuracy: dict[str, float | None] = {a: float(r.mean()) for a, r in right.items()}
+    for a, given in right.items():
+        for b, other in right.items():
+            if b != a:
+                accuracy[GIVEN_KEY.format(other=b, attribute=a)] = float(other[given].mean()) if given.any() else None
+    return accuracy
+
+
+def compute_confusion(predictions: np.ndarray, labels: np.ndarray, n_classes: int) -> np.ndarray:
+    """(C, C) counts: row = true class, column = top-1 predicted class."""
+    counts = np.zeros((n_classes, n_classes), dtype=np.int64)
+    np.add.at(counts, (np.asarray(labels, np.int64), np.asarray(predictions, np.int64)), 1)
+    return counts
+
+
+def top1_predictions(logits: np.ndarray) -> np.ndarray:
+    """(N,) index of each row's best class; a tie goes to the lowest index (numpy's argmax)."""
+    return np.asarray(logits).argmax(axis=1)
