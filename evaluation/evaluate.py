@@ -37,7 +37,7 @@ from evaluation.datasets.files import Location  # noqa: E402
 from evaluation.figures import load_run_metrics  # noqa: E402
 from evaluation.plots import write_plots  # noqa: E402
 from evaluation.report import add_group_averages, write_report  # noqa: E402
-from pipelines import ray_setup, storage  # noqa: E402
+from pipelines import console, ray_setup, storage  # noqa: E402
 from training import checkpoint  # noqa: E402
 from training.inference import SCORERS, load_inference_model  # noqa: E402
 
@@ -65,6 +65,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--scorer", default="plain", choices=SCORERS,
                    help="plain cosine (default) or SmartCLIP's masked cosine (training/inference.py)")
     p.add_argument("--ray-address", default=None)
+    p.add_argument("--verbose", action="store_true", help="show Ray's own logs too")
     return p.parse_args(argv)
 
 
@@ -135,7 +136,12 @@ def encode(modality: str, values: list, args: argparse.Namespace) -> np.ndarray:
         encoder, fn_constructor_args=(args.checkpoint, "cuda" if args.use_gpu else "cpu", args.scorer),
         batch_size=args.batch_size, batch_format="numpy", num_gpus=1 if args.use_gpu else 0,
         compute=ray.data.ActorPoolStrategy(size=args.num_encoders))
-    return encoders.stack_by_index(out.take_all())
+    rows = []
+    with console.Progress(f"encode {modality}s", len(values), modality) as progress:
+        for batch in out.iter_batches(batch_size=None, batch_format="numpy"):
+            rows.extend({key: batch[key][i] for key in batch} for i in range(len(batch[encoders.INDEX])))
+            progress.update(len(batch[encoders.INDEX]))
+    return encoders.stack_by_index(rows)
 
 
 def embed(benchmarks: list[Benchmark], cache: EmbeddingCache, args: argparse.Namespace) -> list[dict]:
@@ -149,7 +155,6 @@ def embed(benchmarks: list[Benchmark], cache: EmbeddingCache, args: argparse.Nam
         values = [v for key in todo for v in unique[key][1]]
         if not values:
             continue
-        log.info("encoding %d %ss (%d input set(s) not cached)", len(values), modality, len(todo))
         features, start = encode(modality, values, args), 0
         for key in todo:
             n = len(unique[key][1])
@@ -179,10 +184,19 @@ def run_evaluation(args: argparse.Namespace) -> dict:
               "zeroshot": {}, "retrieval": {}, "linear_probe": {}, "compositionality": {}, "intra_modal": {},
               "datasets": {}, "skipped": {}}
     entries = collect_entries(args)
-    benchmarks = load_benchmarks(entries, report["skipped"])
+    with console.stage("evaluate/load", f"{len(entries)} benchmark(s)"):
+        benchmarks = load_benchmarks(entries, report["skipped"])
     cache = EmbeddingCache(None if args.cache == "none" else args.cache, fingerprint)
-    features = embed(benchmarks, cache, args)
+    with console.stage("evaluate/encode", "images and texts not cached"):
+        features = embed(benchmarks, cache, args)
     log.info("embedding cache: %d hit(s), %d miss(es)", cache.hits, cache.misses)
+    with console.stage("evaluate/score"):
+        score_all(report, benchmarks, features, bundle)
+    add_group_averages(report, entries)
+    return report
+
+
+def score_all(report: dict, benchmarks: list[Benchmark], features: list[dict], bundle) -> None:
     for i, (bench, feats) in enumerate(zip(benchmarks, features), 1):
         try:
             report[bench.section][bench.name] = score(bench, feats, bundle.similarity)
@@ -190,8 +204,6 @@ def run_evaluation(args: argparse.Namespace) -> dict:
             report["datasets"][entry_key(vars(bench))] = describe(bench)
         except ValueError as err:  # e.g. non-finite scores from a diverged model
             report["skipped"][entry_key(vars(bench))] = f"ValueError: {err}"
-    add_group_averages(report, entries)
-    return report
 
 
 def publish_report(report: dict, output: str, compare: list[str] = ()) -> None:
@@ -205,10 +217,12 @@ def publish_report(report: dict, output: str, compare: list[str] = ()) -> None:
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    console.configure_logging(args.verbose)
     ray_setup.init_ray(args.ray_address)
-    report = run_evaluation(args)
-    publish_report(report, args.output, args.compare)
+    with console.stage("evaluate", args.checkpoint):
+        report = run_evaluation(args)
+        with console.stage("evaluate/report", args.output):
+            publish_report(report, args.output, args.compare)
     print(f"report written to {args.output}")
     return report
 

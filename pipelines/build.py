@@ -32,6 +32,7 @@ import numpy as np
 import ray
 
 from pipelines import captions, dedup, shards, storage
+from pipelines.console import Progress, stage
 from pipelines.stages import DownloadParams, ShardBuilder
 
 log = logging.getLogger("pipelines.build")
@@ -181,7 +182,7 @@ def plan_caption_groups(rows, params: BuildParams):
         add_buckets, fn_kwargs={"n_buckets": n_buckets}, batch_format="numpy")
     groups = kept.groupby("bucket", num_partitions=n_buckets).map_groups(
         GroupBucket, fn_constructor_args=(params.caption_rules,), batch_format="numpy",
-        concurrency=1)
+        compute=ray.data.ActorPoolStrategy(size=1))
     return groups.materialize(), reasons
 
 
@@ -225,15 +226,14 @@ def run_shard_tasks(specs, build_uri: str, params: BuildParams, todo: set[int],
     abort when the failure rate says the input is wrong."""
     pending = specs.filter(lambda r: int(r["shard_id"]) in todo)
     results = pending.map_batches(BuildShardTask, fn_constructor_args=(build_uri, params.download),
-                                  batch_size=1, batch_format="numpy", concurrency=(1, 64))
-    stats, start, done = [], time.monotonic(), num_shards - len(todo)
-    for row in results.iter_rows():
-        stats.append(json.loads(row["stats"]))
-        done += 1
-        n_ok = sum(s["shard"]["n_samples"] for s in stats)
-        log.info("shard %d/%d fetched (%d images this run, %.1f img/s)", done, num_shards, n_ok,
-                 n_ok / max(time.monotonic() - start, 1e-9))
-        check_image_failures(stats, len(todo) - len(stats), params.max_failure_rate)
+                                  batch_size=1, batch_format="numpy", compute=ray.data.ActorPoolStrategy(min_size=1, max_size=64))
+    stats, start = [], time.monotonic()
+    with Progress("prepare", num_shards, "shard", start=num_shards - len(todo)) as progress:
+        for row in results.iter_rows():
+            stats.append(json.loads(row["stats"]))
+            n_ok = sum(s["shard"]["n_samples"] for s in stats)
+            progress.update(1, images=n_ok, **{"img/s": n_ok / max(time.monotonic() - start, 1e-9)})
+            check_image_failures(stats, len(todo) - len(stats), params.max_failure_rate)
     return stats
 
 
@@ -262,7 +262,7 @@ def run_dedup(fs, build_path: str, build_uri: str, shard_ids: list[int]) -> None
                  len(duplicates))
     ray.data.from_items([{"shard_id": i} for i in todo]).map_batches(
         PublishShardTask, fn_constructor_args=(build_uri,), batch_size=1, batch_format="numpy",
-        concurrency=(1, 16)).materialize()
+        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=16)).materialize()
 
 
 def find_duplicates(fs, build_path: str, shard_ids: list[int]) -> list[dict]:
@@ -340,7 +340,7 @@ def read_text_lines(uris: list[str]):
 def read_tsv_rows(uris: list[str], rules: captions.CaptionRules, origin: str):
     """The CC12M reader: `url<TAB>caption` lines -> caption rows."""
     return read_text_lines(uris).map_batches(ParseTsvRows, fn_constructor_args=(rules, origin),
-                                             batch_format="numpy", concurrency=1)
+                                             batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=1))
 
 
 def run_build(input_uris: list[str], output_root: str, params: BuildParams, *,
@@ -355,18 +355,21 @@ def run_build(input_uris: list[str], output_root: str, params: BuildParams, *,
         log.info("build %s is complete already: nothing to do", build_uri)
         return build_uri, shards.read_manifest(build_uri)
     dedup.remove_temporaries(fs, build_path)
-    groups, reasons = plan_caption_groups(read_rows(input_uris), params)
-    specs, shard_ids = plan_shards(groups, params)
-    done = staged_or_published(fs, build_path, shard_ids)
+    with stage("prepare/plan", "caption groups and shards"):
+        groups, reasons = plan_caption_groups(read_rows(input_uris), params)
+        specs, shard_ids = plan_shards(groups, params)
+        done = staged_or_published(fs, build_path, shard_ids)
     if done:
         log.info("resuming %s: %d of %d shards already fetched", build_uri, len(done), len(shard_ids))
-    run_shard_tasks(specs, build_uri, params, set(shard_ids) - done, len(shard_ids))
+    with stage("prepare/download", f"{len(shard_ids) - len(done)} of {len(shard_ids)} shards"):
+        run_shard_tasks(specs, build_uri, params, set(shard_ids) - done, len(shard_ids))
     fs.invalidate_cache()  # s3fs lists from a cache: the workers wrote what it has not seen
-    run_dedup(fs, build_path, build_uri, shard_ids)
+    with stage("prepare/dedup", "exact duplicates across shards"):
+        run_dedup(fs, build_path, build_uri, shard_ids)
     fs.invalidate_cache()
-    manifest = assemble_manifest(build_id, inputs, params, reasons,
-                                 collect_shard_stats(fs, build_path, shard_ids))
-    dedup.remove_staging(fs, build_path)
-    shards.write_manifest(fs, build_path, manifest)
-    log.info("build %s complete: %s", build_uri, json.dumps(manifest["counts"]))
+    with stage("prepare/publish", "manifest"):
+        manifest = assemble_manifest(build_id, inputs, params, reasons,
+                                     collect_shard_stats(fs, build_path, shard_ids))
+        dedup.remove_staging(fs, build_path)
+        shards.write_manifest(fs, build_path, manifest)
     return build_uri, manifest

@@ -2,9 +2,8 @@
 from __future__ import annotations
 
 import argparse
-import logging
 
-from pipelines import ray_setup
+from pipelines import console, ray_setup
 from pipelines.build import BuildAborted, BuildParams
 from pipelines.captions import CaptionRules
 from pipelines.stages import DownloadParams
@@ -32,6 +31,7 @@ def add_build_args(p: argparse.ArgumentParser, corpus: str) -> None:
     p.add_argument("--timeout", type=float, default=10.0, help="seconds per download")
     p.add_argument("--retries", type=int, default=1)
     p.add_argument("--ray-address", default=None, help="default: RAY_ADDRESS or a local instance")
+    p.add_argument("--verbose", action="store_true", help="show Ray's own logs too")
 
 
 def build_params(args: argparse.Namespace, reader: dict | None = None) -> BuildParams:
@@ -47,17 +47,18 @@ def build_params(args: argparse.Namespace, reader: dict | None = None) -> BuildP
                        max_failure_rate=args.max_failure_rate)
 
 
-def configure_logging() -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+def configure_logging(verbose: bool = False) -> None:
+    console.configure_logging(verbose)
 
 
 def run_job(run, args: argparse.Namespace):
     """A prepare job's entry: logging, Ray (local or --ray-address), then `run(args)`; an
     aborted build exits with its reason instead of a traceback."""
-    configure_logging()
+    configure_logging(getattr(args, "verbose", False))
     ray_setup.init_ray(args.ray_address)
     try:
-        return run(args)
+        with console.stage("prepare", args.corpus):
+            return run(args)
     except BuildAborted as error:
         raise SystemExit(f"build aborted: {error}") from error
 

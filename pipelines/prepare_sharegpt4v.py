@@ -75,7 +75,7 @@ def build_split(args, records: list, indices: range, coco: dict | None, split: s
         blocks = max(1, len(items) // RECORDS_PER_BLOCK)
         return ray.data.from_items(items, override_num_blocks=blocks).map_batches(
             RecordRows, fn_constructor_args=(args.image_root, coco, params.caption_rules),
-            batch_format="numpy", concurrency=1)
+            batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=1))
 
     inputs = [args.captions] + ([args.coco_captions] if args.coco_captions else [])
     return build.run_build(inputs, args.output, params, read_rows=read_rows)

@@ -104,7 +104,7 @@ def read_joined_rows(uris: list[str], rules: CaptionRules):
     paths = [build.arrow_filesystem(u)[1] for u in uris]
     reader = ray.data.read_parquet if uris[0].endswith(".parquet") else ray.data.read_csv
     return reader(paths, filesystem=fs).map_batches(JoinedRows, fn_constructor_args=(rules,),
-                                                    batch_format="pandas", concurrency=1)
+                                                    batch_format="pandas", compute=ray.data.ActorPoolStrategy(size=1))
 
 
 def read_metadata_rows(metadata: list[str], subset: str, rules: CaptionRules):
@@ -119,7 +119,7 @@ def read_metadata_rows(metadata: list[str], subset: str, rules: CaptionRules):
     joined = ids.union(records.filter(lambda r: r["photo_id"] != yfcc.NO_PHOTO_ID)).groupby(
         "photo_id", num_partitions=n_partitions).map_groups(keep_subset, batch_format="numpy")
     return joined.union(malformed).map_batches(RecordRows, fn_constructor_args=(rules,),
-                                               batch_format="numpy", concurrency=1)
+                                               batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=1))
 
 
 def run(args: argparse.Namespace) -> tuple[str, dict]:

@@ -1,10 +1,13 @@
 """Starting or joining Ray the same way in every job (local instance by default)."""
 from __future__ import annotations
 
+import logging
 import os
 
 import ray
 from ray._private import ray_constants
+
+from pipelines import console
 
 # Set for every process Ray starts: no usage reporting, no update checks, no hub access.
 OFFLINE_ENV = {"RAY_USAGE_STATS_ENABLED": "0", "NO_ALBUMENTATIONS_UPDATE": "1",
@@ -32,13 +35,16 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None) -> None
         return
     # Credentials are never put into the runtime env (it is stored by the cluster): local
     # workers inherit this process's environment, cluster pods get theirs from secrets.
-    env = dict(OFFLINE_ENV)
+    env = {**OFFLINE_ENV, console.VERBOSE_ENV: "1" if console.is_verbose() else "0"}
+    # Every process Ray starts filters the same known noise as this one (console.py).
+    runtime_env = {"env_vars": env, "worker_process_setup_hook": "pipelines.console.quiet_ray_logs"}
+    level = logging.INFO if console.is_verbose() else logging.WARNING
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
-        ray.init(address=address, runtime_env={"env_vars": env})
+        ray.init(address=address, runtime_env=runtime_env, logging_level=level)
     else:
         # address="local": the embedded default never attaches to some other cluster that
         # happens to run on this machine; join one explicitly with --ray-address/RAY_ADDRESS.
         keep_on_loopback()
         ray.init(address="local", num_cpus=num_cpus, include_dashboard=False,
-                 runtime_env={"env_vars": env}, _node_ip_address="127.0.0.1")
+                 runtime_env=runtime_env, logging_level=level, _node_ip_address="127.0.0.1")

@@ -15,7 +15,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from evaluation import evaluate  # noqa: E402
-from pipelines import prepare_cc12m, ray_setup  # noqa: E402
+from pipelines import console, prepare_cc12m, ray_setup  # noqa: E402
 from pipelines.demo_corpus import write_cc12m_tsv, write_demo_corpus  # noqa: E402
 from pipelines.mirror import LoopbackMirror  # noqa: E402
 from training import train  # noqa: E402
@@ -38,11 +38,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--shard-size", type=int, default=250, help="images per shard (>= workers shards needed)")
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                    help="config override for training, e.g. --method pgs0.3 --set pgs.mode=paper")
+    p.add_argument("--verbose", action="store_true", help="show Ray's own logs too")
     return p.parse_args(argv)
 
 
 def prepare_corpus(args, out: Path) -> str:
-    corpus = write_demo_corpus(out / "corpus", n_images=args.n_images, seed=args.seed)
+    with console.stage("corpus", f"{args.n_images} demo images and their eval split"):
+        corpus = write_demo_corpus(out / "corpus", n_images=args.n_images, seed=args.seed)
     mirror = LoopbackMirror(corpus.mirror_root, port=MIRROR_PORT)
     try:
         mirror.start()
@@ -53,7 +55,7 @@ def prepare_corpus(args, out: Path) -> str:
         tsv = write_cc12m_tsv(corpus, mirror.base_url, out / "cc12m.tsv")
         return prepare_cc12m.main(["--input", str(tsv), "--output", str(out / "shards"),
                                    "--image-size", "64", "--shard-size", str(args.shard_size),
-                                   "--allow-loopback-urls"])
+                                   "--allow-loopback-urls", *verbose_flag(args)])
     finally:
         mirror.stop()
 
@@ -65,26 +67,32 @@ def train_model(args, out: Path, build_uri: str) -> str:
             "--num-workers", str(args.num_workers), "--batch-size", str(args.batch_size),
             "--epochs", str(args.epochs), "--lr", str(args.lr), "--warmup-steps", "50",
             "--seed", str(args.seed), "--storage", str(out / "runs"), "--run-name", run_name,
-            "--log-every", "20", "--checkpoint-every", "100", *(f"--set={item}" for item in args.set)]
+            "--log-every", "20", "--checkpoint-every", "100", *(f"--set={item}" for item in args.set),
+            *verbose_flag(args)]
     train.main(argv + (["--max-steps", str(args.max_steps)] if args.max_steps else []))
     return str(out / "runs" / run_name)
 
 
-def evaluate_model(out: Path, run_dir: str) -> dict:
+def verbose_flag(args) -> list[str]:
+    return ["--verbose"] if args.verbose else []
+
+
+def evaluate_model(args, out: Path, run_dir: str) -> dict:
     eval_root = out / "corpus" / "eval"
     return evaluate.main(["--checkpoint", run_dir, "--output", str(out / "report"),
                           "--zeroshot", f"demo-zeroshot={eval_root / 'zeroshot'}",
                           "--retrieval", f"demo-retrieval={eval_root / 'retrieval' / 'dataset_karpathy.json'}",
-                          "--long-retrieval", f"demo-long={eval_root / 'long'}"])
+                          "--long-retrieval", f"demo-long={eval_root / 'long'}", *verbose_flag(args)])
 
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
     out, start = Path(args.out).resolve(), time.monotonic()
+    console.configure_logging(args.verbose)
     ray_setup.init_ray(num_cpus=train.local_cpu_budget(train.build_config(train.parse_args(
         ["--data", "-", "--num-workers", str(args.num_workers)]))))
     build_uri = prepare_corpus(args, out)
-    report = evaluate_model(out, train_model(args, out, build_uri))
+    report = evaluate_model(args, out, train_model(args, out, build_uri))
     print((out / "report" / "report.md").read_text())
     zeroshot = next(iter(report["zeroshot"].values()))
     chance = 1.0 / zeroshot["n_classes"]

@@ -163,7 +163,7 @@ def test_two_process_gather_matches_single_process_on_whole_batch(gathered_resul
     L_r = L_full on every rank. With local_loss rank r scores only its own B rows against all
     columns; each cross-entropy is a mean over rows, so mean_r L_r = L_full.
 
-    Backward. all_gather's backward (torch.distributed.nn) sums the incoming gradients of
+    Backward. all_gather's backward (a reduce-scatter of the sum) sums the incoming gradients of
     every rank's copy of slice r and hands the sum to rank r, so the gradient rank r gets for
     its own features is d(sum_r' L_r')/dx_r. sum_r' L_r' = W * L_full in both modes (W
     identical copies without local_loss; W times the mean of the row-blocks with it), hence
@@ -196,6 +196,6 @@ def test_loss_module_resolves_its_gather_alone():
     """In a fresh interpreter that imports only our loss module (open_clip imports
     torch.distributed.nn for us elsewhere), the gather-with-grad path must resolve."""
     code = ("import torch, training.losses.contrastive\n"
-            "torch.distributed.nn.functional.all_gather\n")
+            "training.losses.contrastive.funcol.all_gather_single_autograd\n")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]

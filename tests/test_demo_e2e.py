@@ -11,7 +11,30 @@ pytestmark = [pytest.mark.ray, pytest.mark.slow]
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 
 
-def test_demo_runs_end_to_end(ray_session, tmp_path):
+NOISE = ("Failed to query Ray Train Controller", "TrainingReport(", "initialized randomly",
+         "all_gather is deprecated", "Progress bars disabled", "logging_progress.py")
+STAGES = ("corpus", "prepare", "prepare/plan", "prepare/download", "prepare/dedup", "prepare/publish",
+          "train", "evaluate", "evaluate/load", "evaluate/encode", "evaluate/score", "evaluate/report")
+
+
+def check_console(text: str) -> None:
+    """The demo's console reads like a tool's: short, every stage started and ended, one
+    training line per logging window, the report, and none of Ray's known noise."""
+    lines = text.splitlines()
+    assert len(lines) < 150, text
+    for name in STAGES:
+        assert any(line.startswith(f"==> {name}") for line in lines), name
+        assert any(line.startswith(f"<== {name} done in ") for line in lines), name
+    steps = [line.split()[2] for line in lines if line.startswith("train  step ")]
+    assert steps and len(steps) == len(set(steps)) and "eta done" in lines[lines.index(
+        next(line for line in lines if line.startswith("train  step " + steps[-1])))], text
+    assert any(line.startswith("encode images  image ") for line in lines), text
+    assert "# Evaluation report" in text and "zero-shot top-1" in text
+    for noise in NOISE:
+        assert noise not in text, noise
+
+
+def test_demo_runs_end_to_end(ray_session, tmp_path, capfd):
     import run_demo
     report = run_demo.main(["--out", str(tmp_path), "--n-images", "96", "--epochs", "2",
                             "--batch-size", "8", "--arch", "clip-micro-p8-32", "--shard-size", "12"])
@@ -24,3 +47,5 @@ def test_demo_runs_end_to_end(ray_session, tmp_path):
     assert on_disk["zeroshot"] == json.loads(json.dumps(report["zeroshot"]))
     assert "Zero-shot classification" in (tmp_path / "report" / "report.md").read_text()
     assert json.loads((tmp_path / "demo_summary.json").read_text())["chance"] == 1 / 40
+    captured = capfd.readouterr()
+    check_console(captured.out + captured.err)

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import open_clip
 
+from pipelines.console import quiet_open_clip
+
 MODEL_CONFIG_DIR = Path(__file__).parent / "model_configs"
 TINY_ARCHS = tuple(sorted(p.stem for p in MODEL_CONFIG_DIR.glob("*.json")))
 
@@ -26,10 +28,14 @@ def build_tower_model(arch: str, *, pretrained: str | None = None):
     known = open_clip.list_models()
     if arch not in known:
         raise ValueError(f"unknown architecture {arch!r}; known: {', '.join(known)}")
-    return open_clip.create_model(arch, pretrained=pretrained)
+    # A bare tower is what we asked for without `pretrained` (weights are loaded after, or
+    # trained from scratch): its "initialized randomly" warning is dropped for this call.
+    with quiet_open_clip(None if pretrained else "No pretrained weights loaded for model"):
+        return open_clip.create_model(arch, pretrained=pretrained)
 
 
 def build_tokenizer(arch: str, context_length: int | None = None):
     """open_clip's tokenizer of `arch`, with another context (stretched text towers) if given."""
     register_tiny_configs()
-    return open_clip.get_tokenizer(arch, context_length=context_length)
+    with quiet_open_clip():
+        return open_clip.get_tokenizer(arch, context_length=context_length)

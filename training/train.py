@@ -26,7 +26,7 @@ import ray.train  # noqa: E402
 import torch  # noqa: E402
 from ray.train.torch import TorchConfig, TorchTrainer  # noqa: E402
 
-from pipelines import ray_setup, shards, storage  # noqa: E402
+from pipelines import console, ray_setup, shards, storage  # noqa: E402
 from pipelines.build import arrow_filesystem, code_version  # noqa: E402
 from training import checkpoint, data_order  # noqa: E402
 from training.batches import BatchPreprocessor  # noqa: E402
@@ -37,7 +37,7 @@ from training.long_text import text_context_length  # noqa: E402
 from training.model import build_training_model, tower_geometry  # noqa: E402
 from training.objectives import build_objective  # noqa: E402
 from training.optim import build_optimizer, build_scheduler  # noqa: E402
-from training.tracking import build_tracker  # noqa: E402
+from training.tracking import ReportForwarder, build_tracker, follow_reports  # noqa: E402
 
 FLAG_TO_FIELD = {"arch": "model.arch", "pretrained": "model.pretrained", "mask_ratio": "masking.ratio",
                  "batch_size": "data.batch_size_per_worker", "lr": "optim.lr",
@@ -59,6 +59,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="override any config field, e.g. --set optim.weight_decay=0.1")
     p.add_argument("--export", default=None, help="after training, write an open_clip checkpoint file")
     p.add_argument("--ray-address", default=None)
+    p.add_argument("--verbose", action="store_true", help="show Ray's own logs too")
     return p.parse_args(argv)
 
 
@@ -197,12 +198,14 @@ def plan_steps(config: TrainConfig, manifest: dict) -> dict:
             "epoch_steps": epoch_steps}
 
 
-def build_run_config(config: TrainConfig) -> ray.train.RunConfig:
+def build_run_config(config: TrainConfig, callbacks: list = ()) -> ray.train.RunConfig:
     fs, storage_path = arrow_filesystem(config.run.storage)
     if fs is None:
         storage_path = str(Path(storage_path).resolve())
     return ray.train.RunConfig(
         name=config.run.name, storage_path=storage_path, storage_filesystem=fs,
+        callbacks=list(callbacks),
+        logging_config=ray.train.LoggingConfig(log_level=console.ray_train_log_level()),
         checkpoint_config=ray.train.CheckpointConfig(num_to_keep=config.run.keep_checkpoints),
         failure_config=ray.train.FailureConfig(max_failures=config.run.max_failures))
 
@@ -223,16 +226,21 @@ def fit(config: TrainConfig, resume: bool = False):
     check_run_state(config, resume)
     extra = {"manifest_digest": shards.manifest_digest(manifest), "data_uri": config.data.build_uri,
              "code_version": code_version()}
-    trainer = TorchTrainer(
+    plan = plan_steps(config, manifest)
+    with follow_reports(plan["stop_step"]) as reports:
+        return make_trainer(config, manifest, extra, plan, ReportForwarder(reports)).fit()
+
+
+def make_trainer(config: TrainConfig, manifest: dict, extra: dict, plan: dict, callback) -> TorchTrainer:
+    return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"config": config_to_dict(config), "manifest": manifest, "extra": extra,
-                           **plan_steps(config, manifest)},
+                           **plan},
         scaling_config=ray.train.ScalingConfig(
             num_workers=config.run.num_workers, use_gpu=config.run.use_gpu,
             resources_per_worker={"CPU": config.run.cpus_per_worker}),
         torch_config=TorchConfig(backend="nccl" if config.run.use_gpu else "gloo"),
-        run_config=build_run_config(config))
-    return trainer.fit()
+        run_config=build_run_config(config, [callback]))
 
 
 def local_cpu_budget(config: TrainConfig) -> int:
@@ -244,10 +252,12 @@ def local_cpu_budget(config: TrainConfig) -> int:
 def main(argv=None):
     args = parse_args(argv)
     config = build_config(args)
+    console.configure_logging(args.verbose)
     # Locally, training workers hold their CPUs while Ray Data decodes for them: give the
     # local instance logical CPUs for both (a cluster sizes itself).
     ray_setup.init_ray(args.ray_address, num_cpus=local_cpu_budget(config))
-    result = fit(config, resume=args.resume)
+    with console.stage("train", f"{config.method} {config.model.arch}, {config.run.num_workers} workers"):
+        result = fit(config, resume=args.resume)
     print(f"latest checkpoint: {result.checkpoint.path if result.checkpoint else None}")
     if args.export and result.checkpoint:
         checkpoint.export_open_clip(storage.join(config.run.storage, config.run.name), args.export)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
-import torch.distributed.nn  # noqa: F401  (all_gather with gradients)
+import torch.distributed._functional_collectives as funcol  # all_gather with gradients
 import torch.nn.functional as F
 from torch import nn
 
@@ -14,8 +14,8 @@ def gather_features(features: torch.Tensor, rank: int, world_size: int,
     """Concatenate every worker's features (B_global, D) in rank order."""
     if world_size == 1:
         return features
-    if with_grad:
-        return torch.cat(torch.distributed.nn.functional.all_gather(features), dim=0)
+    if with_grad:  # backward: reduce-scatter of the sum, as torch.distributed.nn's all_gather
+        return funcol.all_gather_single_autograd(features.contiguous(), 0, dist.group.WORLD)
     gathered = [torch.zeros_like(features) for _ in range(world_size)]
     dist.all_gather(gathered, features)
     if not local_loss:  # the local rows then score through the gathered copy: keep its grad

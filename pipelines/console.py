@@ -1,0 +1,196 @@
+"""The console every job shares: logging with Ray's known noise filtered (`verbose` brings
+Ray's own logs back), one line per stage as it starts and ends, and a progress reporter that
+is a bar on a terminal and compact periodic lines when piped to a file."""
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import sys
+import time
+
+import ray
+
+VERBOSE_ENV = "CLIPFORGE_VERBOSE"  # read by the processes Ray starts (worker setup hook)
+_RAY_DIR = os.path.dirname(ray.__file__)
+
+# (logger name, message fragment) of known Ray noise, dropped by a filter on that one logger.
+KNOWN_NOISE = (
+    # Ray Train's detached placement-group cleaner polls the State API, which needs the
+    # dashboard; a local instance runs without one, so it warns about once a second.
+    ("ray.train.v2._internal.execution.controller.placement_group_cleaner",
+     "Failed to query Ray Train Controller actor state"),
+    # Ray Train logs every ray.train.report as a TrainingReport(...) dump (logger named by
+    # its file); the driver prints one line per window instead.
+    (os.path.join(_RAY_DIR, "train", "v2", "_internal", "execution", "context.py"),
+     "Reporting training result"),
+    # We turn Ray Data's own progress off (the jobs report their own progress).
+    ("ray.data._internal.progress", "Progress bars disabled"),
+)
+# Ray's INFO chatter (instance started, dataset plans and "finished" lines) is shown only
+# with --verbose: the `ray` logger at WARNING, and Ray Data's console handler at WARNING
+# (its ray-data.log file in the session folder keeps everything). Ray Train's own INFO
+# lines follow RunConfig(logging_config=...), see ray_train_log_level().
+
+
+class DropMessage(logging.Filter):
+    """Drops the records of one logger whose message contains `fragment`."""
+
+    def __init__(self, fragment: str):
+        super().__init__()
+        self.fragment = fragment
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return self.fragment not in record.getMessage()
+
+
+def is_verbose() -> bool:
+    return os.environ.get(VERBOSE_ENV) == "1"
+
+
+def quiet_ray_logs(verbose: bool | None = None) -> None:
+    """Install the known-noise filters, and unless verbose raise Ray's loggers to WARNING.
+    Idempotent; also Ray's `worker_process_setup_hook` of every job (ray_setup.init_ray)."""
+    verbose = is_verbose() if verbose is None else verbose
+    if verbose:
+        return
+    for name, fragment in KNOWN_NOISE:
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, DropMessage) and f.fragment == fragment for f in logger.filters):
+            logger.addFilter(DropMessage(fragment))
+    logging.getLogger("ray").setLevel(logging.WARNING)
+    import ray.data  # noqa: F401  (configures its loggers on import: adjust them after)
+    for handler in logging.getLogger("ray.data").handlers:
+        if not isinstance(handler, logging.FileHandler) and "File" not in type(handler).__name__:
+            handler.setLevel(logging.WARNING)
+
+
+def ray_train_log_level() -> str:
+    """Ray Train's console level (ray.train.LoggingConfig): its INFO lines only if verbose."""
+    return "INFO" if is_verbose() else "WARNING"
+
+
+def configure_logging(verbose: bool = False) -> None:
+    """Our INFO lines, Ray's warnings and errors; Ray's INFO logs too when verbose."""
+    os.environ[VERBOSE_ENV] = "1" if verbose else "0"
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    quiet_ray_logs(verbose)
+    if not verbose:  # the jobs report their own progress (Progress below)
+        import ray.data
+        ray.data.DataContext.get_current().enable_progress_bars = False
+
+
+class OpenClipChatter(logging.Filter):
+    """open_clip logs to the root logger: its INFO steps, and one known warning if given."""
+
+    def __init__(self, fragment: str | None):
+        super().__init__()
+        self.fragment = fragment
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if f"{os.sep}open_clip{os.sep}" not in record.pathname:
+            return True
+        if record.levelno < logging.WARNING:
+            return False
+        return not (self.fragment and self.fragment in record.getMessage())
+
+
+@contextlib.contextmanager
+def quiet_open_clip(known_warning: str | None = None):
+    """Around an open_clip call (unless verbose): drop its INFO steps and `known_warning`."""
+    root, drop = logging.getLogger(), OpenClipChatter(known_warning)
+    if not is_verbose():
+        root.addFilter(drop)
+    try:
+        yield
+    finally:
+        root.removeFilter(drop)
+
+
+def format_duration(seconds: float) -> str:
+    seconds = max(0, int(round(seconds)))
+    if seconds < 60:
+        return f"{seconds}s"
+    minutes, seconds = divmod(seconds, 60)
+    return f"{minutes}m{seconds:02d}s" if minutes < 60 else f"{minutes // 60}h{minutes % 60:02d}m"
+
+
+def say(line: str, stream=None) -> None:
+    stream = stream or sys.stdout
+    print(line, file=stream, flush=True)
+
+
+@contextlib.contextmanager
+def stage(name: str, detail: str = "", stream=None):
+    """`==> name detail` as the stage starts, `<== name done in 12s` (or failed) as it ends."""
+    start = time.monotonic()
+    say(f"==> {name}" + (f"  {detail}" if detail else ""), stream)
+    try:
+        yield
+    except BaseException:
+        say(f"<== {name} failed after {format_duration(time.monotonic() - start)}", stream)
+        raise
+    say(f"<== {name} done in {format_duration(time.monotonic() - start)}", stream)
+
+
+def format_fields(fields: dict) -> str:
+    return "  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in fields.items())
+
+
+class Progress:
+    """Counts, rate and time left of `total` units: a bar redrawn in place on a terminal,
+    else one line per `every_s` seconds (every update with 0) and a last one at the end."""
+
+    def __init__(self, label: str, total: int, unit: str = "", *, start: int = 0,
+                 every_s: float = 10.0, stream=None, tty: bool | None = None):
+        self.label, self.total, self.unit, self.every_s = label, max(int(total), 0), unit, every_s
+        self.stream = stream or sys.stdout
+        self.tty = self.stream.isatty() if tty is None else tty
+        self.start, self.done, self.fields = start, start, {}
+        self.t0 = self.last_print = time.monotonic()
+        self.printed_at = None
+
+    def rate(self) -> float:
+        return (self.done - self.start) / max(time.monotonic() - self.t0, 1e-9)
+
+    def line(self) -> str:
+        pct = f"{100 * self.done / self.total:3.0f}%" if self.total else ""
+        unit = f"{self.unit} " if self.unit else ""
+        rate, left = self.rate(), self.total - self.done
+        eta = format_duration(left / rate) if rate > 0 and left > 0 else ("done" if left <= 0 else "?")
+        parts = [self.label, f"{unit}{self.done}/{self.total}", pct, format_fields(self.fields),
+                 f"{rate:.3g} {self.unit or 'it'}s/s", f"eta {eta}"]
+        if self.tty:
+            filled = int(20 * self.done / self.total) if self.total else 0
+            parts.insert(1, "[" + "#" * filled + "." * (20 - filled) + "]")
+        return "  ".join(p for p in parts if p)
+
+    def update(self, n: int = 1, **fields) -> None:
+        self.set(self.done + n, **fields)
+
+    def set(self, done: int, **fields) -> None:
+        self.done = done
+        self.fields.update(fields)
+        now = time.monotonic()
+        if self.tty:
+            self.stream.write("\r\x1b[2K" + self.line())
+            self.stream.flush()
+        elif now - self.last_print >= self.every_s or self.done >= self.total:
+            self.emit(now)
+
+    def emit(self, now: float) -> None:
+        say(self.line(), self.stream)
+        self.last_print, self.printed_at = now, self.done
+
+    def close(self) -> None:
+        if self.tty:
+            self.stream.write("\n")
+            self.stream.flush()
+        elif self.printed_at != self.done:
+            self.emit(time.monotonic())
+
+    def __enter__(self) -> Progress:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
