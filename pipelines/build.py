@@ -30,6 +30,7 @@ from pathlib import Path
 
 import numpy as np
 import ray
+from ray.data.expressions import col
 
 from pipelines import captions, dedup, shards, storage
 from pipelines.console import Progress, stage
@@ -178,7 +179,7 @@ def plan_caption_groups(rows, params: BuildParams):
     n_buckets = max(1, math.ceil(rows.count() / ROWS_PER_BUCKET))
     reasons = count_reasons(rows)
     check_row_failures(reasons, params.max_failure_rate)
-    kept = rows.filter(lambda r: r["reason"] == "").map_batches(
+    kept = rows.filter(expr=col("reason") == "").map_batches(
         add_buckets, fn_kwargs={"n_buckets": n_buckets}, batch_format="numpy")
     groups = kept.groupby("bucket", num_partitions=n_buckets).map_groups(
         GroupBucket, fn_constructor_args=(params.caption_rules,), batch_format="numpy",
@@ -220,11 +221,11 @@ def plan_shards(groups, params: BuildParams) -> tuple[object, list[int]]:
 
 def run_shard_tasks(specs, build_uri: str, params: BuildParams, todo: set[int],
                     num_shards: int) -> list[dict]:
-    if not todo:
-        return []
     """Phase A: fetch the shards not yet staged, logging progress as each one lands, and
     abort when the failure rate says the input is wrong."""
-    pending = specs.filter(lambda r: int(r["shard_id"]) in todo)
+    if not todo:
+        return []
+    pending = specs.filter(expr=col("shard_id").is_in(sorted(todo)))
     results = pending.map_batches(BuildShardTask, fn_constructor_args=(build_uri, params.download),
                                   batch_size=1, batch_format="numpy", compute=ray.data.ActorPoolStrategy(min_size=1, max_size=64))
     stats, start = [], time.monotonic()

@@ -148,10 +148,14 @@ class Progress:
         self.tty = self.stream.isatty() if tty is None else tty
         self.start, self.done, self.fields = start, start, {}
         self.t0 = self.last_print = time.monotonic()
-        self.printed_at = None
+        self.printed_at, self.first = None, None  # first: (done, time) of the first update
 
     def rate(self) -> float:
-        return (self.done - self.start) / max(time.monotonic() - self.t0, 1e-9)
+        """Units per second since the first update: start-up before the first unit (Ray
+        starting workers, say) would otherwise inflate the time left."""
+        if self.first is None or self.done <= self.first[0]:
+            return (self.done - self.start) / max(time.monotonic() - self.t0, 1e-9)
+        return (self.done - self.first[0]) / max(time.monotonic() - self.first[1], 1e-9)
 
     def line(self) -> str:
         pct = f"{100 * self.done / self.total:3.0f}%" if self.total else ""
@@ -169,6 +173,8 @@ class Progress:
         self.set(self.done + n, **fields)
 
     def set(self, done: int, **fields) -> None:
+        if self.first is None:
+            self.first = (done, time.monotonic())
         self.done = done
         self.fields.update(fields)
         now = time.monotonic()

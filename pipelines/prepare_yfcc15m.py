@@ -25,6 +25,7 @@ if __package__ in (None, ""):  # run as a script: make the repository root impor
 
 import numpy as np  # noqa: E402
 import ray  # noqa: E402
+from ray.data.expressions import col  # noqa: E402
 
 from pipelines import build, cli, yfcc  # noqa: E402
 from pipelines.captions import READ_ENCODING, CaptionRules  # noqa: E402
@@ -113,10 +114,10 @@ def read_metadata_rows(metadata: list[str], subset: str, rules: CaptionRules):
     records = build.read_text_lines(metadata).map_batches(parse_metadata, batch_format="numpy")
     records = records.map_batches(lambda b: {**b, "in_subset": np.zeros(len(b["photo_id"]), bool)},
                                   batch_format="numpy").materialize()
-    malformed = records.filter(lambda r: r["photo_id"] == yfcc.NO_PHOTO_ID).drop_columns(["in_subset"])
+    malformed = records.filter(expr=col("photo_id") == yfcc.NO_PHOTO_ID).drop_columns(["in_subset"])
     ids = build.read_text_lines([subset]).map_batches(parse_subset, batch_format="numpy")
     n_partitions = max(1, min(build.MAX_SHUFFLE_PARTITIONS, records.count() // build.ROWS_PER_BUCKET))
-    joined = ids.union(records.filter(lambda r: r["photo_id"] != yfcc.NO_PHOTO_ID)).groupby(
+    joined = ids.union(records.filter(expr=col("photo_id") != yfcc.NO_PHOTO_ID)).groupby(
         "photo_id", num_partitions=n_partitions).map_groups(keep_subset, batch_format="numpy")
     return joined.union(malformed).map_batches(RecordRows, fn_constructor_args=(rules,),
                                                batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=1))

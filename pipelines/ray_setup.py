@@ -46,5 +46,8 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None) -> None
         # address="local": the embedded default never attaches to some other cluster that
         # happens to run on this machine; join one explicitly with --ray-address/RAY_ADDRESS.
         keep_on_loopback()
+        # Token authentication is Ray 2.60's default for a new instance; asking for it by
+        # name keeps it and drops the warning Ray prints when the mode was left unset.
+        os.environ.setdefault("RAY_AUTH_MODE", "token")
         ray.init(address="local", num_cpus=num_cpus, include_dashboard=False,
                  runtime_env=runtime_env, logging_level=level, _node_ip_address="127.0.0.1")

@@ -25,6 +25,16 @@ def test_progress_piped_prints_compact_lines_with_rate_and_eta():
     assert lines[1].endswith("eta done")
 
 
+def test_progress_rate_counts_from_the_first_update_not_the_start_up(monkeypatch):
+    clock = iter([0.0, 100.0, 100.0, 110.0, 110.0, 110.0])  # 100 s of start-up, then 10 steps in 10 s
+    monkeypatch.setattr(console.time, "monotonic", lambda: next(clock))
+    out = io.StringIO()
+    progress = console.Progress("train", 30, "step", every_s=0, stream=out)
+    progress.set(10)
+    progress.set(20)
+    assert "1 steps/s  eta 10s" in out.getvalue().splitlines()[-1]
+
+
 def test_progress_piped_throttles_to_one_line_per_interval_plus_the_last():
     out = io.StringIO()
     with console.Progress("prepare", 100, "shard", every_s=3600, stream=out) as progress:

@@ -1,4 +1,4 @@
-"""The demo path end to end at a small size: corpus -> mirror -> prepare -> FLIP -> report."""
+"""The demo path end to end at a small size: corpus -> mirror -> prepare -> CLIP -> report."""
 from __future__ import annotations
 
 import json
@@ -17,17 +17,18 @@ STAGES = ("corpus", "prepare", "prepare/plan", "prepare/download", "prepare/dedu
           "train", "evaluate", "evaluate/load", "evaluate/encode", "evaluate/score", "evaluate/report")
 
 
-def check_console(text: str) -> None:
-    """The demo's console reads like a tool's: short, every stage started and ended, one
-    training line per logging window, the report, and none of Ray's known noise."""
+def check_console(text: str, windows: list[str]) -> None:
+    """The demo's console reads like a tool's: short, every stage started and ended, exactly
+    one training line per logging window (not one per worker), the report, and none of Ray's
+    known noise."""
     lines = text.splitlines()
     assert len(lines) < 150, text
     for name in STAGES:
         assert any(line.startswith(f"==> {name}") for line in lines), name
         assert any(line.startswith(f"<== {name} done in ") for line in lines), name
-    steps = [line.split()[2] for line in lines if line.startswith("train  step ")]
-    assert steps and len(steps) == len(set(steps)) and "eta done" in lines[lines.index(
-        next(line for line in lines if line.startswith("train  step " + steps[-1])))], text
+    train_lines = [line for line in lines if line.startswith("train  step ")]
+    assert [line.split()[2] for line in train_lines] == windows, text
+    assert "loss " in train_lines[0] and train_lines[-1].endswith("eta done"), text
     assert any(line.startswith("encode images  image ") for line in lines), text
     assert "# Evaluation report" in text and "zero-shot top-1" in text
     for noise in NOISE:
@@ -37,15 +38,21 @@ def check_console(text: str) -> None:
 def test_demo_runs_end_to_end(ray_session, tmp_path, capfd):
     import run_demo
     report = run_demo.main(["--out", str(tmp_path), "--n-images", "96", "--epochs", "2",
-                            "--batch-size", "8", "--arch", "clip-micro-p8-32", "--shard-size", "12"])
+                            "--batch-size", "8", "--arch", "clip-micro-p8-32", "--shard-size", "12",
+                            "--log-every", "4"])
     assert set(report["zeroshot"]) == {"demo-zeroshot"} and report["skipped"] == {}
     assert report["zeroshot"]["demo-zeroshot"]["n_classes"] == 40
     assert set(report["retrieval"]) == {"demo-retrieval", "demo-long"}
     assert report["retrieval"]["demo-long"]["protocol"] == "long-caption"
-    assert report["checkpoint"]["method"] == "flip" and report["checkpoint"]["manifest_digests"][0]
+    assert report["checkpoint"]["method"] == "clip" and report["checkpoint"]["manifest_digests"][0]
     on_disk = json.loads((tmp_path / "report" / "report.json").read_text())
     assert on_disk["zeroshot"] == json.loads(json.dumps(report["zeroshot"]))
-    assert "Zero-shot classification" in (tmp_path / "report" / "report.md").read_text()
+    markdown = (tmp_path / "report" / "report.md").read_text()
+    assert "Zero-shot classification" in markdown and "shape, given right colour" in markdown
+    for figure in ("plot_training_curves.png", "plot_confusion_demo-zeroshot.png",
+                   "plot_gallery_demo-retrieval.png"):
+        assert f"]({figure})" in markdown and (tmp_path / "report" / figure).stat().st_size > 0, figure
     assert json.loads((tmp_path / "demo_summary.json").read_text())["chance"] == 1 / 40
     captured = capfd.readouterr()
-    check_console(captured.out + captured.err)
+    steps = report["checkpoint"]["step"]  # 96 images / (2 workers x 8) x 2 epochs, one line per 4
+    check_console(captured.out + captured.err, [f"{s}/{steps}" for s in range(4, steps + 1, 4)])
