@@ -217,7 +217,7 @@ def publish_report(report: dict, output: str, compare: list[str] = ()) -> None:
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    console.configure_logging(args.verbose)
+    ray_setup.configure_logging(args.verbose)
     ray_setup.init_ray(args.ray_address)
     with console.stage("evaluate", args.checkpoint):
         report = run_evaluation(args)

@@ -48,7 +48,7 @@ def build_params(args: argparse.Namespace, reader: dict | None = None) -> BuildP
 
 
 def configure_logging(verbose: bool = False) -> None:
-    console.configure_logging(verbose)
+    ray_setup.configure_logging(verbose)
 
 
 def run_job(run, args: argparse.Namespace):

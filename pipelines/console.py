@@ -1,6 +1,6 @@
-"""The console every job shares: logging with Ray's known noise filtered (`verbose` brings
-Ray's own logs back), one line per stage as it starts and ends, and a progress reporter that
-is a bar on a terminal and compact periodic lines when piped to a file."""
+"""The console every job shares: one line per stage as it starts and ends, a progress reporter
+that is a bar on a terminal and compact periodic lines when piped to a file, and the verbose
+switch (Ray's own logs and their known-noise filters live in ray_setup.py, Ray's edge)."""
 from __future__ import annotations
 
 import contextlib
@@ -9,75 +9,9 @@ import os
 import sys
 import time
 
-import ray
-
 VERBOSE_ENV = "CLIPFORGE_VERBOSE"  # read by the processes Ray starts (worker setup hook)
-_RAY_DIR = os.path.dirname(ray.__file__)
-
-# (logger name, message fragment) of known Ray noise, dropped by a filter on that one logger.
-KNOWN_NOISE = (
-    # Ray Train's detached placement-group cleaner polls the State API, which needs the
-    # dashboard; a local instance runs without one, so it warns about once a second.
-    ("ray.train.v2._internal.execution.controller.placement_group_cleaner",
-     "Failed to query Ray Train Controller actor state"),
-    # Ray Train logs every ray.train.report as a TrainingReport(...) dump (logger named by
-    # its file); the driver prints one line per window instead.
-    (os.path.join(_RAY_DIR, "train", "v2", "_internal", "execution", "context.py"),
-     "Reporting training result"),
-    # We turn Ray Data's own progress off (the jobs report their own progress).
-    ("ray.data._internal.progress", "Progress bars disabled"),
-)
-# Ray's INFO chatter (instance started, dataset plans and "finished" lines) is shown only
-# with --verbose: the `ray` logger at WARNING, and Ray Data's console handler at WARNING
-# (its ray-data.log file in the session folder keeps everything). Ray Train's own INFO
-# lines follow RunConfig(logging_config=...), see ray_train_log_level().
-
-
-class DropMessage(logging.Filter):
-    """Drops the records of one logger whose message contains `fragment`."""
-
-    def __init__(self, fragment: str):
-        super().__init__()
-        self.fragment = fragment
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return self.fragment not in record.getMessage()
-
-
 def is_verbose() -> bool:
     return os.environ.get(VERBOSE_ENV) == "1"
-
-
-def quiet_ray_logs(verbose: bool | None = None) -> None:
-    """Install the known-noise filters, and unless verbose raise Ray's loggers to WARNING.
-    Idempotent; also Ray's `worker_process_setup_hook` of every job (ray_setup.init_ray)."""
-    verbose = is_verbose() if verbose is None else verbose
-    if verbose:
-        return
-    for name, fragment in KNOWN_NOISE:
-        logger = logging.getLogger(name)
-        if not any(isinstance(f, DropMessage) and f.fragment == fragment for f in logger.filters):
-            logger.addFilter(DropMessage(fragment))
-    logging.getLogger("ray").setLevel(logging.WARNING)
-    import ray.data  # noqa: F401  (configures its loggers on import: adjust them after)
-    for handler in logging.getLogger("ray.data").handlers:
-        if not isinstance(handler, logging.FileHandler) and "File" not in type(handler).__name__:
-            handler.setLevel(logging.WARNING)
-
-
-def ray_train_log_level() -> str:
-    """Ray Train's console level (ray.train.LoggingConfig): its INFO lines only if verbose."""
-    return "INFO" if is_verbose() else "WARNING"
-
-
-def configure_logging(verbose: bool = False) -> None:
-    """Our INFO lines, Ray's warnings and errors; Ray's INFO logs too when verbose."""
-    os.environ[VERBOSE_ENV] = "1" if verbose else "0"
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    quiet_ray_logs(verbose)
-    if not verbose:  # the jobs report their own progress (Progress below)
-        import ray.data
-        ray.data.DataContext.get_current().enable_progress_bars = False
 
 
 class OpenClipChatter(logging.Filter):

@@ -1,4 +1,5 @@
-"""Starting or joining Ray the same way in every job (local instance by default)."""
+"""Starting or joining Ray the same way in every job (local instance by default), and Ray's
+logging: its known noise filtered in every Ray process, its INFO lines only when verbose."""
 from __future__ import annotations
 
 import logging
@@ -20,6 +21,70 @@ OFFLINE_ENV = {"RAY_USAGE_STATS_ENABLED": "0", "NO_ALBUMENTATIONS_UPDATE": "1",
 LOOPBACK_ENV = {ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR: "0"}
 
 
+_RAY_DIR = os.path.dirname(ray.__file__)
+
+# (logger name, message fragment) of known Ray noise, dropped by a filter on that one logger.
+KNOWN_NOISE = (
+    # Ray Train's detached placement-group cleaner polls the State API, which needs the
+    # dashboard; a local instance runs without one, so it warns about once a second.
+    ("ray.train.v2._internal.execution.controller.placement_group_cleaner",
+     "Failed to query Ray Train Controller actor state"),
+    # Ray Train logs every ray.train.report as a TrainingReport(...) dump (logger named by
+    # its file); the driver prints one line per window instead.
+    (os.path.join(_RAY_DIR, "train", "v2", "_internal", "execution", "context.py"),
+     "Reporting training result"),
+    # We turn Ray Data's own progress off (the jobs report their own progress).
+    ("ray.data._internal.progress", "Progress bars disabled"),
+)
+# Ray's INFO chatter (instance started, dataset plans and "finished" lines) is shown only
+# with --verbose: the `ray` logger at WARNING, and Ray Data's console handler at WARNING
+# (its ray-data.log file in the session folder keeps everything). Ray Train's own INFO
+# lines follow RunConfig(logging_config=...), see ray_train_log_level().
+
+
+class DropMessage(logging.Filter):
+    """Drops the records of one logger whose message contains `fragment`."""
+
+    def __init__(self, fragment: str):
+        super().__init__()
+        self.fragment = fragment
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return self.fragment not in record.getMessage()
+
+
+def quiet_ray_logs(verbose: bool | None = None) -> None:
+    """Install the known-noise filters, and unless verbose raise Ray's loggers to WARNING.
+    Idempotent; also Ray's `worker_process_setup_hook` of every job (ray_setup.init_ray)."""
+    verbose = console.is_verbose() if verbose is None else verbose
+    if verbose:
+        return
+    for name, fragment in KNOWN_NOISE:
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, DropMessage) and f.fragment == fragment for f in logger.filters):
+            logger.addFilter(DropMessage(fragment))
+    logging.getLogger("ray").setLevel(logging.WARNING)
+    import ray.data  # noqa: F401  (configures its loggers on import: adjust them after)
+    for handler in logging.getLogger("ray.data").handlers:
+        if not isinstance(handler, logging.FileHandler) and "File" not in type(handler).__name__:
+            handler.setLevel(logging.WARNING)
+
+
+def ray_train_log_level() -> str:
+    """Ray Train's console level (ray.train.LoggingConfig): its INFO lines only if verbose."""
+    return "INFO" if console.is_verbose() else "WARNING"
+
+
+def configure_logging(verbose: bool = False) -> None:
+    """Our INFO lines, Ray's warnings and errors; Ray's INFO logs too when verbose."""
+    os.environ[console.VERBOSE_ENV] = "1" if verbose else "0"
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    quiet_ray_logs(verbose)
+    if not verbose:  # the jobs report their own progress (Progress below)
+        import ray.data
+        ray.data.DataContext.get_current().enable_progress_bars = False
+
+
 def keep_on_loopback() -> None:
     """Make a Ray instance started from this process use 127.0.0.1 for every address."""
     os.environ.update(LOOPBACK_ENV)  # the processes Ray starts import it afresh
@@ -37,7 +102,7 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None) -> None
     # workers inherit this process's environment, cluster pods get theirs from secrets.
     env = {**OFFLINE_ENV, console.VERBOSE_ENV: "1" if console.is_verbose() else "0"}
     # Every process Ray starts filters the same known noise as this one (console.py).
-    runtime_env = {"env_vars": env, "worker_process_setup_hook": "pipelines.console.quiet_ray_logs"}
+    runtime_env = {"env_vars": env, "worker_process_setup_hook": "pipelines.ray_setup.quiet_ray_logs"}
     level = logging.INFO if console.is_verbose() else logging.WARNING
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
@@ -46,8 +111,5 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None) -> None
         # address="local": the embedded default never attaches to some other cluster that
         # happens to run on this machine; join one explicitly with --ray-address/RAY_ADDRESS.
         keep_on_loopback()
-        # Token authentication is Ray 2.60's default for a new instance; asking for it by
-        # name keeps it and drops the warning Ray prints when the mode was left unset.
-        os.environ.setdefault("RAY_AUTH_MODE", "token")
         ray.init(address="local", num_cpus=num_cpus, include_dashboard=False,
                  runtime_env=runtime_env, logging_level=level, _node_ip_address="127.0.0.1")

@@ -93,7 +93,7 @@ def evaluate_model(args, out: Path, run_dir: str) -> dict:
 def main(argv=None) -> dict:
     args = parse_args(argv)
     out, start = Path(args.out).resolve(), time.monotonic()
-    console.configure_logging(args.verbose)
+    ray_setup.configure_logging(args.verbose)
     ray_setup.init_ray(num_cpus=train.local_cpu_budget(train.build_config(train.parse_args(
         ["--data", "-", "--num-workers", str(args.num_workers)]))))
     build_uri = prepare_corpus(args, out)

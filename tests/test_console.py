@@ -6,7 +6,7 @@ from __future__ import annotations
 import io
 import logging
 
-from pipelines import console
+from pipelines import console, ray_setup
 
 
 class FakeTerminal(io.StringIO):
@@ -62,8 +62,8 @@ def test_stage_lines_name_the_stage_and_its_elapsed_time():
 
 
 def test_known_noise_is_dropped_and_other_warnings_kept(caplog):
-    console.quiet_ray_logs(verbose=False)
-    name, fragment = console.KNOWN_NOISE[0]
+    ray_setup.quiet_ray_logs(verbose=False)
+    name, fragment = ray_setup.KNOWN_NOISE[0]
     logger = logging.getLogger(name)
     logger.propagate, was = True, logger.propagate
     try:

@@ -12,9 +12,12 @@ its latest checkpoint with the same data order.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
+import queue as queue_lib
 import sys
 import tempfile
+import threading
 from pathlib import Path
 
 if __package__ in (None, ""):  # run as a script: make the repository root importable
@@ -25,6 +28,7 @@ import ray  # noqa: E402
 import ray.train  # noqa: E402
 import torch  # noqa: E402
 from ray.train.torch import TorchConfig, TorchTrainer  # noqa: E402
+from ray.util.queue import Queue  # noqa: E402
 
 from pipelines import console, ray_setup, shards, storage  # noqa: E402
 from pipelines.build import arrow_filesystem, code_version  # noqa: E402
@@ -37,7 +41,7 @@ from training.long_text import text_context_length  # noqa: E402
 from training.model import build_training_model, tower_geometry  # noqa: E402
 from training.objectives import build_objective  # noqa: E402
 from training.optim import build_optimizer, build_scheduler  # noqa: E402
-from training.tracking import ReportForwarder, build_tracker, follow_reports  # noqa: E402
+from training.tracking import build_tracker  # noqa: E402
 
 FLAG_TO_FIELD = {"arch": "model.arch", "pretrained": "model.pretrained", "mask_ratio": "masking.ratio",
                  "batch_size": "data.batch_size_per_worker", "lr": "optim.lr",
@@ -182,6 +186,56 @@ def train_loop_per_worker(loop_config: dict) -> None:
     run_training(ddp_model, objective, optimizer, scheduler, batches, settings, report)
 
 
+class ReportForwarder(ray.train.UserCallback):
+    """Runs on the Ray Train controller: rank 0's metrics of every report, to the driver."""
+
+    def __init__(self, reports: Queue):
+        self.reports = reports
+
+    def after_report(self, run_context, metrics, checkpoint) -> None:
+        if metrics and "step" in metrics[0]:
+            self.reports.put(dict(metrics[0]))
+
+
+
+def console_fields(metrics: dict) -> dict:
+    fields = {"loss": metrics.get("loss/total"), "temp": metrics.get("temperature"),
+              "samples/s": metrics.get("samples_per_s")}
+    return {k: float(v) for k, v in fields.items() if v is not None}
+
+
+@contextlib.contextmanager
+def follow_reports(total_steps: int):
+    """(Ray queue for ReportForwarder) and, while the block runs, one console line per
+    report: `train  step 120/468  26%  loss 2.31 ...  3.1 steps/s  eta 1m30s`."""
+    reports, stop = Queue(actor_options={"num_cpus": 0}), threading.Event()
+    progress = console.Progress("train", total_steps, "step", every_s=0)
+
+    def pump(block: bool) -> bool:
+        try:
+            metrics = reports.get(block=block, timeout=0.5 if block else None)
+        except queue_lib.Empty:  # ray.util.queue.Empty is one
+            return False
+        progress.set(int(metrics["step"]), **console_fields(metrics))
+        return True
+
+    def follow() -> None:
+        while not stop.is_set():
+            pump(True)
+
+    thread = threading.Thread(target=follow, daemon=True)
+    thread.start()
+    try:
+        yield reports
+    finally:
+        stop.set()
+        thread.join()
+        while pump(False):
+            pass
+        progress.close()
+        reports.shutdown()
+
+
 def plan_steps(config: TrainConfig, manifest: dict) -> dict:
     """The schedule spans all epochs; `run.max_steps` only stops early (an interrupted or
     budget-capped run), so a later `--resume` continues the very same schedule."""
@@ -205,7 +259,7 @@ def build_run_config(config: TrainConfig, callbacks: list = ()) -> ray.train.Run
     return ray.train.RunConfig(
         name=config.run.name, storage_path=storage_path, storage_filesystem=fs,
         callbacks=list(callbacks),
-        logging_config=ray.train.LoggingConfig(log_level=console.ray_train_log_level()),
+        logging_config=ray.train.LoggingConfig(log_level=ray_setup.ray_train_log_level()),
         checkpoint_config=ray.train.CheckpointConfig(num_to_keep=config.run.keep_checkpoints),
         failure_config=ray.train.FailureConfig(max_failures=config.run.max_failures))
 
@@ -252,7 +306,7 @@ def local_cpu_budget(config: TrainConfig) -> int:
 def main(argv=None):
     args = parse_args(argv)
     config = build_config(args)
-    console.configure_logging(args.verbose)
+    ray_setup.configure_logging(args.verbose)
     # Locally, training workers hold their CPUs while Ray Data decodes for them: give the
     # local instance logical CPUs for both (a cluster sizes itself).
     ray_setup.init_ray(args.ray_address, num_cpus=local_cpu_budget(config))
