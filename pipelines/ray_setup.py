@@ -20,7 +20,6 @@ OFFLINE_ENV = {"RAY_USAGE_STATS_ENABLED": "0", "NO_ALBUMENTATIONS_UPDATE": "1",
 # read once at import, and then refuses to add nodes (a local instance never has any).
 LOOPBACK_ENV = {ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR: "0"}
 
-
 _RAY_DIR = os.path.dirname(ray.__file__)
 
 # (logger name, message fragment) of known Ray noise, dropped by a filter on that one logger.
@@ -66,6 +65,7 @@ def quiet_ray_logs(verbose: bool | None = None) -> None:
     logging.getLogger("ray").setLevel(logging.WARNING)
     import ray.data  # noqa: F401  (configures its loggers on import: adjust them after)
     for handler in logging.getLogger("ray.data").handlers:
+        # its log file (SessionFileHandler, no FileHandler subclass) keeps every level
         if not isinstance(handler, logging.FileHandler) and "File" not in type(handler).__name__:
             handler.setLevel(logging.WARNING)
 
@@ -80,7 +80,7 @@ def configure_logging(verbose: bool = False) -> None:
     os.environ[console.VERBOSE_ENV] = "1" if verbose else "0"
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     quiet_ray_logs(verbose)
-    if not verbose:  # the jobs report their own progress (Progress below)
+    if not verbose:  # the jobs report their own progress (console.Progress)
         import ray.data
         ray.data.DataContext.get_current().enable_progress_bars = False
 

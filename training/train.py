@@ -197,7 +197,6 @@ class ReportForwarder(ray.train.UserCallback):
             self.reports.put(dict(metrics[0]))
 
 
-
 def console_fields(metrics: dict) -> dict:
     fields = {"loss": metrics.get("loss/total"), "temp": metrics.get("temperature"),
               "samples/s": metrics.get("samples_per_s")}
