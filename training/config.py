@@ -8,6 +8,9 @@ import math
 from dataclasses import dataclass, field
 
 
+DEFAULT_MAX_LOGIT_SCALE = 100.0
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     arch: str = "clip-tiny-p8-64"
@@ -46,9 +49,25 @@ class PGSConfig:
 
 
 @dataclass(frozen=True)
+class TopologyConfig:
+    """The embedding space (training/topology.py, METHODS.md §3)."""
+    kind: str = "sphere"
+    n: int = 0  # dimension of each sphere; 0: the tower's embed_dim / m
+    m: int = 1  # number of spheres (oblique) or [CLS] tokens (multi)
+    # multi only: the text tower's [CLS] slots. "prepend": before the text, bidirectional
+    # pad-masked encoder (from scratch, the paper's setting); "append": after the text under
+    # the causal mask (a pretrained causal CLIP text tower); "auto": append when
+    # model.pretrained is set, else prepend (METHODS.md §3.3).
+    text_tokens: str = "auto"
+
+
+@dataclass(frozen=True)
 class LossConfig:
     init_logit_scale: float = math.log(1 / 0.07)
-    max_logit_scale: float = 100.0  # the temperature is clipped at 1 / max_logit_scale
+    # The logit scale s is clipped at this value: None = 100, or 100 / m for topology.kind=multi
+    # (the paper's main text, s·m <= 100; its appendix table's 3.95 is the `multi-s3.95` method).
+    max_logit_scale: float | None = None
+    learn_temperature: bool = True  # false: s stays at exp(init_logit_scale) (Table 3's fixed rows)
     gather_with_grad: bool = True
     local_loss: bool = False
     kind: str = "clip"  # objective: "clip" | "longclip" | "smartclip" (training/objectives.py)
@@ -113,6 +132,7 @@ class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     masking: MaskingConfig = field(default_factory=MaskingConfig)
     pgs: PGSConfig = field(default_factory=PGSConfig)
+    topology: TopologyConfig = field(default_factory=TopologyConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     smartclip: SmartClipConfig = field(default_factory=SmartClipConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -168,6 +188,12 @@ def config_from_dict(data: dict) -> TrainConfig:
                 raw[f.name] = tuple(raw[f.name])
         kwargs[name] = cls(**raw)
     return TrainConfig(**kwargs)
+
+
+def resolve_max_logit_scale(loss: LossConfig, topology: TopologyConfig) -> float:
+    if loss.max_logit_scale is not None:
+        return loss.max_logit_scale
+    return DEFAULT_MAX_LOGIT_SCALE / (topology.m if topology.kind == "multi" else 1)
 
 
 def compute_global_batch(config: TrainConfig) -> int:

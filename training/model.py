@@ -1,19 +1,23 @@
 """The trained model: an open_clip tower pair plus the parts a method adds around it
-(patch selection in the vision tower, long-text positions, SmartCLIP's mask network),
-returning a dict of named outputs."""
+(patch selection in the vision tower, long-text positions, SmartCLIP's mask network, the
+multi-[CLS] towers of a topology), returning a dict of named outputs. Every embedding is the
+topology's (`embed_image` / `embed_text`, training/topology.py)."""
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from training.config import LossConfig, MaskingConfig, ModelConfig, PGSConfig, SmartClipConfig, TrainConfig
+from training.config import (LossConfig, MaskingConfig, ModelConfig, PGSConfig, SmartClipConfig, TopologyConfig,
+                             TrainConfig, resolve_max_logit_scale)
 from training.long_text import apply_long_text
+from training.methods import check_combination
 from training.methods.flip import RandomPatchDrop
 from training.methods.pgs import (PGSSelector, check_supported_tower, encode_image_with_selection,
                                   summarize_selection)
 from training.methods.smartclip import MaskNetwork
+from training.multi_token import convert_to_multi_token, num_class_tokens
 from training.pretrained import load_pretrained_tower
+from training.topology import Sphere, build_topology, check_topology_config
 
 # Selectors in open_clip's patch-dropout hook see only the tokens; token selectors (PGS)
 # also read the images and edge scores, so the model runs the vision tower around them.
@@ -34,15 +38,17 @@ def encode_text_with_states(tower: nn.Module, texts: torch.Tensor) -> tuple[torc
 
 
 class ContrastiveModel(nn.Module):
-    """Wraps an open_clip CLIP; `forward` returns normalised features and the logit scale,
-    the features of a second (short) caption when given, with a mask network each caption's
-    binary mask over embedding dimensions plus its mean density, and with a token selector
-    (PGS) its `masking/...` statistics."""
+    """Wraps an open_clip CLIP; `forward` returns the topology's embeddings and the logit
+    scale, the embeddings of a second (short) caption when given, with a mask network each
+    caption's binary mask over embedding dimensions plus its mean density, and with a token
+    selector (PGS) its `masking/...` statistics."""
 
     def __init__(self, tower: nn.Module, patch_selector: nn.Module | None, max_logit_scale: float,
-                 mask_network: nn.Module | None = None, token_selector: PGSSelector | None = None):
+                 mask_network: nn.Module | None = None, token_selector: PGSSelector | None = None,
+                 topology: Sphere | None = None):
         super().__init__()
         self.tower = tower
+        self.topology = topology or Sphere(tower.text_projection.shape[1])
         self.max_logit_scale = max_logit_scale
         self.mask_network = mask_network  # outside `tower`: the open_clip export stays plain CLIP
         if patch_selector is not None:
@@ -55,9 +61,16 @@ class ContrastiveModel(nn.Module):
     def patch_selector(self) -> nn.Module:
         return self.tower.visual.patch_dropout
 
+    def embed_image(self, images: torch.Tensor) -> torch.Tensor:
+        """The topology's image embedding of every patch (no selection)."""
+        return self.topology.embed(self.tower.encode_image(images))
+
+    def embed_text(self, texts: torch.Tensor) -> torch.Tensor:
+        return self.topology.embed(self.tower.encode_text(texts))
+
     def encode_text(self, texts: torch.Tensor) -> dict:
         if self.mask_network is None:
-            return {"text_features": self.tower.encode_text(texts, normalize=True)}
+            return {"text_features": self.embed_text(texts)}
         features, states = encode_text_with_states(self.tower, texts)
         masks, _ = self.mask_network(states, texts)  # (B, d) 0/1 forward values
         return {"text_features": features, "text_masks": masks,
@@ -71,16 +84,17 @@ class ContrastiveModel(nn.Module):
         outputs = {"image_features": image_features, **self.encode_text(texts),
                    "logit_scale": self.tower.logit_scale.exp(), **selection_stats}
         if short_texts is not None:
-            outputs["short_text_features"] = self.tower.encode_text(short_texts, normalize=True)
+            outputs["short_text_features"] = self.embed_text(short_texts)
         return outputs
 
     def encode_image_for_training(self, images, edge_scores, epoch_fraction) -> tuple[torch.Tensor, dict]:
         if self.token_selector is None or not self.training:  # evaluation sees every token
-            return self.tower.encode_image(images, normalize=True), {}
+            return self.embed_image(images), {}
         pooled, selection = encode_image_with_selection(self.tower.visual, self.token_selector, images,
                                                         edge_scores, epoch_fraction)
-        num_patches = self.tower.visual.positional_embedding.shape[0] - 1
-        return F.normalize(pooled, dim=-1), summarize_selection(selection, num_patches)
+        visual = self.tower.visual
+        num_patches = visual.positional_embedding.shape[0] - num_class_tokens(visual)
+        return self.topology.embed(pooled), summarize_selection(selection, num_patches)
 
     @torch.no_grad()
     def clamp_logit_scale(self) -> None:
@@ -88,11 +102,12 @@ class ContrastiveModel(nn.Module):
         self.tower.logit_scale.clamp_(0, torch.log(torch.tensor(self.max_logit_scale)).item())
 
 
-def build_patch_selector(masking: MaskingConfig) -> nn.Module | None:
+def build_patch_selector(masking: MaskingConfig, num_prefix_tokens: int = 1) -> nn.Module | None:
+    """The patch-dropout hook's selector; the first `num_prefix_tokens` (class tokens) stay."""
     if masking.kind not in PATCH_SELECTORS:
         raise ValueError(f"unknown patch selection {masking.kind!r}; known: {sorted(PATCH_SELECTORS)}")
     selector = PATCH_SELECTORS[masking.kind]
-    return None if selector is None else selector(masking.ratio)
+    return None if selector is None else selector(masking.ratio, num_prefix_tokens)
 
 
 def build_mask_network(tower: nn.Module, smartclip: SmartClipConfig) -> MaskNetwork:
@@ -111,25 +126,50 @@ def build_token_selector(masking: MaskingConfig, pgs: PGSConfig, patch_size: int
     return TOKEN_SELECTORS[masking.kind](pgs, patch_size)
 
 
-def build_model(model: ModelConfig, masking: MaskingConfig, loss: LossConfig,
-                smartclip: SmartClipConfig | None = None, *, pgs: PGSConfig = PGSConfig()) -> ContrastiveModel:
-    """The towers (from `model.pretrained` if set), long-text positions, patch selection (FLIP
-    in open_clip's hook, PGS around the vision tower), and a mask network when `smartclip`
-    is given."""
-    tower = load_pretrained_tower(model.arch, model.pretrained)
-    apply_long_text(tower, model.text_positions_kept, model.text_stretch_factor)
+def resolve_text_route(topology: TopologyConfig, model: ModelConfig) -> str:
+    if topology.text_tokens != "auto":
+        return topology.text_tokens
+    return "append" if model.pretrained else "prepend"
+
+
+def apply_topology(tower: nn.Module, topology_config: TopologyConfig, model: ModelConfig) -> Sphere:
+    """The topology object; for multi, the towers are converted to m [CLS] tokens first."""
+    check_topology_config(topology_config)
+    topology = build_topology(topology_config, tower.text_projection.shape[1])
+    if topology.kind == "multi":
+        convert_to_multi_token(tower, topology.m, topology.n, resolve_text_route(topology_config, model))
+    return topology
+
+
+def set_temperature(tower: nn.Module, model: ModelConfig, loss: LossConfig) -> None:
     if model.pretrained is None or loss.reset_logit_scale:
         with torch.no_grad():
             tower.logit_scale.fill_(loss.init_logit_scale)
+    tower.logit_scale.requires_grad_(loss.learn_temperature)
+
+
+def build_model(model: ModelConfig, masking: MaskingConfig, loss: LossConfig,
+                smartclip: SmartClipConfig | None = None, *, pgs: PGSConfig = PGSConfig(),
+                topology: TopologyConfig = TopologyConfig()) -> ContrastiveModel:
+    """The towers (from `model.pretrained` if set), long-text positions, the topology (m
+    [CLS] tokens for multi), patch selection (FLIP in open_clip's hook, PGS around the vision
+    tower; both keep every class token), and a mask network when `smartclip` is given."""
+    tower = load_pretrained_tower(model.arch, model.pretrained)
+    apply_long_text(tower, model.text_positions_kept, model.text_stretch_factor)
+    space = apply_topology(tower, topology, model)
+    set_temperature(tower, model, loss)
     mask_network = None if smartclip is None else build_mask_network(tower, smartclip)
-    return ContrastiveModel(tower, build_patch_selector(masking), loss.max_logit_scale, mask_network,
-                            build_token_selector(masking, pgs, tower.visual.patch_size[0]))
+    return ContrastiveModel(tower, build_patch_selector(masking, num_class_tokens(tower.visual)),
+                            resolve_max_logit_scale(loss, topology), mask_network,
+                            build_token_selector(masking, pgs, tower.visual.patch_size[0]), space)
 
 
 def build_training_model(config: TrainConfig) -> ContrastiveModel:
     """The model a training config describes (the mask network only for SmartCLIP's loss)."""
+    check_combination(config)
     smartclip = config.smartclip if config.loss.kind == "smartclip" else None
-    return build_model(config.model, config.masking, config.loss, smartclip, pgs=config.pgs)
+    return build_model(config.model, config.masking, config.loss, smartclip, pgs=config.pgs,
+                       topology=config.topology)
 
 
 def tower_geometry(model: ContrastiveModel) -> tuple[int, int]:

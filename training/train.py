@@ -36,7 +36,7 @@ from training import checkpoint, data_order  # noqa: E402
 from training.batches import BatchPreprocessor  # noqa: E402
 from training.config import TrainConfig, apply_overrides, config_from_dict, config_to_dict  # noqa: E402
 from training.loop import LoopSettings, run_training  # noqa: E402
-from training.methods import build_method_config  # noqa: E402
+from training.methods import build_method_config, check_combination  # noqa: E402
 from training.long_text import text_context_length  # noqa: E402
 from training.model import build_training_model, tower_geometry  # noqa: E402
 from training.objectives import build_objective  # noqa: E402
@@ -72,7 +72,9 @@ def build_config(args: argparse.Namespace) -> TrainConfig:
                  if getattr(args, flag) is not None}
     overrides.update(dict(item.split("=", 1) for item in args.set))
     overrides.update({"data.build_uri": args.data, "run.use_gpu": args.use_gpu})
-    return apply_overrides(build_method_config(args.method), overrides)
+    config = apply_overrides(build_method_config(args.method), overrides)
+    check_combination(config)
+    return config
 
 
 def iter_worker_batches(config: TrainConfig, entries: list[dict], rank: int, world: int,
@@ -175,7 +177,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     start_step = restore(model, optimizer, scheduler)
     geometry = tower_geometry(model)
     ddp_model = ray.train.torch.prepare_model(model, move_to_device=False)
-    objective = build_objective(config.loss, config.smartclip, rank, world)
+    objective = build_objective(config.loss, config.smartclip, rank, world, model.topology)
     settings = LoopSettings(start_step=start_step, total_steps=stop_step, seed=config.run.seed,
                             rank=rank, world_size=world, device=device,
                             log_every=config.run.log_every, checkpoint_every=config.run.checkpoint_every,

@@ -1,7 +1,7 @@
 """Long-CLIP's fine-tuning loss (Zhang et al., ECCV 2024; METHODS.md §1.2): the CLIP loss
 on long captions with full image features, plus the CLIP loss on short captions against
 each image's projection onto the batch's top-k principal components ("coarse-grained"
-image features)."""
+image features). Logits and the re-embedding of the projected features are the topology's."""
 from __future__ import annotations
 
 import torch
@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from training.losses.contrastive import compute_contrastive_logits
+from training.topology import Sphere
 
 
 def project_to_principal_components(features: torch.Tensor, num_components: int) -> torch.Tensor:
@@ -29,12 +30,15 @@ def project_to_principal_components(features: torch.Tensor, num_components: int)
 class LongClipLoss(nn.Module):
     """{"long": CLIP loss (image, long caption), "short": CLIP loss (PCA image, short
     caption)}; both symmetric, averaged over the two directions like `ContrastiveLoss`. The
-    PCA is over this worker's batch; its projected features are re-normalised (cosine) and
-    gathered across workers with gradients."""
+    PCA is over this worker's batch; its projected features are mapped back onto the
+    topology's manifold (`embed`: re-normalised on the sphere) and gathered across workers
+    with gradients."""
 
     def __init__(self, num_components: int, rank: int = 0, world_size: int = 1,
-                 gather_with_grad: bool = True, local_loss: bool = False, label_smoothing: float = 0.0):
+                 gather_with_grad: bool = True, local_loss: bool = False, label_smoothing: float = 0.0,
+                 topology: Sphere | None = None):
         super().__init__()
+        self.topology = topology or Sphere(1)
         self.num_components = num_components
         self.rank, self.world_size = rank, world_size
         self.gather_with_grad, self.local_loss = gather_with_grad, local_loss
@@ -42,13 +46,13 @@ class LongClipLoss(nn.Module):
 
     def clip_loss(self, image: torch.Tensor, text: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
         logits_i, logits_t, labels = compute_contrastive_logits(
-            image, text, scale, self.rank, self.world_size, self.gather_with_grad, self.local_loss)
+            image, text, scale, self.rank, self.world_size, self.gather_with_grad, self.local_loss, self.topology)
         smoothing = self.label_smoothing
         return (F.cross_entropy(logits_i, labels, label_smoothing=smoothing)
                 + F.cross_entropy(logits_t, labels, label_smoothing=smoothing)) / 2
 
     def forward(self, outputs: dict) -> dict:
         image, scale = outputs["image_features"], outputs["logit_scale"]
-        coarse = F.normalize(project_to_principal_components(image, self.num_components), dim=-1)
+        coarse = self.topology.embed(project_to_principal_components(image, self.num_components))
         return {"long": self.clip_loss(image, outputs["text_features"], scale),
                 "short": self.clip_loss(coarse, outputs["short_text_features"], scale)}

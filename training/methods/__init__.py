@@ -1,10 +1,13 @@
 """Training methods by name: each is a recipe of independent parts (patch selection,
-objective, ...) applied over the base configuration."""
+topology, objective, ...) applied over the base configuration. Any topology combines with any
+patch selection (`--method flip --set topology.kind=multi --set topology.m=8`); a combination
+that is not defined is refused by `check_combination` before anything is built."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
 from training.config import TrainConfig, apply_overrides
+from training.topology import check_topology_config
 
 
 # Long-CLIP's fine-tuning recipe (METHODS.md §1.2), shared by SmartCLIP: 77 -> 248 text
@@ -43,7 +46,35 @@ METHODS: dict[str, MethodRecipe] = {
     "pgs0.3": MethodRecipe("CLIP-PGS0.3: edge/similarity-guided patch dropping, 30-50 % of patches",
                            {"masking.kind": "pgs", "masking.ratio": 0.0, "pgs.min_mask_ratio": 0.3,
                             "pgs.max_mask_ratio": 0.5}),
+    # Topologies (Design of the topology for contrastive visual-textual alignment, METHODS.md §3):
+    # m = 8 spheres of embed_dim / 8 dims, Ob(64, 8) / Multi(64, 8) on a 512-d tower, Ob(16, 8) /
+    # Multi(16, 8) on the 128-d CPU towers; `--set topology.n=32 --set topology.m=16` for Multi(32, 16).
+    "oblique": MethodRecipe("CLIP on the oblique manifold Ob(n, m): m chunk-normalised sub-vectors, "
+                            "similarity −tr = sum of per-sphere inner products",
+                            {"topology.kind": "oblique", "topology.m": 8}),
+    "oblique-geodesic": MethodRecipe("Ob(n, m) with the geodesic distance sqrt(Σ arccos²) (Table 3 ablation)",
+                                     {"topology.kind": "oblique_geodesic", "topology.m": 8}),
+    "multi": MethodRecipe("Multi(n, m): m [CLS] tokens in both towers, a shared projection to n dims each, "
+                          "−tr similarity; the logit scale capped at 100 / m",
+                          {"topology.kind": "multi", "topology.m": 8}),
+    "multi-s3.95": MethodRecipe("Multi(n, m) with the appendix table's maximum logit scale 3.95",
+                                {"topology.kind": "multi", "topology.m": 8, "loss.max_logit_scale": 3.95}),
+    "euclidean": MethodRecipe("CLIP on unnormalised embeddings, similarity −‖u − v‖ (Table 3 ablation)",
+                              {"topology.kind": "euclidean", "topology.m": 1}),
 }
+
+# (loss.kind, topology kinds it is defined on): SmartCLIP's dimension masks select embedding
+# coordinates of one unit vector, a scoring the paper defines on the sphere only.
+OBJECTIVE_TOPOLOGIES = {"smartclip": ("sphere",)}
+
+
+def check_combination(config: TrainConfig) -> None:
+    """Refuse parts that do not compose, naming both."""
+    check_topology_config(config.topology)
+    allowed = OBJECTIVE_TOPOLOGIES.get(config.loss.kind)
+    if allowed and config.topology.kind not in allowed:
+        raise ValueError(f"loss.kind={config.loss.kind} (its dimension masks) is defined on topology.kind "
+                         f"{' / '.join(allowed)} only, not topology.kind={config.topology.kind}")
 
 
 def build_method_config(method: str, base: TrainConfig | None = None) -> TrainConfig:

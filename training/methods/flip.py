@@ -13,32 +13,34 @@ def compute_num_keep(num_patches: int, ratio: float) -> int:
     return max(1, int(round(num_patches * (1.0 - ratio), 6)))
 
 
-def random_masking(x: torch.Tensor, num_keep: int, generator: torch.Generator | None) -> torch.Tensor:
-    """Keep `num_keep` random patch tokens of x (B, 1 + L, D); the class token stays first.
+def random_masking(x: torch.Tensor, num_keep: int, generator: torch.Generator | None,
+                   num_prefix_tokens: int = 1) -> torch.Tensor:
+    """Keep `num_keep` random patch tokens of x (B, c + L, D); the c class tokens stay first.
 
     MAE's recipe: draw noise per patch, argsort it, keep the first tokens with a gather.
     """
-    cls_token, patches = x[:, :1], x[:, 1:]  # (B, 1, D), (B, L, D)
+    cls_token, patches = x[:, :num_prefix_tokens], x[:, num_prefix_tokens:]  # (B, c, D), (B, L, D)
     noise = torch.rand(patches.shape[:2], device=x.device, generator=generator)  # (B, L)
     keep = noise.argsort(dim=1)[:, :num_keep]  # (B, K) indices of kept patches
     kept = patches.gather(1, keep.unsqueeze(-1).expand(-1, -1, patches.shape[-1]))
-    return torch.cat([cls_token, kept], dim=1)  # (B, 1 + K, D)
+    return torch.cat([cls_token, kept], dim=1)  # (B, c + K, D)
 
 
 class RandomPatchDrop(nn.Module):
     """Drop-in for open_clip's `visual.patch_dropout` hook (after positional embeddings,
     before ln_pre). Identity in eval mode. `generator` is reseeded per step by the loop so a
-    resumed run draws the same masks."""
+    resumed run draws the same masks. The first `num_prefix_tokens` (the class token, or a
+    multi-token topology's m) are never dropped."""
 
-    def __init__(self, ratio: float):
+    def __init__(self, ratio: float, num_prefix_tokens: int = 1):
         super().__init__()
         if not 0.0 <= ratio < 1.0:
             raise ValueError(f"mask ratio must be in [0, 1), got {ratio}")
-        self.ratio = ratio
+        self.ratio, self.num_prefix_tokens = ratio, num_prefix_tokens
         self.generator: torch.Generator | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or self.ratio == 0.0:
             return x
-        num_keep = compute_num_keep(x.shape[1] - 1, self.ratio)
-        return random_masking(x, num_keep, self.generator)
+        num_keep = compute_num_keep(x.shape[1] - self.num_prefix_tokens, self.ratio)
+        return random_masking(x, num_keep, self.generator, self.num_prefix_tokens)

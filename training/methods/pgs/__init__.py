@@ -13,6 +13,7 @@ from training.methods.pgs.selection import (Selection, build_sobel_kernels, comp
                                             compute_mixed_similarity, compute_reference_edges,
                                             extract_pixel_patches, remove_shared_hidden, select_paper,
                                             select_reference, standardize_patches)
+from training.multi_token import num_class_tokens
 
 PGS_MODES = ("reference", "paper")
 PGS_COMPACTIONS = ("batch_min", "static")
@@ -80,8 +81,8 @@ class PGSSelector(nn.Module):
 def encode_image_with_selection(visual: nn.Module, selector: PGSSelector, images: torch.Tensor,
                                 edge_scores: torch.Tensor | None, epoch_fraction: float):
     """(pooled image embedding (B, E), selection): the vision tower on the selected tokens."""
-    tokens = embed_patch_tokens(visual, images)  # (B, 1 + L, D)
-    selection = selector(tokens[:, 1:].detach(), images, edge_scores, epoch_fraction)
+    tokens = embed_patch_tokens(visual, images)  # (B, c + L, D), c class tokens
+    selection = selector(tokens[:, num_class_tokens(visual):].detach(), images, edge_scores, epoch_fraction)
     if selector.config.compaction == "batch_min":
         selection = remove_shared_hidden(selection)
     return encode_selected_tokens(visual, tokens, selection), selection

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from training.methods.pgs.selection import Selection
+from training.multi_token import additive_key_mask, class_tokens, num_class_tokens, project_pooled
 
 
 def check_supported_tower(visual: nn.Module) -> None:
@@ -28,35 +29,35 @@ def count_heads(visual: nn.Module) -> int:
 
 
 def embed_patch_tokens(visual: nn.Module, images: torch.Tensor) -> torch.Tensor:
-    """open_clip's embedding up to its patch-dropout hook: (B, 1 + L, D), class token first,
-    positional embeddings added."""
+    """open_clip's embedding up to its patch-dropout hook: (B, c + L, D), the c class tokens
+    first (one, or a multi-token topology's m), positional embeddings added."""
     x = visual.conv1(images).flatten(2).transpose(1, 2)  # (B, L, D)
-    cls = visual.class_embedding.to(x.dtype).view(1, 1, -1).expand(x.shape[0], -1, -1)
-    return torch.cat([cls, x], dim=1) + visual.positional_embedding.to(x.dtype)
+    return torch.cat([class_tokens(visual, x.shape[0], x.dtype), x], dim=1) + visual.positional_embedding.to(x.dtype)
 
 
-def gather_selected_tokens(tokens: torch.Tensor, keep_index: torch.Tensor) -> torch.Tensor:
-    """tokens (B, 1 + L, D), keep_index (B, K) patch indices -> (B, 1 + K, D)."""
-    patches = tokens[:, 1:].gather(1, keep_index.unsqueeze(-1).expand(-1, -1, tokens.shape[-1]))
-    return torch.cat([tokens[:, :1], patches], dim=1)
+def gather_selected_tokens(tokens: torch.Tensor, keep_index: torch.Tensor, num_prefix: int = 1) -> torch.Tensor:
+    """tokens (B, c + L, D), keep_index (B, K) patch indices -> (B, c + K, D)."""
+    patches = tokens[:, num_prefix:].gather(1, keep_index.unsqueeze(-1).expand(-1, -1, tokens.shape[-1]))
+    return torch.cat([tokens[:, :num_prefix], patches], dim=1)
 
 
-def build_key_padding_mask(hidden: torch.Tensor, num_heads: int, dtype: torch.dtype) -> torch.Tensor:
-    """hidden (B, K) bool -> additive mask (B * heads, 1 + K, 1 + K): -inf where the key is a
-    hidden patch, 0 elsewhere; the class token (key 0) is never hidden, so no row is empty."""
-    keys = torch.cat([torch.zeros_like(hidden[:, :1]), hidden], dim=1)  # (B, 1 + K)
-    additive = torch.zeros(keys.shape, dtype=dtype, device=keys.device).masked_fill_(keys, float("-inf"))
-    length = keys.shape[1]
-    return additive[:, None, None, :].expand(-1, num_heads, length, -1).reshape(-1, length, length)
+def build_key_padding_mask(hidden: torch.Tensor, num_heads: int, dtype: torch.dtype,
+                           num_prefix: int = 1) -> torch.Tensor:
+    """hidden (B, K) bool -> additive mask (B * heads, c + K, c + K): -inf where the key is a
+    hidden patch, 0 elsewhere; class tokens (the first c keys) are never hidden, so no row is
+    empty."""
+    keys = torch.cat([torch.zeros_like(hidden[:, :1]).expand(-1, num_prefix), hidden], dim=1)  # (B, c + K)
+    return additive_key_mask(keys, num_heads, dtype)
 
 
 def encode_selected_tokens(visual: nn.Module, tokens: torch.Tensor, selection: Selection) -> torch.Tensor:
     """The rest of open_clip's VisionTransformer.forward on the selected tokens: ln_pre,
     transformer (with the mask), class-token pooling, projection. -> (B, embed_dim)."""
-    x = visual.ln_pre(gather_selected_tokens(tokens, selection.keep_index))
+    prefix = num_class_tokens(visual)
+    x = visual.ln_pre(gather_selected_tokens(tokens, selection.keep_index, prefix))
     mask = None
     if selection.hidden is not None:
-        mask = build_key_padding_mask(selection.hidden, count_heads(visual), x.dtype)
+        mask = build_key_padding_mask(selection.hidden, count_heads(visual), x.dtype, prefix)
     x = visual.transformer(x, attn_mask=mask)
     pooled, _ = visual._pool(x)
-    return pooled @ visual.proj if visual.proj is not None else pooled
+    return project_pooled(visual, pooled)
