@@ -69,7 +69,7 @@ def time_bare_loop(paths: list[str], uri: str, args) -> float:
     start = time.perf_counter()
     with torch.no_grad():
         for batch in batches:
-            encoder.bundle.model.encode_image(encoder.pixels(batch), normalize=True)
+            encoder.bundle.model.encode_image(encoder.pixels(batch))
     return len(paths) / (time.perf_counter() - start)
 
 

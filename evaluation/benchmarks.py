@@ -1,7 +1,7 @@
 """What each kind of benchmark encodes and how it is scored. A suite entry names a task and
 its dataset(s); loading it gives a `Benchmark`; `requests` lists the images and texts to embed
-(by role); `score` turns those embeddings into the report entry, with the checkpoint's
-similarity (training/inference.py SIMILARITIES)."""
+(by role); `score` turns those embeddings into the report entry with the checkpoint's
+topology (training/topology.py): its similarity, template rule and modality gap."""
 from __future__ import annotations
 
 import dataclasses
@@ -17,7 +17,7 @@ from evaluation.tasks.intra_modal import (GAP_KEY, MAP_KEY, compute_modality_gap
                                           compute_text_to_text_map, query_map_named)
 from evaluation.tasks.linear_probe import LinearProbeConfig, evaluate_linear_probe
 from evaluation.tasks.retrieval import compute_retrieval_recall, select_gallery
-from evaluation.tasks.zeroshot import (ATTRIBUTE_ACCURACY_KEY, build_zeroshot_weights, compute_attribute_accuracy,
+from evaluation.tasks.zeroshot import (ATTRIBUTE_ACCURACY_KEY, compute_attribute_accuracy,
                                        compute_confusion, compute_multilabel_metrics, compute_zeroshot_metrics,
                                        fill_templates, top1_predictions)
 
@@ -36,7 +36,7 @@ TASKS = {
     "image_retrieval": ("intra_modal", ("train", "test")),
     "text_retrieval": ("intra_modal", ("test",)),
 }
-Similarity = Callable[[np.ndarray, np.ndarray], np.ndarray]
+Topology = object  # training/topology.py Sphere and subclasses: score, class_scores, modality_gap
 CONFUSION_KEY = "confusion"  # zero-shot entry: {"classnames", "counts" (true x predicted)[, "attributes"]}
 CONFUSION_MAX_CLASSES = 100  # larger sets keep report.json small: no confusion counts
 GALLERY_KEY = "gallery"  # retrieval entry: [{"image": uri or None, "caption", "top": [{"text", "correct", "score"}]}]
@@ -105,11 +105,10 @@ def requests(bench: Benchmark) -> dict[str, tuple[str, list]]:
     return {"images": (IMAGE, unique_images(test)), "texts": (TEXT, composition_texts(test))}
 
 
-def score_zeroshot(bench: Benchmark, features: dict, similarity: Similarity) -> dict:
+def score_zeroshot(bench: Benchmark, features: dict, topology: Topology) -> dict:
     dataset = bench.data["test"]
-    blocks = iter(features["prompts"].reshape(dataset.n_classes, len(dataset.templates), -1))  # class-major
-    weights = build_zeroshot_weights(lambda prompts: next(blocks), dataset.classnames, dataset.templates)
-    logits = np.asarray(similarity(features["images"], weights), np.float64)
+    prompts = features["prompts"].reshape(dataset.n_classes, len(dataset.templates), -1)  # class-major
+    logits = np.asarray(topology.class_scores(features["images"], prompts), np.float64)
     if dataset.multilabel:
         return {**compute_multilabel_metrics(logits, dataset.labels), "n_images": dataset.n_images,
                 "n_classes": dataset.n_classes}
@@ -136,15 +135,15 @@ def gallery_entries(dataset, scores: np.ndarray) -> list[dict]:
             for image, top in select_gallery(scores, dataset.text_to_image)]
 
 
-def score_retrieval(bench: Benchmark, features: dict, similarity: Similarity) -> dict:
+def score_retrieval(bench: Benchmark, features: dict, topology: Topology) -> dict:
     dataset = bench.data["test"]
-    scores = np.asarray(similarity(features["images"], features["captions"]))
+    scores = np.asarray(topology.score(features["images"], features["captions"]))
     metrics = compute_retrieval_recall(scores, dataset.text_to_image)
     return {**metrics, "protocol": dataset.protocol, "n_images": dataset.n_images, "n_texts": dataset.n_texts,
             GALLERY_KEY: gallery_entries(dataset, scores)}
 
 
-def score_linear_probe(bench: Benchmark, features: dict, similarity: Similarity) -> dict:
+def score_linear_probe(bench: Benchmark, features: dict, topology: Topology) -> dict:
     train, test = bench.data["train"], bench.data["test"]
     config = LinearProbeConfig(**bench.options)
     metrics = evaluate_linear_probe(features["train"], train.labels, features["test"], test.labels,
@@ -153,13 +152,13 @@ def score_linear_probe(bench: Benchmark, features: dict, similarity: Similarity)
             "n_train": train.n_images, "n_test": test.n_images, "n_classes": test.n_classes}
 
 
-def paired_similarity(similarity: Similarity, a: np.ndarray, b: np.ndarray, block: int = 512) -> np.ndarray:
+def paired_similarity(topology: Topology, a: np.ndarray, b: np.ndarray, block: int = 512) -> np.ndarray:
     """(N,) similarity of row i of `a` with row i of `b`, through the topology's similarity."""
-    return np.concatenate([np.diagonal(np.asarray(similarity(a[s:s + block], b[s:s + block])))
+    return np.concatenate([np.diagonal(np.asarray(topology.score(a[s:s + block], b[s:s + block])))
                            for s in range(0, len(a), block)])
 
 
-def score_compositionality(bench: Benchmark, features: dict, similarity: Similarity) -> dict:
+def score_compositionality(bench: Benchmark, features: dict, topology: Topology) -> dict:
     composition = bench.data["test"]
     row_of = {ref: i for i, ref in enumerate(unique_images(composition))}
     texts, start, accuracies = features["texts"], 0, {}
@@ -168,25 +167,26 @@ def score_compositionality(bench: Benchmark, features: dict, similarity: Similar
         images = features["images"][[row_of[ref] for ref in pairs.images]]
         positives, negatives = texts[start:start + n], texts[start + n:start + 2 * n]
         start += 2 * n
-        accuracies[subset] = compute_pair_accuracy(paired_similarity(similarity, images, positives),
-                                                   paired_similarity(similarity, images, negatives))
+        accuracies[subset] = compute_pair_accuracy(paired_similarity(topology, images, positives),
+                                                   paired_similarity(topology, images, negatives))
     return {**summarize_sugarcrepe(accuracies), "protocol": composition.protocol, "n_images": composition.n_images}
 
 
-def score_image_retrieval(bench: Benchmark, features: dict, similarity: Similarity) -> dict:
+def score_image_retrieval(bench: Benchmark, features: dict, topology: Topology) -> dict:
     train, test = bench.data["train"], bench.data["test"]
     query = bench.options.get("query", "native")
-    value = compute_retrieval_map(features["test"], test.labels, features["train"], train.labels, similarity,
+    value = compute_retrieval_map(features["test"], test.labels, features["train"], train.labels, topology.score,
                                   query_map_named(query))
     return {MAP_KEY: value, "protocol": f"image->image, {query} test queries / train gallery",
             "n_queries": test.n_images, "n_gallery": train.n_images}
 
 
-def score_text_retrieval(bench: Benchmark, features: dict, similarity: Similarity) -> dict:
+def score_text_retrieval(bench: Benchmark, features: dict, topology: Topology) -> dict:
     dataset = bench.data["test"]
     query = bench.options.get("query", "native")
-    value = compute_text_to_text_map(features["captions"], dataset.text_to_image, similarity, query_map_named(query))
-    gap = compute_modality_gap(features["images"], features["captions"], dataset.text_to_image)
+    value = compute_text_to_text_map(features["captions"], dataset.text_to_image, topology.score,
+                                     query_map_named(query))
+    gap = compute_modality_gap(features["images"], features["captions"], dataset.text_to_image, topology)
     return {MAP_KEY: value, GAP_KEY: gap,
             "protocol": f"text->text, {query} first-caption queries ({dataset.protocol})",
             "n_queries": dataset.n_images, "n_gallery": dataset.n_texts - dataset.n_images}
@@ -197,6 +197,6 @@ SCORERS = {"zeroshot": score_zeroshot, "retrieval": score_retrieval, "linear_pro
            "text_retrieval": score_text_retrieval}
 
 
-def score(bench: Benchmark, features: dict[str, np.ndarray], similarity: Similarity) -> dict:
+def score(bench: Benchmark, features: dict[str, np.ndarray], topology: Topology) -> dict:
     """The report entry of one benchmark from the embeddings of its `requests`."""
-    return SCORERS[bench.task](bench, features, similarity)
+    return SCORERS[bench.task](bench, features, topology)

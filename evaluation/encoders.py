@@ -22,7 +22,7 @@ def text_rows(texts: list[str]) -> list[dict]:
 
 
 class ImageEncoder:
-    """Rows {index, uri, data} -> {index, embedding}: unit image features."""
+    """Rows {index, uri, data} -> {index, embedding}: the checkpoint topology's image embeddings."""
 
     def __init__(self, checkpoint_uri: str, device: str = "cpu", scorer: str = "plain"):
         self.bundle, self.device = load_inference_model(checkpoint_uri, device, scorer), device
@@ -33,12 +33,12 @@ class ImageEncoder:
 
     @torch.no_grad()
     def __call__(self, batch: dict) -> dict:
-        features = self.bundle.model.encode_image(self.pixels(batch).to(self.device), normalize=True)
+        features = self.bundle.model.encode_image(self.pixels(batch).to(self.device))
         return {INDEX: batch[INDEX], EMBEDDING: features.float().cpu().numpy()}
 
 
 class TextEncoder:
-    """Rows {index, text} -> {index, embedding}: unit text features."""
+    """Rows {index, text} -> {index, embedding}: the checkpoint topology's text embeddings."""
 
     def __init__(self, checkpoint_uri: str, device: str = "cpu", scorer: str = "plain"):
         self.bundle, self.device = load_inference_model(checkpoint_uri, device, scorer), device
@@ -46,7 +46,7 @@ class TextEncoder:
     @torch.no_grad()
     def __call__(self, batch: dict) -> dict:
         tokens = self.bundle.tokenizer([str(t) for t in batch[TEXT]]).to(self.device)
-        features = self.bundle.model.encode_text(tokens, normalize=True)
+        features = self.bundle.model.encode_text(tokens)
         return {INDEX: batch[INDEX], EMBEDDING: features.float().cpu().numpy()}
 
 

@@ -199,7 +199,7 @@ def run_evaluation(args: argparse.Namespace) -> dict:
 def score_all(report: dict, benchmarks: list[Benchmark], features: list[dict], bundle) -> None:
     for i, (bench, feats) in enumerate(zip(benchmarks, features), 1):
         try:
-            report[bench.section][bench.name] = score(bench, feats, bundle.similarity)
+            report[bench.section][bench.name] = score(bench, feats, bundle.topology)
             log.info("[%d/%d] scored %s/%s", i, len(benchmarks), bench.task, bench.name)
             report["datasets"][entry_key(vars(bench))] = describe(bench)
         except ValueError as err:  # e.g. non-finite scores from a diverged model

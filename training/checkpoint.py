@@ -137,9 +137,16 @@ def tower_state_dict(directory: Path) -> dict:
 
 def export_open_clip(uri: str, out_file: str) -> str:
     """Write a file that `open_clip.create_model_and_transforms(arch, pretrained=out_file)`
-    loads (open_clip reads it with weights_only=True: tensors and plain types only)."""
+    loads (open_clip reads it with weights_only=True: tensors and plain types only). Only a
+    sphere checkpoint has that form: open_clip has no chunked, unnormalised or multi-[CLS]
+    embedding, so any other topology is refused (evaluate it with evaluation/evaluate.py)."""
     directory = fetch_checkpoint(uri)
-    payload = {"state_dict": tower_state_dict(directory), "arch": load_config(directory).model.arch}
+    config = load_config(directory)
+    if config.topology.kind != "sphere":
+        raise ValueError(f"cannot export a topology.kind={config.topology.kind} checkpoint to open_clip, which "
+                         "scores by the cosine of one vector; evaluate it with `python evaluation/evaluate.py "
+                         "--checkpoint <run or checkpoint>`, which ranks by the checkpoint's own topology")
+    payload = {"state_dict": tower_state_dict(directory), "arch": config.model.arch}
     fs, path = storage.open_storage(out_file)
     with fs.open(path, "wb") as f:
         torch.save(payload, f)
@@ -149,8 +156,14 @@ def export_open_clip(uri: str, out_file: str) -> str:
 @dataclass
 class InferenceModel:
     """What evaluation needs from a checkpoint."""
-    model: torch.nn.Module  # the open_clip model, eval mode
+    model: torch.nn.Module  # encode_image / encode_text -> the topology's embeddings, eval mode
     preprocess: object  # callable: encoded image bytes -> (3, H, W) float tensor
     tokenizer: object  # callable: list[str] -> LongTensor (N, context)
-    similarity: object  # callable: (image feats (N, D), text feats (M, D)) -> (N, M)
+    topology: object  # training/topology.py: similarity, template rule, modality gap
     info: dict
+
+    def similarity(self, image, text):
+        """(N, D), (M, D) embeddings (NumPy or torch) -> (N, M) scores of the topology."""
+        if isinstance(image, torch.Tensor):
+            return self.topology.similarity(image, text)
+        return self.topology.score(image, text)

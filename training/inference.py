@@ -1,9 +1,10 @@
 """Rebuilding a trained model for evaluation from its checkpoint alone (config inside).
 
-Scorers: "plain" (default) is the cosine of the unmasked image and text embeddings, what
-SmartCLIP's tables compare (METHODS.md §1.6); "masked" scores SmartCLIP checkpoints with the
-mask of each text, S[a, b] = cos(z_I^a ⊙ m_b, z_T^b), through the same encode/similarity
-interface: the encoders return packed features and the similarity unpacks them.
+Scorers: "plain" (default) ranks by the checkpoint's own topology (training/topology.py:
+its embedding, similarity, template rule and gap; the cosine of the unmasked embeddings on
+the sphere, what SmartCLIP's tables compare, METHODS.md §1.6); "masked" scores SmartCLIP
+checkpoints with the mask of each text, S[a, b] = cos(z_I^a ⊙ m_b, z_T^b), through the same
+encode/topology interface: the encoders return packed features and the similarity unpacks them.
 """
 from __future__ import annotations
 
@@ -16,10 +17,10 @@ from torch import nn
 from training import checkpoint, transforms
 from training.long_text import text_context_length
 from training.losses.modular import EPS
-from training.model import build_training_model, encode_text_with_states, tower_geometry
+from training.model import ContrastiveModel, build_training_model, encode_text_with_states, tower_geometry
+from training.topology import Sphere
 from training.towers import build_tokenizer
 
-SIMILARITIES = {"sphere": lambda image, text: image @ text.T}  # cosine of unit features
 SCORERS = ("plain", "masked")
 
 
@@ -36,6 +37,20 @@ class EvalPreprocess:
         return torch.from_numpy(transforms.normalize_image(crop))
 
 
+class TopologyEncoder(nn.Module):
+    """encode_image / encode_text -> the model's topology embeddings (what training scores)."""
+
+    def __init__(self, model: ContrastiveModel):
+        super().__init__()
+        self.model = model
+
+    def encode_image(self, images: torch.Tensor) -> torch.Tensor:
+        return self.model.embed_image(images)
+
+    def encode_text(self, texts: torch.Tensor) -> torch.Tensor:
+        return self.model.embed_text(texts)
+
+
 class MaskedScoringModel(nn.Module):
     """encode_image -> [z, z⊙z, 1, 0], encode_text -> [m⊙t, m, 0, 1] (each 2d + 2 wide). The
     two constant slots let `masked_similarity` undo any positive rescaling of a packed row
@@ -45,12 +60,12 @@ class MaskedScoringModel(nn.Module):
         super().__init__()
         self.model = model
 
-    def encode_image(self, images: torch.Tensor, normalize: bool = True) -> torch.Tensor:
-        z = self.model.tower.encode_image(images, normalize=True)  # (N, d)
+    def encode_image(self, images: torch.Tensor) -> torch.Tensor:
+        z = self.model.embed_image(images)  # (N, d) unit rows (SmartCLIP is sphere-only)
         ones = torch.ones_like(z[:, :1])
         return torch.cat([z, z * z, ones, torch.zeros_like(ones)], dim=1)
 
-    def encode_text(self, texts: torch.Tensor, normalize: bool = True) -> torch.Tensor:
+    def encode_text(self, texts: torch.Tensor) -> torch.Tensor:
         features, states = encode_text_with_states(self.model.tower, texts)
         masks, _ = self.model.mask_network(states, texts)  # (M, d)
         ones = torch.ones_like(features[:, :1])
@@ -67,14 +82,21 @@ def masked_similarity(image, text):
     return numerator / (norm_sq + EPS) ** 0.5
 
 
-def build_scoring(model: nn.Module, scorer: str) -> tuple[nn.Module, object]:
-    """(model with encode_image / encode_text, similarity) for a scorer name."""
+class MaskedSphere(Sphere):
+    """The sphere's template rule and gap on packed rows, ranked by the masked cosine."""
+
+    def similarity(self, u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return masked_similarity(u, v)
+
+
+def build_scoring(model: ContrastiveModel, scorer: str) -> tuple[nn.Module, Sphere]:
+    """(module with encode_image / encode_text, the topology evaluation scores with)."""
     if scorer == "plain":
-        return model.tower, SIMILARITIES["sphere"]
+        return TopologyEncoder(model), model.topology
     if scorer == "masked":
         if model.mask_network is None:
             raise ValueError("the masked scorer needs a SmartCLIP checkpoint (it has no mask network)")
-        return MaskedScoringModel(model), masked_similarity
+        return MaskedScoringModel(model), MaskedSphere(model.topology.n, model.topology.m)
     raise ValueError(f"unknown scorer {scorer!r}; known: {', '.join(SCORERS)}")
 
 
@@ -86,14 +108,15 @@ def load_inference_model(uri: str, device: str = "cpu", scorer: str = "plain") -
     model = build_training_model(config)
     model.load_state_dict(checkpoint.load_model_state_dict(directory))
     model.eval().to(device)
-    encoder, similarity = build_scoring(model, scorer)
+    encoder, topology = build_scoring(model, scorer)
+    encoder.eval()
     state = checkpoint.read_state(directory)
     info = {"path": uri, "resolved": str(directory), "step": state["step"],
-            "method": config.method, "arch": config.model.arch, "topology": "sphere", "scorer": scorer,
+            "method": config.method, "arch": config.model.arch, "topology": model.topology.describe(), "scorer": scorer,
             "manifest_digests": [state.get("manifest_digest")], "data": state.get("data_uri"),
             "code_version": state.get("code_version")}
     context = text_context_length(config.model.arch, config.model.text_positions_kept,
                                   config.model.text_stretch_factor)
     return checkpoint.InferenceModel(model=encoder, preprocess=EvalPreprocess(tower_geometry(model)[0]),
                                      tokenizer=build_tokenizer(config.model.arch, context),
-                                     similarity=similarity, info=info)
+                                     topology=topology, info=info)

@@ -12,6 +12,8 @@ from collections.abc import Callable
 
 import numpy as np
 
+from training.topology import Sphere
+
 MAP_KEY = "mAP"
 GAP_KEY = "modality_gap"
 QUERY_BLOCK_SIZE = 256  # queries ranked at once, bounds the (block, gallery) temporaries
@@ -75,9 +77,9 @@ def compute_text_to_text_map(text_features: np.ndarray, text_to_image: np.ndarra
 
 
 def compute_modality_gap(image_features: np.ndarray, text_features: np.ndarray,
-                         text_to_image: np.ndarray) -> float:
-    """‖(1/n) Σ x̂_i − (1/n) Σ ŷ_i‖ over the n (image, caption) pairs, features L2-normalised."""
-    images = image_features[text_to_image]
-    images = images / np.linalg.norm(images, axis=1, keepdims=True)
-    texts = text_features / np.linalg.norm(text_features, axis=1, keepdims=True)
-    return float(np.linalg.norm(images.mean(axis=0) - texts.mean(axis=0)))
+                         text_to_image: np.ndarray, topology: Sphere | None = None) -> float:
+    """The topology's gap over the n (image, caption) pairs (`Sphere.modality_gap`): on the
+    sphere ‖(1/n) Σ x̂_i − (1/n) Σ ŷ_i‖ of L2-normalised features; on m chunks that distance
+    of the chunk-normalised rows divided by √m (the root mean square of the m spheres' gaps);
+    on the Euclidean topology the distance of the raw means."""
+    return (topology or Sphere(1)).modality_gap(image_features[text_to_image], text_features)

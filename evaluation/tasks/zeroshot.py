@@ -6,6 +6,8 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
+from training.topology import Sphere
+
 TOPK = (1, 5)
 TOPK_KEY = "top{k}"
 MEAN_PER_CLASS_RECALL_KEY = "mean_per_class_recall"
@@ -13,12 +15,6 @@ MEAN_AVERAGE_PRECISION_KEY = "mean_average_precision"
 ROW_BLOCK_SIZE = 4096  # rows of logits compared at once, bounds the (block, C) temporary
 
 EncodeText = Callable[[list[str]], np.ndarray]  # prompts -> (n, D) embeddings
-Normalize = Callable[[np.ndarray], np.ndarray]
-
-
-def l2_normalize(x: np.ndarray) -> np.ndarray:
-    """Unit L2 norm along the last axis (the sphere topology)."""
-    return x / np.linalg.norm(x, axis=-1, keepdims=True)
 
 
 def fill_templates(templates: Sequence[str], classname: str) -> list[str]:
@@ -26,22 +22,19 @@ def fill_templates(templates: Sequence[str], classname: str) -> list[str]:
     return [template.format(c=classname) for template in templates]
 
 
-def build_zeroshot_weights(
-    encode_text: EncodeText,
-    classnames: Sequence[str],
-    templates: Sequence[str],
-    normalize: Normalize = l2_normalize,
-) -> np.ndarray:
-    """(C, D) classifier: per class, normalise each prompt embedding, average, normalise again.
-
-    `normalize` is applied to the prompt embeddings and to their mean; the default is CLIP's
-    sphere, a topology with another projection (e.g. per-block for oblique) passes its own.
-    """
-    weights = []
-    for classname in classnames:
-        prompt_embeddings = normalize(np.asarray(encode_text(fill_templates(templates, classname)), np.float64))
-        weights.append(normalize(prompt_embeddings.mean(axis=0)))  # (T, D) -> (D,)
-    return np.stack(weights)
+def build_zeroshot_weights(encode_text: EncodeText, classnames: Sequence[str], templates: Sequence[str],
+                           topology: Sphere | None = None) -> np.ndarray:
+    """(C, D) classifier by the topology's template rule (training/topology.py): on the sphere
+    CLIP's prompt ensembling (normalise each prompt embedding, average, normalise again); on
+    the inner-product topologies the unnormalised mean of the per-template embeddings. The
+    geodesic and Euclidean average distances instead (`Sphere.class_scores`), so they have no
+    classifier matrix."""
+    topology = topology or Sphere(1)
+    prompts = np.stack([np.asarray(encode_text(fill_templates(templates, c)), np.float64) for c in classnames])
+    weights = topology.class_embeddings(prompts)
+    if weights is None:
+        raise ValueError(f"topology {topology.kind} averages distances over templates: use its class_scores")
+    return weights
 
 
 def check_logits_and_labels(logits: np.ndarray, labels: np.ndarray) -> None:
