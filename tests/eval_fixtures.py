@@ -22,10 +22,10 @@ BASE_COLOURS = [(220, 30, 30), (30, 200, 40), (30, 40, 220), (230, 220, 30), (30
 TEMPLATES = ["a photo of a {c}.", "a {c}.", "art of the {c}"]
 
 
-def save_micro_checkpoint(directory: Path, seed: int = 5) -> Path:
-    config = apply_overrides(build_method_config("flip"), {"model.arch": ARCH, "run.seed": seed})
+def save_micro_checkpoint(directory: Path, seed: int = 5, **overrides) -> Path:
+    config = apply_overrides(build_method_config("flip"), {"model.arch": ARCH, "run.seed": seed, **overrides})
     torch.manual_seed(seed)
-    model = build_model(config.model, config.masking, config.loss)
+    model = build_model(config.model, config.masking, config.loss, topology=config.topology)
     optimizer = build_optimizer(model, config.optim)
     scheduler = build_scheduler(optimizer, warmup_steps=1, total_steps=2)
     return checkpoint.save_checkpoint(directory, model, optimizer, scheduler, 1, config,

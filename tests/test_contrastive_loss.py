@@ -18,6 +18,7 @@ import torch
 import torch.multiprocessing as mp
 
 from training.losses.contrastive import ContrastiveLoss
+from training.topology import Euclidean, MultiToken, Oblique, ObliqueGeodesic
 
 WORLD_SIZE = 2
 BATCH_PER_RANK, DIM = 4, 8
@@ -40,6 +41,20 @@ def make_features(batch: int, dim: int, dtype: torch.dtype, seed: int):
     text = torch.nn.functional.normalize(torch.randn(batch, dim, generator=g, dtype=dtype), dim=-1)
     scale = torch.tensor(LOGIT_SCALE, dtype=dtype)
     return image, text, scale
+
+
+# Non-sphere topologies (kind -> topology on DIM = 8): gathered with gradients like the sphere.
+TOPOLOGY_CASES = {"oblique": Oblique(4, 2), "multi": MultiToken(2, 4), "oblique_geodesic": ObliqueGeodesic(4, 2),
+                  "euclidean": Euclidean(DIM)}
+
+
+def make_topology_features(kind: str):
+    """The global batch embedded by `kind` (Euclidean rows rescaled: unnormalised)."""
+    image, text, scale = make_features(WORLD_SIZE * BATCH_PER_RANK, DIM, torch.float64, seed=3)
+    if kind == "euclidean":
+        image, text = image * torch.linspace(0.5, 2.0, len(image))[:, None], text * 1.5
+    topology = TOPOLOGY_CASES[kind]
+    return topology.embed(image), topology.embed(text), scale
 
 
 def compute_loss_and_grads(loss_fn, image, text, scale, ours: bool):
@@ -107,19 +122,31 @@ def run_gather_worker(rank: int, port: int, out_dir: str) -> None:
             theirs = compute_loss_and_grads(
                 ClipLoss(local_loss=local_loss, gather_with_grad=with_grad, rank=rank, world_size=WORLD_SIZE),
                 image[rows], text[rows], scale, ours=False)
-            # Every rank's feature gradients, in rank order: (B_global, D) each.
-            all_d_image = [torch.zeros_like(ours[1]) for _ in range(WORLD_SIZE)]
-            all_d_text = [torch.zeros_like(ours[2]) for _ in range(WORLD_SIZE)]
-            dist.all_gather(all_d_image, ours[1].contiguous())
-            dist.all_gather(all_d_text, ours[2].contiguous())
-            summed_d_scale = ours[3].clone()
-            dist.all_reduce(summed_d_scale)
-            results[with_grad, local_loss] = {
-                "ours": ours, "theirs": theirs, "all_d_image": torch.cat(all_d_image),
-                "all_d_text": torch.cat(all_d_text), "summed_d_scale": summed_d_scale}
+            results[with_grad, local_loss] = {"ours": ours, "theirs": theirs, **share_gradients(ours)}
+        for kind, topology in TOPOLOGY_CASES.items():
+            t_image, t_text, t_scale = make_topology_features(kind)
+            for local_loss in (False, True):
+                ours = compute_loss_and_grads(ContrastiveLoss(rank, WORLD_SIZE, True, local_loss, topology),
+                                              t_image[rows], t_text[rows], t_scale, ours=True)
+                results[kind, True, local_loss] = {"ours": ours, **share_gradients(ours)}
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
+
+
+def share_gradients(ours) -> dict:
+    """Every rank's feature gradients in rank order ((B_global, D) each) and the summed
+    logit-scale gradient."""
+    import torch.distributed as dist
+
+    all_d_image = [torch.zeros_like(ours[1]) for _ in range(WORLD_SIZE)]
+    all_d_text = [torch.zeros_like(ours[2]) for _ in range(WORLD_SIZE)]
+    dist.all_gather(all_d_image, ours[1].contiguous())
+    dist.all_gather(all_d_text, ours[2].contiguous())
+    summed_d_scale = ours[3].clone()
+    dist.all_reduce(summed_d_scale)
+    return {"all_d_image": torch.cat(all_d_image), "all_d_text": torch.cat(all_d_text),
+            "summed_d_scale": summed_d_scale}
 
 
 GATHER_MODES = [(True, False), (True, True), (False, False), (False, True)]
@@ -176,7 +203,19 @@ def test_two_process_gather_matches_single_process_on_whole_batch(gathered_resul
     """
     image, text, scale = make_features(WORLD_SIZE * BATCH_PER_RANK, DIM, torch.float64, seed=2)
     full = compute_loss_and_grads(ContrastiveLoss(), image, text, scale, ours=True)
-    mode = (True, local_loss)
+    assert_gathered_equal_full(gathered_results, (True, local_loss), full, local_loss)
+
+
+@pytest.mark.parametrize("local_loss", [False, True])
+@pytest.mark.parametrize("kind", sorted(TOPOLOGY_CASES))
+def test_two_process_topology_gather_matches_single_process(gathered_results, kind, local_loss):
+    """The same relation for every other topology: its logits go through the gathered rows."""
+    image, text, scale = make_topology_features(kind)
+    full = compute_loss_and_grads(ContrastiveLoss(topology=TOPOLOGY_CASES[kind]), image, text, scale, ours=True)
+    assert_gathered_equal_full(gathered_results, (kind, True, local_loss), full, local_loss)
+
+
+def assert_gathered_equal_full(gathered_results, mode, full, local_loss: bool) -> None:
     losses = torch.stack([r[mode]["ours"][0] for r in gathered_results])
     if local_loss:
         torch.testing.assert_close(losses.mean(), full[0], rtol=1e-10, atol=1e-10)

@@ -53,9 +53,9 @@ def encode_directly(model_uri: str, modality: str, values: list) -> np.ndarray:
                                             encoders.TEXT: np.array(values, dtype=object)})[encoders.EMBEDDING]
 
 
-def our_scores(model_uri: str, bench: Benchmark, similarity) -> dict:
+def our_scores(model_uri: str, bench: Benchmark, topology) -> dict:
     features = {role: encode_directly(model_uri, m, values) for role, (m, values) in requests(bench).items()}
-    return score(bench, features, similarity)
+    return score(bench, features, topology)
 
 
 def clip_benchmark_transform(bundle):
@@ -88,7 +88,7 @@ def write_zeroshot_wds(root, n_per_class: int = 4, multilabel: bool = False):
 def test_zeroshot_classification_agrees(tmp_path, model_uri, bundle):
     root = write_zeroshot_wds(tmp_path / "wds_colours")
     dataset = load_wds(str(root))
-    ours = our_scores(model_uri, Benchmark("colours", "zeroshot", {"test": dataset}), bundle.similarity)
+    ours = our_scores(model_uri, Benchmark("colours", "zeroshot", {"test": dataset}), bundle.topology)
     loader = DataLoader(build_wds_dataset("colours", clip_benchmark_transform(bundle), data_dir=str(root)),
                         batch_size=5)
     theirs = cb_zeroshot.evaluate(bundle.model, loader, bundle.tokenizer, CLASSNAMES, TEMPLATES, "cpu", amp=False)
@@ -102,7 +102,7 @@ def test_zeroshot_classification_agrees(tmp_path, model_uri, bundle):
 def test_multilabel_map_agrees(tmp_path, model_uri, bundle):
     root = write_zeroshot_wds(tmp_path / "wds_voc", multilabel=True)
     dataset = load_wds(str(root))
-    ours = our_scores(model_uri, Benchmark("voc", "zeroshot", {"test": dataset}), bundle.similarity)
+    ours = our_scores(model_uri, Benchmark("voc", "zeroshot", {"test": dataset}), bundle.topology)
     loader = DataLoader(build_wds_dataset("voc", clip_benchmark_transform(bundle), data_dir=str(root)),
                         batch_size=5)
     theirs = cb_zeroshot.evaluate(bundle.model, loader, bundle.tokenizer, CLASSNAMES, TEMPLATES, "cpu", amp=False)
@@ -115,7 +115,7 @@ def test_retrieval_agrees(tmp_path, model_uri, bundle):
     samples = [{"png": class_image(i % 6, 60 + i), "txt": "\n".join(g).encode()} for i, g in enumerate(groups)]
     root = write_wds(tmp_path / "wds_captions", "test", samples, per_shard=5, dataset_type="retrieval")
     dataset = load_wds(str(root))
-    ours = our_scores(model_uri, Benchmark("captions", "retrieval", {"test": dataset}), bundle.similarity)
+    ours = our_scores(model_uri, Benchmark("captions", "retrieval", {"test": dataset}), bundle.topology)
     loader = DataLoader(build_wds_dataset("captions", clip_benchmark_transform(bundle), data_dir=str(root)),
                         batch_size=4, collate_fn=image_captions_collate_fn)
     theirs = cb_retrieval.evaluate(bundle.model, loader, bundle.tokenizer, "cpu", amp=False, recall_k_list=[1, 5, 10])
@@ -127,7 +127,7 @@ def test_retrieval_agrees(tmp_path, model_uri, bundle):
 def test_sugarcrepe_agrees(tmp_path, model_uri, bundle):
     root = write_sugarcrepe(tmp_path / "sugar_crepe")
     composition = load_sugarcrepe(str(root))
-    ours = our_scores(model_uri, Benchmark("sugarcrepe", "compositionality", {"test": composition}), bundle.similarity)
+    ours = our_scores(model_uri, Benchmark("sugarcrepe", "compositionality", {"test": composition}), bundle.topology)
     for subset in composition.subsets:
         dataset = SugarCrepe(str(root / "val2017"), str(root / f"{subset}.json"),
                              transform=clip_benchmark_transform(bundle))
@@ -187,5 +187,6 @@ def test_open_clip_export_gives_the_same_features(tmp_path, model_uri, bundle):
     pixels = torch.stack([bundle.preprocess(class_image(label, 7)) for label in range(6)])
     tokens = bundle.tokenizer(["a photo of a red thing.", "art"])
     with torch.no_grad():
-        torch.testing.assert_close(model.encode_image(pixels), bundle.model.encode_image(pixels))
-        torch.testing.assert_close(model.encode_text(tokens), bundle.model.encode_text(tokens))
+        # bundle.model returns the sphere's embeddings: open_clip's normalised features
+        torch.testing.assert_close(model.encode_image(pixels, normalize=True), bundle.model.encode_image(pixels))
+        torch.testing.assert_close(model.encode_text(tokens, normalize=True), bundle.model.encode_text(tokens))

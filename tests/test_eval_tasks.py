@@ -13,6 +13,7 @@ from evaluation.tasks.intra_modal import (compute_average_precisions, compute_mo
                                           compute_text_to_text_map, split_first_caption)
 from evaluation.tasks.linear_probe import LinearProbeConfig, cosine_lr, evaluate_linear_probe
 from evaluation.tasks.zeroshot import compute_average_precision_per_class, compute_multilabel_metrics
+from training.topology import Sphere
 
 
 def dot(a, b):
@@ -149,9 +150,9 @@ def test_a_registered_query_map_is_named_in_benchmark_options(monkeypatch):
     train = ClassificationSet("t", ["g"] * 12, np.arange(12) % 3, ["a", "b", "c"], [])
     features = {"test": rng.normal(size=(5, 4)), "train": rng.normal(size=(12, 4))}
     bench = Benchmark("t", "image_retrieval", {"train": train, "test": test}, {"query": "negated"})
-    result = score(bench, features, dot)
+    result = score(bench, features, Sphere(4))
     assert result["mAP"] == pytest.approx(compute_retrieval_map(-features["test"], test.labels, features["train"],
                                                                 train.labels, dot))
     assert "negated test queries" in result["protocol"]
     with pytest.raises(ValueError, match="unknown query map"):
-        score(Benchmark("t", "image_retrieval", {"train": train, "test": test}, {"query": "oti"}), features, dot)
+        score(Benchmark("t", "image_retrieval", {"train": train, "test": test}, {"query": "oti"}), features, Sphere(4))

@@ -40,12 +40,19 @@ def make_batches(num_batches: int, batch_size: int = 4, seed: int = 0) -> list[d
     return batches
 
 
-def build_parts(total_steps: int, init_seed: int = 0, warmup_steps: int = 2):
+# Every topology on the same loop (multi's extra [CLS] parameters must round-trip too).
+TOPOLOGY_OVERRIDES = {"sphere": {}, "oblique": {"topology.kind": "oblique", "topology.m": 4},
+                      "multi": {"topology.kind": "multi", "topology.m": 4},
+                      "oblique_geodesic": {"topology.kind": "oblique_geodesic", "topology.m": 4},
+                      "euclidean": {"topology.kind": "euclidean"}}
+
+
+def build_parts(total_steps: int, init_seed: int = 0, warmup_steps: int = 2, config=CONFIG):
     torch.manual_seed(init_seed)
-    model = build_model(CONFIG.model, CONFIG.masking, CONFIG.loss)
-    optimizer = build_optimizer(model, CONFIG.optim)
+    model = build_model(config.model, config.masking, config.loss, topology=config.topology)
+    optimizer = build_optimizer(model, config.optim)
     scheduler = build_scheduler(optimizer, warmup_steps, total_steps)
-    return model, ContrastiveLoss(), optimizer, scheduler
+    return model, ContrastiveLoss(topology=model.topology), optimizer, scheduler
 
 
 def settings(start_step: int, total_steps: int, **kwargs) -> LoopSettings:
@@ -99,27 +106,29 @@ def test_loss_decreases_on_a_fixed_batch():
     assert last < 0.25 * first, losses
 
 
-def test_resumed_run_repeats_the_straight_run_exactly(tmp_path):
+@pytest.mark.parametrize("kind", sorted(TOPOLOGY_OVERRIDES))
+def test_resumed_run_repeats_the_straight_run_exactly(tmp_path, kind):
     total = 6
     batches = make_batches(total)
+    config = apply_overrides(CONFIG, TOPOLOGY_OVERRIDES[kind])
 
     straight = Recorder()
-    run_training(*build_parts(total), batches, settings(0, total, log_every=1), straight)
+    run_training(*build_parts(total, config=config), batches, settings(0, total, log_every=1), straight)
 
     # First half, checkpointed at its last step through the report callback (as train.py does).
-    model, objective, optimizer, scheduler = build_parts(total)
+    model, objective, optimizer, scheduler = build_parts(total, config=config)
     first_half = Recorder()
 
     def report_and_save(step, metrics, want_checkpoint):
         first_half(step, metrics, want_checkpoint)
         if want_checkpoint:
-            save_checkpoint(tmp_path / f"step_{step}", model, optimizer, scheduler, step, CONFIG, {})
+            save_checkpoint(tmp_path / f"step_{step}", model, optimizer, scheduler, step, config, {})
     run_training(model, objective, optimizer, scheduler, batches[:3], settings(0, 3, log_every=1),
                  report_and_save)
     assert first_half.calls[-1][0] == 3 and first_half.calls[-1][2]
 
     # Second half: fresh objects with another init, state from the checkpoint only.
-    model, objective, optimizer, scheduler = build_parts(total, init_seed=123)
+    model, objective, optimizer, scheduler = build_parts(total, init_seed=123, config=config)
     assert load_training_state(tmp_path / "step_3", model, optimizer, scheduler)["step"] == 3
     second_half = Recorder()
     run_training(model, objective, optimizer, scheduler, batches[3:], settings(3, total, log_every=1),

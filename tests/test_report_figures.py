@@ -17,6 +17,7 @@ from evaluation.benchmarks import Benchmark, score
 from evaluation.datasets.classification import ClassificationSet, load_image_folder
 from evaluation.tasks.retrieval import select_gallery
 from evaluation.tasks.zeroshot import compute_attribute_accuracy
+from training.topology import Sphere
 
 # 2 colours x 3 shapes, colour-major as the demo: class i = colour i // 3, shape i % 3.
 CLASSES = ["red circle", "red square", "red star", "blue circle", "blue square", "blue star"]
@@ -44,7 +45,7 @@ def hand_benchmark() -> tuple[Benchmark, dict]:
 
 def test_attribute_accuracies_by_hand():
     bench, features = hand_benchmark()
-    entry = score(bench, features, lambda a, b: a @ b.T)
+    entry = score(bench, features, Sphere(1))
     assert entry["top1"] == pytest.approx(0.2)
     assert entry["attribute_accuracy"] == pytest.approx(HAND_EXPECTED)
     counts = np.array(entry["confusion"]["counts"])
@@ -97,7 +98,7 @@ def tiny_report(run: Path, image: Path) -> dict:
                         {"text": "a blue star on a long long line " * 8, "correct": False, "score": 0.2}]},
                {"image": None, "caption": "held in a shard", "top": [{"text": "x", "correct": False, "score": 0.1}]}]
     return {"checkpoint": {"path": str(run), "resolved": str(run / "step_00000004"), "step": 4, "method": "flip"},
-            "zeroshot": {"grid": score(bench, features, lambda a, b: a @ b.T)},
+            "zeroshot": {"grid": score(bench, features, Sphere(1))},
             "retrieval": {"tiny": {"protocol": "karpathy-test", "n_images": 2, "n_texts": 3,
                                    "text_retrieval_recall@1": 0.5, "image_retrieval_recall@1": 0.5,
                                    "gallery": gallery}}}

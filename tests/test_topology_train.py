@@ -1,0 +1,91 @@
+"""Topologies through the jobs. Ray Train runs Multi(n, m) with FLIP (the topology that changes
+both towers and adds checkpointed parameters, combined with patch dropping): a few steps, an
+exact resume, the topology saved in the checkpoint and used by evaluation. Every topology's
+exact resume on the same loop is in test_loop.py (in-process: a Ray Train run costs ~40 s on
+2 cores, and the loss is the only part that differs between the other topologies). A
+Euclidean checkpoint's retrieval is recomputed by hand from its unnormalised features (a
+silent fallback to cosine would fail)."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from evaluation.benchmarks import Benchmark, requests, score
+from evaluation.datasets import load_karpathy
+from evaluation.datasets.files import read_image
+from evaluation.tasks.retrieval import compute_retrieval_recall
+from tests.eval_fixtures import save_micro_checkpoint
+from tests.test_eval_parity import encode_directly
+from training import checkpoint, train
+from training.inference import load_inference_model
+
+pytestmark = pytest.mark.ray
+
+TOPOLOGIES = {"multi": 4}  # kind -> m, through Ray Train
+
+
+def run_args(build_uri: str, storage, name: str, kind: str, *extra: str) -> list[str]:
+    return ["--data", build_uri, "--method", "flip", "--arch", "clip-micro-p8-32", "--num-workers", "2",
+            "--batch-size", "4", "--epochs", "3", "--warmup-steps", "2", "--lr", "1e-3",
+            "--storage", str(storage), "--run-name", name, "--log-every", "1", "--checkpoint-every", "100",
+            "--set", f"topology.kind={kind}", "--set", f"topology.m={TOPOLOGIES[kind]}", *extra]
+
+
+def step_losses(storage, name: str) -> dict[int, float]:
+    lines = (storage / name / "metrics.jsonl").read_text().splitlines()
+    return {r["step"]: r["loss/total"] for r in map(json.loads, lines)}
+
+
+@pytest.fixture(scope="module")
+def topology_runs(small_build, tmp_path_factory):
+    """kind -> (storage, straight run name, resumed run name) after 4 steps each."""
+    storage, runs = tmp_path_factory.mktemp("topology-runs"), {}
+    for kind in TOPOLOGIES:
+        train.main(run_args(small_build[3], storage, f"{kind}-straight", kind, "--max-steps", "4"))
+        train.main(run_args(small_build[3], storage, f"{kind}-resumed", kind, "--max-steps", "2"))
+        train.main(run_args(small_build[3], storage, f"{kind}-resumed", kind, "--max-steps", "4", "--resume"))
+        runs[kind] = storage
+    return runs
+
+
+@pytest.mark.parametrize("kind", sorted(TOPOLOGIES))
+def test_topology_trains_resumes_exactly_and_is_saved(topology_runs, kind):
+    storage = topology_runs[kind]
+    straight, resumed = step_losses(storage, f"{kind}-straight"), step_losses(storage, f"{kind}-resumed")
+    assert sorted(straight) == [1, 2, 3, 4] and all(np.isfinite(list(straight.values())))
+    assert [resumed[s] for s in (3, 4)] == [straight[s] for s in (3, 4)]
+    state = checkpoint.read_state(checkpoint.fetch_checkpoint(str(storage / f"{kind}-straight")))
+    assert state["config"]["topology"]["kind"] == kind
+    bundle = load_inference_model(str(storage / f"{kind}-straight"))
+    assert bundle.topology.kind == kind and bundle.info["topology"]["kind"] == kind
+    assert bundle.info["topology"]["m"] == TOPOLOGIES[kind]
+
+
+def test_export_refuses_a_non_sphere_checkpoint(topology_runs, tmp_path):
+    with pytest.raises(ValueError, match="topology.kind=multi.*evaluate"):
+        checkpoint.export_open_clip(str(topology_runs["multi"] / "multi-straight"), str(tmp_path / "x.pt"))
+
+
+def test_euclidean_recalls_recomputed_by_hand_from_unnormalised_features(small_corpus, tmp_path):
+    corpus = small_corpus[0]
+    uri = str(save_micro_checkpoint(tmp_path / "step_00000001", **{"topology.kind": "euclidean"}))
+    dataset = load_karpathy(str(corpus.retrieval_dir / "dataset_karpathy.json"))
+    bench = Benchmark("demo", "retrieval", {"test": dataset})
+    features = {role: encode_directly(uri, modality, values) for role, (modality, values) in requests(bench).items()}
+    bundle = load_inference_model(uri)
+    entry = score(bench, features, bundle.topology)
+    # By hand: the raw tower outputs, −‖u − v‖ pair by pair.
+    with torch.no_grad():
+        images = torch.stack([bundle.preprocess(read_image(ref)) for ref in dataset.images])
+        u = bundle.model.model.tower.encode_image(images).double().numpy()
+        v = bundle.model.model.tower.encode_text(bundle.tokenizer(dataset.captions)).double().numpy()
+    assert not np.allclose(np.linalg.norm(u, axis=1), 1.0)  # really unnormalised
+    distances = -np.sqrt(((u[:, None, :] - v[None, :, :]) ** 2).sum(axis=-1))
+    np.testing.assert_allclose(features["images"], u, rtol=1e-5, atol=1e-5)
+    by_hand = compute_retrieval_recall(distances, dataset.text_to_image)
+    assert {k: entry[k] for k in by_hand} == by_hand
+    cosine = (u / np.linalg.norm(u, axis=1, keepdims=True)) @ (v / np.linalg.norm(v, axis=1, keepdims=True)).T
+    assert not np.array_equal(np.argsort(-cosine, axis=1), np.argsort(-distances, axis=1))
