@@ -22,6 +22,9 @@ from evaluation.tasks.zeroshot import (ATTRIBUTE_ACCURACY_KEY, compute_attribute
                                        fill_templates, top1_predictions)
 
 IMAGE, TEXT = "image", "text"
+IMAGE_STATES = "image_states"  # class-token states before the projection (linear probe, "features")
+MODALITIES = (IMAGE, IMAGE_STATES, TEXT)
+PROBE_FEATURES = {"embedding": IMAGE, "class_states": IMAGE_STATES}
 READERS: dict[str, Callable] = {
     "wds": load_wds, "image_folder": load_image_folder, "karpathy": load_karpathy,
     "coco_captions": load_coco_captions, "flickr_token": load_flickr_token,
@@ -100,7 +103,10 @@ def requests(bench: Benchmark) -> dict[str, tuple[str, list]]:
         return {"images": (IMAGE, test.images), "prompts": (TEXT, class_prompts(test))}
     if bench.task in ("retrieval", "text_retrieval"):
         return {"images": (IMAGE, test.images), "captions": (TEXT, test.captions)}
-    if bench.task in ("linear_probe", "image_retrieval"):
+    if bench.task == "linear_probe":
+        modality = probe_modality(bench)
+        return {"train": (modality, bench.data["train"].images), "test": (modality, test.images)}
+    if bench.task == "image_retrieval":
         return {"train": (IMAGE, bench.data["train"].images), "test": (IMAGE, test.images)}
     return {"images": (IMAGE, unique_images(test)), "texts": (TEXT, composition_texts(test))}
 
@@ -143,12 +149,22 @@ def score_retrieval(bench: Benchmark, features: dict, topology: Topology) -> dic
             GALLERY_KEY: gallery_entries(dataset, scores)}
 
 
+def probe_modality(bench: Benchmark) -> str:
+    """What a linear probe reads: the embedding (default) or, with options {"features":
+    "class_states"}, the class-token state(s) before the projection (m of them concatenated)."""
+    features = bench.options.get("features", "embedding")
+    if features not in PROBE_FEATURES:
+        raise ValueError(f"{bench.name}: unknown linear-probe features {features!r}; known: {sorted(PROBE_FEATURES)}")
+    return PROBE_FEATURES[features]
+
+
 def score_linear_probe(bench: Benchmark, features: dict, topology: Topology) -> dict:
     train, test = bench.data["train"], bench.data["test"]
-    config = LinearProbeConfig(**bench.options)
+    options = {k: v for k, v in bench.options.items() if k != "features"}
+    config = LinearProbeConfig(**options)
     metrics = evaluate_linear_probe(features["train"], train.labels, features["test"], test.labels,
                                     max(train.n_classes, test.n_classes), config)
-    return {**metrics, "protocol": f"adamw-lr{config.lr}-bs{config.batch_size}-ep{config.epochs}",
+    return {**metrics, "protocol": config.describe(bench.options.get("features", "embedding")),
             "n_train": train.n_images, "n_test": test.n_images, "n_classes": test.n_classes}
 
 

@@ -21,11 +21,19 @@ def text_rows(texts: list[str]) -> list[dict]:
     return [{INDEX: i, TEXT: t} for i, t in enumerate(texts)]
 
 
-class ImageEncoder:
-    """Rows {index, uri, data} -> {index, embedding}: the checkpoint topology's image embeddings."""
+IMAGE_OUTPUTS = ("embedding", "class_states")
 
-    def __init__(self, checkpoint_uri: str, device: str = "cpu", scorer: str = "plain"):
+
+class ImageEncoder:
+    """Rows {index, uri, data} -> {index, embedding}: the checkpoint topology's image embeddings,
+    or with output="class_states" the concatenated class-token states before the projection."""
+
+    def __init__(self, checkpoint_uri: str, device: str = "cpu", scorer: str = "plain", output: str = "embedding"):
+        if output not in IMAGE_OUTPUTS:
+            raise ValueError(f"unknown image output {output!r}; known: {IMAGE_OUTPUTS}")
         self.bundle, self.device = load_inference_model(checkpoint_uri, device, scorer), device
+        model = self.bundle.model
+        self.forward = model.encode_image if output == "embedding" else model.encode_image_states
 
     def pixels(self, batch: dict) -> torch.Tensor:
         images = [bytes(data) if len(data) else read_image(str(uri)) for uri, data in zip(batch[URI], batch[DATA])]
@@ -33,7 +41,7 @@ class ImageEncoder:
 
     @torch.no_grad()
     def __call__(self, batch: dict) -> dict:
-        features = self.bundle.model.encode_image(self.pixels(batch).to(self.device))
+        features = self.forward(self.pixels(batch).to(self.device))
         return {INDEX: batch[INDEX], EMBEDDING: features.float().cpu().numpy()}
 
 

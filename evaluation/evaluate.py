@@ -31,7 +31,8 @@ import numpy as np  # noqa: E402
 import ray  # noqa: E402
 
 from evaluation import encoders, suites  # noqa: E402
-from evaluation.benchmarks import IMAGE, TASKS, Benchmark, load_benchmark, requests, score  # noqa: E402
+from evaluation.benchmarks import (IMAGE, IMAGE_STATES, MODALITIES, TASKS, Benchmark, load_benchmark,  # noqa: E402
+                                   requests, score)
 from evaluation.cache import EmbeddingCache, digest_values, model_fingerprint  # noqa: E402
 from evaluation.datasets.files import Location  # noqa: E402
 from evaluation.figures import load_run_metrics  # noqa: E402
@@ -129,15 +130,21 @@ def load_benchmarks(entries: list[dict], skipped: dict) -> list[Benchmark]:
 
 
 def encode(modality: str, values: list, args: argparse.Namespace) -> np.ndarray:
-    """(N, D) unit features of `values`, in order, from encoder actors."""
-    rows = encoders.image_rows(values) if modality == IMAGE else encoders.text_rows(values)
-    encoder = encoders.ImageEncoder if modality == IMAGE else encoders.TextEncoder
+    """(N, D) features of `values` (the topology's embeddings, or class-token states), in order,
+    from encoder actors."""
+    is_image = modality in (IMAGE, IMAGE_STATES)
+    rows = encoders.image_rows(values) if is_image else encoders.text_rows(values)
+    encoder = encoders.ImageEncoder if is_image else encoders.TextEncoder
+    constructor = (args.checkpoint, "cuda" if args.use_gpu else "cpu", args.scorer)
+    if is_image:
+        constructor += ("class_states" if modality == IMAGE_STATES else "embedding",)
     out = ray.data.from_items(rows).map_batches(
-        encoder, fn_constructor_args=(args.checkpoint, "cuda" if args.use_gpu else "cpu", args.scorer),
+        encoder, fn_constructor_args=constructor,
         batch_size=args.batch_size, batch_format="numpy", num_gpus=1 if args.use_gpu else 0,
         compute=ray.data.ActorPoolStrategy(size=args.num_encoders))
     rows = []
-    with console.Progress(f"encode {modality}s", len(values), modality) as progress:
+    label = {IMAGE_STATES: "image class states"}.get(modality, f"{modality}s")
+    with console.Progress(f"encode {label}", len(values), modality) as progress:
         for batch in out.iter_batches(batch_size=None, batch_format="numpy"):
             rows.extend({key: batch[key][i] for key in batch} for i in range(len(batch[encoders.INDEX])))
             progress.update(len(batch[encoders.INDEX]))
@@ -150,7 +157,7 @@ def embed(benchmarks: list[Benchmark], cache: EmbeddingCache, args: argparse.Nam
     wanted = [requests(b) for b in benchmarks]
     unique = {(m, digest_values(vs)): (m, vs) for reqs in wanted for m, vs in reqs.values()}
     done = {key: cache.load(m, vs) for key, (m, vs) in unique.items()}
-    for modality in (IMAGE, "text"):
+    for modality in MODALITIES:
         todo = [key for key, feats in done.items() if feats is None and key[0] == modality]
         values = [v for key in todo for v in unique[key][1]]
         if not values:

@@ -156,3 +156,20 @@ def test_a_registered_query_map_is_named_in_benchmark_options(monkeypatch):
     assert "negated test queries" in result["protocol"]
     with pytest.raises(ValueError, match="unknown query map"):
         score(Benchmark("t", "image_retrieval", {"train": train, "test": test}, {"query": "oti"}), features, Sphere(4))
+
+
+def test_probe_schedule_warms_up_then_follows_the_cosine():
+    assert [round(cosine_lr(1.0, s, 10, warmup_steps=2), 6) for s in (0, 1)] == [0.5, 1.0]
+    assert cosine_lr(1.0, 2, 10, warmup_steps=2) == pytest.approx(1.0)
+    assert cosine_lr(1.0, 6, 10, warmup_steps=2) == pytest.approx(0.5)
+    assert cosine_lr(0.1, 5, 10) == pytest.approx(0.05)  # no warm-up: the old schedule
+
+
+def test_sgd_probe_learns_separable_classes():
+    rng = np.random.default_rng(1)
+    centres = rng.normal(size=(3, 6)) * 4
+    y = np.arange(60) % 3
+    x = centres[y] + rng.normal(size=(60, 6))
+    config = LinearProbeConfig(epochs=20, lr=1.0, optimizer="sgd", warmup_epochs=2, batch_size=16)
+    assert evaluate_linear_probe(x, y, x, y, 3, config)["top1"] > 0.9
+    assert config.describe("class_states") == "sgd-lr1.0-bs16-ep20-warmup2-class_states"

@@ -89,3 +89,31 @@ def test_euclidean_recalls_recomputed_by_hand_from_unnormalised_features(small_c
     assert {k: entry[k] for k in by_hand} == by_hand
     cosine = (u / np.linalg.norm(u, axis=1, keepdims=True)) @ (v / np.linalg.norm(v, axis=1, keepdims=True)).T
     assert not np.array_equal(np.argsort(-cosine, axis=1), np.argsort(-distances, axis=1))
+
+
+def test_linear_probe_reads_the_concatenated_class_states(tmp_path):
+    """A probe entry with {"features": "class_states"} requests the m [CLS] states before the
+    projection (m·w wide), a new embedding request the image encoder answers."""
+    from evaluation import encoders
+    from evaluation.benchmarks import IMAGE_STATES
+    from evaluation.datasets.classification import ClassificationSet
+    from tests.eval_fixtures import class_image
+    uri = str(save_micro_checkpoint(tmp_path / "step_00000001", **{"topology.kind": "multi", "topology.m": 4}))
+    images = [class_image(label, i) for label in range(3) for i in range(2)]
+    data = ClassificationSet("p", images, np.repeat(np.arange(3), 2), ["a", "b", "c"], [])
+    bench = Benchmark("p", "linear_probe", {"train": data, "test": data}, {"features": "class_states"})
+    assert {role: modality for role, (modality, _) in requests(bench).items()} == {"train": IMAGE_STATES,
+                                                                                   "test": IMAGE_STATES}
+    rows = encoders.image_rows(images)
+    batch = {key: np.array([r[key] for r in rows], dtype=object) for key in rows[0]}
+    states = encoders.ImageEncoder(uri, output="class_states")(batch)[encoders.EMBEDDING]
+    bundle = load_inference_model(uri)
+    visual = bundle.model.model.tower.visual
+    with torch.no_grad():
+        pixels = torch.stack([bundle.preprocess(b) for b in images])
+        x = visual.transformer(visual._embeds(pixels))
+        want = visual.ln_post(x)[:, :4].flatten(1).numpy()
+    assert states.shape == (6, 4 * visual.class_embedding.shape[1])
+    np.testing.assert_allclose(states, want, rtol=1e-5, atol=1e-5)
+    entry = score(bench, {"train": states, "test": states}, bundle.topology)
+    assert entry["protocol"].endswith("class_states") and 0 <= entry["top1"] <= 1

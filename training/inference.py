@@ -50,6 +50,9 @@ class TopologyEncoder(nn.Module):
     def encode_text(self, texts: torch.Tensor) -> torch.Tensor:
         return self.model.embed_text(texts)
 
+    def encode_image_states(self, images: torch.Tensor) -> torch.Tensor:
+        return self.model.image_class_states(images)
+
 
 class MaskedScoringModel(nn.Module):
     """encode_image -> [z, z⊙z, 1, 0], encode_text -> [m⊙t, m, 0, 1] (each 2d + 2 wide). The
@@ -64,6 +67,9 @@ class MaskedScoringModel(nn.Module):
         z = self.model.embed_image(images)  # (N, d) unit rows (SmartCLIP is sphere-only)
         ones = torch.ones_like(z[:, :1])
         return torch.cat([z, z * z, ones, torch.zeros_like(ones)], dim=1)
+
+    def encode_image_states(self, images: torch.Tensor) -> torch.Tensor:
+        return self.model.image_class_states(images)
 
     def encode_text(self, texts: torch.Tensor) -> torch.Tensor:
         features, states = encode_text_with_states(self.model.tower, texts)

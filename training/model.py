@@ -15,7 +15,7 @@ from training.methods.flip import RandomPatchDrop
 from training.methods.pgs import (PGSSelector, check_supported_tower, encode_image_with_selection,
                                   summarize_selection)
 from training.methods.smartclip import MaskNetwork
-from training.multi_token import convert_to_multi_token, num_class_tokens
+from training.multi_token import convert_to_multi_token, num_class_tokens, pooled_class_states
 from training.pretrained import load_pretrained_tower
 from training.topology import Sphere, build_topology, check_topology_config
 
@@ -67,6 +67,11 @@ class ContrastiveModel(nn.Module):
 
     def embed_text(self, texts: torch.Tensor) -> torch.Tensor:
         return self.topology.embed(self.tower.encode_text(texts))
+
+    def image_class_states(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, c·w): the c class-token states after ln_post, before the projection, concatenated
+        (what a linear probe reads with the projection head removed, METHODS.md §3.6)."""
+        return pooled_class_states(self.tower.visual, images)
 
     def encode_text(self, texts: torch.Tensor) -> dict:
         if self.mask_network is None:

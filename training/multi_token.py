@@ -47,6 +47,12 @@ def project_pooled(visual: nn.Module, pooled: torch.Tensor) -> torch.Tensor:
     return projected.flatten(1)
 
 
+def pooled_class_states(visual: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """(B, c·w) class-token state(s) of an open_clip ViT (one or m), before the projection."""
+    pooled, _ = visual._pool(visual.transformer(visual._embeds(images)))
+    return pooled.flatten(1)
+
+
 def additive_key_mask(hidden_keys: torch.Tensor, num_heads: int, dtype: torch.dtype,
                       causal: bool = False) -> torch.Tensor:
     """hidden_keys (B, T) bool -> float mask (B·heads, T, T) in open_clip's layout (sample

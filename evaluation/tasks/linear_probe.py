@@ -1,6 +1,10 @@
-"""Linear probe on frozen image features, the protocol of the PGS paper's appendix and of
-CLIP_benchmark's `linear_probe` without a validation sweep: a linear layer trained with AdamW
-(lr 0.1, no weight decay, cosine schedule per step, no warm-up), batch 64, 10 epochs."""
+"""Linear probe on frozen image features. Default: the protocol of the PGS paper's appendix and
+of CLIP_benchmark's `linear_probe` without a validation sweep, a linear layer trained with AdamW
+(lr 0.1, no weight decay, cosine schedule per step, no warm-up), batch 64, 10 epochs. The
+topology paper's (MoCo v3's) optimiser is `optimizer="sgd"`: SGD without momentum or weight
+decay, lr 1.0 cosine after `warmup_epochs` = 5 linear warm-up epochs, 100 epochs (its
+RandomResizedCrop + RandAugment on the training images is not applied: features are encoded
+once per image)."""
 from __future__ import annotations
 
 import math
@@ -13,6 +17,9 @@ from torch.utils.data import DataLoader, TensorDataset
 from evaluation.tasks.zeroshot import compute_zeroshot_metrics
 
 
+OPTIMIZERS = ("adamw", "sgd")
+
+
 @dataclass(frozen=True)
 class LinearProbeConfig:
     epochs: int = 10
@@ -20,10 +27,28 @@ class LinearProbeConfig:
     batch_size: int = 64
     weight_decay: float = 0.0
     seed: int = 0
+    optimizer: str = "adamw"
+    warmup_epochs: int = 0
+
+    def describe(self, features: str = "embedding") -> str:
+        warmup = f"-warmup{self.warmup_epochs}" if self.warmup_epochs else ""
+        return f"{self.optimizer}-lr{self.lr}-bs{self.batch_size}-ep{self.epochs}{warmup}-{features}"
 
 
-def cosine_lr(base_lr: float, step: int, total_steps: int) -> float:
-    return 0.5 * (1 + math.cos(math.pi * step / total_steps)) * base_lr
+def cosine_lr(base_lr: float, step: int, total_steps: int, warmup_steps: int = 0) -> float:
+    """Linear warm-up over `warmup_steps`, then cosine from base_lr to 0 at total_steps."""
+    if step < warmup_steps:
+        return base_lr * (step + 1) / warmup_steps
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return 0.5 * (1 + math.cos(math.pi * progress)) * base_lr
+
+
+def build_probe_optimizer(model: torch.nn.Module, config: LinearProbeConfig) -> torch.optim.Optimizer:
+    if config.optimizer not in OPTIMIZERS:
+        raise ValueError(f"unknown linear-probe optimizer {config.optimizer!r}; known: {OPTIMIZERS}")
+    if config.optimizer == "sgd":
+        return torch.optim.SGD(model.parameters(), lr=config.lr, momentum=0.0, weight_decay=config.weight_decay)
+    return torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
 
 
 def train_linear_probe(features: np.ndarray, labels: np.ndarray, n_classes: int,
@@ -32,14 +57,14 @@ def train_linear_probe(features: np.ndarray, labels: np.ndarray, n_classes: int,
     (torch.manual_seed before the layer is built; shuffling draws from the same generator)."""
     torch.manual_seed(config.seed)
     model = torch.nn.Linear(features.shape[1], n_classes)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    optimizer = build_probe_optimizer(model, config)
     data = TensorDataset(torch.from_numpy(np.asarray(features, np.float32)), torch.from_numpy(labels))
     loader = DataLoader(data, batch_size=config.batch_size, shuffle=True)
-    total_steps = config.epochs * len(loader)
+    total_steps, warmup_steps = config.epochs * len(loader), config.warmup_epochs * len(loader)
     for epoch in range(config.epochs):
         for i, (x, y) in enumerate(loader):
             for group in optimizer.param_groups:
-                group["lr"] = cosine_lr(config.lr, i + epoch * len(loader), total_steps)
+                group["lr"] = cosine_lr(config.lr, i + epoch * len(loader), total_steps, warmup_steps)
             optimizer.zero_grad()
             torch.nn.functional.cross_entropy(model(x), y).backward()
             optimizer.step()
