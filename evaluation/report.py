@@ -135,10 +135,22 @@ def format_header(checkpoint: dict) -> list[str]:
         f"- Step: {checkpoint.get(CHECKPOINT_STEP_KEY, MISSING)}",
         f"- Method: {checkpoint.get(CHECKPOINT_METHOD_KEY, MISSING)}",
         f"- Data manifest digest(s): {', '.join(f'`{d}`' for d in digests if d) or MISSING}",
-    ] + [f"- {label}: {checkpoint[key]}" for key, label in (("topology", "Topology (similarity)"),
+    ] + [f"- {label}: {format_info(checkpoint[key])}" for key, label in (("topology", "Topology (similarity)"),
                                                            ("scorer", "Scorer"),
                                                            ("fingerprint", "Weights + preprocessing fingerprint"))
          if key in checkpoint]
+
+
+def format_info(value) -> str:
+    """A topology record {"kind", "n", "m", "similarity_range"} as `multi(16, 8), similarity in
+    [-8, 8]`; anything else (older reports store the topology's name) as is."""
+    if not isinstance(value, dict) or "kind" not in value:
+        return str(value)
+    rendered = f"{value['kind']}({value.get('n')}, {value.get('m')})"
+    if "similarity_range" not in value:
+        return rendered
+    low, high = ("-inf" if x is None else f"{x:g}" for x in value["similarity_range"])
+    return f"{rendered}, similarity in [{low}, {high}]"
 
 
 def headline(entry: dict) -> float | None:

@@ -136,3 +136,27 @@ def test_multi_needs_a_class_token_vit():
     with pytest.raises(ValueError, match="multi"):
         from training.multi_token import convert_to_multi_token
         convert_to_multi_token(torch.nn.Linear(2, 2), M, 8, "prepend")
+
+
+def test_the_saved_route_survives_rebuilding_without_pretrained(tmp_path):
+    """A pretrained start appends its text slots; evaluation rebuilds the bare architecture
+    (pretrained=None) from the saved config and must append too."""
+    from training import checkpoint
+    from training.inference import load_inference_model
+    from training.methods import resolve_auto_fields
+    from training.optim import build_optimizer, build_scheduler
+    config = apply_overrides(build_method_config("multi"), {"model.arch": ARCH, "topology.m": M,
+                                                            "model.pretrained": "/weights/start.pt"})
+    config = resolve_auto_fields(config)
+    assert config.topology.text_tokens == "append"
+    local = apply_overrides(config, {"model.pretrained": None})  # no weights file here
+    torch.manual_seed(0)
+    model = build_training_model(local)
+    optimizer = build_optimizer(model, config.optim)
+    checkpoint.save_checkpoint(tmp_path / "step_00000001", model, optimizer,
+                               build_scheduler(optimizer, 1, 2), 1, config, {})
+    bundle = load_inference_model(str(tmp_path / "step_00000001"))
+    assert bundle.model.model.tower.text_cls_route == "append"
+    text = texts_with_padding(build_tokenizer_for(model))
+    with torch.no_grad():
+        torch.testing.assert_close(bundle.model.encode_text(text), model.eval().embed_text(text))

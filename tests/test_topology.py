@@ -173,3 +173,30 @@ def test_named_methods_resolve_to_the_papers_rows():
 def test_chunk_normalize_is_per_contiguous_chunk():
     x = torch.tensor([[3.0, 4.0, 0.0, 2.0]])
     torch.testing.assert_close(chunk_normalize(x, 2), torch.tensor([[0.6, 0.8, 0.0, 1.0]]))
+
+
+def test_a_fixed_temperature_stays_out_of_the_optimiser():
+    from training.model import build_training_model
+    from training.optim import build_optimizer
+    config = config_with("clip", **{"model.arch": "clip-micro-p8-32", "loss.init_logit_scale": 0.0,
+                                    "loss.learn_temperature": False})
+    model = build_training_model(config)
+    assert model.tower.logit_scale.item() == 0.0 and not model.tower.logit_scale.requires_grad
+    optimised = {id(p) for group in build_optimizer(model, config.optim).param_groups for p in group["params"]}
+    assert id(model.tower.logit_scale) not in optimised
+
+
+def test_multi_caps_the_logit_scale_at_100_over_m_unless_set():
+    from training.config import resolve_max_logit_scale
+    multi = config_with("multi")
+    assert resolve_max_logit_scale(multi.loss, multi.topology) == 100 / 8
+    assert resolve_max_logit_scale(config_with("oblique").loss, config_with("oblique").topology) == 100
+    capped = config_with("multi", **{"loss.max_logit_scale": 100.0})
+    assert resolve_max_logit_scale(capped.loss, capped.topology) == 100
+
+
+def test_report_names_the_topology_and_its_range():
+    from evaluation.report import format_info
+    assert format_info(MultiToken(16, 8).describe()) == "multi(16, 8), similarity in [-8, 8]"
+    assert format_info(Euclidean(128).describe()) == "euclidean(128, 1), similarity in [-inf, 0]"
+    assert format_info("sphere") == "sphere"

@@ -17,6 +17,7 @@ from torch import nn
 from training import checkpoint, transforms
 from training.long_text import text_context_length
 from training.losses.modular import EPS
+from training.methods import resolve_auto_fields
 from training.model import ContrastiveModel, build_training_model, encode_text_with_states, tower_geometry
 from training.topology import Sphere
 from training.towers import build_tokenizer
@@ -108,7 +109,7 @@ def build_scoring(model: ContrastiveModel, scorer: str) -> tuple[nn.Module, Sphe
 
 def load_inference_model(uri: str, device: str = "cpu", scorer: str = "plain") -> checkpoint.InferenceModel:
     directory = checkpoint.fetch_checkpoint(uri)
-    config = checkpoint.load_config(directory)
+    config = resolve_auto_fields(checkpoint.load_config(directory))  # before `pretrained` is dropped
     # The checkpoint holds every weight: build the bare architecture, never re-fetch `pretrained`.
     config = dataclasses.replace(config, model=dataclasses.replace(config.model, pretrained=None))
     model = build_training_model(config)

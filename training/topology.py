@@ -76,7 +76,8 @@ class Sphere:
         return 1
 
     def describe(self) -> dict:
-        low, high = self.similarity_range()
+        """JSON-safe record (an unbounded end of the range is None)."""
+        low, high = (None if math.isinf(x) else x for x in self.similarity_range())
         return {"kind": self.kind, "n": self.n, "m": self.m, "similarity_range": [low, high]}
 
     def similarity_range(self) -> tuple[float, float]:

@@ -36,7 +36,7 @@ from training import checkpoint, data_order  # noqa: E402
 from training.batches import BatchPreprocessor  # noqa: E402
 from training.config import TrainConfig, apply_overrides, config_from_dict, config_to_dict  # noqa: E402
 from training.loop import LoopSettings, run_training  # noqa: E402
-from training.methods import build_method_config, check_combination  # noqa: E402
+from training.methods import build_method_config, check_combination, resolve_auto_fields  # noqa: E402
 from training.long_text import text_context_length  # noqa: E402
 from training.model import build_training_model, tower_geometry  # noqa: E402
 from training.objectives import build_objective  # noqa: E402
@@ -72,7 +72,7 @@ def build_config(args: argparse.Namespace) -> TrainConfig:
                  if getattr(args, flag) is not None}
     overrides.update(dict(item.split("=", 1) for item in args.set))
     overrides.update({"data.build_uri": args.data, "run.use_gpu": args.use_gpu})
-    config = apply_overrides(build_method_config(args.method), overrides)
+    config = resolve_auto_fields(apply_overrides(build_method_config(args.method), overrides))
     check_combination(config)
     return config
 

@@ -77,6 +77,16 @@ def check_combination(config: TrainConfig) -> None:
                          f"{' / '.join(allowed)} only, not topology.kind={config.topology.kind}")
 
 
+def resolve_auto_fields(config: TrainConfig) -> TrainConfig:
+    """Fix the fields whose default depends on other fields, so a saved config (and the model
+    rebuilt from it for evaluation, without `pretrained`) means one thing: Multi's text route
+    `auto` becomes `append` with pretrained weights, `prepend` from scratch."""
+    if config.topology.text_tokens != "auto":
+        return config
+    route = "append" if config.model.pretrained else "prepend"
+    return apply_overrides(config, {"topology.text_tokens": route})
+
+
 def build_method_config(method: str, base: TrainConfig | None = None) -> TrainConfig:
     """The configuration of a named method; unknown names list the known ones."""
     if method not in METHODS:
