@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The checks that need a GPU, as one command for a lent GPU machine (CI has none):
 # the GPU-marked tests (PGS selection without host synchronisation, the key-padding mask in
-# bf16, every method's bf16 step on ViT-B/16) and the PGS step-time benchmark on ViT-B/16
-# with the largest batch that fits, with a profile of the selector.
+# bf16, every method's bf16 step on ViT-B/16, the topology methods included), the PGS
+# step-time benchmark on ViT-B/16 with the largest batch that fits, with a profile of the
+# selector, and Multi(32, 16) against CLIP on ViT-B/16 in bf16 (step time, peak memory).
 #
 # The machine's own python3 has torch; packages it lacks travel as wheels in .whl/ (git
 # ignores it), installed into /tmp/site. Fetch them once where pip reaches PyPI:
@@ -28,6 +29,11 @@ tests_rc=$?
 for batch in ${GPU_BATCHES:-1024 512 256}; do
     python3 -m benchmarks.bench_pgs --device cuda --arch ViT-B-16 --batch-size "$batch" --steps 20 \
         --profile-selection && break
+    echo "batch $batch did not fit or failed; trying a smaller one"
+done
+for batch in ${GPU_BATCHES:-1024 512 256}; do
+    python3 -m benchmarks.bench_topology_step --device cuda --arch ViT-B-16 --batch-size "$batch" \
+        --steps 20 && break
     echo "batch $batch did not fit or failed; trying a smaller one"
 done
 exit $tests_rc
