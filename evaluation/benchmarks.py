@@ -13,8 +13,9 @@ import numpy as np
 from evaluation.datasets import (load_coco_captions, load_flickr_token, load_image_folder, load_karpathy,
                                  load_long_caption_build, load_long_caption_folder, load_sugarcrepe, load_wds)
 from evaluation.tasks.compositionality import compute_pair_accuracy, summarize_sugarcrepe
+from evaluation.inversion import INVERTS, inversion_from_options, inversion_request
 from evaluation.tasks.intra_modal import (GAP_KEY, MAP_KEY, compute_modality_gap, compute_retrieval_map,
-                                          compute_text_to_text_map, query_map_named)
+                                          compute_text_to_text_map, split_first_caption)
 from evaluation.tasks.linear_probe import LinearProbeConfig, evaluate_linear_probe
 from evaluation.tasks.retrieval import compute_retrieval_recall, select_gallery
 from evaluation.tasks.zeroshot import (ATTRIBUTE_ACCURACY_KEY, compute_attribute_accuracy,
@@ -101,14 +102,37 @@ def requests(bench: Benchmark) -> dict[str, tuple[str, list]]:
     test = bench.data["test"]
     if bench.task == "zeroshot":
         return {"images": (IMAGE, test.images), "prompts": (TEXT, class_prompts(test))}
-    if bench.task in ("retrieval", "text_retrieval"):
+    if bench.task == "retrieval":
         return {"images": (IMAGE, test.images), "captions": (TEXT, test.captions)}
+    if bench.task == "text_retrieval":
+        wanted = {"images": (IMAGE, test.images), "captions": (TEXT, test.captions)}
+        if query_kind(bench, TEXT) != "native":  # each image's first caption, inverted
+            first, _ = split_first_caption(test.text_to_image)
+            wanted["queries"] = (query_modality(bench, TEXT), [test.captions[i] for i in first])
+        return wanted
     if bench.task == "linear_probe":
         modality = probe_modality(bench)
         return {"train": (modality, bench.data["train"].images), "test": (modality, test.images)}
     if bench.task == "image_retrieval":
-        return {"train": (IMAGE, bench.data["train"].images), "test": (IMAGE, test.images)}
+        return {"train": (IMAGE, bench.data["train"].images), "test": (query_modality(bench, IMAGE), test.images)}
     return {"images": (IMAGE, unique_images(test)), "texts": (TEXT, composition_texts(test))}
+
+
+def query_kind(bench: Benchmark, modality: str) -> str:
+    """An intra-modal entry's queries: "native", or the inversion that reads `modality`
+    ("oti" for images, "ovi" for texts)."""
+    kind = bench.options.get("query", "native")
+    if kind != "native" and INVERTS.get(kind) != modality:
+        known = ["native"] + [k for k, m in INVERTS.items() if m == modality]
+        raise ValueError(f"{bench.name}: unknown {modality} query {kind!r}; known: {known}")
+    return kind
+
+
+def query_modality(bench: Benchmark, modality: str) -> str:
+    """The embedding request of an intra-modal entry's queries: native, or an inversion request
+    keyed by its settings."""
+    kind = query_kind(bench, modality)
+    return modality if kind == "native" else inversion_request(inversion_from_options(kind, bench.options))
 
 
 def score_zeroshot(bench: Benchmark, features: dict, topology: Topology) -> dict:
@@ -190,18 +214,17 @@ def score_compositionality(bench: Benchmark, features: dict, topology: Topology)
 
 def score_image_retrieval(bench: Benchmark, features: dict, topology: Topology) -> dict:
     train, test = bench.data["train"], bench.data["test"]
-    query = bench.options.get("query", "native")
-    value = compute_retrieval_map(features["test"], test.labels, features["train"], train.labels, topology.score,
-                                  query_map_named(query))
+    query = query_kind(bench, IMAGE)
+    value = compute_retrieval_map(features["test"], test.labels, features["train"], train.labels, topology.score)
     return {MAP_KEY: value, "protocol": f"image->image, {query} test queries / train gallery",
             "n_queries": test.n_images, "n_gallery": train.n_images}
 
 
 def score_text_retrieval(bench: Benchmark, features: dict, topology: Topology) -> dict:
     dataset = bench.data["test"]
-    query = bench.options.get("query", "native")
+    query = query_kind(bench, TEXT)
     value = compute_text_to_text_map(features["captions"], dataset.text_to_image, topology.score,
-                                     query_map_named(query))
+                                     features.get("queries"))
     gap = compute_modality_gap(features["images"], features["captions"], dataset.text_to_image, topology)
     return {MAP_KEY: value, GAP_KEY: gap,
             "protocol": f"text->text, {query} first-caption queries ({dataset.protocol})",

@@ -5,7 +5,10 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+import hashlib
+
 from evaluation.datasets.files import ImageRef, read_image
+from evaluation.inversion import InversionConfig, check_inversion, oti_features, ovi_features
 from training.inference import load_inference_model
 
 INDEX, URI, DATA, TEXT, EMBEDDING = "index", "uri", "data", "text", "embedding"
@@ -21,19 +24,37 @@ def text_rows(texts: list[str]) -> list[dict]:
     return [{INDEX: i, TEXT: t} for i, t in enumerate(texts)]
 
 
-IMAGE_OUTPUTS = ("embedding", "class_states")
+IMAGE_OUTPUTS = ("embedding", "class_states", "oti")
+
+
+def image_identity(uri, data) -> str:
+    """A query's identity for its inversion seed: the URI, or the digest of its bytes."""
+    return str(uri) if len(uri) else hashlib.sha256(bytes(data)).hexdigest()
+
+
+def build_inversion(bundle, inversion: dict | None) -> InversionConfig | None:
+    if inversion is None:
+        return None
+    config = InversionConfig(**inversion)
+    if bundle.info.get("scorer", "plain") != "plain":
+        raise ValueError("modality inversion inverts the plain embeddings: use the plain scorer")
+    check_inversion(config, bundle.topology.kind, bundle.model.model.tower.visual)
+    return config
 
 
 class ImageEncoder:
-    """Rows {index, uri, data} -> {index, embedding}: the checkpoint topology's image embeddings,
-    or with output="class_states" the concatenated class-token states before the projection."""
+    """Rows {index, uri, data} -> {index, embedding}: the checkpoint topology's image embeddings;
+    with output="class_states" the concatenated class-token states before the projection; with
+    output="oti" (and `inversion` settings) each image's OTI feature."""
 
-    def __init__(self, checkpoint_uri: str, device: str = "cpu", scorer: str = "plain", output: str = "embedding"):
+    def __init__(self, checkpoint_uri: str, device: str = "cpu", scorer: str = "plain", output: str = "embedding",
+                 inversion: dict | None = None):
         if output not in IMAGE_OUTPUTS:
             raise ValueError(f"unknown image output {output!r}; known: {IMAGE_OUTPUTS}")
         self.bundle, self.device = load_inference_model(checkpoint_uri, device, scorer), device
         model = self.bundle.model
-        self.forward = model.encode_image if output == "embedding" else model.encode_image_states
+        self.forward = model.encode_image_states if output == "class_states" else model.encode_image
+        self.inversion = build_inversion(self.bundle, inversion if output == "oti" else None)
 
     def pixels(self, batch: dict) -> torch.Tensor:
         images = [bytes(data) if len(data) else read_image(str(uri)) for uri, data in zip(batch[URI], batch[DATA])]
@@ -42,19 +63,28 @@ class ImageEncoder:
     @torch.no_grad()
     def __call__(self, batch: dict) -> dict:
         features = self.forward(self.pixels(batch).to(self.device))
+        if self.inversion is not None:
+            identities = [image_identity(uri, data) for uri, data in zip(batch[URI], batch[DATA])]
+            features = oti_features(self.bundle.model.model.tower, self.bundle.tokenizer, features, identities,
+                                    self.inversion)
         return {INDEX: batch[INDEX], EMBEDDING: features.float().cpu().numpy()}
 
 
 class TextEncoder:
-    """Rows {index, text} -> {index, embedding}: the checkpoint topology's text embeddings."""
+    """Rows {index, text} -> {index, embedding}: the checkpoint topology's text embeddings, or
+    with `inversion` settings (kind "ovi") each text's OVI feature."""
 
-    def __init__(self, checkpoint_uri: str, device: str = "cpu", scorer: str = "plain"):
+    def __init__(self, checkpoint_uri: str, device: str = "cpu", scorer: str = "plain",
+                 inversion: dict | None = None):
         self.bundle, self.device = load_inference_model(checkpoint_uri, device, scorer), device
+        self.inversion = build_inversion(self.bundle, inversion)
 
     @torch.no_grad()
     def __call__(self, batch: dict) -> dict:
-        tokens = self.bundle.tokenizer([str(t) for t in batch[TEXT]]).to(self.device)
-        features = self.bundle.model.encode_text(tokens)
+        texts = [str(t) for t in batch[TEXT]]
+        features = self.bundle.model.encode_text(self.bundle.tokenizer(texts).to(self.device))
+        if self.inversion is not None:
+            features = ovi_features(self.bundle.model.model.tower, features, texts, self.inversion)
         return {INDEX: batch[INDEX], EMBEDDING: features.float().cpu().numpy()}
 
 

@@ -17,6 +17,7 @@ report instead of failing the job. Writes report.json, report.md and PNG plots t
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 import sys
@@ -36,6 +37,7 @@ from evaluation.benchmarks import (IMAGE, IMAGE_STATES, MODALITIES, TASKS, Bench
 from evaluation.cache import EmbeddingCache, digest_values, model_fingerprint  # noqa: E402
 from evaluation.datasets.files import Location  # noqa: E402
 from evaluation.figures import load_run_metrics  # noqa: E402
+from evaluation.inversion import INVERTS, requested_inversion  # noqa: E402
 from evaluation.plots import write_plots  # noqa: E402
 from evaluation.report import add_group_averages, write_report  # noqa: E402
 from pipelines import console, ray_setup, storage  # noqa: E402
@@ -129,21 +131,30 @@ def load_benchmarks(entries: list[dict], skipped: dict) -> list[Benchmark]:
     return benchmarks
 
 
-def encode(modality: str, values: list, args: argparse.Namespace) -> np.ndarray:
-    """(N, D) features of `values` (the topology's embeddings, or class-token states), in order,
-    from encoder actors."""
-    is_image = modality in (IMAGE, IMAGE_STATES)
-    rows = encoders.image_rows(values) if is_image else encoders.text_rows(values)
-    encoder = encoders.ImageEncoder if is_image else encoders.TextEncoder
+def encoder_spec(modality: str, values: list, args: argparse.Namespace) -> tuple[type, tuple, list[dict], str]:
+    """(encoder class, its constructor arguments, input rows, progress label) of a request:
+    the topology's embeddings, class-token states, or an inversion (OTI reads images, OVI texts)."""
+    inversion = requested_inversion(modality)
+    is_image = modality in (IMAGE, IMAGE_STATES) or (inversion is not None and INVERTS[inversion.kind] == IMAGE)
     constructor = (args.checkpoint, "cuda" if args.use_gpu else "cpu", args.scorer)
     if is_image:
-        constructor += ("class_states" if modality == IMAGE_STATES else "embedding",)
+        constructor += ({IMAGE_STATES: "class_states"}.get(modality, "oti" if inversion else "embedding"),)
+    constructor += (None if inversion is None else dataclasses.asdict(inversion),)
+    label = {IMAGE_STATES: "image class states"}.get(modality, f"{modality}s")
+    if inversion is not None:
+        label = f"invert {INVERTS[inversion.kind]}s ({inversion.kind.upper()}, {inversion.num_steps} steps)"
+    rows = encoders.image_rows(values) if is_image else encoders.text_rows(values)
+    return (encoders.ImageEncoder if is_image else encoders.TextEncoder), constructor, rows, label
+
+
+def encode(modality: str, values: list, args: argparse.Namespace) -> np.ndarray:
+    """(N, D) features of `values` for one request, in order, from encoder actors."""
+    encoder, constructor, rows, label = encoder_spec(modality, values, args)
     out = ray.data.from_items(rows).map_batches(
         encoder, fn_constructor_args=constructor,
         batch_size=args.batch_size, batch_format="numpy", num_gpus=1 if args.use_gpu else 0,
         compute=ray.data.ActorPoolStrategy(size=args.num_encoders))
     rows = []
-    label = {IMAGE_STATES: "image class states"}.get(modality, f"{modality}s")
     with console.Progress(f"encode {label}", len(values), modality) as progress:
         for batch in out.iter_batches(batch_size=None, batch_format="numpy"):
             rows.extend({key: batch[key][i] for key in batch} for i in range(len(batch[encoders.INDEX])))
@@ -157,7 +168,7 @@ def embed(benchmarks: list[Benchmark], cache: EmbeddingCache, args: argparse.Nam
     wanted = [requests(b) for b in benchmarks]
     unique = {(m, digest_values(vs)): (m, vs) for reqs in wanted for m, vs in reqs.values()}
     done = {key: cache.load(m, vs) for key, (m, vs) in unique.items()}
-    for modality in MODALITIES:
+    for modality in [*MODALITIES, *sorted({m for m, _ in unique} - set(MODALITIES))]:  # inversions last
         todo = [key for key, feats in done.items() if feats is None and key[0] == modality]
         values = [v for key in todo for v in unique[key][1]]
         if not values:

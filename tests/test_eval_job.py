@@ -89,7 +89,7 @@ def test_suite_job_report_plots_and_cache(ray_session, job_inputs, monkeypatch, 
     assert set(report["compositionality"]["sugarcrepe"]) >= {"replace_rel", "average_object", "average"}
     assert set(report["intra_modal"]) == {"shapes", "tiny-karpathy"}  # image->image, text->text + gap
     assert report["intra_modal"]["tiny-karpathy"]["modality_gap"] > 0
-    assert report["checkpoint"]["topology"] == "sphere" and report["checkpoint"]["fingerprint"]
+    assert report["checkpoint"]["topology"]["kind"] == "sphere" and report["checkpoint"]["fingerprint"]
     assert report["datasets"]["linear_probe/shapes"]["digests"]["test"] == \
         report["datasets"]["image_retrieval/shapes"]["digests"]["test"]
     written = sorted(p.name for p in (tmp_path / "first").iterdir())

@@ -71,15 +71,12 @@ def test_image_to_image_map_against_naive_loop():
         assert compute_retrieval_map(queries, q_labels, gallery, g_labels, dot, block_size=block) == pytest.approx(naive)
 
 
-def test_query_map_plugs_in_an_inverted_query():
-    rng = np.random.default_rng(2)
-    queries, gallery = rng.normal(size=(5, 4)), rng.normal(size=(12, 4))
-    labels = np.arange(5) % 3
-    g_labels = np.arange(12) % 3
-    native = compute_retrieval_map(queries, labels, gallery, g_labels, dot)
-    flipped = compute_retrieval_map(queries, labels, gallery, g_labels, dot, query_map=lambda q: -q)
-    naive = np.mean([naive_average_precision(gallery @ -q, g_labels == label) for q, label in zip(queries, labels)])
-    assert flipped == pytest.approx(naive) and flipped != pytest.approx(native)
+def test_inverted_caption_queries_replace_the_first_captions():
+    text_to_image = np.array([0, 0, 1, 1])
+    features = np.eye(2)[text_to_image]
+    assert compute_text_to_text_map(features, text_to_image, dot) == pytest.approx(1.0)
+    swapped = np.eye(2)[[1, 0]]  # image 0's query now points at image 1's captions
+    assert compute_text_to_text_map(features, text_to_image, dot, query_features=swapped) == pytest.approx(0.5)
 
 
 def test_text_to_text_first_caption_queries_the_rest():
@@ -140,22 +137,27 @@ def test_linear_probe_separates_separable_features():
     assert shuffled["top1"] < 0.6  # labels carrying no signal: the probe cannot generalise
 
 
-def test_a_registered_query_map_is_named_in_benchmark_options(monkeypatch):
-    from evaluation.benchmarks import Benchmark, score
+def test_inverted_queries_are_embedding_requests_keyed_by_their_settings():
+    from evaluation.benchmarks import Benchmark, requests, score
     from evaluation.datasets.classification import ClassificationSet
-    from evaluation.tasks import intra_modal
-    monkeypatch.setitem(intra_modal.QUERY_MAPS, "negated", lambda q: -q)
+    from evaluation.inversion import requested_inversion
     rng = np.random.default_rng(4)
     test = ClassificationSet("t", ["q"] * 5, np.arange(5) % 3, ["a", "b", "c"], [])
     train = ClassificationSet("t", ["g"] * 12, np.arange(12) % 3, ["a", "b", "c"], [])
+    oti = Benchmark("t", "image_retrieval", {"train": train, "test": test},
+                    {"query": "oti", "inversion": {"steps": 20}})
+    wanted = requests(oti)
+    assert wanted["train"][0] == "image" and wanted["test"][0].startswith("oti-")
+    assert requested_inversion(wanted["test"][0]).num_steps == 20
+    other = Benchmark("t", "image_retrieval", {"train": train, "test": test}, {"query": "oti"})
+    assert requests(other)["test"][0] != wanted["test"][0]  # other settings, other cache key
     features = {"test": rng.normal(size=(5, 4)), "train": rng.normal(size=(12, 4))}
-    bench = Benchmark("t", "image_retrieval", {"train": train, "test": test}, {"query": "negated"})
-    result = score(bench, features, Sphere(4))
-    assert result["mAP"] == pytest.approx(compute_retrieval_map(-features["test"], test.labels, features["train"],
+    result = score(oti, features, Sphere(4))
+    assert result["mAP"] == pytest.approx(compute_retrieval_map(features["test"], test.labels, features["train"],
                                                                 train.labels, dot))
-    assert "negated test queries" in result["protocol"]
-    with pytest.raises(ValueError, match="unknown query map"):
-        score(Benchmark("t", "image_retrieval", {"train": train, "test": test}, {"query": "oti"}), features, Sphere(4))
+    assert "oti test queries" in result["protocol"]
+    with pytest.raises(ValueError, match="unknown image query 'ovi'"):
+        requests(Benchmark("t", "image_retrieval", {"train": train, "test": test}, {"query": "ovi"}))
 
 
 def test_probe_schedule_warms_up_then_follows_the_cosine():
@@ -173,3 +175,12 @@ def test_sgd_probe_learns_separable_classes():
     config = LinearProbeConfig(epochs=20, lr=1.0, optimizer="sgd", warmup_epochs=2, batch_size=16)
     assert evaluate_linear_probe(x, y, x, y, 3, config)["top1"] > 0.9
     assert config.describe("class_states") == "sgd-lr1.0-bs16-ep20-warmup2-class_states"
+
+
+def test_ovi_caption_queries_are_a_request_of_the_first_captions():
+    from evaluation.benchmarks import Benchmark, requests
+    from evaluation.datasets.retrieval import RetrievalSet
+    data = RetrievalSet("r", "hand-made", ["i0", "i1"], ["a", "b", "c", "d"], np.array([0, 0, 1, 1]))
+    wanted = requests(Benchmark("r", "text_retrieval", {"test": data}, {"query": "ovi"}))
+    assert wanted["queries"][0].startswith("ovi-") and wanted["queries"][1] == ["a", "c"]
+    assert "queries" not in requests(Benchmark("r", "text_retrieval", {"test": data}))

@@ -3,9 +3,10 @@ image->image mAP with test-split queries against a train-split gallery (relevant
 class), text->text mAP on a captioning set (each image's first caption queries the others;
 relevant = same image), and ‖mean image feature − mean text feature‖ over paired samples.
 
-`query_map` turns query features into what is ranked against the gallery; the identity is the
-native baseline, and a modality-inversion (OTI/OVI) feature plugs in there: register it in
-QUERY_MAPS and name it in a suite entry's options (`"options": {"query": "oti"}`)."""
+The query features are whatever the benchmark requested: the native features (the intra-modal
+baseline) or the modality-inverted ones (OTI images, OVI captions, evaluation/inversion.py),
+which the encoder actors compute; a suite entry names them in its options
+(`"options": {"query": "oti"}`)."""
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -19,20 +20,6 @@ GAP_KEY = "modality_gap"
 QUERY_BLOCK_SIZE = 256  # queries ranked at once, bounds the (block, gallery) temporaries
 
 Similarity = Callable[[np.ndarray, np.ndarray], np.ndarray]
-QueryMap = Callable[[np.ndarray], np.ndarray]
-
-
-def identity(features: np.ndarray) -> np.ndarray:
-    return features
-
-
-QUERY_MAPS: dict[str, QueryMap] = {"native": identity}
-
-
-def query_map_named(name: str) -> QueryMap:
-    if name not in QUERY_MAPS:
-        raise ValueError(f"unknown query map {name!r}; registered: {sorted(QUERY_MAPS)}")
-    return QUERY_MAPS[name]
 
 
 def compute_average_precisions(scores: np.ndarray, relevant: np.ndarray) -> np.ndarray:
@@ -46,12 +33,11 @@ def compute_average_precisions(scores: np.ndarray, relevant: np.ndarray) -> np.n
 
 def compute_retrieval_map(queries: np.ndarray, query_owner: np.ndarray, gallery: np.ndarray,
                           gallery_owner: np.ndarray, similarity: Similarity,
-                          query_map: QueryMap = identity, block_size: int = QUERY_BLOCK_SIZE) -> float:
+                          block_size: int = QUERY_BLOCK_SIZE) -> float:
     """mAP of ranking `gallery` for each query; gallery item j is relevant to query q when
     their owners (class label, source image) are equal."""
     if len(queries) == 0 or len(gallery) == 0:
         raise ValueError("intra-modal retrieval needs queries and a gallery")
-    queries = query_map(queries)
     precisions = []
     for start in range(0, len(queries), block_size):
         scores = np.asarray(similarity(queries[start:start + block_size], gallery), np.float64)
@@ -70,10 +56,13 @@ def split_first_caption(text_to_image: np.ndarray) -> tuple[np.ndarray, np.ndarr
 
 
 def compute_text_to_text_map(text_features: np.ndarray, text_to_image: np.ndarray, similarity: Similarity,
-                             query_map: QueryMap = identity) -> float:
+                             query_features: np.ndarray | None = None) -> float:
+    """Each image's first caption queries the other captions; `query_features` (one row per
+    image, in image order) replaces those captions' own features as queries (e.g. OVI)."""
     queries, gallery = split_first_caption(text_to_image)
-    return compute_retrieval_map(text_features[queries], text_to_image[queries], text_features[gallery],
-                                 text_to_image[gallery], similarity, query_map)
+    query_rows = text_features[queries] if query_features is None else query_features
+    return compute_retrieval_map(query_rows, text_to_image[queries], text_features[gallery],
+                                 text_to_image[gallery], similarity)
 
 
 def compute_modality_gap(image_features: np.ndarray, text_features: np.ndarray,
