@@ -14,6 +14,7 @@ from evaluation.datasets import (load_coco_captions, load_flickr_token, load_ima
                                  load_long_caption_build, load_long_caption_folder, load_sugarcrepe, load_wds)
 from evaluation.tasks.compositionality import compute_pair_accuracy, summarize_sugarcrepe
 from evaluation.inversion import INVERTS, inversion_from_options, inversion_request
+from evaluation.probe_views import views_from_options, views_request
 from evaluation.tasks.intra_modal import (GAP_KEY, MAP_KEY, compute_modality_gap, compute_retrieval_map,
                                           compute_text_to_text_map, split_first_caption)
 from evaluation.tasks.linear_probe import LinearProbeConfig, evaluate_linear_probe
@@ -111,8 +112,9 @@ def requests(bench: Benchmark) -> dict[str, tuple[str, list]]:
             wanted["queries"] = (query_modality(bench, TEXT), [test.captions[i] for i in first])
         return wanted
     if bench.task == "linear_probe":
-        modality = probe_modality(bench)
-        return {"train": (modality, bench.data["train"].images), "test": (modality, test.images)}
+        modality, views = probe_modality(bench), views_from_options(bench.options)
+        train = modality if views is None else views_request(views)
+        return {"train": (train, bench.data["train"].images), "test": (modality, test.images)}
     if bench.task == "image_retrieval":
         return {"train": (IMAGE, bench.data["train"].images), "test": (query_modality(bench, IMAGE), test.images)}
     return {"images": (IMAGE, unique_images(test)), "texts": (TEXT, composition_texts(test))}
@@ -179,16 +181,24 @@ def probe_modality(bench: Benchmark) -> str:
     features = bench.options.get("features", "embedding")
     if features not in PROBE_FEATURES:
         raise ValueError(f"{bench.name}: unknown linear-probe features {features!r}; known: {sorted(PROBE_FEATURES)}")
+    if "views" in bench.options and features != "class_states":
+        raise ValueError(f"{bench.name}: augmented probe views are class-token states: set \"features\": \"class_states\"")
     return PROBE_FEATURES[features]
 
 
 def score_linear_probe(bench: Benchmark, features: dict, topology: Topology) -> dict:
     train, test = bench.data["train"], bench.data["test"]
-    options = {k: v for k, v in bench.options.items() if k != "features"}
-    config = LinearProbeConfig(**options)
-    metrics = evaluate_linear_probe(features["train"], train.labels, features["test"], test.labels,
+    options = {k: v for k, v in bench.options.items() if k not in ("features", "views")}
+    config, views = LinearProbeConfig(**options), views_from_options(bench.options)
+    train_features = features["train"]
+    if views is not None:  # (N, V·D) -> (N, V, D): epoch e reads view e mod V
+        train_features = train_features.reshape(len(train_features), views.views, -1)
+    metrics = evaluate_linear_probe(train_features, train.labels, features["test"], test.labels,
                                     max(train.n_classes, test.n_classes), config)
-    return {**metrics, "protocol": config.describe(bench.options.get("features", "embedding")),
+    described = config.describe(bench.options.get("features", "embedding"))
+    if views is not None:
+        described += f"-{views.views}views-rrc{views.scale[0]}-{views.rand_augment}"
+    return {**metrics, "protocol": described,
             "n_train": train.n_images, "n_test": test.n_images, "n_classes": test.n_classes}
 
 

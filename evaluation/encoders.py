@@ -9,6 +9,7 @@ import hashlib
 
 from evaluation.datasets.files import ImageRef, read_image
 from evaluation.inversion import InversionConfig, check_inversion, oti_features, ovi_features
+from evaluation.probe_views import ViewAugmenter, ViewConfig
 from training.inference import load_inference_model
 
 INDEX, URI, DATA, TEXT, EMBEDDING = "index", "uri", "data", "text", "embedding"
@@ -45,23 +46,35 @@ def build_inversion(bundle, inversion: dict | None) -> InversionConfig | None:
 class ImageEncoder:
     """Rows {index, uri, data} -> {index, embedding}: the checkpoint topology's image embeddings;
     with output="class_states" the concatenated class-token states before the projection; with
-    output="oti" (and `inversion` settings) each image's OTI feature."""
+    output="oti" (and `inversion` settings) each image's OTI feature; with `views` settings the
+    features of V augmented views of each image, concatenated (N, V·D) (linear-probe training)."""
 
     def __init__(self, checkpoint_uri: str, device: str = "cpu", scorer: str = "plain", output: str = "embedding",
-                 inversion: dict | None = None):
+                 inversion: dict | None = None, views: dict | None = None):
         if output not in IMAGE_OUTPUTS:
             raise ValueError(f"unknown image output {output!r}; known: {IMAGE_OUTPUTS}")
         self.bundle, self.device = load_inference_model(checkpoint_uri, device, scorer), device
         model = self.bundle.model
         self.forward = model.encode_image_states if output == "class_states" else model.encode_image
         self.inversion = build_inversion(self.bundle, inversion if output == "oti" else None)
+        self.views = None if views is None else ViewAugmenter(ViewConfig(**views), self.bundle.preprocess.image_size)
 
     def pixels(self, batch: dict) -> torch.Tensor:
         images = [bytes(data) if len(data) else read_image(str(uri)) for uri, data in zip(batch[URI], batch[DATA])]
         return torch.stack([self.bundle.preprocess(image) for image in images])
 
+    def view_features(self, batch: dict) -> torch.Tensor:
+        images = [bytes(data) if len(data) else read_image(str(uri)) for uri, data in zip(batch[URI], batch[DATA])]
+        identities = [image_identity(uri, data) for uri, data in zip(batch[URI], batch[DATA])]
+        per_view = [self.forward(torch.stack([self.views(image, identity, v) for image, identity in
+                                              zip(images, identities)]).to(self.device))
+                    for v in range(self.views.config.views)]
+        return torch.cat(per_view, dim=1)  # (B, V·D), view-major within a row
+
     @torch.no_grad()
     def __call__(self, batch: dict) -> dict:
+        if self.views is not None:
+            return {INDEX: batch[INDEX], EMBEDDING: self.view_features(batch).float().cpu().numpy()}
         features = self.forward(self.pixels(batch).to(self.device))
         if self.inversion is not None:
             identities = [image_identity(uri, data) for uri, data in zip(batch[URI], batch[DATA])]

@@ -38,6 +38,7 @@ from evaluation.cache import EmbeddingCache, digest_values, model_fingerprint  #
 from evaluation.datasets.files import Location  # noqa: E402
 from evaluation.figures import load_run_metrics  # noqa: E402
 from evaluation.inversion import INVERTS, requested_inversion  # noqa: E402
+from evaluation.probe_views import requested_views  # noqa: E402
 from evaluation.plots import write_plots  # noqa: E402
 from evaluation.report import add_group_averages, write_report  # noqa: E402
 from pipelines import console, ray_setup, storage  # noqa: E402
@@ -134,13 +135,19 @@ def load_benchmarks(entries: list[dict], skipped: dict) -> list[Benchmark]:
 def encoder_spec(modality: str, values: list, args: argparse.Namespace) -> tuple[type, tuple, list[dict], str]:
     """(encoder class, its constructor arguments, input rows, progress label) of a request:
     the topology's embeddings, class-token states, or an inversion (OTI reads images, OVI texts)."""
-    inversion = requested_inversion(modality)
-    is_image = modality in (IMAGE, IMAGE_STATES) or (inversion is not None and INVERTS[inversion.kind] == IMAGE)
+    inversion, views = requested_inversion(modality), requested_views(modality)
+    is_image = (modality in (IMAGE, IMAGE_STATES) or views is not None
+                or (inversion is not None and INVERTS[inversion.kind] == IMAGE))
     constructor = (args.checkpoint, "cuda" if args.use_gpu else "cpu", args.scorer)
     if is_image:
-        constructor += ({IMAGE_STATES: "class_states"}.get(modality, "oti" if inversion else "embedding"),)
+        output = "class_states" if modality == IMAGE_STATES or views else "oti" if inversion else "embedding"
+        constructor += (output,)
     constructor += (None if inversion is None else dataclasses.asdict(inversion),)
+    if views is not None:
+        constructor += (dataclasses.asdict(views),)
     label = {IMAGE_STATES: "image class states"}.get(modality, f"{modality}s")
+    if views is not None:
+        label = f"image class states, {views.views} augmented views each"
     if inversion is not None:
         label = f"invert {INVERTS[inversion.kind]}s ({inversion.kind.upper()}, {inversion.num_steps} steps)"
     rows = encoders.image_rows(values) if is_image else encoders.text_rows(values)

@@ -3,8 +3,8 @@ of CLIP_benchmark's `linear_probe` without a validation sweep, a linear layer tr
 (lr 0.1, no weight decay, cosine schedule per step, no warm-up), batch 64, 10 epochs. The
 topology paper's (MoCo v3's) optimiser is `optimizer="sgd"`: SGD without momentum or weight
 decay, lr 1.0 cosine after `warmup_epochs` = 5 linear warm-up epochs, 100 epochs (its
-RandomResizedCrop + RandAugment on the training images is not applied: features are encoded
-once per image)."""
+RandomResizedCrop + RandAugment on the training images comes as V pre-encoded views per image,
+evaluation/probe_views.py)."""
 from __future__ import annotations
 
 import math
@@ -54,17 +54,22 @@ def build_probe_optimizer(model: torch.nn.Module, config: LinearProbeConfig) -> 
 def train_linear_probe(features: np.ndarray, labels: np.ndarray, n_classes: int,
                        config: LinearProbeConfig) -> torch.nn.Linear:
     """A (D -> C) linear classifier fitted by cross-entropy; seeded like CLIP_benchmark
-    (torch.manual_seed before the layer is built; shuffling draws from the same generator)."""
+    (torch.manual_seed before the layer is built; shuffling draws from the same generator).
+    `features` (N, D), or (N, V, D) for V augmented views: epoch e trains on view e mod V."""
+    features = np.asarray(features, np.float32)
+    views = features if features.ndim == 3 else features[:, None]
     torch.manual_seed(config.seed)
-    model = torch.nn.Linear(features.shape[1], n_classes)
+    model = torch.nn.Linear(views.shape[2], n_classes)
     optimizer = build_probe_optimizer(model, config)
-    data = TensorDataset(torch.from_numpy(np.asarray(features, np.float32)), torch.from_numpy(labels))
-    loader = DataLoader(data, batch_size=config.batch_size, shuffle=True)
-    total_steps, warmup_steps = config.epochs * len(loader), config.warmup_epochs * len(loader)
+    loaders = [DataLoader(TensorDataset(torch.from_numpy(np.ascontiguousarray(views[:, v])), torch.from_numpy(labels)),
+                          batch_size=config.batch_size, shuffle=True) for v in range(views.shape[1])]
+    steps_per_epoch = len(loaders[0])
+    total_steps, warmup_steps = config.epochs * steps_per_epoch, config.warmup_epochs * steps_per_epoch
     for epoch in range(config.epochs):
+        loader = loaders[epoch % len(loaders)]
         for i, (x, y) in enumerate(loader):
             for group in optimizer.param_groups:
-                group["lr"] = cosine_lr(config.lr, i + epoch * len(loader), total_steps, warmup_steps)
+                group["lr"] = cosine_lr(config.lr, i + epoch * steps_per_epoch, total_steps, warmup_steps)
             optimizer.zero_grad()
             torch.nn.functional.cross_entropy(model(x), y).backward()
             optimizer.step()
