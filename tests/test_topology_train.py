@@ -1,10 +1,10 @@
-"""Topologies through the jobs. Ray Train runs Multi(n, m) with FLIP (the topology that changes
-both towers and adds checkpointed parameters, combined with patch dropping): a few steps, an
-exact resume, the topology saved in the checkpoint and used by evaluation. Every topology's
-exact resume on the same loop is in test_loop.py (in-process: a Ray Train run costs ~40 s on
-2 cores, and the loss is the only part that differs between the other topologies). A
-Euclidean checkpoint's retrieval is recomputed by hand from its unnormalised features (a
-silent fallback to cosine would fail)."""
+"""Topologies through the jobs, with FLIP patch dropping on (selection and topology combine).
+Every topology trains a few steps through Ray Train and its checkpoint is evaluated with its
+own topology; Multi(n, m) (the topology that changes both towers and adds checkpointed
+parameters) also resumes exactly through Ray Train. Every topology's exact resume on the same
+loop is in test_loop.py (in-process: a Ray Train run costs ~40 s on 2 cores). A Euclidean
+checkpoint's retrieval is recomputed by hand from its unnormalised features (a silent fallback
+to cosine would fail)."""
 from __future__ import annotations
 
 import json
@@ -24,7 +24,8 @@ from training.inference import load_inference_model
 
 pytestmark = pytest.mark.ray
 
-TOPOLOGIES = {"multi": 4}  # kind -> m, through Ray Train
+TOPOLOGIES = {"multi": 4, "oblique": 4, "oblique_geodesic": 4, "euclidean": 1}  # kind -> m
+RESUMED = ("multi",)  # straight vs 2 + 2 resumed steps through Ray Train
 
 
 def run_args(build_uri: str, storage, name: str, kind: str, *extra: str) -> list[str]:
@@ -41,27 +42,43 @@ def step_losses(storage, name: str) -> dict[int, float]:
 
 @pytest.fixture(scope="module")
 def topology_runs(small_build, tmp_path_factory):
-    """kind -> (storage, straight run name, resumed run name) after 4 steps each."""
+    """kind -> storage holding "<kind>-straight" (4 steps) and, for RESUMED, "<kind>-resumed"
+    (2 steps, then resumed to 4)."""
     storage, runs = tmp_path_factory.mktemp("topology-runs"), {}
     for kind in TOPOLOGIES:
         train.main(run_args(small_build[3], storage, f"{kind}-straight", kind, "--max-steps", "4"))
-        train.main(run_args(small_build[3], storage, f"{kind}-resumed", kind, "--max-steps", "2"))
-        train.main(run_args(small_build[3], storage, f"{kind}-resumed", kind, "--max-steps", "4", "--resume"))
+        if kind in RESUMED:
+            train.main(run_args(small_build[3], storage, f"{kind}-resumed", kind, "--max-steps", "2"))
+            train.main(run_args(small_build[3], storage, f"{kind}-resumed", kind, "--max-steps", "4", "--resume"))
         runs[kind] = storage
     return runs
 
 
-@pytest.mark.parametrize("kind", sorted(TOPOLOGIES))
-def test_topology_trains_resumes_exactly_and_is_saved(topology_runs, kind):
+@pytest.mark.parametrize("kind", sorted(RESUMED))
+def test_topology_resumes_exactly_through_ray_train(topology_runs, kind):
     storage = topology_runs[kind]
     straight, resumed = step_losses(storage, f"{kind}-straight"), step_losses(storage, f"{kind}-resumed")
-    assert sorted(straight) == [1, 2, 3, 4] and all(np.isfinite(list(straight.values())))
     assert [resumed[s] for s in (3, 4)] == [straight[s] for s in (3, 4)]
+
+
+@pytest.mark.parametrize("kind", sorted(TOPOLOGIES))
+def test_topology_trains_is_saved_and_evaluated_with_its_own_similarity(small_build, topology_runs, kind):
+    storage = topology_runs[kind]
+    straight = step_losses(storage, f"{kind}-straight")
+    assert sorted(straight) == [1, 2, 3, 4] and all(np.isfinite(list(straight.values())))
     state = checkpoint.read_state(checkpoint.fetch_checkpoint(str(storage / f"{kind}-straight")))
     assert state["config"]["topology"]["kind"] == kind
-    bundle = load_inference_model(str(storage / f"{kind}-straight"))
+    uri = str(storage / f"{kind}-straight")
+    bundle = load_inference_model(uri)
     assert bundle.topology.kind == kind and bundle.info["topology"]["kind"] == kind
     assert bundle.info["topology"]["m"] == TOPOLOGIES[kind]
+    dataset = load_karpathy(str(small_build[0].retrieval_dir / "dataset_karpathy.json"))
+    bench = Benchmark("demo", "retrieval", {"test": dataset})
+    features = {role: encode_directly(uri, modality, values) for role, (modality, values) in requests(bench).items()}
+    entry = score(bench, features, bundle.topology)
+    by_hand = compute_retrieval_recall(bundle.topology.score(features["images"], features["captions"]),
+                                       dataset.text_to_image)
+    assert {k: entry[k] for k in by_hand} == by_hand
 
 
 def test_export_refuses_a_non_sphere_checkpoint(topology_runs, tmp_path):
