@@ -19,8 +19,9 @@ its similarity. Each row is reported as the mean over seeds and, against the sph
 block, the paired difference (same seed) with its standard error (std / sqrt(seeds)). Whatever
 the numbers show is what is printed.
 
-Budget: 18 runs (2 blocks x 3 rows x 3 seeds); at the default 150 steps each run took 140-210 s
-on 2 cores (about 50 minutes in all), so 400 steps (about 80 minutes) is the most that fits 90.
+Budget: 18 runs (2 blocks x 3 rows x 3 seeds). At the default 150 steps the runs took 138-296 s
+each on 2 cores, 55 minutes in all, with the test suite sharing the machine for part of it
+(about 140 s per run alone); about 250 steps is the most that fits 90 minutes.
 """
 from __future__ import annotations
 
