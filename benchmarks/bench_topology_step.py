@@ -18,27 +18,20 @@ import resource
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
 
-from training.batches import IMAGES, TEXTS
+from benchmarks.bench_step import synthetic_batch
 from training.config import apply_overrides
 from training.loop import LoopSettings, seed_step, train_step
 from training.methods import build_method_config
 from training.model import build_training_model, tower_geometry
 from training.objectives import build_objective
 from training.optim import build_optimizer, build_scheduler
-from training.towers import build_tokenizer
 
 VARIANTS = {"clip": {}, "oblique(n,m)": {"topology.kind": "oblique"}, "multi(n,m)": {"topology.kind": "multi"}}
-
-
-def synthetic_batch(arch: str, image_size: int, batch_size: int) -> dict:
-    rng = np.random.default_rng(0)
-    captions = [f"a {c} shape number {i}" for i, c in enumerate(rng.choice(["red", "blue"], batch_size))]
-    return {IMAGES: rng.integers(0, 256, (batch_size, 3, image_size, image_size), dtype=np.uint8),
-            TEXTS: build_tokenizer(arch)(captions).numpy()}
 
 
 def time_variant(name: str, args) -> dict:
@@ -74,8 +67,8 @@ def time_variant(name: str, args) -> dict:
 
 
 def run_in_fresh_process(name: str, argv: list[str]) -> dict:
-    out = subprocess.run([sys.executable, __file__, *argv, "--only", name], capture_output=True, text=True,
-                         check=True)
+    out = subprocess.run([sys.executable, "-m", "benchmarks.bench_topology_step", *argv, "--only", name],
+                         capture_output=True, text=True, check=True, cwd=Path(__file__).resolve().parents[1])
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 

@@ -6,6 +6,7 @@ URIs or bytes, texts). Entries are `.npy` files published atomically (pipelines.
 locally or on s3://."""
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import json
@@ -23,6 +24,13 @@ def digest_values(values: list) -> str:
         h.update(len(data).to_bytes(8, "little"))
         h.update(data)
     return h.hexdigest()
+
+
+def settings_key(prefix: str, settings) -> str:
+    """`<prefix>-<digest>` of a settings dataclass: the modality key of an embedding request
+    (inverted or augmented features) that changes with every setting."""
+    encoded = json.dumps(dataclasses.asdict(settings), sort_keys=True).encode("utf-8")
+    return f"{prefix}-{hashlib.sha256(encoded).hexdigest()[:16]}"
 
 
 def model_fingerprint(weights_sha256: str, preprocessing: dict) -> str:

@@ -19,15 +19,14 @@ mode) and never copied. Defined on the sphere (unit features, cosine), as in the
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import hashlib
-import json
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from evaluation.cache import settings_key
 from training.multi_token import class_tokens, num_class_tokens, project_pooled
 
 PLACEHOLDER = "£"  # one token in CLIP's BPE (id 1950), as in the paper's code
@@ -57,8 +56,7 @@ _REQUESTS: dict[str, InversionConfig] = {}
 
 
 def inversion_request(config: InversionConfig) -> str:
-    digest = hashlib.sha256(json.dumps(dataclasses.asdict(config), sort_keys=True).encode("utf-8")).hexdigest()
-    key = f"{config.kind}-{digest[:16]}"
+    key = settings_key(config.kind, config)
     _REQUESTS[key] = config
     return key
 

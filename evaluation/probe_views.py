@@ -7,9 +7,7 @@ image identity, view index) alone, so the features do not depend on how images a
 """
 from __future__ import annotations
 
-import dataclasses
 import hashlib
-import json
 import random
 from dataclasses import dataclass
 
@@ -19,6 +17,7 @@ import torch
 from PIL import Image
 from timm.data.auto_augment import rand_augment_transform
 
+from evaluation.cache import settings_key
 from training import transforms
 
 RAND_AUGMENT = "rand-m9-mstd0.5-inc1"
@@ -71,8 +70,7 @@ _REQUESTS: dict[str, ViewConfig] = {}
 def views_request(config: ViewConfig) -> str:
     """The embedding request "image_views-<digest>" of class-token states of V views per image
     (the cache key changes with every setting)."""
-    digest = hashlib.sha256(json.dumps(dataclasses.asdict(config), sort_keys=True).encode("utf-8")).hexdigest()
-    key = f"image_views-{digest[:16]}"
+    key = settings_key("image_views", config)
     _REQUESTS[key] = config
     return key
 

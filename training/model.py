@@ -17,7 +17,7 @@ from training.methods.pgs import (PGSSelector, check_supported_tower, encode_ima
 from training.methods.smartclip import MaskNetwork
 from training.multi_token import convert_to_multi_token, num_class_tokens, pooled_class_states
 from training.pretrained import load_pretrained_tower
-from training.topology import Sphere, build_topology, check_topology_config
+from training.topology import Sphere, build_topology
 
 # Selectors in open_clip's patch-dropout hook see only the tokens; token selectors (PGS)
 # also read the images and edge scores, so the model runs the vision tower around them.
@@ -139,7 +139,6 @@ def resolve_text_route(topology: TopologyConfig, model: ModelConfig) -> str:
 
 def apply_topology(tower: nn.Module, topology_config: TopologyConfig, model: ModelConfig) -> Sphere:
     """The topology object; for multi, the towers are converted to m [CLS] tokens first."""
-    check_topology_config(topology_config)
     topology = build_topology(topology_config, tower.text_projection.shape[1])
     if topology.kind == "multi":
         convert_to_multi_token(tower, topology.m, topology.n, resolve_text_route(topology_config, model))
