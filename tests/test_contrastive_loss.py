@@ -233,8 +233,10 @@ def assert_gathered_equal_full(gathered_results, mode, full, local_loss: bool) -
 
 def test_loss_module_resolves_its_gather_alone():
     """In a fresh interpreter that imports only our loss module (open_clip imports
-    torch.distributed.nn for us elsewhere), the gather-with-grad path must resolve."""
-    code = ("import torch, training.losses.contrastive\n"
-            "training.losses.contrastive.funcol.all_gather_single_autograd\n")
+    torch.distributed.nn for us elsewhere), the gather-with-grad path must resolve, and
+    importing it warns nothing (the deprecated torch.distributed.nn all_gather is not used)."""
+    code = ("import warnings; warnings.simplefilter('error')\n"
+            "import torch, training.losses.contrastive\n"
+            "training.losses.contrastive.all_gather_with_grad\n")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]

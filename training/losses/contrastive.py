@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
-import torch.distributed._functional_collectives as funcol  # all_gather with gradients
 import torch.nn.functional as F
 from torch import nn
 
+from training.collectives import all_gather_with_grad
 from training.topology import Sphere
 
 
@@ -18,7 +18,7 @@ def gather_features(features: torch.Tensor, rank: int, world_size: int,
     if world_size == 1:
         return features
     if with_grad:  # backward: reduce-scatter of the sum, as torch.distributed.nn's all_gather
-        return funcol.all_gather_single_autograd(features.contiguous(), 0, dist.group.WORLD)
+        return all_gather_with_grad(features)
     gathered = [torch.zeros_like(features) for _ in range(world_size)]
     dist.all_gather(gathered, features)
     if not local_loss:  # the local rows then score through the gathered copy: keep its grad
