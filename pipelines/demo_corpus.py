@@ -32,7 +32,7 @@ COLOURS: dict[str, tuple[int, int, int]] = {
 }
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "star", "cross")
 # Object side as a fraction of the image side.
-SIZES: dict[str, float] = {"small": 0.18, "large": 0.30}
+SIZES: dict[str, float] = {"small": 0.24, "large": 0.32}
 SIZE_JITTER = 0.015
 COLOUR_JITTER = 12
 # Position name -> (row, column) of its cell in a 3x3 grid.

@@ -36,9 +36,9 @@ def check_console(text: str, windows: list[str]) -> None:
 
 
 def test_demo_runs_end_to_end(ray_session, tmp_path, capfd):
-    import run_demo
+    import run_demo  # the demo's kind of image tower (a ResNet), at micro size
     report = run_demo.main(["--out", str(tmp_path), "--n-images", "96", "--epochs", "2",
-                            "--batch-size", "8", "--arch", "clip-micro-p8-32", "--shard-size", "12",
+                            "--batch-size", "8", "--arch", "clip-rn-micro-32", "--shard-size", "12",
                             "--log-every", "4"])
     assert set(report["zeroshot"]) == {"demo-zeroshot"} and report["skipped"] == {}
     assert report["zeroshot"]["demo-zeroshot"]["n_classes"] == 40

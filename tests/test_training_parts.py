@@ -350,3 +350,42 @@ def test_load_inference_model_rebuilds_identical_model(saved_micro):
     similarity = inference.similarity(got[0], got[1])
     assert similarity.shape == (3, 3)
     torch.testing.assert_close(similarity, got[0] @ got[1].T)
+
+
+RESNET_ARCH = "clip-rn-micro-32"  # the demo's kind of image tower (open_clip ModifiedResNet)
+
+
+def test_convolutional_tower_trains_clip():
+    """The demo trains a ModifiedResNet image tower: CLIP's step runs on it, and the data
+    stage's geometry reads the whole image as one 'patch'."""
+    from training.model import tower_geometry
+    from training.objectives import build_objective
+    register_tiny_configs()
+    config = apply_overrides(build_method_config("clip"), {"model.arch": RESNET_ARCH})
+    model = build_model(config.model, config.masking, config.loss)
+    assert type(model.tower.visual).__name__ == "ModifiedResNet"
+    assert tower_geometry(model) == (32, 32)
+    texts = build_tokenizer(RESNET_ARCH)(["a red circle", "a blue square", "a cyan star", "a pink cross"])
+    out = model(torch.randn(4, 3, 32, 32), texts=texts)
+    loss = sum(build_objective(config.loss, config.smartclip, 0, 1)(out).values())
+    loss.backward()
+    assert torch.isfinite(loss) and model.tower.visual.attnpool.c_proj.weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("method, names", [("flip", "FLIP's patch dropout"), ("pgs0.5", "CLIP-PGS"),
+                                           ("multi", "topology.kind=multi")])
+def test_patch_methods_refuse_a_convolutional_tower(method, names):
+    """FLIP on open_clip's ResNet would set a patch-dropout hook the tower never calls: a
+    silent no-op. Every method that needs patches or class tokens refuses it by name."""
+    from training.model import build_training_model
+    register_tiny_configs()
+    config = apply_overrides(build_method_config(method), {"model.arch": RESNET_ARCH})
+    with pytest.raises(ValueError, match=names):
+        build_training_model(config)
+
+
+def test_class_token_features_refuse_a_convolutional_tower():
+    register_tiny_configs()
+    model = build_model(ModelConfig(RESNET_ARCH), MaskingConfig(), LossConfig())
+    with pytest.raises(ValueError, match="class-token features needs a VisionTransformer"):
+        model.image_class_states(torch.randn(2, 3, 32, 32))

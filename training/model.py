@@ -52,6 +52,7 @@ class ContrastiveModel(nn.Module):
         self.max_logit_scale = max_logit_scale
         self.mask_network = mask_network  # outside `tower`: the open_clip export stays plain CLIP
         if patch_selector is not None:
+            check_patch_tower(tower.visual, "FLIP's patch dropout (masking.kind=random)")
             tower.visual.patch_dropout = patch_selector  # open_clip's hook after pos. embed.
         if token_selector is not None:
             check_supported_tower(tower.visual)
@@ -71,6 +72,7 @@ class ContrastiveModel(nn.Module):
     def image_class_states(self, images: torch.Tensor) -> torch.Tensor:
         """(B, c·w): the c class-token states after ln_post, before the projection, concatenated
         (what a linear probe reads with the projection head removed, METHODS.md §3.6)."""
+        check_patch_tower(self.tower.visual, "class-token features")
         return pooled_class_states(self.tower.visual, images)
 
     def encode_text(self, texts: torch.Tensor) -> dict:
@@ -107,6 +109,13 @@ class ContrastiveModel(nn.Module):
         self.tower.logit_scale.clamp_(0, torch.log(torch.tensor(self.max_logit_scale)).item())
 
 
+def check_patch_tower(visual: nn.Module, feature: str) -> None:
+    """Patch selection and class-token states exist only in a ViT image tower; a
+    convolutional one (open_clip's ModifiedResNet) is refused by name."""
+    if not hasattr(visual, "patch_dropout"):
+        raise ValueError(f"{feature} needs a VisionTransformer image tower, not {type(visual).__name__}")
+
+
 def build_patch_selector(masking: MaskingConfig, num_prefix_tokens: int = 1) -> nn.Module | None:
     """The patch-dropout hook's selector; the first `num_prefix_tokens` (class tokens) stay."""
     if masking.kind not in PATCH_SELECTORS:
@@ -122,9 +131,11 @@ def build_mask_network(tower: nn.Module, smartclip: SmartClipConfig) -> MaskNetw
                        smartclip.mask_init_bias, act_layer=type(block.mlp.gelu))
 
 
-def build_token_selector(masking: MaskingConfig, pgs: PGSConfig, patch_size: int) -> PGSSelector | None:
+def build_token_selector(masking: MaskingConfig, pgs: PGSConfig, visual: nn.Module) -> PGSSelector | None:
     if masking.kind not in TOKEN_SELECTORS:
         return None
+    check_supported_tower(visual)
+    patch_size = _first(visual.patch_size)
     if masking.ratio != 0.0:
         raise ValueError("CLIP-PGS takes its mask ratios from pgs.min_mask_ratio / pgs.max_mask_ratio; "
                          f"leave masking.ratio at 0 (got {masking.ratio})")
@@ -165,7 +176,7 @@ def build_model(model: ModelConfig, masking: MaskingConfig, loss: LossConfig,
     mask_network = None if smartclip is None else build_mask_network(tower, smartclip)
     return ContrastiveModel(tower, build_patch_selector(masking, num_class_tokens(tower.visual)),
                             resolve_max_logit_scale(loss, topology), mask_network,
-                            build_token_selector(masking, pgs, tower.visual.patch_size[0]), space)
+                            build_token_selector(masking, pgs, tower.visual), space)
 
 
 def build_training_model(config: TrainConfig) -> ContrastiveModel:
@@ -179,6 +190,11 @@ def build_training_model(config: TrainConfig) -> ContrastiveModel:
 def tower_geometry(model: ContrastiveModel) -> tuple[int, int]:
     """(image size, patch size) of the vision tower."""
     visual = model.tower.visual
-    image_size = visual.image_size[0] if isinstance(visual.image_size, tuple) else visual.image_size
-    patch = visual.patch_size[0] if isinstance(visual.patch_size, tuple) else visual.patch_size
-    return int(image_size), int(patch)
+    # A convolutional tower (open_clip's ModifiedResNet) has no patches: its "patch" for the
+    # data stage (edge scores per patch) is the whole image.
+    image_size = int(_first(visual.image_size))
+    return image_size, int(_first(getattr(visual, "patch_size", image_size)))
+
+
+def _first(size: int | tuple[int, ...]) -> int:
+    return size[0] if isinstance(size, (tuple, list)) else size
