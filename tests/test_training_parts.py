@@ -389,3 +389,62 @@ def test_class_token_features_refuse_a_convolutional_tower():
     model = build_model(ModelConfig(RESNET_ARCH), MaskingConfig(), LossConfig())
     with pytest.raises(ValueError, match="class-token features needs a VisionTransformer"):
         model.image_class_states(torch.randn(2, 3, 32, 32))
+
+
+def run_projection_only_steps(arch: str, learn_temperature: bool, steps: int = 3):
+    """(state before, state after, trainable names) of `steps` optimiser steps of CLIP with
+    model.trainable=projections, through the training loop."""
+    from tests.test_loop import Recorder
+    from training.loop import LoopSettings, run_training
+    from training.model import build_training_model
+    from training.objectives import build_objective
+    from training.batches import IMAGES, TEXTS
+    register_tiny_configs()
+    config = apply_overrides(build_method_config("clip"), {
+        "model.arch": arch, "model.trainable": "projections", "optim.lr": 1e-2,
+        "loss.learn_temperature": learn_temperature})
+    torch.manual_seed(0)
+    model = build_training_model(config)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    optimizer = build_optimizer(model, config.optim)
+    tokenizer = build_tokenizer(arch)
+    batches = [{IMAGES: torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8).numpy(),
+                TEXTS: tokenizer([f"a {c} shape {b}" for c in ("red", "blue", "green", "pink")]).numpy()}
+               for b in range(steps)]
+    settings = LoopSettings(start_step=0, total_steps=steps, seed=0, rank=0, world_size=1,
+                            device=torch.device("cpu"))
+    run_training(model, build_objective(config.loss, config.smartclip, 0, 1), optimizer,
+                 build_scheduler(optimizer, 1, steps), batches, settings, Recorder())
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    return before, model.state_dict(), trainable
+
+
+@pytest.mark.parametrize("arch, projections", [
+    (ARCH, {"tower.visual.proj", "tower.text_projection"}),
+    (RESNET_ARCH, {"tower.visual.attnpool.c_proj.weight", "tower.visual.attnpool.c_proj.bias",
+                   "tower.text_projection"})])
+@pytest.mark.parametrize("learn_temperature", [True, False])
+def test_projection_only_training_leaves_every_other_weight_bit_identical(arch, projections, learn_temperature):
+    """Cross the Gap §5.6 trains only the final projections (and a learned temperature):
+    every other parameter and buffer (a ResNet's BatchNorm statistics too) is bit-identical."""
+    before, after, trainable = run_projection_only_steps(arch, learn_temperature)
+    moving = projections | ({"tower.logit_scale"} if learn_temperature else set())
+    assert trainable == moving
+    for name, value in after.items():
+        if name.endswith("num_batches_tracked"):
+            continue  # a counter, not a weight
+        if name in moving:
+            assert not torch.equal(value, before[name]), f"{name} did not train"
+        else:
+            assert torch.equal(value, before[name]), f"{name} changed"
+
+
+def test_projection_only_refuses_what_it_would_leave_untrained():
+    from training.model import build_training_model
+    register_tiny_configs()
+    with pytest.raises(ValueError, match="mask network would then never train"):
+        build_training_model(apply_overrides(build_method_config("smartclip"), {
+            "model.arch": ARCH, "model.trainable": "projections"}))
+    with pytest.raises(ValueError, match="unknown model.trainable='towers'"):
+        build_training_model(apply_overrides(build_method_config("clip"), {
+            "model.arch": ARCH, "model.trainable": "towers"}))

@@ -21,6 +21,10 @@ class ModelConfig:
     # the first k rows frozen. factor 1 = off; Long-CLIP: keep 20, factor 4 (77 -> 248).
     text_positions_kept: int = 20
     text_stretch_factor: int = 1
+    # What trains: "all", or "projections" (Cross the Gap §5.6: only the two towers' final
+    # projection matrices, and the temperature when loss.learn_temperature; every other
+    # weight stays bit-identical to its start).
+    trainable: str = "all"
 
 
 @dataclass(frozen=True)

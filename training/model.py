@@ -156,6 +156,28 @@ def apply_topology(tower: nn.Module, topology_config: TopologyConfig, model: Mod
     return topology
 
 
+# The final projection of each tower, by open_clip parameter name: a ViT's `visual.proj`, a
+# ModifiedResNet's attention-pool output projection, the text tower's `text_projection`
+# (a matrix, or a Linear with proj_type "linear").
+PROJECTION_PARAMETERS = ("visual.proj", "visual.attnpool.c_proj.weight", "visual.attnpool.c_proj.bias",
+                         "text_projection", "text_projection.weight", "text_projection.bias")
+
+
+def freeze_all_but_projections(tower: nn.Module) -> list[str]:
+    """requires_grad only on the two final projections (Cross the Gap §5.6); returns their
+    names. The temperature is set apart, by `set_temperature`."""
+    kept = [name for name, _ in tower.named_parameters() if name in PROJECTION_PARAMETERS]
+    if not any(n.startswith("visual.") for n in kept) or not any(n.startswith("text_") for n in kept):
+        raise ValueError(f"model.trainable=projections: no final projection found in both towers of "
+                         f"{type(tower.visual).__name__} (found {kept or 'none'})")
+    for name, parameter in tower.named_parameters():
+        parameter.requires_grad_(name in kept)
+    for module in tower.modules():  # a ResNet's running statistics stay as they were too
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            module.momentum = 0.0
+    return kept
+
+
 def set_temperature(tower: nn.Module, model: ModelConfig, loss: LossConfig) -> None:
     if model.pretrained is None or loss.reset_logit_scale:
         with torch.no_grad():
@@ -172,6 +194,8 @@ def build_model(model: ModelConfig, masking: MaskingConfig, loss: LossConfig,
     tower = load_pretrained_tower(model.arch, model.pretrained)
     apply_long_text(tower, model.text_positions_kept, model.text_stretch_factor)
     space = apply_topology(tower, topology, model)
+    if model.trainable == "projections":
+        freeze_all_but_projections(tower)
     set_temperature(tower, model, loss)
     mask_network = None if smartclip is None else build_mask_network(tower, smartclip)
     return ContrastiveModel(tower, build_patch_selector(masking, num_class_tokens(tower.visual)),

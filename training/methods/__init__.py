@@ -68,6 +68,9 @@ METHODS: dict[str, MethodRecipe] = {
 OBJECTIVE_TOPOLOGIES = {"smartclip": ("sphere",)}
 
 
+TRAINABLE = ("all", "projections")
+
+
 def check_combination(config: TrainConfig) -> None:
     """Refuse parts that do not compose, naming both."""
     check_topology_config(config.topology)
@@ -75,6 +78,11 @@ def check_combination(config: TrainConfig) -> None:
     if allowed and config.topology.kind not in allowed:
         raise ValueError(f"loss.kind={config.loss.kind} (its dimension masks) is defined on topology.kind "
                          f"{' / '.join(allowed)} only, not topology.kind={config.topology.kind}")
+    if config.model.trainable not in TRAINABLE:
+        raise ValueError(f"unknown model.trainable={config.model.trainable!r}; known: {', '.join(TRAINABLE)}")
+    if config.model.trainable == "projections" and config.loss.kind == "smartclip":
+        raise ValueError("model.trainable=projections trains only the towers' final projections; "
+                         "loss.kind=smartclip's mask network would then never train")
 
 
 def resolve_auto_fields(config: TrainConfig) -> TrainConfig:
