@@ -79,8 +79,9 @@ def check_inversion(config: InversionConfig, topology_kind: str, visual: nn.Modu
     if topology_kind != "sphere":
         raise ValueError(f"modality inversion is defined on the sphere (cosine of unit features); this "
                          f"checkpoint's topology is {topology_kind}")
-    if config.kind == "ovi" and visual is not None and not hasattr(visual, "conv1"):
-        raise ValueError("OVI needs a ViT image tower (pseudo-patches replace its patch embeddings)")
+    if config.kind == "ovi" and visual is not None and not hasattr(visual, "transformer"):
+        raise ValueError("OVI needs a ViT image tower (pseudo-patches replace its patch embeddings), "
+                         f"not {type(visual).__name__}")
 
 
 def query_generator(seed: int, identity: str) -> torch.Generator:

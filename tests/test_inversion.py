@@ -97,6 +97,9 @@ def test_inversion_is_refused_off_the_sphere_and_for_bad_settings():
         check_inversion(InversionConfig(k=0), "sphere")
     with pytest.raises(ValueError, match="ViT"):
         check_inversion(InversionConfig(kind="ovi"), "sphere", torch.nn.Linear(1, 1))
+    with pytest.raises(ValueError, match="ViT image tower.*ModifiedResNet"):  # it has a conv1 too
+        check_inversion(InversionConfig(kind="ovi"), "sphere", build_tower_model("clip-rn-micro-32").visual)
+    check_inversion(InversionConfig(kind="oti"), "sphere", build_tower_model("clip-rn-micro-32").visual)
     assert InversionConfig(kind="oti").num_steps == 150 and InversionConfig(kind="ovi").num_steps == 1000
 
 
