@@ -3,7 +3,8 @@
 # the GPU-marked tests (PGS selection without host synchronisation, the key-padding mask in
 # bf16, every method's bf16 step on ViT-B/16, the topology methods included), the PGS
 # step-time benchmark on ViT-B/16 with the largest batch that fits, with a profile of the
-# selector, and Multi(32, 16) against CLIP on ViT-B/16 in bf16 (step time, peak memory).
+# selector, Multi(32, 16) against CLIP on ViT-B/16 in bf16 (step time, peak memory), and
+# seconds per OTI / OVI inversion on ViT-B/32 at the largest batch that fits.
 #
 # The machine's own python3 has torch; packages it lacks travel as wheels in .whl/ (git
 # ignores it), installed into /tmp/site. Fetch them once where pip reaches PyPI:
@@ -36,4 +37,5 @@ for batch in ${GPU_BATCHES:-1024 512 256}; do
         --steps 20 && break
     echo "batch $batch did not fit or failed; trying a smaller one"
 done
+python3 -m benchmarks.bench_inversion --device cuda --arch ViT-B-32 --steps 20
 exit $tests_rc
