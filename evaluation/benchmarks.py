@@ -15,8 +15,8 @@ from evaluation.datasets import (load_coco_captions, load_flickr_token, load_ima
 from evaluation.tasks.compositionality import compute_pair_accuracy, summarize_sugarcrepe
 from evaluation.inversion import INVERTS, inversion_from_options, inversion_request
 from evaluation.probe_views import views_from_options, views_request
-from evaluation.tasks.intra_modal import (GAP_KEY, MAP_KEY, compute_modality_gap, compute_retrieval_map,
-                                          compute_text_to_text_map, split_first_caption)
+from evaluation.tasks.intra_modal import (GAP_KEY, compute_modality_gap, compute_retrieval_metrics,
+                                          compute_text_to_text_metrics, split_first_caption)
 from evaluation.tasks.linear_probe import LinearProbeConfig, evaluate_linear_probe
 from evaluation.tasks.retrieval import compute_retrieval_recall, select_gallery
 from evaluation.tasks.zeroshot import (ATTRIBUTE_ACCURACY_KEY, compute_attribute_accuracy,
@@ -77,12 +77,20 @@ def load_benchmark(entry: dict) -> Benchmark:
     """Load the datasets of one suite entry: {"name", "task", "test": spec[, "train": spec][, "options"]}."""
     if entry.get("task") not in TASKS:
         raise ValueError(f"{entry.get('name')}: unknown task {entry.get('task')!r}; known: {sorted(TASKS)}")
-    roles = TASKS[entry["task"]][1]
+    roles = benchmark_roles(entry["task"], entry.get("options", {}))
     missing = [role for role in roles if role not in entry]
     if missing:
         raise ValueError(f"{entry['name']}: task {entry['task']} needs dataset(s) {missing}")
     data = {role: load_dataset(entry[role], need_templates=entry["task"] == "zeroshot") for role in roles}
     return Benchmark(entry["name"], entry["task"], data, entry.get("options", {}), {r: entry[r] for r in roles})
+
+
+def benchmark_roles(task: str, options: dict) -> tuple[str, ...]:
+    """The dataset roles an entry reads: its task's, except an image_retrieval entry whose
+    gallery is its own test split (no train split then)."""
+    if task == "image_retrieval" and options.get("gallery") == "test":
+        return ("test",)
+    return TASKS[task][1]
 
 
 def class_prompts(dataset) -> list[str]:
@@ -116,7 +124,8 @@ def requests(bench: Benchmark) -> dict[str, tuple[str, list]]:
         train = modality if views is None else views_request(views)
         return {"train": (train, bench.data["train"].images), "test": (modality, test.images)}
     if bench.task == "image_retrieval":
-        return {"train": (IMAGE, bench.data["train"].images), "test": (query_modality(bench, IMAGE), test.images)}
+        gallery = ("train", bench.data["train"]) if gallery_split(bench) == "train" else ("gallery", test)
+        return {gallery[0]: (IMAGE, gallery[1].images), "test": (query_modality(bench, IMAGE), test.images)}
     return {"images": (IMAGE, unique_images(test)), "texts": (TEXT, composition_texts(test))}
 
 
@@ -222,21 +231,38 @@ def score_compositionality(bench: Benchmark, features: dict, topology: Topology)
     return {**summarize_sugarcrepe(accuracies), "protocol": composition.protocol, "n_images": composition.n_images}
 
 
+def gallery_split(bench: Benchmark) -> str:
+    """An image_retrieval entry's gallery: "train" (test queries against the train split, the
+    paper's Pets/Cars/ImageNet protocol) or "test" (one split, each query removed from its
+    own gallery: CUB, SOP)."""
+    split = bench.options.get("gallery", "train")
+    if split not in ("train", "test"):
+        raise ValueError(f"{bench.name}: unknown gallery {split!r}; known: train, test")
+    return split
+
+
 def score_image_retrieval(bench: Benchmark, features: dict, topology: Topology) -> dict:
-    train, test = bench.data["train"], bench.data["test"]
-    query = query_kind(bench, IMAGE)
-    value = compute_retrieval_map(features["test"], test.labels, features["train"], train.labels, topology.score)
-    return {MAP_KEY: value, "protocol": f"image->image, {query} test queries / train gallery",
-            "n_queries": test.n_images, "n_gallery": train.n_images}
+    test, query = bench.data["test"], query_kind(bench, IMAGE)
+    if gallery_split(bench) == "train":
+        train = bench.data["train"]
+        metrics = compute_retrieval_metrics(features["test"], test.labels, features["train"], train.labels,
+                                            topology.score)
+        protocol, n_gallery = f"image->image, {query} test queries / train gallery", train.n_images
+    else:
+        ids = np.arange(test.n_images)
+        metrics = compute_retrieval_metrics(features["test"], test.labels, features["gallery"], test.labels,
+                                            topology.score, query_ids=ids, gallery_ids=ids)
+        protocol, n_gallery = f"image->image, {query} queries / same split, query removed", test.n_images - 1
+    return {**metrics, "protocol": protocol, "n_queries": test.n_images, "n_gallery": n_gallery}
 
 
 def score_text_retrieval(bench: Benchmark, features: dict, topology: Topology) -> dict:
     dataset = bench.data["test"]
     query = query_kind(bench, TEXT)
-    value = compute_text_to_text_map(features["captions"], dataset.text_to_image, topology.score,
-                                     features.get("queries"))
+    metrics = compute_text_to_text_metrics(features["captions"], dataset.text_to_image, topology.score,
+                                           features.get("queries"))
     gap = compute_modality_gap(features["images"], features["captions"], dataset.text_to_image, topology)
-    return {MAP_KEY: value, GAP_KEY: gap,
+    return {**metrics, GAP_KEY: gap,
             "protocol": f"text->text, {query} first-caption queries ({dataset.protocol})",
             "n_queries": dataset.n_images, "n_gallery": dataset.n_texts - dataset.n_images}
 

@@ -12,7 +12,7 @@ from typing import Any, TypedDict
 
 from evaluation.datasets.compositional import SUGARCREPE_SUBSETS
 from evaluation.tasks.compositionality import AVERAGE_KEY
-from evaluation.tasks.intra_modal import GAP_KEY, MAP_KEY
+from evaluation.tasks.intra_modal import GAP_KEY, MAP_AT_R_KEY, MAP_KEY, R_PRECISION_KEY
 from evaluation.tasks.retrieval import IMAGE_RETRIEVAL_KEY, RECALL_KS, TEXT_RETRIEVAL_KEY
 from evaluation.tasks.zeroshot import (ATTRIBUTE_ACCURACY_KEY, MEAN_AVERAGE_PRECISION_KEY,
                                        MEAN_PER_CLASS_RECALL_KEY, TOPK_KEY)
@@ -270,9 +270,11 @@ def format_intra_modal_section(results: dict[str, dict]) -> list[str]:
     lines = ["## Intra-modal retrieval and modality gap", ""]
     if not results:
         return lines + ["None."]
-    rows = [[name, str(entry.get(PROTOCOL_KEY, MISSING)), format_percent(entry.get(MAP_KEY)),
+    rows = [[name, str(entry.get(PROTOCOL_KEY, MISSING)),
+             *(format_percent(entry.get(key)) for key in (MAP_KEY, MAP_AT_R_KEY, R_PRECISION_KEY)),
              f"{entry[GAP_KEY]:.3f}" if GAP_KEY in entry else MISSING] for name, entry in sorted(results.items())]
-    return lines + format_table(["dataset", "protocol", "mAP", "modality gap"], rows, n_text_columns=2)
+    header = ["dataset", "protocol", "mAP", "mAP@R", "R-precision", "modality gap"]
+    return lines + format_table(header, rows, n_text_columns=2)
 
 
 def format_skipped_section(skipped: dict[str, str]) -> list[str]:

@@ -71,6 +71,77 @@ def test_image_to_image_map_against_naive_loop():
         assert compute_retrieval_map(queries, q_labels, gallery, g_labels, dot, block_size=block) == pytest.approx(naive)
 
 
+def naive_precision_metrics(scores: np.ndarray, relevant: np.ndarray) -> tuple[float, float, float]:
+    """(AP, mAP@R, R-precision) of one query by the definitions, rank by rank."""
+    ranked = relevant[np.argsort(-scores, kind="stable")]
+    r = int(ranked.sum())
+    if r == 0:
+        return 0.0, 0.0, 0.0
+    hits, ap, ap_at_r = 0, 0.0, 0.0
+    for rank, is_relevant in enumerate(ranked, 1):
+        hits += int(is_relevant)
+        if is_relevant:
+            ap += hits / rank
+            ap_at_r += hits / rank if rank <= r else 0.0
+    return ap / r, ap_at_r / r, ranked[:r].sum() / r
+
+
+def test_map_at_r_and_r_precision_against_naive_loop():
+    from evaluation.tasks.intra_modal import compute_retrieval_metrics
+    rng = np.random.default_rng(5)
+    queries, gallery = rng.normal(size=(11, 4)), rng.normal(size=(25, 4))
+    q_labels, g_labels = rng.integers(0, 4, 11), rng.integers(0, 3, 25)  # label 3: no relevant item
+    naive = np.array([naive_precision_metrics(gallery @ q, g_labels == label) for q, label in zip(queries, q_labels)])
+    for block in (1, 4, 256):
+        got = compute_retrieval_metrics(queries, q_labels, gallery, g_labels, dot, block_size=block)
+        assert [got["mAP"], got["mAP@R"], got["R-precision"]] == pytest.approx(naive.mean(axis=0).tolist())
+
+
+def test_hand_made_ranking_metrics():
+    """Gallery ranked (relevant, not, relevant, not): AP = (1 + 2/3) / 2, R = 2, so
+    R-precision = 1/2 and mAP@R = (1/1) / 2."""
+    from evaluation.tasks.intra_modal import compute_precision_metrics
+    got = compute_precision_metrics(np.array([[4.0, 3.0, 2.0, 1.0]]), np.array([[True, False, True, False]]))
+    assert got["mAP"][0] == pytest.approx((1 + 2 / 3) / 2)
+    assert got["R-precision"][0] == pytest.approx(0.5) and got["mAP@R"][0] == pytest.approx(0.5)
+
+
+def test_query_removed_from_its_own_gallery():
+    """Query and gallery from one split (CUB, SOP): the query, its own best match, must not
+    count; the result equals ranking the gallery without it."""
+    from evaluation.tasks.intra_modal import compute_retrieval_metrics
+    rng = np.random.default_rng(6)
+    items, labels = rng.normal(size=(12, 4)), np.arange(12) % 3
+    ids = np.arange(12)
+    got = compute_retrieval_metrics(items, labels, items, labels, dot, query_ids=ids, gallery_ids=ids, block_size=5)
+    without = np.array([naive_precision_metrics(np.delete(items, i, 0) @ items[i], np.delete(labels, i) == labels[i])
+                        for i in range(12)])
+    assert [got["mAP"], got["mAP@R"], got["R-precision"]] == pytest.approx(without.mean(axis=0).tolist())
+    kept = compute_retrieval_metrics(items, labels, items, labels, dot)
+    assert kept["mAP"] > got["mAP"]  # keeping itself, each query finds a relevant item first
+
+
+def test_same_split_image_retrieval_entry_removes_the_query():
+    from evaluation.benchmarks import Benchmark, requests, score
+    from evaluation.datasets.classification import ClassificationSet
+    from evaluation.tasks.intra_modal import compute_retrieval_metrics
+    test = ClassificationSet("cub", [f"i{i}" for i in range(6)], np.arange(6) % 2, ["a", "b"], [])
+    bench = Benchmark("cub", "image_retrieval", {"test": test}, {"gallery": "test"})
+    assert set(requests(bench)) == {"gallery", "test"}
+    features = {"test": np.eye(6)[[0, 1, 0, 1, 0, 1]] + 0.1, "gallery": np.eye(6)}
+    result = score(bench, features, Sphere(6))
+    ids = np.arange(6)
+    want = compute_retrieval_metrics(features["test"], test.labels, features["gallery"], test.labels, dot,
+                                     query_ids=ids, gallery_ids=ids)
+    assert {k: result[k] for k in want} == pytest.approx(want)
+    assert "query removed" in result["protocol"] and result["n_gallery"] == 5
+    with pytest.raises(ValueError, match="unknown gallery 'val'"):
+        requests(Benchmark("cub", "image_retrieval", {"test": test}, {"gallery": "val"}))
+    from evaluation.benchmarks import benchmark_roles
+    assert benchmark_roles("image_retrieval", {"gallery": "test"}) == ("test",)  # no train split read
+    assert benchmark_roles("image_retrieval", {}) == ("train", "test")
+
+
 def test_inverted_caption_queries_replace_the_first_captions():
     text_to_image = np.array([0, 0, 1, 1])
     features = np.eye(2)[text_to_image]
