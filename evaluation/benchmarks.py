@@ -12,10 +12,12 @@ import numpy as np
 
 from evaluation.datasets import (load_coco_captions, load_flickr_token, load_image_folder, load_karpathy,
                                  load_long_caption_build, load_long_caption_folder, load_sugarcrepe, load_wds)
+from evaluation.datasets.landmarks import load_revisited
 from evaluation.tasks.compositionality import compute_pair_accuracy, summarize_sugarcrepe
 from evaluation.inversion import INVERTS, inversion_from_options, inversion_request
 from evaluation.probe_views import views_from_options, views_request
-from evaluation.tasks.intra_modal import (GAP_KEY, compute_modality_gap, compute_retrieval_metrics,
+from evaluation.tasks.intra_modal import (GAP_KEY, MAP_KEY, compute_modality_gap, compute_retrieval_metrics,
+                                          compute_revisited_map,
                                           compute_text_to_text_metrics, split_first_caption)
 from evaluation.tasks.linear_probe import LinearProbeConfig, evaluate_linear_probe
 from evaluation.tasks.retrieval import compute_retrieval_recall, select_gallery
@@ -31,6 +33,7 @@ READERS: dict[str, Callable] = {
     "wds": load_wds, "image_folder": load_image_folder, "karpathy": load_karpathy,
     "coco_captions": load_coco_captions, "flickr_token": load_flickr_token,
     "long_folder": load_long_caption_folder, "long_build": load_long_caption_build, "sugarcrepe": load_sugarcrepe,
+    "revisited": load_revisited,
 }
 # task -> (report section, dataset roles it reads)
 TASKS = {
@@ -40,6 +43,7 @@ TASKS = {
     "compositionality": ("compositionality", ("test",)),
     "image_retrieval": ("intra_modal", ("train", "test")),
     "text_retrieval": ("intra_modal", ("test",)),
+    "landmark_retrieval": ("intra_modal", ("test",)),  # revisited Oxford / Paris
 }
 Topology = object  # training/topology.py Sphere and subclasses: score, class_scores, modality_gap
 CONFUSION_KEY = "confusion"  # zero-shot entry: {"classnames", "counts" (true x predicted)[, "attributes"]}
@@ -126,6 +130,8 @@ def requests(bench: Benchmark) -> dict[str, tuple[str, list]]:
     if bench.task == "image_retrieval":
         gallery = ("train", bench.data["train"]) if gallery_split(bench) == "train" else ("gallery", test)
         return {gallery[0]: (IMAGE, gallery[1].images), "test": (query_modality(bench, IMAGE), test.images)}
+    if bench.task == "landmark_retrieval":
+        return {"gallery": (IMAGE, test.images), "test": (query_modality(bench, IMAGE), test.queries)}
     return {"images": (IMAGE, unique_images(test)), "texts": (TEXT, composition_texts(test))}
 
 
@@ -267,8 +273,19 @@ def score_text_retrieval(bench: Benchmark, features: dict, topology: Topology) -
             "n_queries": dataset.n_images, "n_gallery": dataset.n_texts - dataset.n_images}
 
 
+def score_landmark_retrieval(bench: Benchmark, features: dict, topology: Topology) -> dict:
+    """The revisited protocol; the entry's mAP is the medium setting's (the one usually quoted)."""
+    dataset, query = bench.data["test"], query_kind(bench, IMAGE)
+    maps = compute_revisited_map(features["test"], features["gallery"], dataset.ground_truth, topology.score)
+    return {MAP_KEY: maps["medium"], **{f"{MAP_KEY}_{name}": value for name, value in maps.items()},
+            "protocol": f"{dataset.protocol} {dataset.name}, {query} queries "
+                        f"(E/M/H {100 * maps['easy']:.1f} / {100 * maps['medium']:.1f} / {100 * maps['hard']:.1f})",
+            "n_queries": len(dataset.queries), "n_gallery": dataset.n_images}
+
+
 SCORERS = {"zeroshot": score_zeroshot, "retrieval": score_retrieval, "linear_probe": score_linear_probe,
            "compositionality": score_compositionality, "image_retrieval": score_image_retrieval,
+           "landmark_retrieval": score_landmark_retrieval,
            "text_retrieval": score_text_retrieval}
 
 

@@ -115,3 +115,37 @@ def compute_modality_gap(image_features: np.ndarray, text_features: np.ndarray,
     of the chunk-normalised rows divided by √m (the root mean square of the m spheres' gaps);
     on the Euclidean topology the distance of the raw means."""
     return (topology or Sphere(1)).modality_gap(image_features[text_to_image], text_features)
+
+
+# The revisited protocol's three settings: (relevant, ignored) built from a query's ground truth.
+REVISITED_SETTINGS = {"easy": (("easy",), ("junk", "hard")), "medium": (("easy", "hard"), ("junk",)),
+                      "hard": (("hard",), ("junk", "easy"))}
+
+
+def revisited_average_precision(ranked: np.ndarray, relevant: np.ndarray, ignored: np.ndarray) -> float:
+    """The protocol's AP (revisitop's compute_ap): ignored items leave the ranking, then the
+    trapezoid over recall steps of 1/|relevant| with 0-based ranks r_j of the relevant items,
+    Σ_j (P_before + P_at) / 2 / |relevant| with P_before = j / r_j (1 at r_j = 0), P_at = (j + 1) / (r_j + 1)."""
+    kept = ranked[~np.isin(ranked, ignored)]
+    ranks = np.flatnonzero(np.isin(kept, relevant))
+    j = np.arange(len(ranks))
+    before = np.where(ranks == 0, 1.0, j / np.maximum(ranks, 1))
+    return float(((before + (j + 1) / (ranks + 1)) / 2).sum() / len(relevant))
+
+
+def compute_revisited_map(queries: np.ndarray, gallery: np.ndarray, ground_truth: list[dict],
+                          similarity: Similarity, block_size: int = 8) -> dict[str, float]:
+    """mAP in each setting (easy / medium / hard), over the queries that have a relevant item
+    in that setting; the gallery is ranked in blocks of queries (R1M galleries are large)."""
+    per_setting: dict[str, list[float]] = {name: [] for name in REVISITED_SETTINGS}
+    for start in range(0, len(queries), block_size):
+        scores = np.asarray(similarity(queries[start:start + block_size], gallery), np.float64)
+        if not np.isfinite(scores).all():
+            raise ValueError("scores contain NaN or inf")
+        for row, truth in zip(np.argsort(-scores, axis=1, kind="stable"), ground_truth[start:start + block_size]):
+            for name, (relevant_keys, ignored_keys) in REVISITED_SETTINGS.items():
+                relevant = np.concatenate([truth[k] for k in relevant_keys])
+                if len(relevant):
+                    ignored = np.concatenate([truth[k] for k in ignored_keys])
+                    per_setting[name].append(revisited_average_precision(row, relevant, ignored))
+    return {name: float(np.mean(values)) if values else float("nan") for name, values in per_setting.items()}
