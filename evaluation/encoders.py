@@ -39,7 +39,7 @@ def build_inversion(bundle, inversion: dict | None) -> InversionConfig | None:
     config = InversionConfig(**inversion)
     if bundle.info.get("scorer", "plain") != "plain":
         raise ValueError("modality inversion inverts the plain embeddings: use the plain scorer")
-    check_inversion(config, bundle.topology.kind, bundle.model.model.tower.visual)
+    check_inversion(config, bundle.topology.kind, bundle.model.tower.visual)
     return config
 
 
@@ -78,7 +78,7 @@ class ImageEncoder:
         features = self.forward(self.pixels(batch).to(self.device))
         if self.inversion is not None:
             identities = [image_identity(uri, data) for uri, data in zip(batch[URI], batch[DATA])]
-            features = oti_features(self.bundle.model.model.tower, self.bundle.tokenizer, features, identities,
+            features = oti_features(self.bundle.model.tower, self.bundle.tokenizer, features, identities,
                                     self.inversion)
         return {INDEX: batch[INDEX], EMBEDDING: features.float().cpu().numpy()}
 
@@ -97,7 +97,7 @@ class TextEncoder:
         texts = [str(t) for t in batch[TEXT]]
         features = self.bundle.model.encode_text(self.bundle.tokenizer(texts).to(self.device))
         if self.inversion is not None:
-            features = ovi_features(self.bundle.model.model.tower, features, texts, self.inversion)
+            features = ovi_features(self.bundle.model.tower, features, texts, self.inversion)
         return {INDEX: batch[INDEX], EMBEDDING: features.float().cpu().numpy()}
 
 

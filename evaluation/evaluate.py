@@ -43,6 +43,7 @@ from evaluation.plots import write_plots  # noqa: E402
 from evaluation.report import add_group_averages, write_report  # noqa: E402
 from pipelines import console, ray_setup, storage  # noqa: E402
 from training import checkpoint  # noqa: E402
+from training.off_the_shelf import PREFIX as OPEN_CLIP_PREFIX, parse_open_clip_ref  # noqa: E402
 from training.inference import SCORERS, load_inference_model  # noqa: E402
 
 log = logging.getLogger("evaluation")
@@ -52,7 +53,11 @@ AD_HOC = {"zeroshot": "zeroshot", "retrieval": "retrieval", "long_retrieval": "r
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", required=True, help="checkpoint or run directory, local or s3://")
+    model = p.add_mutually_exclusive_group(required=True)
+    model.add_argument("--checkpoint", help="checkpoint or run directory, local or s3://")
+    model.add_argument("--open-clip", metavar="ARCH=WEIGHTS",
+                       help="an off-the-shelf open_clip model: an open_clip weights file (local or s3://) "
+                            "or pretrained tag, scored with open_clip's own preprocessing and tokenizer")
     p.add_argument("--suite", action="append", default=[],
                    help=f"named suite ({', '.join(suites.available_suites())}) or a suite JSON file")
     p.add_argument("--root", action="append", default=[], metavar="NAME=URI", help="override a suite's data root")
@@ -70,7 +75,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="plain cosine (default) or SmartCLIP's masked cosine (training/inference.py)")
     p.add_argument("--ray-address", default=None)
     p.add_argument("--verbose", action="store_true", help="show Ray's own logs too")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.open_clip:
+        parse_open_clip_ref(args.open_clip)  # a malformed spec fails before Ray starts
+        args.checkpoint = f"{OPEN_CLIP_PREFIX}{args.open_clip}"
+    return args
 
 
 def parse_assignments(pairs: list[str]) -> dict[str, str]:
@@ -190,6 +199,9 @@ def embed(benchmarks: list[Benchmark], cache: EmbeddingCache, args: argparse.Nam
 
 
 def checkpoint_fingerprint(bundle) -> str:
+    if "weights_sha256" in bundle.info:  # an open_clip model: its file and its own preprocessing
+        return model_fingerprint(bundle.info["weights_sha256"], {
+            "preprocess": bundle.preprocess.config, "arch": bundle.info["arch"], "source": "open_clip"})
     state = checkpoint.read_state(Path(bundle.info["resolved"]))
     return model_fingerprint(state["files"][checkpoint.MODEL_FILE], {
         "image_size": bundle.preprocess.image_size, "preprocess": type(bundle.preprocess).__name__,

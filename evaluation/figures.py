@@ -111,6 +111,8 @@ def run_directories(checkpoint_info: dict) -> list[str]:
     checkpoint (a run directory holds `step_XXXXXXXX/` checkpoints), else the path given (a run
     directory) or its parent (a checkpoint in one), local or s3://."""
     path, resolved = str(checkpoint_info.get("path", "")).rstrip("/"), checkpoint_info.get("resolved")
+    if checkpoint_info.get("method") == "open_clip":  # an off-the-shelf model has no run
+        return []
     if path and not path.startswith("s3://"):
         return [str(Path(resolved or path).parent)] if resolved else [path, str(Path(path).parent)]
     return [path, path.rsplit("/", 1)[0]] if path else []

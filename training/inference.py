@@ -18,6 +18,7 @@ from training import checkpoint, transforms
 from training.long_text import text_context_length
 from training.losses.modular import EPS
 from training.methods import resolve_auto_fields
+from training.off_the_shelf import is_open_clip_ref, load_open_clip_inference
 from training.model import ContrastiveModel, build_training_model, encode_text_with_states, tower_geometry
 from training.topology import Sphere
 from training.towers import build_tokenizer
@@ -45,6 +46,11 @@ class TopologyEncoder(nn.Module):
         super().__init__()
         self.model = model
 
+    @property
+    def tower(self) -> nn.Module:
+        """The open_clip CLIP inside (what modality inversion runs through, frozen)."""
+        return self.model.tower
+
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
         return self.model.embed_image(images)
 
@@ -63,6 +69,10 @@ class MaskedScoringModel(nn.Module):
     def __init__(self, model: nn.Module):
         super().__init__()
         self.model = model
+
+    @property
+    def tower(self) -> nn.Module:
+        return self.model.tower
 
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
         z = self.model.embed_image(images)  # (N, d) unit rows (SmartCLIP is sphere-only)
@@ -108,6 +118,10 @@ def build_scoring(model: ContrastiveModel, scorer: str) -> tuple[nn.Module, Sphe
 
 
 def load_inference_model(uri: str, device: str = "cpu", scorer: str = "plain") -> checkpoint.InferenceModel:
+    """A checkpoint (or run directory) of this project, or `open_clip:ARCH=WEIGHTS`
+    (training/off_the_shelf.py), as evaluation uses it."""
+    if is_open_clip_ref(uri):
+        return load_open_clip_inference(uri, device, scorer)
     directory = checkpoint.fetch_checkpoint(uri)
     config = resolve_auto_fields(checkpoint.load_config(directory))  # before `pretrained` is dropped
     # The checkpoint holds every weight: build the bare architecture, never re-fetch `pretrained`.
