@@ -85,7 +85,10 @@ def load_benchmark(entry: dict) -> Benchmark:
     missing = [role for role in roles if role not in entry]
     if missing:
         raise ValueError(f"{entry['name']}: task {entry['task']} needs dataset(s) {missing}")
-    data = {role: load_dataset(entry[role], need_templates=entry["task"] == "zeroshot") for role in roles}
+    own_templates = entry["task"] == "zeroshot" and "templates" not in entry.get("options", {})
+    data = {role: load_dataset(entry[role], need_templates=own_templates) for role in roles}
+    if entry["task"] == "zeroshot" and "templates" in entry.get("options", {}):  # e.g. the paper's one per set
+        data["test"] = dataclasses.replace(data["test"], templates=list(entry["options"]["templates"]))
     return Benchmark(entry["name"], entry["task"], data, entry.get("options", {}), {r: entry[r] for r in roles})
 
 
@@ -113,10 +116,12 @@ def composition_texts(composition) -> list[str]:
 def requests(bench: Benchmark) -> dict[str, tuple[str, list]]:
     """Role -> (modality, values to embed), in the order `score` expects them."""
     test = bench.data["test"]
-    if bench.task == "zeroshot":
-        return {"images": (IMAGE, test.images), "prompts": (TEXT, class_prompts(test))}
-    if bench.task == "retrieval":
-        return {"images": (IMAGE, test.images), "captions": (TEXT, test.captions)}
+    if bench.task == "zeroshot":  # a control of Cross the Gap: OTI images or OVI prompts
+        return {"images": (side_modality(bench, IMAGE), test.images),
+                "prompts": (side_modality(bench, TEXT), class_prompts(test))}
+    if bench.task == "retrieval":  # likewise with an inverted query side
+        return {"images": (side_modality(bench, IMAGE), test.images),
+                "captions": (side_modality(bench, TEXT), test.captions)}
     if bench.task == "text_retrieval":
         wanted = {"images": (IMAGE, test.images), "captions": (TEXT, test.captions)}
         if query_kind(bench, TEXT) != "native":  # each image's first caption, inverted
@@ -152,6 +157,30 @@ def query_modality(bench: Benchmark, modality: str) -> str:
     return modality if kind == "native" else inversion_request(inversion_from_options(kind, bench.options))
 
 
+def inverted_side(bench: Benchmark) -> str | None:
+    """For zero-shot and image-text retrieval entries: the modality an inversion replaces
+    (options {"query": "oti"}: the images, "ovi": the texts), None when native."""
+    kind = bench.options.get("query", "native")
+    if kind == "native":
+        return None
+    if kind not in INVERTS:
+        raise ValueError(f"{bench.name}: unknown query {kind!r}; known: native, {', '.join(INVERTS)}")
+    return INVERTS[kind]
+
+
+def side_modality(bench: Benchmark, modality: str) -> str:
+    """The embedding request of one side of a cross-modal entry: native, or inverted when the
+    entry's query inverts that modality (the controls that must get worse)."""
+    if inverted_side(bench) != modality:
+        return modality
+    return inversion_request(inversion_from_options(bench.options["query"], bench.options))
+
+
+def inverted_note(bench: Benchmark) -> dict:
+    kind = bench.options.get("query", "native")
+    return {} if kind == "native" else {"query": f"{kind} ({INVERTS[kind]}s inverted)"}
+
+
 def score_zeroshot(bench: Benchmark, features: dict, topology: Topology) -> dict:
     dataset = bench.data["test"]
     prompts = features["prompts"].reshape(dataset.n_classes, len(dataset.templates), -1)  # class-major
@@ -160,7 +189,7 @@ def score_zeroshot(bench: Benchmark, features: dict, topology: Topology) -> dict
         return {**compute_multilabel_metrics(logits, dataset.labels), "n_images": dataset.n_images,
                 "n_classes": dataset.n_classes}
     entry = {**compute_zeroshot_metrics(logits, dataset.labels), "n_images": dataset.n_images,
-             "n_classes": dataset.n_classes}
+             "n_classes": dataset.n_classes, **inverted_note(bench)}
     predictions = top1_predictions(logits)
     if dataset.attributes:
         entry[ATTRIBUTE_ACCURACY_KEY] = compute_attribute_accuracy(predictions, dataset.labels, dataset.attributes)
@@ -187,7 +216,7 @@ def score_retrieval(bench: Benchmark, features: dict, topology: Topology) -> dic
     scores = np.asarray(topology.score(features["images"], features["captions"]))
     metrics = compute_retrieval_recall(scores, dataset.text_to_image)
     return {**metrics, "protocol": dataset.protocol, "n_images": dataset.n_images, "n_texts": dataset.n_texts,
-            GALLERY_KEY: gallery_entries(dataset, scores)}
+            GALLERY_KEY: gallery_entries(dataset, scores), **inverted_note(bench)}
 
 
 def probe_modality(bench: Benchmark) -> str:

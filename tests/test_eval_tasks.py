@@ -255,3 +255,37 @@ def test_ovi_caption_queries_are_a_request_of_the_first_captions():
     wanted = requests(Benchmark("r", "text_retrieval", {"test": data}, {"query": "ovi"}))
     assert wanted["queries"][0].startswith("ovi-") and wanted["queries"][1] == ["a", "c"]
     assert "queries" not in requests(Benchmark("r", "text_retrieval", {"test": data}))
+
+
+def test_zero_shot_and_retrieval_controls_invert_one_side():
+    """Cross the Gap's controls: zero-shot through OTI images or OVI prompts, and image-text
+    retrieval with an inverted side, are the same tasks with one side's request inverted."""
+    from evaluation.benchmarks import Benchmark, requests, score
+    from evaluation.datasets.classification import ClassificationSet
+    from evaluation.datasets.retrieval import RetrievalSet
+    from evaluation.inversion import requested_inversion
+    zs = ClassificationSet("z", ["a", "b", "c"], np.array([0, 1, 0]), ["x", "y"], ["a {c}."])
+    oti = requests(Benchmark("z", "zeroshot", {"test": zs}, {"query": "oti", "inversion": {"steps": 7}}))
+    assert oti["images"][0].startswith("oti-") and oti["prompts"][0] == "text"
+    assert requested_inversion(oti["images"][0]).num_steps == 7
+    ovi = requests(Benchmark("z", "zeroshot", {"test": zs}, {"query": "ovi"}))
+    assert ovi["images"][0] == "image" and ovi["prompts"][0].startswith("ovi-")
+    bench = Benchmark("z", "zeroshot", {"test": zs}, {"query": "ovi"})
+    features = {"images": np.eye(2)[[0, 1, 0]], "prompts": np.eye(2)}
+    entry = score(bench, features, Sphere(2))
+    assert entry["top1"] == 1.0 and entry["query"] == "ovi (texts inverted)"
+    rs = RetrievalSet("r", "karpathy-test", ["i0", "i1"], ["c0", "c1"], np.array([0, 1]))
+    wanted = requests(Benchmark("r", "retrieval", {"test": rs}, {"query": "oti"}))
+    assert wanted["images"][0].startswith("oti-") and wanted["captions"][0] == "text"
+    with pytest.raises(ValueError, match="unknown query 'xyz'"):
+        requests(Benchmark("r", "retrieval", {"test": rs}, {"query": "xyz"}))
+
+
+def test_zero_shot_entry_may_name_its_own_templates(tmp_path):
+    """The paper's controls use one template per dataset: options.templates replaces the set's."""
+    from evaluation.benchmarks import load_benchmark, requests
+    from tests.eval_fixtures import write_class_folder
+    folder = write_class_folder(tmp_path / "zs", n_per_class=1, n_classes=2)
+    bench = load_benchmark({"name": "z", "task": "zeroshot", "test": {"format": "image_folder", "path": str(folder)},
+                            "options": {"templates": ["itap of a {c}."]}})
+    assert requests(bench)["prompts"][1] == ["itap of a red thing.", "itap of a green thing."]

@@ -100,3 +100,15 @@ def test_duplicate_names_in_one_section_are_refused(tmp_path):
                                 f"x={tmp_path / 'other'}"])
     with pytest.raises(ValueError, match="two benchmarks named 'x'"):
         evaluate.collect_entries(args)
+
+
+def test_crossgap_controls_keep_their_templates_and_invert_one_side():
+    """The zero-shot controls name CoOp's one template per set ({c} is not a data root), and
+    each has a native, an OTI and an OVI entry."""
+    from evaluation.suites import suite_entries
+    entries = {e["name"]: e for e in suite_entries("crossgap")}
+    assert entries["pets-zeroshot"]["options"] == {"templates": ["a photo of a {c}, a type of pet."]}
+    assert entries["pets-zeroshot-oti"]["options"]["query"] == "oti"
+    assert entries["pets-zeroshot-ovi"]["options"]["query"] == "ovi"
+    assert entries["pets-zeroshot"]["test"]["path"] == "/data/clip_benchmark/wds_vtab-pets"  # specs resolved
+    assert entries["mscoco-karpathy-i2t-t2i-oti"]["task"] == "retrieval"

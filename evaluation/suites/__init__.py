@@ -50,11 +50,14 @@ def resolve_placeholders(value, roots: dict[str, str], where: str):
 
 
 def suite_entries(name_or_path: str, overrides: dict[str, str] | None = None) -> list[dict]:
-    """The suite's benchmark entries with their roots resolved (command-line roots win)."""
+    """The suite's benchmark entries with their roots resolved in the dataset specs (command-line
+    roots win); options are left as written (a zero-shot template's {c} is not a root)."""
     suite = read_suite(name_or_path)
     roots = {**suite.get("roots", {}), **(overrides or {})}
     entries = []
     for entry in suite["benchmarks"]:
         where = f"suite {suite['name']}, benchmark {entry.get('name')}"
-        entries.append({**resolve_placeholders(entry, roots, where), "suite": suite["name"]})
+        specs = {k: v for k, v in entry.items() if k != "options"}  # options hold templates' {c}
+        entries.append({**resolve_placeholders(specs, roots, where), **({"options": entry["options"]} if "options" in entry else {}),
+                        "suite": suite["name"]})
     return entries
