@@ -134,7 +134,10 @@ def requests(bench: Benchmark) -> dict[str, tuple[str, list]]:
         return {"train": (train, bench.data["train"].images), "test": (modality, test.images)}
     if bench.task == "image_retrieval":
         gallery = ("train", bench.data["train"]) if gallery_split(bench) == "train" else ("gallery", test)
-        return {gallery[0]: (IMAGE, gallery[1].images), "test": (query_modality(bench, IMAGE), test.images)}
+        wanted = {gallery[0]: (IMAGE, gallery[1].images), "test": (query_modality(bench, IMAGE), test.images)}
+        if mixture_weights(bench):  # the native queries too, to mix with the inverted ones
+            wanted["test_native"] = (IMAGE, test.images)
+        return wanted
     if bench.task == "landmark_retrieval":
         return {"gallery": (IMAGE, test.images), "test": (query_modality(bench, IMAGE), test.queries)}
     return {"images": (IMAGE, unique_images(test)), "texts": (TEXT, composition_texts(test))}
@@ -276,28 +279,59 @@ def gallery_split(bench: Benchmark) -> str:
     return split
 
 
+def mixture_weights(bench: Benchmark) -> list[float]:
+    """An inverted intra-modal entry's options {"mix": [α, ...]}: also score the queries
+    q = normalise(α·x + (1 − α)·x_inv) (α = 1: native, α = 0: inverted; Cross the Gap's
+    native/inverted mixture)."""
+    weights = [float(a) for a in bench.options.get("mix", [])]
+    if weights and bench.options.get("query", "native") == "native":
+        raise ValueError(f"{bench.name}: a native/inverted mixture needs an inverted query (\"query\": \"oti\"/\"ovi\")")
+    if any(not 0.0 <= a <= 1.0 for a in weights):
+        raise ValueError(f"{bench.name}: mixture weights must lie in [0, 1], got {weights}")
+    return weights
+
+
+def mixed_queries(native: np.ndarray, inverted: np.ndarray, alpha: float) -> np.ndarray:
+    unit = lambda x: x / np.linalg.norm(x, axis=1, keepdims=True)  # noqa: E731
+    return unit(alpha * unit(np.asarray(native, np.float64)) + (1 - alpha) * unit(np.asarray(inverted, np.float64)))
+
+
+def mixture_entry(bench: Benchmark, native: np.ndarray, inverted: np.ndarray, metrics_of) -> dict:
+    """{"mAP_by_alpha": {α: mAP}} of the mixed queries (empty without "mix")."""
+    weights = mixture_weights(bench)
+    if not weights:
+        return {}
+    return {"mAP_by_alpha": {f"{a:g}": metrics_of(mixed_queries(native, inverted, a))[MAP_KEY] for a in weights}}
+
+
 def score_image_retrieval(bench: Benchmark, features: dict, topology: Topology) -> dict:
     test, query = bench.data["test"], query_kind(bench, IMAGE)
     if gallery_split(bench) == "train":
         train = bench.data["train"]
-        metrics = compute_retrieval_metrics(features["test"], test.labels, features["train"], train.labels,
-                                            topology.score)
+        def metrics_of(queries):
+            return compute_retrieval_metrics(queries, test.labels, features["train"], train.labels, topology.score)
         protocol, n_gallery = f"image->image, {query} test queries / train gallery", train.n_images
     else:
         ids = np.arange(test.n_images)
-        metrics = compute_retrieval_metrics(features["test"], test.labels, features["gallery"], test.labels,
-                                            topology.score, query_ids=ids, gallery_ids=ids)
+
+        def metrics_of(queries):
+            return compute_retrieval_metrics(queries, test.labels, features["gallery"], test.labels,
+                                             topology.score, query_ids=ids, gallery_ids=ids)
         protocol, n_gallery = f"image->image, {query} queries / same split, query removed", test.n_images - 1
-    return {**metrics, "protocol": protocol, "n_queries": test.n_images, "n_gallery": n_gallery}
+    mixture = mixture_entry(bench, features.get("test_native"), features["test"], metrics_of)
+    return {**metrics_of(features["test"]), **mixture, "protocol": protocol, "n_queries": test.n_images,
+            "n_gallery": n_gallery}
 
 
 def score_text_retrieval(bench: Benchmark, features: dict, topology: Topology) -> dict:
     dataset = bench.data["test"]
     query = query_kind(bench, TEXT)
-    metrics = compute_text_to_text_metrics(features["captions"], dataset.text_to_image, topology.score,
-                                           features.get("queries"))
+    def metrics_of(queries):
+        return compute_text_to_text_metrics(features["captions"], dataset.text_to_image, topology.score, queries)
+    first, _ = split_first_caption(dataset.text_to_image)
+    mixture = mixture_entry(bench, features["captions"][first], features.get("queries"), metrics_of)
     gap = compute_modality_gap(features["images"], features["captions"], dataset.text_to_image, topology)
-    return {**metrics, GAP_KEY: gap,
+    return {**metrics_of(features.get("queries")), **mixture, GAP_KEY: gap,
             "protocol": f"text->text, {query} first-caption queries ({dataset.protocol})",
             "n_queries": dataset.n_images, "n_gallery": dataset.n_texts - dataset.n_images}
 

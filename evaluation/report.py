@@ -266,14 +266,25 @@ def format_compositionality_section(results: dict[str, dict]) -> list[str]:
     return lines + format_table(header, rows, n_text_columns=1)
 
 
+MIXTURE_KEY = "mAP_by_alpha"  # evaluation/benchmarks.py mixture_entry
+
+
+def format_mixture(by_alpha: dict | None) -> str:
+    """{"0.25": 0.41, ...} -> "0.25: 41.0 · 0.5: 42.3"."""
+    if not by_alpha:
+        return MISSING
+    return " · ".join(f"{alpha}: {format_percent(value)}" for alpha, value in by_alpha.items())
+
+
 def format_intra_modal_section(results: dict[str, dict]) -> list[str]:
     lines = ["## Intra-modal retrieval and modality gap", ""]
     if not results:
         return lines + ["None."]
     rows = [[name, str(entry.get(PROTOCOL_KEY, MISSING)),
              *(format_percent(entry.get(key)) for key in (MAP_KEY, MAP_AT_R_KEY, R_PRECISION_KEY)),
+             format_mixture(entry.get(MIXTURE_KEY)),
              f"{entry[GAP_KEY]:.3f}" if GAP_KEY in entry else MISSING] for name, entry in sorted(results.items())]
-    header = ["dataset", "protocol", "mAP", "mAP@R", "R-precision", "modality gap"]
+    header = ["dataset", "protocol", "mAP", "mAP@R", "R-precision", "mAP at α (native weight)", "modality gap"]
     return lines + format_table(header, rows, n_text_columns=2)
 
 

@@ -289,3 +289,28 @@ def test_zero_shot_entry_may_name_its_own_templates(tmp_path):
     bench = load_benchmark({"name": "z", "task": "zeroshot", "test": {"format": "image_folder", "path": str(folder)},
                             "options": {"templates": ["itap of a {c}."]}})
     assert requests(bench)["prompts"][1] == ["itap of a red thing.", "itap of a green thing."]
+
+
+def test_native_inverted_mixture_by_hand():
+    """options.mix: q = normalise(α·x + (1 − α)·x_inv) for each α; α = 1 is the native
+    baseline, α = 0 the inverted queries."""
+    from evaluation.benchmarks import Benchmark, mixed_queries, requests, score
+    from evaluation.datasets.classification import ClassificationSet
+    from evaluation.tasks.intra_modal import compute_retrieval_map
+    rng = np.random.default_rng(8)
+    test = ClassificationSet("t", [f"q{i}" for i in range(6)], np.arange(6) % 3, ["a", "b", "c"], [])
+    train = ClassificationSet("t", [f"g{i}" for i in range(9)], np.arange(9) % 3, ["a", "b", "c"], [])
+    bench = Benchmark("t", "image_retrieval", {"train": train, "test": test},
+                      {"query": "oti", "mix": [0.0, 0.5, 1.0]})
+    assert requests(bench)["test_native"] == ("image", test.images)
+    features = {"test": rng.normal(size=(6, 4)), "test_native": rng.normal(size=(6, 4)), "train": rng.normal(size=(9, 4))}
+    entry = score(bench, features, Sphere(4))
+    unit = lambda x: x / np.linalg.norm(x, axis=1, keepdims=True)  # noqa: E731
+    gallery = features["train"]  # the sphere scores by the inner product of (unit) embeddings
+    by_hand = {a: compute_retrieval_map(unit(a * unit(features["test_native"]) + (1 - a) * unit(features["test"])),
+                                        test.labels, gallery, train.labels, dot) for a in (0.0, 0.5, 1.0)}
+    assert entry["mAP_by_alpha"] == pytest.approx({"0": by_hand[0.0], "0.5": by_hand[0.5], "1": by_hand[1.0]})
+    assert entry["mAP_by_alpha"]["0"] == pytest.approx(entry["mAP"])  # α = 0: the inverted queries
+    np.testing.assert_allclose(mixed_queries(features["test_native"], features["test"], 1.0), unit(features["test_native"]))
+    with pytest.raises(ValueError, match="needs an inverted query"):
+        requests(Benchmark("t", "image_retrieval", {"train": train, "test": test}, {"mix": [0.5]}))

@@ -107,7 +107,8 @@ FULL_REPORT = {
     "compositionality": {"sugarcrepe": {"replace_obj": 0.9, "replace_att": 0.8, "replace_rel": 0.7, "swap_obj": 0.6,
                                         "swap_att": 0.5, "add_obj": 0.4, "add_att": 0.3, "average_object": 0.6333,
                                         "average_attribute": 0.5333, "average_relation": 0.7, "average": 0.6}},
-    "intra_modal": {"dtd": {"mAP": 0.345, "protocol": "image->image, query test / gallery train"},
+    "intra_modal": {"dtd": {"mAP": 0.345, "protocol": "image->image, query test / gallery train",
+                            "mAP_by_alpha": {"0.25": 0.36, "0.5": 0.372}},
                     "mscoco": {"mAP": 0.2, "mAP@R": 0.15, "R-precision": 0.25, "modality_gap": 0.8213,
                                "protocol": "text->text"}},
 }
@@ -128,9 +129,9 @@ def test_markdown_linear_probe_sugarcrepe_and_intra_modal_tables():
     assert ("| dataset | Replace obj | Replace att | Replace rel | Swap obj | Swap att | Add obj | Add att | "
             "avg object | avg attribute | avg relation | avg |") in markdown
     assert "| sugarcrepe | 90.0 | 80.0 | 70.0 | 60.0 | 50.0 | 40.0 | 30.0 | 63.3 | 53.3 | 70.0 | 60.0 |" in markdown
-    assert "| dataset | protocol | mAP | mAP@R | R-precision | modality gap |" in markdown
-    assert "| dtd | image->image, query test / gallery train | 34.5 | – | – | – |" in markdown
-    assert "| mscoco | text->text | 20.0 | 15.0 | 25.0 | 0.821 |" in markdown
+    assert "| dataset | protocol | mAP | mAP@R | R-precision | mAP at α (native weight) | modality gap |" in markdown
+    assert "| dtd | image->image, query test / gallery train | 34.5 | – | – | 0.25: 36.0 · 0.5: 37.2 | – |" in markdown
+    assert "| mscoco | text->text | 20.0 | 15.0 | 25.0 | – | 0.821 |" in markdown
 
 
 def test_group_averages_name_missing_sets():
