@@ -180,8 +180,10 @@ def side_modality(bench: Benchmark, modality: str) -> str:
 
 
 def inverted_note(bench: Benchmark) -> dict:
+    """{"query": "oti" | "ovi"} on an entry whose queries were inverted (the report pairs it
+    with the native entry on the same data: evaluation/misalignment.py)."""
     kind = bench.options.get("query", "native")
-    return {} if kind == "native" else {"query": f"{kind} ({INVERTS[kind]}s inverted)"}
+    return {} if kind == "native" else {"query": kind}
 
 
 def score_zeroshot(bench: Benchmark, features: dict, topology: Topology) -> dict:
@@ -320,7 +322,7 @@ def score_image_retrieval(bench: Benchmark, features: dict, topology: Topology) 
         protocol, n_gallery = f"image->image, {query} queries / same split, query removed", test.n_images - 1
     mixture = mixture_entry(bench, features.get("test_native"), features["test"], metrics_of)
     return {**metrics_of(features["test"]), **mixture, "protocol": protocol, "n_queries": test.n_images,
-            "n_gallery": n_gallery}
+            "n_gallery": n_gallery, **inverted_note(bench)}
 
 
 def score_text_retrieval(bench: Benchmark, features: dict, topology: Topology) -> dict:
@@ -331,7 +333,7 @@ def score_text_retrieval(bench: Benchmark, features: dict, topology: Topology) -
     first, _ = split_first_caption(dataset.text_to_image)
     mixture = mixture_entry(bench, features["captions"][first], features.get("queries"), metrics_of)
     gap = compute_modality_gap(features["images"], features["captions"], dataset.text_to_image, topology)
-    return {**metrics_of(features.get("queries")), **mixture, GAP_KEY: gap,
+    return {**metrics_of(features.get("queries")), **mixture, GAP_KEY: gap, **inverted_note(bench),
             "protocol": f"text->text, {query} first-caption queries ({dataset.protocol})",
             "n_queries": dataset.n_images, "n_gallery": dataset.n_texts - dataset.n_images}
 
@@ -343,7 +345,7 @@ def score_landmark_retrieval(bench: Benchmark, features: dict, topology: Topolog
     return {MAP_KEY: maps["medium"], **{f"{MAP_KEY}_{name}": value for name, value in maps.items()},
             "protocol": f"{dataset.protocol} {dataset.name}, {query} queries "
                         f"(E/M/H {100 * maps['easy']:.1f} / {100 * maps['medium']:.1f} / {100 * maps['hard']:.1f})",
-            "n_queries": len(dataset.queries), "n_gallery": dataset.n_images}
+            "n_queries": len(dataset.queries), "n_gallery": dataset.n_images, **inverted_note(bench)}
 
 
 SCORERS = {"zeroshot": score_zeroshot, "retrieval": score_retrieval, "linear_probe": score_linear_probe,

@@ -236,3 +236,27 @@ def draw_gallery(name: str, entry: dict, out_file: Path) -> Path:
     fig.savefig(out_file, dpi=100)
     plt.close(fig)
     return out_file
+
+
+def draw_misalignment(rows: list[dict], out_file: Path) -> Path:
+    """Native and inverted values side by side, one pair per inverted entry; the inverted bar
+    green when it moved the expected way (gain for intra-modal tasks, loss for inter-modal)."""
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.1 * len(rows) + 2), 4.8))
+    x = np.arange(len(rows))
+    native = [100 * r["native"] for r in rows]
+    inverted = [100 * r["inverted"] for r in rows]
+    ax.bar(x - 0.2, native, 0.4, label="native queries", color="#9aa5b1")
+    colours = ["#2e8b57" if r["as_expected"] else "#c0392b" for r in rows]
+    bars = ax.bar(x + 0.2, inverted, 0.4, label="inverted (green: the expected direction)", color=colours)
+    ax.bar_label(bars, labels=[f"{100 * (r['inverted'] - r['native']):+.1f}" for r in rows], fontsize=8)
+    ax.set_xticks(x, [f"{r['name']}\n{r['metric']}" for r in rows], rotation=30 if len(rows) > 4 else 0,
+                  ha="right" if len(rows) > 4 else "center", fontsize=8)
+    ax.set_ylabel("%")
+    ax.set_ylim(0, max(100.0, max(native + inverted, default=0) * 1.1))
+    ax.set_title("Intra-modal misalignment: native against inverted queries\n"
+                 "(intra-modal tasks should gain from inversion, inter-modal ones should lose)", fontsize=10)
+    ax.legend(fontsize=8, loc="upper right")
+    fig.tight_layout()
+    fig.savefig(out_file, dpi=100)
+    plt.close(fig)
+    return out_file

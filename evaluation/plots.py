@@ -19,8 +19,9 @@ import numpy as np  # noqa: E402
 
 from evaluation import figures  # noqa: E402
 from evaluation.datasets.compositional import SUGARCREPE_SUBSETS  # noqa: E402
+from evaluation.misalignment import misalignment_rows  # noqa: E402
 from evaluation.report import (BARS_FILE, COMPARE_FILE, CONFUSION_FILE, CURVES_FILE, GALLERY_FILE,  # noqa: E402
-                               file_safe, headline)
+                               MISALIGNMENT_FILE, file_safe, headline)
 from evaluation.tasks.intra_modal import MAP_KEY  # noqa: E402
 
 # section -> (title, entry -> {bar label suffix: fraction}); each bar is shown in percent
@@ -88,6 +89,9 @@ def write_figures(report: dict, out_dir: Path, metrics: list[dict]) -> list[Path
     for name, entry in report.get("zeroshot", {}).items():
         if entry.get("confusion"):
             written.append(figures.draw_confusion(name, entry, out_dir / CONFUSION_FILE.format(name=file_safe(name))))
+    rows = misalignment_rows(report)
+    if rows:
+        written.append(figures.draw_misalignment(rows, out_dir / MISALIGNMENT_FILE))
     galleries = [(n, e) for n, e in report.get("retrieval", {}).items() if e.get("gallery")][:GALLERY_MAX_SETS]
     for name, entry in galleries:
         written.append(figures.draw_gallery(name, entry, out_dir / GALLERY_FILE.format(name=file_safe(name))))

@@ -12,6 +12,7 @@ from typing import Any, TypedDict
 
 from evaluation.datasets.compositional import SUGARCREPE_SUBSETS
 from evaluation.tasks.compositionality import AVERAGE_KEY
+from evaluation.misalignment import misalignment_rows
 from evaluation.tasks.intra_modal import GAP_KEY, MAP_AT_R_KEY, MAP_KEY, R_PRECISION_KEY
 from evaluation.tasks.retrieval import IMAGE_RETRIEVAL_KEY, RECALL_KS, TEXT_RETRIEVAL_KEY
 from evaluation.tasks.zeroshot import (ATTRIBUTE_ACCURACY_KEY, MEAN_AVERAGE_PRECISION_KEY,
@@ -25,8 +26,10 @@ COMPARE_FILE = "compare_{section}.png"
 CURVES_FILE = "plot_training_curves.png"
 CONFUSION_FILE = "plot_confusion_{name}.png"
 GALLERY_FILE = "plot_gallery_{name}.png"
+MISALIGNMENT_FILE = "plot_misalignment.png"
 FIGURE_CAPTIONS = [  # (file name pattern, caption), the first match wins
     (CURVES_FILE, "Training curves of the checkpoint's run"),
+    (MISALIGNMENT_FILE, "Intra-modal misalignment: native against inverted queries"),
     (CONFUSION_FILE, "Zero-shot confusion matrix: {name}"),
     (GALLERY_FILE, "Retrieval gallery: {name}"),
     (COMPARE_FILE, "Side by side: {section}"),
@@ -288,6 +291,19 @@ def format_intra_modal_section(results: dict[str, dict]) -> list[str]:
     return lines + format_table(header, rows, n_text_columns=2)
 
 
+def format_misalignment_section(rows: list[dict]) -> list[str]:
+    """Cross the Gap's view: inverted queries beside the native ones on the same data."""
+    lines = ["## Intra-modal misalignment", "",
+             "Inverted queries beside the native ones on the same data: an intra-modal task made "
+             "inter-modal (OTI / OVI queries) should gain, an inter-modal one made intra-modal should lose.", ""]
+    table = [[r["name"], r["native_name"], f"{r['metric']} ({r['query']})", format_percent(r["native"]),
+              format_percent(r["inverted"]), f"{100 * (r['inverted'] - r['native']):+.1f}",
+              ("gain" if r["expected_sign"] > 0 else "loss") + (" ✓" if r["as_expected"] else " ✗")]
+             for r in rows]
+    header = ["inverted entry", "native entry", "metric", "native", "inverted", "Δ", "expected"]
+    return lines + format_table(header, table, n_text_columns=3)
+
+
 def format_skipped_section(skipped: dict[str, str]) -> list[str]:
     lines = ["## Skipped", ""]
     return lines + ([f"- {name}: {reason}" for name, reason in sorted(skipped.items())] or ["None."])
@@ -307,6 +323,7 @@ def format_report_markdown(report: dict, figures: Sequence[str] = ()) -> str:
         format_zeroshot_section(zeroshot, report.get(AVERAGES_KEY, {})) + format_attribute_section(zeroshot),
         format_retrieval_section(report.get(RETRIEVAL_KEY, {})),
         *[formatter(report[key]) for key, formatter in OPTIONAL_SECTIONS.items() if report.get(key)],
+        *([format_misalignment_section(rows)] if (rows := misalignment_rows(report)) else []),
         *([format_figures_section(figures)] if figures else []),
         format_skipped_section(report.get(SKIPPED_KEY, {})),
     ]

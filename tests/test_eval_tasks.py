@@ -273,7 +273,7 @@ def test_zero_shot_and_retrieval_controls_invert_one_side():
     bench = Benchmark("z", "zeroshot", {"test": zs}, {"query": "ovi"})
     features = {"images": np.eye(2)[[0, 1, 0]], "prompts": np.eye(2)}
     entry = score(bench, features, Sphere(2))
-    assert entry["top1"] == 1.0 and entry["query"] == "ovi (texts inverted)"
+    assert entry["top1"] == 1.0 and entry["query"] == "ovi"
     rs = RetrievalSet("r", "karpathy-test", ["i0", "i1"], ["c0", "c1"], np.array([0, 1]))
     wanted = requests(Benchmark("r", "retrieval", {"test": rs}, {"query": "oti"}))
     assert wanted["images"][0].startswith("oti-") and wanted["captions"][0] == "text"
