@@ -72,15 +72,6 @@ def content_params(params: BuildParams) -> dict:
             "stages_version": STAGES_VERSION}
 
 
-def compute_input_digest(uri: str) -> str:
-    fs, path = storage.open_storage(uri)
-    digest = hashlib.sha256()
-    with fs.open(path, "rb") as f:
-        while chunk := f.read(1 << 22):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def compute_build_id(input_digests: list[str], params: BuildParams) -> str:
     blob = json.dumps({"inputs": input_digests, "params": content_params(params)}, sort_keys=True)
     return hashlib.sha256(blob.encode("utf-8")).hexdigest()[:16]
@@ -348,7 +339,7 @@ def run_build(input_uris: list[str], output_root: str, params: BuildParams, *,
               read_rows) -> tuple[str, dict]:
     """Build (or reuse) the corpus from `read_rows(input_uris)` (a dataset of caption rows);
     returns (build uri, manifest)."""
-    inputs = [{"uri": u, "sha256": compute_input_digest(u)} for u in input_uris]
+    inputs = [{"uri": u, "sha256": storage.file_sha256(u)} for u in input_uris]
     build_id = compute_build_id([i["sha256"] for i in inputs], params)
     build_uri = storage.join(output_root, params.corpus, build_id)
     fs, build_path = storage.open_storage(build_uri)

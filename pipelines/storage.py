@@ -5,6 +5,7 @@ AWS_SECRET_ACCESS_KEY, AWS_ENDPOINT_URL, AWS_PROFILE); nothing here records them
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import uuid
 
@@ -21,6 +22,16 @@ def open_storage(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
         options = s3_options_from_env()
     fs, path = url_to_fs(uri, **options)
     return fs, path.rstrip("/")
+
+
+def file_sha256(uri: str) -> str:
+    """sha256 of a file, local or s3://, read in 4 MiB chunks (never whole in memory)."""
+    fs, path = open_storage(uri)
+    digest = hashlib.sha256()
+    with fs.open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def s3_options_from_env() -> dict:

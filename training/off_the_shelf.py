@@ -77,11 +77,7 @@ def weights_digest(weights: str) -> str:
     """sha256 of a weights file; of the tag's name for an open_clip pretrained tag."""
     fs, path = storage.open_storage(weights)
     if fs.isfile(path):
-        digest = hashlib.sha256()
-        with fs.open(path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                digest.update(block)
-        return digest.hexdigest()
+        return storage.file_sha256(weights)
     return hashlib.sha256(f"open_clip-tag:{weights}".encode()).hexdigest()
 
 
