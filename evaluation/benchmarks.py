@@ -174,9 +174,7 @@ def inverted_side(bench: Benchmark) -> str | None:
 def side_modality(bench: Benchmark, modality: str) -> str:
     """The embedding request of one side of a cross-modal entry: native, or inverted when the
     entry's query inverts that modality (the controls that must get worse)."""
-    if inverted_side(bench) != modality:
-        return modality
-    return inversion_request(inversion_from_options(bench.options["query"], bench.options))
+    return modality if inverted_side(bench) != modality else query_modality(bench, modality)
 
 
 def inverted_note(bench: Benchmark) -> dict:
