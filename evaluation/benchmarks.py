@@ -13,6 +13,7 @@ import numpy as np
 from evaluation.datasets import (load_coco_captions, load_flickr_token, load_image_folder, load_karpathy,
                                  load_long_caption_build, load_long_caption_folder, load_sugarcrepe, load_wds)
 from evaluation.datasets.landmarks import load_revisited
+from evaluation.datasets.metric_learning import load_cub, load_sop
 from evaluation.tasks.compositionality import compute_pair_accuracy, summarize_sugarcrepe
 from evaluation.inversion import INVERTS, inversion_from_options, inversion_request
 from evaluation.probe_views import views_from_options, views_request
@@ -33,7 +34,7 @@ READERS: dict[str, Callable] = {
     "wds": load_wds, "image_folder": load_image_folder, "karpathy": load_karpathy,
     "coco_captions": load_coco_captions, "flickr_token": load_flickr_token,
     "long_folder": load_long_caption_folder, "long_build": load_long_caption_build, "sugarcrepe": load_sugarcrepe,
-    "revisited": load_revisited,
+    "revisited": load_revisited, "cub": load_cub, "sop": load_sop,
 }
 # task -> (report section, dataset roles it reads)
 TASKS = {

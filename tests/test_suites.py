@@ -7,7 +7,7 @@ import json
 import pytest
 
 from evaluation import evaluate, suites
-from evaluation.benchmarks import READERS, TASKS, load_benchmark
+from evaluation.benchmarks import READERS, TASKS, benchmark_roles, load_benchmark
 
 
 @pytest.mark.parametrize("name", suites.available_suites())
@@ -16,7 +16,7 @@ def test_shipped_suites_are_well_formed(name):
     assert entries, name
     for entry in entries:
         assert entry["task"] in TASKS, entry
-        for role in TASKS[entry["task"]][1]:
+        for role in benchmark_roles(entry["task"], entry.get("options", {})):
             assert entry[role]["format"] in READERS, entry
             assert not any("{" in str(v) for v in entry[role].values()), entry  # every root resolved
     keys = [(TASKS[e["task"]][0], e["name"]) for e in entries]  # one report entry per section and name
