@@ -27,31 +27,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 from pathlib import Path
 
-import cv2
 import numpy as np
 import torch
 
-from evaluation.datasets import load_image_folder, load_karpathy
-from evaluation.datasets.files import read_image
+from benchmarks.inprocess import ARCH, EvalData, load_training_pairs, train_from_scratch
 from evaluation.tasks.retrieval import compute_retrieval_recall
-from evaluation.tasks.zeroshot import compute_zeroshot_metrics, fill_templates
+from evaluation.tasks.zeroshot import compute_zeroshot_metrics
 from pipelines.demo_corpus import write_demo_corpus
-from training import transforms
-from training.batches import IMAGES, TEXTS
-from training.config import apply_overrides
-from training.inference import EvalPreprocess
-from training.loop import LoopSettings, seed_step, train_step
-from training.methods import build_method_config
-from training.model import build_training_model
-from training.objectives import build_objective
-from training.optim import build_optimizer, build_scheduler
 from training.towers import build_tokenizer
 
-ARCH = "clip-tiny-p8-64-ctx48"
-IMAGE_SIZE = 64
 FIXED = {"loss.init_logit_scale": 0.0, "loss.learn_temperature": False}  # s = 1, not learned
 LEARNED = {"loss.init_logit_scale": 2.64, "loss.max_logit_scale": 100.0}  # the ablation's setting
 BLOCKS = {
@@ -61,27 +47,6 @@ BLOCKS = {
                   "multi Multi(16,8)": {"topology.kind": "multi", "topology.m": 8}},
 }
 METRICS = ("zeroshot_top1", "i2t_r1", "t2i_r1")
-
-
-def load_training_pairs(corpus) -> tuple[torch.Tensor, list[list[str]]]:
-    """(N, 3, 64, 64) uint8 images of the training split and each image's caption group."""
-    records = [json.loads(line) for line in (corpus.out_dir / "corpus.jsonl").read_text().splitlines()]
-    images = []
-    for record in records:
-        rgb = transforms.decode_rgb((corpus.mirror_root / record["path"]).read_bytes())
-        images.append(cv2.resize(rgb, (IMAGE_SIZE, IMAGE_SIZE), interpolation=cv2.INTER_AREA))
-    groups = [record["short_captions"] + [record["long_caption"]] for record in records]
-    return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous(), groups
-
-
-class EvalData:
-    def __init__(self, corpus):
-        preprocess = EvalPreprocess(IMAGE_SIZE)
-        self.zeroshot = load_image_folder(str(corpus.zeroshot_dir))
-        self.retrieval = load_karpathy(str(corpus.retrieval_dir / "dataset_karpathy.json"))
-        self.zs_images = torch.stack([preprocess(read_image(r)) for r in self.zeroshot.images])
-        self.rt_images = torch.stack([preprocess(read_image(r)) for r in self.retrieval.images])
-        self.prompts = [p for c in self.zeroshot.classnames for p in fill_templates(self.zeroshot.templates, c)]
 
 
 @torch.no_grad()
@@ -101,26 +66,9 @@ def evaluate(model, tokenizer, data: EvalData) -> dict:
 
 
 def train_row(overrides: dict, seed: int, images, groups, data: EvalData, args) -> dict:
-    config = apply_overrides(build_method_config("clip"), {
-        "model.arch": ARCH, "optim.lr": args.lr, "optim.warmup_steps": args.warmup, "run.seed": seed,
-        **overrides})
-    torch.manual_seed(seed)
-    model = build_training_model(config).train()
-    optimizer = build_optimizer(model, config.optim)
-    scheduler = build_scheduler(optimizer, config.optim.warmup_steps, args.steps)
-    objective = build_objective(config.loss, config.smartclip, 0, 1, model.topology)
-    tokenizer = build_tokenizer(ARCH)
-    tokens = [tokenizer(group) for group in groups]
-    settings = LoopSettings(0, args.steps, seed, 0, 1, torch.device("cpu"))
-    rng, start, losses = np.random.default_rng(seed), time.perf_counter(), []
-    for step in range(args.steps):
-        index = rng.choice(len(groups), args.batch_size, replace=False)
-        texts = torch.stack([tokens[i][rng.integers(len(groups[i]))] for i in index])
-        seed_step(model, seed, step, 0)
-        metrics = train_step(model, objective, optimizer, scheduler, {IMAGES: images[index], TEXTS: texts}, settings)
-        losses.append(float(metrics["loss/total"]))
-    return {**evaluate(model, tokenizer, data), "final_loss": float(np.mean(losses[-20:])),
-            "logit_scale": float(model.tower.logit_scale.exp()), "train_s": time.perf_counter() - start}
+    model, stats = train_from_scratch({"optim.lr": args.lr, "optim.warmup_steps": args.warmup, **overrides},
+                                      seed, images, groups, args.steps, args.batch_size)
+    return {**evaluate(model, build_tokenizer(ARCH), data), **stats}
 
 
 def summarize(results: dict, seeds: list[int]) -> list[dict]:
