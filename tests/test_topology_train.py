@@ -1,10 +1,11 @@
 """Topologies through the jobs, with FLIP patch dropping on (selection and topology combine).
-Every topology trains a few steps through Ray Train and its checkpoint is evaluated with its
-own topology; Multi(n, m) (the topology that changes both towers and adds checkpointed
-parameters) also resumes exactly through Ray Train. Every topology's exact resume on the same
-loop is in test_loop.py (in-process: a Ray Train run costs ~40 s on 2 cores). A Euclidean
-checkpoint's retrieval is recomputed by hand from its unnormalised features (a silent fallback
-to cosine would fail)."""
+Every topology trains through Ray Train, stops after 2 steps, resumes to 4, and must repeat
+exactly the losses of the same worker loop run straight in this process (train.py's own
+pieces: seeded init, the worker's Ray Data batch stream, `run_training`); its checkpoint is
+then evaluated with its own topology. One worker, so that the in-process reference is the
+whole run (two-worker resume: test_train_job.py; two-worker gather-with-grad per topology:
+test_topology.py). A Euclidean checkpoint's retrieval is recomputed by hand from its
+unnormalised features (a silent fallback to cosine would fail)."""
 from __future__ import annotations
 
 import json
@@ -17,19 +18,23 @@ from evaluation.benchmarks import Benchmark, requests, score
 from evaluation.datasets import load_karpathy
 from evaluation.datasets.files import read_image
 from evaluation.tasks.retrieval import compute_retrieval_recall
+from pipelines import shards
 from tests.eval_fixtures import save_micro_checkpoint
 from tests.test_eval_parity import encode_directly
 from training import checkpoint, train
 from training.inference import load_inference_model
+from training.loop import run_training
+from training.model import tower_geometry
+from training.objectives import build_objective
 
 pytestmark = pytest.mark.ray
 
 TOPOLOGIES = {"multi": 4, "oblique": 4, "oblique_geodesic": 4, "euclidean": 1}  # kind -> m
-RESUMED = ("multi",)  # straight vs 2 + 2 resumed steps through Ray Train
+STEPS = 4
 
 
 def run_args(build_uri: str, storage, name: str, kind: str, *extra: str) -> list[str]:
-    return ["--data", build_uri, "--method", "flip", "--arch", "clip-micro-p8-32", "--num-workers", "2",
+    return ["--data", build_uri, "--method", "flip", "--arch", "clip-micro-p8-32", "--num-workers", "1",
             "--batch-size", "4", "--epochs", "3", "--warmup-steps", "2", "--lr", "1e-3",
             "--storage", str(storage), "--run-name", name, "--log-every", "1", "--checkpoint-every", "100",
             "--set", f"topology.kind={kind}", "--set", f"topology.m={TOPOLOGIES[kind]}", *extra]
@@ -40,35 +45,48 @@ def step_losses(storage, name: str) -> dict[int, float]:
     return {r["step"]: r["loss/total"] for r in map(json.loads, lines)}
 
 
+def in_process_losses(argv: list[str]) -> dict[int, float]:
+    """The one worker's loop of `argv`, straight from step 0, in this process."""
+    config = train.build_config(train.parse_args(argv))
+    manifest = shards.read_manifest(config.data.build_uri)
+    loop_config, device = train.plan_steps(config, manifest), torch.device("cpu")
+    model, optimizer, scheduler = train.build_training_state(config, loop_config, device)
+    objective = build_objective(config.loss, config.smartclip, 0, 1, model.topology)
+    settings = train.loop_settings(config, loop_config, 0, 1, device, 0)
+    batches = train.iter_worker_batches(config, manifest["shards"], 0, 1, 0, tower_geometry(model))
+    losses: dict[int, float] = {}
+    run_training(model, objective, optimizer, scheduler, batches, settings,
+                 lambda step, metrics, _: losses.__setitem__(step, float(metrics["loss/total"])))
+    return losses
+
+
 @pytest.fixture(scope="module")
-def topology_runs(small_build, tmp_path_factory):
-    """kind -> storage holding "<kind>-straight" (4 steps) and, for RESUMED, "<kind>-resumed"
-    (2 steps, then resumed to 4)."""
+def topology_runs(small_build, tmp_path_factory, single_torch_thread):
+    """kind -> (storage holding run "<kind>": 2 steps, then resumed to 4, through Ray Train;
+    the straight in-process losses of the same run). One torch thread, as in a 1-CPU worker."""
     storage, runs = tmp_path_factory.mktemp("topology-runs"), {}
     for kind in TOPOLOGIES:
-        train.main(run_args(small_build[3], storage, f"{kind}-straight", kind, "--max-steps", "4"))
-        if kind in RESUMED:
-            train.main(run_args(small_build[3], storage, f"{kind}-resumed", kind, "--max-steps", "2"))
-            train.main(run_args(small_build[3], storage, f"{kind}-resumed", kind, "--max-steps", "4", "--resume"))
-        runs[kind] = storage
+        train.main(run_args(small_build[3], storage, kind, kind, "--max-steps", "2"))
+        train.main(run_args(small_build[3], storage, kind, kind, "--max-steps", str(STEPS), "--resume"))
+        runs[kind] = (storage, in_process_losses(run_args(small_build[3], storage, kind, kind,
+                                                          "--max-steps", str(STEPS))))
     return runs
 
 
-@pytest.mark.parametrize("kind", sorted(RESUMED))
+@pytest.mark.parametrize("kind", sorted(TOPOLOGIES))
 def test_topology_resumes_exactly_through_ray_train(topology_runs, kind):
-    storage = topology_runs[kind]
-    straight, resumed = step_losses(storage, f"{kind}-straight"), step_losses(storage, f"{kind}-resumed")
-    assert [resumed[s] for s in (3, 4)] == [straight[s] for s in (3, 4)]
+    storage, straight = topology_runs[kind]
+    resumed = step_losses(storage, kind)
+    assert sorted(resumed) == list(range(1, STEPS + 1)) and all(np.isfinite(list(resumed.values())))
+    assert resumed == straight  # bitwise: the resumed half repeats the uninterrupted run
 
 
 @pytest.mark.parametrize("kind", sorted(TOPOLOGIES))
-def test_topology_trains_is_saved_and_evaluated_with_its_own_similarity(small_build, topology_runs, kind):
-    storage = topology_runs[kind]
-    straight = step_losses(storage, f"{kind}-straight")
-    assert sorted(straight) == [1, 2, 3, 4] and all(np.isfinite(list(straight.values())))
-    state = checkpoint.read_state(checkpoint.fetch_checkpoint(str(storage / f"{kind}-straight")))
-    assert state["config"]["topology"]["kind"] == kind
-    uri = str(storage / f"{kind}-straight")
+def test_topology_checkpoint_is_saved_and_evaluated_with_its_own_similarity(small_build, topology_runs, kind):
+    storage = topology_runs[kind][0]
+    state = checkpoint.read_state(checkpoint.fetch_checkpoint(str(storage / kind)))
+    assert state["config"]["topology"]["kind"] == kind and state["step"] == STEPS
+    uri = str(storage / kind)
     bundle = load_inference_model(uri)
     assert bundle.topology.kind == kind and bundle.info["topology"]["kind"] == kind
     assert bundle.info["topology"]["m"] == TOPOLOGIES[kind]
@@ -83,7 +101,7 @@ def test_topology_trains_is_saved_and_evaluated_with_its_own_similarity(small_bu
 
 def test_export_refuses_a_non_sphere_checkpoint(topology_runs, tmp_path):
     with pytest.raises(ValueError, match="topology.kind=multi.*evaluate"):
-        checkpoint.export_open_clip(str(topology_runs["multi"] / "multi-straight"), str(tmp_path / "x.pt"))
+        checkpoint.export_open_clip(str(topology_runs["multi"][0] / "multi"), str(tmp_path / "x.pt"))
 
 
 def test_euclidean_recalls_recomputed_by_hand_from_unnormalised_features(small_corpus, tmp_path):

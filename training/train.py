@@ -164,25 +164,35 @@ def default_tensorboard_dir(config: TrainConfig) -> str | None:
     return str(Path(storage_root).resolve() / config.run.name / "tensorboard")
 
 
+def build_training_state(config: TrainConfig, loop_config: dict, device: torch.device):
+    """(model, optimizer, scheduler) of a fresh run, the same on every worker (seeded init)."""
+    torch.manual_seed(config.run.seed)
+    model = build_training_model(config).to(device)
+    optimizer = build_optimizer(model, config.optim)
+    scheduler = build_scheduler(optimizer, config.optim.warmup_steps, loop_config["schedule_steps"])
+    return model, optimizer, scheduler
+
+
+def loop_settings(config: TrainConfig, loop_config: dict, rank: int, world: int, device: torch.device,
+                  start_step: int) -> LoopSettings:
+    return LoopSettings(start_step=start_step, total_steps=loop_config["stop_step"], seed=config.run.seed,
+                        rank=rank, world_size=world, device=device,
+                        log_every=config.run.log_every, checkpoint_every=config.run.checkpoint_every,
+                        grad_clip_norm=config.optim.grad_clip_norm, bf16=device.type == "cuda",
+                        epoch_steps=tuple(loop_config["epoch_steps"]))
+
+
 def train_loop_per_worker(loop_config: dict) -> None:
     config, manifest = config_from_dict(loop_config["config"]), loop_config["manifest"]
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     device = ray.train.torch.get_device()
-    torch.manual_seed(config.run.seed)
-    model = build_training_model(config).to(device)
-    schedule_steps, stop_step = loop_config["schedule_steps"], loop_config["stop_step"]
-    optimizer = build_optimizer(model, config.optim)
-    scheduler = build_scheduler(optimizer, config.optim.warmup_steps, schedule_steps)
+    model, optimizer, scheduler = build_training_state(config, loop_config, device)
     start_step = restore(model, optimizer, scheduler)
     geometry = tower_geometry(model)
     ddp_model = ray.train.torch.prepare_model(model, move_to_device=False)
     objective = build_objective(config.loss, config.smartclip, rank, world, model.topology)
-    settings = LoopSettings(start_step=start_step, total_steps=stop_step, seed=config.run.seed,
-                            rank=rank, world_size=world, device=device,
-                            log_every=config.run.log_every, checkpoint_every=config.run.checkpoint_every,
-                            grad_clip_norm=config.optim.grad_clip_norm, bf16=device.type == "cuda",
-                            epoch_steps=tuple(loop_config["epoch_steps"]))
+    settings = loop_settings(config, loop_config, rank, world, device, start_step)
     batches = iter_worker_batches(config, manifest["shards"], rank, world, start_step, geometry)
     report = build_reporter(config, rank, ddp_model, optimizer, scheduler, loop_config["extra"])
     run_training(ddp_model, objective, optimizer, scheduler, batches, settings, report)
