@@ -5,8 +5,10 @@ one caption of each image's group drawn per step. What the reproductions compare
 method, not the data path, so every row sees the same images, captions and batch order."""
 from __future__ import annotations
 
+import argparse
 import json
 import time
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -15,6 +17,7 @@ import torch
 from evaluation.datasets import load_image_folder, load_karpathy
 from evaluation.datasets.files import read_image
 from evaluation.tasks.zeroshot import fill_templates
+from pipelines.demo_corpus import write_demo_corpus
 from training import transforms
 from training.batches import IMAGES, TEXTS
 from training.config import TrainConfig, apply_overrides
@@ -87,3 +90,37 @@ def train_from_scratch(overrides: dict, seed: int, images, groups, steps: int, b
     torch.manual_seed(seed)
     model = build_training_model(config)
     return model, train(model, config, images, groups, steps, batch_size)
+
+
+def add_training_arguments(p: argparse.ArgumentParser, steps: int, out: str) -> None:
+    """The options every in-process reproduction shares (data, schedule, seeds, threads)."""
+    p.add_argument("--steps", type=int, default=steps)
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--lr", type=float, default=5e-4)
+    p.add_argument("--warmup", type=int, default=50)
+    p.add_argument("--n-images", type=int, default=3000)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--out", default=out)
+
+
+def prepare_demo(args) -> tuple[Path, torch.Tensor, list[list[str]], EvalData]:
+    """(output folder, training images, caption groups, held-out data) on a fresh demo corpus."""
+    torch.set_num_threads(args.threads)
+    out = Path(args.out)
+    corpus = write_demo_corpus(out / "corpus", n_images=args.n_images, seed=0)
+    images, groups = load_training_pairs(corpus)
+    return out, images, groups, EvalData(corpus)
+
+
+def write_results(out: Path, table: str, results: dict) -> None:
+    print(table)
+    (out / "results.json").write_text(json.dumps(results, indent=1))
+    (out / "table.md").write_text(table)
+
+
+def mean_se(values) -> tuple[float, float]:
+    """Mean and standard error of the mean (NaN for a single value)."""
+    values = np.asarray(values, dtype=float)
+    se = values.std(ddof=1) / np.sqrt(len(values)) if len(values) > 1 else float("nan")
+    return float(values.mean()), float(se)

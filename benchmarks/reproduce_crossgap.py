@@ -32,16 +32,15 @@ import argparse
 import copy
 import json
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
 
-from benchmarks.inprocess import ARCH, EvalData, clip_config, load_training_pairs, train, train_from_scratch
+from benchmarks.inprocess import (ARCH, EvalData, add_training_arguments, clip_config, mean_se, prepare_demo, train,
+                                  train_from_scratch, write_results)
 from evaluation.inversion import InversionConfig, oti_features, ovi_features
 from evaluation.tasks.intra_modal import MAP_KEY, compute_modality_gap, compute_retrieval_metrics, split_first_caption
 from evaluation.tasks.zeroshot import compute_zeroshot_metrics
-from pipelines.demo_corpus import write_demo_corpus
 from training.model import build_training_model
 from training.towers import build_tokenizer
 
@@ -126,12 +125,6 @@ def timed(fn, *a) -> dict:
     return {**fn(*a), "measure_s": time.perf_counter() - start}
 
 
-def mean_se(values) -> tuple[float, float]:
-    values = np.asarray(values, dtype=float)
-    se = values.std(ddof=1) / np.sqrt(len(values)) if len(values) > 1 else float("nan")
-    return float(values.mean()), float(se)
-
-
 def markdown(results: dict, args) -> str:
     seeds = sorted(results)
     head = (f"{len(seeds)} seeds ({', '.join(map(str, seeds))}); {ARCH}, {args.steps} steps of batch "
@@ -154,11 +147,7 @@ def markdown(results: dict, args) -> str:
 
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--steps", type=int, default=300)
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--lr", type=float, default=5e-4)
-    p.add_argument("--warmup", type=int, default=50)
+    add_training_arguments(p, steps=300, out="crossgap_repro")
     p.add_argument("--fine-tune-steps", type=int, default=100)
     p.add_argument("--fine-tune-lr", type=float, default=1e-3)
     p.add_argument("--oti-queries", type=int, default=128)
@@ -166,24 +155,14 @@ def main(argv=None) -> dict:
     p.add_argument("--oti-steps", type=int, default=0, help="0: the paper's 150")
     p.add_argument("--ovi-steps", type=int, default=0, help="0: the paper's 1000")
     p.add_argument("--batch", type=int, default=16, help="queries inverted at once (16 is the CPU optimum)")
-    p.add_argument("--n-images", type=int, default=3000)
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--out", default="crossgap_repro")
     args = p.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    out = Path(args.out)
-    corpus = write_demo_corpus(out / "corpus", n_images=args.n_images, seed=0)
-    images, groups = load_training_pairs(corpus)
-    data = EvalData(corpus)
+    out, images, groups, data = prepare_demo(args)
     results = {}
     for seed in args.seeds:
         results[seed] = run_seed(seed, images, groups, data, args)
         for model, run in results[seed].items():
             print(json.dumps({"seed": seed, "model": model, **run}), flush=True)
-    table = markdown(results, args)
-    print(table)
-    (out / "results.json").write_text(json.dumps({"runs": results, "args": vars(args)}, indent=1))
-    (out / "table.md").write_text(table)
+    write_results(out, markdown(results, args), {"runs": results, "args": vars(args)})
     return results
 
 

@@ -27,15 +27,14 @@ from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
 
 import numpy as np
 import torch
 
-from benchmarks.inprocess import ARCH, EvalData, load_training_pairs, train_from_scratch
+from benchmarks.inprocess import (ARCH, EvalData, add_training_arguments, mean_se, prepare_demo, train_from_scratch,
+                                  write_results)
 from evaluation.tasks.retrieval import compute_retrieval_recall
 from evaluation.tasks.zeroshot import compute_zeroshot_metrics
-from pipelines.demo_corpus import write_demo_corpus
 from training.towers import build_tokenizer
 
 FIXED = {"loss.init_logit_scale": 0.0, "loss.learn_temperature": False}  # s = 1, not learned
@@ -81,9 +80,8 @@ def summarize(results: dict, seeds: list[int]) -> list[dict]:
             row = {"block": block, "row": name}
             for metric in METRICS:
                 values = np.array([runs[s][metric] for s in seeds])
-                diffs = values - np.array([sphere[s][metric] for s in seeds])
-                se = diffs.std(ddof=1) / np.sqrt(len(seeds)) if len(seeds) > 1 else float("nan")
-                row[metric] = (float(values.mean()), float(diffs.mean()), float(se))
+                diff, se = mean_se(values - np.array([sphere[s][metric] for s in seeds]))
+                row[metric] = (float(values.mean()), diff, se)
             row["logit_scale"] = float(np.mean([runs[s]["logit_scale"] for s in seeds]))
             rows.append(row)
     return rows
@@ -104,20 +102,9 @@ def markdown(rows: list[dict], args) -> str:
 
 def main(argv=None) -> list[dict]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--steps", type=int, default=150)
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--lr", type=float, default=5e-4)
-    p.add_argument("--warmup", type=int, default=50)
-    p.add_argument("--n-images", type=int, default=3000)
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--out", default="topology_repro")
+    add_training_arguments(p, steps=150, out="topology_repro")
     args = p.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    out = Path(args.out)
-    corpus = write_demo_corpus(out / "corpus", n_images=args.n_images, seed=0)
-    images, groups = load_training_pairs(corpus)
-    data = EvalData(corpus)
+    out, images, groups, data = prepare_demo(args)
     results: dict = {}
     for block, variants in BLOCKS.items():
         for name, overrides in variants.items():
@@ -127,10 +114,7 @@ def main(argv=None) -> list[dict]:
                 results.setdefault(block, {}).setdefault(name, {})[seed] = run
                 print(json.dumps({"block": block, "row": name, "seed": seed, **run}), flush=True)
     rows = summarize(results, args.seeds)
-    table = markdown(rows, args)
-    print(table)
-    (out / "results.json").write_text(json.dumps({"runs": results, "rows": rows, "args": vars(args)}, indent=1))
-    (out / "table.md").write_text(table)
+    write_results(out, markdown(rows, args), {"runs": results, "rows": rows, "args": vars(args)})
     return rows
 
 
