@@ -10,7 +10,6 @@ Layout of one checkpoint directory:
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import tempfile
 from dataclasses import dataclass
@@ -24,10 +23,6 @@ from training.config import TrainConfig, config_from_dict, config_to_dict
 
 MODEL_FILE, OPTIMIZER_FILE, STATE_FILE = "model.safetensors", "optimizer.safetensors", "state.json"
 TOWER_PREFIX = "tower."
-
-
-def file_sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def split_optimizer_state(optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
@@ -63,7 +58,7 @@ def save_checkpoint(directory: Path, model, optimizer, scheduler, step: int,
     save_file(opt_tensors, directory / OPTIMIZER_FILE)
     state = {"step": step, "config": config_to_dict(config), "optimizer": opt_plain,
              "scheduler": scheduler.state_dict(), **extra,
-             "files": {name: file_sha256(directory / name) for name in (MODEL_FILE, OPTIMIZER_FILE)}}
+             "files": {name: storage.file_sha256(str(directory / name)) for name in (MODEL_FILE, OPTIMIZER_FILE)}}
     (directory / STATE_FILE).write_text(json.dumps(state, indent=1, sort_keys=True))
     return directory
 
@@ -83,7 +78,7 @@ def is_complete(directory: Path) -> bool:
         files = read_state(directory)["files"]
     except (OSError, ValueError, KeyError):
         return False
-    return all((directory / n).exists() and file_sha256(directory / n) == d for n, d in files.items())
+    return all((directory / n).exists() and storage.file_sha256(str(directory / n)) == d for n, d in files.items())
 
 
 def load_training_state(directory: Path, model, optimizer, scheduler) -> dict:
