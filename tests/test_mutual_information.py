@@ -153,6 +153,21 @@ def test_block_norm_starts_at_zero_mean_unit_variance_and_is_then_fixed_paramete
     assert {"norms.1.shift", "norms.1.log_scale", "norms.1.initialised"} <= set(mine.network.state_dict())
 
 
+def test_a_loaded_estimator_keeps_its_started_state():
+    """The host-side mirrors of the 'started' buffers follow a loaded state dict: a restored
+    MINE keeps its moving average and its inputs' affine instead of re-initialising them."""
+    torch.manual_seed(0)
+    mine, z, x = Mine((3, 2), hidden=8), torch.randn(6, 3), torch.randn(6, 2)
+    perm = derangement(6, torch.Generator().manual_seed(1))
+    mine.update_ema(z, (x,), perm)
+    restored = Mine((3, 2), hidden=8)
+    restored.load_state_dict(mine.state_dict())
+    assert restored.started and all(norm.started for norm in restored.network.norms)
+    assert torch.equal(restored(z, (x,), perm).objective, mine(z, (x,), perm).objective)
+    fresh = Mine((3, 2), hidden=8)
+    assert not fresh.started and not fresh.network.norms[0].started
+
+
 def test_unknown_estimator_is_refused_with_the_known_ones():
     with pytest.raises(ValueError, match="unknown MI estimator 'infonce'"):
         build_estimator("infonce", (2, 2))

@@ -45,24 +45,42 @@ def log_mean_exp(values: torch.Tensor) -> torch.Tensor:
     return torch.logsumexp(values, dim=0) - math.log(values.shape[0])
 
 
-class BlockNorm(nn.Module):
+class StartedOnce(nn.Module):
+    """A module with a one-time start (a data-dependent initialisation) kept as a boolean
+    buffer, so it is checkpointed, and mirrored on the host, so a forward branches on it
+    without a device synchronisation every step; the mirror is re-read once on load."""
+
+    def __init__(self, flag: str):
+        super().__init__()
+        self.flag, self.started = flag, False
+        self.register_buffer(flag, torch.zeros((), dtype=torch.bool))
+
+    def mark_started(self) -> None:
+        getattr(self, self.flag).fill_(True)
+        self.started = True
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self.started = bool(getattr(self, self.flag))
+
+
+class BlockNorm(StartedOnce):
     """A learned per-feature affine map, initialised from the first batch it sees to zero mean
     and unit variance (Glow's ActNorm). It puts blocks of very different scales (unit-norm Z,
     a frozen tower's pre-projection features) on one footing without LayerNorm's loss of each
     row's mean and norm, which for a few dimensions is a large share of the information."""
 
     def __init__(self, dim: int):
-        super().__init__()
+        super().__init__("initialised")
         self.shift, self.log_scale = nn.Parameter(torch.zeros(dim)), nn.Parameter(torch.zeros(dim))
-        self.register_buffer("initialised", torch.zeros((), dtype=torch.bool))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not bool(self.initialised):
+        if not self.started:
             with torch.no_grad():
                 std, mean = torch.std_mean(x.detach().float(), dim=0)
                 self.shift.copy_(-mean)
                 self.log_scale.copy_(-torch.log(std + 1e-6))
-                self.initialised.fill_(True)
+                self.mark_started()
         return (x + self.shift) * self.log_scale.exp()
 
 
@@ -82,21 +100,20 @@ class StatisticsNetwork(nn.Module):
         return self.clamp * torch.tanh(self.mlp(inputs).squeeze(-1) / self.clamp)  # (B,)
 
 
-class Mine(nn.Module):
+class Mine(StartedOnce):
     """The Donsker-Varadhan bound Î = E_joint[T] − log E_marg[e^T]. Its minibatch gradient is
     biased; the corrected one replaces the denominator by a moving average μ of E_marg[e^T]
     (kept as log μ, initialised with the first batch): ∇E_joint[T] − ∇E_marg[e^T] / μ."""
 
     def __init__(self, dims: Sequence[int], hidden: int = 512, ema_rate: float = 0.01):
-        super().__init__()
+        super().__init__("ema_started")
         self.network = StatisticsNetwork(dims, hidden)
         self.ema_rate = ema_rate
         self.register_buffer("log_mu", torch.zeros(()))
-        self.register_buffer("ema_started", torch.zeros((), dtype=torch.bool))
 
     def forward(self, z: torch.Tensor, xs: Sequence[torch.Tensor], perm: torch.Tensor) -> MIEstimate:
         joint, log_marg = self.network(z, *xs).mean(), log_mean_exp(self.network(z[perm], *xs))
-        log_mu = self.log_mu if bool(self.ema_started) else log_marg.detach()
+        log_mu = self.log_mu if self.started else log_marg.detach()
         corrected = joint - torch.exp(log_marg - log_mu)  # gradient: the bias-corrected one
         value = joint - log_marg
         return MIEstimate(value.detach() + corrected - corrected.detach(), corrected)
@@ -105,9 +122,9 @@ class Mine(nn.Module):
     def update_ema(self, z: torch.Tensor, xs: Sequence[torch.Tensor], perm: torch.Tensor) -> None:
         """μ ← (1 − α)·μ + α·E_marg[e^T], in log space; call once per estimator step."""
         log_marg = log_mean_exp(self.network(z[perm], *xs))
-        if not bool(self.ema_started):
+        if not self.started:
             self.log_mu.copy_(log_marg)
-            self.ema_started.fill_(True)
+            self.mark_started()
             return
         self.log_mu.copy_(torch.logaddexp(self.log_mu + math.log1p(-self.ema_rate), log_marg + math.log(self.ema_rate)))
 
