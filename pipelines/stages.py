@@ -14,8 +14,6 @@ from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 
-from img2dataset.downloader import download_image_with_retry
-from img2dataset.resizer import Resizer
 
 from pipelines import edges, image_input, shards, storage, url_guard
 
@@ -65,7 +63,12 @@ class ImageFetcher:
     guard, a file through fsspec), checks and normalises it, and resizes it once."""
 
     def __init__(self, params: DownloadParams):
-        self.params = params
+        # img2dataset is imported by the actors that fetch, not with this module: its import
+        # (albumentations and more, ~1.2 s) would otherwise be paid by every process that
+        # reads a build through pipelines.build, training workers and Ray Data actors included.
+        from img2dataset.downloader import download_image_with_retry
+        from img2dataset.resizer import Resizer
+        self.params, self.download = params, download_image_with_retry
         self.resizer = Resizer(image_size=params.image_size, resize_mode=params.resize_mode,
                                resize_only_if_bigger=False, encode_quality=params.encode_quality,
                                encode_format="jpg", min_image_size=params.min_image_size,
@@ -92,7 +95,7 @@ class ImageFetcher:
             return read_file_source(source)
         if not url_guard.url_allowed(source, self.params.allow_loopback):
             return None, url_guard.BLOCKED_REASON
-        _, stream, err = download_image_with_retry(
+        _, stream, err = self.download(
             (key, source), timeout=self.params.timeout_s, retries=self.params.retries,
             user_agent_token=USER_AGENT_TOKEN,
             disallowed_header_directives=DISALLOWED_HEADER_DIRECTIVES)

@@ -8,6 +8,7 @@ test_topology.py). A Euclidean checkpoint's retrieval is recomputed by hand from
 unnormalised features (a silent fallback to cosine would fail)."""
 from __future__ import annotations
 
+import copy
 import json
 
 import numpy as np
@@ -21,10 +22,10 @@ from evaluation.tasks.retrieval import compute_retrieval_recall
 from pipelines import shards
 from tests.eval_fixtures import save_micro_checkpoint
 from tests.test_eval_parity import encode_directly
-from training import checkpoint, train
+from training import checkpoint, data_stage, train
 from training.inference import load_inference_model
 from training.loop import run_training
-from training.model import tower_geometry
+from training.model import build_training_model, tower_geometry
 from training.objectives import build_objective
 
 pytestmark = pytest.mark.ray
@@ -45,31 +46,46 @@ def step_losses(storage, name: str) -> dict[int, float]:
     return {r["step"]: r["loss/total"] for r in map(json.loads, lines)}
 
 
-def in_process_losses(argv: list[str]) -> dict[int, float]:
-    """The one worker's loop of `argv`, straight from step 0, in this process."""
+def in_process_losses(argv: list[str], batches: list[dict]) -> dict[int, float]:
+    """The one worker's loop of `argv`, straight from step 0, in this process, on `batches`."""
     config = train.build_config(train.parse_args(argv))
     manifest = shards.read_manifest(config.data.build_uri)
     loop_config, device = train.plan_steps(config, manifest), torch.device("cpu")
     model, optimizer, scheduler = train.build_training_state(config, loop_config, device)
     objective = build_objective(config.loss, config.smartclip, 0, 1, model.topology)
     settings = train.loop_settings(config, loop_config, 0, 1, device, 0)
-    batches = train.iter_worker_batches(config, manifest["shards"], 0, 1, 0, tower_geometry(model))
     losses: dict[int, float] = {}
-    run_training(model, objective, optimizer, scheduler, batches, settings,
+    run_training(model, objective, optimizer, scheduler, iter(copy.deepcopy(batches)), settings,
                  lambda step, metrics, _: losses.__setitem__(step, float(metrics["loss/total"])))
     return losses
+
+
+def geometry_of(argv: list[str]) -> tuple[int, int]:
+    return tower_geometry(build_training_model(train.build_config(train.parse_args(argv))))
+
+
+def worker_batches(argv: list[str]) -> list[dict]:
+    """The one worker's Ray Data batch stream of `argv` from step 0, its first STEPS batches."""
+    config = train.build_config(train.parse_args(argv))
+    manifest = shards.read_manifest(config.data.build_uri)
+    stream = data_stage.iter_worker_batches(config, manifest["shards"], 0, 1, 0, geometry_of(argv))
+    return [batch for _, batch in zip(range(STEPS), stream)]
 
 
 @pytest.fixture(scope="module")
 def topology_runs(small_build, tmp_path_factory, single_torch_thread):
     """kind -> (storage holding run "<kind>": 2 steps, then resumed to 4, through Ray Train;
-    the straight in-process losses of the same run). One torch thread, as in a 1-CPU worker."""
+    the straight in-process losses of the same run). One torch thread, as in a 1-CPU worker.
+    The batch stream depends on the data, seed, batch size and tower geometry, the same for
+    every topology here (checked): it is read once for all the in-process references."""
     storage, runs = tmp_path_factory.mktemp("topology-runs"), {}
+    argv = {kind: run_args(small_build[3], storage, kind, kind, "--max-steps", str(STEPS)) for kind in TOPOLOGIES}
+    assert len({geometry_of(a) for a in argv.values()}) == 1
+    batches = worker_batches(argv["multi"])
     for kind in TOPOLOGIES:
         train.main(run_args(small_build[3], storage, kind, kind, "--max-steps", "2"))
         train.main(run_args(small_build[3], storage, kind, kind, "--max-steps", str(STEPS), "--resume"))
-        runs[kind] = (storage, in_process_losses(run_args(small_build[3], storage, kind, kind,
-                                                          "--max-steps", str(STEPS))))
+        runs[kind] = (storage, in_process_losses(argv[kind], batches))
     return runs
 
 

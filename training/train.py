@@ -32,12 +32,11 @@ from ray.util.queue import Queue  # noqa: E402
 
 from pipelines import console, ray_setup, shards, storage  # noqa: E402
 from pipelines.build import arrow_filesystem, code_version  # noqa: E402
-from training import checkpoint, data_order  # noqa: E402
-from training.batches import BatchPreprocessor  # noqa: E402
+from training import checkpoint, data_order, ray_entry  # noqa: E402
+from training.data_stage import iter_worker_batches  # noqa: E402
 from training.config import TrainConfig, apply_overrides, config_from_dict, config_to_dict  # noqa: E402
 from training.loop import LoopSettings, run_training  # noqa: E402
 from training.methods import build_method_config, check_combination, resolve_auto_fields  # noqa: E402
-from training.long_text import text_context_length  # noqa: E402
 from training.model import build_training_model, tower_geometry  # noqa: E402
 from training.objectives import build_objective  # noqa: E402
 from training.optim import build_optimizer, build_scheduler  # noqa: E402
@@ -75,51 +74,6 @@ def build_config(args: argparse.Namespace) -> TrainConfig:
     config = resolve_auto_fields(apply_overrides(build_method_config(args.method), overrides))
     check_combination(config)
     return config
-
-
-def iter_worker_batches(config: TrainConfig, entries: list[dict], rank: int, world: int,
-                        start_step: int, geometry: tuple[int, int]):
-    """This worker's prepared batches from `start_step` to the end of the last epoch, from
-    one Ray Data stream (its actors live for the whole run, not one epoch)."""
-    items = data_order.plan_worker_run(entries, config.run.seed, rank, world,
-                                       config.data.batch_size_per_worker, start_step, config.run.epochs)
-    dataset = build_run_dataset(config, items, geometry)
-    yield from dataset.iter_batches(batch_size=config.data.batch_size_per_worker, batch_format="numpy",
-                                    drop_last=True, prefetch_batches=config.data.prefetch_batches)
-
-
-class PrepareShardItems:
-    """Ray Data stage: reader items (one shard each) -> prepared batches. Reading and
-    preparing share one actor so that a worker's data pipeline holds exactly
-    `preprocess_concurrency` CPUs and can never starve its own read tasks."""
-
-    def __init__(self, config: TrainConfig, geometry: tuple[int, int]):
-        image_size, patch_size = geometry
-        self.build_uri, self.seed = config.data.build_uri, config.run.seed
-        self.batch_size = config.data.batch_size_per_worker
-        context = text_context_length(config.model.arch, config.model.text_positions_kept,
-                                      config.model.text_stretch_factor)
-        self.prepare = BatchPreprocessor(config.model.arch, image_size, patch_size,
-                                         config.data.crop_scale, config.run.seed,
-                                         config.data.caption_policy, config.data.long_caption_fraction,
-                                         context_length=context)
-
-    def __call__(self, items: dict):
-        for i in range(len(items[data_order.ITEM_SHARD])):
-            item = {k: v[i] for k, v in items.items()}
-            rows = list(data_order.iter_item_samples(item, self.build_uri, self.seed))
-            for start in range(0, len(rows), self.batch_size):
-                yield self.prepare.prepare_rows(rows[start:start + self.batch_size])
-
-
-def build_run_dataset(config: TrainConfig, items: list[dict], geometry: tuple[int, int]):
-    """Ray Data: this worker's shards, in order, prepared on CPU actors."""
-    context = ray.data.DataContext.get_current()
-    context.execution_options.preserve_order = True  # the data order is part of the run
-    context.enable_progress_bars = False
-    return ray.data.from_items(items, override_num_blocks=max(1, len(items))).map_batches(
-        PrepareShardItems, fn_constructor_args=(config, geometry), batch_size=1,
-        batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=config.data.preprocess_concurrency))
 
 
 def restore(model, optimizer, scheduler) -> int:
@@ -182,7 +136,8 @@ def loop_settings(config: TrainConfig, loop_config: dict, rank: int, world: int,
                         epoch_steps=tuple(loop_config["epoch_steps"]))
 
 
-def train_loop_per_worker(loop_config: dict) -> None:
+def run_worker(loop_config: dict) -> None:
+    """One Ray Train worker's run (entered through `ray_entry.train_loop_per_worker`)."""
     config, manifest = config_from_dict(loop_config["config"]), loop_config["manifest"]
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
@@ -196,17 +151,6 @@ def train_loop_per_worker(loop_config: dict) -> None:
     batches = iter_worker_batches(config, manifest["shards"], rank, world, start_step, geometry)
     report = build_reporter(config, rank, ddp_model, optimizer, scheduler, loop_config["extra"])
     run_training(ddp_model, objective, optimizer, scheduler, batches, settings, report)
-
-
-class ReportForwarder(ray.train.UserCallback):
-    """Runs on the Ray Train controller: rank 0's metrics of every report, to the driver."""
-
-    def __init__(self, reports: Queue):
-        self.reports = reports
-
-    def after_report(self, run_context, metrics, checkpoint) -> None:
-        if metrics and "step" in metrics[0]:
-            self.reports.put(dict(metrics[0]))
 
 
 def console_fields(metrics: dict) -> dict:
@@ -293,12 +237,12 @@ def fit(config: TrainConfig, resume: bool = False):
              "code_version": code_version()}
     plan = plan_steps(config, manifest)
     with follow_reports(plan["stop_step"]) as reports:
-        return make_trainer(config, manifest, extra, plan, ReportForwarder(reports)).fit()
+        return make_trainer(config, manifest, extra, plan, ray_entry.ReportForwarder(reports)).fit()
 
 
 def make_trainer(config: TrainConfig, manifest: dict, extra: dict, plan: dict, callback) -> TorchTrainer:
     return TorchTrainer(
-        train_loop_per_worker,
+        ray_entry.train_loop_per_worker,
         train_loop_config={"config": config_to_dict(config), "manifest": manifest, "extra": extra,
                            **plan},
         scaling_config=ray.train.ScalingConfig(

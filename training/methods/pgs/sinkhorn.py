@@ -14,15 +14,21 @@ import os
 
 import torch
 
-# POT imports every array library it finds when it is first imported, and JAX, when present,
-# then preallocates 75 % of the GPU's memory (measured on an H200: ViT-B/16 at batch 512
-# did not fit beside it). Only the torch backend is used here; a user's setting wins.
-for _backend in ("JAX", "CUPY", "TENSORFLOW"):
-    os.environ.setdefault(f"POT_BACKEND_DISABLE_{_backend}", "1")
-
-from ot.backend import get_backend  # noqa: E402
-
 REFERENCE_EPS = 1e-3  # stabiliser and tolerance of the released loop
+
+
+def pot_backend(array):
+    """POT's backend for `array`. POT is imported on first use, not with this module: its
+    import takes 1.5-4 s (scikit-learn, networkx), paid by every process that imports the
+    training code (the Ray Train worker, each Ray Data actor) even when PGS is off.
+
+    POT imports every array library it finds when it is first imported, and JAX, when present,
+    then preallocates 75 % of the GPU's memory (measured on an H200: ViT-B/16 at batch 512
+    did not fit beside it). Only the torch backend is used here; a user's setting wins."""
+    for backend in ("JAX", "CUPY", "TENSORFLOW"):
+        os.environ.setdefault(f"POT_BACKEND_DISABLE_{backend}", "1")
+    from ot.backend import get_backend
+    return get_backend(array)
 
 
 def sinkhorn_plans(similarity: torch.Tensor, reg: float, num_iters: int) -> torch.Tensor:
@@ -34,7 +40,7 @@ def sinkhorn_plans(similarity: torch.Tensor, reg: float, num_iters: int) -> torc
     """
     if reg <= 0 or num_iters < 1:
         raise ValueError(f"Sinkhorn needs reg > 0 and num_iters >= 1, got {reg}, {num_iters}")
-    nx = get_backend(similarity)
+    nx = pot_backend(similarity)
     batch, n, m = similarity.shape
     kernel = nx.exp(similarity / reg)  # (B, n, m), POT's K = exp(-M / reg) with M = -S
     a = nx.ones((batch, n), type_as=similarity) / n
