@@ -53,6 +53,14 @@ def write_bytes_atomic(fs: fsspec.AbstractFileSystem, path: str, data: bytes) ->
     fs.mv(tmp, path)
 
 
+def put_file_atomic(fs: fsspec.AbstractFileSystem, local: str, path: str) -> None:
+    """`write_bytes_atomic` for a local file, streamed instead of held in memory."""
+    tmp = f"{path}{TMP_MARK}{uuid.uuid4().hex[:8]}"
+    fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+    fs.put(local, tmp)
+    fs.mv(tmp, path)
+
+
 def read_bytes(fs: fsspec.AbstractFileSystem, path: str) -> bytes:
     with fs.open(path, "rb") as f:
         return f.read()

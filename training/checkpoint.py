@@ -5,8 +5,13 @@ export that `open_clip.create_model_and_transforms(arch, pretrained=file)` loads
 Layout of one checkpoint directory:
     model.safetensors      ContrastiveModel state dict ("tower." = the open_clip model)
     optimizer.safetensors  AdamW per-parameter tensors, keys "<param index>.<name>"
+    auxiliary.<part>.safetensors            a trainable auxiliary part's weights and buffers
+    auxiliary.<part>.optimizer.safetensors  ... and its optimizer's tensors
     state.json             step, config, scheduler, optimizer groups, data manifest digest,
-                           code version and the sha256 of both tensor files (written last)
+                           code version, each auxiliary part's optimizer groups (or, for a
+                           frozen part, the digest of its one copy in the run directory,
+                           `<run>/<part>.safetensors`) and the sha256 of every tensor file
+                           (written last)
 """
 from __future__ import annotations
 
@@ -48,19 +53,77 @@ def join_optimizer_state(tensors: dict, plain: dict) -> dict:
     return {"state": state, "param_groups": plain["param_groups"]}
 
 
+def tensors_of(module: torch.nn.Module) -> dict:
+    return {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
+
+
+def part_files(name: str) -> tuple[str, str]:
+    return f"auxiliary.{name}.safetensors", f"auxiliary.{name}.optimizer.safetensors"
+
+
 def save_checkpoint(directory: Path, model, optimizer, scheduler, step: int,
-                    config: TrainConfig, extra: dict) -> Path:
-    """Write a complete checkpoint into a local directory (state.json last)."""
+                    config: TrainConfig, extra: dict, parts=(), run_dir: str | None = None) -> Path:
+    """Write a complete checkpoint into a local directory (state.json last); a frozen
+    auxiliary part is written once into `run_dir` instead (training/auxiliary.py)."""
     directory.mkdir(parents=True, exist_ok=True)
-    weights = {k: v.detach().cpu().contiguous() for k, v in unwrap(model).state_dict().items()}
-    save_file(weights, directory / MODEL_FILE)
+    save_file(tensors_of(unwrap(model)), directory / MODEL_FILE)
     opt_tensors, opt_plain = split_optimizer_state(optimizer)
     save_file(opt_tensors, directory / OPTIMIZER_FILE)
+    names, auxiliary = [MODEL_FILE, OPTIMIZER_FILE], {}
+    for part in parts:
+        if part.frozen:
+            auxiliary[part.name] = {"run_file": f"{part.name}.safetensors", "sha256": store_once(part, run_dir)}
+            continue
+        weights_file, optimizer_file = part_files(part.name)
+        save_file(tensors_of(part.module), directory / weights_file)
+        tensors, plain = split_optimizer_state(part.optimizer)
+        save_file(tensors, directory / optimizer_file)
+        auxiliary[part.name], names = {"optimizer": plain}, names + [weights_file, optimizer_file]
     state = {"step": step, "config": config_to_dict(config), "optimizer": opt_plain,
-             "scheduler": scheduler.state_dict(), **extra,
-             "files": {name: storage.file_sha256(str(directory / name)) for name in (MODEL_FILE, OPTIMIZER_FILE)}}
+             "scheduler": scheduler.state_dict(), **extra, **({"auxiliary": auxiliary} if auxiliary else {}),
+             "files": {name: storage.file_sha256(str(directory / name)) for name in names}}
     (directory / STATE_FILE).write_text(json.dumps(state, indent=1, sort_keys=True))
     return directory
+
+
+def store_once(part, run_dir: str | None) -> str:
+    """sha256 of a frozen part's weights in `<run_dir>/<name>.safetensors`, written there
+    (atomically) if absent; the digest is kept on the part after the first time. Rank 0 writes
+    it with its first checkpoint, so a checkpoint never names a copy that is not there."""
+    if getattr(part, "sha256", None):
+        return part.sha256
+    if run_dir is None:
+        raise ValueError(f"auxiliary part {part.name!r} is stored in the run directory: pass run_dir")
+    fs, target = storage.open_storage(storage.join(run_dir, f"{part.name}.safetensors"))
+    with tempfile.TemporaryDirectory() as tmp:
+        local = Path(tmp) / f"{part.name}.safetensors"
+        save_file(tensors_of(part.module), local)
+        digest = storage.file_sha256(str(local))
+        if not fs.exists(target):
+            storage.put_file_atomic(fs, str(local), target)
+    part.sha256 = digest
+    return digest
+
+
+def load_part(part, directory: Path, state: dict, run_dir: str | None) -> None:
+    """Restore one auxiliary part in place from a checkpoint (a frozen one from the run
+    directory, checked against the digest the checkpoint recorded)."""
+    record = state.get("auxiliary", {}).get(part.name)
+    if record is None:
+        raise ValueError(f"checkpoint {directory} has no auxiliary part {part.name!r}")
+    if part.frozen:
+        fs, path = storage.open_storage(storage.join(run_dir, record["run_file"]))
+        with tempfile.TemporaryDirectory() as tmp:
+            local = Path(tmp) / record["run_file"]
+            fs.get(path, str(local))
+            if storage.file_sha256(str(local)) != record["sha256"]:
+                raise ValueError(f"{path} does not match the digest checkpoint {directory} recorded")
+            part.module.load_state_dict(load_file(local))
+        part.sha256 = record["sha256"]
+        return
+    weights_file, optimizer_file = part_files(part.name)
+    part.module.load_state_dict(load_file(directory / weights_file))
+    part.optimizer.load_state_dict(join_optimizer_state(load_file(directory / optimizer_file), record["optimizer"]))
 
 
 def unwrap(model):
@@ -81,14 +144,16 @@ def is_complete(directory: Path) -> bool:
     return all((directory / n).exists() and storage.file_sha256(str(directory / n)) == d for n, d in files.items())
 
 
-def load_training_state(directory: Path, model, optimizer, scheduler) -> dict:
-    """Restore weights, optimizer and schedule in place; returns state.json."""
+def load_training_state(directory: Path, model, optimizer, scheduler, parts=(), run_dir: str | None = None) -> dict:
+    """Restore weights, optimizer, schedule and auxiliary parts in place; returns state.json."""
     if not is_complete(directory):
         raise ValueError(f"checkpoint {directory} is incomplete or corrupt")
     state = read_state(directory)
     unwrap(model).load_state_dict(load_file(directory / MODEL_FILE))
     optimizer.load_state_dict(join_optimizer_state(load_file(directory / OPTIMIZER_FILE), state["optimizer"]))
     scheduler.load_state_dict(state["scheduler"])
+    for part in parts:
+        load_part(part, directory, state, run_dir)
     return state
 
 
@@ -109,7 +174,14 @@ def _localize(fs, path: str) -> Path:
     if getattr(fs, "protocol", None) in ("file", ("file", "local")) or Path(path).exists():
         return Path(path)
     local = Path(tempfile.mkdtemp(prefix="ckpt-"))
-    for name in (MODEL_FILE, OPTIMIZER_FILE, STATE_FILE):
+    if not fs.exists(storage.join(path, STATE_FILE)):
+        return local
+    fs.get(storage.join(path, STATE_FILE), str(local / STATE_FILE))
+    try:
+        names = read_state(local).get("files", {})
+    except ValueError:  # a torn state.json: is_complete says so
+        return local
+    for name in names:  # every tensor file state.json names
         if fs.exists(storage.join(path, name)):
             fs.get(storage.join(path, name), str(local / name))
     return local

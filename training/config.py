@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import keyword
 import math
 from dataclasses import dataclass, field
 
@@ -78,6 +79,8 @@ class LossConfig:
     reset_logit_scale: bool = False  # pretrained start: set log-scale to init_logit_scale anyway
     label_smoothing: float = 0.0  # Long-CLIP trains with 0.1; SmartCLIP's Eq. 3 has none
     pca_components: int = 32  # Long-CLIP: short captions vs the batch's top-k image components
+    # A regulariser added to the objective: "none" | "cibr" (the `cibr` section)
+    regularizer: str = "none"
 
 
 @dataclass(frozen=True)
@@ -86,6 +89,31 @@ class SmartClipConfig:
     mask_init_bias: float = 3.0  # sigmoid(3) = 0.95: masks start all ones (pretrained CLIP)
     lambda_align: float = 1.0
     lambda_sparsity: float = 0.01  # on the un-normalised L1 of the mask, batch mean
+
+
+@dataclass(frozen=True)
+class CibrConfig:
+    """CIBR (METHODS.md §5): L = L_CLIP + λ·[I(Z_v; X_v | X_t) + I(Z_t; X_t | X_v)].
+
+    The paper's: the loss form, MINE as the estimator, λ ≈ 0.5, fine-tuning a pretrained CLIP.
+    Ours (the paper is silent): X_v, X_t = a frozen copy of the starting towers' features
+    before their final projections; Z = the trained embeddings plus Gaussian channel noise
+    (noise_std per coordinate, only inside the regulariser); each conditional MI by the chain
+    rule I(Z; X | C) = I(Z; [X, C]) − I(Z; C), four statistics networks on Z-shuffled
+    (derangement) marginals; MINE's EMA bias correction; the estimators on the gathered global
+    batch with their own Adam; one estimator update per step (warmup_estimator_steps during
+    the first warmup_steps, where λ is 0), then λ ramps linearly over ramp_steps; `lambda`
+    on the command line is this `lambda_` field."""
+    lambda_: float = 0.5
+    estimator: str = "mine"  # "mine" | "mine_f" | "club" (an upper bound, §5.2's alternative)
+    noise_std: float = 0.02
+    ema_rate: float = 0.01  # MINE's moving average of E_marg[e^T]
+    estimator_lr: float = 1e-4
+    estimator_betas: tuple[float, float] = (0.9, 0.999)
+    hidden: int = 512  # width of each statistics network
+    warmup_steps: int = 0  # first steps: estimators only (λ = 0)
+    warmup_estimator_steps: int = 5  # estimator updates per step during the warm-up
+    ramp_steps: int = 1000  # then λ grows linearly from 0 to lambda_ over these steps
 
 
 @dataclass(frozen=True)
@@ -139,6 +167,7 @@ class TrainConfig:
     topology: TopologyConfig = field(default_factory=TopologyConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     smartclip: SmartClipConfig = field(default_factory=SmartClipConfig)
+    cibr: CibrConfig = field(default_factory=CibrConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     run: RunConfig = field(default_factory=RunConfig)
@@ -153,6 +182,8 @@ def apply_overrides(config, overrides: dict[str, object]):
 
 def _replace_path(node, path: list[str], value):
     names = {f.name: f for f in dataclasses.fields(node)}
+    if keyword.iskeyword(path[0]) and path[0] + "_" in names:  # `cibr.lambda` names `lambda_`
+        path = [path[0] + "_", *path[1:]]
     if path[0] not in names:
         raise ValueError(f"unknown config field {path[0]!r}; known: {', '.join(names)}")
     if len(path) == 1:

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from training.auxiliary import parts_of, update_parts
 from training.batches import EDGE_SCORES, IMAGES, SHORT_TEXTS, TEXTS
 from training.checkpoint import unwrap
 from training.transforms import normalize_image_tensor
@@ -71,7 +72,9 @@ def compute_epoch_fraction(step: int, epoch_steps: tuple[int, ...]) -> float:
 
 
 def train_step(model, objective, optimizer, scheduler, batch: dict, s: LoopSettings,
-               epoch_fraction: float = 0.0) -> dict:
+               epoch_fraction: float = 0.0, step: int = 0) -> dict:
+    """One step: the model's forward, the objective's auxiliary parts' own updates (on the
+    step's outputs, detached), then the encoders' backward and optimiser step."""
     images = normalize_image_tensor(torch.as_tensor(batch[IMAGES]).to(s.device, non_blocking=True))
     texts = {name: torch.as_tensor(batch[column]).to(s.device, non_blocking=True)
              for name, column in (("texts", TEXTS), ("short_texts", SHORT_TEXTS)) if column in batch}
@@ -80,6 +83,8 @@ def train_step(model, objective, optimizer, scheduler, batch: dict, s: LoopSetti
         edge_scores = torch.as_tensor(edge_scores).to(s.device, non_blocking=True)
     with torch.autocast(device_type=s.device.type, dtype=torch.bfloat16, enabled=s.bf16):
         outputs = model(images, **texts, edge_scores=edge_scores, epoch_fraction=epoch_fraction)
+        outputs.update(inputs={"images": images, **texts}, step=step)
+        part_metrics = update_parts(parts_of(objective), outputs)
         terms = objective(outputs)
     loss = sum(terms.values())
     optimizer.zero_grad(set_to_none=True)
@@ -93,7 +98,7 @@ def train_step(model, objective, optimizer, scheduler, batch: dict, s: LoopSetti
     # Detached device tensors, no .item(): a host synchronisation per step would stall the GPU.
     return {**{f"loss/{k}": v.detach() for k, v in terms.items()}, "loss/total": loss.detach(),
             "logit_scale": scale, "temperature": 1.0 / scale, "grad_norm": grad_norm.detach(),
-            "lr": lr, **outputs.get("diagnostics", {}),
+            "lr": lr, **part_metrics, **outputs.get("diagnostics", {}),
             **{k: v for k, v in outputs.items() if k.startswith("masking/")}}
 
 
@@ -109,7 +114,7 @@ def run_training(model, objective, optimizer, scheduler, batches: Iterable[dict]
         wait_s = time.perf_counter() - wait_start
         seed_step(model, s.seed, step, s.rank)
         metrics = train_step(model, objective, optimizer, scheduler, batch, s,
-                             compute_epoch_fraction(step, s.epoch_steps))
+                             compute_epoch_fraction(step, s.epoch_steps), step)
         meter.update(metrics, len(batch[IMAGES]), wait_s)
         step += 1
         is_last = step == s.total_steps

@@ -4,6 +4,8 @@ multi-[CLS] towers of a topology), returning a dict of named outputs. Every embe
 topology's (`embed_image` / `embed_text`, training/topology.py)."""
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 from torch import nn
 
@@ -203,11 +205,13 @@ def build_model(model: ModelConfig, masking: MaskingConfig, loss: LossConfig,
                             build_token_selector(masking, pgs, tower.visual), space)
 
 
-def build_training_model(config: TrainConfig) -> ContrastiveModel:
-    """The model a training config describes (the mask network only for SmartCLIP's loss)."""
+def build_training_model(config: TrainConfig, with_weights: bool = True) -> ContrastiveModel:
+    """The model a training config describes (the mask network only for SmartCLIP's loss);
+    `with_weights=False`: its architecture only, without fetching `model.pretrained`."""
     check_combination(config)
     smartclip = config.smartclip if config.loss.kind == "smartclip" else None
-    return build_model(config.model, config.masking, config.loss, smartclip, pgs=config.pgs,
+    model = config.model if with_weights else dataclasses.replace(config.model, pretrained=None)
+    return build_model(model, config.masking, config.loss, smartclip, pgs=config.pgs,
                        topology=config.topology)
 
 

@@ -38,7 +38,8 @@ from training.config import TrainConfig, apply_overrides, config_from_dict, conf
 from training.loop import LoopSettings, run_training  # noqa: E402
 from training.methods import build_method_config, check_combination, resolve_auto_fields  # noqa: E402
 from training.model import build_training_model, tower_geometry  # noqa: E402
-from training.objectives import build_objective  # noqa: E402
+from training.auxiliary import check_ranks_agree, parts_of  # noqa: E402
+from training.objectives import build_training_objective  # noqa: E402
 from training.optim import build_optimizer, build_scheduler  # noqa: E402
 from training.tracking import build_tracker  # noqa: E402
 
@@ -76,16 +77,17 @@ def build_config(args: argparse.Namespace) -> TrainConfig:
     return config
 
 
-def restore(model, optimizer, scheduler) -> int:
-    """Step of the run's latest checkpoint (0 for a fresh run), state restored in place."""
-    ckpt = ray.train.get_checkpoint()
+def restore(ckpt, model, optimizer, scheduler, parts=(), run_dir: str | None = None) -> int:
+    """Step of the run's latest checkpoint `ckpt` (0 for a fresh run, None), state restored
+    in place, the objective's auxiliary parts included."""
     if ckpt is None:
         return 0
     with ckpt.as_directory() as directory:
-        return checkpoint.load_training_state(Path(directory), model, optimizer, scheduler)["step"]
+        return checkpoint.load_training_state(Path(directory), model, optimizer, scheduler, parts, run_dir)["step"]
 
 
-def build_reporter(config: TrainConfig, rank: int, model, optimizer, scheduler, extra: dict):
+def build_reporter(config: TrainConfig, rank: int, model, optimizer, scheduler, extra: dict, parts=(),
+                   run_dir: str | None = None):
     tracker = build_tracker(rank, config.run.tensorboard_dir or default_tensorboard_dir(config),
                             metrics_file(config))
 
@@ -94,14 +96,24 @@ def build_reporter(config: TrainConfig, rank: int, model, optimizer, scheduler, 
         if not want_checkpoint:
             ray.train.report({**metrics, "step": step})
             return
+        digests = check_ranks_agree(parts, step)
         with tempfile.TemporaryDirectory() as tmp:
             ckpt = None
             if rank == 0:
-                checkpoint.save_checkpoint(Path(tmp), model, optimizer, scheduler, step, config, extra)
+                checkpoint.save_checkpoint(Path(tmp), model, optimizer, scheduler, step, config,
+                                           {**extra, **({"auxiliary_rank_digests": digests} if digests else {})},
+                                           parts, run_dir)
                 ckpt = ray.train.Checkpoint.from_directory(tmp)
             ray.train.report({**metrics, "step": step}, checkpoint=ckpt,
                              checkpoint_dir_name=f"step_{step:08d}")
     return report
+
+
+def run_directory(config: TrainConfig) -> str:
+    """<storage>/<name>, where Ray Train puts the checkpoints (a local one made absolute on
+    the driver: workers run in a directory of their own)."""
+    run_dir = storage.join(config.run.storage, config.run.name)
+    return run_dir if "://" in run_dir else str(Path(run_dir).resolve())
 
 
 def metrics_file(config: TrainConfig) -> str | None:
@@ -118,10 +130,12 @@ def default_tensorboard_dir(config: TrainConfig) -> str | None:
     return str(Path(storage_root).resolve() / config.run.name / "tensorboard")
 
 
-def build_training_state(config: TrainConfig, loop_config: dict, device: torch.device):
-    """(model, optimizer, scheduler) of a fresh run, the same on every worker (seeded init)."""
+def build_training_state(config: TrainConfig, loop_config: dict, device: torch.device, fresh: bool = True):
+    """(model, optimizer, scheduler) of a fresh run, the same on every worker (seeded init);
+    for a resume (`fresh=False`) the architecture only: the checkpoint brings the weights, so
+    `--pretrained` is not fetched again."""
     torch.manual_seed(config.run.seed)
-    model = build_training_model(config).to(device)
+    model = build_training_model(config, with_weights=fresh).to(device)
     optimizer = build_optimizer(model, config.optim)
     scheduler = build_scheduler(optimizer, config.optim.warmup_steps, loop_config["schedule_steps"])
     return model, optimizer, scheduler
@@ -141,15 +155,16 @@ def run_worker(loop_config: dict) -> None:
     config, manifest = config_from_dict(loop_config["config"]), loop_config["manifest"]
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
-    device = ray.train.torch.get_device()
-    model, optimizer, scheduler = build_training_state(config, loop_config, device)
-    start_step = restore(model, optimizer, scheduler)
+    device, ckpt, run_dir = ray.train.torch.get_device(), ray.train.get_checkpoint(), loop_config["run_dir"]
+    model, optimizer, scheduler = build_training_state(config, loop_config, device, fresh=ckpt is None)
+    objective = build_training_objective(config, rank, world, model, device, fresh=ckpt is None)
+    parts = parts_of(objective)
+    start_step = restore(ckpt, model, optimizer, scheduler, parts, run_dir)
     geometry = tower_geometry(model)
     ddp_model = ray.train.torch.prepare_model(model, move_to_device=False)
-    objective = build_objective(config.loss, config.smartclip, rank, world, model.topology)
     settings = loop_settings(config, loop_config, rank, world, device, start_step)
     batches = iter_worker_batches(config, manifest["shards"], rank, world, start_step, geometry)
-    report = build_reporter(config, rank, ddp_model, optimizer, scheduler, loop_config["extra"])
+    report = build_reporter(config, rank, ddp_model, optimizer, scheduler, loop_config["extra"], parts, run_dir)
     run_training(ddp_model, objective, optimizer, scheduler, batches, settings, report)
 
 
@@ -235,7 +250,7 @@ def fit(config: TrainConfig, resume: bool = False):
     check_run_state(config, resume)
     extra = {"manifest_digest": shards.manifest_digest(manifest), "data_uri": config.data.build_uri,
              "code_version": code_version()}
-    plan = plan_steps(config, manifest)
+    plan = {**plan_steps(config, manifest), "run_dir": run_directory(config)}
     with follow_reports(plan["stop_step"]) as reports:
         return make_trainer(config, manifest, extra, plan, ray_entry.ReportForwarder(reports)).fit()
 

@@ -35,7 +35,7 @@ def derangement(batch_size: int, generator: torch.Generator | None = None,
     (batch_size ≥ 2), so every z is paired with another sample's x."""
     if batch_size < 2:
         raise ValueError(f"a derangement needs at least 2 rows, got {batch_size}")
-    order = torch.randperm(batch_size, generator=generator).to(device)
+    order = torch.randperm(batch_size, generator=generator, device=device)
     perm = torch.empty_like(order)
     perm[order] = order.roll(-1)  # order[i] -> order[i + 1]
     return perm

@@ -63,6 +63,14 @@ METHODS: dict[str, MethodRecipe] = {
                               {"topology.kind": "euclidean", "topology.m": 1}),
 }
 
+# CIBR's fine-tuning recipe (METHODS.md §5.3): from `--pretrained`, the logit scale fixed at
+# 100, AdamW lr 1e-6 (0.9, 0.98) eps 1e-6 wd 0.1; λ = 0.5 ramped in over 1000 steps.
+METHODS["cibr"] = MethodRecipe(
+    "CIBR: CLIP + λ·[I(Z_v; X_v | X_t) + I(Z_t; X_t | X_v)] by MINE against frozen starting towers (fine-tune)",
+    {"loss.regularizer": "cibr", "loss.learn_temperature": False, "loss.init_logit_scale": 4.6052,
+     "loss.reset_logit_scale": True, "optim.lr": 1e-6, "optim.weight_decay": 0.1, "optim.betas": (0.9, 0.98),
+     "optim.eps": 1e-6})
+
 # (loss.kind, topology kinds it is defined on): SmartCLIP's dimension masks select embedding
 # coordinates of one unit vector, a scoring the paper defines on the sphere only.
 OBJECTIVE_TOPOLOGIES = {"smartclip": ("sphere",)}
@@ -78,6 +86,9 @@ def check_combination(config: TrainConfig) -> None:
     if allowed and config.topology.kind not in allowed:
         raise ValueError(f"loss.kind={config.loss.kind} (its dimension masks) is defined on topology.kind "
                          f"{' / '.join(allowed)} only, not topology.kind={config.topology.kind}")
+    if config.loss.regularizer == "cibr" and config.model.pretrained is None:
+        raise ValueError("loss.regularizer=cibr fine-tunes: its frozen reference towers are the starting "
+                         "weights, so set model.pretrained (--pretrained)")
     if config.model.trainable not in TRAINABLE:
         raise ValueError(f"unknown model.trainable={config.model.trainable!r}; known: {', '.join(TRAINABLE)}")
     if config.model.trainable == "projections" and config.loss.kind == "smartclip":
