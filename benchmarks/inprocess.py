@@ -25,7 +25,7 @@ from training.inference import EvalPreprocess
 from training.loop import LoopSettings, seed_step, train_step
 from training.methods import build_method_config
 from training.model import build_training_model
-from training.objectives import build_objective
+from training.objectives import build_training_objective
 from training.optim import build_optimizer, build_scheduler
 from training.towers import build_tokenizer
 
@@ -56,32 +56,36 @@ class EvalData:
         self.prompts = [p for c in self.zeroshot.classnames for p in fill_templates(self.zeroshot.templates, c)]
 
 
-def clip_config(overrides: dict, seed: int) -> TrainConfig:
-    return apply_overrides(build_method_config("clip"), {"model.arch": ARCH, "run.seed": seed, **overrides})
+def clip_config(overrides: dict, seed: int, method: str = "clip") -> TrainConfig:
+    return apply_overrides(build_method_config(method), {"model.arch": ARCH, "run.seed": seed, **overrides})
 
 
 def train(model, config: TrainConfig, images: torch.Tensor, groups: list[list[str]], steps: int,
           batch_size: int) -> dict:
     """`steps` steps of `config` on `model` (in place), batches drawn from the run seed; returns
-    the mean loss of the last 20 steps, the final logit scale and the wall time."""
+    the mean loss of the last 20 steps (and of every logged loss and CIBR term), the final
+    logit scale and the wall time."""
     seed = config.run.seed
     optimizer = build_optimizer(model, config.optim)
     scheduler = build_scheduler(optimizer, config.optim.warmup_steps, steps)
-    objective = build_objective(config.loss, config.smartclip, 0, 1, model.topology)
+    objective = build_training_objective(config, 0, 1, model, torch.device("cpu"))
     tokenizer = build_tokenizer(config.model.arch)
     tokens = [tokenizer(group) for group in groups]
     settings = LoopSettings(0, steps, seed, 0, 1, torch.device("cpu"))
-    rng, start, losses = np.random.default_rng(seed), time.perf_counter(), []
+    rng, start, losses, history = np.random.default_rng(seed), time.perf_counter(), [], []
     model.train()
     for step in range(steps):
         index = rng.choice(len(groups), batch_size, replace=False)
         texts = torch.stack([tokens[i][rng.integers(len(groups[i]))] for i in index])
         seed_step(model, seed, step, 0)
-        metrics = train_step(model, objective, optimizer, scheduler, {IMAGES: images[index], TEXTS: texts}, settings)
+        metrics = train_step(model, objective, optimizer, scheduler, {IMAGES: images[index], TEXTS: texts}, settings,
+                             step=step)
         losses.append(float(metrics["loss/total"]))
+        history.append({k: float(v) for k, v in metrics.items() if k.startswith(("loss/", "cibr/"))})
     model.eval()
+    last = {k: float(np.mean([h[k] for h in history[-20:]])) for k in history[-1]} if history else {}
     return {"final_loss": float(np.mean(losses[-20:])), "logit_scale": float(model.tower.logit_scale.detach().exp()),
-            "train_s": time.perf_counter() - start}
+            "train_s": time.perf_counter() - start, "last20": last}
 
 
 def train_from_scratch(overrides: dict, seed: int, images, groups, steps: int, batch_size: int):
