@@ -16,8 +16,8 @@ the tower `clip-tiny-p8-64-ctx48` (ViT, d = 128), pretrained 200 steps of batch 
 scratch (seed 0), then fine-tuned 100 steps of batch 128, AdamW lr 1e-4 (the recipe's 1e-6 is
 for a converged ViT-B/32; it would leave a 200-step model where it is), the logit scale frozen
 at the pretrained model's (the recipe's reset to 100 assumes OpenAI's scale, 100 already);
-estimators: Adam lr 1e-3 (the recipe's 1e-4 does not catch up in 100 steps), 10 estimator-only
-warm-up steps with 5 updates each, then λ ramped in over 20 steps; everything else is the
+estimators: Adam lr 1e-3 (the recipe's 1e-4 does not catch up in 100 steps), 10 warm-up steps
+at λ = 0 with 5 estimator updates each, then λ ramped in over 20 steps; everything else is the
 recipe's (σ = 0.02, EMA 0.01, hidden 512, MINE). Same images, captions and batch order as the
 other in-process reproductions (benchmarks/inprocess.py).
 """

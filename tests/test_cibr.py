@@ -13,7 +13,7 @@ import torch
 from tests.eval_fixtures import ARCH, save_micro_checkpoint
 from training import checkpoint
 from training.auxiliary import parts_of, state_digest, update_parts
-from training.batches import IMAGES, TEXTS
+from training.batches import EDGE_SCORES, IMAGES, TEXTS
 from training.config import apply_overrides
 from training.losses.cibr import cibr_weight
 from training.loop import LoopSettings, train_step
@@ -82,9 +82,9 @@ def test_an_estimator_step_and_an_encoder_step_change_only_their_own_parameters(
     reference, estimators = (part.module for part in parts_of(objective))
     model_before, ref_before, est_before = snapshot(model), snapshot(reference), snapshot(estimators)
     # The estimators' own update alone: only their weights, buffers (EMA, affine starts) move.
-    outputs = model(torch.randn(6, 3, 32, 32), torch.as_tensor(make_batch(model)[TEXTS]))
-    outputs.update(inputs={"images": torch.randn(6, 3, 32, 32), "texts": torch.as_tensor(make_batch(model)[TEXTS])},
-                   step=0)
+    images, texts = torch.randn(6, 3, 32, 32), torch.as_tensor(make_batch(model)[TEXTS])
+    outputs = model(images, texts)
+    outputs.update(inputs={"images": images, "texts": texts}, step=0)
     update_parts(parts_of(objective), outputs)
     assert changed(model_before, model) == set() and changed(ref_before, reference) == set()
     assert changed(est_before, estimators) == set(est_before)  # every tensor of every estimator
@@ -98,7 +98,7 @@ def test_an_estimator_step_and_an_encoder_step_change_only_their_own_parameters(
     assert changed(est_before, estimators) == set() and changed(ref_before, reference) == set()
     assert changed(model_before, model)
     # The whole loop step: the frozen towers still never change, nor are they in the model.
-    train_step(model, objective, optimizer, scheduler, make_batch(model), settings())
+    train_step(model, objective, optimizer, scheduler, make_batch(model), settings(), step=0)
     assert changed(ref_before, reference) == set()
     assert not any(k.startswith(("reference", "estimators")) for k in model.state_dict())
 
@@ -123,6 +123,19 @@ def test_the_frozen_towers_see_the_whole_unmasked_image_and_pre_projection_featu
     assert not reference.training and not any(p.requires_grad for p in reference.parameters())
 
 
+def test_cibr_combines_with_pgs_selection(pretrained):
+    """PGS selects patches of the trained vision tower (its masking statistics are logged); the
+    reference towers, plain open_clip towers outside the model, are never touched by it."""
+    config = cibr_config(pretrained, **{"masking.kind": "pgs", "pgs.min_mask_ratio": 0.5, "pgs.max_mask_ratio": 0.5})
+    model, optimizer, scheduler, objective = setup(config)
+    reference = parts_of(objective)[0].module
+    before = snapshot(reference)
+    batch = {**make_batch(model, 4), EDGE_SCORES: np.random.default_rng(1).random((4, 16), dtype=np.float32) * 50}
+    metrics = train_step(model, objective, optimizer, scheduler, batch, settings(), step=0)
+    assert any(k.startswith("masking/") for k in metrics) and torch.isfinite(metrics["cibr/R"])
+    assert changed(before, reference) == set()
+
+
 def test_lambda_is_zero_during_the_warm_up_then_ramps_linearly():
     config = build_method_config("cibr")
     cfg = apply_overrides(config, {"cibr.warmup_steps": 3, "cibr.ramp_steps": 4, "cibr.lambda": 0.5}).cibr
@@ -131,7 +144,9 @@ def test_lambda_is_zero_during_the_warm_up_then_ramps_linearly():
 
 def test_the_step_logs_the_four_estimates_r_lambda_and_infonce(pretrained):
     model, optimizer, scheduler, objective = setup(cibr_config(pretrained))
-    metrics = train_step(model, objective, optimizer, scheduler, make_batch(model), settings())
+    with pytest.raises(ValueError, match="needs the step number"):
+        train_step(model, objective, optimizer, scheduler, make_batch(model), settings())
+    metrics = train_step(model, objective, optimizer, scheduler, make_batch(model), settings(), step=0)
     for key in ("cibr/A_v", "cibr/C_v", "cibr/A_t", "cibr/C_t", "cibr/R", "cibr/infonce"):
         assert torch.is_tensor(metrics[key]) and torch.isfinite(metrics[key])
     r = (metrics["cibr/A_v"] - metrics["cibr/C_v"]) + (metrics["cibr/A_t"] - metrics["cibr/C_t"])
@@ -171,6 +186,18 @@ def test_a_checkpoint_restores_every_auxiliary_tensor_bit_for_bit(pretrained, tm
     b = train_step(fresh_model, fresh, fresh_optimizer, fresh_scheduler, batch, settings(3), step=3)
     assert all(torch.equal(torch.as_tensor(a[k]), torch.as_tensor(b[k])) for k in a if k.startswith(("loss", "cibr")))
     assert state_digest(parts_of(fresh)) == state_digest(parts_of(objective))
+
+
+def test_a_leftover_reference_copy_of_an_earlier_run_is_replaced(pretrained, tmp_path):
+    """A run of the same name that died before its first checkpoint left its own copy."""
+    config = cibr_config(pretrained)
+    model, optimizer, scheduler, objective = setup(config)
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "reference.safetensors").write_bytes(b"an earlier run's towers")
+    directory = checkpoint.save_checkpoint(tmp_path / "run" / "step_00000001", model, optimizer, scheduler, 1,
+                                           config, {}, parts_of(objective), str(tmp_path / "run"))
+    recorded = checkpoint.read_state(directory)["auxiliary"]["reference"]["sha256"]
+    assert checkpoint.storage.file_sha256(str(tmp_path / "run" / "reference.safetensors")) == recorded
 
 
 def test_a_tampered_reference_copy_is_refused(pretrained, tmp_path):

@@ -7,6 +7,7 @@ optimisers and the estimators exactly as the uninterrupted run."""
 from __future__ import annotations
 
 import json
+import math
 import shutil
 
 import pytest
@@ -75,7 +76,7 @@ def test_every_window_logs_the_estimates_and_lambda_ramps(cibr_runs):
     assert sorted(records) == list(range(1, STEPS + 1))
     for record in records.values():
         for key in ("cibr/A_v", "cibr/C_v", "cibr/A_t", "cibr/C_t", "cibr/R", "cibr/infonce", "loss/cibr"):
-            assert record[key] == record[key]  # finite, logged
+            assert math.isfinite(record[key]), (key, record)
     assert [records[s]["cibr/lambda"] for s in range(1, STEPS + 1)] == [0.0, 0.25, 0.5, 0.5, 0.5]
 
 

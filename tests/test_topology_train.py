@@ -76,11 +76,13 @@ def worker_batches(argv: list[str]) -> list[dict]:
 def topology_runs(small_build, tmp_path_factory, single_torch_thread):
     """kind -> (storage holding run "<kind>": 2 steps, then resumed to 4, through Ray Train;
     the straight in-process losses of the same run). One torch thread, as in a 1-CPU worker.
-    The batch stream depends on the data, seed, batch size and tower geometry, the same for
-    every topology here (checked): it is read once for all the in-process references."""
+    The batch stream depends on the data, run, and model sections (seed, batch size, caption
+    policy, text context) and the tower geometry, the same for every topology here (checked):
+    it is read once for all the in-process references."""
     storage, runs = tmp_path_factory.mktemp("topology-runs"), {}
     argv = {kind: run_args(small_build[3], storage, kind, kind, "--max-steps", str(STEPS)) for kind in TOPOLOGIES}
-    assert len({geometry_of(a) for a in argv.values()}) == 1
+    configs = [train.build_config(train.parse_args(a)) for a in argv.values()]
+    assert len({(c.data, c.model, c.run.seed, c.run.epochs, geometry_of(a)) for c, a in zip(configs, argv.values())}) == 1
     batches = worker_batches(argv["multi"])
     for kind in TOPOLOGIES:
         train.main(run_args(small_build[3], storage, kind, kind, "--max-steps", "2"))

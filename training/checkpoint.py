@@ -88,8 +88,9 @@ def save_checkpoint(directory: Path, model, optimizer, scheduler, step: int,
 
 def store_once(part, run_dir: str | None) -> str:
     """sha256 of a frozen part's weights in `<run_dir>/<name>.safetensors`, written there
-    (atomically) if absent; the digest is kept on the part after the first time. Rank 0 writes
-    it with its first checkpoint, so a checkpoint never names a copy that is not there."""
+    (atomically) if absent or different; the digest is kept on the part after the first time.
+    Rank 0 writes it with its first checkpoint, so a checkpoint never names a copy that is not
+    there."""
     if getattr(part, "sha256", None):
         return part.sha256
     if run_dir is None:
@@ -99,10 +100,19 @@ def store_once(part, run_dir: str | None) -> str:
         local = Path(tmp) / f"{part.name}.safetensors"
         save_file(tensors_of(part.module), local)
         digest = storage.file_sha256(str(local))
-        if not fs.exists(target):
+        if not fs.exists(target) or remote_sha256(fs, target, Path(tmp)) != digest:
+            # absent, or left by an earlier run of this name that died before its first
+            # checkpoint (a run with checkpoints is never restarted under its name)
             storage.put_file_atomic(fs, str(local), target)
     part.sha256 = digest
     return digest
+
+
+def remote_sha256(fs, path: str, scratch: Path) -> str:
+    if Path(path).exists():
+        return storage.file_sha256(path)
+    fs.get(path, str(scratch / "remote"))
+    return storage.file_sha256(str(scratch / "remote"))
 
 
 def load_part(part, directory: Path, state: dict, run_dir: str | None) -> None:
@@ -112,6 +122,8 @@ def load_part(part, directory: Path, state: dict, run_dir: str | None) -> None:
     if record is None:
         raise ValueError(f"checkpoint {directory} has no auxiliary part {part.name!r}")
     if part.frozen:
+        if run_dir is None:
+            raise ValueError(f"auxiliary part {part.name!r} is read from the run directory: pass run_dir")
         fs, path = storage.open_storage(storage.join(run_dir, record["run_file"]))
         with tempfile.TemporaryDirectory() as tmp:
             local = Path(tmp) / record["run_file"]

@@ -101,9 +101,10 @@ class CibrConfig:
     (noise_std per coordinate, only inside the regulariser); each conditional MI by the chain
     rule I(Z; X | C) = I(Z; [X, C]) − I(Z; C), four statistics networks on Z-shuffled
     (derangement) marginals; MINE's EMA bias correction; the estimators on the gathered global
-    batch with their own Adam; one estimator update per step (warmup_estimator_steps during
-    the first warmup_steps, where λ is 0), then λ ramps linearly over ramp_steps; `lambda`
-    on the command line is this `lambda_` field."""
+    batch with their own Adam; one estimator update per step, warmup_estimator_steps during
+    the first warmup_steps, where λ is 0 (the encoders meanwhile train on the base loss alone;
+    METHODS.md suggests pretraining the estimators on the frozen start instead), then λ ramps
+    linearly over ramp_steps; `lambda` on the command line is this `lambda_` field."""
     lambda_: float = 0.5
     estimator: str = "mine"  # "mine" | "mine_f" | "club" (an upper bound, §5.2's alternative)
     noise_std: float = 0.02
@@ -111,7 +112,7 @@ class CibrConfig:
     estimator_lr: float = 1e-4
     estimator_betas: tuple[float, float] = (0.9, 0.999)
     hidden: int = 512  # width of each statistics network
-    warmup_steps: int = 0  # first steps: estimators only (λ = 0)
+    warmup_steps: int = 0  # first steps with λ = 0 (the estimators catch up)
     warmup_estimator_steps: int = 5  # estimator updates per step during the warm-up
     ramp_steps: int = 1000  # then λ grows linearly from 0 to lambda_ over these steps
 

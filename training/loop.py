@@ -72,9 +72,13 @@ def compute_epoch_fraction(step: int, epoch_steps: tuple[int, ...]) -> float:
 
 
 def train_step(model, objective, optimizer, scheduler, batch: dict, s: LoopSettings,
-               epoch_fraction: float = 0.0, step: int = 0) -> dict:
-    """One step: the model's forward, the objective's auxiliary parts' own updates (on the
-    step's outputs, detached), then the encoders' backward and optimiser step."""
+               epoch_fraction: float = 0.0, step: int | None = None) -> dict:
+    """One step: the model's forward, the objective's auxiliary parts' own updates (each
+    detaches what it reads of the step's outputs), then the encoders' backward and optimiser
+    step. `step` (0-based) is required with auxiliary parts: their draws and schedules use it."""
+    parts = parts_of(objective)
+    if parts and step is None:
+        raise ValueError("train_step: an objective with auxiliary parts needs the step number")
     images = normalize_image_tensor(torch.as_tensor(batch[IMAGES]).to(s.device, non_blocking=True))
     texts = {name: torch.as_tensor(batch[column]).to(s.device, non_blocking=True)
              for name, column in (("texts", TEXTS), ("short_texts", SHORT_TEXTS)) if column in batch}
@@ -84,7 +88,7 @@ def train_step(model, objective, optimizer, scheduler, batch: dict, s: LoopSetti
     with torch.autocast(device_type=s.device.type, dtype=torch.bfloat16, enabled=s.bf16):
         outputs = model(images, **texts, edge_scores=edge_scores, epoch_fraction=epoch_fraction)
         outputs.update(inputs={"images": images, **texts}, step=step)
-        part_metrics = update_parts(parts_of(objective), outputs)
+        part_metrics = update_parts(parts, outputs)
         terms = objective(outputs)
     loss = sum(terms.values())
     optimizer.zero_grad(set_to_none=True)

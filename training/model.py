@@ -12,7 +12,7 @@ from torch import nn
 from training.config import (LossConfig, MaskingConfig, ModelConfig, PGSConfig, SmartClipConfig, TopologyConfig,
                              TrainConfig, resolve_max_logit_scale)
 from training.long_text import apply_long_text
-from training.methods import check_combination
+from training.methods import check_combination, resolve_auto_fields
 from training.methods.flip import RandomPatchDrop
 from training.methods.pgs import (PGSSelector, check_supported_tower, encode_image_with_selection,
                                   summarize_selection)
@@ -209,6 +209,7 @@ def build_training_model(config: TrainConfig, with_weights: bool = True) -> Cont
     """The model a training config describes (the mask network only for SmartCLIP's loss);
     `with_weights=False`: its architecture only, without fetching `model.pretrained`."""
     check_combination(config)
+    config = resolve_auto_fields(config)  # what depends on `pretrained` is fixed before it is dropped
     smartclip = config.smartclip if config.loss.kind == "smartclip" else None
     model = config.model if with_weights else dataclasses.replace(config.model, pretrained=None)
     return build_model(model, config.masking, config.loss, smartclip, pgs=config.pgs,

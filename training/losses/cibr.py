@@ -57,6 +57,9 @@ class ReferenceTowers(nn.Module):
         return self.tower.encode_image(images), self.tower.encode_text(texts)
 
 
+INFONCE_TERMS = ("contrastive", "long")  # CLIP's loss; Long-CLIP's on the long captions
+
+
 def cibr_weight(step: int, cfg: CibrConfig) -> float:
     """λ of a step (0-based): 0 during the estimators' warm-up, then a linear ramp."""
     if step < cfg.warmup_steps:
@@ -140,15 +143,16 @@ class CibrObjective(nn.Module):
 
     def forward(self, outputs: dict) -> dict:
         terms = self.base(outputs)
-        s = self.step_inputs(outputs)
-        with without_grad(self.estimators), torch.autocast(device_type=s["z_v"].device.type, enabled=False):
+        s, weight = self.step_inputs(outputs), cibr_weight(outputs["step"], self.cfg)
+        with (without_grad(self.estimators), torch.autocast(device_type=s["z_v"].device.type, enabled=False),
+              torch.set_grad_enabled(weight != 0)):  # λ = 0: logged, no graph, no gather backward
             (a_v, c_v), (a_t, c_t) = self.estimate(s["z_v"], s["z_t"], s["x_v"], s["x_t"], s["perm"])
         regularizer = (a_v.value - c_v.value) + (a_t.value - c_t.value)
-        weight = cibr_weight(outputs["step"], self.cfg)
-        contrastive = sum(terms.values()).detach()
-        outputs.setdefault("diagnostics", {}).update({
-            "cibr/A_v": a_v.value.detach(), "cibr/C_v": c_v.value.detach(),
-            "cibr/A_t": a_t.value.detach(), "cibr/C_t": c_t.value.detach(),
-            "cibr/R": regularizer.detach(), "cibr/lambda": weight,
-            "cibr/infonce": math.log(s["batch"]) - contrastive})
+        diagnostics = {"cibr/A_v": a_v.value.detach(), "cibr/C_v": c_v.value.detach(),
+                       "cibr/A_t": a_t.value.detach(), "cibr/C_t": c_t.value.detach(),
+                       "cibr/R": regularizer.detach(), "cibr/lambda": weight}
+        infonce = [terms[k] for k in INFONCE_TERMS if k in terms]  # the symmetric InfoNCE of the base
+        if infonce:
+            diagnostics["cibr/infonce"] = math.log(s["batch"]) - infonce[0].detach()
+        outputs.setdefault("diagnostics", {}).update(diagnostics)
         return {**terms, "cibr": weight * regularizer}
