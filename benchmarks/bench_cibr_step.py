@@ -14,19 +14,15 @@ per variant (see bench_topology_step.py).
 """
 from __future__ import annotations
 
-import argparse
 import json
-import resource
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
-from benchmarks.bench_step import synthetic_batch
+from benchmarks.bench_step import (median_step_seconds, process_peak_gib, run_in_fresh_process, synthetic_batch,
+                                    variant_arguments)
 from training import checkpoint
 from training.config import apply_overrides
 from training.loop import LoopSettings, train_step
@@ -51,27 +47,12 @@ def time_variant(name: str, args) -> dict:
     objective = build_training_objective(config, 0, 1, model, device)
     settings = LoopSettings(0, 10_000, 0, 0, 1, device, bf16=device.type == "cuda")
     batch = synthetic_batch(args.arch, tower_geometry(model)[0], args.batch_size)
-    times = []
-    for step in range(args.warmup + args.steps):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
+
+    def run_step(step: int) -> None:
         train_step(model, objective, optimizer, scheduler, batch, settings, step=step)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    step_s = float(np.median(times[args.warmup:]))
-    if device.type == "cuda":
-        peak = torch.cuda.max_memory_allocated() / 2**30
-    else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB
+
+    step_s, peak = median_step_seconds(run_step, device, args.warmup, args.steps), process_peak_gib(device)
     return {"variant": name, "step_s": step_s, "samples_per_s": args.batch_size / step_s, "peak_gib": peak}
-
-
-def run_in_fresh_process(name: str, argv: list[str]) -> dict:
-    out = subprocess.run([sys.executable, "-m", "benchmarks.bench_cibr_step", *argv, "--only", name],
-                         capture_output=True, text=True, check=True, cwd=Path(__file__).resolve().parents[1])
-    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def write_start_checkpoint(arch: str, directory: Path) -> str:
@@ -84,15 +65,8 @@ def write_start_checkpoint(arch: str, directory: Path) -> str:
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--arch", default="clip-tiny-p8-64")
+    p = variant_arguments(__doc__)
     p.add_argument("--pretrained", default=None, help="starting weights (default: a fresh checkpoint)")
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--steps", type=int, default=15)
-    p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--only", default=None, help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
 
@@ -106,7 +80,7 @@ def main(argv=None) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         if args.pretrained is None:
             argv += ["--pretrained", write_start_checkpoint(args.arch, Path(tmp))]
-        results = {name: run_in_fresh_process(name, argv) for name in VARIANTS}
+        results = {name: run_in_fresh_process("benchmarks.bench_cibr_step", name, argv) for name in VARIANTS}
     for r in results.values():
         print(f"{r['variant']:9s} {args.arch} batch {args.batch_size} on {args.device}: {r['step_s'] * 1e3:8.1f} ms/step  "
               f"{r['samples_per_s']:8.1f} samples/s  peak {r['peak_gib']:.2f} GiB")

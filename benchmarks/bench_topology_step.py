@@ -12,18 +12,13 @@ tokens of its own: its step costs what CLIP's does (printed for reference).
 """
 from __future__ import annotations
 
-import argparse
 import json
-import resource
-import subprocess
 import sys
-import time
-from pathlib import Path
 
-import numpy as np
 import torch
 
-from benchmarks.bench_step import synthetic_batch
+from benchmarks.bench_step import (median_step_seconds, process_peak_gib, run_in_fresh_process, synthetic_batch,
+                                    variant_arguments)
 from training.config import apply_overrides
 from training.loop import LoopSettings, seed_step, train_step
 from training.methods import build_method_config
@@ -47,42 +42,20 @@ def time_variant(name: str, args) -> dict:
     objective = build_objective(config.loss, config.smartclip, 0, 1, model.topology)
     settings = LoopSettings(0, 10_000, 0, 0, 1, device, bf16=device.type == "cuda")
     batch = synthetic_batch(args.arch, tower_geometry(model)[0], args.batch_size)
-    times = []
-    for step in range(args.warmup + args.steps):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
+
+    def run_step(step: int) -> None:
         seed_step(model, 0, step, 0)
         train_step(model, objective, optimizer, scheduler, batch, settings)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    step_s = float(np.median(times[args.warmup:]))
-    if device.type == "cuda":
-        peak = torch.cuda.max_memory_allocated() / 2**30
-    else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB
+
+    step_s, peak = median_step_seconds(run_step, device, args.warmup, args.steps), process_peak_gib(device)
     return {"variant": name, "topology": model.topology.describe(), "step_s": step_s,
             "samples_per_s": args.batch_size / step_s, "peak_gib": peak}
 
 
-def run_in_fresh_process(name: str, argv: list[str]) -> dict:
-    out = subprocess.run([sys.executable, "-m", "benchmarks.bench_topology_step", *argv, "--only", name],
-                         capture_output=True, text=True, check=True, cwd=Path(__file__).resolve().parents[1])
-    return json.loads(out.stdout.strip().splitlines()[-1])
-
-
 def parse_args(argv):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--arch", default="clip-tiny-p8-64")
-    p.add_argument("--batch-size", type=int, default=128)
+    p = variant_arguments(__doc__)
     p.add_argument("--n", type=int, default=32, help="dims per [CLS] token / sphere")
     p.add_argument("--m", type=int, default=16, help="[CLS] tokens / spheres")
-    p.add_argument("--steps", type=int, default=15)
-    p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--only", default=None, help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
 
@@ -93,7 +66,7 @@ def main(argv=None) -> dict:
     if args.only:  # child process: one variant, one JSON line
         print(json.dumps(time_variant(args.only, args)))
         return {}
-    results = {name: run_in_fresh_process(name, argv) for name in VARIANTS}
+    results = {name: run_in_fresh_process("benchmarks.bench_topology_step", name, argv) for name in VARIANTS}
     for r in results.values():
         t = r["topology"]
         print(f"{r['variant']:13s} {t['kind']}({t['n']}, {t['m']}) {args.arch} batch {args.batch_size} on {args.device}: "

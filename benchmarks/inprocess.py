@@ -128,3 +128,11 @@ def mean_se(values) -> tuple[float, float]:
     values = np.asarray(values, dtype=float)
     se = values.std(ddof=1) / np.sqrt(len(values)) if len(values) > 1 else float("nan")
     return float(values.mean()), float(se)
+
+
+def paired_against(runs: dict, control: dict, seeds: list[int], metric: str) -> tuple[float, float, float]:
+    """(mean over seeds, mean paired difference to `control` (same seed), its standard error)
+    of `metric`; runs and control map seed -> results."""
+    values = np.array([runs[s][metric] for s in seeds])
+    diff, se = mean_se(values - np.array([control[s][metric] for s in seeds]))
+    return float(values.mean()), diff, se

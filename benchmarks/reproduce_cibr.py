@@ -33,7 +33,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from benchmarks.inprocess import (ARCH, EvalData, add_training_arguments, clip_config, mean_se,  # noqa: E402
+from benchmarks.inprocess import (ARCH, EvalData, add_training_arguments, clip_config, paired_against,  # noqa: E402
                                   prepare_demo, train, train_from_scratch, write_results)
 from benchmarks.reproduce_topology import evaluate  # noqa: E402
 from training import checkpoint  # noqa: E402
@@ -81,11 +81,7 @@ def finetune(pretrained: str, lam: float, seed: int, images, groups, data: EvalD
 def summarize(results: dict, seeds: list[int]) -> list[dict]:
     control, rows = results[0.0], []
     for lam, runs in results.items():
-        row = {"lambda": lam}
-        for metric in METRICS:
-            values = np.array([runs[s][metric] for s in seeds])
-            diff, se = mean_se(values - np.array([control[s][metric] for s in seeds]))
-            row[metric] = (float(values.mean()), diff, se)
+        row = {"lambda": lam, **{metric: paired_against(runs, control, seeds, metric) for metric in METRICS}}
         for term in ("cibr/A_v", "cibr/C_v", "cibr/A_t", "cibr/C_t", "cibr/R"):
             row[term] = float(np.mean([runs[s]["last20"][term] for s in seeds]))
         rows.append(row)

@@ -31,8 +31,8 @@ import json
 import numpy as np
 import torch
 
-from benchmarks.inprocess import (ARCH, EvalData, add_training_arguments, mean_se, prepare_demo, train_from_scratch,
-                                  write_results)
+from benchmarks.inprocess import (ARCH, EvalData, add_training_arguments, paired_against, prepare_demo,
+                                  train_from_scratch, write_results)
 from evaluation.tasks.retrieval import compute_retrieval_recall
 from evaluation.tasks.zeroshot import compute_zeroshot_metrics
 from training.towers import build_tokenizer
@@ -78,10 +78,7 @@ def summarize(results: dict, seeds: list[int]) -> list[dict]:
         sphere = variants["sphere"]
         for name, runs in variants.items():
             row = {"block": block, "row": name}
-            for metric in METRICS:
-                values = np.array([runs[s][metric] for s in seeds])
-                diff, se = mean_se(values - np.array([sphere[s][metric] for s in seeds]))
-                row[metric] = (float(values.mean()), diff, se)
+            row.update({metric: paired_against(runs, sphere, seeds, metric) for metric in METRICS})
             row["logit_scale"] = float(np.mean([runs[s]["logit_scale"] for s in seeds]))
             rows.append(row)
     return rows

@@ -95,24 +95,19 @@ def store_once(part, run_dir: str | None) -> str:
         return part.sha256
     if run_dir is None:
         raise ValueError(f"auxiliary part {part.name!r} is stored in the run directory: pass run_dir")
-    fs, target = storage.open_storage(storage.join(run_dir, f"{part.name}.safetensors"))
+    uri = storage.join(run_dir, f"{part.name}.safetensors")
+    fs, target = storage.open_storage(uri)
     with tempfile.TemporaryDirectory() as tmp:
         local = Path(tmp) / f"{part.name}.safetensors"
         save_file(tensors_of(part.module), local)
         digest = storage.file_sha256(str(local))
-        if not fs.exists(target) or remote_sha256(fs, target, Path(tmp)) != digest:
+        if not fs.exists(target) or storage.file_sha256(uri) != digest:
             # absent, or left by an earlier run of this name that died before its first
             # checkpoint (a run with checkpoints is never restarted under its name)
             storage.put_file_atomic(fs, str(local), target)
     part.sha256 = digest
     return digest
 
-
-def remote_sha256(fs, path: str, scratch: Path) -> str:
-    if Path(path).exists():
-        return storage.file_sha256(path)
-    fs.get(path, str(scratch / "remote"))
-    return storage.file_sha256(str(scratch / "remote"))
 
 
 def load_part(part, directory: Path, state: dict, run_dir: str | None) -> None:

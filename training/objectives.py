@@ -13,6 +13,7 @@ from training.losses.cibr import CibrObjective, ReferenceTowers
 from training.losses.contrastive import ContrastiveLoss
 from training.losses.longclip import LongClipLoss
 from training.losses.modular import ModularContrastiveLoss
+from training.pretrained import load_pretrained_tower
 from training.topology import Sphere
 
 OBJECTIVE_KINDS = ("clip", "longclip", "smartclip")
@@ -42,7 +43,6 @@ def build_objective(loss: LossConfig, smartclip: SmartClipConfig, rank: int, wor
 def starting_towers(config: TrainConfig, fresh: bool) -> nn.Module:
     """The towers the run starts from (`model.pretrained`, long-text positions applied); on a
     resume only their architecture, the weights coming back from the run directory."""
-    from training.pretrained import load_pretrained_tower
     tower = load_pretrained_tower(config.model.arch, config.model.pretrained if fresh else None)
     apply_long_text(tower, config.model.text_positions_kept, config.model.text_stretch_factor)
     return tower

@@ -91,15 +91,16 @@ class CibrObjective(nn.Module):
         self.estimators = nn.ModuleDict({
             "image": ConditionalMI(cfg.estimator, z_dim, x_v, x_t, cfg.hidden, cfg.ema_rate),  # I(Z_v; X_v | X_t)
             "text": ConditionalMI(cfg.estimator, z_dim, x_t, x_v, cfg.hidden, cfg.ema_rate)})  # I(Z_t; X_t | X_v)
+        self.optimizer: torch.optim.Optimizer | None = None  # the estimators', made by `attach`
         self.parts: list[AuxiliaryPart] = []
 
     def attach(self, device: torch.device) -> CibrObjective:
         """Move to the device and give the estimators their optimiser (Adam, no weight decay)."""
         self.to(device)
-        optimizer = torch.optim.Adam(self.estimators.parameters(), lr=self.cfg.estimator_lr,
-                                     betas=self.cfg.estimator_betas)
+        self.optimizer = torch.optim.Adam(self.estimators.parameters(), lr=self.cfg.estimator_lr,
+                                          betas=self.cfg.estimator_betas)
         self.parts = [AuxiliaryPart("reference", self.reference),
-                      AuxiliaryPart("estimators", self.estimators, optimizer, self.update_estimators)]
+                      AuxiliaryPart("estimators", self.estimators, self.optimizer, self.update_estimators)]
         return self
 
     def auxiliary_parts(self) -> list[AuxiliaryPart]:
@@ -127,7 +128,6 @@ class CibrObjective(nn.Module):
         """The estimators' own step(s) on the detached inputs: each maximises its objective."""
         s = self.step_inputs(outputs)
         z_v, z_t, x_v, x_t, perm = s["z_v"].detach(), s["z_t"].detach(), s["x_v"], s["x_t"], s["perm"]
-        optimizer = self.parts[1].optimizer
         repeats = self.cfg.warmup_estimator_steps if outputs["step"] < self.cfg.warmup_steps else 1
         with torch.autocast(device_type=z_v.device.type, enabled=False):
             for _ in range(repeats):
@@ -135,10 +135,10 @@ class CibrObjective(nn.Module):
                 self.estimators["text"].update_ema(z_t, x_t, x_v, perm)
                 image, text = self.estimate(z_v, z_t, x_v, x_t, perm)
                 objective = sum(t.objective for t in (*image, *text))
-                optimizer.zero_grad(set_to_none=True)
+                self.optimizer.zero_grad(set_to_none=True)
                 (-objective).backward()
-                optimizer.step()
-        optimizer.zero_grad(set_to_none=True)  # no estimator gradient outlives its own step
+                self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)  # no estimator gradient outlives its own step
         return {}
 
     def forward(self, outputs: dict) -> dict:
