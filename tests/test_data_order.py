@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from pipelines import shards, storage
 from training.batches import EPOCH
-from training.data_order import (ITEM_EPOCH, ITEM_SHARD, ITEM_SKIP, compute_epoch_steps,
+from training.data_order import (ITEM_EPOCH, ITEM_SHARD, ITEM_SKIP, ITEM_VERIFY, compute_epoch_steps,
                                  compute_total_steps, iter_item_samples, locate_step, plan_worker_run,
                                  order_shards, plan_worker_epoch, worker_shards)
 
@@ -202,3 +202,34 @@ def test_run_plan_batches_into_exactly_the_runs_steps_and_resumes(build, world, 
         for step in range(total + 1):
             resumed = read_plan(plan_worker_run(entries, seed, rank, world, batch, step, epochs), uri, seed)
             assert resumed == full[step * batch:], (rank, step)
+
+
+@settings(max_examples=30, deadline=None)
+@given(sizes=st.lists(st.integers(1, 9), min_size=1, max_size=12), world=st.integers(1, 4),
+       batch=st.integers(1, 5), epochs=st.integers(1, 3), start=st.integers(0, 20))
+def test_each_shard_is_verified_once_per_run_at_its_first_read(sizes, world, batch, epochs, start):
+    """Exactly one item over all workers verifies each shard the run reads, and it is that
+    shard's earliest read (an epoch's reads run in parallel across workers)."""
+    entries = make_entries(sizes)
+    start = min(start, compute_total_steps(entries, 0, world, batch, epochs))
+    items = [i for r in range(world) for i in plan_worker_run(entries, 0, r, world, batch, start, epochs)]
+    first_epoch = {}
+    for item in items:
+        shard = json.loads(item[ITEM_SHARD])["id"]
+        first_epoch[shard] = min(first_epoch.get(shard, item[ITEM_EPOCH]), item[ITEM_EPOCH])
+    verifying = [(json.loads(i[ITEM_SHARD])["id"], i[ITEM_EPOCH]) for i in items if i[ITEM_VERIFY]]
+    assert sorted(verifying) == sorted(first_epoch.items())
+
+
+def test_a_corrupt_shard_is_named_at_its_first_read(tmp_path):
+    fs, path = storage.open_storage(str(tmp_path))
+    entries = [shards.write_shard(fs, path, i, [make_sample(i, j) for j in range(3)]) for i in range(2)]
+    tar = storage.join(path, entries[0]["tar"])
+    data = storage.read_bytes(fs, tar)
+    at = data.index(b"jpg-") + 5
+    # one changed byte inside an image: the tar still parses, only the checksum can tell
+    storage.write_bytes_atomic(fs, tar, data[:at] + bytes([data[at] ^ 1]) + data[at + 1:])
+    (item,) = [i for i in plan_worker_run(entries, 0, 0, 1, 1, 0, 1) if json.loads(i[ITEM_SHARD])["id"] == 0]
+    with pytest.raises(ValueError, match=f"checksum mismatch for {entries[0]['tar']}"):
+        list(iter_item_samples(item, str(tmp_path), 0))
+    assert len(list(iter_item_samples({**item, ITEM_VERIFY: False}, str(tmp_path), 0))) == 3

@@ -16,6 +16,7 @@ from pipelines import shards, storage
 from training.batches import EPOCH
 
 ITEM_SHARD, ITEM_SKIP, ITEM_TAKE, ITEM_EPOCH = "shard", "skip", "take", "epoch"
+ITEM_VERIFY = "verify"  # this read is the shard's first of the run: check its sha256
 
 
 def order_shards(entries: list[dict], seed: int, epoch: int) -> list[dict]:
@@ -70,21 +71,35 @@ def plan_worker_epoch(entries, seed: int, epoch: int, rank: int, world: int,
 def plan_worker_run(entries, seed: int, rank: int, world: int, batch_size: int,
                     start_step: int, epochs: int) -> list[dict]:
     """Reader items for all of one worker's remaining steps: every epoch trimmed to its
-    whole batches, so one stream of samples batches into exactly the run's steps."""
+    whole batches, so one stream of samples batches into exactly the run's steps. The
+    item of each shard's first read in the run (by any worker) carries ITEM_VERIFY."""
+    return plan_all_workers(entries, seed, world, batch_size, start_step, epochs)[rank]
+
+
+def plan_all_workers(entries, seed: int, world: int, batch_size: int, start_step: int,
+                     epochs: int) -> list[list[dict]]:
+    """Every worker's reader items from `start_step` on (see plan_worker_run): each worker
+    plans all of them, so that exactly one of them verifies each shard, once per run."""
     first_epoch, done = locate_step(entries, seed, world, batch_size, start_step, epochs)
-    items = []
+    plans, verified = [[] for _ in range(world)], set()
     for epoch in range(first_epoch, epochs):
         skip = done * batch_size if epoch == first_epoch else 0
         take = compute_epoch_steps(entries, seed, epoch, world, batch_size) * batch_size - skip
-        items += plan_worker_epoch(entries, seed, epoch, rank, world, skip, take)
-    return items
+        for rank in range(world):
+            for item in plan_worker_epoch(entries, seed, epoch, rank, world, skip, take):
+                shard_id = json.loads(item[ITEM_SHARD])["id"]
+                item[ITEM_VERIFY] = shard_id not in verified
+                verified.add(shard_id)
+                plans[rank].append(item)
+    return plans
 
 
 def iter_item_samples(item: dict, build_uri: str, seed: int) -> Iterator[dict]:
-    """Sample rows of one reader item, in the epoch's within-shard order."""
+    """Sample rows of one reader item, in the epoch's within-shard order; a shard whose
+    bytes do not match the manifest's sha256 raises (ITEM_VERIFY items: once per run)."""
     entry, epoch = json.loads(item[ITEM_SHARD]), int(item[ITEM_EPOCH])
     fs, build_path = storage.open_storage(build_uri)
-    samples = shards.read_shard_samples(fs, build_path, entry)
+    samples = shards.read_shard_samples(fs, build_path, entry, verify=bool(item.get(ITEM_VERIFY, False)))
     order = np.random.default_rng([seed, epoch, entry["id"] + 1]).permutation(len(samples))
     skip = int(item[ITEM_SKIP])
     take = int(item.get(ITEM_TAKE, len(samples) - skip))
