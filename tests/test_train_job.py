@@ -20,9 +20,19 @@ def run_args(build_uri: str, storage, name: str, *extra: str) -> list[str]:
             "--checkpoint-every", "100", *extra]
 
 
-def step_losses(storage, name: str) -> dict[int, float]:
-    lines = (storage / name / "metrics.jsonl").read_text().splitlines()
-    return {r["step"]: r["loss/total"] for r in map(json.loads, lines)}
+def logged_lines(storage, name: str) -> list[dict]:
+    return [json.loads(line) for line in (storage / name / "metrics.jsonl").read_text().splitlines()]
+
+
+def step_losses(storage, name: str, resumed_at: int = 0) -> dict[int, float]:
+    """Loss by step, checking that each step was logged once, by the attempt that started at
+    `resumed_at` for every step after it (a resume that silently restarted from step 0 would
+    log the same deterministic losses, but with start_step 0)."""
+    lines = logged_lines(storage, name)
+    steps = [r["step"] for r in lines]
+    assert len(steps) == len(set(steps)), f"steps logged twice: {steps}"
+    assert all(r["start_step"] == (resumed_at if r["step"] > resumed_at else 0) for r in lines), lines
+    return {r["step"]: r["loss/total"] for r in lines}
 
 
 @pytest.fixture(scope="module")
@@ -47,9 +57,29 @@ def test_resume_continues_with_the_same_losses(small_build, straight_run, tmp_pa
     storage, _ = straight_run
     build_uri = small_build[3]
     train.main(run_args(build_uri, tmp_path, "resumed", "--max-steps", "3"))
+    with open(tmp_path / "resumed" / "metrics.jsonl", "a") as f:  # as an attempt killed after step 3 leaves it
+        f.write(json.dumps({"step": 4, "start_step": 0, "loss/total": 99.0}) + "\n")
     train.main(run_args(build_uri, tmp_path, "resumed", "--max-steps", "6", "--resume"))
-    straight, resumed = step_losses(storage, "straight"), step_losses(tmp_path, "resumed")
+    straight, resumed = step_losses(storage, "straight"), step_losses(tmp_path, "resumed", resumed_at=3)
+    assert sorted(resumed) == [1, 2, 3, 4, 5, 6]
     assert [resumed[s] for s in (4, 5, 6)] == [straight[s] for s in (4, 5, 6)]
+    assert checkpoint.read_state(checkpoint.fetch_checkpoint(str(tmp_path / "resumed")))["step"] == 6
+
+
+def test_resume_refuses_changed_settings_and_a_checkpoint_ray_does_not_restore(small_build, tmp_path):
+    build_uri = small_build[3]
+    train.main(run_args(build_uri, tmp_path, "guarded", "--max-steps", "2"))
+    with pytest.raises(SystemExit) as refused:
+        train.main(run_args(build_uri, tmp_path, "guarded", "--max-steps", "4", "--resume",
+                            "--lr", "2e-3", "--num-workers", "1"))
+    message = str(refused.value)
+    assert "optim.lr: 0.001 -> 0.002" in message and "run.num_workers: 2 -> 1" in message
+    assert "different sequence of global batches" in message
+    assert "--allow-change batch" in message and "--allow-change schedule" in message
+    # Ray Train finds a run's checkpoints through its snapshot file: without it, it restores none
+    (tmp_path / "guarded" / "checkpoint_manager_snapshot.json").unlink()
+    with pytest.raises(Exception, match="has a checkpoint at step 2, but Ray Train restored no checkpoint"):
+        train.main(run_args(build_uri, tmp_path, "guarded", "--max-steps", "4", "--resume"))
 
 
 def test_new_run_refuses_to_overwrite_and_resume_needs_a_run(small_build, straight_run, tmp_path):

@@ -156,7 +156,7 @@ class RunConfig:
     log_every: int = 10
     checkpoint_every: int = 200
     keep_checkpoints: int = 2
-    tensorboard_dir: str | None = None  # default: <storage>/<name>/tensorboard when local
+    tensorboard_dir: str | None = None  # default: <storage>/<name>/tensorboard (local or s3://)
 
 
 @dataclass(frozen=True)

@@ -1,14 +1,24 @@
-"""Where training metrics go: metrics.jsonl and TensorBoard on rank 0, nowhere on other
-ranks (a null tracker chosen once, so the loop has no `if rank == 0`). The console line per
-window is printed by the driver (training/train.py `follow_reports`)."""
+"""Where training metrics go: metrics.jsonl and TensorBoard under the run directory (local or
+s3://) on rank 0, nowhere on other ranks (a null tracker chosen once, so the loop has no
+`if rank == 0`). The console line per window is printed by the driver (training/train.py
+`follow_reports`).
+
+An attempt that starts at step k (a resume, or Ray Train restarting a failed worker group from
+its latest checkpoint) first drops every line an earlier attempt logged after step k, and
+TensorBoard purges those steps, so that each step is logged exactly once. Every line records
+the `start_step` of the attempt that logged it."""
 from __future__ import annotations
 
 import json
 import logging
+import shutil
+import tempfile
 from pathlib import Path
 
+from pipelines import storage
 
 log = logging.getLogger("training")
+METRICS_FILE, TENSORBOARD_DIR = "metrics.jsonl", "tensorboard"
 
 
 class NullTracker:
@@ -19,28 +29,85 @@ class NullTracker:
         pass
 
 
-class FileTensorBoardTracker:
-    def __init__(self, tensorboard_dir: str | None, metrics_path: str | None = None):
-        self.writer, self.metrics_path = None, metrics_path
-        if tensorboard_dir:
-            from torch.utils.tensorboard import SummaryWriter
-            self.writer = SummaryWriter(tensorboard_dir)
+def is_local(uri: str) -> bool:
+    return "://" not in uri or uri.startswith("file://")
+
+
+class MetricsLog:
+    """metrics.jsonl: appended in place on a local disk; on object storage (no append) the
+    whole file is rewritten atomically after every window (a few kB per thousand steps)."""
+
+    def __init__(self, uri: str, start_step: int):
+        self.fs, self.path = storage.open_storage(uri)
+        self.local, self.start_step = is_local(uri), start_step
+        old = storage.read_bytes(self.fs, self.path).decode().splitlines() if self.fs.exists(self.path) else []
+        self.lines = [line for line in old if line.strip() and json.loads(line).get("step", 0) <= start_step]
+        if len(self.lines) != len(old) or not self.local:
+            self._rewrite()
+
+    def _rewrite(self) -> None:
+        self.fs.makedirs(self.path.rsplit("/", 1)[0], exist_ok=True)
+        storage.write_bytes_atomic(self.fs, self.path, "".join(line + "\n" for line in self.lines).encode())
+
+    def append(self, step: int, metrics: dict) -> None:
+        line = json.dumps({"step": step, "start_step": self.start_step, **metrics})
+        self.lines.append(line)
+        if not self.local:
+            self._rewrite()
+            return
+        with self.fs.open(self.path, "a") as f:
+            f.write(line + "\n")
+
+
+class TensorBoardLog:
+    """A SummaryWriter that purges the steps after `start_step`; on object storage it writes
+    into a local folder and uploads its event files after every flush."""
+
+    def __init__(self, uri: str, start_step: int):
+        from torch.utils.tensorboard import SummaryWriter
+        self.uri, self.remote = uri, None if is_local(uri) else tempfile.mkdtemp(prefix="tensorboard-")
+        self.writer = SummaryWriter(self.remote or uri, purge_step=start_step + 1 if start_step else None)
 
     def log(self, step: int, metrics: dict) -> None:
-        if self.metrics_path:
-            Path(self.metrics_path).parent.mkdir(parents=True, exist_ok=True)
-            with open(self.metrics_path, "a") as f:
-                f.write(json.dumps({"step": step, **metrics}) + "\n")
-        if self.writer is not None:
-            for name, value in metrics.items():
-                if isinstance(value, (int, float)):
-                    self.writer.add_scalar(name, value, step)
-            self.writer.flush()
+        for name, value in metrics.items():
+            if isinstance(value, (int, float)):
+                self.writer.add_scalar(name, value, step)
+        self.writer.flush()
+        if self.remote:
+            self._upload()
+
+    def _upload(self) -> None:
+        fs, path = storage.open_storage(self.uri)
+        for local in Path(self.remote).iterdir():
+            storage.put_file_atomic(fs, str(local), storage.join(path, local.name))
 
     def close(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
+        self.writer.close()
+        if self.remote:
+            self._upload()
+            shutil.rmtree(self.remote, ignore_errors=True)
 
 
-def build_tracker(rank: int, tensorboard_dir: str | None, metrics_path: str | None = None):
-    return FileTensorBoardTracker(tensorboard_dir, metrics_path) if rank == 0 else NullTracker()
+class RunTracker:
+    def __init__(self, metrics_uri: str | None, tensorboard_uri: str | None, start_step: int = 0):
+        self.metrics = MetricsLog(metrics_uri, start_step) if metrics_uri else None
+        self.tensorboard = TensorBoardLog(tensorboard_uri, start_step) if tensorboard_uri else None
+
+    def log(self, step: int, metrics: dict) -> None:
+        if self.metrics:
+            self.metrics.append(step, metrics)
+        if self.tensorboard:
+            self.tensorboard.log(step, metrics)
+
+    def close(self) -> None:
+        if self.tensorboard:
+            self.tensorboard.close()
+
+
+def build_tracker(rank: int, run_dir: str, tensorboard_dir: str | None = None, start_step: int = 0):
+    """Rank 0's tracker: <run_dir>/metrics.jsonl and TensorBoard in `tensorboard_dir`
+    (default <run_dir>/tensorboard); a null tracker on every other rank."""
+    if rank != 0:
+        return NullTracker()
+    return RunTracker(storage.join(run_dir, METRICS_FILE),
+                      tensorboard_dir or storage.join(run_dir, TENSORBOARD_DIR), start_step)

@@ -32,7 +32,7 @@ from ray.util.queue import Queue  # noqa: E402
 
 from pipelines import console, ray_setup, shards, storage  # noqa: E402
 from pipelines.build import arrow_filesystem, code_version  # noqa: E402
-from training import checkpoint, data_order, ray_entry  # noqa: E402
+from training import checkpoint, data_order, ray_entry, resume  # noqa: E402
 from training.data_stage import iter_worker_batches  # noqa: E402
 from training.config import TrainConfig, apply_overrides, config_from_dict, config_to_dict  # noqa: E402
 from training.loop import LoopSettings, run_training  # noqa: E402
@@ -59,6 +59,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.add_argument(f"--{flag.replace('_', '-')}", default=None)
     p.add_argument("--use-gpu", action="store_true")
     p.add_argument("--resume", action="store_true", help="continue the run from its latest checkpoint")
+    p.add_argument("--allow-change", action="append", default=[], choices=resume.CHANGES,
+                   help="let --resume continue although this part of the run's settings differs from "
+                        "its checkpoint's (data, method, architecture, batch, schedule)")
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                    help="override any config field, e.g. --set optim.weight_decay=0.1")
     p.add_argument("--export", default=None, help="after training, write an open_clip checkpoint file")
@@ -86,11 +89,8 @@ def restore(ckpt, model, optimizer, scheduler, parts=(), run_dir: str | None = N
         return checkpoint.load_training_state(Path(directory), model, optimizer, scheduler, parts, run_dir)["step"]
 
 
-def build_reporter(config: TrainConfig, rank: int, model, optimizer, scheduler, extra: dict, parts=(),
-                   run_dir: str | None = None):
-    tracker = build_tracker(rank, config.run.tensorboard_dir or default_tensorboard_dir(config),
-                            metrics_file(config))
-
+def build_reporter(config: TrainConfig, rank: int, model, optimizer, scheduler, extra: dict, parts,
+                   run_dir: str, tracker):
     def report(step: int, metrics: dict, want_checkpoint: bool) -> None:
         tracker.log(step, metrics)
         if not want_checkpoint:
@@ -114,20 +114,6 @@ def run_directory(config: TrainConfig) -> str:
     the driver: workers run in a directory of their own)."""
     run_dir = storage.join(config.run.storage, config.run.name)
     return run_dir if "://" in run_dir else str(Path(run_dir).resolve())
-
-
-def metrics_file(config: TrainConfig) -> str | None:
-    """Rank 0 appends every logged window to <storage>/<name>/metrics.jsonl (local storage)."""
-    if config.run.storage.startswith("s3://"):
-        return None
-    return str(Path(config.run.storage).resolve() / config.run.name / "metrics.jsonl")
-
-
-def default_tensorboard_dir(config: TrainConfig) -> str | None:
-    storage_root = config.run.storage
-    if storage_root.startswith("s3://"):
-        return None  # TensorBoard logs are local-only: pass run.tensorboard_dir explicitly
-    return str(Path(storage_root).resolve() / config.run.name / "tensorboard")
 
 
 def build_training_state(config: TrainConfig, loop_config: dict, device: torch.device, fresh: bool = True):
@@ -160,12 +146,18 @@ def run_worker(loop_config: dict) -> None:
     objective = build_training_objective(config, rank, world, model, device, fresh=ckpt is None)
     parts = parts_of(objective)
     start_step = restore(ckpt, model, optimizer, scheduler, parts, run_dir)
+    resume.check_restored(start_step, loop_config.get("resume_step", 0), run_dir)
     geometry = tower_geometry(model)
     ddp_model = ray.train.torch.prepare_model(model, move_to_device=False)
     settings = loop_settings(config, loop_config, rank, world, device, start_step)
     batches = iter_worker_batches(config, manifest["shards"], rank, world, start_step, geometry)
-    report = build_reporter(config, rank, ddp_model, optimizer, scheduler, loop_config["extra"], parts, run_dir)
-    run_training(ddp_model, objective, optimizer, scheduler, batches, settings, report)
+    tracker = build_tracker(rank, run_dir, config.run.tensorboard_dir, start_step)
+    report = build_reporter(config, rank, ddp_model, optimizer, scheduler, loop_config["extra"], parts, run_dir,
+                            tracker)
+    try:
+        run_training(ddp_model, objective, optimizer, scheduler, batches, settings, report)
+    finally:
+        tracker.close()
 
 
 def console_fields(metrics: dict) -> dict:
@@ -234,23 +226,15 @@ def build_run_config(config: TrainConfig, callbacks: list = ()) -> ray.train.Run
         failure_config=ray.train.FailureConfig(max_failures=config.run.max_failures))
 
 
-def check_run_state(config: TrainConfig, resume: bool) -> None:
-    """A new run must not silently continue an old one, nor a resume start from scratch."""
-    fs, path = storage.open_storage(storage.join(config.run.storage, config.run.name))
-    exists = fs.exists(path) and bool(fs.glob(storage.join(path, "step_*", checkpoint.STATE_FILE)))
-    if exists and not resume:
-        raise SystemExit(f"run {config.run.name!r} already has checkpoints under {config.run.storage}; "
-                         "pass --resume to continue it or choose another --run-name")
-    if resume and not exists:
-        raise SystemExit(f"--resume: no checkpoint of run {config.run.name!r} under {config.run.storage}")
-
-
-def fit(config: TrainConfig, resume: bool = False):
+def fit(config: TrainConfig, resume_run: bool = False, allow_changes=()):
     manifest = shards.read_manifest(config.data.build_uri)
-    check_run_state(config, resume)
     extra = {"manifest_digest": shards.manifest_digest(manifest), "data_uri": config.data.build_uri,
              "code_version": code_version()}
     plan = {**plan_steps(config, manifest), "run_dir": run_directory(config)}
+    saved = resume.check_run_state(plan["run_dir"], config.run.name, resume_run)
+    if saved is not None:
+        resume.check_resume(saved, config, extra["manifest_digest"], allow_changes)
+        plan["resume_step"] = saved["step"]
     with follow_reports(plan["stop_step"]) as reports:
         return make_trainer(config, manifest, extra, plan, ray_entry.ReportForwarder(reports)).fit()
 
@@ -281,7 +265,7 @@ def main(argv=None):
     # local instance logical CPUs for both (a cluster sizes itself).
     ray_setup.init_ray(args.ray_address, num_cpus=local_cpu_budget(config))
     with console.stage("train", f"{config.method} {config.model.arch}, {config.run.num_workers} workers"):
-        result = fit(config, resume=args.resume)
+        result = fit(config, resume_run=args.resume, allow_changes=args.allow_change)
     print(f"latest checkpoint: {result.checkpoint.path if result.checkpoint else None}")
     if args.export and result.checkpoint:
         checkpoint.export_open_clip(storage.join(config.run.storage, config.run.name), args.export)
