@@ -21,6 +21,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from evaluation import encoders, evaluate  # noqa: E402
+from evaluation.cache import EmbeddingCache  # noqa: E402
 from evaluation.tasks.retrieval import compute_retrieval_recall  # noqa: E402
 from pipelines import ray_setup  # noqa: E402
 from tests.eval_fixtures import class_image  # noqa: E402
@@ -52,11 +53,12 @@ def write_images(folder: Path, n: int) -> list[str]:
 def time_job(paths: list[str], uri: str, args) -> float:
     job_args = evaluate.parse_args(["--checkpoint", uri, "--output", "-", "--batch-size", str(args.batch_size),
                                     "--num-encoders", str(args.num_encoders)])
-    evaluate.encode("image", paths[: args.batch_size], job_args)  # warm-up: actor start, model load
+    job_args.pinned_checkpoint, job_args.checkpoint_cache, no_cache = uri, None, EmbeddingCache(None, "")
+    evaluate.encode("image", [paths[: args.batch_size]], no_cache, job_args)  # warm-up: actor start, model load
     start = time.perf_counter()
-    features = evaluate.encode("image", paths, job_args)
+    features = evaluate.encode("image", evaluate.split_blocks(paths, job_args.cache_block), no_cache, job_args)
     elapsed = time.perf_counter() - start
-    assert features.shape[0] == len(paths)
+    assert sum(map(len, features)) == len(paths)
     return len(paths) / elapsed
 
 

@@ -10,10 +10,14 @@ import dataclasses
 import hashlib
 import io
 import json
+import os
+import socket
 
 import numpy as np
 
 from pipelines import storage
+
+CLAIM_SUFFIX = ".claim"
 
 
 def digest_values(values: list) -> str:
@@ -40,10 +44,16 @@ def model_fingerprint(weights_sha256: str, preprocessing: dict) -> str:
 
 
 class EmbeddingCache:
-    """`<root>/<model fingerprint[:16]>/<modality>-<values digest>.npy`; root None disables it."""
+    """`<root>/<model fingerprint[:16]>/<modality>-<values digest>.npy`; root None disables it.
+
+    The evaluation job caches per block of inputs (`--cache-block` values), written by the
+    encoder actor that computed it as soon as it has, so a killed pass loses only the blocks
+    in progress: at most one per actor. An actor first leaves a `.claim` beside the entry it is
+    computing and removes it once the entry is published; claims left behind are the blocks
+    that were in progress when a pass died (`stale_claims`)."""
 
     def __init__(self, root: str | None, fingerprint: str):
-        self.enabled = root is not None
+        self.root, self.fingerprint, self.enabled = root, fingerprint, root is not None
         if self.enabled:
             self.fs, base = storage.open_storage(root)
             self.folder = storage.join(base, fingerprint[:16])
@@ -68,3 +78,18 @@ class EmbeddingCache:
             buf = io.BytesIO()
             np.save(buf, np.asarray(array, np.float32))
             storage.write_bytes_atomic(self.fs, self.path(modality, values), buf.getvalue())
+            claim = self.path(modality, values) + CLAIM_SUFFIX
+            if self.fs.exists(claim):
+                self.fs.rm(claim)
+
+    def claim(self, modality: str, values: list) -> None:
+        """Mark the entry as being computed (by this process)."""
+        if self.enabled:
+            note = json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "n_values": len(values)})
+            storage.write_bytes_atomic(self.fs, self.path(modality, values) + CLAIM_SUFFIX, note.encode())
+
+    def stale_claims(self) -> list[str]:
+        """Entries claimed and never published (their pass died while computing them)."""
+        if not self.enabled or not self.fs.exists(self.folder):
+            return []
+        return sorted(p for p in self.fs.ls(self.folder, detail=False) if p.endswith(CLAIM_SUFFIX))

@@ -7,6 +7,7 @@ import torch
 
 import hashlib
 
+from evaluation.cache import EmbeddingCache
 from evaluation.datasets.files import ImageRef, read_image
 from evaluation.inversion import InversionConfig, check_inversion, oti_features, ovi_features
 from evaluation.probe_views import ViewAugmenter, ViewConfig
@@ -50,10 +51,10 @@ class ImageEncoder:
     features of V augmented views of each image, concatenated (N, V·D) (linear-probe training)."""
 
     def __init__(self, checkpoint_uri: str, device: str = "cpu", scorer: str = "plain", output: str = "embedding",
-                 inversion: dict | None = None, views: dict | None = None):
+                 inversion: dict | None = None, views: dict | None = None, cache_dir: str | None = None):
         if output not in IMAGE_OUTPUTS:
             raise ValueError(f"unknown image output {output!r}; known: {IMAGE_OUTPUTS}")
-        self.bundle, self.device = load_inference_model(checkpoint_uri, device, scorer), device
+        self.bundle, self.device = load_inference_model(checkpoint_uri, device, scorer, cache_dir), device
         model = self.bundle.model
         self.forward = model.encode_image_states if output == "class_states" else model.encode_image
         self.inversion = build_inversion(self.bundle, inversion if output == "oti" else None)
@@ -88,8 +89,8 @@ class TextEncoder:
     with `inversion` settings (kind "ovi") each text's OVI feature."""
 
     def __init__(self, checkpoint_uri: str, device: str = "cpu", scorer: str = "plain",
-                 inversion: dict | None = None):
-        self.bundle, self.device = load_inference_model(checkpoint_uri, device, scorer), device
+                 inversion: dict | None = None, cache_dir: str | None = None):
+        self.bundle, self.device = load_inference_model(checkpoint_uri, device, scorer, cache_dir), device
         self.inversion = build_inversion(self.bundle, inversion)
 
     @torch.no_grad()
@@ -101,7 +102,49 @@ class TextEncoder:
         return {INDEX: batch[INDEX], EMBEDDING: features.float().cpu().numpy()}
 
 
-def stack_by_index(rows: list[dict]) -> np.ndarray:
-    """Embeddings (N, D) in input order from rows that came back in any order."""
-    ordered = sorted(rows, key=lambda r: int(r[INDEX]))
-    return np.stack([np.asarray(r[EMBEDDING], dtype=np.float32) for r in ordered])
+def block_rows(blocks: list[list], is_image: bool) -> list[dict]:
+    """One row per cache block: its position and its inputs (image URIs or bytes, or texts)."""
+    if not is_image:
+        return [{INDEX: i, TEXT: [str(t) for t in values]} for i, values in enumerate(blocks)]
+    return [{INDEX: i, URI: [r[URI] for r in rows], DATA: [r[DATA] for r in rows]}
+            for i, rows in enumerate(image_rows(values) for values in blocks)]
+
+
+def block_values(batch: dict, b: int, is_image: bool) -> list:
+    """The inputs of block row `b` exactly as the driver keyed them (image_rows inverted)."""
+    if not is_image:
+        return [str(t) for t in batch[TEXT][b]]
+    return [str(uri) if len(uri) else bytes(data) for uri, data in zip(batch[URI][b], batch[DATA][b])]
+
+
+class BlockEncoder:
+    """Block rows -> {index, embedding (1, n, D)}: each block encoded in batches of
+    `batch_size` by an ImageEncoder or TextEncoder, and published to the embedding cache by
+    this actor as soon as it is done (evaluation/cache.py: a killed pass loses at most the
+    block in progress here)."""
+
+    def __init__(self, encoder: type, constructor: tuple, is_image: bool, modality: str, batch_size: int,
+                 cache_root: str | None, fingerprint: str, checkpoint_cache: str | None = None):
+        self.encoder = encoder(*constructor, cache_dir=checkpoint_cache)
+        self.is_image, self.modality, self.batch_size = is_image, modality, batch_size
+        self.cache = EmbeddingCache(cache_root, fingerprint)
+
+    def encode(self, values: list) -> np.ndarray:
+        rows = image_rows(values) if self.is_image else text_rows(values)
+        parts = []
+        for start in range(0, len(rows), self.batch_size):
+            chunk = rows[start:start + self.batch_size]
+            columns = {key: np.array([r[key] for r in chunk], dtype=object if key != INDEX else np.int64)
+                       for key in chunk[0]}
+            parts.append(self.encoder(columns)[EMBEDDING])
+        return np.concatenate(parts).astype(np.float32)
+
+    def __call__(self, batch: dict) -> dict:
+        out = []
+        for b in range(len(batch[INDEX])):
+            values = block_values(batch, b, self.is_image)
+            self.cache.claim(self.modality, values)
+            features = self.encode(values)
+            self.cache.save(self.modality, values, features)
+            out.append(features)
+        return {INDEX: batch[INDEX], EMBEDDING: np.stack(out)}

@@ -22,7 +22,9 @@ import logging
 import os
 import sys
 import tarfile
+import shutil
 import tempfile
+import uuid
 from pathlib import Path
 
 if __package__ in (None, ""):  # run as a script: make the repository root importable
@@ -66,7 +68,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--retrieval", nargs="*", default=[], help="Karpathy-layout JSON files (test split)")
     p.add_argument("--long-retrieval", nargs="*", default=[], help="Urban1k-layout folders or shard builds")
     p.add_argument("--output", required=True, help="report folder, local or s3://")
-    p.add_argument("--cache", default=DEFAULT_CACHE, help="embedding cache, local or s3:// ('none' disables)")
+    p.add_argument("--cache", default=DEFAULT_CACHE, help="embedding cache, local or s3:// ('none' disables); "
+                   "on a multi-node cluster a folder every node reaches (s3:// or a shared filesystem)")
+    p.add_argument("--cache-block", type=int, default=1024,
+                   help="inputs per cache entry: a killed pass re-encodes at most one block per encoder actor")
     p.add_argument("--compare", nargs="*", default=[], help="other report.json files to plot beside this one")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--num-encoders", type=int, default=1, help="Ray Data encoder actors (one GPU each with --use-gpu)")
@@ -141,13 +146,14 @@ def load_benchmarks(entries: list[dict], skipped: dict) -> list[Benchmark]:
     return benchmarks
 
 
-def encoder_spec(modality: str, values: list, args: argparse.Namespace) -> tuple[type, tuple, list[dict], str]:
-    """(encoder class, its constructor arguments, input rows, progress label) of a request:
-    the topology's embeddings, class-token states, or an inversion (OTI reads images, OVI texts)."""
+def encoder_spec(modality: str, args: argparse.Namespace) -> tuple[type, tuple, bool, str]:
+    """(encoder class, its constructor arguments, whether it reads images, progress label) of a
+    request: the topology's embeddings, class-token states, or an inversion (OTI reads images,
+    OVI texts). Its checkpoint is the one the driver resolved (args.pinned_checkpoint)."""
     inversion, views = requested_inversion(modality), requested_views(modality)
     is_image = (modality in (IMAGE, IMAGE_STATES) or views is not None
                 or (inversion is not None and INVERTS[inversion.kind] == IMAGE))
-    constructor = (args.checkpoint, "cuda" if args.use_gpu else "cpu", args.scorer)
+    constructor = (args.pinned_checkpoint, "cuda" if args.use_gpu else "cpu", args.scorer)
     if is_image:
         output = "class_states" if modality == IMAGE_STATES or views else "oti" if inversion else "embedding"
         constructor += (output,)
@@ -159,43 +165,46 @@ def encoder_spec(modality: str, values: list, args: argparse.Namespace) -> tuple
         label = f"image class states, {views.views} augmented views each"
     if inversion is not None:
         label = f"invert {INVERTS[inversion.kind]}s ({inversion.kind.upper()}, {inversion.num_steps} steps)"
-    rows = encoders.image_rows(values) if is_image else encoders.text_rows(values)
-    return (encoders.ImageEncoder if is_image else encoders.TextEncoder), constructor, rows, label
+    return (encoders.ImageEncoder if is_image else encoders.TextEncoder), constructor, is_image, label
 
 
-def encode(modality: str, values: list, args: argparse.Namespace) -> np.ndarray:
-    """(N, D) features of `values` for one request, in order, from encoder actors."""
-    encoder, constructor, rows, label = encoder_spec(modality, values, args)
-    out = ray.data.from_items(rows).map_batches(
-        encoder, fn_constructor_args=constructor,
-        batch_size=args.batch_size, batch_format="numpy", num_gpus=1 if args.use_gpu else 0,
+def encode(modality: str, blocks: list[list], cache: EmbeddingCache, args: argparse.Namespace) -> list[np.ndarray]:
+    """(n, D) features of each block of inputs, in order, from encoder actors that publish
+    each block to the cache as they finish it."""
+    encoder, constructor, is_image, label = encoder_spec(modality, args)
+    out = ray.data.from_items(encoders.block_rows(blocks, is_image)).map_batches(
+        encoders.BlockEncoder, fn_constructor_args=(encoder, constructor, is_image, modality, args.batch_size,
+                                                    cache.root, cache.fingerprint, args.checkpoint_cache),
+        batch_size=1, batch_format="numpy", num_gpus=1 if args.use_gpu else 0,
         compute=ray.data.ActorPoolStrategy(size=args.num_encoders))
-    rows = []
-    with console.Progress(f"encode {label}", len(values), modality) as progress:
+    done = {}
+    with console.Progress(f"encode {label}", sum(map(len, blocks)), modality) as progress:
         for batch in out.iter_batches(batch_size=None, batch_format="numpy"):
-            rows.extend({key: batch[key][i] for key in batch} for i in range(len(batch[encoders.INDEX])))
-            progress.update(len(batch[encoders.INDEX]))
-    return encoders.stack_by_index(rows)
+            for index, features in zip(batch[encoders.INDEX], batch[encoders.EMBEDDING]):
+                done[int(index)] = np.asarray(features, dtype=np.float32)
+                progress.update(len(done[int(index)]))
+    return [done[i] for i in range(len(blocks))]
+
+
+def split_blocks(values: list, size: int) -> list[list]:
+    return [values[i:i + size] for i in range(0, len(values), size)]
 
 
 def embed(benchmarks: list[Benchmark], cache: EmbeddingCache, args: argparse.Namespace) -> list[dict]:
-    """Each benchmark's embeddings by role: cached ones loaded, the rest encoded in one pass per
-    modality (inputs shared by several benchmarks, e.g. a test split, are encoded once)."""
+    """Each benchmark's embeddings by role: cached blocks loaded, the rest encoded in one pass
+    per modality (inputs shared by several benchmarks, e.g. a test split, are encoded once)."""
     wanted = [requests(b) for b in benchmarks]
     unique = {(m, digest_values(vs)): (m, vs) for reqs in wanted for m, vs in reqs.values()}
-    done = {key: cache.load(m, vs) for key, (m, vs) in unique.items()}
+    blocks = {key: split_blocks(vs, args.cache_block) for key, (_, vs) in unique.items()}
+    done = {(key, i): cache.load(key[0], block) for key, bs in blocks.items() for i, block in enumerate(bs)}
     for modality in [*MODALITIES, *sorted({m for m, _ in unique} - set(MODALITIES))]:  # inversions last
-        todo = [key for key, feats in done.items() if feats is None and key[0] == modality]
-        values = [v for key in todo for v in unique[key][1]]
-        if not values:
-            continue
-        features, start = encode(modality, values, args), 0
-        for key in todo:
-            n = len(unique[key][1])
-            done[key] = features[start:start + n]
-            cache.save(modality, unique[key][1], done[key])
-            start += n
-    return [{role: done[(m, digest_values(vs))] for role, (m, vs) in reqs.items()} for reqs in wanted]
+        todo = [slot for slot, feats in done.items() if feats is None and slot[0][0] == modality]
+        if todo:
+            for slot, features in zip(todo, encode(modality, [blocks[k][i] for k, i in todo], cache, args)):
+                done[slot] = features
+    features = {key: np.concatenate([done[(key, i)] for i in range(len(bs))]) if bs else None
+                for key, bs in blocks.items()}
+    return [{role: features[(m, digest_values(vs))] for role, (m, vs) in reqs.items()} for reqs in wanted]
 
 
 def checkpoint_fingerprint(bundle) -> str:
@@ -214,8 +223,33 @@ def describe(bench: Benchmark) -> dict:
             "digests": {role: digest_values(values) for role, (_, values) in requests(bench).items()}}
 
 
+def pin_checkpoint(args: argparse.Namespace, bundle) -> None:
+    """The encoder actors load the exact checkpoint the driver resolved (a run that writes a
+    new checkpoint meanwhile cannot mix two into one report); an s3:// one once per node, into a
+    folder of this job's own that `remove_node_folders` deletes afterwards."""
+    args.pinned_checkpoint = bundle.info.get("checkpoint_uri", args.checkpoint)
+    remote = "://" in args.pinned_checkpoint
+    args.checkpoint_cache = os.path.join(tempfile.gettempdir(), "clipforge-checkpoints",
+                                         uuid.uuid4().hex) if remote else None
+
+
+@ray.remote(num_cpus=0)
+def remove_folder(path: str) -> None:
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def remove_node_folders(path: str | None) -> None:
+    """Delete `path` on every alive node of the cluster."""
+    if path is None:
+        return
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+    ray.get([remove_folder.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node["NodeID"], soft=False))
+             .remote(path) for node in ray.nodes() if node["Alive"]])
+
+
 def run_evaluation(args: argparse.Namespace) -> dict:
     bundle = load_inference_model(args.checkpoint, scorer=args.scorer)  # info["scorer"] is reported
+    pin_checkpoint(args, bundle)
     fingerprint = checkpoint_fingerprint(bundle)
     report = {"checkpoint": {**bundle.info, "fingerprint": fingerprint}, "suites": list(args.suite),
               "zeroshot": {}, "retrieval": {}, "linear_probe": {}, "compositionality": {}, "intra_modal": {},
@@ -224,9 +258,15 @@ def run_evaluation(args: argparse.Namespace) -> dict:
     with console.stage("evaluate/load", f"{len(entries)} benchmark(s)"):
         benchmarks = load_benchmarks(entries, report["skipped"])
     cache = EmbeddingCache(None if args.cache == "none" else args.cache, fingerprint)
+    if cache.stale_claims():
+        log.info("embedding cache: %d block(s) were in progress when an earlier pass stopped",
+                 len(cache.stale_claims()))
     with console.stage("evaluate/encode", "images and texts not cached"):
-        features = embed(benchmarks, cache, args)
-    log.info("embedding cache: %d hit(s), %d miss(es)", cache.hits, cache.misses)
+        try:
+            features = embed(benchmarks, cache, args)
+        finally:
+            remove_node_folders(args.checkpoint_cache)
+    log.info("embedding cache: %d block hit(s), %d block miss(es)", cache.hits, cache.misses)
     with console.stage("evaluate/score"):
         score_all(report, benchmarks, features, bundle)
     add_group_averages(report, entries)

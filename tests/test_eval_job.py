@@ -62,9 +62,9 @@ def count_encoded(monkeypatch) -> list:
     calls = []
     real = evaluate.encode
 
-    def counting(modality, values, args):
-        calls.append((modality, len(values)))
-        return real(modality, values, args)
+    def counting(modality, blocks, cache, args):
+        calls.append((modality, sum(map(len, blocks))))
+        return real(modality, blocks, cache, args)
 
     monkeypatch.setattr(evaluate, "encode", counting)
     return calls

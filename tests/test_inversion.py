@@ -120,14 +120,17 @@ def test_encoders_invert_and_the_cache_returns_inverted_features_without_reoptim
                       {"query": "oti", "inversion": {"steps": 4}})
     calls = []
 
-    def encode_without_ray(modality, values, args):  # the actors' code, called directly
+    def encode_without_ray(modality, blocks, cache, args):  # the actors' code, called directly
         calls.append(modality)
-        encoder, constructor, rows, _ = evaluate.encoder_spec(modality, values, args)
-        batch = {key: np.array([r[key] for r in rows], dtype=object) for key in rows[0]}
-        return encoder(*constructor)(batch)[encoders.EMBEDDING]
+        encoder, constructor, is_image, _ = evaluate.encoder_spec(modality, args)
+        actor = encoders.BlockEncoder(encoder, constructor, is_image, modality, args.batch_size,
+                                      cache.root, cache.fingerprint)
+        rows = encoders.block_rows(blocks, is_image)
+        return list(actor({key: [r[key] for r in rows] for key in rows[0]})[encoders.EMBEDDING])
 
     monkeypatch.setattr(evaluate, "encode", encode_without_ray)
-    args = argparse.Namespace(checkpoint=uri, use_gpu=False, scorer="plain", batch_size=8, num_encoders=1)
+    args = argparse.Namespace(checkpoint=uri, pinned_checkpoint=uri, checkpoint_cache=None, use_gpu=False,
+                              scorer="plain", batch_size=8, num_encoders=1, cache_block=1024)
     first = evaluate.embed([bench], EmbeddingCache(str(tmp_path / "cache"), "fp"), args)[0]
     assert sorted(calls) == sorted(["image", requests(bench)["test"][0]])
     # The OTI features are the inversion of each image's own feature.

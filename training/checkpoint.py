@@ -15,6 +15,7 @@ Layout of one checkpoint directory:
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import tempfile
 from dataclasses import dataclass
@@ -164,33 +165,71 @@ def load_training_state(directory: Path, model, optimizer, scheduler, parts=(), 
     return state
 
 
-def fetch_checkpoint(uri: str) -> Path:
+def fetch_checkpoint(uri: str, cache_dir: str | None = None) -> Path:
     """A local directory holding the latest complete checkpoint at `uri` (a checkpoint
-    directory or a run directory containing several), downloading from s3:// if needed."""
+    directory or a run directory containing several), downloading from s3:// if needed (into
+    `cache_dir` when given, shared by the processes of one machine)."""
+    return locate_checkpoint(uri, cache_dir)[1]
+
+
+def locate_checkpoint(uri: str, cache_dir: str | None = None) -> tuple[str, Path]:
+    """(URI of the latest complete checkpoint at `uri`, a local directory holding it). Newest
+    first by the step its state.json records, downloading one checkpoint at a time until a
+    complete one is found."""
     fs, path = storage.open_storage(uri)
-    candidates = [path] if fs.exists(storage.join(path, STATE_FILE)) else sorted(
-        p.rsplit("/", 1)[0] for p in fs.glob(storage.join(path, "**", STATE_FILE)))
-    local_dirs = [_localize(fs, c) for c in candidates]
-    complete = [d for d in local_dirs if is_complete(d)]
-    if not complete:
-        raise FileNotFoundError(f"no complete checkpoint under {uri}")
-    return max(complete, key=lambda d: read_state(d)["step"])
+    candidates = [path] if fs.exists(storage.join(path, STATE_FILE)) else [
+        p.rsplit("/", 1)[0] for p in fs.glob(storage.join(path, "**", STATE_FILE))]
+    steps = {}
+    for candidate in candidates:
+        try:
+            steps[candidate] = json.loads(storage.read_bytes(fs, storage.join(candidate, STATE_FILE)))["step"]
+        except (OSError, ValueError, KeyError):  # a torn state.json: not a checkpoint
+            continue
+    for candidate in sorted(steps, key=steps.get, reverse=True):
+        local = _localize(fs, candidate, cache_dir)
+        if is_complete(local):
+            return rebuild_uri(uri, candidate), local
+    raise FileNotFoundError(f"no complete checkpoint under {uri}")
 
 
-def _localize(fs, path: str) -> Path:
+def rebuild_uri(uri: str, found: str) -> str:
+    """`found` (a path of the filesystem `uri` names) as a URI of the same form as `uri`."""
+    return f"{uri.split('://', 1)[0]}://{found}" if "://" in uri else found
+
+
+def _localize(fs, path: str, cache_dir: str | None = None) -> Path:
     if getattr(fs, "protocol", None) in ("file", ("file", "local")) or Path(path).exists():
         return Path(path)
+    if cache_dir is not None:
+        return _localize_shared(fs, path, Path(cache_dir))
     local = Path(tempfile.mkdtemp(prefix="ckpt-"))
+    _download(fs, path, local)
+    return local
+
+
+def _download(fs, path: str, local: Path) -> None:
     if not fs.exists(storage.join(path, STATE_FILE)):
-        return local
+        return
     fs.get(storage.join(path, STATE_FILE), str(local / STATE_FILE))
     try:
         names = read_state(local).get("files", {})
     except ValueError:  # a torn state.json: is_complete says so
-        return local
+        return
     for name in names:  # every tensor file state.json names
         if fs.exists(storage.join(path, name)):
             fs.get(storage.join(path, name), str(local / name))
+
+
+def _localize_shared(fs, path: str, cache_dir: Path) -> Path:
+    """One download per machine: the first process to take the lock downloads, the others
+    find the complete copy (the folder is named by the checkpoint's path)."""
+    import fcntl
+    local = cache_dir / hashlib.sha256(path.encode()).hexdigest()[:24]
+    local.mkdir(parents=True, exist_ok=True)
+    with open(cache_dir / f"{local.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not is_complete(local):
+            _download(fs, path, local)
     return local
 
 

@@ -117,12 +117,15 @@ def build_scoring(model: ContrastiveModel, scorer: str) -> tuple[nn.Module, Sphe
     raise ValueError(f"unknown scorer {scorer!r}; known: {', '.join(SCORERS)}")
 
 
-def load_inference_model(uri: str, device: str = "cpu", scorer: str = "plain") -> checkpoint.InferenceModel:
-    """A checkpoint (or run directory) of this project, or `open_clip:ARCH=WEIGHTS`
-    (training/off_the_shelf.py), as evaluation uses it."""
+def load_inference_model(uri: str, device: str = "cpu", scorer: str = "plain",
+                         cache_dir: str | None = None) -> checkpoint.InferenceModel:
+    """A checkpoint (or run directory: its latest complete checkpoint, whose own URI is
+    info["checkpoint_uri"]) of this project, or `open_clip:ARCH=WEIGHTS`
+    (training/off_the_shelf.py), as evaluation uses it. An s3:// checkpoint is downloaded into
+    `cache_dir` when given (one copy per machine)."""
     if is_open_clip_ref(uri):
         return load_open_clip_inference(uri, device, scorer)
-    directory = checkpoint.fetch_checkpoint(uri)
+    source, directory = checkpoint.locate_checkpoint(uri, cache_dir)
     config = resolve_auto_fields(checkpoint.load_config(directory))  # before `pretrained` is dropped
     # The checkpoint holds every weight: build the bare architecture, never re-fetch `pretrained`.
     config = dataclasses.replace(config, model=dataclasses.replace(config.model, pretrained=None))
@@ -132,7 +135,7 @@ def load_inference_model(uri: str, device: str = "cpu", scorer: str = "plain") -
     encoder, topology = build_scoring(model, scorer)
     encoder.eval()
     state = checkpoint.read_state(directory)
-    info = {"path": uri, "resolved": str(directory), "step": state["step"],
+    info = {"path": uri, "checkpoint_uri": source, "resolved": str(directory), "step": state["step"],
             "method": config.method, "arch": config.model.arch, "topology": model.topology.describe(), "scorer": scorer,
             "manifest_digests": [state.get("manifest_digest")], "data": state.get("data_uri"),
             "code_version": state.get("code_version")}
