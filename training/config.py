@@ -153,6 +153,9 @@ class RunConfig:
     num_workers: int = 1
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
+    # Ray's placement of the worker group: "PACK" (its default: fill a node first), "SPREAD"
+    # (one worker per node where possible), "STRICT_SPREAD" (one per node or wait), "STRICT_PACK"
+    placement_strategy: str = "PACK"
     log_every: int = 10
     checkpoint_every: int = 200
     keep_checkpoints: int = 2

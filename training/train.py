@@ -142,6 +142,8 @@ def run_worker(loop_config: dict) -> None:
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     device, ckpt, run_dir = ray.train.torch.get_device(), ray.train.get_checkpoint(), loop_config["run_dir"]
+    print(f"train worker {rank}/{world} on node {ray.get_runtime_context().get_node_id()}, "
+          f"{'resuming from ' + ckpt.path if ckpt else 'fresh'}", flush=True)
     model, optimizer, scheduler = build_training_state(config, loop_config, device, fresh=ckpt is None)
     objective = build_training_objective(config, rank, world, model, device, fresh=ckpt is None)
     parts = parts_of(objective)
@@ -246,7 +248,8 @@ def make_trainer(config: TrainConfig, manifest: dict, extra: dict, plan: dict, c
                            **plan},
         scaling_config=ray.train.ScalingConfig(
             num_workers=config.run.num_workers, use_gpu=config.run.use_gpu,
-            resources_per_worker={"CPU": config.run.cpus_per_worker}),
+            resources_per_worker={"CPU": config.run.cpus_per_worker},
+            placement_strategy=config.run.placement_strategy),
         torch_config=TorchConfig(backend="nccl" if config.run.use_gpu else "gloo"),
         run_config=build_run_config(config, [callback]))
 
