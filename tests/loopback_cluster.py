@@ -51,10 +51,28 @@ def cluster_env(home: Path) -> dict:
            "PATH": f"{BIN}:{os.environ.get('PATH', '')}", **ray_setup.OFFLINE_ENV,
            # the GCS declares a silent node dead after ~3 s, not Ray's default ~30 s
            "RAY_health_check_period_ms": "1000", "RAY_health_check_timeout_ms": "1000",
-           "RAY_health_check_failure_threshold": "3"}
+           "RAY_health_check_failure_threshold": "3",
+           # every worker's own lines in the job's console (the tests read them), not Ray's
+           # "[repeated 2x across cluster]" summaries of lines that differ only in numbers
+           "RAY_DEDUP_LOGS": "0"}
     for key in ("RAY_ADDRESS", ray_setup.ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR):
         env.pop(key, None)  # a real cluster: nodes may join
     return env
+
+
+def descendants(pid: int) -> list[int]:
+    """Every living process below `pid` (from /proc: each process's parent)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError):
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
 
 
 class LoopbackCluster:
@@ -150,8 +168,13 @@ class LoopbackCluster:
             time.sleep(1)
 
     def kill_node(self, node: Node) -> None:
-        """A node lost at once (preemption): SIGKILL to every process it started."""
-        os.killpg(node.process.pid, signal.SIGKILL)
+        """A node lost at once (preemption): SIGKILL to every process it started, its Ray
+        workers included (they run in sessions of their own, outside the node's group)."""
+        for pid in [*descendants(node.process.pid), node.process.pid]:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(node.process.pid, signal.SIGKILL)
         node.process.wait(timeout=30)
         self.nodes.remove(node)
 
@@ -196,10 +219,8 @@ class LoopbackCluster:
     def stop(self) -> None:
         """Every process the cluster started, at once (a graceful `ray stop` takes ~30 s):
         each node's process group holds its raylet, its agents and the workers it started."""
-        for node in self.nodes:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(node.process.pid, signal.SIGKILL)
-            node.process.wait(timeout=60)
+        for node in list(self.nodes):
+            self.kill_node(node)
         if self.holder is not None and self.holder.poll() is None:
             os.killpg(self.holder.pid, signal.SIGKILL)
             self.holder.wait()

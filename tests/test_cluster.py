@@ -22,7 +22,7 @@ from pipelines import shards
 from tests.loopback_cluster import BIN, LoopbackCluster, NamespaceUnavailable
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
-TRAIN_STEPS, CHECKPOINT_EVERY = 12, 3
+TRAIN_STEPS, CHECKPOINT_EVERY = 15, 3
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +61,7 @@ def build(cluster, mirror, small_corpus, tmp_path_factory):
 
 def train_args(build_dir: Path, storage: Path, name: str, *extra: str) -> list[str]:
     return ["--data", str(build_dir), "--method", "flip", "--arch", "clip-micro-p8-32", "--num-workers", "2",
-            "--batch-size", "4", "--epochs", "3", "--warmup-steps", "2", "--lr", "1e-3",
+            "--batch-size", "4", "--epochs", "8", "--warmup-steps", "2", "--lr", "1e-3",
             "--max-steps", str(TRAIN_STEPS), "--storage", str(storage), "--run-name", name, "--log-every", "1",
             "--checkpoint-every", str(CHECKPOINT_EVERY), "--set", "run.placement_strategy=STRICT_SPREAD", *extra]
 
@@ -130,9 +130,9 @@ class JobOutput:
 
     def workers(self) -> list[tuple[int, int, str, str]]:
         """(pid, rank, node id, start) of every training worker started so far, in order."""
-        return [(int(pid), int(rank), node, start) for pid, rank, node, start in re.findall(
-            r"RayTrainWorker pid=(\d+)\S* train worker (\d+)/2 on node (\w+), (fresh|resuming from \S+)",
-            "".join(self.lines))]
+        found = re.findall(r"RayTrainWorker pid=(\d+)\S* train worker (\d+)/2 on node (\w+), (fresh|resuming from \S+)",
+                           "".join(self.lines))
+        return list({int(pid): (int(pid), int(rank), node, start) for pid, rank, node, start in found}.values())
 
     def finish(self, timeout_s: float = 600) -> str:
         self.process.wait(timeout=timeout_s)
@@ -156,6 +156,13 @@ def registered(run: Path, step: int) -> bool:
     return snapshot.exists() and f"step_{step:08d}" in snapshot.read_text()
 
 
+def alive_process(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
 def test_training_survives_a_killed_worker_and_a_lost_node(cluster, build, straight):
     storage, _ = straight
     run = storage / "survivor"
@@ -165,11 +172,13 @@ def test_training_survives_a_killed_worker_and_a_lost_node(cluster, build, strai
         os.kill(job.workers()[1][0], signal.SIGKILL)  # one training worker's process
         job.wait_for(lambda: len(job.workers()) == 4, "the worker group's restart")
         restarted_at = int(job.workers()[-1][3].rsplit("_", 1)[1])
-        job.wait_for(lambda: registered(run, restarted_at + CHECKPOINT_EVERY), "a checkpoint after the restart")
-        node_id = job.workers()[-1][2]
+        pid, _, node_id, _ = job.workers()[-1]
         (lost,) = [n for n in cluster.nodes for alive in cluster.alive_nodes()
                    if alive["node_id"] == node_id and n.name in alive["resources_total"]]
+        job.wait_for(lambda: any(r["start_step"] == restarted_at for r in logged(storage, "survivor")),
+                     "a step of the restarted group")
         cluster.kill_node(lost)  # a whole worker node, every process on it
+        assert not alive_process(pid), "a training worker of the lost node survived it"
         cluster.add_node()  # the replacement the autoscaler would bring
         stdout = job.finish()
     assert job.process.returncode == 0 and "succeeded" in stdout, stdout[-4000:]
@@ -178,8 +187,8 @@ def test_training_survives_a_killed_worker_and_a_lost_node(cluster, build, strai
     assert all(start.startswith("resuming from ") for start in starts[2:]), starts
     lines = logged(storage, "survivor")
     assert [r["step"] for r in lines] == list(range(1, TRAIN_STEPS + 1))  # each step once
-    resumed = sorted({r["start_step"] for r in lines})
-    assert len(resumed) == 3 and resumed[:2] == [0, restarted_at], resumed
+    attempts = [r["start_step"] for r in lines]
+    assert attempts == sorted(attempts) and attempts[0] == 0 and restarted_at in attempts, attempts
     reference = {r["step"]: r["loss/total"] for r in logged(storage, "straight")}
     assert [r["loss/total"] for r in lines] == pytest.approx([reference[r["step"]] for r in lines], rel=1e-5)
 

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -45,3 +47,54 @@ def test_checkpoints_go_to_s3_and_load_back(small_build, s3_env, tmp_path):
     assert bundle.info["step"] == 2 and bundle.info["arch"] == "clip-micro-p8-32"
     exported = checkpoint.export_open_clip(f"{storage}/s3run", f"s3://{BUCKET}/export/micro.pt")
     assert fs.exists(exported)
+
+
+def upload_micro_checkpoint(tmp_path) -> str:
+    import s3fs
+
+    from tests.eval_fixtures import save_micro_checkpoint
+    local = save_micro_checkpoint(tmp_path / "run" / "step_00000001")
+    s3fs.S3FileSystem().put(str(local), f"{BUCKET}/runs/micro/step_00000001", recursive=True)
+    return f"s3://{BUCKET}/runs/micro"
+
+
+def test_an_s3_checkpoint_is_downloaded_once_per_machine(s3_env, tmp_path, monkeypatch):
+    import threading
+
+    import s3fs
+
+    from training import checkpoint
+    run = upload_micro_checkpoint(tmp_path)
+    gets, real_get = [], s3fs.S3FileSystem.get
+
+    def counting_get(self, rpath, lpath, *args, **kwargs):
+        gets.append(str(rpath).rsplit("/", 1)[-1])
+        return real_get(self, rpath, lpath, *args, **kwargs)
+
+    monkeypatch.setattr(s3fs.S3FileSystem, "get", counting_get)
+    found = []
+    threads = [threading.Thread(target=lambda: found.append(checkpoint.locate_checkpoint(run, str(tmp_path / "c"))))
+               for _ in range(4)]  # four encoder actors of one node
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert {source for source, _ in found} == {f"{run}/step_00000001"}
+    assert len({local for _, local in found}) == 1 and checkpoint.is_complete(found[0][1])
+    assert gets.count(checkpoint.MODEL_FILE) == 1  # one download, the other three found it complete
+
+
+def test_evaluation_of_an_s3_checkpoint_cleans_its_node_folders(small_corpus, s3_env, tmp_path):
+    run = upload_micro_checkpoint(tmp_path)
+    corpus, _ = small_corpus
+    scratch = Path(tempfile.mkdtemp(prefix="ev", dir="/tmp"))  # TMPDIR: Ray's socket paths must stay < 108 bytes
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "evaluation" / "evaluate.py"), "--checkpoint", run, "--zeroshot",
+         str(corpus.zeroshot_dir), "--output", str(tmp_path / "report"), "--cache", "none", "--num-encoders", "2"],
+        env={**os.environ, **s3_env, "TMPDIR": str(scratch)}, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    report = json.loads((tmp_path / "report" / "report.json").read_text())
+    assert report["checkpoint"]["checkpoint_uri"] == f"{run}/step_00000001"
+    leftover = list((scratch / "clipforge-checkpoints").iterdir())  # created for the job, emptied after
+    shutil.rmtree(scratch, ignore_errors=True)
+    assert leftover == []
