@@ -75,9 +75,22 @@ def descendants(pid: int) -> list[int]:
     return found
 
 
+def wait_until_dead(pid: int, timeout_s: float = 30) -> bool:
+    """SIGKILL is delivered asynchronously: True once `pid` is gone or a zombie."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            if Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z":
+                return True
+        except OSError:
+            return True
+        time.sleep(0.05)
+    return False
+
+
 class LoopbackCluster:
     def __init__(self, workdir: Path):
-        self.workdir, self.nodes, self.holder = workdir, [], None
+        self.workdir, self.nodes, self.holder, self.started_workers = workdir, [], None, 0
         self.temp_dir = tempfile.mkdtemp(prefix="rc", dir="/tmp")  # Ray's socket paths stay < 108 bytes
         self.env = cluster_env(workdir / "home")
         (workdir / "home").mkdir(parents=True, exist_ok=True)
@@ -132,7 +145,8 @@ class LoopbackCluster:
         return self
 
     def add_node(self, cpus: int = 2) -> Node:
-        name = f"worker{sum(n.name.startswith('worker') for n in self.nodes) + 1}"
+        self.started_workers += 1
+        name = f"worker{self.started_workers}"  # a replacement gets a new name, log and temp dir
         return self.start_node(name, [f"--address=127.0.0.1:{GCS_PORT}", f"--num-cpus={cpus}",
                                       f"--resources={json.dumps({name: 1})}"])
 
@@ -177,6 +191,7 @@ class LoopbackCluster:
             os.killpg(node.process.pid, signal.SIGKILL)
         node.process.wait(timeout=30)
         self.nodes.remove(node)
+
 
     @contextlib.contextmanager
     def mirror(self, root: Path, port: int = 0):

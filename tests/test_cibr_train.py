@@ -36,8 +36,10 @@ def run_args(build_uri: str, storage, name: str, pretrained: str, *extra: str) -
 
 
 def logged(storage, name: str) -> dict[int, dict]:
-    lines = (storage / name / "metrics.jsonl").read_text().splitlines()
-    return {r["step"]: r for r in map(json.loads, lines)}
+    """Each logged step's line; a step logged twice fails."""
+    rows = [json.loads(line) for line in (storage / name / "metrics.jsonl").read_text().splitlines()]
+    assert len({r["step"] for r in rows}) == len(rows), [r["step"] for r in rows]
+    return {r["step"]: r for r in rows}
 
 
 @pytest.fixture(scope="module")
@@ -83,6 +85,8 @@ def test_every_window_logs_the_estimates_and_lambda_ramps(cibr_runs):
 def test_resume_repeats_the_uninterrupted_run_exactly(cibr_runs):
     straight, resumed = logged(cibr_runs, "straight"), logged(cibr_runs, "resumed")
     assert sorted(resumed) == list(range(1, STEPS + 1))
+    # the resumed attempt started at the saved step 2 (a restart from 0 would log the same losses)
+    assert [resumed[s]["start_step"] for s in sorted(resumed)] == [0, 0] + [2] * (STEPS - 2)
     keys = [k for k in straight[STEPS] if k.startswith(("loss/", "cibr/"))]
     for step in range(3, STEPS + 1):
         assert {k: resumed[step][k] for k in keys} == {k: straight[step][k] for k in keys}, step

@@ -96,6 +96,9 @@ def test_topology_resumes_exactly_through_ray_train(topology_runs, kind):
     storage, straight = topology_runs[kind]
     resumed = step_losses(storage, kind)
     assert sorted(resumed) == [2, STEPS] and all(np.isfinite(list(resumed.values())))
+    # each window once, the second logged by the attempt that resumed at step 2 (not from 0)
+    lines = [json.loads(x) for x in (storage / kind / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["start_step"]) for r in lines] == [(2, 0), (STEPS, 2)]
     assert resumed == straight  # bitwise: the resumed window (steps 3-4) repeats the uninterrupted run's
 
 
