@@ -179,7 +179,9 @@ def test_training_survives_a_killed_worker_and_a_lost_node(cluster, build, strai
         stdout = job.finish()
     assert job.process.returncode == 0 and "succeeded" in stdout, stdout[-4000:]
     starts = [start for *_, start in job.workers()]
-    assert starts[:2] == ["fresh"] * 2 and len(starts) == 6, starts  # two restarts of both workers
+    # two restarts of both workers at least (a third when Ray Train's controller itself fails on
+    # the lost node and train.py relaunches the run from its checkpoint)
+    assert starts[:2] == ["fresh"] * 2 and len(starts) >= 6 and len(starts) % 2 == 0, starts
     assert all(start.startswith("resuming from ") for start in starts[2:]), starts
     lines = logged(storage, "survivor")
     assert [r["step"] for r in lines] == list(range(1, TRAIN_STEPS + 1))  # each step once

@@ -29,6 +29,7 @@ import ray.train  # noqa: E402
 import torch  # noqa: E402
 from ray.train.torch import TorchConfig, TorchTrainer  # noqa: E402
 from ray.util.queue import Queue  # noqa: E402
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy  # noqa: E402
 
 from pipelines import console, ray_setup, shards, storage  # noqa: E402
 from pipelines.build import arrow_filesystem, code_version  # noqa: E402
@@ -172,7 +173,9 @@ def console_fields(metrics: dict) -> dict:
 def follow_reports(total_steps: int):
     """(Ray queue for ReportForwarder) and, while the block runs, one console line per
     report: `train  step 120/468  26%  loss 2.31 ...  3.1 steps/s  eta 1m30s`."""
-    reports, stop = Queue(actor_options={"num_cpus": 0}), threading.Event()
+    # The queue's actor lives on the driver's node: anywhere else, a lost node could take it along.
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    reports, stop = Queue(actor_options={"num_cpus": 0, "scheduling_strategy": here}), threading.Event()
     progress = console.Progress("train", total_steps, "step", every_s=0)
 
     def pump(block: bool) -> bool:
@@ -229,6 +232,23 @@ def build_run_config(config: TrainConfig, callbacks: list = ()) -> ray.train.Run
 
 
 def fit(config: TrainConfig, resume_run: bool = False, allow_changes=()):
+    """Train, relaunching from the latest checkpoint (up to run.max_failures times) when Ray
+    Train's controller itself fails: Ray 2.60's controller can die with ControllerError when a
+    node is lost while it polls that node's workers (tests/test_cluster.py hit it), a failure
+    its own FailureConfig does not retry."""
+    for relaunch in range(config.run.max_failures + 1):
+        try:
+            return fit_once(config, resume_run, allow_changes)
+        except ray.train.ControllerError as err:
+            if relaunch == config.run.max_failures or resume.latest_saved_state(run_directory(config)) is None:
+                raise
+            print(f"Ray Train's controller failed ({type(err).__name__}: {str(err)[:200]}); relaunching "
+                  f"{config.run.name!r} from its latest checkpoint ({relaunch + 1}/{config.run.max_failures})",
+                  flush=True)
+            resume_run = True
+
+
+def fit_once(config: TrainConfig, resume_run: bool = False, allow_changes=()):
     manifest = shards.read_manifest(config.data.build_uri)
     extra = {"manifest_digest": shards.manifest_digest(manifest), "data_uri": config.data.build_uri,
              "code_version": code_version()}
