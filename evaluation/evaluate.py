@@ -258,9 +258,9 @@ def run_evaluation(args: argparse.Namespace) -> dict:
     with console.stage("evaluate/load", f"{len(entries)} benchmark(s)"):
         benchmarks = load_benchmarks(entries, report["skipped"])
     cache = EmbeddingCache(None if args.cache == "none" else args.cache, fingerprint)
-    if cache.stale_claims():
-        log.info("embedding cache: %d block(s) were in progress when an earlier pass stopped",
-                 len(cache.stale_claims()))
+    stale = cache.stale_claims()  # one listing (a list request per call on s3://)
+    if stale:
+        log.info("embedding cache: %d block(s) were in progress when an earlier pass stopped", len(stale))
     with console.stage("evaluate/encode", "images and texts not cached"):
         try:
             features = embed(benchmarks, cache, args)
