@@ -159,6 +159,16 @@ class RunConfig:
     log_every: int = 10
     checkpoint_every: int = 200
     keep_checkpoints: int = 2
+    # Micro-batches per step (gradient accumulation, training/accumulation.py): the per-worker
+    # batch data.batch_size_per_worker is computed in accum_freq slices of equal size, with the
+    # gradients of the whole batch (every sample still meets every other in the loss). Unlike
+    # OpenCLIP's --accum-freq, this divides the batch rather than multiplying it: the data order
+    # and the loss stay those of the configured batch. PGS selects within each micro-batch.
+    accum_freq: int = 1
+    # Recompute each transformer block's activations in backward (open_clip's
+    # set_grad_checkpointing: both towers, PGS's and the multi-[CLS] paths included, as they
+    # all run open_clip's Transformer): less activation memory for about a third more compute.
+    grad_checkpointing: bool = False
     tensorboard_dir: str | None = None  # default: <storage>/<name>/tensorboard (local or s3://)
 
 

@@ -3,6 +3,7 @@ batches and a report callback, so a test can hand it a list."""
 from __future__ import annotations
 
 import bisect
+import functools
 import itertools
 import time
 from collections import defaultdict
@@ -12,6 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from training.accumulation import accumulate_backward
 from training.auxiliary import parts_of, update_parts
 from training.batches import EDGE_SCORES, IMAGES, SHORT_TEXTS, TEXTS
 from training.checkpoint import unwrap
@@ -31,6 +33,7 @@ class LoopSettings:
     grad_clip_norm: float = 1.0
     bf16: bool = False  # autocast to bfloat16 (GPU)
     epoch_steps: tuple[int, ...] = ()  # steps of each epoch of the schedule (CLIP-PGS's alpha)
+    accum_freq: int = 1  # micro-batches per step (training/accumulation.py)
 
 
 class MetricMeter:
@@ -54,12 +57,14 @@ class MetricMeter:
         return out
 
 
-def seed_step(model, seed: int, step: int, rank: int) -> None:
-    """Reseed the model's own random draws (patch masks) from (seed, step, rank)."""
+def seed_step(model, seed: int, step: int, rank: int, micro: int | None = None) -> None:
+    """Reseed the model's own random draws (patch masks) from (seed, step, rank), and the
+    micro-batch under gradient accumulation."""
+    entropy = [seed, step, rank] + ([] if micro is None else [micro])
     for module in unwrap(model).modules():
         if hasattr(module, "generator"):
             device = next(unwrap(model).parameters()).device
-            state = np.random.SeedSequence([seed, step, rank]).generate_state(1, np.uint64)[0]
+            state = np.random.SeedSequence(entropy).generate_state(1, np.uint64)[0]
             module.generator = torch.Generator(device=device).manual_seed(int(state) >> 1)
 
 
@@ -71,6 +76,15 @@ def compute_epoch_fraction(step: int, epoch_steps: tuple[int, ...]) -> float:
     return min(epoch, len(epoch_steps) - 1) / len(epoch_steps)
 
 
+def device_inputs(batch: dict, device: torch.device) -> dict:
+    """The model's keyword inputs from a prepared batch, on the device."""
+    inputs = {"images": normalize_image_tensor(torch.as_tensor(batch[IMAGES]).to(device, non_blocking=True))}
+    for name, column in (("texts", TEXTS), ("short_texts", SHORT_TEXTS), ("edge_scores", EDGE_SCORES)):
+        if batch.get(column) is not None:
+            inputs[name] = torch.as_tensor(batch[column]).to(device, non_blocking=True)
+    return inputs
+
+
 def train_step(model, objective, optimizer, scheduler, batch: dict, s: LoopSettings,
                epoch_fraction: float = 0.0, step: int | None = None) -> dict:
     """One step: the model's forward, the objective's auxiliary parts' own updates (each
@@ -79,20 +93,28 @@ def train_step(model, objective, optimizer, scheduler, batch: dict, s: LoopSetti
     parts = parts_of(objective)
     if parts and step is None:
         raise ValueError("train_step: an objective with auxiliary parts needs the step number")
-    images = normalize_image_tensor(torch.as_tensor(batch[IMAGES]).to(s.device, non_blocking=True))
-    texts = {name: torch.as_tensor(batch[column]).to(s.device, non_blocking=True)
-             for name, column in (("texts", TEXTS), ("short_texts", SHORT_TEXTS)) if column in batch}
-    edge_scores = batch.get(EDGE_SCORES)
-    if edge_scores is not None:
-        edge_scores = torch.as_tensor(edge_scores).to(s.device, non_blocking=True)
-    with torch.autocast(device_type=s.device.type, dtype=torch.bfloat16, enabled=s.bf16):
-        outputs = model(images, **texts, edge_scores=edge_scores, epoch_fraction=epoch_fraction)
-        outputs.update(inputs={"images": images, **texts}, step=step)
-        part_metrics = update_parts(parts, outputs)
-        terms = objective(outputs)
-    loss = sum(terms.values())
+    inputs = device_inputs(batch, s.device)
+    extras = {"inputs": {k: v for k, v in inputs.items() if k != "edge_scores"}, "step": step}
+    autocast = functools.partial(torch.autocast, device_type=s.device.type, dtype=torch.bfloat16, enabled=s.bf16)
+
+    def forward(module, micro_inputs: dict) -> dict:
+        return module(**micro_inputs, epoch_fraction=epoch_fraction)
+
     optimizer.zero_grad(set_to_none=True)
-    loss.backward()
+    if s.accum_freq > 1:
+        if step is None:
+            raise ValueError("train_step: gradient accumulation needs the step number (its draws use it)")
+        terms, loss, outputs, part_metrics = accumulate_backward(
+            model, objective, parts, inputs, s.accum_freq, forward,
+            lambda j: seed_step(model, s.seed, step, s.rank, j), extras, autocast)
+    else:
+        with autocast():
+            outputs = forward(model, inputs)
+            outputs.update(extras)
+            part_metrics = update_parts(parts, outputs)
+            terms = objective(outputs)
+        loss = sum(terms.values())
+        loss.backward()
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), s.grad_clip_norm)
     lr = optimizer.param_groups[0]["lr"]  # the rate this step used
     optimizer.step()
@@ -116,7 +138,8 @@ def run_training(model, objective, optimizer, scheduler, batches: Iterable[dict]
         wait_start = time.perf_counter()
         batch = next(batch_iter)
         wait_s = time.perf_counter() - wait_start
-        seed_step(model, s.seed, step, s.rank)
+        if s.accum_freq == 1:  # accumulation reseeds per micro-batch
+            seed_step(model, s.seed, step, s.rank)
         metrics = train_step(model, objective, optimizer, scheduler, batch, s,
                              compute_epoch_fraction(step, s.epoch_steps), step)
         meter.update(metrics, len(batch[IMAGES]), wait_s)

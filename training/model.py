@@ -212,8 +212,9 @@ def build_training_model(config: TrainConfig, with_weights: bool = True) -> Cont
     config = resolve_auto_fields(config)  # what depends on `pretrained` is fixed before it is dropped
     smartclip = config.smartclip if config.loss.kind == "smartclip" else None
     model = config.model if with_weights else dataclasses.replace(config.model, pretrained=None)
-    return build_model(model, config.masking, config.loss, smartclip, pgs=config.pgs,
-                       topology=config.topology)
+    built = build_model(model, config.masking, config.loss, smartclip, pgs=config.pgs, topology=config.topology)
+    built.tower.set_grad_checkpointing(config.run.grad_checkpointing)
+    return built
 
 
 def tower_geometry(model: ContrastiveModel) -> tuple[int, int]:

@@ -134,7 +134,7 @@ def loop_settings(config: TrainConfig, loop_config: dict, rank: int, world: int,
                         rank=rank, world_size=world, device=device,
                         log_every=config.run.log_every, checkpoint_every=config.run.checkpoint_every,
                         grad_clip_norm=config.optim.grad_clip_norm, bf16=device.type == "cuda",
-                        epoch_steps=tuple(loop_config["epoch_steps"]))
+                        epoch_steps=tuple(loop_config["epoch_steps"]), accum_freq=config.run.accum_freq)
 
 
 def run_worker(loop_config: dict) -> None:

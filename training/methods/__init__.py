@@ -94,6 +94,10 @@ def check_combination(config: TrainConfig) -> None:
     if config.model.trainable == "projections" and config.loss.kind == "smartclip":
         raise ValueError("model.trainable=projections trains only the towers' final projections; "
                          "loss.kind=smartclip's mask network would then never train")
+    accum, batch = config.run.accum_freq, config.data.batch_size_per_worker
+    if accum < 1 or batch % accum:
+        raise ValueError(f"run.accum_freq={accum} must be >= 1 and divide data.batch_size_per_worker={batch} "
+                         "(the per-worker batch is computed in accum_freq equal micro-batches)")
 
 
 def resolve_auto_fields(config: TrainConfig) -> TrainConfig:

@@ -19,8 +19,13 @@ def random_masking(x: torch.Tensor, num_keep: int, generator: torch.Generator | 
 
     MAE's recipe: draw noise per patch, argsort it, keep the first tokens with a gather.
     """
+    noise = torch.rand((x.shape[0], x.shape[1] - num_prefix_tokens), device=x.device, generator=generator)
+    return keep_lowest_noise(x, noise, num_keep, num_prefix_tokens)
+
+
+def keep_lowest_noise(x: torch.Tensor, noise: torch.Tensor, num_keep: int, num_prefix_tokens: int = 1) -> torch.Tensor:
+    """x (B, c + L, D), noise (B, L) -> the c class tokens and the num_keep patches of lowest noise."""
     cls_token, patches = x[:, :num_prefix_tokens], x[:, num_prefix_tokens:]  # (B, c, D), (B, L, D)
-    noise = torch.rand(patches.shape[:2], device=x.device, generator=generator)  # (B, L)
     keep = noise.argsort(dim=1)[:, :num_keep]  # (B, K) indices of kept patches
     kept = patches.gather(1, keep.unsqueeze(-1).expand(-1, -1, patches.shape[-1]))
     return torch.cat([cls_token, kept], dim=1)  # (B, c + K, D)
@@ -42,5 +47,10 @@ class RandomPatchDrop(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or self.ratio == 0.0:
             return x
-        num_keep = compute_num_keep(x.shape[1] - self.num_prefix_tokens, self.ratio)
-        return random_masking(x, num_keep, self.generator, self.num_prefix_tokens)
+        num_patches = x.shape[1] - self.num_prefix_tokens
+        noise = self.draw_noise((x.shape[0], num_patches), x.device)
+        return keep_lowest_noise(x, noise, compute_num_keep(num_patches, self.ratio), self.num_prefix_tokens)
+
+    def draw_noise(self, shape: tuple[int, int], device: torch.device) -> torch.Tensor:
+        """(B, L) uniform noise from the step's generator; the lowest num_keep are kept."""
+        return torch.rand(shape, device=device, generator=self.generator)
