@@ -169,6 +169,9 @@ class RunConfig:
     # set_grad_checkpointing: both towers, PGS's and the multi-[CLS] paths included, as they
     # all run open_clip's Transformer): less activation memory for about a third more compute.
     grad_checkpointing: bool = False
+    # "auto" (amp_bf16 on CUDA, fp32 elsewhere) | "fp32" | "amp_bf16" (bf16 autocast) | "bf16"
+    # (bf16 weights and arithmetic, fp32 master weights in the optimiser): training/precision.py
+    precision: str = "auto"
     tensorboard_dir: str | None = None  # default: <storage>/<name>/tensorboard (local or s3://)
 
 

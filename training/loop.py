@@ -17,6 +17,7 @@ from training.accumulation import accumulate_backward
 from training.auxiliary import parts_of, update_parts
 from training.batches import EDGE_SCORES, IMAGES, SHORT_TEXTS, TEXTS
 from training.checkpoint import unwrap
+from training.precision import MasterWeights, upcast_outputs
 from training.transforms import normalize_image_tensor
 
 
@@ -76,9 +77,11 @@ def compute_epoch_fraction(step: int, epoch_steps: tuple[int, ...]) -> float:
     return min(epoch, len(epoch_steps) - 1) / len(epoch_steps)
 
 
-def device_inputs(batch: dict, device: torch.device) -> dict:
-    """The model's keyword inputs from a prepared batch, on the device."""
-    inputs = {"images": normalize_image_tensor(torch.as_tensor(batch[IMAGES]).to(device, non_blocking=True))}
+def device_inputs(batch: dict, device: torch.device, image_dtype: torch.dtype | None = None) -> dict:
+    """The model's keyword inputs from a prepared batch, on the device (images in the
+    weights' dtype under run.precision=bf16)."""
+    images = normalize_image_tensor(torch.as_tensor(batch[IMAGES]).to(device, non_blocking=True))
+    inputs = {"images": images if image_dtype is None else images.to(image_dtype)}
     for name, column in (("texts", TEXTS), ("short_texts", SHORT_TEXTS), ("edge_scores", EDGE_SCORES)):
         if batch.get(column) is not None:
             inputs[name] = torch.as_tensor(batch[column]).to(device, non_blocking=True)
@@ -86,19 +89,22 @@ def device_inputs(batch: dict, device: torch.device) -> dict:
 
 
 def train_step(model, objective, optimizer, scheduler, batch: dict, s: LoopSettings,
-               epoch_fraction: float = 0.0, step: int | None = None) -> dict:
+               epoch_fraction: float = 0.0, step: int | None = None, weights: MasterWeights | None = None) -> dict:
     """One step: the model's forward, the objective's auxiliary parts' own updates (each
     detaches what it reads of the step's outputs), then the encoders' backward and optimiser
-    step. `step` (0-based) is required with auxiliary parts: their draws and schedules use it."""
+    step. `step` (0-based) is required with auxiliary parts: their draws and schedules use it.
+    With `weights` (run.precision=bf16) `model` is the bfloat16 compute copy and the optimiser
+    steps the float32 masters."""
     parts = parts_of(objective)
     if parts and step is None:
         raise ValueError("train_step: an objective with auxiliary parts needs the step number")
-    inputs = device_inputs(batch, s.device)
+    inputs = device_inputs(batch, s.device, torch.bfloat16 if weights else None)
     extras = {"inputs": {k: v for k, v in inputs.items() if k != "edge_scores"}, "step": step}
     autocast = functools.partial(torch.autocast, device_type=s.device.type, dtype=torch.bfloat16, enabled=s.bf16)
 
     def forward(module, micro_inputs: dict) -> dict:
-        return module(**micro_inputs, epoch_fraction=epoch_fraction)
+        outputs = module(**micro_inputs, epoch_fraction=epoch_fraction)
+        return upcast_outputs(outputs) if weights else outputs
 
     optimizer.zero_grad(set_to_none=True)
     if s.accum_freq > 1:
@@ -115,12 +121,17 @@ def train_step(model, objective, optimizer, scheduler, batch: dict, s: LoopSetti
             terms = objective(outputs)
         loss = sum(terms.values())
         loss.backward()
-    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), s.grad_clip_norm)
+    master = unwrap(model) if weights is None else weights.master
+    if weights is not None:
+        weights.grads_to_master()
+    grad_norm = torch.nn.utils.clip_grad_norm_(master.parameters(), s.grad_clip_norm)
     lr = optimizer.param_groups[0]["lr"]  # the rate this step used
     optimizer.step()
     scheduler.step()
-    unwrap(model).clamp_logit_scale()
-    scale = unwrap(model).tower.logit_scale.detach().exp()
+    master.clamp_logit_scale()
+    if weights is not None:
+        weights.master_to_compute()
+    scale = master.tower.logit_scale.detach().exp()
     # Detached device tensors, no .item(): a host synchronisation per step would stall the GPU.
     return {**{f"loss/{k}": v.detach() for k, v in terms.items()}, "loss/total": loss.detach(),
             "logit_scale": scale, "temperature": 1.0 / scale, "grad_norm": grad_norm.detach(),
@@ -129,7 +140,8 @@ def train_step(model, objective, optimizer, scheduler, batch: dict, s: LoopSetti
 
 
 def run_training(model, objective, optimizer, scheduler, batches: Iterable[dict],
-                 s: LoopSettings, report: Callable[[int, dict, bool], None]) -> None:
+                 s: LoopSettings, report: Callable[[int, dict, bool], None],
+                 weights: MasterWeights | None = None) -> None:
     """Train from s.start_step to s.total_steps. `report(step, metrics, checkpoint)` is
     called every log_every steps and at checkpoints (checkpoint=True), including the last."""
     model.train()
@@ -141,7 +153,7 @@ def run_training(model, objective, optimizer, scheduler, batches: Iterable[dict]
         if s.accum_freq == 1:  # accumulation reseeds per micro-batch
             seed_step(model, s.seed, step, s.rank)
         metrics = train_step(model, objective, optimizer, scheduler, batch, s,
-                             compute_epoch_fraction(step, s.epoch_steps), step)
+                             compute_epoch_fraction(step, s.epoch_steps), step, weights)
         meter.update(metrics, len(batch[IMAGES]), wait_s)
         step += 1
         is_last = step == s.total_steps

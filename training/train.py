@@ -42,6 +42,7 @@ from training.model import build_training_model, tower_geometry  # noqa: E402
 from training.auxiliary import check_ranks_agree, parts_of  # noqa: E402
 from training.objectives import build_training_objective  # noqa: E402
 from training.optim import build_optimizer, build_scheduler  # noqa: E402
+from training.precision import MasterWeights, resolve_precision  # noqa: E402
 from training.tracking import build_tracker  # noqa: E402
 
 FLAG_TO_FIELD = {"arch": "model.arch", "pretrained": "model.pretrained", "mask_ratio": "masking.ratio",
@@ -133,7 +134,8 @@ def loop_settings(config: TrainConfig, loop_config: dict, rank: int, world: int,
     return LoopSettings(start_step=start_step, total_steps=loop_config["stop_step"], seed=config.run.seed,
                         rank=rank, world_size=world, device=device,
                         log_every=config.run.log_every, checkpoint_every=config.run.checkpoint_every,
-                        grad_clip_norm=config.optim.grad_clip_norm, bf16=device.type == "cuda",
+                        grad_clip_norm=config.optim.grad_clip_norm,
+                        bf16=resolve_precision(config.run.precision, device) == "amp_bf16",
                         epoch_steps=tuple(loop_config["epoch_steps"]), accum_freq=config.run.accum_freq)
 
 
@@ -151,14 +153,16 @@ def run_worker(loop_config: dict) -> None:
     start_step = restore(ckpt, model, optimizer, scheduler, parts, run_dir)
     resume.check_restored(start_step, loop_config.get("resume_step", 0), run_dir)
     geometry = tower_geometry(model)
-    ddp_model = ray.train.torch.prepare_model(model, move_to_device=False)
+    weights = MasterWeights(model) if resolve_precision(config.run.precision, device) == "bf16" else None
+    ddp_model = ray.train.torch.prepare_model(weights.compute if weights else model, move_to_device=False)
     settings = loop_settings(config, loop_config, rank, world, device, start_step)
     batches = iter_worker_batches(config, manifest["shards"], rank, world, start_step, geometry)
     tracker = build_tracker(rank, run_dir, config.run.tensorboard_dir, start_step)
-    report = build_reporter(config, rank, ddp_model, optimizer, scheduler, loop_config["extra"], parts, run_dir,
-                            tracker)
+    # checkpoints hold the float32 model (the masters under bf16), so a resume is exact
+    report = build_reporter(config, rank, model if weights else ddp_model, optimizer, scheduler, loop_config["extra"],
+                            parts, run_dir, tracker)
     try:
-        run_training(ddp_model, objective, optimizer, scheduler, batches, settings, report)
+        run_training(ddp_model, objective, optimizer, scheduler, batches, settings, report, weights)
     finally:
         tracker.close()
 

@@ -54,7 +54,8 @@ class ReferenceTowers(nn.Module):
 
     @torch.no_grad()
     def forward(self, images: torch.Tensor, texts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.tower.encode_image(images), self.tower.encode_text(texts)
+        dtype = next(self.tower.visual.parameters()).dtype  # float32, whatever the step's precision
+        return self.tower.encode_image(images.to(dtype)), self.tower.encode_text(texts)
 
 
 INFONCE_TERMS = ("contrastive", "long")  # CLIP's loss; Long-CLIP's on the long captions

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from training.precision import PRECISIONS
 from training.config import TrainConfig, apply_overrides
 from training.topology import check_topology_config
 
@@ -94,6 +95,8 @@ def check_combination(config: TrainConfig) -> None:
     if config.model.trainable == "projections" and config.loss.kind == "smartclip":
         raise ValueError("model.trainable=projections trains only the towers' final projections; "
                          "loss.kind=smartclip's mask network would then never train")
+    if config.run.precision not in PRECISIONS:
+        raise ValueError(f"unknown run.precision={config.run.precision!r}; known: {', '.join(PRECISIONS)}")
     accum, batch = config.run.accum_freq, config.data.batch_size_per_worker
     if accum < 1 or batch % accum:
         raise ValueError(f"run.accum_freq={accum} must be >= 1 and divide data.batch_size_per_worker={batch} "
