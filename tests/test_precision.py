@@ -8,7 +8,6 @@ import copy
 import pytest
 import torch
 
-from training.accumulation import split_inputs  # noqa: F401  (the loop's module graph loads)
 from training.config import apply_overrides
 from training.loop import LoopSettings, train_step
 from training.methods import build_method_config, check_combination
@@ -42,7 +41,7 @@ def run_steps(precision: str, lr: float, steps: int = 3, accum_freq: int = 1):
     losses = []
     for step in range(steps):
         metrics = train_step(weights.compute if weights else model, objective, optimizer, scheduler,
-                             {k: v for k, v in batch.items() if k != "short_texts"}, settings, step=step,
+                             batch, settings, step=step,
                              weights=weights)
         losses.append(float(metrics["loss/total"]))
     return model, weights, start, losses

@@ -6,8 +6,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from training.precision import PRECISIONS
 from training.config import TrainConfig, apply_overrides
+from training.precision import PRECISIONS
 from training.topology import check_topology_config
 
 
