@@ -172,6 +172,10 @@ class RunConfig:
     # "auto" (amp_bf16 on CUDA, fp32 elsewhere) | "fp32" | "amp_bf16" (bf16 autocast) | "bf16"
     # (bf16 weights and arithmetic, fp32 master weights in the optimiser): training/precision.py
     precision: str = "auto"
+    # torch.compile of every transformer block of both towers (training/compilation.py;
+    # OpenCLIP's --torchcompile); graph breaks are reported as compile/graph_breaks
+    compile: bool = False
+    compile_backend: str = "inductor"  # | "aot_eager" | "eager" (to tell a compiler fault from a model one)
     tensorboard_dir: str | None = None  # default: <storage>/<name>/tensorboard (local or s3://)
 
 

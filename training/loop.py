@@ -17,6 +17,7 @@ from training.accumulation import accumulate_backward
 from training.auxiliary import parts_of, update_parts
 from training.batches import EDGE_SCORES, IMAGES, SHORT_TEXTS, TEXTS
 from training.checkpoint import unwrap
+from training.compilation import compile_metrics
 from training.precision import MasterWeights, upcast_outputs
 from training.transforms import normalize_image_tensor
 
@@ -159,5 +160,5 @@ def run_training(model, objective, optimizer, scheduler, batches: Iterable[dict]
         is_last = step == s.total_steps
         want_ckpt = is_last or step % s.checkpoint_every == 0
         if want_ckpt or step % s.log_every == 0:
-            report(step, meter.summary(s.world_size), want_ckpt)
+            report(step, {**meter.summary(s.world_size), **compile_metrics()}, want_ckpt)
             meter = MetricMeter()

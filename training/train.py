@@ -42,6 +42,7 @@ from training.model import build_training_model, tower_geometry  # noqa: E402
 from training.auxiliary import check_ranks_agree, parts_of  # noqa: E402
 from training.objectives import build_training_objective  # noqa: E402
 from training.optim import build_optimizer, build_scheduler  # noqa: E402
+from training.compilation import compile_towers  # noqa: E402
 from training.precision import MasterWeights, resolve_precision  # noqa: E402
 from training.tracking import build_tracker  # noqa: E402
 
@@ -154,7 +155,10 @@ def run_worker(loop_config: dict) -> None:
     resume.check_restored(start_step, loop_config.get("resume_step", 0), run_dir)
     geometry = tower_geometry(model)
     weights = MasterWeights(model) if resolve_precision(config.run.precision, device) == "bf16" else None
-    ddp_model = ray.train.torch.prepare_model(weights.compute if weights else model, move_to_device=False)
+    runner = weights.compute if weights else model  # the module the steps run
+    if config.run.compile:
+        compile_towers(runner, config.run.compile_backend)
+    ddp_model = ray.train.torch.prepare_model(runner, move_to_device=False)
     settings = loop_settings(config, loop_config, rank, world, device, start_step)
     batches = iter_worker_batches(config, manifest["shards"], rank, world, start_step, geometry)
     tracker = build_tracker(rank, run_dir, config.run.tensorboard_dir, start_step)

@@ -7,6 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from training.config import TrainConfig, apply_overrides
+from training.compilation import BACKENDS
 from training.precision import PRECISIONS
 from training.topology import check_topology_config
 
@@ -101,6 +102,15 @@ def check_combination(config: TrainConfig) -> None:
     if accum < 1 or batch % accum:
         raise ValueError(f"run.accum_freq={accum} must be >= 1 and divide data.batch_size_per_worker={batch} "
                          "(the per-worker batch is computed in accum_freq equal micro-batches)")
+    check_compile(config)
+
+
+def check_compile(config: TrainConfig) -> None:
+    if config.run.compile_backend not in BACKENDS:
+        raise ValueError(f"unknown run.compile_backend={config.run.compile_backend!r}; known: {', '.join(BACKENDS)}")
+    if config.run.compile and config.masking.kind == "pgs" and config.pgs.compaction != "static":
+        raise ValueError("run.compile with CLIP-PGS needs pgs.compaction=static: batch_min changes the "
+                         "sequence length every step, and each new length would recompile the blocks")
 
 
 def resolve_auto_fields(config: TrainConfig) -> TrainConfig:
