@@ -72,6 +72,25 @@ def surrogate(outputs: dict, leaves: dict, j: int, k: int) -> torch.Tensor:
     return total
 
 
+@contextlib.contextmanager
+def gradient_sync(model, enabled: bool):
+    """Reduce gradients across workers in this backward only if `enabled` (the last
+    micro-batch): DDP's no_sync, FSDP2's set_requires_gradient_sync."""
+    if enabled:
+        yield
+    elif hasattr(model, "no_sync"):
+        with model.no_sync():
+            yield
+    elif hasattr(model, "set_requires_gradient_sync"):
+        model.set_requires_gradient_sync(False)
+        try:
+            yield
+        finally:
+            model.set_requires_gradient_sync(True)
+    else:
+        yield
+
+
 def accumulate_backward(model, objective, parts, inputs: dict, k: int, forward: Callable[[object, dict], dict],
                         reseed: Callable[[int], None], extras: dict, autocast) -> tuple[dict, torch.Tensor, dict, dict]:
     """(loss terms, total loss, merged outputs, the parts' metrics) of one step whose gradients
@@ -91,8 +110,7 @@ def accumulate_backward(model, objective, parts, inputs: dict, k: int, forward: 
     loss = sum(terms.values())
     loss.backward()
     for j, micro_inputs in enumerate(micro):
-        sync = contextlib.nullcontext() if j == k - 1 or not hasattr(model, "no_sync") else model.no_sync()
-        with sync:
+        with gradient_sync(model, j == k - 1):
             reseed(j)
             with autocast():
                 again = forward(model, micro_inputs)

@@ -31,9 +31,9 @@ MODEL_FILE, OPTIMIZER_FILE, STATE_FILE = "model.safetensors", "optimizer.safeten
 TOWER_PREFIX = "tower."
 
 
-def split_optimizer_state(optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
-    """(tensors for safetensors, plain JSON part) of an optimizer state dict."""
-    state = optimizer.state_dict()
+def split_optimizer_state(optimizer: torch.optim.Optimizer | dict) -> tuple[dict, dict]:
+    """(tensors for safetensors, plain JSON part) of an optimizer's state dict (or the dict)."""
+    state = optimizer if isinstance(optimizer, dict) else optimizer.state_dict()
     tensors, scalars = {}, {}
     for index, entries in state["state"].items():
         for name, value in entries.items():
@@ -63,12 +63,16 @@ def part_files(name: str) -> tuple[str, str]:
 
 
 def save_checkpoint(directory: Path, model, optimizer, scheduler, step: int,
-                    config: TrainConfig, extra: dict, parts=(), run_dir: str | None = None) -> Path:
+                    config: TrainConfig, extra: dict, parts=(), run_dir: str | None = None,
+                    gathered: tuple[dict, dict] | None = None) -> Path:
     """Write a complete checkpoint into a local directory (state.json last); a frozen
-    auxiliary part is written once into `run_dir` instead (training/auxiliary.py)."""
+    auxiliary part is written once into `run_dir` instead (training/auxiliary.py).
+    `gathered`: (model state, optimizer state dict) already gathered from a sharded model
+    (training/sharding.py), written in place of `model`'s and `optimizer`'s own."""
     directory.mkdir(parents=True, exist_ok=True)
-    save_file(tensors_of(unwrap(model)), directory / MODEL_FILE)
-    opt_tensors, opt_plain = split_optimizer_state(optimizer)
+    weights, opt_state = gathered if gathered else (unwrap(model).state_dict(), optimizer)
+    save_file({k: v.detach().cpu().contiguous() for k, v in weights.items()}, directory / MODEL_FILE)
+    opt_tensors, opt_plain = split_optimizer_state(opt_state)
     save_file(opt_tensors, directory / OPTIMIZER_FILE)
     names, auxiliary = [MODEL_FILE, OPTIMIZER_FILE], {}
     for part in parts:

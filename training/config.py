@@ -175,6 +175,9 @@ class RunConfig:
     # torch.compile of every transformer block of both towers (training/compilation.py;
     # OpenCLIP's --torchcompile); graph breaks are reported as compile/graph_breaks
     compile: bool = False
+    # "ddp" | "fsdp" (PyTorch FSDP2: each rank keeps 1/world of the weights, gradients and
+    # optimiser state; training/sharding.py). The checkpoint format is the same either way.
+    sharding: str = "ddp"
     compile_backend: str = "inductor"  # | "aot_eager" | "eager" (to tell a compiler fault from a model one)
     tensorboard_dir: str | None = None  # default: <storage>/<name>/tensorboard (local or s3://)
 

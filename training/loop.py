@@ -19,6 +19,7 @@ from training.batches import EDGE_SCORES, IMAGES, SHORT_TEXTS, TEXTS
 from training.checkpoint import unwrap
 from training.compilation import compile_metrics
 from training.precision import MasterWeights, upcast_outputs
+from training.sharding import average_replicated_gradients, clip_gradients, is_sharded
 from training.transforms import normalize_image_tensor
 
 
@@ -125,7 +126,11 @@ def train_step(model, objective, optimizer, scheduler, batch: dict, s: LoopSetti
     master = unwrap(model) if weights is None else weights.master
     if weights is not None:
         weights.grads_to_master()
-    grad_norm = torch.nn.utils.clip_grad_norm_(master.parameters(), s.grad_clip_norm)
+    if is_sharded(master):  # FSDP: sharded gradients reduced already, the replicated ones now
+        average_replicated_gradients(master)
+        grad_norm = clip_gradients(master.parameters(), s.grad_clip_norm)
+    else:
+        grad_norm = torch.nn.utils.clip_grad_norm_(master.parameters(), s.grad_clip_norm)
     lr = optimizer.param_groups[0]["lr"]  # the rate this step used
     optimizer.step()
     scheduler.step()

@@ -44,6 +44,7 @@ from training.objectives import build_training_objective  # noqa: E402
 from training.optim import build_optimizer, build_scheduler  # noqa: E402
 from training.compilation import compile_towers  # noqa: E402
 from training.precision import MasterWeights, resolve_precision  # noqa: E402
+from training.sharding import gather_full_state, is_sharded, shard_training_state  # noqa: E402
 from training.tracking import build_tracker  # noqa: E402
 
 FLAG_TO_FIELD = {"arch": "model.arch", "pretrained": "model.pretrained", "mask_ratio": "masking.ratio",
@@ -100,12 +101,13 @@ def build_reporter(config: TrainConfig, rank: int, model, optimizer, scheduler, 
             ray.train.report({**metrics, "step": step})
             return
         digests = check_ranks_agree(parts, step)
+        gathered = gather_full_state(model, optimizer) if is_sharded(model) else None  # every rank
         with tempfile.TemporaryDirectory() as tmp:
             ckpt = None
             if rank == 0:
                 checkpoint.save_checkpoint(Path(tmp), model, optimizer, scheduler, step, config,
                                            {**extra, **({"auxiliary_rank_digests": digests} if digests else {})},
-                                           parts, run_dir)
+                                           parts, run_dir, gathered)
                 ckpt = ray.train.Checkpoint.from_directory(tmp)
             ray.train.report({**metrics, "step": step}, checkpoint=ckpt,
                              checkpoint_dir_name=f"step_{step:08d}")
@@ -140,6 +142,29 @@ def loop_settings(config: TrainConfig, loop_config: dict, rank: int, world: int,
                         epoch_steps=tuple(loop_config["epoch_steps"]), accum_freq=config.run.accum_freq)
 
 
+def parallelize(config: TrainConfig, loop_config: dict, model, optimizer, scheduler, device: torch.device):
+    """(model, optimizer, scheduler, the module the steps run, master weights or None) of
+    `run.sharding` and `run.precision`: DDP over the model (or over its bfloat16 copy with
+    float32 masters), or FSDP2 with its own mixed precision; `run.compile` after either."""
+    bf16 = resolve_precision(config.run.precision, device) == "bf16"
+    weights = None
+    if config.run.sharding == "fsdp":
+        model, optimizer, scheduler = shard_training_state(
+            model, optimizer, scheduler, lambda m: build_optimizer(m, config.optim),
+            lambda o: build_scheduler(o, config.optim.warmup_steps, loop_config["schedule_steps"]), device, bf16)
+        runner = model
+        local = sum(p.to_local().numel() if hasattr(p, "to_local") else p.numel() for p in model.parameters())
+        print(f"FSDP2: {local:,} parameters on this worker", flush=True)
+    else:
+        weights = MasterWeights(model) if bf16 else None
+        runner = weights.compute if weights else model
+    if config.run.compile:
+        compile_towers(runner, config.run.compile_backend)
+    if config.run.sharding != "fsdp":
+        runner = ray.train.torch.prepare_model(runner, move_to_device=False)
+    return model, optimizer, scheduler, runner, weights
+
+
 def run_worker(loop_config: dict) -> None:
     """One Ray Train worker's run (entered through `ray_entry.train_loop_per_worker`)."""
     config, manifest = config_from_dict(loop_config["config"]), loop_config["manifest"]
@@ -154,19 +179,16 @@ def run_worker(loop_config: dict) -> None:
     start_step = restore(ckpt, model, optimizer, scheduler, parts, run_dir)
     resume.check_restored(start_step, loop_config.get("resume_step", 0), run_dir)
     geometry = tower_geometry(model)
-    weights = MasterWeights(model) if resolve_precision(config.run.precision, device) == "bf16" else None
-    runner = weights.compute if weights else model  # the module the steps run
-    if config.run.compile:
-        compile_towers(runner, config.run.compile_backend)
-    ddp_model = ray.train.torch.prepare_model(runner, move_to_device=False)
+    model, optimizer, scheduler, runner, weights = parallelize(config, loop_config, model, optimizer, scheduler,
+                                                               device)
     settings = loop_settings(config, loop_config, rank, world, device, start_step)
     batches = iter_worker_batches(config, manifest["shards"], rank, world, start_step, geometry)
     tracker = build_tracker(rank, run_dir, config.run.tensorboard_dir, start_step)
     # checkpoints hold the float32 model (the masters under bf16), so a resume is exact
-    report = build_reporter(config, rank, model if weights else ddp_model, optimizer, scheduler, loop_config["extra"],
+    report = build_reporter(config, rank, model if weights else runner, optimizer, scheduler, loop_config["extra"],
                             parts, run_dir, tracker)
     try:
-        run_training(ddp_model, objective, optimizer, scheduler, batches, settings, report, weights)
+        run_training(runner, objective, optimizer, scheduler, batches, settings, report, weights)
     finally:
         tracker.close()
 

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from training.config import TrainConfig, apply_overrides
 from training.compilation import BACKENDS
 from training.precision import PRECISIONS
+from training.sharding import SHARDINGS
 from training.topology import check_topology_config
 
 
@@ -103,6 +104,8 @@ def check_combination(config: TrainConfig) -> None:
         raise ValueError(f"run.accum_freq={accum} must be >= 1 and divide data.batch_size_per_worker={batch} "
                          "(the per-worker batch is computed in accum_freq equal micro-batches)")
     check_compile(config)
+    if config.run.sharding not in SHARDINGS:
+        raise ValueError(f"unknown run.sharding={config.run.sharding!r}; known: {', '.join(SHARDINGS)}")
 
 
 def check_compile(config: TrainConfig) -> None:

@@ -1,0 +1,136 @@
+"""run.sharding=fsdp on 2 gloo workers with a tiny tower: each rank holds about half the
+parameters, the losses and weights follow DDP's step for step (with 2 micro-batches on the
+FSDP side for some steps), the gathered checkpoint is the one DDP writes and loads for
+evaluation and the open_clip export, and a resume from it continues with DDP's losses."""
+from __future__ import annotations
+
+import json
+import os
+import socket
+from pathlib import Path
+
+import open_clip
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from safetensors.torch import load_file
+
+from training import checkpoint
+from training.config import apply_overrides
+from training.inference import load_inference_model
+from training.loop import LoopSettings, train_step
+from training.methods import build_method_config
+from training.model import build_training_model
+from training.objectives import build_training_objective
+from training.optim import build_optimizer, build_scheduler
+from training.sharding import gather_full_state, shard_training_state
+from tests.test_accumulation import ARCH, make_batch
+
+pytestmark = pytest.mark.usefixtures("single_torch_thread")
+
+CPU = torch.device("cpu")
+STEPS = 3  # then a resume for step 4
+ACCUM = {0: 1, 1: 2, 2: 2}  # FSDP's micro-batches per step (DDP: always 1)
+
+
+def build(config, fresh: bool = True):
+    torch.manual_seed(config.run.seed)
+    model = build_training_model(config, with_weights=fresh)
+    optimizer = build_optimizer(model, config.optim)
+    return model, optimizer, build_scheduler(optimizer, config.optim.warmup_steps, 10)
+
+
+def shard(config, model, optimizer, scheduler):
+    return shard_training_state(model, optimizer, scheduler, lambda m: build_optimizer(m, config.optim),
+                                lambda o: build_scheduler(o, config.optim.warmup_steps, 10), CPU)
+
+
+def step(model, objective, optimizer, scheduler, rank: int, number: int, accum: int = 1) -> float:
+    settings = LoopSettings(0, 10, 0, rank, 2, CPU, grad_clip_norm=0.5, accum_freq=accum)
+    batch = make_batch(77, seed=10 * number + rank)
+    metrics = train_step(model, objective, optimizer, scheduler, batch, settings, step=number)
+    return metrics["loss/total"].item(), metrics["grad_norm"].item()
+
+
+def save(directory: Path, config, model, optimizer, scheduler, rank: int, gathered=None) -> None:
+    if rank == 0:
+        checkpoint.save_checkpoint(directory, model, optimizer, scheduler, STEPS, config, {}, gathered=gathered)
+
+
+def run_rank(rank: int, port: int, out: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        record = compare_to_ddp(rank, Path(out))
+    finally:
+        dist.destroy_process_group()
+    (Path(out) / f"rank{rank}.json").write_text(json.dumps(record))
+
+
+def compare_to_ddp(rank: int, out: Path) -> dict:
+    config = apply_overrides(build_method_config("clip"), {"model.arch": ARCH, "optim.lr": 1e-3,
+                                                          "optim.warmup_steps": 1, "loss.learn_temperature": True})
+    model, optimizer, scheduler = build(config)
+    ddp = torch.nn.parallel.DistributedDataParallel(model)
+    objective = build_training_objective(config, rank, 2, model, CPU)
+    sharded, s_opt, s_sched = shard(config, *build(config))
+    whole = sum(p.numel() for p in model.parameters())
+    local = sum(p.to_local().numel() if hasattr(p, "to_local") else p.numel() for p in sharded.parameters())
+    record = {"fraction": local / whole, "ddp": [], "fsdp": []}
+    for number in range(STEPS):
+        record["ddp"].append(step(ddp, objective, optimizer, scheduler, rank, number))
+        record["fsdp"].append(step(sharded, objective, s_opt, s_sched, rank, number, ACCUM[number]))
+    save(out / "ddp", config, model, optimizer, scheduler, rank)
+    save(out / "fsdp", config, sharded, s_opt, s_sched, rank, gather_full_state(sharded, s_opt))
+    dist.barrier()
+    record["ddp"].append(step(ddp, objective, optimizer, scheduler, rank, STEPS))
+    resumed, r_opt, r_sched = build(config, fresh=False)
+    checkpoint.load_training_state(out / "fsdp", resumed, r_opt, r_sched)
+    resumed, r_opt, r_sched = shard(config, resumed, r_opt, r_sched)
+    record["fsdp"].append(step(resumed, objective, r_opt, r_sched, rank, STEPS))
+    return record
+
+
+@pytest.fixture(scope="module")
+def fsdp_and_ddp(tmp_path_factory):
+    out = tmp_path_factory.mktemp("sharding")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(run_rank, args=(port, str(out)), nprocs=2, join=True)
+    return out, [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
+
+
+def test_each_rank_holds_about_half_the_parameters(fsdp_and_ddp):
+    _, records = fsdp_and_ddp
+    for record in records:  # shards are padded to equal size; the logit scale is whole on both
+        assert 0.45 <= record["fraction"] <= 0.55, record["fraction"]
+
+
+def test_losses_and_gradient_norms_follow_ddp_through_accumulation_and_a_resume(fsdp_and_ddp):
+    _, records = fsdp_and_ddp
+    for record in records:
+        assert len(record["ddp"]) == len(record["fsdp"]) == STEPS + 1
+        for (ddp_loss, ddp_norm), (loss, norm) in zip(record["ddp"], record["fsdp"]):
+            assert loss == pytest.approx(ddp_loss, rel=1e-5)
+            assert norm == pytest.approx(ddp_norm, rel=1e-4)  # clipped at 0.5: the global norm matters
+
+
+def test_the_gathered_checkpoint_is_ddps_and_loads_for_evaluation_and_export(fsdp_and_ddp, tmp_path):
+    out, _ = fsdp_and_ddp
+    for name in (checkpoint.MODEL_FILE, checkpoint.OPTIMIZER_FILE):
+        ddp, fsdp = load_file(out / "ddp" / name), load_file(out / "fsdp" / name)
+        assert sorted(ddp) == sorted(fsdp)
+        for key, value in ddp.items():
+            torch.testing.assert_close(fsdp[key], value, rtol=1e-4, atol=1e-6, msg=key)
+    ddp_state, fsdp_state = (checkpoint.read_state(out / n) for n in ("ddp", "fsdp"))
+    assert fsdp_state["optimizer"]["param_groups"] == ddp_state["optimizer"]["param_groups"]
+    assert fsdp_state["scheduler"] == ddp_state["scheduler"]
+    loaded = load_inference_model(str(out / "fsdp"))
+    assert loaded.info["step"] == STEPS
+    exported = checkpoint.export_open_clip(str(out / "fsdp"), str(tmp_path / "model.pt"))
+    model = open_clip.create_model(ARCH, pretrained=exported)
+    weights = load_file(out / "fsdp" / checkpoint.MODEL_FILE)
+    torch.testing.assert_close(model.visual.proj.detach(), weights["tower.visual.proj"])
