@@ -41,9 +41,9 @@ def build(config, fresh: bool = True):
     return model, optimizer, build_scheduler(optimizer, config.optim.warmup_steps, 10)
 
 
-def shard(config, model, optimizer, scheduler):
+def shard(config, model, optimizer, scheduler, bf16: bool = False):
     return shard_training_state(model, optimizer, scheduler, lambda m: build_optimizer(m, config.optim),
-                                lambda o: build_scheduler(o, config.optim.warmup_steps, 10), CPU)
+                                lambda o: build_scheduler(o, config.optim.warmup_steps, 10), CPU, bf16)
 
 
 def step(model, objective, optimizer, scheduler, rank: int, number: int, accum: int = 1) -> float:
@@ -90,6 +90,9 @@ def compare_to_ddp(rank: int, out: Path) -> dict:
     checkpoint.load_training_state(out / "fsdp", resumed, r_opt, r_sched)
     resumed, r_opt, r_sched = shard(config, resumed, r_opt, r_sched)
     record["fsdp"].append(step(resumed, objective, r_opt, r_sched, rank, STEPS))
+    mixed, m_opt, m_sched = shard(config, *build(config), bf16=True)  # run.precision=bf16 under FSDP
+    record["bf16"] = step(mixed, objective, m_opt, m_sched, rank, 0)
+    record["bf16_dtypes"] = sorted({str(p.dtype) for p in mixed.parameters()})
     return record
 
 
@@ -134,3 +137,11 @@ def test_the_gathered_checkpoint_is_ddps_and_loads_for_evaluation_and_export(fsd
     model = open_clip.create_model(ARCH, pretrained=exported)
     weights = load_file(out / "fsdp" / checkpoint.MODEL_FILE)
     torch.testing.assert_close(model.visual.proj.detach(), weights["tower.visual.proj"])
+
+
+def test_bf16_under_fsdp_computes_in_bfloat16_on_float32_shards(fsdp_and_ddp):
+    _, records = fsdp_and_ddp
+    for record in records:
+        assert record["bf16_dtypes"] == ["torch.float32"]  # the optimiser's shards
+        (loss, _), (ddp_loss, _) = record["bf16"], record["ddp"][0]
+        assert loss != ddp_loss and loss == pytest.approx(ddp_loss, rel=2e-2)  # bfloat16 arithmetic

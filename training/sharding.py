@@ -17,6 +17,7 @@ loads it into the unsharded model and optimizer as today, then shards both
 """
 from __future__ import annotations
 
+import dataclasses
 import itertools
 
 import torch
@@ -45,11 +46,13 @@ def replicated_parameters(model: nn.Module) -> list[nn.Parameter]:
 def shard_model(model: nn.Module, device: torch.device, bf16: bool = False) -> nn.Module:
     """FSDP2 in place: each transformer block a unit, the root the rest."""
     mesh = init_device_mesh(device.type, (dist.get_world_size(),))
-    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32,
-                                  output_dtype=torch.float32) if bf16 else MixedPrecisionPolicy()
+    block_policy = root_policy = MixedPrecisionPolicy()
+    if bf16:  # blocks hand bfloat16 on; the model's outputs (for the loss) are float32
+        block_policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+        root_policy = dataclasses.replace(block_policy, output_dtype=torch.float32)
     for block in transformer_blocks(model):
-        fully_shard(block, mesh=mesh, mp_policy=policy)
-    fully_shard(model, mesh=mesh, mp_policy=policy, ignored_params=set(replicated_parameters(model)))
+        fully_shard(block, mesh=mesh, mp_policy=block_policy)
+    fully_shard(model, mesh=mesh, mp_policy=root_policy, ignored_params=set(replicated_parameters(model)))
     return model
 
 
