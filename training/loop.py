@@ -79,11 +79,11 @@ def compute_epoch_fraction(step: int, epoch_steps: tuple[int, ...]) -> float:
     return min(epoch, len(epoch_steps) - 1) / len(epoch_steps)
 
 
-def device_inputs(batch: dict, device: torch.device, image_dtype: torch.dtype | None = None) -> dict:
-    """The model's keyword inputs from a prepared batch, on the device (images in the
-    weights' dtype under run.precision=bf16)."""
-    images = normalize_image_tensor(torch.as_tensor(batch[IMAGES]).to(device, non_blocking=True))
-    inputs = {"images": images if image_dtype is None else images.to(image_dtype)}
+def device_inputs(batch: dict, device: torch.device) -> dict:
+    """The model's keyword inputs from a prepared batch, on the device; images in float32
+    whatever the precision (the model casts them for its towers: PGS selects from the pixels,
+    and bfloat16 pixels would move about half its choices)."""
+    inputs = {"images": normalize_image_tensor(torch.as_tensor(batch[IMAGES]).to(device, non_blocking=True))}
     for name, column in (("texts", TEXTS), ("short_texts", SHORT_TEXTS), ("edge_scores", EDGE_SCORES)):
         if batch.get(column) is not None:
             inputs[name] = torch.as_tensor(batch[column]).to(device, non_blocking=True)
@@ -100,7 +100,7 @@ def train_step(model, objective, optimizer, scheduler, batch: dict, s: LoopSetti
     parts = parts_of(objective)
     if parts and step is None:
         raise ValueError("train_step: an objective with auxiliary parts needs the step number")
-    inputs = device_inputs(batch, s.device, torch.bfloat16 if weights else None)
+    inputs = device_inputs(batch, s.device)
     extras = {"inputs": {k: v for k, v in inputs.items() if k != "edge_scores"}, "step": step}
     autocast = functools.partial(torch.autocast, device_type=s.device.type, dtype=torch.bfloat16, enabled=s.bf16)
 

@@ -65,8 +65,10 @@ class ContrastiveModel(nn.Module):
         return self.tower.visual.patch_dropout
 
     def embed_image(self, images: torch.Tensor) -> torch.Tensor:
-        """The topology's image embedding of every patch (no selection)."""
-        return self.topology.embed(self.tower.encode_image(images))
+        """The topology's image embedding of every patch (no selection); float32 images are
+        cast to the tower's weights (bfloat16 under run.precision=bf16) here, so that what reads
+        the pixels themselves (PGS's selection) reads them unrounded."""
+        return self.topology.embed(self.tower.encode_image(images.to(self.tower.visual.conv1.weight.dtype)))
 
     def embed_text(self, texts: torch.Tensor) -> torch.Tensor:
         return self.topology.embed(self.tower.encode_text(texts))

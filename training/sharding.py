@@ -49,7 +49,8 @@ def shard_model(model: nn.Module, device: torch.device, bf16: bool = False) -> n
     block_policy = root_policy = MixedPrecisionPolicy()
     if bf16:  # blocks hand bfloat16 on; the model's outputs (for the loss) are float32
         block_policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-        root_policy = dataclasses.replace(block_policy, output_dtype=torch.float32)
+        # images stay float32 into the model, which casts them for the towers (PGS reads pixels)
+        root_policy = dataclasses.replace(block_policy, output_dtype=torch.float32, cast_forward_inputs=False)
     for block in transformer_blocks(model):
         fully_shard(block, mesh=mesh, mp_policy=block_policy)
     fully_shard(model, mesh=mesh, mp_policy=root_policy, ignored_params=set(replicated_parameters(model)))

@@ -31,7 +31,7 @@ def count_heads(visual: nn.Module) -> int:
 def embed_patch_tokens(visual: nn.Module, images: torch.Tensor) -> torch.Tensor:
     """open_clip's embedding up to its patch-dropout hook: (B, c + L, D), the c class tokens
     first (one, or a multi-token topology's m), positional embeddings added."""
-    x = visual.conv1(images).flatten(2).transpose(1, 2)  # (B, L, D)
+    x = visual.conv1(images.to(visual.conv1.weight.dtype)).flatten(2).transpose(1, 2)  # (B, L, D)
     return torch.cat([class_tokens(visual, x.shape[0], x.dtype), x], dim=1) + visual.positional_embedding.to(x.dtype)
 
 
