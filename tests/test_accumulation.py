@@ -156,3 +156,15 @@ def test_gradient_checkpointing_keeps_the_gradients(method, overrides, monkeypat
     assert len(calls) == len(tower.visual.transformer.resblocks) + len(tower.transformer.resblocks)
     assert_equal_gradients({n: (checkpointed[n] - g).abs().max().item() / (g.abs().max().item() + 1e-12)
                             for n, g in plain.items()})
+
+
+def test_cibr_accumulates_with_its_estimators_on_every_row(tmp_path):
+    """CIBR fine-tunes a checkpoint the test writes; λ = 0.5 from the first step, so the
+    regulariser's gradient is in every parameter's, and its estimators update once on all B·k
+    features (reading a micro-batch only, they would differ, and so would the gradients)."""
+    from tests.eval_fixtures import save_micro_checkpoint
+
+    start = str(save_micro_checkpoint(tmp_path / "start"))
+    overrides = {"model.pretrained": start, "cibr.hidden": 32, "cibr.warmup_steps": 0, "cibr.ramp_steps": 0,
+                 "cibr.lambda": 0.5, "loss.init_logit_scale": 2.0}
+    assert_equal_gradients(compare("cibr", overrides))
