@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Issue 17's GPU figures, as one command for a lent GPU machine (about 8 minutes on an H200):
+# ViT-B/16 at the largest batch that fits (powers of two from 256), CLIP and FLIP, bf16
+# autocast, plain and with gradient checkpointing, then each compiled; then bf16 weights with
+# float32 masters (run.precision=bf16) for CLIP. samples/s per GPU and MFU, FLOPs counted by
+# torch's FlopCounterMode (benchmarks/bench_levers.py says how). Wheels as for gpu_check.sh
+# (.whl/, installed into /tmp/site). Results go to $OUT (or ./gpu_out) as gpu_levers.log.
+set -uo pipefail
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 WANDB_MODE=disabled RAY_USAGE_STATS_ENABLED=0
+out=${OUT:-gpu_out}
+mkdir -p "$out"
+exec > >(tee "$out/gpu_levers.log") 2>&1
+if [ -d .whl ]; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+        --target /tmp/site .whl/*.whl || exit 1
+    export PYTHONPATH=/tmp/site
+fi
+nvidia-smi -L
+common=(--device cuda --arch ViT-B-16 --batch-size 256 --find-max-batch --max-batch 16384 --steps 10
+        --warmup 3 --threads 8)
+timeout 300 python3 -m benchmarks.bench_levers "${common[@]}" --precision amp_bf16 --methods clip,flip \
+    --variants plain,grad_checkpointing
+timeout 150 python3 -m benchmarks.bench_levers "${common[@]}" --precision amp_bf16 --methods clip \
+    --variants plain,compile,compile+grad_checkpointing
+timeout 90 python3 -m benchmarks.bench_levers "${common[@]}" --precision bf16 --methods clip --variants plain
