@@ -37,7 +37,8 @@ def run_steps(precision: str, lr: float, steps: int = 3, accum_freq: int = 1, me
     weights = MasterWeights(model) if precision == "bf16" else None
     settings = LoopSettings(0, steps, 0, 0, 1, CPU, bf16=precision == "amp_bf16", accum_freq=accum_freq)
     batch = make_batch(model.tower.context_length)
-    batch.pop("short_texts", None)
+    if method != "longclip":
+        batch.pop("short_texts", None)
     losses = []
     for step in range(steps):
         metrics = train_step(weights.compute if weights else model, objective, optimizer, scheduler,
@@ -91,3 +92,12 @@ def test_pgs_under_bf16_selects_what_fp32_selects(monkeypatch):
     for precision in ("fp32", "bf16"):
         run_steps(precision, lr=1e-3, steps=1, method="pgs0.5")
     assert len(kept) == 2 and torch.equal(kept[0], kept[1])
+
+
+def test_long_clip_kept_positions_stay_frozen_on_the_bf16_copy():
+    """The frozen rows are a declaration the step enforces on the master gradients, not a hook
+    on a tensor the bfloat16 copy (or FSDP's shards) would not carry."""
+    model, _, start, _ = run_steps("bf16", lr=1e-3, method="longclip")
+    table, keep = model.tower.positional_embedding.detach(), model.tower.frozen_rows["positional_embedding"]
+    assert torch.equal(table[:keep], start["tower.positional_embedding"][:keep])
+    assert not torch.equal(model.tower.text_projection, start["tower.text_projection"])  # it trained

@@ -17,15 +17,18 @@ import torch.multiprocessing as mp
 from safetensors.torch import load_file
 
 from training import checkpoint
+from training.checkpoint import unwrap
 from training.config import apply_overrides
 from training.inference import load_inference_model
-from training.loop import LoopSettings, train_step
+from training.batches import SHORT_TEXTS
+from training.losses.longclip import LongClipLoss
+from training.loop import LoopSettings, seed_step, train_step
 from training.methods import build_method_config
 from training.model import build_training_model
 from training.objectives import build_training_objective
 from training.optim import build_optimizer, build_scheduler
 from training.sharding import gather_full_state, shard_training_state
-from tests.test_accumulation import ARCH, make_batch
+from tests.test_accumulation import ARCH, METHODS, make_batch
 
 pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
@@ -46,9 +49,13 @@ def shard(config, model, optimizer, scheduler, bf16: bool = False):
                                 lambda o: build_scheduler(o, config.optim.warmup_steps, 10), CPU, bf16)
 
 
-def step(model, objective, optimizer, scheduler, rank: int, number: int, accum: int = 1) -> float:
+def step(model, objective, optimizer, scheduler, rank: int, number: int, accum: int = 1) -> tuple[float, float]:
     settings = LoopSettings(0, 10, 0, rank, 2, CPU, grad_clip_norm=0.5, accum_freq=accum)
-    batch = make_batch(77, seed=10 * number + rank)
+    batch = make_batch(unwrap(model).tower.context_length, seed=10 * number + rank)
+    if not isinstance(objective, LongClipLoss):
+        batch.pop(SHORT_TEXTS)
+    if accum == 1:
+        seed_step(model, 0, number, rank)  # FLIP's masks, as the loop draws them
     metrics = train_step(model, objective, optimizer, scheduler, batch, settings, step=number)
     return metrics["loss/total"].item(), metrics["grad_norm"].item()
 
@@ -69,9 +76,26 @@ def run_rank(rank: int, port: int, out: str) -> None:
     (Path(out) / f"rank{rank}.json").write_text(json.dumps(record))
 
 
+def method_config(method: str, overrides: dict):
+    return apply_overrides(build_method_config(method), {"model.arch": ARCH, "optim.lr": 1e-3, "optim.warmup_steps": 1,
+                                                        "loss.learn_temperature": True, **overrides})
+
+
+def every_method_step(rank: int) -> dict:
+    """(DDP's, FSDP's) first step for each method: every other model shards as CLIP's does."""
+    losses = {}
+    for name, (method, overrides) in sorted({**METHODS, "pgs": ("pgs0.5", {})}.items()):
+        config = method_config(method, overrides)
+        model, optimizer, scheduler = build(config)
+        objective = build_training_objective(config, rank, 2, model, CPU)
+        ddp = step(torch.nn.parallel.DistributedDataParallel(model), objective, optimizer, scheduler, rank, 0)
+        sharded, s_opt, s_sched = shard(config, *build(config))
+        losses[name] = (ddp, step(sharded, objective, s_opt, s_sched, rank, 0))
+    return losses
+
+
 def compare_to_ddp(rank: int, out: Path) -> dict:
-    config = apply_overrides(build_method_config("clip"), {"model.arch": ARCH, "optim.lr": 1e-3,
-                                                          "optim.warmup_steps": 1, "loss.learn_temperature": True})
+    config = method_config("clip", {})
     model, optimizer, scheduler = build(config)
     ddp = torch.nn.parallel.DistributedDataParallel(model)
     objective = build_training_objective(config, rank, 2, model, CPU)
@@ -93,6 +117,7 @@ def compare_to_ddp(rank: int, out: Path) -> dict:
     mixed, m_opt, m_sched = shard(config, *build(config), bf16=True)  # run.precision=bf16 under FSDP
     record["bf16"] = step(mixed, objective, m_opt, m_sched, rank, 0)
     record["bf16_dtypes"] = sorted({str(p.dtype) for p in mixed.parameters()})
+    record["methods"] = every_method_step(rank)
     return record
 
 
@@ -145,3 +170,13 @@ def test_bf16_under_fsdp_computes_in_bfloat16_on_float32_shards(fsdp_and_ddp):
         assert record["bf16_dtypes"] == ["torch.float32"]  # the optimiser's shards
         (loss, _), (ddp_loss, _) = record["bf16"], record["ddp"][0]
         assert loss != ddp_loss and loss == pytest.approx(ddp_loss, rel=2e-2)  # bfloat16 arithmetic
+
+
+def test_every_method_shards_with_ddps_loss(fsdp_and_ddp):
+    """FLIP, PGS, SmartCLIP's mask network, Long-CLIP, the oblique and multi-[CLS] towers."""
+    _, records = fsdp_and_ddp
+    for record in records:
+        assert sorted(record["methods"]) == sorted({*METHODS, "pgs"})
+        for name, ((ddp_loss, ddp_norm), (loss, norm)) in record["methods"].items():
+            assert loss == pytest.approx(ddp_loss, rel=1e-5), name
+            assert norm == pytest.approx(ddp_norm, rel=1e-4), name

@@ -8,6 +8,7 @@ from __future__ import annotations
 import open_clip
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor, distribute_tensor
 
 
 def compute_stretched_context(context: int, keep: int, factor: int) -> int:
@@ -32,14 +33,28 @@ def stretch_positional_table(table: torch.Tensor, keep: int, factor: int) -> tor
     return torch.cat([table[:keep], rows.reshape(-1, table.shape[1])])
 
 
-def freeze_rows(param: nn.Parameter, num_rows: int) -> None:
-    """Zero the gradient of the first rows (Long-CLIP's frozen copy of positions < k). With
-    no weight decay on the table (optim.py) AdamW then never moves them. The row mask is made
-    on the gradient's device: a host-to-device copy per step would wait on the GPU."""
-    if num_rows == 0:
-        return
-    param.register_hook(lambda grad: grad * (torch.arange(grad.shape[0], device=grad.device) >= num_rows)
-                        .to(grad.dtype)[:, None])
+def freeze_rows(module: nn.Module, name: str, num_rows: int) -> None:
+    """Declare the first rows of `module.<name>` frozen (Long-CLIP's copy of positions < k):
+    `zero_frozen_rows`, which the training step calls on the reduced gradients, zeroes them, and
+    with no weight decay on the table (optim.py) AdamW then never moves them. A declaration on
+    the module, not a hook on the tensor: FSDP replaces the parameter with its shards and fills
+    their gradients itself, and run.precision=bf16 trains a copy, and a hook survives neither."""
+    if num_rows:
+        module.frozen_rows = {**getattr(module, "frozen_rows", {}), name: num_rows}
+
+
+def zero_frozen_rows(model: nn.Module) -> None:
+    """Zero the declared frozen rows of every gradient (sharded ones on each rank's shard)."""
+    for module in model.modules():
+        for name, rows in getattr(module, "frozen_rows", {}).items():
+            grad = getattr(module, name).grad
+            if grad is None:
+                continue
+            if isinstance(grad, DTensor):  # keep-mask laid out as the gradient's shards
+                keep = (torch.arange(grad.shape[0], device=grad.to_local().device) >= rows).to(grad.dtype)
+                grad.mul_(distribute_tensor(keep[:, None], grad.device_mesh, grad.placements))
+            else:
+                grad[:rows] = 0
 
 
 def apply_long_text(tower: nn.Module, keep: int, factor: int) -> None:
@@ -53,7 +68,7 @@ def apply_long_text(tower: nn.Module, keep: int, factor: int) -> None:
     with torch.no_grad():
         table = stretch_positional_table(tower.positional_embedding.data, keep, factor)
     tower.positional_embedding = nn.Parameter(table)
-    freeze_rows(tower.positional_embedding, keep)
+    freeze_rows(tower, "positional_embedding", keep)
     tower.context_length = table.shape[0]
     causal = torch.full((table.shape[0],) * 2, float("-inf"), device=table.device).triu_(1)
     tower.attn_mask = causal  # the (non-persistent) buffer open_clip's encode_text passes on

@@ -17,6 +17,7 @@ from training.accumulation import accumulate_backward
 from training.auxiliary import parts_of, update_parts
 from training.batches import EDGE_SCORES, IMAGES, SHORT_TEXTS, TEXTS
 from training.checkpoint import unwrap
+from training.long_text import zero_frozen_rows
 from training.compilation import compile_metrics
 from training.precision import MasterWeights, upcast_outputs
 from training.sharding import average_replicated_gradients, clip_gradients, is_sharded
@@ -90,6 +91,18 @@ def device_inputs(batch: dict, device: torch.device) -> dict:
     return inputs
 
 
+def finish_gradients(master, max_norm: float) -> torch.Tensor:
+    """The reduced gradients' last changes before the update, -> their norm before clipping:
+    FSDP's replicated ones averaged, declared frozen rows zeroed, the global norm clipped."""
+    sharded = is_sharded(master)
+    if sharded:  # FSDP reduced the sharded gradients already
+        average_replicated_gradients(master)
+    zero_frozen_rows(master)  # Long-CLIP's kept positions
+    if sharded:
+        return clip_gradients(master.parameters(), max_norm)
+    return torch.nn.utils.clip_grad_norm_(master.parameters(), max_norm)
+
+
 def train_step(model, objective, optimizer, scheduler, batch: dict, s: LoopSettings,
                epoch_fraction: float = 0.0, step: int | None = None, weights: MasterWeights | None = None) -> dict:
     """One step: the model's forward, the objective's auxiliary parts' own updates (each
@@ -126,11 +139,7 @@ def train_step(model, objective, optimizer, scheduler, batch: dict, s: LoopSetti
     master = unwrap(model) if weights is None else weights.master
     if weights is not None:
         weights.grads_to_master()
-    if is_sharded(master):  # FSDP: sharded gradients reduced already, the replicated ones now
-        average_replicated_gradients(master)
-        grad_norm = clip_gradients(master.parameters(), s.grad_clip_norm)
-    else:
-        grad_norm = torch.nn.utils.clip_grad_norm_(master.parameters(), s.grad_clip_norm)
+    grad_norm = finish_gradients(master, s.grad_clip_norm)
     lr = optimizer.param_groups[0]["lr"]  # the rate this step used
     optimizer.step()
     scheduler.step()
