@@ -11,6 +11,8 @@ corruption (SIGSEGV in malloc, "unaligned tcache chunk") while its peer waited i
 ones DDP itself relies on."""
 from __future__ import annotations
 
+import zlib
+
 import torch
 import torch.distributed as dist
 
@@ -40,3 +42,17 @@ def all_gather_with_grad(features: torch.Tensor) -> torch.Tensor:
     """(B, ...) on each of W workers -> (W·B, ...) in rank order, differentiable; equal batch
     sizes on every worker (as the data stage guarantees)."""
     return _AllGatherWithGrad.apply(features)
+
+
+def sum_over_workers(keys: list[str], values: list, device: torch.device) -> list[float]:
+    """Each value summed over every worker (one all-reduce in float64). The workers must name the
+    same keys in the same order: checked first, so that a mismatch is an error naming them,
+    not a collective of two sizes that hangs."""
+    fingerprint = torch.tensor([len(keys), zlib.crc32(",".join(keys).encode())], dtype=torch.int64, device=device)
+    seen = [torch.empty_like(fingerprint) for _ in range(dist.get_world_size())]
+    dist.all_gather(seen, fingerprint)
+    if any(not torch.equal(s, fingerprint) for s in seen):
+        raise RuntimeError(f"workers log different metrics; worker {dist.get_rank()} has {keys}")
+    totals = torch.stack([torch.as_tensor(v, dtype=torch.float64, device=device) for v in values])
+    dist.all_reduce(totals, op=dist.ReduceOp.SUM)
+    return totals.tolist()

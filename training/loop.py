@@ -12,11 +12,13 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 from training.accumulation import accumulate_backward
 from training.auxiliary import parts_of, update_parts
 from training.batches import EDGE_SCORES, IMAGES, SHORT_TEXTS, TEXTS
 from training.checkpoint import unwrap
+from training.collectives import sum_over_workers
 from training.long_text import zero_frozen_rows
 from training.compilation import compile_metrics
 from training.precision import MasterWeights, upcast_outputs
@@ -41,7 +43,9 @@ class LoopSettings:
 
 
 class MetricMeter:
-    """Sums over a logging window; `summary` divides once."""
+    """Sums over a logging window; `summary` divides once, with every worker's numerators and
+    denominators summed first (throughput, data wait and a loss term computed per worker are
+    then the whole group's, not rank 0's)."""
 
     def __init__(self):
         self.sums, self.count = defaultdict(float), 0
@@ -52,12 +56,24 @@ class MetricMeter:
             self.sums[k] += v
         self.count, self.samples, self.wait_s = self.count + 1, self.samples + samples, self.wait_s + wait_s
 
-    def summary(self, world_size: int) -> dict:
-        elapsed = time.perf_counter() - self.window_start
+    def summary(self, world_size: int, device: torch.device | None = None) -> dict:
+        """Means over the window and over workers; samples_per_s is the group's (the summed
+        samples over the workers' mean window), data_wait_fraction the summed wait over the
+        summed window time."""
+        keys = sorted(self.sums)
+        totals = [self.sums[k] for k in keys] + [self.count, self.samples, self.wait_s,
+                                                 time.perf_counter() - self.window_start]
+        reduced = world_size > 1 and dist.is_available() and dist.is_initialized()
+        if reduced:
+            totals = sum_over_workers(keys, totals, device or torch.device("cpu"))
         # float() here, once per window: the step itself never waits on the device.
-        out = {k: float(v) / max(self.count, 1) for k, v in self.sums.items()}
-        out["samples_per_s"] = self.samples * world_size / max(elapsed, 1e-9)
-        out["data_wait_fraction"] = self.wait_s / max(elapsed, 1e-9)
+        *sums, count, samples, wait_s, elapsed = (float(v) for v in totals)
+        out = {k: v / max(count, 1) for k, v in zip(keys, sums)}
+        # without a process group (one worker, or a test's process standing for several) this
+        # worker's figures stand for every worker's
+        group_samples, window_s = (samples, elapsed / world_size) if reduced else (samples * world_size, elapsed)
+        out["samples_per_s"] = group_samples / max(window_s, 1e-9)
+        out["data_wait_fraction"] = wait_s / max(elapsed, 1e-9)
         return out
 
 
@@ -174,5 +190,5 @@ def run_training(model, objective, optimizer, scheduler, batches: Iterable[dict]
         is_last = step == s.total_steps
         want_ckpt = is_last or step % s.checkpoint_every == 0
         if want_ckpt or step % s.log_every == 0:
-            report(step, {**meter.summary(s.world_size), **compile_metrics()}, want_ckpt)
+            report(step, {**meter.summary(s.world_size, s.device), **compile_metrics()}, want_ckpt)
             meter = MetricMeter()
