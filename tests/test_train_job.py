@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -37,9 +38,48 @@ def step_losses(storage, name: str, resumed_at: int = 0) -> dict[int, float]:
 
 @pytest.fixture(scope="module")
 def straight_run(small_build, tmp_path_factory):
+    """Six steps, with Weights & Biases in offline mode (its files under <storage>/wandb)."""
     storage = tmp_path_factory.mktemp("runs")
-    result = train.main(run_args(small_build[3], storage, "straight", "--max-steps", "6"))
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("WANDB_MODE", "offline")
+        env.setenv("WANDB_DIR", str(storage))
+        result = train.main(run_args(small_build[3], storage, "straight", "--max-steps", "6",
+                                     "--set", "run.wandb_project=clipforge-test"))
     return storage, result
+
+
+def wandb_records(path: Path) -> list:
+    """The records of a W&B run file (LevelDB log framing: a 7-byte file header, then 32 KiB
+    blocks of records, each with a 7-byte header: crc, length, FULL/FIRST/MIDDLE/LAST)."""
+    from wandb.proto import wandb_internal_pb2
+    data, pos, block, pending, records = path.read_bytes(), 7, 32768, b"", []
+    while pos + 7 <= len(data):
+        if block - pos % block < 7:  # a block's tail too short for a header is padding
+            pos += block - pos % block
+            continue
+        length, kind = int.from_bytes(data[pos + 4:pos + 6], "little"), data[pos + 6]
+        pending, pos = pending + data[pos + 7:pos + 7 + length], pos + 7 + length
+        if kind in (1, 4):
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(pending)
+            records.append(record)
+            pending = b""
+    return records
+
+
+def test_weights_and_biases_gets_every_logged_line(straight_run):
+    storage, _ = straight_run
+    (run_file,) = (storage / "wandb").glob("offline-run-*/run-*.wandb")
+    records = wandb_records(run_file)
+    (run,) = [r.run for r in records if r.WhichOneof("record_type") == "run"]
+    assert run.project == "clipforge-test" and run.display_name == "straight"
+    history = [{i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in r.history.item}
+               for r in records if r.WhichOneof("record_type") == "history"]
+    lines = {r["step"]: r for r in logged_lines(storage, "straight")}
+    assert [h["_step"] for h in history] == sorted(lines) == [1, 2, 3, 4, 5, 6]
+    for h in history:
+        assert h["loss/total"] == pytest.approx(lines[h["_step"]]["loss/total"])
+        assert h["samples_per_s"] > 0
 
 
 def test_two_worker_run_trains_and_checkpoints(straight_run):

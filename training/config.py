@@ -180,6 +180,9 @@ class RunConfig:
     sharding: str = "ddp"
     compile_backend: str = "inductor"  # | "aot_eager" | "eager" (to tell a compiler fault from a model one)
     tensorboard_dir: str | None = None  # default: <storage>/<name>/tensorboard (local or s3://)
+    # Weights & Biases project (rank 0 logs what metrics.jsonl gets); WANDB_MODE / WANDB_DIR are
+    # the driver's. None: no W&B.
+    wandb_project: str | None = None
 
 
 @dataclass(frozen=True)

@@ -45,7 +45,7 @@ from training.optim import build_optimizer, build_scheduler  # noqa: E402
 from training.compilation import compile_towers  # noqa: E402
 from training.precision import MasterWeights, resolve_precision  # noqa: E402
 from training.sharding import gather_full_state, is_sharded, shard_training_state  # noqa: E402
-from training.tracking import build_tracker  # noqa: E402
+from training.tracking import build_tracker, wandb_settings  # noqa: E402
 
 FLAG_TO_FIELD = {"arch": "model.arch", "pretrained": "model.pretrained", "mask_ratio": "masking.ratio",
                  "batch_size": "data.batch_size_per_worker", "lr": "optim.lr",
@@ -183,7 +183,7 @@ def run_worker(loop_config: dict) -> None:
                                                                device)
     settings = loop_settings(config, loop_config, rank, world, device, start_step)
     batches = iter_worker_batches(config, manifest["shards"], rank, world, start_step, geometry)
-    tracker = build_tracker(rank, run_dir, config.run.tensorboard_dir, start_step)
+    tracker = build_tracker(rank, run_dir, config.run.tensorboard_dir, start_step, loop_config.get("wandb"))
     # checkpoints hold the float32 model (the masters under bf16), so a resume is exact
     report = build_reporter(config, rank, model if weights else runner, optimizer, scheduler, loop_config["extra"],
                             parts, run_dir, tracker)
@@ -283,6 +283,7 @@ def fit_once(config: TrainConfig, resume_run: bool = False, allow_changes=()):
     extra = {"manifest_digest": shards.manifest_digest(manifest), "data_uri": config.data.build_uri,
              "code_version": code_version()}
     plan = {**plan_steps(config, manifest), "run_dir": run_directory(config)}
+    plan["wandb"] = wandb_settings(config.run.wandb_project, config.run.name, plan["run_dir"], config_to_dict(config))
     saved = resume.check_run_state(plan["run_dir"], config.run.name, resume_run)
     if saved is not None:
         resume.check_resume(saved, config, extra["manifest_digest"], allow_changes)
