@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -127,19 +128,14 @@ def peak_tflops(args) -> float:
     return next((rates[kind] for key, rates in PEAK_TFLOPS.items() if key in name), float("nan"))
 
 
-def report(results: list[dict], flops: dict, args) -> None:
-    peak = peak_tflops(args)
-    for r in results:
-        plain = next(p for p in results if p["method"] == r["method"] and p["variant"] == "plain")
-        achieved = flops[r["method"]] * r["samples_per_s"] / 1e12
-        r["model_tflops"], r["mfu"] = achieved, achieved / peak
-        print(f"{r['method']:5s} {r['variant']:27s} batch {r['batch']:6d}  {r['step_s'] * 1e3:9.1f} ms/step  "
-              f"{r['samples_per_s']:9.1f} samples/s  x{r['samples_per_s'] / plain['samples_per_s']:.2f} of plain  "
-              f"peak {r['peak_gib']:6.2f} GiB (x{r['peak_gib'] / plain['peak_gib']:.2f})  "
-              f"{achieved:7.2f} model TFLOP/s  MFU {r['mfu']:.1%}")
-    print(f"model FLOPs per sample (FlopCounterMode, fwd+bwd): "
-          + ", ".join(f"{m} {f / 1e9:.2f} GFLOP" for m, f in flops.items())
-          + f"; peak {peak} TFLOP/s ({args.device}, precision {args.precision})")
+def report_line(r: dict, plain: dict, flops: float, peak: float) -> None:
+    """One variant's line, as soon as it is measured (a slot that runs out keeps what it got)."""
+    achieved = flops * r["samples_per_s"] / 1e12
+    r["model_tflops"], r["mfu"] = achieved, achieved / peak
+    print(f"{r['method']:5s} {r['variant']:27s} batch {r['batch']:6d}  {r['step_s'] * 1e3:9.1f} ms/step  "
+          f"{r['samples_per_s']:9.1f} samples/s  x{r['samples_per_s'] / plain['samples_per_s']:.2f} of plain  "
+          f"peak {r['peak_gib']:6.2f} GiB (x{r['peak_gib'] / plain['peak_gib']:.2f})  "
+          f"{achieved:7.2f} model TFLOP/s  MFU {r['mfu']:.1%}", flush=True)
 
 
 def arguments() -> argparse.ArgumentParser:
@@ -170,10 +166,19 @@ def main(argv=None) -> list[dict]:
     unknown = set(names) - set(VARIANTS)
     if unknown or "plain" not in names:
         raise SystemExit(f"--variants must include plain and name known ones: {', '.join(VARIANTS)}")
-    passed = [a for a in (argv if argv is not None else __import__("sys").argv[1:])]
-    results = [run_in_fresh_process("benchmarks.bench_levers", f"{m}/{n}", passed) for m in methods for n in names]
-    flops = {m: flops_per_sample(m, args) for m in methods}
-    report(results, flops, args)
+    passed = argv if argv is not None else sys.argv[1:]
+    torch.set_num_threads(args.threads)
+    flops, peak = {m: flops_per_sample(m, args) for m in methods}, peak_tflops(args)
+    print("model FLOPs per sample (FlopCounterMode, fwd+bwd): "
+          + ", ".join(f"{m} {f / 1e9:.2f} GFLOP" for m, f in flops.items())
+          + f"; peak {peak} TFLOP/s ({args.device}, precision {args.precision})", flush=True)
+    results = []
+    for method in methods:
+        plain = None
+        for name in ["plain"] + [n for n in names if n != "plain"]:
+            results.append(run_in_fresh_process("benchmarks.bench_levers", f"{method}/{name}", passed))
+            plain = plain or results[-1]
+            report_line(results[-1], plain, flops[method], peak)
     return results
 
 

@@ -33,7 +33,7 @@ from tests.test_accumulation import ARCH, METHODS, make_batch
 pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
 CPU = torch.device("cpu")
-STEPS = 3  # then a resume for step 4
+STEPS = 3  # then a resume for steps 4 and 5
 ACCUM = {0: 1, 1: 2, 2: 2}  # FSDP's micro-batches per step (DDP: always 1)
 
 
@@ -109,11 +109,13 @@ def compare_to_ddp(rank: int, out: Path) -> dict:
     save(out / "ddp", config, model, optimizer, scheduler, rank)
     save(out / "fsdp", config, sharded, s_opt, s_sched, rank, gather_full_state(sharded, s_opt))
     dist.barrier()
-    record["ddp"].append(step(ddp, objective, optimizer, scheduler, rank, STEPS))
     resumed, r_opt, r_sched = build(config, fresh=False)
     checkpoint.load_training_state(out / "fsdp", resumed, r_opt, r_sched)
     resumed, r_opt, r_sched = shard(config, resumed, r_opt, r_sched)
-    record["fsdp"].append(step(resumed, objective, r_opt, r_sched, rank, STEPS))
+    for number in (STEPS, STEPS + 1):  # the second step's loss follows the first's AdamW update
+        record["ddp"].append(step(ddp, objective, optimizer, scheduler, rank, number))
+        record["fsdp"].append(step(resumed, objective, r_opt, r_sched, rank, number))
+    record["lr"] = [optimizer.param_groups[0]["lr"], r_opt.param_groups[0]["lr"]]
     mixed, m_opt, m_sched = shard(config, *build(config), bf16=True)  # run.precision=bf16 under FSDP
     record["bf16"] = step(mixed, objective, m_opt, m_sched, rank, 0)
     record["bf16_dtypes"] = sorted({str(p.dtype) for p in mixed.parameters()})
@@ -140,7 +142,8 @@ def test_each_rank_holds_about_half_the_parameters(fsdp_and_ddp):
 def test_losses_and_gradient_norms_follow_ddp_through_accumulation_and_a_resume(fsdp_and_ddp):
     _, records = fsdp_and_ddp
     for record in records:
-        assert len(record["ddp"]) == len(record["fsdp"]) == STEPS + 1
+        assert len(record["ddp"]) == len(record["fsdp"]) == STEPS + 2
+        assert record["lr"][0] == record["lr"][1]  # the schedule came back too
         for (ddp_loss, ddp_norm), (loss, norm) in zip(record["ddp"], record["fsdp"]):
             assert loss == pytest.approx(ddp_loss, rel=1e-5)
             assert norm == pytest.approx(ddp_norm, rel=1e-4)  # clipped at 0.5: the global norm matters

@@ -50,11 +50,20 @@ def zero_frozen_rows(model: nn.Module) -> None:
             grad = getattr(module, name).grad
             if grad is None:
                 continue
-            if isinstance(grad, DTensor):  # keep-mask laid out as the gradient's shards
-                keep = (torch.arange(grad.shape[0], device=grad.to_local().device) >= rows).to(grad.dtype)
-                grad.mul_(distribute_tensor(keep[:, None], grad.device_mesh, grad.placements))
+            if isinstance(grad, DTensor):  # a keep-mask laid out as the gradient's shards, made once
+                grad.mul_(sharded_row_mask(module, name, grad, rows))
             else:
                 grad[:rows] = 0
+
+
+def sharded_row_mask(module: nn.Module, name: str, grad: DTensor, rows: int) -> DTensor:
+    """(n, 1) DTensor, 0 on the first `rows` rows, sharded as `grad` (distributing it is a
+    collective: done at the first step, cached on the module)."""
+    masks = module.__dict__.setdefault("_frozen_row_masks", {})
+    if name not in masks:
+        keep = (torch.arange(grad.shape[0], device=grad.to_local().device) >= rows).to(grad.dtype)
+        masks[name] = distribute_tensor(keep[:, None], grad.device_mesh, grad.placements)
+    return masks[name]
 
 
 def apply_long_text(tower: nn.Module, keep: int, factor: int) -> None:

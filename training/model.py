@@ -68,7 +68,7 @@ class ContrastiveModel(nn.Module):
         """The topology's image embedding of every patch (no selection); float32 images are
         cast to the tower's weights (bfloat16 under run.precision=bf16) here, so that what reads
         the pixels themselves (PGS's selection) reads them unrounded."""
-        return self.topology.embed(self.tower.encode_image(images.to(self.tower.visual.conv1.weight.dtype)))
+        return self.topology.embed(self.tower.encode_image(images.to(tower_dtype(self.tower.visual))))
 
     def embed_text(self, texts: torch.Tensor) -> torch.Tensor:
         return self.topology.embed(self.tower.encode_text(texts))
@@ -111,6 +111,11 @@ class ContrastiveModel(nn.Module):
     def clamp_logit_scale(self) -> None:
         """Clip the temperature at 1 / max_logit_scale (open_clip clamps after each step)."""
         self.tower.logit_scale.clamp_(0, torch.log(torch.tensor(self.max_logit_scale)).item())
+
+
+def tower_dtype(visual: nn.Module) -> torch.dtype:
+    """The dtype an image tower computes in (a ViT, a ResNet or a timm trunk alike)."""
+    return next(visual.parameters()).dtype
 
 
 def check_patch_tower(visual: nn.Module, feature: str) -> None:

@@ -69,14 +69,18 @@ def clip_gradients(parameters, max_norm: float) -> torch.Tensor:
     """torch's clip_grad_norm_ over a mix of sharded (DTensor) and replicated gradients: the
     global L2 norm counts each shard once and each replicated gradient once."""
     grads = [p.grad for p in parameters if p.grad is not None]
+    if not grads:
+        return torch.zeros(())
+    device = grads[0].device  # every sum stays there: no host synchronisation per step
     squares = [g.to_local().float().pow(2).sum() for g in grads if isinstance(g, DTensor)]
-    sharded = torch.stack(squares).sum() if squares else torch.zeros(())
+    sharded = torch.stack(squares).sum() if squares else torch.zeros((), device=device)
     dist.all_reduce(sharded)
-    whole = sum((g.float().pow(2).sum() for g in grads if not isinstance(g, DTensor)), torch.zeros(()))
-    norm = (sharded.to(whole.device) + whole).sqrt()
+    whole = sum((g.float().pow(2).sum() for g in grads if not isinstance(g, DTensor)),
+                torch.zeros((), device=device))
+    norm = (sharded + whole).sqrt()
     factor = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
     for g in grads:
-        g.mul_(factor.to(g.device))
+        g.mul_(factor.to(g.dtype))
     return norm
 
 
