@@ -39,7 +39,7 @@ from pipelines.stages import DownloadParams, ShardBuilder
 log = logging.getLogger("pipelines.build")
 
 # Bump when a stage changes what it writes: it enters every build id.
-STAGES_VERSION = "2"
+STAGES_VERSION = "3"  # 3: a txt member per sample, shard ids without gaps, sizes.json
 ROWS_PER_BUCKET = 200_000
 MAX_SHUFFLE_PARTITIONS = 256
 # Caption rows, the one thing a corpus reader produces.
@@ -198,16 +198,25 @@ def check_image_failures(stats: list[dict], remaining: int, max_rate: float) -> 
                            f"--max-failure-rate {max_rate:.1%}): {dict(reasons)}")
 
 
+def renumber_shards(batch: dict, dense: dict[int, int]) -> dict:
+    batch["shard_id"] = np.array([dense[int(i)] for i in batch["shard_id"]], dtype=np.int64)
+    return batch
+
+
 def plan_shards(groups, params: BuildParams) -> tuple[object, list[int]]:
-    """(one spec row per shard, the shard ids that hold groups: a shard id the key hash
-    leaves empty is never written)."""
+    """(one spec row per shard, the shard ids 0..n-1). A group's shard is its key's hash bucket;
+    the buckets that hold groups are numbered in order without gaps (a bucket the hash leaves
+    empty gets no number), so ids stay a function of the input and `{000000..n-1}` names every
+    tar."""
     n_groups = groups.count()
     num_shards = max(1, math.ceil(n_groups / params.shard_size))
     assigned = groups.map_batches(assign_shards, fn_kwargs={"num_shards": num_shards},
-                                  batch_format="numpy")
-    shard_ids = sorted(int(i) for i in assigned.unique("shard_id")) if n_groups else []
-    specs = assigned.groupby("shard_id", num_partitions=min(num_shards, MAX_SHUFFLE_PARTITIONS))
-    return specs.map_groups(pack_shard, batch_format="numpy"), shard_ids
+                                  batch_format="numpy").materialize()
+    buckets = sorted(int(i) for i in assigned.unique("shard_id")) if n_groups else []
+    dense = {bucket: i for i, bucket in enumerate(buckets)}
+    renumbered = assigned.map_batches(renumber_shards, fn_kwargs={"dense": dense}, batch_format="numpy")
+    specs = renumbered.groupby("shard_id", num_partitions=min(num_shards, MAX_SHUFFLE_PARTITIONS))
+    return specs.map_groups(pack_shard, batch_format="numpy"), list(range(len(buckets)))
 
 
 def run_shard_tasks(specs, build_uri: str, params: BuildParams, todo: set[int],
@@ -298,7 +307,7 @@ def assemble_manifest(build_id: str, inputs: list[dict], params: BuildParams,
               "downloaded": written + merged, "failed": dict(sorted(failed.items())),
               "duplicates_merged": merged, "written": written,
               "captions_written": sum(s["n_captions_written"] for s in shard_stats.values())}
-    return {"corpus": params.corpus, "build_id": build_id, "format_version": 2,
+    return {"corpus": params.corpus, "build_id": build_id, "format_version": 3,
             "params": content_params(params), "code_version": code_version(),
             "inputs": inputs, "counts": counts, "shards": entries,
             "created_unix": int(time.time())}
@@ -363,5 +372,6 @@ def run_build(input_uris: list[str], output_root: str, params: BuildParams, *,
         manifest = assemble_manifest(build_id, inputs, params, reasons,
                                      collect_shard_stats(fs, build_path, shard_ids))
         dedup.remove_staging(fs, build_path)
+        shards.write_sizes(fs, build_path, manifest["shards"])
         shards.write_manifest(fs, build_path, manifest)
     return build_uri, manifest

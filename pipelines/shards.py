@@ -1,6 +1,7 @@
 """The shard format: sample fields, WebDataset tar shards, Parquet index and manifest.
 
-A build lives under `<root>/<corpus>/<build-id>/` with `shards/NNNNNN.tar`,
+A build lives under `<root>/<corpus>/<build-id>/` with `shards/NNNNNN.tar` (numbered from
+000000 without gaps, so a brace range `{000000..NNNNNN}` names them all), `shards/sizes.json`,
 `index/NNNNNN.parquet` and `manifest.json` (written last: it marks the build complete).
 Training and evaluation read shards only through this module.
 """
@@ -22,6 +23,11 @@ EXT_IMAGE = "jpg"
 EXT_EDGE = "edge.png"
 EXT_META = "json"
 SAMPLE_EXTS = (EXT_IMAGE, EXT_EDGE, EXT_META)
+# One caption of the group as plain text, for readers that take one caption per image
+# (OpenCLIP's `rename(image="jpg;...", text="txt")`); derived from the JSON group (`txt_caption`),
+# so our own reader ignores it.
+EXT_TEXT = "txt"
+SIZES_FILE = "sizes.json"  # shards/sizes.json: {"000000.tar": n, ...}, OpenCLIP's dataset size
 
 # Columns of a decoded sample row (the form shards take in Ray Data and in tests).
 KEY = "key"
@@ -59,13 +65,26 @@ def shard_paths(build_path: str, shard_id: int) -> tuple[str, str]:
             storage.join(build_path, INDEX_DIR, f"{name}.parquet"))
 
 
+def txt_caption(meta: dict) -> str:
+    """The one caption a single-caption reader gets: the group's short caption with the most
+    words (the fullest alt-text: CC12M's only one, YFCC15M's title or description, the fullest
+    of COCO's five for ShareGPT4V), ties broken by the group's (text) order; a group of long
+    captions only gives its first. The JSON group keeps every caption."""
+    captions = meta["captions"]
+    short = [c["text"] for c in captions if c["kind"] == CAPTION_SHORT]
+    if not short:
+        return captions[0]["text"]
+    return max(short, key=lambda text: len(text.split()))  # max keeps the first of equals
+
+
 def encode_shard_tar(samples: Iterable[dict]) -> bytes:
     """A WebDataset tar of sample rows (members sorted by key, fixed mtime: reproducible)."""
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tar:
         for row in sorted(samples, key=lambda r: r[KEY]):
             members = {EXT_IMAGE: row[IMAGE], EXT_EDGE: row[EDGE],
-                       EXT_META: row[META].encode("utf-8")}
+                       EXT_META: row[META].encode("utf-8"),
+                       EXT_TEXT: txt_caption(json.loads(row[META])).encode("utf-8")}
             for ext, data in members.items():
                 info = tarfile.TarInfo(f"{row[KEY]}.{ext}")
                 info.size, info.mtime, info.mode = len(data), 0, 0o644
@@ -160,6 +179,13 @@ def read_shard_samples(fs, build_path: str, entry: dict, *, verify: bool = False
     if verify and hashlib.sha256(data).hexdigest() != entry["sha256"]:
         raise ValueError(f"checksum mismatch for {entry['tar']} in {build_path}")
     return list(iter_tar_samples(data))
+
+
+def write_sizes(fs, build_path: str, entries: list[dict]) -> None:
+    """shards/sizes.json, as OpenCLIP's WebDataset loader reads a dataset's size."""
+    sizes = {entry["tar"].rsplit("/", 1)[-1]: entry["n_samples"] for entry in entries}
+    data = json.dumps(sizes, indent=1, sort_keys=True).encode("utf-8")
+    storage.write_bytes_atomic(fs, storage.join(build_path, SHARDS_DIR, SIZES_FILE), data)
 
 
 def write_manifest(fs, build_path: str, manifest: dict) -> None:

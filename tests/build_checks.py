@@ -1,7 +1,9 @@
 """Data checks every prepared build must pass, on its real output."""
 from __future__ import annotations
 
+import io
 import json
+import tarfile
 
 import cv2
 import numpy as np
@@ -50,7 +52,28 @@ def check_build(build_uri: str) -> tuple[dict, dict[str, dict]]:
                                         + sum(counts["failed"].values()))
     assert counts["captions_written"] == sum(len(m["captions"]) for m in metas.values())
     assert not fs.exists(storage.join(path, "staging"))
+    check_open_clip_layout(fs, path, manifest, metas)
     return manifest, metas
+
+
+def check_open_clip_layout(fs, path: str, manifest: dict, metas: dict[str, dict]) -> None:
+    """What OpenCLIP's WebDataset loader needs: tars 000000.tar... without a gap, a
+    shards/sizes.json that agrees with the manifest, and a `<key>.txt` beside every sample, the
+    caption `txt_caption` chooses."""
+    ids = [e["id"] for e in manifest["shards"]]
+    assert ids == list(range(len(ids))), ids
+    assert [e["tar"] for e in manifest["shards"]] == [f"shards/{i:06d}.tar" for i in ids]
+    sizes = json.loads(storage.read_bytes(fs, storage.join(path, shards.SHARDS_DIR, shards.SIZES_FILE)))
+    assert sizes == {f"{e['id']:06d}.tar": e["n_samples"] for e in manifest["shards"]}
+    texts = {}
+    for entry in manifest["shards"]:
+        data = storage.read_bytes(fs, storage.join(path, entry["tar"]))
+        with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+            for member in tar:
+                key, ext = member.name.split(".", 1)
+                if ext == shards.EXT_TEXT:
+                    texts[key] = tar.extractfile(member).read().decode("utf-8")
+    assert texts == {key: shards.txt_caption(meta) for key, meta in metas.items()}
 
 
 def captions_by_source(metas: dict[str, dict]) -> dict[str, set[str]]:

@@ -207,3 +207,13 @@ def test_manifest_written_and_read_back(tmp_path):
     shards.write_manifest(fs, build_path, manifest)
     assert shards.read_manifest(str(tmp_path / "b")) == manifest
     assert [p.name for p in (tmp_path / "b").iterdir()] == [shards.MANIFEST]
+
+
+def test_the_txt_caption_is_the_fullest_short_one_else_the_first():
+    def group(*captions):
+        return {"captions": [{"text": t, "kind": k} for t, k in captions]}
+
+    assert shards.txt_caption(group(("a dog", "short"), ("a brown dog runs", "short"),
+                                    ("a long story " * 20, "long"))) == "a brown dog runs"
+    assert shards.txt_caption(group(("a cat sits", "short"), ("a dog runs", "short"))) == "a cat sits"
+    assert shards.txt_caption(group(("first long", "long"), ("second long", "long"))) == "first long"
