@@ -27,6 +27,7 @@ from training.methods import build_method_config
 from training.model import build_training_model
 from training.objectives import build_training_objective
 from training.optim import build_optimizer, build_scheduler
+from training.compilation import compile_metrics, compile_towers
 from training.sharding import gather_full_state, shard_training_state
 from tests.test_accumulation import ARCH, METHODS, make_batch
 
@@ -120,6 +121,10 @@ def compare_to_ddp(rank: int, out: Path) -> dict:
     record["bf16"] = step(mixed, objective, m_opt, m_sched, rank, 0)
     record["bf16_dtypes"] = sorted({str(p.dtype) for p in mixed.parameters()})
     record["methods"] = every_method_step(rank)
+    compiled, c_opt, c_sched = shard(config, *build(config))  # run.compile after fully_shard, as train.py does
+    compile_towers(compiled, "aot_eager")
+    record["compiled"] = [step(compiled, objective, c_opt, c_sched, rank, n, ACCUM[n]) for n in range(2)]
+    record["compiled_graph_breaks"] = compile_metrics().get("compile/graph_breaks")
     return record
 
 
@@ -183,3 +188,14 @@ def test_every_method_shards_with_ddps_loss(fsdp_and_ddp):
         for name, ((ddp_loss, ddp_norm), (loss, norm)) in record["methods"].items():
             assert loss == pytest.approx(ddp_loss, rel=1e-5), name
             assert norm == pytest.approx(ddp_norm, rel=1e-4), name
+
+
+def test_compiled_blocks_shard_with_the_eager_losses(fsdp_and_ddp):
+    """torch.compile (aot_eager: dynamo and AOT autograd) on the FSDP units, with and without
+    micro-batches: the eager FSDP (= DDP) losses, no graph break."""
+    _, records = fsdp_and_ddp
+    for record in records:
+        assert record["compiled_graph_breaks"] == 0
+        for (ddp_loss, ddp_norm), (loss, norm) in zip(record["ddp"], record["compiled"]):
+            assert loss == pytest.approx(ddp_loss, rel=1e-5)
+            assert norm == pytest.approx(ddp_norm, rel=1e-4)
