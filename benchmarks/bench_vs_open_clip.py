@@ -3,9 +3,10 @@ precision (fp32 on CPU, one process): the comparison our users will make first.
 
     python benchmarks/bench_vs_open_clip.py [--batch-size 64] [--steps 60]
 
-open_clip runs `python -m open_clip_train.main --dataset-type synthetic` (random images
-decoded and transformed by its DataLoader); ours runs `training/train.py` on a demo build
-with one Ray Train worker. Both report samples per second after warm-up.
+open_clip runs `python -m open_clip_train.main --dataset-type webdataset` on the tars of the
+same demo build that ours reads (and, for reference, `--dataset-type synthetic`); ours runs
+`training/train.py` on that build with one Ray Train worker. Both report samples per second
+after warm-up.
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ import time
 from pathlib import Path
 
 from benchmarks.demo_build import add_job_args, ensure_demo_build, mean_samples_per_s
-from pipelines import ray_setup
+from pipelines import ray_setup, shards
 from training import train
 from training.towers import MODEL_CONFIG_DIR
 
@@ -27,8 +28,18 @@ OPEN_CLIP_DRIVER = (
 BATCH_TIME = re.compile(r"Batch \(t\): ([0-9.]+)")
 
 
-def run_open_clip(args, workdir: Path) -> float:
-    argv = ["--dataset-type", "synthetic", "--train-num-samples", str(args.batch_size * args.steps),
+def open_clip_data_args(args, build_uri: str | None) -> list[str]:
+    """OpenCLIP's data options: our build's tars through its WebDataset loader (they carry
+    `<key>.txt` and shards/sizes.json), or its synthetic images."""
+    if build_uri is None:
+        return ["--dataset-type", "synthetic", "--train-num-samples", str(args.batch_size * args.steps)]
+    last = len(shards.read_manifest(build_uri)["shards"]) - 1
+    return ["--dataset-type", "webdataset", "--train-data", f"{build_uri}/shards/{{000000..{last:06d}}}.tar",
+            "--train-num-samples", str(args.batch_size * args.steps), "--dataset-resampled"]
+
+
+def run_open_clip(args, workdir: Path, build_uri: str | None = None) -> float:
+    argv = [*open_clip_data_args(args, build_uri),
             "--batch-size", str(args.batch_size), "--model", args.arch, "--epochs", "1",
             "--precision", "fp32", "--workers", "1", "--lr", "5e-4", "--warmup", "10",
             "--log-every-n-steps", "10", "--logs", str(workdir / "open_clip_logs"),
@@ -59,12 +70,14 @@ def main(argv=None) -> dict:
     workdir = Path(args.workdir).resolve()
     ray_setup.init_ray(num_cpus=4)
     build_uri = ensure_demo_build(workdir, args.n_images)
-    theirs = run_open_clip(args, workdir)
+    theirs = run_open_clip(args, workdir, build_uri)
+    synthetic = run_open_clip(args, workdir)
     ours = run_ours(build_uri, args, workdir)
-    print(f"open_clip_train (synthetic data, 1 process, fp32): {theirs:8.1f} samples/s")
+    print(f"open_clip_train (our shards via its WebDataset loader, 1 process, fp32): {theirs:8.1f} samples/s")
+    print(f"open_clip_train (synthetic data, 1 process, fp32): {synthetic:8.1f} samples/s")
     print(f"ours (Ray Train, 1 worker, shards via Ray Data, fp32): {ours:8.1f} samples/s")
-    print(f"ratio ours / open_clip: {ours / theirs:.2f}")
-    return {"open_clip": theirs, "ours": ours}
+    print(f"ratio ours / open_clip on the same shards: {ours / theirs:.2f}")
+    return {"open_clip": theirs, "open_clip_synthetic": synthetic, "ours": ours}
 
 
 if __name__ == "__main__":
