@@ -32,7 +32,8 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from benchmarks.bench_step import median_step_seconds, process_peak_gib, run_in_fresh_process, synthetic_batch
+from benchmarks.bench_step import (median_step_seconds, process_peak_gib, run_in_fresh_process, synthetic_batch,
+                                   variant_arguments)
 from training.compilation import compile_towers
 from training.config import apply_overrides
 from training.loop import LoopSettings, seed_step, train_step
@@ -139,20 +140,14 @@ def report_line(r: dict, plain: dict, flops: float, peak: float) -> None:
 
 
 def arguments() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--arch", default="clip-tiny-p8-64")
+    p = variant_arguments(__doc__)  # --arch --batch-size --steps --warmup --device --threads --only
+    p.set_defaults(batch_size=64, steps=8)
     p.add_argument("--methods", default="clip")
     p.add_argument("--variants", default="plain,accum_freq=2,accum_freq=4,grad_checkpointing,compile")
-    p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--precision", default="auto")
     p.add_argument("--find-max-batch", action="store_true")
     p.add_argument("--max-batch", type=int, default=8192)
-    p.add_argument("--steps", type=int, default=8)
-    p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--threads", type=int, default=2)
     p.add_argument("--peak-tflops", type=float, default=None)
-    p.add_argument("--only", default=None, help=argparse.SUPPRESS)
     return p
 
 

@@ -12,16 +12,7 @@
 #       --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 \
 #       -d .whl open_clip_torch==3.3.0 ftfy==6.3.1 wcwidth==0.9.4 POT==0.9.7.post1
 # Results go to $OUT (or ./gpu_out) as gpu_check.log.
-set -uo pipefail
-export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 WANDB_MODE=disabled RAY_USAGE_STATS_ENABLED=0
-out=${OUT:-gpu_out}
-mkdir -p "$out"
-exec > >(tee "$out/gpu_check.log") 2>&1
-if [ -d .whl ]; then
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-        --target /tmp/site .whl/*.whl || exit 1
-    export PYTHONPATH=/tmp/site
-fi
+source "$(dirname "$0")/gpu_env.sh" gpu_check.log
 nvidia-smi -L
 python3 -c "import torch, ot, open_clip; print('torch', torch.__version__, 'POT', ot.__version__,
 'open_clip', open_clip.__version__, torch.cuda.get_device_name())" || exit 1

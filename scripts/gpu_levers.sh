@@ -5,16 +5,7 @@
 # float32 masters (run.precision=bf16) for CLIP. samples/s per GPU and MFU, FLOPs counted by
 # torch's FlopCounterMode (benchmarks/bench_levers.py says how). Wheels as for gpu_check.sh
 # (.whl/, installed into /tmp/site). Results go to $OUT (or ./gpu_out) as gpu_levers.log.
-set -uo pipefail
-export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 WANDB_MODE=disabled RAY_USAGE_STATS_ENABLED=0
-out=${OUT:-gpu_out}
-mkdir -p "$out"
-exec > >(tee "$out/gpu_levers.log") 2>&1
-if [ -d .whl ]; then
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-        --target /tmp/site .whl/*.whl || exit 1
-    export PYTHONPATH=/tmp/site
-fi
+source "$(dirname "$0")/gpu_env.sh" gpu_levers.log
 nvidia-smi -L
 common=(--device cuda --arch ViT-B-16 --batch-size 256 --find-max-batch --max-batch 16384 --steps 10
         --warmup 3 --threads 8)

@@ -28,7 +28,7 @@ from training.model import build_training_model
 from training.objectives import build_training_objective
 from training.optim import build_optimizer, build_scheduler
 from training.compilation import compile_metrics, compile_towers
-from training.sharding import gather_full_state, shard_training_state
+from training.sharding import gather_full_state, local_parameter_count, shard_training_state
 from tests.test_accumulation import ARCH, METHODS, make_batch
 
 pytestmark = pytest.mark.usefixtures("single_torch_thread")
@@ -102,7 +102,7 @@ def compare_to_ddp(rank: int, out: Path) -> dict:
     objective = build_training_objective(config, rank, 2, model, CPU)
     sharded, s_opt, s_sched = shard(config, *build(config))
     whole = sum(p.numel() for p in model.parameters())
-    local = sum(p.to_local().numel() if hasattr(p, "to_local") else p.numel() for p in sharded.parameters())
+    local = local_parameter_count(sharded)
     record = {"fraction": local / whole, "ddp": [], "fsdp": []}
     for number in range(STEPS):
         record["ddp"].append(step(ddp, objective, optimizer, scheduler, rank, number))

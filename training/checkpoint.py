@@ -54,8 +54,13 @@ def join_optimizer_state(tensors: dict, plain: dict) -> dict:
     return {"state": state, "param_groups": plain["param_groups"]}
 
 
+def detached(state: dict) -> dict:
+    """A state dict's tensors as safetensors writes them (CPU, contiguous, no graph)."""
+    return {k: v.detach().cpu().contiguous() for k, v in state.items()}
+
+
 def tensors_of(module: torch.nn.Module) -> dict:
-    return {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
+    return detached(module.state_dict())
 
 
 def part_files(name: str) -> tuple[str, str]:
@@ -71,7 +76,7 @@ def save_checkpoint(directory: Path, model, optimizer, scheduler, step: int,
     (training/sharding.py), written in place of `model`'s and `optimizer`'s own."""
     directory.mkdir(parents=True, exist_ok=True)
     weights, opt_state = gathered if gathered else (unwrap(model).state_dict(), optimizer)
-    save_file({k: v.detach().cpu().contiguous() for k, v in weights.items()}, directory / MODEL_FILE)
+    save_file(detached(weights), directory / MODEL_FILE)
     opt_tensors, opt_plain = split_optimizer_state(opt_state)
     save_file(opt_tensors, directory / OPTIMIZER_FILE)
     names, auxiliary = [MODEL_FILE, OPTIMIZER_FILE], {}

@@ -20,6 +20,7 @@ from training.methods.smartclip import MaskNetwork
 from training.multi_token import convert_to_multi_token, num_class_tokens, pooled_class_states
 from training.pretrained import load_pretrained_tower
 from training.topology import Sphere, build_topology
+from training.towers import tower_dtype
 
 # Selectors in open_clip's patch-dropout hook see only the tokens; token selectors (PGS)
 # also read the images and edge scores, so the model runs the vision tower around them.
@@ -111,11 +112,6 @@ class ContrastiveModel(nn.Module):
     def clamp_logit_scale(self) -> None:
         """Clip the temperature at 1 / max_logit_scale (open_clip clamps after each step)."""
         self.tower.logit_scale.clamp_(0, torch.log(torch.tensor(self.max_logit_scale)).item())
-
-
-def tower_dtype(visual: nn.Module) -> torch.dtype:
-    """The dtype an image tower computes in (a ViT, a ResNet or a timm trunk alike)."""
-    return next(visual.parameters()).dtype
 
 
 def check_patch_tower(visual: nn.Module, feature: str) -> None:

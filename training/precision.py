@@ -22,9 +22,13 @@ from torch import nn
 PRECISIONS = ("auto", "fp32", "amp_bf16", "bf16")
 
 
-def resolve_precision(precision: str, device: torch.device) -> str:
+def check_precision(precision: str) -> None:
     if precision not in PRECISIONS:
         raise ValueError(f"unknown run.precision={precision!r}; known: {', '.join(PRECISIONS)}")
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    check_precision(precision)
     if precision == "auto":
         return "amp_bf16" if device.type == "cuda" else "fp32"
     return precision

@@ -38,6 +38,11 @@ def is_sharded(model: nn.Module) -> bool:
     return any(isinstance(p, DTensor) for p in model.parameters())
 
 
+def local_parameter_count(model: nn.Module) -> int:
+    """Parameters this rank holds: its shards, and the replicated ones whole."""
+    return sum(p.to_local().numel() if isinstance(p, DTensor) else p.numel() for p in model.parameters())
+
+
 def replicated_parameters(model: nn.Module) -> list[nn.Parameter]:
     """The parameters FSDP leaves whole on every rank (0-dim: the logit scale)."""
     return [p for p in model.parameters() if p.ndim == 0]

@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import open_clip
+import torch
 
 from pipelines.console import quiet_open_clip
 
@@ -32,6 +33,12 @@ def build_tower_model(arch: str, *, pretrained: str | None = None):
     # trained from scratch): its "initialized randomly" warning is dropped for this call.
     with quiet_open_clip(None if pretrained else "No pretrained weights loaded for model"):
         return open_clip.create_model(arch, pretrained=pretrained)
+
+
+def tower_dtype(visual) -> torch.dtype:
+    """The dtype an image tower computes in (a ViT, a ResNet or a timm trunk alike): images
+    reach the model in float32 and are cast to it there."""
+    return next(visual.parameters()).dtype
 
 
 def build_tokenizer(arch: str, context_length: int | None = None):

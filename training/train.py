@@ -44,7 +44,7 @@ from training.objectives import build_training_objective  # noqa: E402
 from training.optim import build_optimizer, build_scheduler  # noqa: E402
 from training.compilation import compile_towers  # noqa: E402
 from training.precision import MasterWeights, resolve_precision  # noqa: E402
-from training.sharding import gather_full_state, is_sharded, shard_training_state  # noqa: E402
+from training.sharding import gather_full_state, is_sharded, local_parameter_count, shard_training_state  # noqa: E402
 from training.tracking import build_tracker, wandb_settings  # noqa: E402
 
 FLAG_TO_FIELD = {"arch": "model.arch", "pretrained": "model.pretrained", "mask_ratio": "masking.ratio",
@@ -153,8 +153,7 @@ def parallelize(config: TrainConfig, loop_config: dict, model, optimizer, schedu
             model, optimizer, scheduler, lambda m: build_optimizer(m, config.optim),
             lambda o: build_scheduler(o, config.optim.warmup_steps, loop_config["schedule_steps"]), device, bf16)
         runner = model
-        local = sum(p.to_local().numel() if hasattr(p, "to_local") else p.numel() for p in model.parameters())
-        print(f"FSDP2: {local:,} parameters on this worker", flush=True)
+        print(f"FSDP2: {local_parameter_count(model):,} parameters on this worker", flush=True)
     else:
         weights = MasterWeights(model) if bf16 else None
         runner = weights.compute if weights else model

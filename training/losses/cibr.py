@@ -28,6 +28,7 @@ from training.auxiliary import AuxiliaryPart, freeze, without_grad
 from training.config import CibrConfig
 from training.losses.contrastive import gather_features
 from training.losses.mutual_information import ESTIMATOR_KINDS, ConditionalMI, derangement
+from training.towers import tower_dtype
 
 
 class ReferenceTowers(nn.Module):
@@ -54,8 +55,8 @@ class ReferenceTowers(nn.Module):
 
     @torch.no_grad()
     def forward(self, images: torch.Tensor, texts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        dtype = next(self.tower.visual.parameters()).dtype  # float32, whatever the step's precision
-        return self.tower.encode_image(images.to(dtype)), self.tower.encode_text(texts)
+        # float32, whatever the step's precision
+        return self.tower.encode_image(images.to(tower_dtype(self.tower.visual))), self.tower.encode_text(texts)
 
 
 INFONCE_TERMS = ("contrastive", "long")  # CLIP's loss; Long-CLIP's on the long captions

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 from training.config import TrainConfig, apply_overrides
 from training.compilation import BACKENDS
-from training.precision import PRECISIONS
+from training.precision import check_precision
 from training.sharding import SHARDINGS
 from training.topology import check_topology_config
 
@@ -97,8 +97,7 @@ def check_combination(config: TrainConfig) -> None:
     if config.model.trainable == "projections" and config.loss.kind == "smartclip":
         raise ValueError("model.trainable=projections trains only the towers' final projections; "
                          "loss.kind=smartclip's mask network would then never train")
-    if config.run.precision not in PRECISIONS:
-        raise ValueError(f"unknown run.precision={config.run.precision!r}; known: {', '.join(PRECISIONS)}")
+    check_precision(config.run.precision)
     accum, batch = config.run.accum_freq, config.data.batch_size_per_worker
     if accum < 1 or batch % accum:
         raise ValueError(f"run.accum_freq={accum} must be >= 1 and divide data.batch_size_per_worker={batch} "

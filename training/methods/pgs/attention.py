@@ -13,6 +13,7 @@ from torch import nn
 
 from training.methods.pgs.selection import Selection
 from training.multi_token import additive_key_mask, class_tokens, num_class_tokens, project_pooled
+from training.towers import tower_dtype
 
 
 def check_supported_tower(visual: nn.Module) -> None:
@@ -31,7 +32,7 @@ def count_heads(visual: nn.Module) -> int:
 def embed_patch_tokens(visual: nn.Module, images: torch.Tensor) -> torch.Tensor:
     """open_clip's embedding up to its patch-dropout hook: (B, c + L, D), the c class tokens
     first (one, or a multi-token topology's m), positional embeddings added."""
-    x = visual.conv1(images.to(visual.conv1.weight.dtype)).flatten(2).transpose(1, 2)  # (B, L, D)
+    x = visual.conv1(images.to(tower_dtype(visual))).flatten(2).transpose(1, 2)  # (B, L, D)
     return torch.cat([class_tokens(visual, x.shape[0], x.dtype), x], dim=1) + visual.positional_embedding.to(x.dtype)
 
 
