@@ -91,8 +91,16 @@ def apply_edits(samples: list[dict], edit: dict) -> list[dict]:
 
 
 def publish_shard(fs, build_path: str, shard_id: int) -> dict:
-    """Staged shard -> published shard under the plan; the staged copy is removed after."""
+    """Staged shard -> published shard under the plan; the staged copy is removed after.
+    Idempotent: a task retried after its node died (having published, maybe not yet removed
+    the staged copy) finds the published index, written last, and only tidies up."""
     staged = staging_path(build_path)
+    published = shards.read_shard_stats(fs, build_path, shard_id)
+    if published is not None:
+        for path in shards.shard_paths(staged, shard_id):
+            if fs.exists(path):
+                fs.rm(path)
+        return published["shard"]
     stats = shards.read_shard_stats(fs, staged, shard_id)
     edit = json.loads(storage.read_bytes(fs, plan_path(build_path, shard_id)))
     samples = shards.read_shard_samples(fs, staged, stats["shard"], verify=True)

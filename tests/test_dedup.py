@@ -69,3 +69,17 @@ def test_row_failure_rate_ignores_the_header():
     build.check_row_failures(Counter({"": 5, "header": 1, "bad_url": 5}), max_rate=0.5)
     with pytest.raises(build.BuildAborted, match="6 of 11 input rows"):
         build.check_row_failures(Counter({"": 5, "header": 1, "bad_url": 6}), max_rate=0.5)
+
+
+def test_publishing_a_shard_again_finds_it_published(tmp_path):
+    """A publish task retried after its node died (the shard published, the staged copy maybe
+    removed) returns the published entry instead of failing on the missing staged copy."""
+    from pipelines import storage
+    fs, root = storage.open_storage(str(tmp_path))
+    meta = {"key": "k1", "source": "s1", "width": 4, "height": 4, "captions": [caption("a red dog")]}
+    sample = {shards.KEY: "k1", shards.IMAGE: b"jpeg", shards.EDGE: b"png", shards.META: json.dumps(meta)}
+    shards.write_shard(fs, dedup.staging_path(root), 0, [sample], {"failures": {}, "n_groups": 1})
+    dedup.write_plan(fs, root, [], [0])
+    first = dedup.publish_shard(fs, root, 0)
+    assert not fs.exists(dedup.staged_index_path(root, 0))
+    assert dedup.publish_shard(fs, root, 0) == first  # the retry
