@@ -39,7 +39,7 @@ from pipelines.stages import DownloadParams, ShardBuilder
 log = logging.getLogger("pipelines.build")
 
 # Bump when a stage changes what it writes: it enters every build id.
-STAGES_VERSION = "3"  # 3: a txt member per sample, shard ids without gaps, sizes.json
+STAGES_VERSION = "4"  # 4: captions cleaned alike (clean_caption); JPEGs judged by their markers
 ROWS_PER_BUCKET = 200_000
 MAX_SHUFFLE_PARTITIONS = 256
 # Caption rows, the one thing a corpus reader produces.

@@ -5,7 +5,9 @@ Pure functions on plain Python data, so the Ray Data job and the tests share the
 from __future__ import annotations
 
 import hashlib
+import html
 import re
+import unicodedata
 from dataclasses import dataclass
 
 from pipelines.shards import CAPTION_LONG, CAPTION_SHORT
@@ -66,7 +68,30 @@ def parse_tsv_line(line: str, rules: CaptionRules) -> tuple[str, str, str]:
 
 
 def clean_caption(text: str) -> str:
-    return _WHITESPACE.sub(" ", text).strip()
+    """The one caption normalisation every corpus reader applies (CC12M, YFCC, ShareGPT4V).
+
+    1. HTML entities unescaped once (`&amp;` -> `&`, `&#39;` -> `'`): web captions carry them.
+    2. Invisible characters removed: control characters (Unicode category Cc) other than
+       whitespace, and format characters (Cf: zero-width space U+200B, word joiner U+2060,
+       byte-order mark U+FEFF, soft hyphen, direction marks) -- except the zero-width
+       non-joiner and joiner U+200C / U+200D, which Persian, Indic scripts and emoji
+       sequences need, and the tag characters U+E0020-U+E007F of emoji subdivision flags.
+    3. Unicode NFC, so one text has one code-point sequence (what the tokeniser and the
+       caption dedup compare).
+    4. Whitespace runs (tabs, newlines, NBSP and other Unicode spaces) collapsed to one
+       space, ends stripped.
+    """
+    text = "".join(ch for ch in html.unescape(text) if _visible(ch))
+    return _WHITESPACE.sub(" ", unicodedata.normalize("NFC", text)).strip()
+
+
+_KEPT_FORMAT_CHARACTERS = frozenset("\u200c\u200d")
+
+
+def _visible(ch: str) -> bool:
+    if ch.isspace() or ch in _KEPT_FORMAT_CHARACTERS or "\U000e0020" <= ch <= "\U000e007f":
+        return True
+    return unicodedata.category(ch) not in ("Cc", "Cf")
 
 
 def is_http_url(url: str) -> bool:

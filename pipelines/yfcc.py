@@ -123,8 +123,9 @@ def clean_yfcc_text(raw: str) -> str:
     URL decoding (`+` as space, percent escapes; invalid escapes stay, invalid UTF-8 becomes
     U+FFFD) runs once: it is the file's transport encoding, and its output may rightly hold
     "+" or "%" ("C++", "100%"). HTML then repeats until stable, since Flickr text is often
-    escaped twice ("&amp;quot;"): entities unescaped, tags replaced by a space. Last,
-    whitespace runs collapse to one space.
+    escaped twice ("&amp;quot;"): entities unescaped, tags replaced by a space. Last, the
+    cleaning every corpus shares (captions.clean_caption: invisible characters, NFC,
+    whitespace).
     """
     text = unquote_plus(raw)
     while True:

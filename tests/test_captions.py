@@ -234,3 +234,45 @@ def test_assemble_manifest_counts_add_up():
     assert [e["id"] for e in manifest["shards"]] == [0, 1]
     assert manifest["params"] == build.content_params(params)
     assert manifest["build_id"] == "bid" and manifest["corpus"] == "demo"
+
+
+# --- one caption cleaning for every corpus reader -------------------------------------------
+
+# Entities, invisible characters (zero-width space, word joiner, BOM, a BEL control), a
+# decomposed "é", Unicode spaces; kept: Persian's zero-width non-joiner, an emoji ZWJ sequence
+# and the tag characters of England's flag.
+PERSIAN = "\u0645\u06cc\u200c\u062e\u0648\u0627\u0647\u0645"
+FAMILY = "\U0001F468\u200d\U0001F469"
+ENGLAND = "\U0001F3F4\U000E0067\U000E0062\U000E0065\U000E006E\U000E0067\U000E007F"
+DIRTY = (f"Tom &amp; Jerry\u200b at\u2060 the\ufeff  cafe\u0301\x07 &#39;{PERSIAN}&#39;"
+         f"\u00a0{FAMILY}\x0b{ENGLAND} AT&T\u2003")
+CLEAN = f"Tom & Jerry at the caf\u00e9 '{PERSIAN}' {FAMILY} {ENGLAND} AT&T"
+
+
+def test_clean_caption_unescapes_normalises_and_drops_invisible_characters():
+    from pipelines.captions import clean_caption
+    assert clean_caption(DIRTY) == CLEAN
+    assert clean_caption(CLEAN) == CLEAN  # idempotent
+    assert clean_caption("a\u00adb\u200ec\u200fd\x00e") == "abcde"  # soft hyphen, bidi marks, NUL
+
+
+def test_cc12m_reader_cleans_captions():
+    assert parse_tsv_line(f"{URL_A}\t{DIRTY}", CaptionRules()) == (URL_A, CLEAN, "")
+
+
+def test_yfcc_reader_cleans_captions():
+    from pipelines import yfcc
+    record = yfcc.normalized_record(7, URL_A, DIRTY, f"{DIRTY} <b>again</b>", False)
+    rows = yfcc.yfcc_caption_rows(record, CaptionRules())
+    assert [r["caption"] for r in rows] == [CLEAN, f"{CLEAN} again"]
+
+
+def test_sharegpt4v_reader_cleans_captions():
+    from pipelines import sharegpt4v
+    record = {"image": "coco/train2017/x.jpg",
+              "conversations": [{"from": "human", "value": "<image>"},
+                                {"from": "gpt", "value": DIRTY}]}
+    rows = sharegpt4v.sharegpt4v_caption_rows(record, "/data", {"x.jpg": [f"A {DIRTY}"]},
+                                              CaptionRules())
+    assert {(r["origin"], r["caption"]) for r in rows} == {
+        (sharegpt4v.ORIGIN_LONG, CLEAN), (sharegpt4v.ORIGIN_COCO, f"A {CLEAN}")}
