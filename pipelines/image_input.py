@@ -29,10 +29,61 @@ REJECT_DECODE = "decode_error"
 REJECT_TOO_SMALL = "image_too_small"
 
 
+JPEG_SOI, JPEG_EOI, JPEG_SOS = 0xD8, 0xD9, 0xDA
+JPEG_STANDALONE = frozenset(range(0xD0, 0xD8)) | {0x01, JPEG_SOI}  # RSTn, TEM: no length field
+
+
 def is_truncated_jpeg(data: bytes) -> bool:
-    """A JPEG without its end-of-image marker near the end was cut off (OpenCV would
-    silently decode the top part and grey out the rest)."""
-    return data[:2] == b"\xff\xd8" and b"\xff\xd9" not in data[-1024:]
+    """A JPEG whose marker structure ends before the end-of-image marker that closes its last
+    scan was cut off (OpenCV would silently decode the top part and grey out the rest).
+
+    Judged from the structure alone, without decoding pixels: segments are skipped by their
+    length fields (so an EXIF thumbnail's own end marker is never taken for the image's) and
+    each scan's entropy-coded data is skipped to the next real marker. Bytes after the end
+    marker (a motion photo's video, padding) do not make a complete JPEG truncated, and an
+    end marker that happens to sit in the last bytes does not make a cut one complete.
+    Only JPEGs are judged: anything else is False.
+    """
+    if data[:2] != b"\xff\xd8":
+        return False
+    return jpeg_end_offset(data) is None
+
+
+def jpeg_end_offset(data: bytes) -> int | None:
+    """Offset just past the end-of-image marker that follows the last scan, or None when the
+    data ends first. Stray bytes where a marker should start are skipped, as libjpeg does."""
+    pos, scans = 2, 0
+    while True:
+        pos = data.find(b"\xff", pos)
+        while 0 <= pos < len(data) - 1 and data[pos + 1] == 0xFF:
+            pos += 1  # fill bytes before a marker
+        if pos < 0 or pos + 1 >= len(data):
+            return None
+        marker, pos = data[pos + 1], pos + 2
+        if marker == JPEG_EOI and scans:
+            return pos
+        if marker in JPEG_STANDALONE or marker == JPEG_EOI or marker == 0x00:
+            continue
+        if pos + 2 > len(data):
+            return None
+        pos += int.from_bytes(data[pos:pos + 2], "big")
+        if marker == JPEG_SOS:
+            scans += 1
+            pos = _end_of_entropy_data(data, pos)
+
+
+def _end_of_entropy_data(data: bytes, pos: int) -> int:
+    """Offset of the first marker after a scan's entropy-coded data (0xFF00 is a stuffed
+    data byte and RSTn markers belong to the scan), or len(data) when none follows."""
+    while True:
+        pos = data.find(b"\xff", pos)
+        if pos < 0 or pos + 1 >= len(data):
+            return len(data)
+        following = data[pos + 1]
+        if following == 0x00 or 0xD0 <= following <= 0xD7 or following == 0xFF:
+            pos += 1 if following == 0xFF else 2
+            continue
+        return pos
 
 
 def prepare_source_image(raw: bytes, max_pixels: int, min_side: int = 0) -> tuple[bytes | None, str]:

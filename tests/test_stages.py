@@ -167,7 +167,48 @@ def test_truncation_check_looks_for_the_end_marker():
     jpeg = encode_jpeg(64, 64, 0)
     assert not is_truncated_jpeg(jpeg)
     assert is_truncated_jpeg(jpeg[:-2]) and is_truncated_jpeg(jpeg[:200])
+    assert all(is_truncated_jpeg(jpeg[:n]) for n in range(2, len(jpeg) - 1, 97))
     assert not is_truncated_jpeg(b"\x89PNG\r\n\x1a\n")  # only JPEGs are judged
+
+
+def motion_photo(jpeg: bytes, seed: int) -> bytes:
+    """A JPEG followed by a video, as phones store motion photos: the last kilobytes are MP4
+    data (random bytes here, so no end marker among them, and 0xFF bytes that are not)."""
+    video = np.random.default_rng(seed).integers(0, 256, 8192, dtype=np.uint8).tobytes()
+    return jpeg + b"\x00\x00\x00\x18ftypmp42" + video.replace(b"\xff\xd9", b"\xff\x00")
+
+
+def with_embedded_jpeg(jpeg: bytes, thumbnail: bytes) -> bytes:
+    """`jpeg` with a whole JPEG (a thumbnail, as EXIF carries one) in a comment segment."""
+    segment = b"\xff\xfe" + (len(thumbnail) + 2).to_bytes(2, "big") + thumbnail
+    return jpeg[:2] + segment + jpeg[2:]
+
+
+def test_truncation_is_judged_from_the_marker_structure():
+    jpeg, thumbnail = encode_jpeg(64, 48, 1), encode_jpeg(16, 12, 2)
+    progressive = io.BytesIO()
+    Image.fromarray(cv2.imdecode(np.frombuffer(jpeg, np.uint8), cv2.IMREAD_COLOR)).save(
+        progressive, format="JPEG", progressive=True)
+    assert not is_truncated_jpeg(motion_photo(jpeg, 0))  # data after the end marker
+    assert not is_truncated_jpeg(progressive.getvalue())  # several scans
+    scans = progressive.getvalue().count(b"\xff\xda")
+    assert scans > 1 and is_truncated_jpeg(progressive.getvalue()[:-2])
+    # Cut between two scans: every scan so far is whole, the end marker is missing.
+    assert is_truncated_jpeg(progressive.getvalue()[:progressive.getvalue().rindex(b"\xff\xda")])
+    whole = with_embedded_jpeg(jpeg, thumbnail)
+    assert not is_truncated_jpeg(whole)
+    # Cut just after the thumbnail: its end marker is among the last bytes, not the image's.
+    cut = whole[:2 + 4 + len(thumbnail) + 300]
+    assert cut[-1024:].find(b"\xff\xd9") >= 0 and is_truncated_jpeg(cut)
+
+
+def test_motion_photo_is_stored_and_truncated_jpeg_is_not(fetch, tmp_path):
+    jpeg = encode_jpeg(96, 64, 3)
+    (tmp_path / "motion.jpg").write_bytes(motion_photo(jpeg, 1))
+    (tmp_path / "cut.jpg").write_bytes(motion_photo(jpeg, 1)[:len(jpeg) - 40])
+    image, reason = fetch("k", str(tmp_path / "motion.jpg"))
+    assert reason == "" and (image["width"], image["original_width"]) == (IMAGE_SIZE, 96)
+    assert fetch("k", str(tmp_path / "cut.jpg")) == (None, "truncated_image")
 
 
 def group_for(url: str, n_captions: int) -> dict:
