@@ -47,7 +47,8 @@ def classify_download_error(message: str) -> str:
         return "timeout"
     if "disallowed" in text:
         return "disallowed_by_header"
-    if "refused" in text or "urlopen error" in text or "name or service" in text:
+    if any(m in text for m in ("refused", "urlopen error", "name or service", "reset by peer",
+                                "remote end closed")):
         return "connection_error"
     return "download_error"
 
@@ -73,7 +74,6 @@ class ImageFetcher:
                                resize_only_if_bigger=False, encode_quality=params.encode_quality,
                                encode_format="jpg", min_image_size=params.min_image_size,
                                max_image_area=params.max_image_area)
-        url_guard.install_redirect_guard(params.allow_loopback)
 
     def __call__(self, key: str, source: str) -> tuple[dict | None, str]:
         """(image record, "") on success, (None, reason) on failure."""
@@ -95,10 +95,11 @@ class ImageFetcher:
             return read_file_source(source)
         if not url_guard.url_allowed(source, self.params.allow_loopback):
             return None, url_guard.BLOCKED_REASON
-        _, stream, err = self.download(
-            (key, source), timeout=self.params.timeout_s, retries=self.params.retries,
-            user_agent_token=USER_AGENT_TOKEN,
-            disallowed_header_directives=DISALLOWED_HEADER_DIRECTIVES)
+        with url_guard.guarded_fetch(self.params.allow_loopback):  # pins each connection
+            _, stream, err = self.download(
+                (key, source), timeout=self.params.timeout_s, retries=self.params.retries,
+                user_agent_token=USER_AGENT_TOKEN,
+                disallowed_header_directives=DISALLOWED_HEADER_DIRECTIVES)
         if stream is None:
             return None, classify_download_error(err or "")
         return stream.getvalue(), ""

@@ -147,7 +147,9 @@ def test_image_below_the_minimum_size_is_refused(mirror):
     ("<urlopen error timed out>", "timeout"),
     ("The read operation timed out", "timeout"),
     ("Use of image disallowed by X-Robots-Tag directive", "disallowed_by_header"),
-    ("Remote end closed connection without response", "download_error"),
+    ("Remote end closed connection without response", "connection_error"),
+    ("[Errno 104] Connection reset by peer", "connection_error"),
+    ("something unexpected", "download_error"),
     ("", "download_error"),
 ])
 def test_classify_download_error(message, reason):
