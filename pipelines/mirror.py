@@ -1,16 +1,20 @@
 """A loopback-only HTTP file server, so the demo corpus goes through the real download path.
 
 It refuses any address outside 127.0.0.0/8 and ::1 before binding. Run in the foreground
-with `python -m pipelines.mirror --root demo_out/mirror --port 8000`.
+with `python -m pipelines.mirror --root demo_out/mirror --port 8000`; `--latency-ms 50 200
+--error-503 0.02 --reset 0.02` makes it behave like real image hosts (see ServingProfile).
 """
 from __future__ import annotations
 
 import argparse
 import functools
+import hashlib
 import ipaddress
 import socket
+import struct
 import threading
 import time
+from dataclasses import dataclass
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, Callable
@@ -48,16 +52,48 @@ def check_loopback_host(host: str, resolve: Resolver = socket.getaddrinfo) -> st
 STATUS_PREFIX, STALL_PREFIX, STALL_S = "/_status/", "/_stall/", 10.0
 
 
+@dataclass(frozen=True)
+class ServingProfile:
+    """How the mirror answers a request, like real image hosts: a latency drawn uniformly in
+    `latency_s`, and a share of requests answered 503 or reset (connection closed with a TCP
+    RST, no answer). Every draw is a function of (seed, path) alone, so two downloaders given
+    the same URLs meet the same latencies and failures, whatever their request order."""
+    latency_s: tuple[float, float] = (0.0, 0.0)
+    error_503: float = 0.0
+    reset: float = 0.0
+    seed: int = 0
+
+    def draw(self, path: str) -> tuple[float, str]:
+        """(seconds to wait, outcome "ok" | "503" | "reset") for a request of `path`."""
+        digest = hashlib.sha256(f"{self.seed}:{path}".encode("utf-8")).digest()
+        u_latency, u_outcome = (int.from_bytes(digest[i:i + 8], "big") / 2 ** 64 for i in (0, 8))
+        low, high = self.latency_s
+        if u_outcome < self.error_503:
+            outcome = "503"
+        else:
+            outcome = "reset" if u_outcome < self.error_503 + self.reset else "ok"
+        return low + (high - low) * u_latency, outcome
+
+
 class QuietHandler(SimpleHTTPRequestHandler):
     """Serves files under its directory without one log line per request; counts requests,
-    optionally answers each after a delay (to slow a job down for a test) and simulates
-    HTTP errors and stalled servers on the paths above."""
+    answers each as the server's ServingProfile says, and simulates HTTP errors and stalled
+    servers on the paths above."""
 
     def do_GET(self) -> None:
         with self.server.count_lock:
             self.server.requests_served += 1
-        if self.server.delay_s:
-            time.sleep(self.server.delay_s)
+            if self.server.first_request_s is None:
+                self.server.first_request_s = time.monotonic()
+        latency, outcome = self.server.profile.draw(self.path)
+        if latency:
+            time.sleep(latency)
+        if outcome == "503":
+            self.send_error(503)
+            return
+        if outcome == "reset":
+            self.reset_connection()
+            return
         if self.path.startswith(STATUS_PREFIX):
             self.send_error(int(self.path[len(STATUS_PREFIX):].split("/", 1)[0]))
             return
@@ -66,18 +102,25 @@ class QuietHandler(SimpleHTTPRequestHandler):
             return
         super().do_GET()
 
+    def reset_connection(self) -> None:
+        """Close with RST (linger 0) and no answer, as an overloaded host does."""
+        self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        self.close_connection = True
+
     def log_message(self, format: str, *args: Any) -> None:
         pass
 
 
-def build_server(address: str, port: int, root: Path, delay_s: float = 0.0) -> ThreadingHTTPServer:
+def build_server(address: str, port: int, root: Path,
+                 profile: ServingProfile = ServingProfile()) -> ThreadingHTTPServer:
     family = socket.AF_INET6 if ipaddress.ip_address(address).version == 6 else socket.AF_INET
     server_class = type("LoopbackServer", (ThreadingHTTPServer,),
                         {"address_family": family, "request_queue_size": REQUEST_QUEUE_SIZE,
                          "daemon_threads": True})
     handler = functools.partial(QuietHandler, directory=str(root))
     server = server_class((address, port), handler)
-    server.requests_served, server.count_lock, server.delay_s = 0, threading.Lock(), delay_s
+    server.requests_served, server.count_lock, server.profile = 0, threading.Lock(), profile
+    server.first_request_s = None
     return server
 
 
@@ -85,10 +128,12 @@ class LoopbackMirror:
     """Serves `root` over HTTP on a loopback address from a daemon thread; a context manager."""
 
     def __init__(self, root: str | Path, host: str = DEFAULT_HOST, port: int = 0,
-                 delay_s: float = 0.0) -> None:
+                 delay_s: float = 0.0, profile: ServingProfile | None = None) -> None:
+        """`delay_s`: a fixed latency per request; `profile` (wins) for varied ones."""
         self.root = Path(root)
         self.address = check_loopback_host(host)
-        self.port, self.delay_s = port, delay_s
+        self.port = port
+        self.profile = profile or ServingProfile(latency_s=(delay_s, delay_s))
         self._server: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
 
@@ -103,10 +148,15 @@ class LoopbackMirror:
     def requests_served(self) -> int:
         return self._server.requests_served if self._server is not None else 0
 
+    @property
+    def first_request_s(self) -> float | None:
+        """time.monotonic() of the first request served, None before it."""
+        return self._server.first_request_s if self._server is not None else None
+
     def start(self) -> LoopbackMirror:
         if not self.root.is_dir():
             raise FileNotFoundError(f"mirror root {self.root} is not a directory")
-        self._server = build_server(self.address, self.port, self.root, self.delay_s)
+        self._server = build_server(self.address, self.port, self.root, self.profile)
         serve = functools.partial(self._server.serve_forever, poll_interval=SHUTDOWN_POLL_S)
         self._thread = threading.Thread(target=serve, name="loopback-mirror", daemon=True)
         self._thread.start()
@@ -132,8 +182,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--root", required=True, type=Path)
     parser.add_argument("--host", default=DEFAULT_HOST)
     parser.add_argument("--port", type=int, default=0, help="0 picks a free port")
+    parser.add_argument("--latency-ms", type=float, nargs=2, default=(0.0, 0.0),
+                        metavar=("LOW", "HIGH"), help="per-request latency, uniform in [LOW, HIGH]")
+    parser.add_argument("--error-503", type=float, default=0.0, help="share of requests answered 503")
+    parser.add_argument("--reset", type=float, default=0.0, help="share of connections reset")
     args = parser.parse_args(argv)
-    with LoopbackMirror(args.root, host=args.host, port=args.port) as mirror:
+    profile = ServingProfile(latency_s=(args.latency_ms[0] / 1e3, args.latency_ms[1] / 1e3),
+                             error_503=args.error_503, reset=args.reset)
+    with LoopbackMirror(args.root, host=args.host, port=args.port, profile=profile) as mirror:
         print(mirror.base_url, flush=True)
         try:
             threading.Event().wait()

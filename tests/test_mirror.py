@@ -4,13 +4,16 @@ Only 127.0.0.1 is ever connected to; other ranges are checked with a stubbed res
 """
 from __future__ import annotations
 
+import http.client
 import socket
 import urllib.error
 import urllib.request
+from collections import Counter
 
+import numpy as np
 import pytest
 
-from pipelines.mirror import LoopbackMirror, check_loopback_host
+from pipelines.mirror import LoopbackMirror, ServingProfile, check_loopback_host
 
 
 def stub_resolver(*addresses: str):
@@ -86,3 +89,42 @@ def test_guard_accepts_loopback_literals_with_real_resolver():
 def test_mirror_refuses_to_bind_outside_loopback(tmp_path):
     with pytest.raises(ValueError):
         LoopbackMirror(tmp_path, host="10.0.0.1")
+
+
+def test_serving_profile_draws_depend_on_the_path_alone():
+    profile = ServingProfile(latency_s=(0.05, 0.2), error_503=0.1, reset=0.05, seed=7)
+    paths = [f"/images/{i:06d}.jpg" for i in range(4000)]
+    draws = [profile.draw(p) for p in paths]
+    assert draws == [profile.draw(p) for p in reversed(paths)][::-1]  # order does not matter
+    assert draws != [ServingProfile(**{**profile.__dict__, "seed": 8}).draw(p) for p in paths]
+    latencies = np.array([d[0] for d in draws])
+    assert 0.05 <= latencies.min() and latencies.max() <= 0.2 and abs(latencies.mean() - 0.125) < 0.005
+    outcomes = Counter(d[1] for d in draws)
+    for outcome, share in (("503", 0.1), ("reset", 0.05)):  # binomial: 5 standard errors
+        assert abs(outcomes[outcome] / len(paths) - share) < 5 * (share * (1 - share) / len(paths)) ** 0.5
+
+
+def test_mirror_answers_as_its_profile_draws(tmp_path):
+    """A 503 for the paths the profile fails, a connection closed without an answer for the
+    ones it resets, the file for the rest."""
+    profile = ServingProfile(latency_s=(0.0, 0.01), error_503=0.3, reset=0.3, seed=1)
+    names = [f"{i}.bin" for i in range(16)]
+    for name in names:
+        (tmp_path / name).write_bytes(name.encode())
+    seen = Counter()
+    with LoopbackMirror(tmp_path, profile=profile) as mirror:
+        for name in names:
+            outcome = profile.draw(f"/{name}")[1]
+            seen[outcome] += 1
+            if outcome == "ok":
+                with urllib.request.urlopen(f"{mirror.base_url}/{name}", timeout=5) as response:
+                    assert response.read() == name.encode()
+            elif outcome == "503":
+                with pytest.raises(urllib.error.HTTPError) as error:
+                    urllib.request.urlopen(f"{mirror.base_url}/{name}", timeout=5)
+                assert error.value.code == 503
+            else:
+                with pytest.raises((http.client.RemoteDisconnected, ConnectionResetError, urllib.error.URLError)):
+                    urllib.request.urlopen(f"{mirror.base_url}/{name}", timeout=5)
+        assert mirror.requests_served == len(names) and mirror.first_request_s is not None
+    assert min(seen.values()) > 0 and len(seen) == 3  # the seed gives all three outcomes

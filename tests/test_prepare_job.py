@@ -73,3 +73,26 @@ def test_interrupted_build_resumes_without_duplicates(built, tmp_path):
     assert resumed["counts"] == complete["counts"]
     assert [e["sha256"] for e in resumed["shards"]] == [e["sha256"] for e in complete["shards"]]
     assert not list((out / "cc12m" / complete["build_id"] / "shards").glob("*.tmp-*"))
+
+
+def test_a_job_over_a_slow_failing_mirror_counts_each_failure(small_corpus, ray_session, tmp_path):
+    """The benchmark's mirror (bench_download.py): each image answered after 10-60 ms, some
+    with 503, some with a reset connection, decided by the image's path alone, so the manifest
+    must count exactly the failures the profile draws for the corpus's URLs."""
+    from collections import Counter
+    from urllib.parse import urlsplit
+
+    from pipelines.demo_corpus import write_cc12m_tsv
+    from pipelines.mirror import LoopbackMirror, ServingProfile
+    corpus, _ = small_corpus
+    profile = ServingProfile(latency_s=(0.01, 0.06), error_503=0.15, reset=0.1, seed=5)
+    with LoopbackMirror(corpus.mirror_root, profile=profile) as mirror:
+        tsv = write_cc12m_tsv(corpus, mirror.base_url, tmp_path / "slow.tsv", n_dead=0, n_corrupt=0)
+        build_uri = prepare_cc12m.main(["--input", str(tsv), "--output", str(tmp_path / "out"),
+                                        *ARGS, "--retries", "0", "--shard-size", "24"])
+    paths = {urlsplit(line.split("\t", 1)[0]).path for line in tsv.read_text().splitlines()}
+    drawn = Counter(profile.draw(p)[1] for p in paths)
+    counts = shards.read_manifest(build_uri)["counts"]
+    assert drawn["503"] and drawn["reset"]  # the seed exercises both failures
+    assert counts["failed"] == {"http_503": drawn["503"], "connection_error": drawn["reset"]}
+    assert counts["written"] == drawn["ok"] == corpus.n_images - drawn["503"] - drawn["reset"]
