@@ -11,7 +11,9 @@ every long caption is kept as a short caption (SmartCLIP samples from long and s
         --captions share-captioner_coco_lcs_sam_1246k_1107.json --image-root s3://bucket/data \
         --coco-captions annotations/captions_train2017.json --output s3://bucket/shards
 
-The caption JSON (a single JSON array, about 1.2M records) is parsed on the driver.
+The caption JSON (a single JSON array, about 1.2M records, gigabytes) is never held whole:
+one Ray task streams it (pipelines/json_stream.py) and hands each record's JSON text on in
+blocks to a pool of actors that turn records into caption rows on every CPU Ray has.
 """
 from __future__ import annotations
 
@@ -20,6 +22,8 @@ import json
 import sys
 from pathlib import Path
 
+import numpy as np
+
 if __package__ in (None, ""):  # run as a script: make the repository root importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -27,6 +31,7 @@ import ray  # noqa: E402
 
 from pipelines import build, cli, sharegpt4v, storage  # noqa: E402
 from pipelines.captions import CaptionRules  # noqa: E402
+from pipelines.json_stream import iter_json_array  # noqa: E402
 
 RECORDS_PER_BLOCK = 20_000
 
@@ -46,6 +51,28 @@ def load_json(uri: str):
     return json.loads(storage.read_bytes(fs, path))
 
 
+def stream_records(batch: dict, first: int, stop: int | None, block: int = RECORDS_PER_BLOCK):
+    """Ray Data stage (a generator): the caption JSON named in `batch` -> the JSON text of its
+    records first..stop-1 (file order, malformed ones included), `block` records per batch.
+    Undecodable bytes become U+FFFD, so their captions are counted as non_utf8_caption."""
+    for uri in batch["uri"]:
+        fs, path = storage.open_storage(str(uri))
+        texts, seen = [], 0
+        with fs.open(path, "r", encoding="utf-8", errors="replace") as f:
+            for seen, text in enumerate(iter_json_array(f), start=1):
+                if stop is not None and seen > stop:
+                    break
+                if seen > first:
+                    texts.append(text)
+                if len(texts) == block:
+                    yield {"record": np.array(texts, dtype=object)}
+                    texts = []
+        if stop is not None and seen < stop:
+            raise ValueError(f"the validation split needs {stop} records, {uri} has {seen}")
+        if texts:
+            yield {"record": np.array(texts, dtype=object)}
+
+
 class RecordRows:
     """ShareGPT4V records (JSON text) -> caption rows."""
 
@@ -63,33 +90,50 @@ def validation_corpus(corpus: str, n_val: int) -> str:
     return f"{corpus}-1k" if n_val == 1000 else f"{corpus}-val{n_val}"
 
 
-def build_split(args, records: list, indices: range, coco: dict | None, split: str,
+def read_record_rows(uris: list[str], first: int, stop: int | None, image_root: str,
+                     coco: dict | None, rules: CaptionRules):
+    """Caption rows of records first..stop-1: one streaming task per file, then actors."""
+    records = ray.data.from_items([{"uri": u} for u in uris]).map_batches(
+        stream_records, fn_kwargs={"first": first, "stop": stop}, batch_size=1,
+        batch_format="numpy")
+    return records.map_batches(RecordRows, fn_constructor_args=(image_root, coco, rules),
+                               batch_format="numpy", compute=ray.data.ActorPoolStrategy(min_size=1))
+
+
+def build_split(args, first: int, stop: int | None, coco: dict | None, split: str,
                 corpus: str) -> tuple[str, dict]:
     reader = {"split": split, "validation_records": args.validation_records,
               "image_root": args.image_root.rstrip("/"), "coco": coco is not None}
     args = argparse.Namespace(**{**vars(args), "corpus": corpus})
     params = cli.build_params(args, reader=reader)
-    items = [{"record": json.dumps(records[i])} for i in indices]
 
     def read_rows(_):
-        blocks = max(1, len(items) // RECORDS_PER_BLOCK)
-        return ray.data.from_items(items, override_num_blocks=blocks).map_batches(
-            RecordRows, fn_constructor_args=(args.image_root, coco, params.caption_rules),
-            batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=1))
+        return read_record_rows([args.captions], first, stop, args.image_root, coco,
+                                params.caption_rules)
 
     inputs = [args.captions] + ([args.coco_captions] if args.coco_captions else [])
     return build.run_build(inputs, args.output, params, read_rows=read_rows)
 
 
+def check_json_array(uri: str) -> None:
+    """Refuse on the driver, before Ray starts any work, a caption file that is not a JSON
+    array (reading its first kilobytes only; a break further on fails the streaming task)."""
+    fs, path = storage.open_storage(uri)
+    with fs.open(path, "r", encoding="utf-8", errors="replace") as f:
+        head = f.read(4096).lstrip()
+    if not head.startswith("["):
+        raise SystemExit(f"{uri} is not a JSON list of ShareGPT4V records")
+
+
 def run(args: argparse.Namespace) -> dict[str, tuple[str, dict]]:
-    records = load_json(args.captions)
-    if not isinstance(records, list):
-        raise SystemExit(f"{args.captions} is not a JSON list of ShareGPT4V records")
+    check_json_array(args.captions)
     coco = sharegpt4v.coco_captions_by_file(load_json(args.coco_captions)) if args.coco_captions else None
-    val, train = sharegpt4v.split_validation(len(records), args.validation_records)
-    return {"validation": build_split(args, records, val, coco, "validation",
-                                      validation_corpus(args.corpus, args.validation_records)),
-            "train": build_split(args, records, train, coco, "train", args.corpus)}
+    n_val = args.validation_records
+    if n_val < 0:
+        raise SystemExit(f"--validation-records must be >= 0, got {n_val}")
+    return {"validation": build_split(args, 0, n_val, coco, "validation",
+                                      validation_corpus(args.corpus, n_val)),
+            "train": build_split(args, n_val, None, coco, "train", args.corpus)}
 
 
 def main(argv=None) -> dict[str, str]:

@@ -6,6 +6,7 @@ import json
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -194,3 +195,39 @@ def test_fixture_expectations_match_the_reader(tmp_path, n_records, n_val, image
     assert set(fx.expected_reasons(train)) == {"malformed_record", "bad_path", "empty_caption",
                                                "caption_too_long"}
     assert fx.expected_reasons(range(n_val)) == Counter({"malformed_record": 1})
+
+
+# --- streaming the caption JSON (prepare_sharegpt4v.stream_records, no Ray) -----------------
+
+
+def streamed(path, first, stop, block=3) -> list[list]:
+    from pipelines.prepare_sharegpt4v import stream_records
+    batches = stream_records({"uri": np.array([str(path)], dtype=object)}, first, stop, block)
+    return [[json.loads(t) for t in b["record"]] for b in batches]
+
+
+def test_the_caption_json_is_streamed_in_blocks_of_each_split(tmp_path):
+    records = [{"image": f"sam/{i}.jpg", "conversations": [{"from": "gpt", "value": f"c{i}"}]}
+               for i in range(10)] + ["not a record"]
+    path = tmp_path / "captions.json"
+    path.write_text(json.dumps(records, indent=2))
+    validation, train = streamed(path, 0, 4), streamed(path, 4, None)
+    assert [len(b) for b in validation] == [3, 1] and [len(b) for b in train] == [3, 3, 1]
+    assert sum(validation, []) == records[:4] and sum(train, []) == records[4:]
+    assert streamed(path, 0, 11) and streamed(path, 11, None) == []
+
+
+def test_a_validation_split_longer_than_the_file_is_an_error(tmp_path):
+    path = tmp_path / "captions.json"
+    path.write_text(json.dumps([{"image": "a.jpg"}] * 3))
+    with pytest.raises(ValueError, match="needs 5 records.*has 3"):
+        streamed(path, 0, 5)
+
+
+def test_a_caption_file_that_is_not_a_json_list_is_refused_before_any_work(tmp_path):
+    from pipelines.prepare_sharegpt4v import check_json_array
+    (tmp_path / "a.json").write_text('  {"annotations": []}')
+    with pytest.raises(SystemExit, match="not a JSON list"):
+        check_json_array(str(tmp_path / "a.json"))
+    (tmp_path / "b.json").write_text("\n [ ]")
+    check_json_array(str(tmp_path / "b.json"))
