@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
 import sys
 from pathlib import Path
 
@@ -25,7 +24,6 @@ if __package__ in (None, ""):  # run as a script: make the repository root impor
 
 import numpy as np  # noqa: E402
 import ray  # noqa: E402
-from ray.data.expressions import col  # noqa: E402
 
 from pipelines import build, cli, yfcc  # noqa: E402
 from pipelines.captions import READ_ENCODING, CaptionRules  # noqa: E402
@@ -49,78 +47,106 @@ def decode_line(line: str) -> str:
     return line.encode(READ_ENCODING).decode("utf-8", errors="replace")
 
 
-def parse_metadata(batch: dict) -> dict:
-    records = [yfcc.parse_metadata_line(decode_line(line)) for line in batch["text"]]
-    return {"photo_id": np.array([r["photo_id"] for r in records], dtype=np.int64),
-            "record": np.array([json.dumps(r) for r in records], dtype=object)}
+REJECT_MISSING_METADATA = "missing_metadata"
+N_TABS, N_TABS_WITH_HASH = yfcc.N_COLUMNS - 1, yfcc.N_COLUMNS_WITH_HASH - 1
 
 
 def parse_subset(batch: dict) -> dict:
     ids = [i for i in (yfcc.parse_subset_line(decode_line(line)) for line in batch["text"])
            if i is not None]
-    return {"photo_id": np.array(ids, dtype=np.int64),
-            "record": np.array([""] * len(ids), dtype=object),
-            "in_subset": np.ones(len(ids), dtype=bool)}
+    return {"photo_id": np.array(ids, dtype=np.int64)}
 
 
-def keep_subset(group: dict) -> dict:
-    """Ray Data group stage (the rows of one photo id, from either file): the photo's record
-    if the subset lists it ("" when the metadata lacks it), nothing otherwise."""
-    if not group["in_subset"].any():
-        return {"photo_id": np.array([], dtype=np.int64), "record": np.array([], dtype=object)}
-    records = [r for r, listed in zip(group["record"], group["in_subset"]) if not listed]
-    return {"photo_id": group["photo_id"][:1], "record": np.array(records[:1] or [""], dtype=object)}
+@ray.remote
+def sorted_unique_ids(*blocks: dict) -> np.ndarray:
+    """The subset's photo ids, sorted and unique: 15 M ids are 120 MB, small enough to give
+    every metadata task whole (zero-copy from the object store), never held by the driver."""
+    parts = [b["photo_id"] for b in blocks]
+    return np.unique(np.concatenate(parts)) if parts else np.array([], dtype=np.int64)
 
 
-class RecordRows:
-    """Normalized records (JSON; None where the subset id has no metadata) -> caption rows."""
-
-    def __init__(self, rules: CaptionRules):
-        self.rules = rules
-
-    def __call__(self, batch: dict) -> dict:
-        rows = []
-        for record in batch["record"]:
-            if not record:
-                rows.append({"reason": "missing_metadata"})
-            else:
-                rows.extend(yfcc.yfcc_caption_rows(json.loads(record), self.rules))
-        return build.rows_to_columns(rows)
+def line_photo_id(line: str) -> int:
+    """The photo id of a metadata line, read without splitting the other columns; NO_PHOTO_ID
+    for a line with neither 23 nor 25 columns or an unreadable id."""
+    n_tabs = line.count("\t")
+    if n_tabs not in (N_TABS, N_TABS_WITH_HASH):
+        return yfcc.NO_PHOTO_ID
+    fields = line.split("\t", 2)
+    photo_id = yfcc.parse_photo_id(fields[0] if n_tabs == N_TABS else fields[1])
+    return yfcc.NO_PHOTO_ID if photo_id is None else photo_id
 
 
-class JoinedRows:
+def select_subset(batch: dict, subset_ref, rules: CaptionRules) -> dict:
+    """Ray Data stage over metadata lines: the caption rows of the photos the subset lists (and
+    of malformed lines, counted), with each photo's position in the subset (`subset_pos`, -1
+    for a malformed line) so that the subset ids no line names can be counted afterwards.
+    Only the selected lines (15 M of 100 M) are parsed in full."""
+    subset = ray.get(subset_ref)
+    ids = np.array([line_photo_id(line) for line in batch["text"]], dtype=np.int64)
+    pos = np.searchsorted(subset, ids).clip(max=max(len(subset) - 1, 0))
+    listed = (subset[pos] == ids) if len(subset) else np.zeros(len(ids), bool)
+    rows, positions = [], []
+    for i in np.flatnonzero(listed | (ids == yfcc.NO_PHOTO_ID)):
+        record = yfcc.parse_metadata_line(decode_line(batch["text"][i]))
+        photo_rows = yfcc.yfcc_caption_rows(record, rules)
+        rows.extend(photo_rows)
+        positions.extend([int(pos[i]) if listed[i] else -1] * len(photo_rows))
+    return {**build.rows_to_columns(rows), "subset_pos": np.array(positions, dtype=np.int64)}
+
+
+@ray.remote
+def count_missing(n_subset: int, *blocks: dict) -> int:
+    """How many subset ids no metadata line names, from the selected rows' positions."""
+    seen = np.zeros(n_subset, dtype=bool)
+    for block in blocks:
+        found = block["subset_pos"]
+        seen[found[found >= 0]] = True
+    return int(n_subset - seen.sum())
+
+
+def missing_rows(batch: dict) -> dict:
+    n = len(batch["id"])
+    return build.rows_to_columns([{"reason": REJECT_MISSING_METADATA}] * n)
+
+
+def joined_rows(frame, rules: CaptionRules) -> dict:
     """Rows of an already-joined table (pandas batches) -> caption rows."""
-
-    def __init__(self, rules: CaptionRules):
-        self.rules = rules
-
-    def __call__(self, frame) -> dict:
-        records = [yfcc.joined_record(r) for r in frame.to_dict("records")]
-        return build.rows_to_columns([row for r in records
-                                      for row in yfcc.yfcc_caption_rows(r, self.rules)])
+    records = [yfcc.joined_record(r) for r in frame.to_dict("records")]
+    return build.rows_to_columns([row for r in records
+                                  for row in yfcc.yfcc_caption_rows(r, rules)])
 
 
 def read_joined_rows(uris: list[str], rules: CaptionRules):
     fs, _ = build.arrow_filesystem(uris[0])
     paths = [build.arrow_filesystem(u)[1] for u in uris]
     reader = ray.data.read_parquet if uris[0].endswith(".parquet") else ray.data.read_csv
-    return reader(paths, filesystem=fs).map_batches(JoinedRows, fn_constructor_args=(rules,),
-                                                    batch_format="pandas", compute=ray.data.ActorPoolStrategy(size=1))
+    return reader(paths, filesystem=fs).map_batches(joined_rows, fn_kwargs={"rules": rules},
+                                                    batch_format="pandas")
 
 
 def read_metadata_rows(metadata: list[str], subset: str, rules: CaptionRules):
-    """Subset ids left-joined with the metadata records: both files' rows grouped by photo id
-    (a Ray Data hash shuffle; Dataset.join would need polars)."""
-    records = build.read_text_lines(metadata).map_batches(parse_metadata, batch_format="numpy")
-    records = records.map_batches(lambda b: {**b, "in_subset": np.zeros(len(b["photo_id"]), bool)},
-                                  batch_format="numpy").materialize()
-    malformed = records.filter(expr=col("photo_id") == yfcc.NO_PHOTO_ID).drop_columns(["in_subset"])
-    ids = build.read_text_lines([subset]).map_batches(parse_subset, batch_format="numpy")
-    n_partitions = max(1, min(build.MAX_SHUFFLE_PARTITIONS, records.count() // build.ROWS_PER_BUCKET))
-    joined = ids.union(records.filter(expr=col("photo_id") != yfcc.NO_PHOTO_ID)).groupby(
-        "photo_id", num_partitions=n_partitions).map_groups(keep_subset, batch_format="numpy")
-    return joined.union(malformed).map_batches(RecordRows, fn_constructor_args=(rules,),
-                                               batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=1))
+    """Subset ids left-joined with the metadata records, as a broadcast semi-join: the sorted
+    subset ids (one object, built by a task) go to every metadata task, which keeps the lines
+    they list and parses only those, on every CPU Ray has. Nothing of the 100 M-line metadata
+    is shuffled. A subset id that no line names gives one `missing_metadata` row; a photo id
+    on several metadata lines gives the captions of each (YFCC100M's ids are unique)."""
+    id_blocks = build.read_text_lines([subset]).map_batches(parse_subset, batch_format="numpy")
+    subset_ref = sorted_unique_ids.remote(*id_blocks.to_numpy_refs())
+    selected = build.read_text_lines(metadata).map_batches(
+        select_subset, fn_kwargs={"subset_ref": subset_ref, "rules": rules},
+        batch_format="numpy").materialize()
+    n_subset = ray.get(_length.remote(subset_ref))
+    n_missing = ray.get(count_missing.remote(
+        n_subset, *selected.select_columns(["subset_pos"]).to_numpy_refs()))
+    rows = selected.drop_columns(["subset_pos"])
+    if not n_missing:
+        return rows
+    return rows.union(ray.data.range(n_missing).map_batches(missing_rows, batch_format="numpy"))
+
+
+@ray.remote
+def _length(array: np.ndarray) -> int:
+    return len(array)
 
 
 def run(args: argparse.Namespace) -> tuple[str, dict]:

@@ -82,6 +82,16 @@ def test_subset_lines_and_header():
     assert parse_subset_line("1\tx\th") is None
 
 
+def test_the_photo_id_of_a_line_is_read_from_either_layout():
+    from pipelines.prepare_yfcc15m import line_photo_id
+    fields = ["6985418911"] + ["x"] * 22
+    assert line_photo_id("\t".join(fields)) == 6985418911
+    assert line_photo_id("\t".join(["17", "6985418911", "hash"] + fields[1:])) == 6985418911
+    assert line_photo_id("\t".join(fields[:-1])) == NO_PHOTO_ID  # 22 columns
+    assert line_photo_id("\t".join(["abc"] + fields[1:])) == NO_PHOTO_ID
+    assert line_photo_id("this\tline\tis\tmalformed") == NO_PHOTO_ID
+
+
 def test_non_utf8_bytes_become_replacement_characters():
     data = b"1\t2\th\n\n" + b"Caf\xe9\r\n"
     assert decode_metadata_lines(data) == ["1\t2\th", "Caf\ufffd"]
