@@ -145,22 +145,27 @@ class ShardBuilder:
     def __call__(self, shard_id: int, groups: list[dict]) -> dict:
         start = time.monotonic()
         with ThreadPoolExecutor(self.params.thread_count) as pool:
-            fetched = list(pool.map(lambda g: self.fetch(g["key"], g["source"]), groups))
-        samples, failures = [], Counter()
-        for group, (image, reason) in zip(groups, fetched):
-            if image is None:
-                failures[reason] += 1
-                continue
-            try:
-                samples.append(build_sample(group, image))
-            except ValueError:
-                failures["decode_error"] += 1
+            built = list(pool.map(self.sample_of, groups))
+        samples = [sample for sample, _ in built if sample is not None]
+        failures = Counter(reason for sample, reason in built if sample is None)
         stats = {"failures": dict(failures), "n_groups": len(groups),
                  "n_captions_written": sum(len(json.loads(s[shards.META])["captions"])
                                            for s in samples)}
         fs, build_path = storage.open_storage(self.build_uri)
         entry = shards.write_shard(fs, build_path, shard_id, samples, stats)
         return {"shard": entry, **stats, "seconds": time.monotonic() - start}
+
+    def sample_of(self, group: dict) -> tuple[dict | None, str]:
+        """(sample, "") or (None, reason) for one group. Runs in the download threads, so one
+        image's resize and edge map (OpenCV and zlib release the GIL) overlap the others'
+        network waits."""
+        image, reason = self.fetch(group["key"], group["source"])
+        if image is None:
+            return None, reason
+        try:
+            return build_sample(group, image), ""
+        except ValueError:
+            return None, "decode_error"
 
 
 def download_params_dict(params: DownloadParams) -> dict:
