@@ -29,7 +29,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 import ray
+from fsspec.utils import infer_compression
 from ray.data.expressions import col
 
 from pipelines import captions, dedup, shards, storage
@@ -42,6 +45,15 @@ log = logging.getLogger("pipelines.build")
 STAGES_VERSION = "4"  # 4: captions cleaned alike (clean_caption); JPEGs judged by their markers
 ROWS_PER_BUCKET = 200_000
 MAX_SHUFFLE_PARTITIONS = 256
+# An uncompressed TSV is read and parsed in byte ranges, one task each, so that one large
+# file (CC12M is 12.4 M rows in one TSV) is parsed on every CPU: at most this many bytes a
+# range, and small enough that every CPU gets two ranges, down to the minimum.
+READ_CHUNK_BYTES = 32 * 2**20
+MIN_READ_CHUNK_BYTES = 2**20
+# Source buckets per grouping partition: the shuffle hashes bucket ids to partitions, and with
+# one bucket each some partitions got three buckets and others none (the slowest grouping
+# task did three times its share); many small buckets even the partitions out.
+BUCKETS_PER_PARTITION = 8
 # Caption rows, the one thing a corpus reader produces.
 ROW_COLUMNS = ("source", "caption", "kind", "origin", "reason")
 # The image failure rate is judged only once this many images were tried (or all of them).
@@ -111,6 +123,12 @@ class ParseTsvRows:
         return {"source": url, "caption": caption, "origin": self.origin, "reason": reason}
 
 
+def parse_tsv_batch(batch: dict, rules: captions.CaptionRules, origin: str) -> dict:
+    """ParseTsvRows as a plain task function (fn_kwargs): Ray Data runs it on every CPU,
+    where a class would need an actor pool."""
+    return ParseTsvRows(rules, origin)(batch)
+
+
 def add_buckets(batch: dict, n_buckets: int) -> dict:
     """Bucket of a row = digest of its image source: all rows of one image meet in one."""
     batch["bucket"] = np.array([int(captions.sample_key(s)[:8], 16) % n_buckets
@@ -130,6 +148,11 @@ class GroupBucket:
         groups = captions.group_captions(rows, self.rules)
         return {"key": np.array([g["key"] for g in groups], dtype=object),
                 "group": np.array([json.dumps(g) for g in groups], dtype=object)}
+
+
+def group_bucket(batch: dict, rules: captions.CaptionRules) -> dict:
+    """GroupBucket as a plain task function, so the buckets are grouped on every CPU."""
+    return GroupBucket(rules)(batch)
 
 
 def assign_shards(batch: dict, num_shards: int) -> dict:
@@ -159,22 +182,39 @@ class BuildShardTask:
         return {"stats": np.array([json.dumps(s) for s in stats], dtype=object)}
 
 
-def count_reasons(parsed) -> Counter:
-    rows = parsed.groupby("reason", num_partitions=1).count().take_all()
-    return Counter({r["reason"]: r["count()"] for r in rows})
+def count_block_reasons(block: pa.Table) -> pa.Table:
+    """(reason, count) rows of one block of caption rows."""
+    counts = pc.value_counts(block["reason"])
+    return pa.table({"reason": counts.field("values"), "count": counts.field("counts")})
+
+
+def count_reasons(rows) -> Counter:
+    """Row counts by reject reason of materialised rows: counted in each block where it lies
+    (no shuffle), summed here as they stream in, so the driver holds one Counter whatever
+    the corpus size."""
+    counted = rows.select_columns(["reason"]).map_batches(
+        count_block_reasons, batch_format="pyarrow", batch_size=None)
+    reasons = Counter()
+    for row in counted.iter_rows():
+        reasons[row["reason"]] += int(row["count"])
+    return reasons
 
 
 def plan_caption_groups(rows, params: BuildParams):
-    """Caption rows -> (materialised caption groups, row counts by reject reason)."""
+    """Caption rows -> (materialised caption groups, row counts by reject reason). Grouping
+    runs as plain tasks, one per bucket partition, on every CPU."""
     rows = rows.materialize()
-    n_buckets = max(1, math.ceil(rows.count() / ROWS_PER_BUCKET))
+    n_partitions = max(1, math.ceil(rows.count() / ROWS_PER_BUCKET))
     reasons = count_reasons(rows)
     check_row_failures(reasons, params.max_failure_rate)
     kept = rows.filter(expr=col("reason") == "").map_batches(
-        add_buckets, fn_kwargs={"n_buckets": n_buckets}, batch_format="numpy")
-    groups = kept.groupby("bucket", num_partitions=n_buckets).map_groups(
-        GroupBucket, fn_constructor_args=(params.caption_rules,), batch_format="numpy",
-        compute=ray.data.ActorPoolStrategy(size=1))
+        add_buckets, fn_kwargs={"n_buckets": n_partitions * BUCKETS_PER_PARTITION},
+        batch_format="numpy")
+    # A function (not an actor pool) also keeps map_groups fused with the shuffle's reduce,
+    # which drops the empty block of a partition that no bucket hashed to: in Ray 2.60 such a
+    # block has no columns, and a later shuffle fails to concatenate it with the others.
+    groups = kept.groupby("bucket", num_partitions=n_partitions).map_groups(
+        group_bucket, fn_kwargs={"rules": params.caption_rules}, batch_format="numpy")
     return groups.materialize(), reasons
 
 
@@ -207,16 +247,25 @@ def plan_shards(groups, params: BuildParams) -> tuple[object, list[int]]:
     """(one spec row per shard, the shard ids 0..n-1). A group's shard is its key's hash bucket;
     the buckets that hold groups are numbered in order without gaps (a bucket the hash leaves
     empty gets no number), so ids stay a function of the input and `{000000..n-1}` names every
-    tar."""
+    tar. The groups are packed by bucket first (one shuffle); only the packed specs' small
+    shard-id column is read back, and the specs are renumbered where a bucket was empty."""
     n_groups = groups.count()
     num_shards = max(1, math.ceil(n_groups / params.shard_size))
-    assigned = groups.map_batches(assign_shards, fn_kwargs={"num_shards": num_shards},
-                                  batch_format="numpy").materialize()
-    buckets = sorted(int(i) for i in assigned.unique("shard_id")) if n_groups else []
+    packed = groups.map_batches(assign_shards, fn_kwargs={"num_shards": num_shards},
+                                batch_format="numpy").groupby(
+        "shard_id", num_partitions=min(num_shards, MAX_SHUFFLE_PARTITIONS)).map_groups(
+        pack_shard, batch_format="numpy")
+    if not n_groups:
+        return packed, []
+    packed = packed.materialize()
+    buckets = sorted(int(i) for batch in packed.select_columns(["shard_id"]).iter_batches(
+        batch_format="numpy") for i in batch["shard_id"])
+    shard_ids = list(range(len(buckets)))
+    if buckets == shard_ids:  # no bucket was left empty: the ids are dense already
+        return packed, shard_ids
     dense = {bucket: i for i, bucket in enumerate(buckets)}
-    renumbered = assigned.map_batches(renumber_shards, fn_kwargs={"dense": dense}, batch_format="numpy")
-    specs = renumbered.groupby("shard_id", num_partitions=min(num_shards, MAX_SHUFFLE_PARTITIONS))
-    return specs.map_groups(pack_shard, batch_format="numpy"), list(range(len(buckets)))
+    return packed.map_batches(renumber_shards, fn_kwargs={"dense": dense},
+                              batch_format="numpy"), shard_ids
 
 
 def run_shard_tasks(specs, build_uri: str, params: BuildParams, todo: set[int],
@@ -267,17 +316,24 @@ def run_dedup(fs, build_path: str, build_uri: str, shard_ids: list[int]) -> None
 
 
 def find_duplicates(fs, build_path: str, shard_ids: list[int]) -> list[dict]:
-    """Groups of samples with identical image bytes (Ray Data groupby on the digest), over
-    the staged index of each shard, or its published one where it has none."""
+    """Groups of samples with identical image bytes, over the staged index of each shard (or
+    its published one where it has none): the index rows are shuffled by a bucket of their
+    digest, ROWS_PER_BUCKET rows a bucket, and each bucket finds its duplicates in one sort."""
     paths = [dedup.staged_index_path(build_path, i) for i in shard_ids]
     paths = [p if fs.exists(p) else shards.shard_paths(build_path, i)[1]
              for i, p in zip(shard_ids, paths)]
     arrow_fs = arrow_filesystem_for(fs)
     index = ray.data.read_parquet(paths, filesystem=arrow_fs).select_columns(list(dedup.PLAN_COLUMNS))
-    n_partitions = max(1, min(MAX_SHUFFLE_PARTITIONS, len(shard_ids)))
-    groups = index.groupby(shards.DIGEST, num_partitions=n_partitions).map_groups(
-        dedup.duplicate_groups, batch_format="numpy")
+    n_buckets = max(1, min(MAX_SHUFFLE_PARTITIONS, math.ceil(index.count() / ROWS_PER_BUCKET)))
+    groups = index.map_batches(add_digest_buckets, fn_kwargs={"n_buckets": n_buckets},
+                               batch_format="numpy").groupby(
+        "bucket", num_partitions=n_buckets).map_groups(dedup.duplicates_in_bucket, batch_format="numpy")
     return [json.loads(row["plan"]) for row in groups.take_all()]
+
+
+def add_digest_buckets(batch: dict, n_buckets: int) -> dict:
+    batch["bucket"] = dedup.digest_bucket(batch[shards.DIGEST]) % n_buckets
+    return batch
 
 
 def collect_shard_stats(fs, build_path: str, shard_ids: list[int]) -> dict[int, dict]:
@@ -338,10 +394,56 @@ def read_text_lines(uris: list[str]):
                               encoding=captions.READ_ENCODING)
 
 
+def text_chunks(uris: list[str], max_chunk_bytes: int, n_cpus: int = 1) -> list[dict]:
+    """Byte ranges [start, end) that cover the files, in order: at most max_chunk_bytes
+    each, and at least two per CPU where that leaves them MIN_READ_CHUNK_BYTES or more."""
+    sizes = [file_size(uri) for uri in uris]
+    chunk_bytes = min(max_chunk_bytes, max(MIN_READ_CHUNK_BYTES, sum(sizes) // (2 * n_cpus)))
+    return [{"uri": uri, "start": start, "end": min(start + chunk_bytes, size)}
+            for uri, size in zip(uris, sizes) for start in range(0, size, chunk_bytes)]
+
+
+def file_size(uri: str) -> int:
+    fs, path = storage.open_storage(uri)
+    return fs.size(path)
+
+
+def read_chunk_lines(uri: str, start: int, end: int) -> list[str]:
+    """The lines that start in bytes [start, end) of a file, as read_text_lines has them
+    (Latin-1, str.splitlines, blank lines dropped). A line belongs to the range that holds
+    its first byte, so the ranges of a file cut it only at newlines and read every line once."""
+    fs, path = storage.open_storage(uri)
+    with fs.open(path, "rb") as f:
+        if start:
+            f.seek(start - 1)
+            if f.read(1) != b"\n":
+                f.readline()  # the line under way started in the range before
+        begin = f.tell()
+        data = f.read(end - begin) if begin < end else b""
+        if data and not data.endswith(b"\n"):
+            data += f.readline()
+    return [line for line in data.decode(captions.READ_ENCODING).splitlines() if line.strip()]
+
+
+def parse_tsv_chunks(batch: dict, rules: captions.CaptionRules, origin: str) -> dict:
+    """Read task: byte ranges of TSV files -> their caption rows."""
+    lines = [line for uri, start, end in zip(batch["uri"], batch["start"], batch["end"])
+             for line in read_chunk_lines(uri, int(start), int(end))]
+    return parse_tsv_batch({"text": lines}, rules, origin)
+
+
 def read_tsv_rows(uris: list[str], rules: captions.CaptionRules, origin: str):
-    """The CC12M reader: `url<TAB>caption` lines -> caption rows."""
-    return read_text_lines(uris).map_batches(ParseTsvRows, fn_constructor_args=(rules, origin),
-                                             batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=1))
+    """The CC12M reader: `url<TAB>caption` lines -> caption rows, read and parsed in byte
+    ranges, one task each (compressed files, which cannot be split, one task per file)."""
+    kwargs = {"rules": rules, "origin": origin}
+    n_cpus = max(1, int(ray.cluster_resources().get("CPU", 1))) if ray.is_initialized() else 1
+    chunks = ([] if any(infer_compression(u) for u in uris)
+              else text_chunks(uris, READ_CHUNK_BYTES, n_cpus))
+    if not chunks:
+        return read_text_lines(uris).map_batches(parse_tsv_batch, fn_kwargs=kwargs,
+                                                 batch_format="numpy")
+    return ray.data.from_items(chunks, override_num_blocks=len(chunks)).map_batches(
+        parse_tsv_chunks, fn_kwargs=kwargs, batch_size=1, batch_format="numpy")
 
 
 def run_build(input_uris: list[str], output_root: str, params: BuildParams, *,
@@ -359,6 +461,7 @@ def run_build(input_uris: list[str], output_root: str, params: BuildParams, *,
     with stage("prepare/plan", "caption groups and shards"):
         groups, reasons = plan_caption_groups(read_rows(input_uris), params)
         specs, shard_ids = plan_shards(groups, params)
+        del groups  # the packed specs hold every group now: free their object-store copy
         done = staged_or_published(fs, build_path, shard_ids)
     if done:
         log.info("resuming %s: %d of %d shards already fetched", build_uri, len(done), len(shard_ids))

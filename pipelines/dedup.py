@@ -36,11 +36,30 @@ def plan_path(build_path: str, shard_id: int) -> str:
     return storage.join(staging_path(build_path), PLAN_DIR, f"{shards.shard_name(shard_id)}.json")
 
 
-def duplicate_groups(batch: dict) -> dict:
-    """Ray Data group stage (all index rows of one digest) -> a merge, or nothing."""
-    if len(batch["key"]) < 2:
-        return {"plan": np.array([], dtype=object)}
-    rows = sorted(zip(batch["key"], batch["shard"], batch["captions_json"]))
+def digest_bucket(digests) -> np.ndarray:
+    """Shuffle bucket of each image digest (hex): every copy of one image meets in one."""
+    return np.array([int(d[:8], 16) for d in digests], dtype=np.int64)
+
+
+def duplicates_in_bucket(batch: dict) -> dict:
+    """Ray Data group stage (the index rows of one digest bucket) -> one merge plan per digest
+    that two or more samples share. Found by one sort of the bucket's digests, so the Python
+    work per image is constant and only the (few) duplicates are merged one by one."""
+    digests = np.asarray(batch[shards.DIGEST]).astype(str)
+    order = np.argsort(digests, kind="stable")
+    ordered = digests[order]
+    starts = np.flatnonzero(np.r_[True, ordered[1:] != ordered[:-1]]) if len(ordered) else np.array([], int)
+    sizes = np.diff(np.r_[starts, len(ordered)])
+    plans = [merge_duplicates(*(np.asarray(batch[c])[order[start:start + size]]
+                                for c in ("key", "shard", "captions_json")))
+             for start, size in zip(starts[sizes > 1], sizes[sizes > 1])]
+    return {"plan": np.array(plans, dtype=object)}
+
+
+def merge_duplicates(keys, shard_ids, captions_jsons) -> str:
+    """The plan (JSON) of one set of identical images: the smallest key stays and takes every
+    caption once, its own first, then the others' in key order."""
+    rows = sorted(zip(keys, shard_ids, captions_jsons))
     merged, texts = [], set()
     for _, _, captions_json in rows:
         for caption in json.loads(captions_json):
@@ -48,9 +67,8 @@ def duplicate_groups(batch: dict) -> dict:
                 texts.add(caption["text"])
                 merged.append(caption)
     keep_key, keep_shard, _ = rows[0]
-    plan = {"keep": [str(keep_key), int(keep_shard)], "captions": merged,
-            "drop": [[str(k), int(s)] for k, s, _ in rows[1:]]}
-    return {"plan": np.array([json.dumps(plan)], dtype=object)}
+    return json.dumps({"keep": [str(keep_key), int(keep_shard)], "captions": merged,
+                       "drop": [[str(k), int(s)] for k, s, _ in rows[1:]]})
 
 
 def shard_edits(duplicates: list[dict], shard_ids: list[int]) -> dict[int, dict]:

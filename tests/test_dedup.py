@@ -13,19 +13,20 @@ def caption(text: str, kind: str = "short") -> dict:
     return {"text": text, "source": "test", "kind": kind}
 
 
-def group(keys, shard_ids, captions) -> dict:
+def group(keys, shard_ids, captions, digests=None) -> dict:
     return {"key": np.array(keys, dtype=object), "shard": np.array(shard_ids),
-            shards.DIGEST: np.array(["d"] * len(keys), dtype=object),
+            shards.DIGEST: np.array(digests or ["d"] * len(keys), dtype=object),
             "captions_json": np.array([json.dumps(c) for c in captions], dtype=object)}
 
 
 def test_a_unique_image_plans_nothing():
-    out = dedup.duplicate_groups(group(["k1"], [0], [[caption("a")]]))
+    out = dedup.duplicates_in_bucket(group(["k1"], [0], [[caption("a")]]))
     assert len(out["plan"]) == 0
+    assert len(dedup.duplicates_in_bucket(group([], [], []))["plan"]) == 0
 
 
 def test_duplicates_merge_into_the_smallest_key_with_every_caption_once():
-    out = dedup.duplicate_groups(group(
+    out = dedup.duplicates_in_bucket(group(
         ["k3", "k1", "k2"], [2, 0, 1],
         [[caption("c"), caption("shared")], [caption("a")], [caption("shared"), caption("b", "long")]]))
     (plan,) = [json.loads(p) for p in out["plan"]]
@@ -33,6 +34,23 @@ def test_duplicates_merge_into_the_smallest_key_with_every_caption_once():
     assert plan["drop"] == [["k2", 1], ["k3", 2]]
     assert [c["text"] for c in plan["captions"]] == ["a", "shared", "b", "c"]
     assert plan["captions"][2]["kind"] == "long"
+
+
+def test_a_bucket_plans_one_merge_per_shared_digest():
+    """Against a naive reference: group the rows by digest in a dict."""
+    rng = np.random.default_rng(0)
+    digests = [f"{d:064x}" for d in rng.integers(0, 40, 120)]
+    keys = [f"k{i:03d}" for i in rng.permutation(120)]
+    batch = group(keys, list(rng.integers(0, 5, 120)), [[caption(k)] for k in keys], digests)
+    by_digest = {}
+    for key, shard, digest in zip(keys, batch["shard"], digests):
+        by_digest.setdefault(digest, []).append((key, int(shard)))
+    expected = sorted(([min(m)[0], min(m)[1]], sorted([list(x) for x in m])[1:])
+                      for m in by_digest.values() if len(m) > 1)
+    plans = [json.loads(p) for p in dedup.duplicates_in_bucket(batch)["plan"]]
+    assert sorted((p["keep"], p["drop"]) for p in plans) == expected
+    assert all([c["text"] for c in p["captions"]] == [p["keep"][0]] + [k for k, _ in p["drop"]]
+               for p in plans)
 
 
 def sample(key: str, texts: list[str]) -> dict:

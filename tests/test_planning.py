@@ -1,0 +1,121 @@
+"""Planning through Ray Data (TSV rows -> caption groups -> shard specs) against a naive
+pure-Python reference written from the documented rules: same reject counts, same groups
+and captions, same shard of every group, byte-identical packed specs."""
+from __future__ import annotations
+
+import json
+import math
+import random
+from collections import Counter
+
+import pytest
+
+from pipelines import build, captions
+
+pytestmark = pytest.mark.ray
+
+N_ROWS = 100_000
+SHARD_SIZE = 5000  # few shards: a shuffle partition each, and each costs a task
+RULES = captions.CaptionRules(max_caption_chars=300)
+
+
+def generated_lines(n_rows: int, seed: int = 7) -> list[bytes]:
+    """A header, then CC12M-layout lines: repeated URLs with other (or the same) captions,
+    malformed, bad-URL, empty, too long, non-UTF-8 and U+FFFD captions, blank and CRLF lines."""
+    rng = random.Random(seed)
+    words = ["".join(rng.choices("abcdefghij", k=rng.randint(1, 6))) for _ in range(300)]
+    lines, urls = [b"url\tcaption\n"], []
+    for i in range(n_rows - 1):
+        caption = "  ".join(rng.choices(words, k=rng.randint(1, 12)))
+        url = f"https://h{i % 13}.example.com/{i}.jpg"
+        draw = rng.random()
+        if draw < 0.05 and urls:  # an earlier image: another caption, or the same one again
+            url = urls[rng.randrange(len(urls))]
+            caption = caption if rng.random() < 0.8 else "same caption"
+        urls.append(url)
+        lines.append(odd_line(rng, url, caption) if draw > 0.98 else f"{url}\t{caption}\n".encode())
+    return lines
+
+
+def odd_line(rng: random.Random, url: str, caption: str) -> bytes:
+    """One line of the kinds a real TSV holds a few of."""
+    return rng.choice([
+        f"{url} {caption}\n".encode(),                       # no tab: malformed
+        f"{url}\t{caption}\tmore\n".encode(),                # three fields: malformed
+        f"ftp://example.com/{caption[:5]}\t{caption}\n".encode(),  # bad URL
+        f"{url}\t   \n".encode(),                             # empty caption
+        f"{url}\t{'w' * 400}\n".encode(),                    # too long for RULES
+        f"{url}\tcaf\xe9 {caption}\n".encode("latin-1"),     # not UTF-8
+        f"{url}\tbroken \ufffd {caption}\n".encode(),        # U+FFFD upstream
+        f"{url}\tcr\u00e9me {caption}\r\n".encode(),          # CRLF, UTF-8 accent
+        b"   \n",                                            # blank: the reader drops it
+    ])
+
+
+@pytest.fixture(scope="module")
+def tsv(tmp_path_factory):
+    path = tmp_path_factory.mktemp("planning") / "rows.tsv"
+    path.write_bytes(b"".join(generated_lines(N_ROWS)))
+    return path
+
+
+def reference_plan(path, rules: captions.CaptionRules, shard_size: int, origin: str = "cc12m"):
+    """(reason counts, {shard id: packed groups JSON}) by the documented rules, in plain Python:
+    lines as read_text_lines splits them (Latin-1, str.splitlines, blank lines dropped), each
+    decoded as UTF-8 and parsed alone; kept rows grouped by captions.group_captions; a group's
+    shard is int(key[:8], 16) % ceil(groups / shard_size), the non-empty buckets numbered
+    densely in order; a shard's groups sorted by key."""
+    reasons, kept = Counter(), []
+    for line in path.read_bytes().decode(captions.READ_ENCODING).splitlines():
+        if not line.strip():
+            continue
+        text = captions.redecode_utf8(line)
+        url, caption, reason = (("", "", captions.REJECT_NON_UTF8) if text is None
+                                else captions.parse_tsv_line(text, rules))
+        reasons[reason] += 1
+        if not reason:
+            kept.append({"source": url, "caption": caption, "kind": "", "origin": origin})
+    groups = captions.group_captions(kept, rules)
+    num_shards = max(1, math.ceil(len(groups) / shard_size))
+    by_bucket: dict[int, list[dict]] = {}
+    for group in groups:  # already in key order
+        by_bucket.setdefault(int(group["key"][:8], 16) % num_shards, []).append(group)
+    return reasons, {i: json.dumps(by_bucket[b]) for i, b in enumerate(sorted(by_bucket))}
+
+
+def ray_plan(path, rules: captions.CaptionRules, shard_size: int):
+    """(reason counts, {shard id: packed groups JSON}, shard ids) from the real stages."""
+    params = build.BuildParams(corpus="cc12m", shard_size=shard_size, caption_rules=rules)
+    groups, reasons = build.plan_caption_groups(build.read_tsv_rows([str(path)], rules, "cc12m"), params)
+    specs, shard_ids = build.plan_shards(groups, params)
+    packed = {int(r["shard_id"]): r["groups"] for r in specs.iter_rows()}
+    return reasons, packed, shard_ids
+
+
+def test_planning_matches_the_naive_reference(ray_session, tsv, monkeypatch):
+    monkeypatch.setattr(build, "READ_CHUNK_BYTES", 1 << 19)  # several read tasks, cut mid-line
+    assert len(build.text_chunks([str(tsv)], build.READ_CHUNK_BYTES)) > 3
+    expected_reasons, expected = reference_plan(tsv, RULES, shard_size=SHARD_SIZE)
+    reasons, packed, shard_ids = ray_plan(tsv, RULES, shard_size=SHARD_SIZE)
+    assert reasons == expected_reasons
+    assert {captions.HEADER, captions.REJECT_MALFORMED, captions.REJECT_BAD_URL,
+            captions.REJECT_EMPTY_CAPTION, captions.REJECT_LONG_CAPTION, captions.REJECT_NON_UTF8,
+            captions.REJECT_NON_UTF8_CAPTION} < set(reasons)  # the data exercises every reason
+    assert shard_ids == list(range(len(expected)))
+    assert sorted(packed) == shard_ids
+    assert packed == expected  # same groups, captions, shards and bytes
+    groups = [g for shard in expected.values() for g in json.loads(shard)]
+    assert any(len(g["captions"]) > 1 for g in groups)  # repeated URLs were merged
+
+
+def test_empty_hash_buckets_get_no_shard_id(ray_session, tmp_path):
+    """Two groups per shard on average: some hash buckets stay empty and are skipped."""
+    path = tmp_path / "small.tsv"
+    path.write_bytes(b"".join(generated_lines(60, seed=11)))
+    expected_reasons, expected = reference_plan(path, RULES, shard_size=2)
+    reasons, packed, shard_ids = ray_plan(path, RULES, shard_size=2)
+    n_groups = sum(len(json.loads(s)) for s in expected.values())
+    assert len(expected) < math.ceil(n_groups / 2)  # the hash did leave buckets empty
+    assert reasons == expected_reasons
+    assert shard_ids == list(range(len(expected)))
+    assert packed == expected
