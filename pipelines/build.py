@@ -42,7 +42,7 @@ from pipelines.stages import DownloadParams, ShardBuilder
 log = logging.getLogger("pipelines.build")
 
 # Bump when a stage changes what it writes: it enters every build id.
-STAGES_VERSION = "4"  # 4: captions cleaned alike (clean_caption); JPEGs judged by their markers
+STAGES_VERSION = "4"  # 4: captions cleaned alike; JPEGs judged by their markers; lines cut at \n only
 ROWS_PER_BUCKET = 200_000
 MAX_SHUFFLE_PARTITIONS = 256
 # An uncompressed TSV is read and parsed in byte ranges, one task each, so that one large
@@ -385,15 +385,6 @@ def arrow_filesystem(uri: str):
     return arrow_filesystem_for(fs), (path if uri.startswith("s3://") else uri)
 
 
-def read_text_lines(uris: list[str]):
-    """Ray Data dataset of the lines of text files (one column "text"), read as Latin-1 so
-    that a non-UTF-8 line is a counted reject (captions.redecode_utf8), not a failed job."""
-    fs, _ = arrow_filesystem(uris[0])
-    paths = [arrow_filesystem(u)[1] for u in uris]
-    return ray.data.read_text(paths, filesystem=fs, drop_empty_lines=True,
-                              encoding=captions.READ_ENCODING)
-
-
 def text_chunks(uris: list[str], max_chunk_bytes: int, n_cpus: int = 1) -> list[dict]:
     """Byte ranges [start, end) that cover the files, in order: at most max_chunk_bytes
     each, and at least two per CPU where that leaves them MIN_READ_CHUNK_BYTES or more."""
@@ -408,11 +399,24 @@ def file_size(uri: str) -> int:
     return fs.size(path)
 
 
+def split_lines(data: bytes) -> list[str]:
+    """Lines of text files: decoded as Latin-1 (every byte one character, nothing fails; a
+    non-UTF-8 line is then a counted reject, captions.redecode_utf8), split at "\n" only and
+    a trailing "\r" dropped, blank lines dropped. str.splitlines would also cut at the
+    Latin-1 characters 0x85, 0x0b, 0x0c, 0x1c-0x1e, which are bytes inside UTF-8 letters
+    (Cyrillic "х" is D1 85), and so cut such captions in two."""
+    lines = data.decode(captions.READ_ENCODING).split("\n")
+    return [line[:-1] if line.endswith("\r") else line for line in lines if line.strip()]
+
+
 def read_chunk_lines(uri: str, start: int, end: int) -> list[str]:
-    """The lines that start in bytes [start, end) of a file, as read_text_lines has them
-    (Latin-1, str.splitlines, blank lines dropped). A line belongs to the range that holds
-    its first byte, so the ranges of a file cut it only at newlines and read every line once."""
+    """The lines that start in bytes [start, end) of a file (split_lines). A line belongs to
+    the range that holds its first byte, so the ranges of a file cut it only at newlines and
+    read every line once; end = -1 reads the whole file, decompressing it if its name says so."""
     fs, path = storage.open_storage(uri)
+    if end < 0:
+        with fs.open(path, "rb", compression="infer") as f:
+            return split_lines(f.read())
     with fs.open(path, "rb") as f:
         if start:
             f.seek(start - 1)
@@ -422,28 +426,32 @@ def read_chunk_lines(uri: str, start: int, end: int) -> list[str]:
         data = f.read(end - begin) if begin < end else b""
         if data and not data.endswith(b"\n"):
             data += f.readline()
-    return [line for line in data.decode(captions.READ_ENCODING).splitlines() if line.strip()]
+    return split_lines(data)
 
 
-def parse_tsv_chunks(batch: dict, rules: captions.CaptionRules, origin: str) -> dict:
-    """Read task: byte ranges of TSV files -> their caption rows."""
+def read_lines_task(batch: dict) -> dict:
+    """Read task: byte ranges of text files -> their lines (column "text")."""
     lines = [line for uri, start, end in zip(batch["uri"], batch["start"], batch["end"])
-             for line in read_chunk_lines(uri, int(start), int(end))]
-    return parse_tsv_batch({"text": lines}, rules, origin)
+             for line in read_chunk_lines(str(uri), int(start), int(end))]
+    return {"text": np.array(lines, dtype=object)}
+
+
+def read_text_lines(uris: list[str]):
+    """Ray Data dataset of the lines of text files (one column "text", split_lines), read in
+    byte ranges by one task each, so one large file (CC12M's 12.4 M-row TSV) is read on every
+    CPU; a compressed file, which cannot be split, is one task."""
+    n_cpus = max(1, int(ray.cluster_resources().get("CPU", 1))) if ray.is_initialized() else 1
+    plain = [u for u in uris if not infer_compression(u)]
+    chunks = text_chunks(plain, READ_CHUNK_BYTES, n_cpus) if plain else []
+    chunks += [{"uri": u, "start": 0, "end": -1} for u in uris if infer_compression(u)]
+    return ray.data.from_items(chunks, override_num_blocks=max(1, len(chunks))).map_batches(
+        read_lines_task, batch_size=1, batch_format="numpy")
 
 
 def read_tsv_rows(uris: list[str], rules: captions.CaptionRules, origin: str):
-    """The CC12M reader: `url<TAB>caption` lines -> caption rows, read and parsed in byte
-    ranges, one task each (compressed files, which cannot be split, one task per file)."""
-    kwargs = {"rules": rules, "origin": origin}
-    n_cpus = max(1, int(ray.cluster_resources().get("CPU", 1))) if ray.is_initialized() else 1
-    chunks = ([] if any(infer_compression(u) for u in uris)
-              else text_chunks(uris, READ_CHUNK_BYTES, n_cpus))
-    if not chunks:
-        return read_text_lines(uris).map_batches(parse_tsv_batch, fn_kwargs=kwargs,
-                                                 batch_format="numpy")
-    return ray.data.from_items(chunks, override_num_blocks=len(chunks)).map_batches(
-        parse_tsv_chunks, fn_kwargs=kwargs, batch_size=1, batch_format="numpy")
+    """The CC12M reader: `url<TAB>caption` lines -> caption rows, parsed where they are read."""
+    return read_text_lines(uris).map_batches(parse_tsv_batch, fn_kwargs={"rules": rules, "origin": origin},
+                                             batch_format="numpy")
 
 
 def run_build(input_uris: list[str], output_root: str, params: BuildParams, *,

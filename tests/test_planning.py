@@ -48,6 +48,7 @@ def odd_line(rng: random.Random, url: str, caption: str) -> bytes:
         f"{url}\tcaf\xe9 {caption}\n".encode("latin-1"),     # not UTF-8
         f"{url}\tbroken \ufffd {caption}\n".encode(),        # U+FFFD upstream
         f"{url}\tcr\u00e9me {caption}\r\n".encode(),          # CRLF, UTF-8 accent
+        f"{url}\t\u0445\u043e\u0440\u043e\u0448\u043e {caption}\n".encode(),  # Cyrillic: byte 0x85 inside
         b"   \n",                                            # blank: the reader drops it
     ])
 
@@ -61,12 +62,14 @@ def tsv(tmp_path_factory):
 
 def reference_plan(path, rules: captions.CaptionRules, shard_size: int, origin: str = "cc12m"):
     """(reason counts, {shard id: packed groups JSON}) by the documented rules, in plain Python:
-    lines as read_text_lines splits them (Latin-1, str.splitlines, blank lines dropped), each
+    lines as read_text_lines splits them (Latin-1, at "\\n" only, a trailing "\\r" dropped,
+    blank lines dropped), each
     decoded as UTF-8 and parsed alone; kept rows grouped by captions.group_captions; a group's
     shard is int(key[:8], 16) % ceil(groups / shard_size), the non-empty buckets numbered
     densely in order; a shard's groups sorted by key."""
     reasons, kept = Counter(), []
-    for line in path.read_bytes().decode(captions.READ_ENCODING).splitlines():
+    for line in path.read_bytes().decode(captions.READ_ENCODING).split("\n"):
+        line = line.removesuffix("\r")
         if not line.strip():
             continue
         text = captions.redecode_utf8(line)
@@ -119,3 +122,23 @@ def test_empty_hash_buckets_get_no_shard_id(ray_session, tmp_path):
     assert reasons == expected_reasons
     assert shard_ids == list(range(len(expected)))
     assert packed == expected
+
+
+def test_lines_are_cut_at_newlines_only_and_ranges_read_each_once(tmp_path):
+    """split_lines keeps UTF-8 letters whose bytes are Latin-1 line breaks (0x85 in Cyrillic
+    "х", 0x0b, 0x0c, 0x1c); byte ranges of every size give the whole file's lines once."""
+    data = ("url\tcaption\r\nhttps://a/1.jpg\t\u0445\u043e\u0440\u043e\u0448\u043e\n\n"
+            "https://a/2.jpg\tx\u000by\u001cz\n  \nlast line without newline").encode()
+    lines = build.split_lines(data)
+    assert [captions.redecode_utf8(line) for line in lines] == [
+        "url\tcaption", "https://a/1.jpg\t\u0445\u043e\u0440\u043e\u0448\u043e",
+        "https://a/2.jpg\tx\u000by\u001cz", "last line without newline"]
+    path = tmp_path / "lines.tsv"
+    path.write_bytes(data)
+    for size in (1, 2, 5, 17, len(data)):
+        got = [line for start in range(0, len(data), size)
+               for line in build.read_chunk_lines(str(path), start, min(start + size, len(data)))]
+        assert got == lines, size
+    import gzip
+    (tmp_path / "lines.tsv.gz").write_bytes(gzip.compress(data))
+    assert build.read_chunk_lines(str(tmp_path / "lines.tsv.gz"), 0, -1) == lines
