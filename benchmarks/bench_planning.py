@@ -161,9 +161,13 @@ def planning_variant(variant: str):
             setattr(build, name, fn)
 
 
-def plan(uris: list[str], params: build.BuildParams):
+def tsv_reader(tsv: Path, params: build.BuildParams):
+    return lambda: build.read_tsv_rows([str(tsv)], params.caption_rules, params.corpus)
+
+
+def plan(read_rows, params: build.BuildParams):
     """(specs, shard count, group count, reasons) from build.py's planning functions."""
-    rows = build.read_tsv_rows(uris, params.caption_rules, params.corpus)
+    rows = read_rows()
     groups, reasons = build.plan_caption_groups(rows, params)
     n_groups = groups.count()
     specs, shard_ids = build.plan_shards(groups, params)
@@ -230,14 +234,14 @@ def spec_digest(specs) -> str:
     return hashlib.sha256(json.dumps(rows).encode()).hexdigest()[:16]
 
 
-def run_once(variant: str, tsv: Path, params: build.BuildParams, check: bool) -> dict:
-    """Plan one TSV with one variant and force the specs; returns the figures (or the error
+def run_once(variant: str, read_rows, params: build.BuildParams, check: bool) -> dict:
+    """Plan one corpus (`read_rows()`: its caption-row dataset) with one variant and force the specs; returns the figures (or the error
     that stopped it, after how long)."""
     with PeakSampler() as peaks:
         start = time.perf_counter()
         try:
             with planning_variant(variant):
-                specs, n_shards, n_groups, reasons = plan([str(tsv)], params)
+                specs, n_shards, n_groups, reasons = plan(read_rows, params)
                 n_specs = specs.count()
         except Exception as e:  # noqa: BLE001  (the baseline fails at some sizes: report it)
             return {"variant": variant, "wall_s": time.perf_counter() - start,
@@ -309,6 +313,43 @@ def time_small_build(n_images: int, workdir: Path, variant: str) -> None:
           flush=True)
 
 
+def plan_yfcc(n_lines: int, workdir: Path, shard_size: int) -> None:
+    """YFCC15M's planning from a YFCC100M-layout metadata file and subset list."""
+    from benchmarks.synthetic_corpora import write_yfcc
+    from pipelines import prepare_yfcc15m
+    from pipelines.captions import CaptionRules
+    metadata, subset = workdir / f"yfcc-{n_lines}.tsv", workdir / f"yfcc-{n_lines}-subset.tsv"
+    if not subset.exists():
+        start = time.perf_counter()
+        write_yfcc(metadata, subset, n_lines)
+        print(f"wrote {metadata.name} ({metadata.stat().st_size / 2**20:.0f} MiB) in "
+              f"{time.perf_counter() - start:.1f} s", flush=True)
+    params = build.BuildParams(corpus="yfcc15m", shard_size=shard_size)
+    result = run_once("current", lambda: prepare_yfcc15m.read_metadata_rows(
+        [str(metadata)], str(subset), CaptionRules()), params, check=False)
+    print("    yfcc  metadata lines, subset of "
+          f"{sum(1 for _ in open(subset)):,} ids:", flush=True)
+    print_result(n_lines, result)
+
+
+def plan_sharegpt4v(n_records: int, workdir: Path, shard_size: int) -> None:
+    """ShareGPT4V's training build planned from its caption JSON, streamed."""
+    from benchmarks.synthetic_corpora import write_sharegpt4v
+    from pipelines import prepare_sharegpt4v
+    from pipelines.captions import CaptionRules
+    path = workdir / f"sharegpt4v-{n_records}.json"
+    if not path.exists():
+        start = time.perf_counter()
+        write_sharegpt4v(path, n_records)
+        print(f"wrote {path.name} ({path.stat().st_size / 2**20:.0f} MiB) in "
+              f"{time.perf_counter() - start:.1f} s", flush=True)
+    params = build.BuildParams(corpus="sharegpt4v", shard_size=shard_size)
+    result = run_once("current", lambda: prepare_sharegpt4v.read_record_rows(
+        [str(path)], 1000, None, "/data/sharegpt4v", None, CaptionRules()), params, check=False)
+    print("    sharegpt4v  records (JSON streamed by one task):", flush=True)
+    print_result(n_records, result)
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--rows", type=int, nargs="*", default=[1_000_000], help="TSV sizes (none: skip)")
@@ -317,6 +358,10 @@ def main(argv=None) -> None:
     p.add_argument("--workdir", default="bench_out")
     p.add_argument("--num-cpus", type=int, default=None, help="Ray's CPUs (default: all cores)")
     p.add_argument("--build-images", type=int, default=0, help="also time a small whole build")
+    p.add_argument("--yfcc-lines", type=int, default=0,
+                   help="also plan YFCC: metadata of this many lines joined with a 15 %% subset")
+    p.add_argument("--sharegpt4v-records", type=int, default=0,
+                   help="also plan ShareGPT4V's training build from a JSON of this many records")
     p.add_argument("--build-variant", choices=sorted(BASELINE_OR_CURRENT), default="current")
     args = p.parse_args(argv)
     from pipelines import ray_setup
@@ -332,14 +377,19 @@ def main(argv=None) -> None:
     variants = ["baseline", "current"] if args.baseline else ["current"]
     if args.build_images:
         time_small_build(args.build_images, workdir, args.build_variant)
+    if args.yfcc_lines:
+        plan_yfcc(args.yfcc_lines, workdir, args.shard_size)
+    if args.sharegpt4v_records:
+        plan_sharegpt4v(args.sharegpt4v_records, workdir, args.shard_size)
     if not args.rows:
         return
     params = build.BuildParams(corpus="cc12m", shard_size=args.shard_size)
     for variant in variants:  # warm-up: worker processes and imports
-        run_once(variant, tsvs[WARMUP_ROWS], params, check=False)
+        run_once(variant, tsv_reader(tsvs[WARMUP_ROWS], params), params, check=False)
     walls = {v: [] for v in variants}
     for n in sorted(args.rows):
-        results = [run_once(v, tsvs[n], params, check=args.baseline) for v in variants]
+        results = [run_once(v, tsv_reader(tsvs[n], params), params, check=args.baseline)
+                   for v in variants]
         for r in results:
             print_result(n, r)
             walls[r["variant"]].append((n, r["wall_s"]) if "error" not in r else None)

@@ -102,8 +102,11 @@ def code_version() -> str:
 
 
 def rows_to_columns(rows: list[dict]) -> dict:
-    """Caption-row dicts -> Ray Data's numpy column form."""
-    return {c: np.array([r.get(c, "") for r in rows], dtype=object) for c in ROW_COLUMNS}
+    """Caption-row dicts -> Ray Data's numpy column form. No rows: empty string arrays, not
+    object ones, which Arrow would type as null and a later shuffle could not concatenate
+    with other blocks (a metadata chunk without one subset photo gives no rows)."""
+    dtype = object if rows else str
+    return {c: np.array([r.get(c, "") for r in rows], dtype=dtype) for c in ROW_COLUMNS}
 
 
 class ParseTsvRows:
@@ -433,7 +436,7 @@ def read_lines_task(batch: dict) -> dict:
     """Read task: byte ranges of text files -> their lines (column "text")."""
     lines = [line for uri, start, end in zip(batch["uri"], batch["start"], batch["end"])
              for line in read_chunk_lines(str(uri), int(start), int(end))]
-    return {"text": np.array(lines, dtype=object)}
+    return {"text": np.array(lines, dtype=object if lines else str)}  # typed even when empty
 
 
 def read_text_lines(uris: list[str]):
@@ -454,11 +457,22 @@ def read_tsv_rows(uris: list[str], rules: captions.CaptionRules, origin: str):
                                              batch_format="numpy")
 
 
+@ray.remote(num_cpus=1)
+def _file_sha256(uri: str) -> str:
+    return storage.file_sha256(uri)
+
+
+def input_digests(uris: list[str]) -> list[str]:
+    """sha256 of each input file, one Ray task per file: side by side, and read where Ray puts
+    the task (a cluster node near the bucket), not streamed through the driver."""
+    return ray.get([_file_sha256.remote(u) for u in uris])
+
+
 def run_build(input_uris: list[str], output_root: str, params: BuildParams, *,
               read_rows) -> tuple[str, dict]:
     """Build (or reuse) the corpus from `read_rows(input_uris)` (a dataset of caption rows);
     returns (build uri, manifest)."""
-    inputs = [{"uri": u, "sha256": storage.file_sha256(u)} for u in input_uris]
+    inputs = [{"uri": u, "sha256": d} for u, d in zip(input_uris, input_digests(input_uris))]
     build_id = compute_build_id([i["sha256"] for i in inputs], params)
     build_uri = storage.join(output_root, params.corpus, build_id)
     fs, build_path = storage.open_storage(build_uri)
