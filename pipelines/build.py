@@ -210,9 +210,12 @@ def plan_caption_groups(rows, params: BuildParams):
     n_partitions = max(1, math.ceil(rows.count() / ROWS_PER_BUCKET))
     reasons = count_reasons(rows)
     check_row_failures(reasons, params.max_failure_rate)
-    kept = rows.filter(expr=col("reason") == "").map_batches(
+    # Buckets before the filter: a block whose rows are all rejects filters to an empty one,
+    # which a map stage after it would skip and pass on without columns, and the shuffle
+    # could not concatenate that block with the others (Ray 2.60).
+    kept = rows.map_batches(
         add_buckets, fn_kwargs={"n_buckets": n_partitions * BUCKETS_PER_PARTITION},
-        batch_format="numpy")
+        batch_format="numpy").filter(expr=col("reason") == "")
     # A function (not an actor pool) also keeps map_groups fused with the shuffle's reduce,
     # which drops the empty block of a partition that no bucket hashed to: in Ray 2.60 such a
     # block has no columns, and a later shuffle fails to concatenate it with the others.
@@ -439,16 +442,21 @@ def read_lines_task(batch: dict) -> dict:
     return {"text": np.array(lines, dtype=object if lines else str)}  # typed even when empty
 
 
-def read_text_lines(uris: list[str]):
-    """Ray Data dataset of the lines of text files (one column "text", split_lines), read in
-    byte ranges by one task each, so one large file (CC12M's 12.4 M-row TSV) is read on every
-    CPU; a compressed file, which cannot be split, is one task."""
+def line_chunks(uris: list[str]):
+    """Ray Data dataset of byte ranges (uri, start, end) covering text files, one row and one
+    block each, so one large file (CC12M's 12.4 M-row TSV) is read on every CPU; a compressed
+    file, which cannot be split, is one range (end -1). A stage that reads its range itself
+    is called for every range, even one that holds no line, and so always gives typed columns."""
     n_cpus = max(1, int(ray.cluster_resources().get("CPU", 1))) if ray.is_initialized() else 1
     plain = [u for u in uris if not infer_compression(u)]
     chunks = text_chunks(plain, READ_CHUNK_BYTES, n_cpus) if plain else []
     chunks += [{"uri": u, "start": 0, "end": -1} for u in uris if infer_compression(u)]
-    return ray.data.from_items(chunks, override_num_blocks=max(1, len(chunks))).map_batches(
-        read_lines_task, batch_size=1, batch_format="numpy")
+    return ray.data.from_items(chunks, override_num_blocks=max(1, len(chunks)))
+
+
+def read_text_lines(uris: list[str]):
+    """Ray Data dataset of the lines of text files (one column "text", split_lines)."""
+    return line_chunks(uris).map_batches(read_lines_task, batch_size=1, batch_format="numpy")
 
 
 def read_tsv_rows(uris: list[str], rules: captions.CaptionRules, origin: str):

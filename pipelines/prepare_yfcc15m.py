@@ -93,6 +93,13 @@ def select_subset(batch: dict, subset_ref, rules: CaptionRules) -> dict:
     return {**build.rows_to_columns(rows), "subset_pos": np.array(positions, dtype=np.int64)}
 
 
+def select_subset_chunks(batch: dict, subset_ref, rules: CaptionRules) -> dict:
+    """select_subset over the lines of byte ranges it reads itself (build.line_chunks)."""
+    lines = [line for uri, start, end in zip(batch["uri"], batch["start"], batch["end"])
+             for line in build.read_chunk_lines(str(uri), int(start), int(end))]
+    return select_subset({"text": lines}, subset_ref, rules)
+
+
 def count_missing(selected, n_subset: int) -> int:
     """How many subset ids no metadata line names, from the selected rows' positions: a bitmap
     of one byte per subset id (15 MB for YFCC15M), filled as the position column streams by."""
@@ -131,9 +138,9 @@ def read_metadata_rows(metadata: list[str], subset: str, rules: CaptionRules):
     on several metadata lines gives the captions of each (YFCC100M's ids are unique)."""
     id_blocks = build.read_text_lines([subset]).map_batches(parse_subset, batch_format="numpy")
     subset_ref = sorted_unique_ids.remote(*id_blocks.to_numpy_refs(column="photo_id"))
-    selected = build.read_text_lines(metadata).map_batches(
-        select_subset, fn_kwargs={"subset_ref": subset_ref, "rules": rules},
-        batch_format="numpy").materialize()
+    selected = build.line_chunks(metadata).map_batches(
+        select_subset_chunks, fn_kwargs={"subset_ref": subset_ref, "rules": rules},
+        batch_size=1, batch_format="numpy").materialize()
     n_subset = ray.get(_length.remote(subset_ref))
     n_missing = count_missing(selected, n_subset)
     rows = selected.drop_columns(["subset_pos"])
