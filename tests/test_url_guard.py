@@ -152,17 +152,24 @@ def counting_stub(*answers: str):
     return resolve, calls
 
 
+def fetch_from(handler, host: str, path: str):
+    """(server, result) of one loopback-allowed fetch of http://host:<port>/path from a
+    loopback server running `handler`, stopped afterwards."""
+    server = LoopbackServer(handler)
+    try:
+        fetch = ImageFetcher(DownloadParams(retries=0, timeout_s=2.0, allow_loopback=True))
+        return server, fetch("k", f"http://{host}:{server.port}{path}")
+    finally:
+        server.stop()
+
+
 def test_redirects_to_blocked_addresses_are_not_followed(monkeypatch, loopback_only):
     """A loopback server (allowed) redirects to a name the stub resolves to the metadata
     address: the redirect is refused, so nothing but loopback is contacted."""
     monkeypatch.setattr(url_guard, "RESOLVE", lambda host, port: stub("169.254.169.254")(host, port)
                         if host.endswith(".invalid") else stub(host)(host, port))
-    server = LoopbackServer(RedirectToMetadata)
-    try:
-        fetch = ImageFetcher(DownloadParams(retries=0, timeout_s=2.0, allow_loopback=True))
-        assert fetch("k", f"http://127.0.0.1:{server.port}/img.jpg") == (None, "blocked_address")
-    finally:
-        server.stop()
+    server, result = fetch_from(RedirectToMetadata, "127.0.0.1", "/img.jpg")
+    assert result == (None, "blocked_address")
     assert loopback_only == [("127.0.0.1", server.port)]
 
 
@@ -171,12 +178,8 @@ def test_rebinding_after_the_check_is_refused_at_connect(monkeypatch, loopback_o
     resolves once itself, validates that answer and refuses it, so no socket is opened."""
     resolve, calls = counting_stub("127.0.0.1", "10.0.0.1")
     monkeypatch.setattr(url_guard, "RESOLVE", resolve)
-    server = LoopbackServer(ServeJpeg)
-    try:
-        fetch = ImageFetcher(DownloadParams(retries=0, timeout_s=2.0, allow_loopback=True))
-        assert fetch("k", f"http://rebind.invalid:{server.port}/a.jpg") == (None, "blocked_address")
-    finally:
-        server.stop()
+    server, result = fetch_from(ServeJpeg, "rebind.invalid", "/a.jpg")
+    assert result == (None, "blocked_address")
     assert len(calls) == 2 and loopback_only == [] and server.hosts == []
 
 
