@@ -22,7 +22,7 @@ import torch  # noqa: E402
 
 from evaluation import encoders, evaluate  # noqa: E402
 from evaluation.cache import EmbeddingCache  # noqa: E402
-from evaluation.tasks.retrieval import compute_retrieval_recall  # noqa: E402
+from scoring.retrieval import compute_retrieval_recall  # noqa: E402
 from pipelines import ray_setup  # noqa: E402
 from tests.eval_fixtures import class_image  # noqa: E402
 from training import checkpoint  # noqa: E402

@@ -15,8 +15,8 @@ import numpy as np
 import torch
 
 from evaluation.datasets import load_image_folder, load_karpathy
-from evaluation.datasets.files import read_image
-from evaluation.tasks.zeroshot import fill_templates
+from scoring.sets.files import read_image
+from scoring.zeroshot import class_prompts
 from pipelines.demo_corpus import write_demo_corpus
 from training import transforms
 from training.batches import IMAGES, TEXTS
@@ -53,7 +53,7 @@ class EvalData:
         self.retrieval = load_karpathy(str(corpus.retrieval_dir / "dataset_karpathy.json"))
         self.zs_images = torch.stack([preprocess(read_image(r)) for r in self.zeroshot.images])
         self.rt_images = torch.stack([preprocess(read_image(r)) for r in self.retrieval.images])
-        self.prompts = [p for c in self.zeroshot.classnames for p in fill_templates(self.zeroshot.templates, c)]
+        self.prompts = class_prompts(self.zeroshot)
 
 
 def clip_config(overrides: dict, seed: int, method: str = "clip") -> TrainConfig:

@@ -40,7 +40,7 @@ from benchmarks.inprocess import (ARCH, EvalData, add_training_arguments, clip_c
                                   train_from_scratch, write_results)
 from evaluation.inversion import InversionConfig, oti_features, ovi_features
 from evaluation.tasks.intra_modal import MAP_KEY, compute_modality_gap, compute_retrieval_metrics, split_first_caption
-from evaluation.tasks.zeroshot import compute_zeroshot_metrics
+from scoring.zeroshot import compute_zeroshot_metrics
 from training.model import build_training_model
 from training.towers import build_tokenizer
 

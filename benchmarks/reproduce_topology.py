@@ -33,8 +33,8 @@ import torch
 
 from benchmarks.inprocess import (ARCH, EvalData, add_training_arguments, paired_against, prepare_demo,
                                   train_from_scratch, write_results)
-from evaluation.tasks.retrieval import compute_retrieval_recall
-from evaluation.tasks.zeroshot import compute_zeroshot_metrics
+from scoring.retrieval import compute_retrieval_recall
+from scoring.zeroshot import compute_zeroshot_metrics
 from training.towers import build_tokenizer
 
 FIXED = {"loss.init_logit_scale": 0.0, "loss.learn_temperature": False}  # s = 1, not learned

@@ -10,8 +10,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from evaluation.datasets import (load_coco_captions, load_flickr_token, load_image_folder, load_karpathy,
-                                 load_long_caption_build, load_long_caption_folder, load_sugarcrepe, load_wds)
+from evaluation.datasets import load_sugarcrepe
 from evaluation.datasets.landmarks import load_revisited
 from evaluation.datasets.metric_learning import load_cub, load_sop
 from evaluation.tasks.compositionality import compute_pair_accuracy, summarize_sugarcrepe
@@ -21,21 +20,17 @@ from evaluation.tasks.intra_modal import (GAP_KEY, MAP_KEY, compute_modality_gap
                                           compute_revisited_map,
                                           compute_text_to_text_metrics, split_first_caption)
 from evaluation.tasks.linear_probe import LinearProbeConfig, evaluate_linear_probe
-from evaluation.tasks.retrieval import compute_retrieval_recall, select_gallery
-from evaluation.tasks.zeroshot import (ATTRIBUTE_ACCURACY_KEY, compute_attribute_accuracy,
-                                       compute_confusion, compute_multilabel_metrics, compute_zeroshot_metrics,
-                                       fill_templates, top1_predictions)
+from scoring.sets import SET_READERS, TEMPLATED
+from scoring.retrieval import compute_retrieval_recall, retrieval_scores, select_gallery
+from scoring.zeroshot import (ATTRIBUTE_ACCURACY_KEY, class_logits, class_prompts, classification_metrics,
+                              compute_attribute_accuracy, compute_confusion, top1_predictions)
 
 IMAGE, TEXT = "image", "text"
 IMAGE_STATES = "image_states"  # class-token states before the projection (linear probe, "features")
 MODALITIES = (IMAGE, IMAGE_STATES, TEXT)
 PROBE_FEATURES = {"embedding": IMAGE, "class_states": IMAGE_STATES}
-READERS: dict[str, Callable] = {
-    "wds": load_wds, "image_folder": load_image_folder, "karpathy": load_karpathy,
-    "coco_captions": load_coco_captions, "flickr_token": load_flickr_token,
-    "long_folder": load_long_caption_folder, "long_build": load_long_caption_build, "sugarcrepe": load_sugarcrepe,
-    "revisited": load_revisited, "cub": load_cub, "sop": load_sop,
-}
+READERS: dict[str, Callable] = {**SET_READERS, "sugarcrepe": load_sugarcrepe, "revisited": load_revisited,
+                                 "cub": load_cub, "sop": load_sop}
 # task -> (report section, dataset roles it reads)
 TASKS = {
     "zeroshot": ("zeroshot", ("test",)),
@@ -72,7 +67,7 @@ def load_dataset(spec: dict, need_templates: bool):
     reader_name, path, protocol = spec.pop("format"), spec.pop("path"), spec.pop("protocol", None)
     if reader_name not in READERS:
         raise ValueError(f"unknown dataset format {reader_name!r}; known: {sorted(READERS)}")
-    if reader_name in ("wds", "image_folder"):
+    if reader_name in TEMPLATED:
         spec["need_templates"] = need_templates
     dataset = READERS[reader_name](path, **spec)
     return dataclasses.replace(dataset, protocol=protocol) if protocol else dataset
@@ -99,11 +94,6 @@ def benchmark_roles(task: str, options: dict) -> tuple[str, ...]:
     if task == "image_retrieval" and options.get("gallery") == "test":
         return ("test",)
     return TASKS[task][1]
-
-
-def class_prompts(dataset) -> list[str]:
-    """Every class name in every template, class-major."""
-    return [p for c in dataset.classnames for p in fill_templates(dataset.templates, c)]
 
 
 def unique_images(composition) -> list:
@@ -187,13 +177,11 @@ def inverted_note(bench: Benchmark) -> dict:
 
 def score_zeroshot(bench: Benchmark, features: dict, topology: Topology) -> dict:
     dataset = bench.data["test"]
-    prompts = features["prompts"].reshape(dataset.n_classes, len(dataset.templates), -1)  # class-major
-    logits = np.asarray(topology.class_scores(features["images"], prompts), np.float64)
+    logits = class_logits(dataset, features["images"], features["prompts"], topology)
+    entry = {**classification_metrics(dataset, logits), "n_images": dataset.n_images, "n_classes": dataset.n_classes}
     if dataset.multilabel:
-        return {**compute_multilabel_metrics(logits, dataset.labels), "n_images": dataset.n_images,
-                "n_classes": dataset.n_classes}
-    entry = {**compute_zeroshot_metrics(logits, dataset.labels), "n_images": dataset.n_images,
-             "n_classes": dataset.n_classes, **inverted_note(bench)}
+        return entry
+    entry.update(inverted_note(bench))
     predictions = top1_predictions(logits)
     if dataset.attributes:
         entry[ATTRIBUTE_ACCURACY_KEY] = compute_attribute_accuracy(predictions, dataset.labels, dataset.attributes)
@@ -217,7 +205,7 @@ def gallery_entries(dataset, scores: np.ndarray) -> list[dict]:
 
 def score_retrieval(bench: Benchmark, features: dict, topology: Topology) -> dict:
     dataset = bench.data["test"]
-    scores = np.asarray(topology.score(features["images"], features["captions"]))
+    scores = retrieval_scores(features["images"], features["captions"], topology)
     metrics = compute_retrieval_recall(scores, dataset.text_to_image)
     return {**metrics, "protocol": dataset.protocol, "n_images": dataset.n_images, "n_texts": dataset.n_texts,
             GALLERY_KEY: gallery_entries(dataset, scores), **inverted_note(bench)}

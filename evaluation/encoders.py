@@ -8,7 +8,7 @@ import torch
 import hashlib
 
 from evaluation.cache import EmbeddingCache
-from evaluation.datasets.files import ImageRef, read_image
+from scoring.sets.files import ImageRef, read_image
 from evaluation.inversion import InversionConfig, check_inversion, oti_features, ovi_features
 from evaluation.probe_views import ViewAugmenter, ViewConfig
 from training.inference import load_inference_model

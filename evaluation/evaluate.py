@@ -37,7 +37,7 @@ from evaluation import encoders, suites  # noqa: E402
 from evaluation.benchmarks import (IMAGE, IMAGE_STATES, MODALITIES, TASKS, Benchmark, load_benchmark,  # noqa: E402
                                    requests, score)
 from evaluation.cache import EmbeddingCache, digest_values, model_fingerprint  # noqa: E402
-from evaluation.datasets.files import Location  # noqa: E402
+from scoring.sets.files import Location  # noqa: E402
 from evaluation.figures import load_run_metrics  # noqa: E402
 from evaluation.inversion import INVERTS, requested_inversion  # noqa: E402
 from evaluation.probe_views import requested_views  # noqa: E402

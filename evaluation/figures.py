@@ -4,6 +4,7 @@ training curves of the evaluated checkpoint's run (its `metrics.jsonl`) and a re
 (a few image queries with their best captions, right ones in green)."""
 from __future__ import annotations
 
+import fnmatch
 import io
 import json
 import textwrap
@@ -16,7 +17,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from evaluation.datasets.files import read_image  # noqa: E402
+from scoring.sets.files import read_image  # noqa: E402
 from pipelines import storage  # noqa: E402
 
 METRICS_FILE = "metrics.jsonl"  # training/train.py: one JSON line per logging window, in the run directory
@@ -144,13 +145,18 @@ CURVE_PANELS = {
     "throughput (samples / s)": ["samples_per_s"],
     "data wait (fraction of time)": ["data_wait_fraction"],
     "gradient norm": ["grad_norm"],
+    # in-run evaluation (training/in_run_eval.py): one line per set
+    "in-run zero-shot top-1": ["eval/*/top1"],
+    "in-run retrieval R@1": ["eval/*/image_retrieval_recall@1", "eval/*/text_retrieval_recall@1"],
 }
 
 
 def panel_series(rows: list[dict], keys: list[str]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """Metric name -> (steps, values) of the rows that log it."""
-    names = dict.fromkeys(k for row in rows for k in row
-                          if any(k.startswith(p) if p.endswith("/") else k == p for p in keys))
+    """Metric name -> (steps, values) of the rows that log it; a key ending in "/" matches
+    every metric under it, one with "*" is a shell pattern ("eval/*/top1")."""
+    def matches(name: str, key: str) -> bool:
+        return name.startswith(key) if key.endswith("/") else fnmatch.fnmatchcase(name, key)
+    names = dict.fromkeys(k for row in rows for k in row if any(matches(k, p) for p in keys))
     series = {}
     for name in names:
         points = [(row["step"], row[name]) for row in rows if isinstance(row.get(name), (int, float))]
@@ -171,14 +177,14 @@ def draw_training_curves(rows: list[dict], out_file: Path, title: str, step: int
     fig, axes = plt.subplots(n_rows, n_cols, figsize=(5 * n_cols, 3.4 * n_rows), squeeze=False)
     for ax, (panel, series) in zip(axes.flat, panels.items()):
         for name, (steps, values) in series.items():
-            ax.plot(steps, values, lw=2 if name == "loss/total" else 1.2, label=name.removeprefix("loss/"),
+            ax.plot(steps, values, lw=2 if name == "loss/total" else 1.2, label=name.removeprefix("loss/").removeprefix("eval/"),
                     marker="." if len(steps) < 30 else None)
         if step is not None:
             ax.axvline(step, color="grey", ls="--", lw=0.8)
         ax.set_title(panel, fontsize=10)
         ax.set_xlabel("step", fontsize=9)
         ax.grid(alpha=0.3)
-        if len(series) > 1:
+        if len(series) > 1 or panel.startswith("in-run"):  # an in-run line is named by its set
             ax.legend(fontsize=8)
     for ax in list(axes.flat)[len(panels):]:
         ax.axis("off")

@@ -14,8 +14,8 @@ from evaluation.datasets.compositional import SUGARCREPE_SUBSETS
 from evaluation.tasks.compositionality import AVERAGE_KEY
 from evaluation.misalignment import misalignment_rows
 from evaluation.tasks.intra_modal import GAP_KEY, MAP_AT_R_KEY, MAP_KEY, R_PRECISION_KEY
-from evaluation.tasks.retrieval import IMAGE_RETRIEVAL_KEY, RECALL_KS, TEXT_RETRIEVAL_KEY
-from evaluation.tasks.zeroshot import (ATTRIBUTE_ACCURACY_KEY, MEAN_AVERAGE_PRECISION_KEY,
+from scoring.retrieval import IMAGE_RETRIEVAL_KEY, RECALL_KS, TEXT_RETRIEVAL_KEY
+from scoring.zeroshot import (ATTRIBUTE_ACCURACY_KEY, MEAN_AVERAGE_PRECISION_KEY,
                                        MEAN_PER_CLASS_RECALL_KEY, TOPK_KEY)
 
 REPORT_JSON = "report.json"

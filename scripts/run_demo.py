@@ -42,6 +42,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=5e-4)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--log-every", type=int, default=20, help="training steps per console line")
+    p.add_argument("--eval-every", type=int, default=100,
+                   help="zero-shot and retrieval on the demo's eval split every this many steps while "
+                        "training (the console line and the report's training curves show it); 0: off")
     p.add_argument("--shard-size", type=int, default=250, help="images per shard (>= workers shards needed)")
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                    help="config override for training, e.g. --method pgs0.3 --set pgs.mode=paper")
@@ -78,9 +81,18 @@ def train_model(args, out: Path, build_uri: str) -> str:
             # No crop: a 90-100 % crop cuts up to 6 px off the sides, where edge objects sit,
             # and stretches by up to 11 %; without it shape rose 48.8 -> 52.2 % (README).
             "--set=data.crop_scale=[1.0,1.0]", *(f"--set={item}" for item in args.set),
-            *verbose_flag(args)]
+            *in_run_evaluation(args, out), *verbose_flag(args)]
     train.main(argv + (["--max-steps", str(args.max_steps)] if args.max_steps else []))
     return str(out / "runs" / run_name)
+
+
+def in_run_evaluation(args, out: Path) -> list[str]:
+    """The train flags that evaluate on the demo's zero-shot and retrieval splits during the run."""
+    if not args.eval_every:
+        return []
+    eval_root = out / "corpus" / "eval"
+    return ["--eval-every", str(args.eval_every), "--eval-set", f"zeroshot=image_folder:{eval_root / 'zeroshot'}",
+            "--eval-set", f"retrieval=karpathy:{eval_root / 'retrieval' / 'dataset_karpathy.json'}"]
 
 
 def verbose_flag(args) -> list[str]:

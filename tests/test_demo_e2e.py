@@ -53,6 +53,12 @@ def test_demo_runs_end_to_end(ray_session, tmp_path, capfd):
                    "plot_gallery_demo-retrieval.png"):
         assert f"]({figure})" in markdown and (tmp_path / "report" / figure).stat().st_size > 0, figure
     assert json.loads((tmp_path / "demo_summary.json").read_text())["chance"] == 1 / 40
+    # in-run evaluation at the last step (the demo's every 100 steps is past this short run's end)
+    # logged what the evaluation job then reported for that step's checkpoint
+    *_, last = [json.loads(line) for line in (tmp_path / "runs" / "demo-clip" / "metrics.jsonl").open()]
+    assert last["eval/zeroshot/top1"] == pytest.approx(report["zeroshot"]["demo-zeroshot"]["top1"], abs=1e-6)
+    assert last["eval/retrieval/image_retrieval_recall@5"] == pytest.approx(
+        report["retrieval"]["demo-retrieval"]["image_retrieval_recall@5"], abs=1e-6)
     captured = capfd.readouterr()
     steps = report["checkpoint"]["step"]  # a line every 4 steps, and the last step's (its checkpoint)
     check_console(captured.out + captured.err, [f"{s}/{steps}" for s in sorted({*range(4, steps + 1, 4), steps})])

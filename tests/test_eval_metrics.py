@@ -11,8 +11,9 @@ from clip_benchmark.metrics import zeroshot_classification as cb_zeroshot
 from clip_benchmark.metrics import zeroshot_retrieval as cb_retrieval
 from sklearn.metrics import balanced_accuracy_score
 
-from evaluation.tasks.retrieval import compute_best_positive_ranks, compute_retrieval_recall
-from evaluation.tasks.zeroshot import build_zeroshot_weights, compute_zeroshot_metrics
+from scoring.retrieval import compute_best_positive_ranks, compute_retrieval_recall
+from scoring.zeroshot import build_zeroshot_weights, compute_zeroshot_metrics
+from training.topology import Sphere
 
 # ---------------------------------------------------------------- zero-shot, by hand
 
@@ -59,7 +60,7 @@ def test_zeroshot_weights_normalise_each_prompt_then_average_then_renormalise():
         seen.append(prompts)
         return np.array([table[p] for p in prompts])
 
-    weights = build_zeroshot_weights(encode_text, ["x", "y"], ["a {c}", "the {c}"])
+    weights = build_zeroshot_weights(encode_text, ["x", "y"], ["a {c}", "the {c}"], Sphere(1))
     # x: mean([1,0],[0,1]) = [.5,.5]            -> renormalised [1/sqrt2, 1/sqrt2]
     # y: [3,4]/5 = [.6,.8], [6,-8]/10 = [.6,-.8] -> mean [.6, 0] -> renormalised [1, 0]
     #    (averaging before normalising would give [4.5,-2] instead: the order matters)
@@ -188,7 +189,7 @@ def test_zeroshot_weights_parity_with_clip_benchmark():
     theirs = cb_zeroshot.zero_shot_classifier(
         LookupModel(), lambda texts: torch.tensor([token_of[t] for t in texts]), classnames, templates, "cpu", amp=False
     )  # (D, C)
-    ours = build_zeroshot_weights(lambda texts: table[[token_of[t] for t in texts]], classnames, templates)
+    ours = build_zeroshot_weights(lambda texts: table[[token_of[t] for t in texts]], classnames, templates, Sphere(1))
     np.testing.assert_allclose(ours, theirs.numpy().T, rtol=0, atol=1e-12)
 
 

@@ -16,7 +16,7 @@ from PIL import Image
 from evaluation.datasets import (load_coco_captions, load_flickr_token, load_image_folder, load_long_caption_build,
                                  load_sugarcrepe, load_wds)
 from evaluation.datasets.compositional import SUGARCREPE_SUBSETS
-from evaluation.datasets.files import read_image
+from scoring.sets.files import read_image
 from pipelines import shards, storage
 
 

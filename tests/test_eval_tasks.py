@@ -12,7 +12,7 @@ from evaluation.tasks.compositionality import compute_pair_accuracy, summarize_s
 from evaluation.tasks.intra_modal import (compute_average_precisions, compute_modality_gap, compute_retrieval_map,
                                           compute_text_to_text_map, split_first_caption)
 from evaluation.tasks.linear_probe import LinearProbeConfig, cosine_lr, evaluate_linear_probe
-from evaluation.tasks.zeroshot import compute_average_precision_per_class, compute_multilabel_metrics
+from scoring.zeroshot import compute_average_precision_per_class, compute_multilabel_metrics
 from training.topology import Sphere
 
 
@@ -123,7 +123,7 @@ def test_query_removed_from_its_own_gallery():
 
 def test_same_split_image_retrieval_entry_removes_the_query():
     from evaluation.benchmarks import Benchmark, requests, score
-    from evaluation.datasets.classification import ClassificationSet
+    from scoring.sets.classification import ClassificationSet
     from evaluation.tasks.intra_modal import compute_retrieval_metrics
     test = ClassificationSet("cub", [f"i{i}" for i in range(6)], np.arange(6) % 2, ["a", "b"], [])
     bench = Benchmark("cub", "image_retrieval", {"test": test}, {"gallery": "test"})
@@ -210,7 +210,7 @@ def test_linear_probe_separates_separable_features():
 
 def test_inverted_queries_are_embedding_requests_keyed_by_their_settings():
     from evaluation.benchmarks import Benchmark, requests, score
-    from evaluation.datasets.classification import ClassificationSet
+    from scoring.sets.classification import ClassificationSet
     from evaluation.inversion import requested_inversion
     rng = np.random.default_rng(4)
     test = ClassificationSet("t", ["q"] * 5, np.arange(5) % 3, ["a", "b", "c"], [])
@@ -250,7 +250,7 @@ def test_sgd_probe_learns_separable_classes():
 
 def test_ovi_caption_queries_are_a_request_of_the_first_captions():
     from evaluation.benchmarks import Benchmark, requests
-    from evaluation.datasets.retrieval import RetrievalSet
+    from scoring.sets.retrieval import RetrievalSet
     data = RetrievalSet("r", "hand-made", ["i0", "i1"], ["a", "b", "c", "d"], np.array([0, 0, 1, 1]))
     wanted = requests(Benchmark("r", "text_retrieval", {"test": data}, {"query": "ovi"}))
     assert wanted["queries"][0].startswith("ovi-") and wanted["queries"][1] == ["a", "c"]
@@ -261,8 +261,8 @@ def test_zero_shot_and_retrieval_controls_invert_one_side():
     """Cross the Gap's controls: zero-shot through OTI images or OVI prompts, and image-text
     retrieval with an inverted side, are the same tasks with one side's request inverted."""
     from evaluation.benchmarks import Benchmark, requests, score
-    from evaluation.datasets.classification import ClassificationSet
-    from evaluation.datasets.retrieval import RetrievalSet
+    from scoring.sets.classification import ClassificationSet
+    from scoring.sets.retrieval import RetrievalSet
     from evaluation.inversion import requested_inversion
     zs = ClassificationSet("z", ["a", "b", "c"], np.array([0, 1, 0]), ["x", "y"], ["a {c}."])
     oti = requests(Benchmark("z", "zeroshot", {"test": zs}, {"query": "oti", "inversion": {"steps": 7}}))
@@ -295,7 +295,7 @@ def test_native_inverted_mixture_by_hand():
     """options.mix: q = normalise(α·x + (1 − α)·x_inv) for each α; α = 1 is the native
     baseline, α = 0 the inverted queries."""
     from evaluation.benchmarks import Benchmark, mixed_queries, requests, score
-    from evaluation.datasets.classification import ClassificationSet
+    from scoring.sets.classification import ClassificationSet
     from evaluation.tasks.intra_modal import compute_retrieval_map
     rng = np.random.default_rng(8)
     test = ClassificationSet("t", [f"q{i}" for i in range(6)], np.arange(6) % 3, ["a", "b", "c"], [])

@@ -111,7 +111,7 @@ def test_encoders_invert_and_the_cache_returns_inverted_features_without_reoptim
     from evaluation import encoders, evaluate
     from evaluation.benchmarks import Benchmark, requests
     from evaluation.cache import EmbeddingCache
-    from evaluation.datasets.classification import ClassificationSet
+    from scoring.sets.classification import ClassificationSet
     from tests.eval_fixtures import class_image, save_micro_checkpoint
     uri = str(save_micro_checkpoint(tmp_path / "step_00000001"))
     images = [class_image(label, 0) for label in range(3)]

@@ -8,7 +8,7 @@ import torch
 
 from evaluation import encoders
 from evaluation.benchmarks import IMAGE_STATES, Benchmark, requests
-from evaluation.datasets.classification import ClassificationSet
+from scoring.sets.classification import ClassificationSet
 from evaluation.probe_views import ViewAugmenter, ViewConfig, requested_views
 from evaluation.tasks.linear_probe import LinearProbeConfig, train_linear_probe
 from tests.eval_fixtures import class_image, save_micro_checkpoint

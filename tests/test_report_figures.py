@@ -14,9 +14,9 @@ import pytest
 from PIL import Image
 
 from evaluation.benchmarks import Benchmark, score
-from evaluation.datasets.classification import ClassificationSet, load_image_folder
-from evaluation.tasks.retrieval import select_gallery
-from evaluation.tasks.zeroshot import compute_attribute_accuracy
+from scoring.sets.classification import ClassificationSet, load_image_folder
+from scoring.retrieval import select_gallery
+from scoring.zeroshot import compute_attribute_accuracy
 from training.topology import Sphere
 
 # 2 colours x 3 shapes, colour-major as the demo: class i = colour i // 3, shape i % 3.
@@ -120,7 +120,9 @@ def test_publish_report_writes_and_links_every_png(tmp_path: Path, with_metrics:
     (run / "step_00000004").mkdir(parents=True)
     if with_metrics:
         rows = [{"step": s, "loss/total": 5.0 - s, "loss/contrastive": 5.0 - s, "temperature": 0.07, "lr": 1e-3 * s,
-                 "samples_per_s": 80.0, "data_wait_fraction": 0.1, "grad_norm": 2.0} for s in (1, 2, 3, 4)]
+                 "samples_per_s": 80.0, "data_wait_fraction": 0.1, "grad_norm": 2.0,
+                 **({"eval/grid/top1": 0.1 * s, "eval/tiny/image_retrieval_recall@1": 0.05 * s} if s % 2 == 0 else {})}
+                for s in (1, 2, 3, 4)]
         (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     (tmp_path / "q.png").write_bytes(png_bytes())
     publish_report(tiny_report(run, tmp_path / "q.png"), str(tmp_path / "report"))

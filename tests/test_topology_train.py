@@ -17,8 +17,8 @@ import torch
 
 from evaluation.benchmarks import Benchmark, requests, score
 from evaluation.datasets import load_karpathy
-from evaluation.datasets.files import read_image
-from evaluation.tasks.retrieval import compute_retrieval_recall
+from scoring.sets.files import read_image
+from scoring.retrieval import compute_retrieval_recall
 from pipelines import shards
 from tests.eval_fixtures import save_micro_checkpoint
 from tests.test_eval_parity import encode_directly
@@ -152,7 +152,7 @@ def test_linear_probe_reads_the_concatenated_class_states(tmp_path):
     projection (m·w wide), a new embedding request the image encoder answers."""
     from evaluation import encoders
     from evaluation.benchmarks import IMAGE_STATES
-    from evaluation.datasets.classification import ClassificationSet
+    from scoring.sets.classification import ClassificationSet
     from tests.eval_fixtures import class_image
     uri = str(save_micro_checkpoint(tmp_path / "step_00000001", **{"topology.kind": "multi", "topology.m": 4}))
     images = [class_image(label, i) for label in range(3) for i in range(2)]

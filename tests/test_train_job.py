@@ -6,6 +6,8 @@ from pathlib import Path
 
 import pytest
 
+from pipelines.demo_corpus import KARPATHY_JSON
+from tests.test_in_run_eval import evaluation_job_figures
 from training import checkpoint, train
 
 pytestmark = pytest.mark.ray
@@ -38,13 +40,17 @@ def step_losses(storage, name: str, resumed_at: int = 0) -> dict[int, float]:
 
 @pytest.fixture(scope="module")
 def straight_run(small_build, tmp_path_factory):
-    """Six steps, with Weights & Biases in offline mode (its files under <storage>/wandb)."""
+    """Six steps, with Weights & Biases in offline mode (its files under <storage>/wandb) and
+    in-run evaluation every 4 steps on the small corpus's zero-shot and retrieval splits."""
     storage = tmp_path_factory.mktemp("runs")
+    corpus = small_build[0]
     with pytest.MonkeyPatch.context() as env:
         env.setenv("WANDB_MODE", "offline")
         env.setenv("WANDB_DIR", str(storage))
         result = train.main(run_args(small_build[3], storage, "straight", "--max-steps", "6",
-                                     "--set", "run.wandb_project=clipforge-test"))
+                                     "--set", "run.wandb_project=clipforge-test", "--eval-every", "4",
+                                     "--eval-set", f"scenes=image_folder:{corpus.zeroshot_dir}",
+                                     "--eval-set", f"shots=karpathy:{corpus.retrieval_dir / KARPATHY_JSON}"))
     return storage, result
 
 
@@ -91,6 +97,26 @@ def test_two_worker_run_trains_and_checkpoints(straight_run):
     state = checkpoint.read_state(directory)
     assert state["step"] == 6 and state["config"]["method"] == "flip"
     assert state["manifest_digest"] and state["data_uri"]
+
+
+def test_in_run_evaluation_logs_the_evaluation_jobs_figures_every_n_steps(small_build, straight_run):
+    """Both workers embed their shares of each set at steps 4 and 6 (the last); what rank 0
+    logs at step 6 is what the evaluation job reports for the step-6 checkpoint."""
+    storage, _ = straight_run
+    corpus, lines = small_build[0], {r["step"]: r for r in logged_lines(storage, "straight")}
+    evaluated = sorted(step for step, r in lines.items() if any(k.startswith("eval/") for k in r))
+    assert evaluated == [4, 6]
+    assert lines[6]["eval/seconds"] > 0
+    uri = str(checkpoint.fetch_checkpoint(str(storage / "straight")))
+    zeroshot = evaluation_job_figures(uri, {"name": "scenes", "task": "zeroshot",
+                                            "test": {"format": "image_folder", "path": str(corpus.zeroshot_dir)}})
+    retrieval = evaluation_job_figures(uri, {"name": "shots", "task": "retrieval", "test": {
+        "format": "karpathy", "path": str(corpus.retrieval_dir / KARPATHY_JSON)}})
+    for prefix, figures in (("scenes", zeroshot), ("shots", retrieval)):
+        keys = [k for k in figures if k.startswith(("top", "mean_per_class", "image_retrieval", "text_retrieval"))]
+        assert keys
+        for key in keys:
+            assert lines[6][f"eval/{prefix}/{key}"] == pytest.approx(figures[key], abs=1e-6), key
 
 
 def test_resume_continues_with_the_same_losses(small_build, straight_run, tmp_path):

@@ -56,3 +56,21 @@ def sum_over_workers(keys: list[str], values: list, device: torch.device) -> lis
     totals = torch.stack([torch.as_tensor(v, dtype=torch.float64, device=device) for v in values])
     dist.all_reduce(totals, op=dist.ReduceOp.SUM)
     return totals.tolist()
+
+
+def gather_strided(local: torch.Tensor, n: int) -> torch.Tensor:
+    """The (n, ...) rows of a set split round-robin over the workers (worker r holds rows
+    r, r + W, ..., padded to one length k on every worker) -> all n rows in order on every
+    worker. Without a process group `local` is already the whole set."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return local[:n]
+    parts = [torch.empty_like(local) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, local.contiguous())
+    return interleave_shares(parts, n)
+
+
+def interleave_shares(parts: list[torch.Tensor], n: int) -> torch.Tensor:
+    """Worker shares (k, ...) in rank order -> the n rows in set order: row p·W + r is worker
+    r's p-th; the padding rows fall past n."""
+    stacked = torch.stack(parts, dim=1)  # (k, W, ...)
+    return stacked.reshape(-1, *parts[0].shape[1:])[:n]

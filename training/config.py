@@ -186,6 +186,20 @@ class RunConfig:
 
 
 @dataclass(frozen=True)
+class EvalConfig:
+    """In-run evaluation, off by default (training/in_run_eval.py): every `every` steps and at
+    the last step, zero-shot on each classification set and image-text retrieval on each
+    captioned set of `sets`, scored by the evaluation job's own functions (scoring/) and logged
+    as eval/<name>/<metric> beside the losses. Each set is "NAME=FORMAT:PATH", FORMAT one of
+    scoring.sets.SET_READERS (image_folder, wds, karpathy, coco_captions, flickr_token,
+    long_folder, long_build); PATH a local folder or file, or s3://. Every worker embeds its
+    round-robin share of each set; the images are decoded once, at the start of the run."""
+    every: int = 0  # 0: off
+    sets: tuple[str, ...] = ()
+    batch_size: int = 64  # images or texts embedded at once on each worker
+
+
+@dataclass(frozen=True)
 class TrainConfig:
     method: str = "clip"
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -198,6 +212,7 @@ class TrainConfig:
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     run: RunConfig = field(default_factory=RunConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
 
 def apply_overrides(config, overrides: dict[str, object]):

@@ -139,8 +139,13 @@ def load_inference_model(uri: str, device: str = "cpu", scorer: str = "plain",
             "method": config.method, "arch": config.model.arch, "topology": model.topology.describe(), "scorer": scorer,
             "manifest_digests": [state.get("manifest_digest")], "data": state.get("data_uri"),
             "code_version": state.get("code_version")}
+    return checkpoint.InferenceModel(model=encoder, preprocess=EvalPreprocess(tower_geometry(model)[0]),
+                                     tokenizer=inference_tokenizer(config), topology=topology, info=info)
+
+
+def inference_tokenizer(config) -> object:
+    """The tokenizer evaluation encodes texts with: the arch's, at the run's text context
+    (Long-CLIP's stretched positions included)."""
     context = text_context_length(config.model.arch, config.model.text_positions_kept,
                                   config.model.text_stretch_factor)
-    return checkpoint.InferenceModel(model=encoder, preprocess=EvalPreprocess(tower_geometry(model)[0]),
-                                     tokenizer=build_tokenizer(config.model.arch, context),
-                                     topology=topology, info=info)
+    return build_tokenizer(config.model.arch, context)

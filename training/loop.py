@@ -40,6 +40,7 @@ class LoopSettings:
     bf16: bool = False  # autocast to bfloat16 (GPU)
     epoch_steps: tuple[int, ...] = ()  # steps of each epoch of the schedule (CLIP-PGS's alpha)
     accum_freq: int = 1  # micro-batches per step (training/accumulation.py)
+    eval_every: int = 0  # in-run evaluation period in steps (and at the last step); 0: none
 
 
 class MetricMeter:
@@ -170,11 +171,18 @@ def train_step(model, objective, optimizer, scheduler, batch: dict, s: LoopSetti
             **{k: v for k, v in outputs.items() if k.startswith("masking/")}}
 
 
+def wants_evaluation(step: int, s: LoopSettings) -> bool:
+    return s.eval_every > 0 and (step % s.eval_every == 0 or step == s.total_steps)
+
+
 def run_training(model, objective, optimizer, scheduler, batches: Iterable[dict],
                  s: LoopSettings, report: Callable[[int, dict, bool], None],
-                 weights: MasterWeights | None = None) -> None:
+                 weights: MasterWeights | None = None, evaluate: Callable | None = None) -> None:
     """Train from s.start_step to s.total_steps. `report(step, metrics, checkpoint)` is
-    called every log_every steps and at checkpoints (checkpoint=True), including the last."""
+    called every log_every steps and at checkpoints (checkpoint=True), including the last.
+    With `evaluate` (training/in_run_eval.py) every worker runs `evaluate(model)` every
+    s.eval_every steps and at the last step, after the window's figures are taken (its time
+    is not training throughput), and the step's report carries its metrics and eval/seconds."""
     model.train()
     meter, step, batch_iter = MetricMeter(), s.start_step, iter(batches)
     while step < s.total_steps:
@@ -189,6 +197,16 @@ def run_training(model, objective, optimizer, scheduler, batches: Iterable[dict]
         step += 1
         is_last = step == s.total_steps
         want_ckpt = is_last or step % s.checkpoint_every == 0
-        if want_ckpt or step % s.log_every == 0:
-            report(step, {**meter.summary(s.world_size, s.device), **compile_metrics()}, want_ckpt)
+        want_eval = evaluate is not None and wants_evaluation(step, s)
+        if want_ckpt or want_eval or step % s.log_every == 0:
+            summary = {**meter.summary(s.world_size, s.device), **compile_metrics()}
+            if want_eval:
+                summary.update(timed_evaluation(evaluate, model))
+            report(step, summary, want_ckpt)
             meter = MetricMeter()
+
+
+def timed_evaluation(evaluate: Callable, model) -> dict:
+    start = time.perf_counter()
+    metrics = evaluate(model)
+    return {**metrics, "eval/seconds": time.perf_counter() - start}

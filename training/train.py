@@ -36,6 +36,8 @@ from pipelines.build import arrow_filesystem, code_version  # noqa: E402
 from training import checkpoint, data_order, ray_entry, resume  # noqa: E402
 from training.data_stage import iter_worker_batches  # noqa: E402
 from training.config import TrainConfig, apply_overrides, config_from_dict, config_to_dict  # noqa: E402
+from training.in_run_eval import InRunEvaluator, check_eval_config  # noqa: E402
+from training.inference import inference_tokenizer  # noqa: E402
 from training.loop import LoopSettings, run_training  # noqa: E402
 from training.methods import build_method_config, check_combination, resolve_auto_fields  # noqa: E402
 from training.model import build_training_model, tower_geometry  # noqa: E402
@@ -52,7 +54,7 @@ FLAG_TO_FIELD = {"arch": "model.arch", "pretrained": "model.pretrained", "mask_r
                  "warmup_steps": "optim.warmup_steps", "epochs": "run.epochs",
                  "max_steps": "run.max_steps", "seed": "run.seed", "num_workers": "run.num_workers",
                  "run_name": "run.name", "storage": "run.storage", "log_every": "run.log_every",
-                 "checkpoint_every": "run.checkpoint_every"}
+                 "checkpoint_every": "run.checkpoint_every", "eval_every": "eval.every"}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -68,6 +70,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "its checkpoint's (data, method, architecture, batch, schedule)")
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                    help="override any config field, e.g. --set optim.weight_decay=0.1")
+    p.add_argument("--eval-set", action="append", default=[], metavar="NAME=FORMAT:PATH",
+                   help="a small set to evaluate on during the run every --eval-every steps (zero-shot for a "
+                        "classification set, retrieval for a captioned one), e.g. pets=image_folder:/data/pets")
     p.add_argument("--export", default=None, help="after training, write an open_clip checkpoint file")
     p.add_argument("--ray-address", default=None)
     p.add_argument("--verbose", action="store_true", help="show Ray's own logs too")
@@ -79,8 +84,11 @@ def build_config(args: argparse.Namespace) -> TrainConfig:
                  if getattr(args, flag) is not None}
     overrides.update(dict(item.split("=", 1) for item in args.set))
     overrides.update({"data.build_uri": args.data, "run.use_gpu": args.use_gpu})
+    if args.eval_set:
+        overrides["eval.sets"] = tuple(args.eval_set)
     config = resolve_auto_fields(apply_overrides(build_method_config(args.method), overrides))
     check_combination(config)
+    check_eval_config(config.eval)
     return config
 
 
@@ -139,7 +147,8 @@ def loop_settings(config: TrainConfig, loop_config: dict, rank: int, world: int,
                         log_every=config.run.log_every, checkpoint_every=config.run.checkpoint_every,
                         grad_clip_norm=config.optim.grad_clip_norm,
                         bf16=resolve_precision(config.run.precision, device) == "amp_bf16",
-                        epoch_steps=tuple(loop_config["epoch_steps"]), accum_freq=config.run.accum_freq)
+                        epoch_steps=tuple(loop_config["epoch_steps"]), accum_freq=config.run.accum_freq,
+                        eval_every=config.eval.every)
 
 
 def parallelize(config: TrainConfig, loop_config: dict, model, optimizer, scheduler, device: torch.device):
@@ -186,15 +195,24 @@ def run_worker(loop_config: dict) -> None:
     # checkpoints hold the float32 model (the masters under bf16), so a resume is exact
     report = build_reporter(config, rank, model if weights else runner, optimizer, scheduler, loop_config["extra"],
                             parts, run_dir, tracker)
+    evaluate = (InRunEvaluator(config.eval, geometry[0], inference_tokenizer(config), rank, world, device,
+                               autocast=settings.bf16) if config.eval.every else None)
     try:
-        run_training(runner, objective, optimizer, scheduler, batches, settings, report, weights)
+        run_training(runner, objective, optimizer, scheduler, batches, settings, report, weights, evaluate)
     finally:
         tracker.close()
 
 
+CONSOLE_EVAL = ("/top1", "/image_retrieval_recall@1")  # the in-run figures the progress line shows
+
+
 def console_fields(metrics: dict) -> dict:
+    """The progress line's figures: loss, temperature, throughput, and on an evaluation step
+    each set's top-1 or text-to-image R@1 ("scenes/top1 0.31")."""
     fields = {"loss": metrics.get("loss/total"), "temp": metrics.get("temperature"),
               "samples/s": metrics.get("samples_per_s")}
+    fields.update({k.removeprefix("eval/"): v for k, v in metrics.items()
+                   if k.startswith("eval/") and k.endswith(CONSOLE_EVAL)})
     return {k: float(v) for k, v in fields.items() if v is not None}
 
 

@@ -1,10 +1,10 @@
 """Readers for the benchmark sets the evaluation job scores, each returning a small frozen
 dataclass of image references (URIs or bytes), labels and captions."""
-from evaluation.datasets.classification import ClassificationSet, load_image_folder
+from scoring.sets.classification import ClassificationSet, load_image_folder
 from evaluation.datasets.compositional import CompositionSet, load_sugarcrepe
-from evaluation.datasets.retrieval import (RetrievalSet, load_coco_captions, load_flickr_token, load_karpathy,
+from scoring.sets.retrieval import (RetrievalSet, load_coco_captions, load_flickr_token, load_karpathy,
                                            load_long_caption_build, load_long_caption_folder)
-from evaluation.datasets.wds import load_wds
+from scoring.sets.wds import load_wds
 
 __all__ = [
     "ClassificationSet", "CompositionSet", "RetrievalSet", "load_coco_captions", "load_flickr_token",

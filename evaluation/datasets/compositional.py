@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 
-from evaluation.datasets.files import ImageRef, Location, check_files_exist
+from scoring.sets.files import ImageRef, Location, check_files_exist
 
 # subset -> (edit, what is edited); the file is `<subset>.json`.
 SUGARCREPE_SUBSETS = {

@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from evaluation.datasets.classification import ClassificationSet
-from evaluation.datasets.files import Location, check_files_exist, read_lines
+from scoring.sets.classification import ClassificationSet
+from scoring.sets.files import Location, check_files_exist, read_lines
 
 CUB_SPLITS = ("all", "train", "test")
 SOP_SPLITS = ("train", "test")

@@ -4,8 +4,8 @@ recall@k, the linear probe, SugarCrepe accuracy, intra-modal mAP and the modalit
 from evaluation.tasks.compositionality import compute_pair_accuracy, summarize_sugarcrepe
 from evaluation.tasks.intra_modal import compute_modality_gap, compute_retrieval_map, compute_text_to_text_map
 from evaluation.tasks.linear_probe import LinearProbeConfig, evaluate_linear_probe
-from evaluation.tasks.retrieval import compute_retrieval_recall
-from evaluation.tasks.zeroshot import build_zeroshot_weights, compute_multilabel_metrics, compute_zeroshot_metrics
+from scoring.retrieval import compute_retrieval_recall
+from scoring.zeroshot import build_zeroshot_weights, compute_multilabel_metrics, compute_zeroshot_metrics
 
 __all__ = [
     "LinearProbeConfig", "build_zeroshot_weights", "compute_modality_gap", "compute_multilabel_metrics",

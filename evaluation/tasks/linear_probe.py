@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from evaluation.tasks.zeroshot import compute_zeroshot_metrics
+from scoring.zeroshot import compute_zeroshot_metrics
 
 
 OPTIMIZERS = ("adamw", "sgd")

@@ -68,6 +68,11 @@ def compute_retrieval_recall(
     return metrics
 
 
+def retrieval_scores(image_features: np.ndarray, caption_features: np.ndarray, topology) -> np.ndarray:
+    """(n_images, n_texts) similarities by the topology (training/topology.py `score`)."""
+    return np.asarray(topology.score(image_features, caption_features))
+
+
 GALLERY_QUERIES = 4  # image queries shown per retrieval set
 GALLERY_TOP = 3  # captions shown per query
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from evaluation.datasets.files import ImageRef, Location, check_files_exist
+from scoring.sets.files import ImageRef, Location, check_files_exist
 from pipelines import shards, storage
 
 KARPATHY_PROTOCOL = "karpathy-{split}"

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from evaluation.datasets.files import ImageRef, Location, read_lines
+from scoring.sets.files import ImageRef, Location, read_lines
 
 CLASSNAMES_FILE = "classnames.txt"
 TEMPLATES_FILES = ("templates.txt", "zeroshot_classification_templates.txt")  # ours, CLIP_benchmark's

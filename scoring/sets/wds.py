@@ -17,9 +17,9 @@ from collections.abc import Iterator
 
 import numpy as np
 
-from evaluation.datasets.classification import CLASSNAMES_FILE, ClassificationSet, check_templates
-from evaluation.datasets.files import Location, range_ref, read_lines
-from evaluation.datasets.retrieval import RetrievalSet, flatten_captions
+from scoring.sets.classification import CLASSNAMES_FILE, ClassificationSet, check_templates
+from scoring.sets.files import Location, range_ref, read_lines
+from scoring.sets.retrieval import RetrievalSet, flatten_captions
 
 NSHARDS_FILE = "nshards.txt"
 TYPE_FILE = "dataset_type.txt"

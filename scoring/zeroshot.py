@@ -6,8 +6,6 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from training.topology import Sphere
-
 TOPK = (1, 5)
 TOPK_KEY = "top{k}"
 MEAN_PER_CLASS_RECALL_KEY = "mean_per_class_recall"
@@ -23,18 +21,37 @@ def fill_templates(templates: Sequence[str], classname: str) -> list[str]:
 
 
 def build_zeroshot_weights(encode_text: EncodeText, classnames: Sequence[str], templates: Sequence[str],
-                           topology: Sphere | None = None) -> np.ndarray:
+                           topology) -> np.ndarray:
     """(C, D) classifier by the topology's template rule (training/topology.py): on the sphere
     CLIP's prompt ensembling (normalise each prompt embedding, average, normalise again); on
     the inner-product topologies the unnormalised mean of the per-template embeddings. The
     geodesic and Euclidean average distances instead (`Sphere.class_scores`), so they have no
     classifier matrix."""
-    topology = topology or Sphere(1)
     prompts = np.stack([np.asarray(encode_text(fill_templates(templates, c)), np.float64) for c in classnames])
     weights = topology.class_embeddings(prompts)
     if weights is None:
         raise ValueError(f"topology {topology.kind} averages distances over templates: use its class_scores")
     return weights
+
+
+def class_prompts(dataset) -> list[str]:
+    """Every class name of a ClassificationSet in every one of its templates, class-major
+    (what `class_logits` reshapes back)."""
+    return [p for c in dataset.classnames for p in fill_templates(dataset.templates, c)]
+
+
+def class_logits(dataset, image_features: np.ndarray, prompt_features: np.ndarray, topology) -> np.ndarray:
+    """(N, C) class scores of a set's images from the embeddings of its `class_prompts`, by the
+    topology's template rule and similarity (training/topology.py `class_scores`)."""
+    prompts = np.asarray(prompt_features).reshape(dataset.n_classes, len(dataset.templates), -1)
+    return np.asarray(topology.class_scores(image_features, prompts), np.float64)
+
+
+def classification_metrics(dataset, logits: np.ndarray) -> dict[str, float]:
+    """A set's zero-shot metrics: multi-label mAP, or top-k and mean per-class recall."""
+    if dataset.multilabel:
+        return compute_multilabel_metrics(logits, dataset.labels)
+    return compute_zeroshot_metrics(logits, dataset.labels)
 
 
 def check_logits_and_labels(logits: np.ndarray, labels: np.ndarray) -> None:
