@@ -28,7 +28,12 @@ from training.model import build_training_model
 from training.objectives import build_training_objective
 from training.optim import build_optimizer, build_scheduler
 from training.compilation import compile_metrics, compile_towers
-from training.sharding import gather_full_state, local_parameter_count, shard_training_state
+from training.sharding import gather_full_state, is_sharded, local_parameter_count, shard_training_state
+from training.config import EvalConfig
+from training.in_run_eval import InRunEvaluator
+from training.inference import inference_tokenizer
+from training.model import tower_geometry
+from tests.eval_fixtures import write_class_folder, write_karpathy
 from tests.test_accumulation import ARCH, METHODS, make_batch
 
 pytestmark = pytest.mark.usefixtures("single_torch_thread")
@@ -95,6 +100,12 @@ def every_method_step(rank: int) -> dict:
     return losses
 
 
+def in_run_evaluator(config, model, rank: int, out: Path) -> InRunEvaluator:
+    sets = (f"colours=image_folder:{out / 'colours'}", f"shots=karpathy:{out / 'shots' / 'dataset_tiny.json'}")
+    return InRunEvaluator(EvalConfig(every=1, sets=sets, batch_size=4), tower_geometry(model)[0],
+                          inference_tokenizer(config), rank, 2, CPU)
+
+
 def compare_to_ddp(rank: int, out: Path) -> dict:
     config = method_config("clip", {})
     model, optimizer, scheduler = build(config)
@@ -113,9 +124,13 @@ def compare_to_ddp(rank: int, out: Path) -> dict:
     resumed, r_opt, r_sched = build(config, fresh=False)
     checkpoint.load_training_state(out / "fsdp", resumed, r_opt, r_sched)
     resumed, r_opt, r_sched = shard(config, resumed, r_opt, r_sched)
+    evaluate = in_run_evaluator(config, model, rank, out)
     for number in (STEPS, STEPS + 1):  # the second step's loss follows the first's AdamW update
         record["ddp"].append(step(ddp, objective, optimizer, scheduler, rank, number))
         record["fsdp"].append(step(resumed, objective, r_opt, r_sched, rank, number))
+        if number == STEPS:  # in-run evaluation between the two: it must leave training as it was
+            record["eval_ddp"], record["eval_fsdp"] = evaluate(ddp), evaluate(resumed)
+            record["fsdp_after_eval"] = {"training": resumed.training, "sharded": is_sharded(resumed)}
     record["lr"] = [optimizer.param_groups[0]["lr"], r_opt.param_groups[0]["lr"]]
     mixed, m_opt, m_sched = shard(config, *build(config), bf16=True)  # run.precision=bf16 under FSDP
     record["bf16"] = step(mixed, objective, m_opt, m_sched, rank, 0)
@@ -131,11 +146,27 @@ def compare_to_ddp(rank: int, out: Path) -> dict:
 @pytest.fixture(scope="module")
 def fsdp_and_ddp(tmp_path_factory):
     out = tmp_path_factory.mktemp("sharding")
+    write_class_folder(out / "colours", n_per_class=2)  # 12 images: 6 per worker
+    write_karpathy(out / "shots", 5)  # 5 images, 15 captions: the shares are padded
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     mp.spawn(run_rank, args=(port, str(out)), nprocs=2, join=True)
     return out, [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
+
+
+def test_in_run_evaluation_runs_on_the_sharded_model_and_leaves_training_as_it_was(fsdp_and_ddp):
+    """Both ranks evaluate the FSDP model (root gathered, blocks gathering around their
+    forwards, equal forwards per rank), get the same figures as each other and about DDP's
+    (the weights agree to float32 rounding); the model is sharded and training again after,
+    and the next step's loss still follows DDP's (the losses test)."""
+    _, records = fsdp_and_ddp
+    assert records[0]["eval_fsdp"] == records[1]["eval_fsdp"] and records[0]["eval_ddp"] == records[1]["eval_ddp"]
+    fsdp, ddp = records[0]["eval_fsdp"], records[0]["eval_ddp"]
+    assert set(fsdp) == set(ddp) and {"eval/colours/top1", "eval/shots/image_retrieval_recall@1"} <= set(fsdp)
+    for key in fsdp:
+        assert fsdp[key] == pytest.approx(ddp[key], abs=0.1), key
+    assert records[0]["fsdp_after_eval"] == {"training": True, "sharded": True}
 
 
 def test_each_rank_holds_about_half_the_parameters(fsdp_and_ddp):
