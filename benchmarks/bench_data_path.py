@@ -16,8 +16,8 @@ from pathlib import Path
 import torch
 
 from benchmarks.demo_build import add_job_args, ensure_demo_build, mean_samples_per_s
-from pipelines import ray_setup, shards, storage
-from training import data_order, train
+from pipelines import ray_setup, storage
+from training import data_mixture, data_order, train
 from training.batches import BatchPreprocessor
 from training.losses.contrastive import ContrastiveLoss
 from training.loop import LoopSettings, run_training
@@ -35,10 +35,10 @@ def run_ray_job(build_uri: str, args, workdir: Path) -> float:
 
 
 def prepare_in_memory(build_uri: str, config, geometry, n_batches: int) -> list[dict]:
-    entries = shards.read_manifest(build_uri)["shards"]
+    sources = data_mixture.load_sources([build_uri])
     prepare = BatchPreprocessor(config.model.arch, *geometry, config.data.crop_scale, 0)
-    rows = [r for item in data_order.plan_worker_epoch(entries, 0, 0, 0, 1, 0)
-            for r in data_order.iter_item_samples(item, build_uri, 0)]
+    rows = [r for item in data_order.plan_worker_epoch(sources, 0, 0, 0, 1, 0)
+            for r in data_order.iter_item_samples(item, 0)]
     batches, b = [], config.data.batch_size_per_worker
     for i in range(n_batches):
         chunk = [rows[(i * b + j) % len(rows)] for j in range(b)]

@@ -51,6 +51,7 @@ CHECKPOINT_PATH_KEY = "path"
 CHECKPOINT_STEP_KEY = "step"
 CHECKPOINT_METHOD_KEY = "method"
 MANIFEST_DIGESTS_KEY = "manifest_digests"  # one digest per data manifest the checkpoint read
+DATA_WEIGHTS_KEY = "data_weights"  # each build's sampling weight in the run's mixture, same order
 
 # Per-dataset fields; metric names are those evaluation.tasks returns (CLIP_benchmark's names).
 N_IMAGES_KEY = "n_images"
@@ -73,6 +74,7 @@ class CheckpointInfo(TypedDict, total=False):
     step: int
     method: str
     manifest_digests: list[str]
+    data_weights: list[float]
 
 
 class ZeroshotEntry(TypedDict):
@@ -130,6 +132,10 @@ def format_header(checkpoint: dict) -> list[str]:
     """Title and the checkpoint's identity: path, step, method and data manifest digest(s)."""
     digests = checkpoint.get(MANIFEST_DIGESTS_KEY) or []
     digests = [digests] if isinstance(digests, str) else digests
+    weights = list(checkpoint.get(DATA_WEIGHTS_KEY) or [])
+    weights += [None] * (len(digests) - len(weights))
+    data = [f"`{d}`" + (f" (weight {w:.3g})" if w is not None and len(digests) > 1 else "")
+            for d, w in zip(digests, weights) if d]
     path = checkpoint.get(CHECKPOINT_PATH_KEY)
     return [
         "# Evaluation report",
@@ -137,7 +143,7 @@ def format_header(checkpoint: dict) -> list[str]:
         f"- Checkpoint: {f'`{path}`' if path else MISSING}",
         f"- Step: {checkpoint.get(CHECKPOINT_STEP_KEY, MISSING)}",
         f"- Method: {checkpoint.get(CHECKPOINT_METHOD_KEY, MISSING)}",
-        f"- Data manifest digest(s): {', '.join(f'`{d}`' for d in digests if d) or MISSING}",
+        f"- Data manifest digest(s): {', '.join(data) or MISSING}",
     ] + [f"- {label}: {format_info(checkpoint[key])}" for key, label in (("topology", "Topology (similarity)"),
                                                            ("scorer", "Scorer"),
                                                            ("fingerprint", "Weights + preprocessing fingerprint"))

@@ -12,18 +12,23 @@ from hypothesis import strategies as st
 
 from pipelines import shards, storage
 from training.batches import EPOCH
-from training.data_order import (ITEM_EPOCH, ITEM_SHARD, ITEM_SKIP, ITEM_VERIFY, compute_epoch_steps,
-                                 compute_total_steps, iter_item_samples, locate_step, plan_worker_run,
-                                 order_shards, plan_worker_epoch, worker_shards)
+from training.data_order import (ITEM_BUILD, ITEM_EPOCH, ITEM_SHARD, ITEM_SKIP, ITEM_VERIFY, Source,
+                                 compute_epoch_steps, compute_total_steps, iter_item_samples, locate_step,
+                                 order_shards, plan_worker_epoch, plan_worker_run, single_source, worker_shards)
 
 
-def make_entries(sizes: list[int]) -> list[dict]:
-    """Manifest entries as the order functions see them (only id and n_samples matter)."""
-    return [{"id": i, "n_samples": n, "tar": f"shards/{i:06d}.tar"} for i, n in enumerate(sizes)]
+def make_entries(sizes: list[int]) -> list[Source]:
+    """One build of shards of these sizes, as the order functions see it (only id and
+    n_samples of its manifest entries matter)."""
+    return single_source([{"id": i, "n_samples": n, "tar": f"shards/{i:06d}.tar"} for i, n in enumerate(sizes)])
 
 
-def ids(entries: list[dict]) -> list[int]:
-    return [e["id"] for e in entries]
+def ids(reads) -> list[int]:
+    return [r.entry["id"] for r in reads]
+
+
+def n_samples(reads) -> int:
+    return sum(r.entry["n_samples"] for r in reads)
 
 
 # ---------------------------------------------------------------- shard order
@@ -70,8 +75,7 @@ def test_epoch_steps_by_hand():
        batch=st.integers(1, 8), seed=st.integers(0, 100), epoch=st.integers(0, 3))
 def test_epoch_steps_is_min_over_workers(sizes, world, batch, seed, epoch):
     entries = make_entries(sizes)
-    totals = [sum(e["n_samples"] for e in worker_shards(entries, seed, epoch, r, world))
-              for r in range(world)]
+    totals = [n_samples(worker_shards(entries, seed, epoch, r, world)) for r in range(world)]
     assert compute_epoch_steps(entries, seed, epoch, world, batch) == min(totals) // batch
 
 
@@ -98,7 +102,7 @@ def plan_summary(items: list[dict]) -> list[tuple[int, int, int]]:
 def test_plan_skips_whole_shards_then_inside_the_partial_one():
     entries = make_entries([4, 6, 3, 5, 2])
     order = worker_shards(entries, seed=1, epoch=2, rank=0, world=1)
-    a, b, c = order[0]["n_samples"], order[1]["n_samples"], order[2]["n_samples"]
+    a, b, c = (r.entry["n_samples"] for r in order[:3])
     shard_ids = ids(order)
     full = plan_worker_epoch(entries, 1, 2, 0, 1, skip_samples=0)
     assert plan_summary(full) == [(i, 0, 2) for i in shard_ids]
@@ -110,9 +114,9 @@ def test_plan_skips_whole_shards_then_inside_the_partial_one():
         [(i, 0, 2) for i in shard_ids[2:]]
     assert plan_summary(plan_worker_epoch(entries, 1, 2, 0, 1, skip_samples=a + b + c - 1)) == \
         [(shard_ids[2], c - 1, 2)] + [(i, 0, 2) for i in shard_ids[3:]]
-    assert plan_worker_epoch(entries, 1, 2, 0, 1, skip_samples=sum(e["n_samples"] for e in entries)) == []
+    assert plan_worker_epoch(entries, 1, 2, 0, 1, skip_samples=entries[0].n_samples) == []
     # The item's shard field is the whole manifest entry.
-    assert json.loads(full[0][ITEM_SHARD]) == order[0]
+    assert json.loads(full[0][ITEM_SHARD]) == order[0].entry
 
 
 def test_plan_covers_only_this_workers_shards():
@@ -138,16 +142,17 @@ def make_sample(shard_id: int, index: int) -> dict:
 
 @pytest.fixture(scope="module")
 def build(tmp_path_factory):
-    """(build uri, manifest entries) of three small shards written by the real writer."""
+    """(build uri, its sources) of three small shards written by the real writer."""
     uri = str(tmp_path_factory.mktemp("build"))
     fs, path = storage.open_storage(uri)
     entries = [shards.write_shard(fs, path, shard_id, [make_sample(shard_id, i) for i in range(n)])
                for shard_id, n in enumerate(SHARD_SIZES)]
-    return uri, entries
+    return uri, single_source(entries, uri)
 
 
 def read_plan(items: list[dict], uri: str, seed: int) -> list[dict]:
-    return [row for item in items for row in iter_item_samples(item, uri, seed)]
+    assert all(item[ITEM_BUILD] for item in items)
+    return [row for item in items for row in iter_item_samples(item, seed)]
 
 
 @pytest.mark.parametrize("world", [1, 2])
@@ -157,7 +162,7 @@ def test_resume_plan_continues_the_full_epoch(build, world, epoch):
     seed = 11
     for rank in range(world):
         full = read_plan(plan_worker_epoch(entries, seed, epoch, rank, world, 0), uri, seed)
-        worker_total = sum(e["n_samples"] for e in worker_shards(entries, seed, epoch, rank, world))
+        worker_total = n_samples(worker_shards(entries, seed, epoch, rank, world))
         assert len(full) == worker_total
         assert all(row[EPOCH] == epoch for row in full)
         for skip in range(worker_total + 1):
@@ -178,12 +183,12 @@ def test_epoch_reads_every_sample_once_with_intact_rows(build):
 
 def test_within_shard_order_is_a_per_epoch_permutation(build):
     uri, entries = build
-    item = {ITEM_SHARD: json.dumps(entries[1]), ITEM_SKIP: 0}
-    orders = {epoch: [r[shards.KEY] for r in iter_item_samples({**item, ITEM_EPOCH: epoch}, uri, 5)]
+    item = {ITEM_SHARD: json.dumps(entries[0].entries[1]), ITEM_SKIP: 0, ITEM_BUILD: uri}
+    orders = {epoch: [r[shards.KEY] for r in iter_item_samples({**item, ITEM_EPOCH: epoch}, 5)]
               for epoch in range(4)}
     stored = sorted(make_sample(1, j)[shards.KEY] for j in range(SHARD_SIZES[1]))
     assert all(sorted(order) == stored for order in orders.values())
-    assert orders[0] == [r[shards.KEY] for r in iter_item_samples({**item, ITEM_EPOCH: 0}, uri, 5)]
+    assert orders[0] == [r[shards.KEY] for r in iter_item_samples({**item, ITEM_EPOCH: 0}, 5)]
     assert len({tuple(order) for order in orders.values()}) > 1  # reshuffled across epochs
 
 
@@ -223,13 +228,14 @@ def test_each_shard_is_verified_once_per_run_at_its_first_read(sizes, world, bat
 
 def test_a_corrupt_shard_is_named_at_its_first_read(tmp_path):
     fs, path = storage.open_storage(str(tmp_path))
-    entries = [shards.write_shard(fs, path, i, [make_sample(i, j) for j in range(3)]) for i in range(2)]
-    tar = storage.join(path, entries[0]["tar"])
+    written = [shards.write_shard(fs, path, i, [make_sample(i, j) for j in range(3)]) for i in range(2)]
+    entries = single_source(written, str(tmp_path))
+    tar = storage.join(path, written[0]["tar"])
     data = storage.read_bytes(fs, tar)
     at = data.index(b"jpg-") + 5
     # one changed byte inside an image: the tar still parses, only the checksum can tell
     storage.write_bytes_atomic(fs, tar, data[:at] + bytes([data[at] ^ 1]) + data[at + 1:])
     (item,) = [i for i in plan_worker_run(entries, 0, 0, 1, 1, 0, 1) if json.loads(i[ITEM_SHARD])["id"] == 0]
-    with pytest.raises(ValueError, match=f"checksum mismatch for {entries[0]['tar']}"):
-        list(iter_item_samples(item, str(tmp_path), 0))
-    assert len(list(iter_item_samples({**item, ITEM_VERIFY: False}, str(tmp_path), 0))) == 3
+    with pytest.raises(ValueError, match=f"checksum mismatch for {written[0]['tar']}"):
+        list(iter_item_samples(item, 0))
+    assert len(list(iter_item_samples({**item, ITEM_VERIFY: False}, 0))) == 3

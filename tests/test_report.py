@@ -15,6 +15,7 @@ SAMPLE_REPORT = {
         "step": 400,
         "method": "pgs",
         "manifest_digests": ["sha256:aaa111", "sha256:bbb222"],
+        "data_weights": [0.7, 0.3],  # a mixture of two builds
         "arch": "ViT-B-16",  # extra fields travel in the JSON only
     },
     "zeroshot": {
@@ -50,7 +51,7 @@ def test_markdown_header_names_the_checkpoint():
     assert "- Checkpoint: `runs/pgs-b16/checkpoint_000400`" in markdown
     assert "- Step: 400" in markdown
     assert "- Method: pgs" in markdown
-    assert "- Data manifest digest(s): `sha256:aaa111`, `sha256:bbb222`" in markdown
+    assert "- Data manifest digest(s): `sha256:aaa111` (weight 0.7), `sha256:bbb222` (weight 0.3)" in markdown
 
 
 def test_markdown_zeroshot_table():

@@ -3,38 +3,62 @@ from __future__ import annotations
 
 import pytest
 
-from training import resume
+from training import data_mixture, resume
+from training.data_order import Source
 from training.config import apply_overrides, config_to_dict
 from training.methods import build_method_config
 
 
 def saved(config, digest: str = "d1", step: int = 40) -> dict:
+    """A state.json from before mixtures (one build, one digest): what resumes must still read."""
     return {"step": step, "config": config_to_dict(config), "manifest_digest": digest, "data_uri": "b"}
+
+
+def built(*pairs) -> list[Source]:
+    return [Source(f"s3://b/{digest}", weight, [], digest) for digest, weight in pairs]
+
+
+ONE = built(("d1", 1.0))
 
 
 @pytest.fixture
 def config():
-    return apply_overrides(build_method_config("flip"), {"data.build_uri": "b", "run.num_workers": 4})
+    return apply_overrides(build_method_config("flip"), {"data.builds": ("b",), "run.num_workers": 4})
 
 
 def test_free_fields_may_change_and_each_guarded_one_is_named_by_its_category(config):
     free = apply_overrides(config, {"run.max_steps": 900, "run.log_every": 1, "run.max_failures": 3,
                                     "data.preprocess_concurrency": 3, "run.placement_strategy": "SPREAD"})
-    assert resume.resume_differences(saved(config), free, "d1") == {}
+    assert resume.resume_differences(saved(config), free, ONE) == {}
     changes = {"data.caption_policy": "long", "masking.ratio": 0.3, "model.arch": "ViT-B-32",
                "data.batch_size_per_worker": 8, "optim.lr": 1e-2}
-    found = resume.resume_differences(saved(config), apply_overrides(config, changes), "d2")
+    found = resume.resume_differences(saved(config), apply_overrides(config, changes), built(("d2", 1.0)))
     assert set(found) == {"data", "method", "architecture", "batch", "schedule"}
-    assert any("build manifest" in d for d in found["data"])
+    assert found["data"][0] == "builds: b (sha256 d1, weight 1) -> s3://b/d2 (sha256 d2, weight 1)"
     assert found["batch"] == ["data.batch_size_per_worker: 64 -> 8"]
 
 
 def test_check_resume_refuses_unless_the_change_is_allowed(config):
     fewer = apply_overrides(config, {"run.num_workers": 2})
     with pytest.raises(SystemExit, match="run.num_workers: 4 -> 2") as refused:
-        resume.check_resume(saved(config), fewer, "d1")
+        resume.check_resume(saved(config), fewer, ONE)
     assert "different sequence of global batches" in str(refused.value) and "--allow-change batch" in str(refused.value)
-    resume.check_resume(saved(config), fewer, "d1", allowed=("batch",))
+    resume.check_resume(saved(config), fewer, ONE, allowed=("batch",))
+
+
+def test_a_mixture_resumes_only_with_the_same_builds_and_weights(config):
+    """Every manifest digest and weight, in order, must match; the URIs may change (the
+    same build copied to S3)."""
+    mixture = built(("d1", 0.7), ("d2", 0.3))
+    state = {**saved(config), **data_mixture.describe_sources(mixture)}
+    moved = [Source("/local/copy/" + s.digest, s.weight, [], s.digest) for s in mixture]
+    assert resume.resume_differences(state, config, moved) == {}
+    for changed in (built(("d1", 0.6), ("d2", 0.4)), built(("d2", 0.3), ("d1", 0.7)), built(("d1", 1.0)),
+                    built(("d1", 0.5), ("d2", 0.3), ("d3", 0.2))):
+        (line,) = resume.resume_differences(state, config, changed)["data"]
+        assert "weight 0.7" in line.split(" -> ")[0], line
+    with pytest.raises(SystemExit, match="--allow-change data"):
+        resume.check_resume(state, config, built(("d1", 0.6), ("d2", 0.4)))
 
 
 def test_a_worker_must_start_at_the_runs_latest_checkpoint():

@@ -19,10 +19,9 @@ from evaluation.benchmarks import Benchmark, requests, score
 from evaluation.datasets import load_karpathy
 from scoring.sets.files import read_image
 from scoring.retrieval import compute_retrieval_recall
-from pipelines import shards
 from tests.eval_fixtures import save_micro_checkpoint
 from tests.test_eval_parity import encode_directly
-from training import checkpoint, data_stage, train
+from training import checkpoint, data_mixture, data_stage, train
 from training.inference import load_inference_model
 from training.loop import run_training
 from training.model import build_training_model, tower_geometry
@@ -49,8 +48,8 @@ def step_losses(storage, name: str) -> dict[int, float]:
 def in_process_losses(argv: list[str], batches: list[dict]) -> dict[int, float]:
     """The one worker's loop of `argv`, straight from step 0, in this process, on `batches`."""
     config = train.build_config(train.parse_args(argv))
-    manifest = shards.read_manifest(config.data.build_uri)
-    loop_config, device = train.plan_steps(config, manifest), torch.device("cpu")
+    sources = data_mixture.load_sources(config.data.builds)
+    loop_config, device = train.plan_steps(config, sources), torch.device("cpu")
     model, optimizer, scheduler = train.build_training_state(config, loop_config, device)
     objective = build_objective(config.loss, config.smartclip, 0, 1, model.topology)
     settings = train.loop_settings(config, loop_config, 0, 1, device, 0)
@@ -67,8 +66,8 @@ def geometry_of(argv: list[str]) -> tuple[int, int]:
 def worker_batches(argv: list[str]) -> list[dict]:
     """The one worker's Ray Data batch stream of `argv` from step 0, its first STEPS batches."""
     config = train.build_config(train.parse_args(argv))
-    manifest = shards.read_manifest(config.data.build_uri)
-    stream = data_stage.iter_worker_batches(config, manifest["shards"], 0, 1, 0, geometry_of(argv))
+    stream = data_stage.iter_worker_batches(config, data_mixture.load_sources(config.data.builds), 0, 1, 0,
+                                            geometry_of(argv))
     return [batch for _, batch in zip(range(STEPS), stream)]
 
 

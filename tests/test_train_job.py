@@ -2,13 +2,16 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
 
+from pipelines import shards
 from pipelines.demo_corpus import KARPATHY_JSON
 from tests.test_in_run_eval import evaluation_job_figures
 from training import checkpoint, train
+from training.inference import load_inference_model
 
 pytestmark = pytest.mark.ray
 
@@ -16,8 +19,9 @@ pytestmark = pytest.mark.ray
 # The shards' sizes depend on the mirror's port (it is in every URL, hence every key), so
 # the small build uses 6-image shards and 4-image batches: a worker then always has whole
 # batches for many more steps than the six these tests run.
-def run_args(build_uri: str, storage, name: str, *extra: str) -> list[str]:
-    return ["--data", build_uri, "--method", "flip", "--arch", "clip-micro-p8-32",
+def run_args(build_uri: str | list[str], storage, name: str, *extra: str) -> list[str]:
+    builds = [build_uri] if isinstance(build_uri, str) else build_uri
+    return ["--data", *builds, "--method", "flip", "--arch", "clip-micro-p8-32",
             "--num-workers", "2", "--batch-size", "4", "--epochs", "3", "--warmup-steps", "2",
             "--lr", "1e-3", "--storage", str(storage), "--run-name", name, "--log-every", "1",
             "--checkpoint-every", "100", *extra]
@@ -96,7 +100,7 @@ def test_two_worker_run_trains_and_checkpoints(straight_run):
     directory = checkpoint.fetch_checkpoint(str(storage / "straight"))
     state = checkpoint.read_state(directory)
     assert state["step"] == 6 and state["config"]["method"] == "flip"
-    assert state["manifest_digest"] and state["data_uri"]
+    assert state["manifest_digests"][0] and state["data_weights"] == [1.0] and state["data_uris"]
 
 
 def test_in_run_evaluation_logs_the_evaluation_jobs_figures_every_n_steps(small_build, straight_run):
@@ -160,3 +164,33 @@ def test_new_run_refuses_to_overwrite_and_resume_needs_a_run(small_build, straig
         train.main(run_args(small_build[3], storage, "straight"))
     with pytest.raises(SystemExit, match="no checkpoint"):
         train.main(run_args(small_build[3], tmp_path, "never-ran", "--resume"))
+
+
+def subset_build(build_uri: str, target: Path, n_shards: int) -> str:
+    """Another build: the first shards of `build_uri`, copied, under a manifest of their own."""
+    manifest = shards.read_manifest(build_uri)
+    entries = manifest["shards"][:n_shards]
+    for entry in entries:
+        (target / entry["tar"]).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(Path(build_uri) / entry["tar"], target / entry["tar"])
+    (target / shards.MANIFEST).write_text(json.dumps({**manifest, "shards": entries}))
+    return str(target)
+
+
+def test_a_mixture_of_two_builds_trains_records_both_and_resumes(small_build, straight_run, tmp_path):
+    """`--data A:0.7 B:0.3` through Ray Train: the checkpoint and the evaluation job's model
+    record both manifests and weights; a resume with other weights is refused, one with the
+    same continues from its step."""
+    other = subset_build(small_build[3], tmp_path / "other", 3)
+    mix = [f"{small_build[3]}:0.7", f"{other}:0.3"]
+    train.main(run_args(mix, tmp_path, "mixed", "--max-steps", "2"))
+    state = checkpoint.read_state(checkpoint.fetch_checkpoint(str(tmp_path / "mixed")))
+    digests = [shards.manifest_digest(shards.read_manifest(u)) for u in (small_build[3], other)]
+    assert state["manifest_digests"] == digests and state["data_weights"] == [0.7, 0.3]
+    info = load_inference_model(str(tmp_path / "mixed")).info
+    assert info["manifest_digests"] == digests and info["data_weights"] == [0.7, 0.3]
+    with pytest.raises(SystemExit, match="weight 0.7.*-> .*weight 0.5") as refused:
+        train.main(run_args([f"{small_build[3]}:1", f"{other}:1"], tmp_path, "mixed", "--max-steps", "3", "--resume"))
+    assert "--allow-change data" in str(refused.value)
+    train.main(run_args(mix, tmp_path, "mixed", "--max-steps", "3", "--resume"))
+    assert sorted(step_losses(tmp_path, "mixed", resumed_at=2)) == [1, 2, 3]

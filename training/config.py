@@ -119,7 +119,8 @@ class CibrConfig:
 
 @dataclass(frozen=True)
 class DataConfig:
-    build_uri: str = ""
+    # The run's builds, each "URI" or "URI:WEIGHT" (training/data_mixture.py; weights normalised).
+    builds: tuple[str, ...] = ()
     batch_size_per_worker: int = 64
     crop_scale: tuple[float, float] = (0.9, 1.0)  # RandomResizedCrop area range (open_clip's)
     # One caption of the group per image per step ("uniform", "short", "long", "mix": the long
@@ -260,6 +261,8 @@ def config_from_dict(data: dict) -> TrainConfig:
     kwargs = {"method": data["method"]}
     for name, cls in ((n, globals()[t]) for n, t in sections.items() if n != "method"):
         raw = dict(data.get(name, {}))
+        if name == "data" and "build_uri" in raw:  # saved before mixtures: one build
+            raw["builds"] = [raw.pop("build_uri")]
         for f in dataclasses.fields(cls):
             if isinstance(f.default, tuple) and f.name in raw:
                 raw[f.name] = tuple(raw[f.name])

@@ -1,4 +1,4 @@
-"""The training data stage: one worker's deterministic slice of a build (`data_order`),
+"""The training data stage: one worker's deterministic slice of the run's builds (`data_order`),
 read and prepared on Ray Data actors (`batches.BatchPreprocessor`) into the batches the loop
 consumes. A module of its own because each of its actors imports it: it pulls in the data
 code (open_clip's tokenizer included) but not the model, the optimiser or the job driver."""
@@ -8,16 +8,17 @@ import ray
 import ray.data
 
 from training import data_order
+from training.data_order import Source
 from training.batches import BatchPreprocessor
 from training.config import TrainConfig
 from training.long_text import text_context_length
 
 
-def iter_worker_batches(config: TrainConfig, entries: list[dict], rank: int, world: int,
+def iter_worker_batches(config: TrainConfig, sources: list[Source], rank: int, world: int,
                         start_step: int, geometry: tuple[int, int]):
     """This worker's prepared batches from `start_step` to the end of the last epoch, from
     one Ray Data stream (its actors live for the whole run, not one epoch)."""
-    items = data_order.plan_worker_run(entries, config.run.seed, rank, world,
+    items = data_order.plan_worker_run(sources, config.run.seed, rank, world,
                                        config.data.batch_size_per_worker, start_step, config.run.epochs)
     dataset = build_run_dataset(config, items, geometry)
     yield from dataset.iter_batches(batch_size=config.data.batch_size_per_worker, batch_format="numpy",
@@ -31,7 +32,7 @@ class PrepareShardItems:
 
     def __init__(self, config: TrainConfig, geometry: tuple[int, int]):
         image_size, patch_size = geometry
-        self.build_uri, self.seed = config.data.build_uri, config.run.seed
+        self.seed = config.run.seed
         self.batch_size = config.data.batch_size_per_worker
         context = text_context_length(config.model.arch, config.model.text_positions_kept,
                                       config.model.text_stretch_factor)
@@ -43,7 +44,7 @@ class PrepareShardItems:
     def __call__(self, items: dict):
         for i in range(len(items[data_order.ITEM_SHARD])):
             item = {k: v[i] for k, v in items.items()}
-            rows = list(data_order.iter_item_samples(item, self.build_uri, self.seed))
+            rows = list(data_order.iter_item_samples(item, self.seed))
             for start in range(0, len(rows), self.batch_size):
                 yield self.prepare.prepare_rows(rows[start:start + self.batch_size])
 

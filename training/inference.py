@@ -14,7 +14,7 @@ import cv2
 import torch
 from torch import nn
 
-from training import checkpoint, transforms
+from training import checkpoint, data_mixture, transforms
 from training.long_text import text_context_length
 from training.losses.modular import EPS
 from training.methods import resolve_auto_fields
@@ -137,7 +137,7 @@ def load_inference_model(uri: str, device: str = "cpu", scorer: str = "plain",
     state = checkpoint.read_state(directory)
     info = {"path": uri, "checkpoint_uri": source, "resolved": str(directory), "step": state["step"],
             "method": config.method, "arch": config.model.arch, "topology": model.topology.describe(), "scorer": scorer,
-            "manifest_digests": [state.get("manifest_digest")], "data": state.get("data_uri"),
+            **data_mixture.saved_sources(state),
             "code_version": state.get("code_version")}
     return checkpoint.InferenceModel(model=encoder, preprocess=EvalPreprocess(tower_geometry(model)[0]),
                                      tokenizer=inference_tokenizer(config), topology=topology, info=info)

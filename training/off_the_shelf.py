@@ -88,7 +88,7 @@ def load_open_clip_inference(uri: str, device: str = "cpu", scorer: str = "plain
     tower = load_pretrained_tower(arch, weights).eval().to(device)
     topology = Sphere(tower.text_projection.shape[1])
     info = {"path": f"{PREFIX}{arch}={weights}", "step": None, "method": "open_clip", "arch": arch,
-            "topology": topology.describe(), "scorer": scorer, "manifest_digests": [], "data": None,
+            "topology": topology.describe(), "scorer": scorer, "manifest_digests": [], "data_weights": [], "data_uris": [],
             "weights": weights, "weights_sha256": weights_digest(weights)}
     return checkpoint.InferenceModel(model=UnitEncoder(tower).eval(), preprocess=OpenClipPreprocess(tower.visual.preprocess_cfg),
                                      tokenizer=build_tokenizer(arch), topology=topology, info=info)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 
 from pipelines import storage
-from training import checkpoint
+from training import checkpoint, data_mixture
 from training.config import TrainConfig, config_from_dict, config_to_dict
 
 # What a resume must match, by the name `--allow-change` uses. Fields not listed (max_steps,
@@ -46,14 +46,14 @@ def category_of(field: str) -> str | None:
     return None
 
 
-def resume_differences(saved: dict, config: TrainConfig, manifest_digest: str) -> dict[str, list[str]]:
-    """category -> ["field: saved -> now", ...] of what differs from the saved state.json."""
+def resume_differences(saved: dict, config: TrainConfig, sources) -> dict[str, list[str]]:
+    """category -> ["field: saved -> now", ...] of what differs from the saved state.json
+    (the data: every build's manifest digest and weight, in order; not its URI)."""
     before = flatten(config_to_dict(config_from_dict(saved["config"])))  # today's defaults filled in
     now = flatten(config_to_dict(config))
     found: dict[str, list[str]] = {}
-    if saved.get("manifest_digest") != manifest_digest:
-        found["data"] = [f"build manifest: {saved.get('data_uri')} (sha256 {str(saved.get('manifest_digest'))[:12]}) "
-                         f"-> {config.data.build_uri} (sha256 {manifest_digest[:12]})"]
+    if changed := data_mixture.source_differences(saved, sources):
+        found["data"] = changed
     for field in sorted(set(before) | set(now)):
         category = category_of(field)
         if category and json.dumps(before.get(field)) != json.dumps(now.get(field)):
@@ -61,9 +61,9 @@ def resume_differences(saved: dict, config: TrainConfig, manifest_digest: str) -
     return found
 
 
-def check_resume(saved: dict, config: TrainConfig, manifest_digest: str, allowed=()) -> None:
+def check_resume(saved: dict, config: TrainConfig, sources, allowed=()) -> None:
     """SystemExit naming every difference from the saved run that `allowed` does not accept."""
-    found = {c: d for c, d in resume_differences(saved, config, manifest_digest).items() if c not in allowed}
+    found = {c: d for c, d in resume_differences(saved, config, sources).items() if c not in allowed}
     if not found:
         return
     lines = [f"  {category}: {d}" for category, details in found.items() for d in details]

@@ -31,9 +31,9 @@ from ray.train.torch import TorchConfig, TorchTrainer  # noqa: E402
 from ray.util.queue import Queue  # noqa: E402
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy  # noqa: E402
 
-from pipelines import console, ray_setup, shards, storage  # noqa: E402
+from pipelines import console, ray_setup, storage  # noqa: E402
 from pipelines.build import arrow_filesystem, code_version  # noqa: E402
-from training import checkpoint, data_order, ray_entry, resume  # noqa: E402
+from training import checkpoint, data_mixture, data_order, ray_entry, resume  # noqa: E402
 from training.data_stage import iter_worker_batches  # noqa: E402
 from training.config import TrainConfig, apply_overrides, config_from_dict, config_to_dict  # noqa: E402
 from training.in_run_eval import InRunEvaluator, check_eval_config  # noqa: E402
@@ -59,7 +59,9 @@ FLAG_TO_FIELD = {"arch": "model.arch", "pretrained": "model.pretrained", "mask_r
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", required=True, help="build root: <root>/<corpus>/<build-id>")
+    p.add_argument("--data", required=True, nargs="+", metavar="URI[:WEIGHT]",
+                   help="build root(s): <root>/<corpus>/<build-id>; several builds with sampling weights make "
+                        "a mixture, e.g. s3://b/shards/cc12m/ID:0.7 s3://b/shards/yfcc15m/ID:0.3")
     p.add_argument("--method", default="clip")
     for flag in FLAG_TO_FIELD:
         p.add_argument(f"--{flag.replace('_', '-')}", default=None)
@@ -83,7 +85,7 @@ def build_config(args: argparse.Namespace) -> TrainConfig:
     overrides = {field: getattr(args, flag) for flag, field in FLAG_TO_FIELD.items()
                  if getattr(args, flag) is not None}
     overrides.update(dict(item.split("=", 1) for item in args.set))
-    overrides.update({"data.build_uri": args.data, "run.use_gpu": args.use_gpu})
+    overrides.update({"data.builds": tuple(args.data), "run.use_gpu": args.use_gpu})
     if args.eval_set:
         overrides["eval.sets"] = tuple(args.eval_set)
     config = resolve_auto_fields(apply_overrides(build_method_config(args.method), overrides))
@@ -175,7 +177,7 @@ def parallelize(config: TrainConfig, loop_config: dict, model, optimizer, schedu
 
 def run_worker(loop_config: dict) -> None:
     """One Ray Train worker's run (entered through `ray_entry.train_loop_per_worker`)."""
-    config, manifest = config_from_dict(loop_config["config"]), loop_config["manifest"]
+    config, sources = config_from_dict(loop_config["config"]), data_mixture.from_plan(loop_config["sources"])
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     device, ckpt, run_dir = ray.train.torch.get_device(), ray.train.get_checkpoint(), loop_config["run_dir"]
@@ -190,7 +192,7 @@ def run_worker(loop_config: dict) -> None:
     model, optimizer, scheduler, runner, weights = parallelize(config, loop_config, model, optimizer, scheduler,
                                                                device)
     settings = loop_settings(config, loop_config, rank, world, device, start_step)
-    batches = iter_worker_batches(config, manifest["shards"], rank, world, start_step, geometry)
+    batches = iter_worker_batches(config, sources, rank, world, start_step, geometry)
     tracker = build_tracker(rank, run_dir, config.run.tensorboard_dir, start_step, loop_config.get("wandb"))
     # checkpoints hold the float32 model (the masters under bf16), so a resume is exact
     report = build_reporter(config, rank, model if weights else runner, optimizer, scheduler, loop_config["extra"],
@@ -250,17 +252,18 @@ def follow_reports(total_steps: int):
         reports.shutdown()
 
 
-def plan_steps(config: TrainConfig, manifest: dict) -> dict:
+def plan_steps(config: TrainConfig, sources: list[data_order.Source]) -> dict:
     """The schedule spans all epochs; `run.max_steps` only stops early (an interrupted or
     budget-capped run), so a later `--resume` continues the very same schedule."""
-    epoch_steps = [data_order.compute_epoch_steps(manifest["shards"], config.run.seed, epoch,
+    epoch_steps = [data_order.compute_epoch_steps(sources, config.run.seed, epoch,
                                                   config.run.num_workers, config.data.batch_size_per_worker)
                    for epoch in range(config.run.epochs)]
     total = sum(epoch_steps)
     if total == 0:
+        entries = [e for s in sources for e in s.entries]
         raise ValueError(f"no full batch for every worker: {config.run.num_workers} workers of "
-                         f"{config.data.batch_size_per_worker} samples each, but the build has "
-                         f"{len(manifest['shards'])} shards of {[e['n_samples'] for e in manifest['shards']][:8]}... "
+                         f"{config.data.batch_size_per_worker} samples each, but the data has "
+                         f"{len(entries)} shards of {[e['n_samples'] for e in entries][:8]}... "
                          "samples (each worker reads whole shards: use smaller shards or fewer workers)")
     return {"schedule_steps": total, "stop_step": min(total, config.run.max_steps or total),
             "epoch_steps": epoch_steps}
@@ -296,23 +299,23 @@ def fit(config: TrainConfig, resume_run: bool = False, allow_changes=()):
 
 
 def fit_once(config: TrainConfig, resume_run: bool = False, allow_changes=()):
-    manifest = shards.read_manifest(config.data.build_uri)
-    extra = {"manifest_digest": shards.manifest_digest(manifest), "data_uri": config.data.build_uri,
-             "code_version": code_version()}
-    plan = {**plan_steps(config, manifest), "run_dir": run_directory(config)}
+    sources = data_mixture.load_sources(config.data.builds)
+    extra = {**data_mixture.describe_sources(sources), "code_version": code_version()}
+    plan = {**plan_steps(config, sources), "run_dir": run_directory(config)}
     plan["wandb"] = wandb_settings(config.run.wandb_project, config.run.name, plan["run_dir"], config_to_dict(config))
     saved = resume.check_run_state(plan["run_dir"], config.run.name, resume_run)
     if saved is not None:
-        resume.check_resume(saved, config, extra["manifest_digest"], allow_changes)
+        resume.check_resume(saved, config, sources, allow_changes)
         plan["resume_step"] = saved["step"]
     with follow_reports(plan["stop_step"]) as reports:
-        return make_trainer(config, manifest, extra, plan, ray_entry.ReportForwarder(reports)).fit()
+        return make_trainer(config, sources, extra, plan, ray_entry.ReportForwarder(reports)).fit()
 
 
-def make_trainer(config: TrainConfig, manifest: dict, extra: dict, plan: dict, callback) -> TorchTrainer:
+def make_trainer(config: TrainConfig, sources: list[data_order.Source], extra: dict, plan: dict,
+                 callback) -> TorchTrainer:
     return TorchTrainer(
         ray_entry.train_loop_per_worker,
-        train_loop_config={"config": config_to_dict(config), "manifest": manifest, "extra": extra,
+        train_loop_config={"config": config_to_dict(config), "sources": data_mixture.to_plan(sources), "extra": extra,
                            **plan},
         scaling_config=ray.train.ScalingConfig(
             num_workers=config.run.num_workers, use_gpu=config.run.use_gpu,
