@@ -3,6 +3,7 @@
     python training/train.py --data ./shards/cc12m/<build-id> --method flip --num-workers 2
     ray job submit --working-dir . -- python training/train.py --data s3://bucket/shards/cc12m/<id> \
         --method flip --arch ViT-B-16 --num-workers 8 --use-gpu --storage s3://bucket/runs --run-name x
+    python training/train.py --data <cc12m-build>:0.7 <yfcc15m-build>:0.3 ...   # a mixture of builds
 
 Each worker streams its own deterministic slice of the shards through Ray Data (decode,
 joint crop of image and edge map, per-patch edge scores, caption sampling, tokenisation on
