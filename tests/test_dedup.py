@@ -101,3 +101,37 @@ def test_publishing_a_shard_again_finds_it_published(tmp_path):
     first = dedup.publish_shard(fs, root, 0)
     assert not fs.exists(dedup.staged_index_path(root, 0))
     assert dedup.publish_shard(fs, root, 0) == first  # the retry
+
+
+def sized_sample(key: str, text: str, image: bytes) -> dict:
+    meta = {"key": key, "source": f"http://x/{key}", "width": 4, "height": 4, "captions": [caption(text)]}
+    return {shards.KEY: key, shards.IMAGE: image, shards.EDGE: b"png", shards.META: json.dumps(meta)}
+
+
+@pytest.mark.ray
+def test_one_task_and_the_shuffle_find_the_same_duplicates(ray_session, tmp_path):
+    """A small build's duplicates are found by one task reading every index; a large one's by
+    the digest shuffle. Both against a dict of digest -> (key, shard), over staged shards whose
+    images repeat within and across shards."""
+    import hashlib
+
+    from pipelines import storage
+    fs, root = storage.open_storage(str(tmp_path))
+    rng = np.random.default_rng(1)
+    by_digest = {}
+    for shard_id in range(4):
+        picks = rng.integers(0, 15, 10)
+        rows = [sized_sample(f"s{shard_id}k{i}", f"caption {shard_id}-{i}", f"image {p}".encode())
+                for i, p in enumerate(picks)]
+        for row in rows:
+            digest = hashlib.sha256(row[shards.IMAGE]).hexdigest()
+            by_digest.setdefault(digest, []).append((row[shards.KEY], shard_id))
+        shards.write_shard(fs, dedup.staging_path(root), shard_id, rows, {"failures": {}, "n_groups": 10})
+    expected = sorted(([min(m)[0], min(m)[1]], sorted([list(x) for x in m])[1:])
+                      for m in by_digest.values() if len(m) > 1)
+    found = {}
+    for name, max_rows in (("one task", 40), ("shuffle", build.ROWS_PER_BUCKET + 1)):
+        plans = build.find_duplicates(fs, root, list(range(4)), max_rows)
+        found[name] = sorted((p["keep"], p["drop"], [c["text"] for c in p["captions"]]) for p in plans)
+        assert sorted((keep, drop) for keep, drop, _ in found[name]) == expected
+    assert found["one task"] == found["shuffle"]
