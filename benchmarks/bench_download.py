@@ -11,7 +11,7 @@ JPEGs, 1 % HTML pages. The loopback mirror answers each request after a latency 
 the URL alone (mirror.ServingProfile), so both tools meet the same hosts.
 
 Both tools store 256 px center crops as JPEG q95 with one process per core (img2dataset's
-processes_count, our local Ray instance's shard actors) of `--threads` download threads each,
+processes_count, our local Ray instance's shard tasks, one per CPU) of `--threads` download threads each,
 timeout 10 s, no retries, 250 images per shard, and each runs in a fresh process (its start-up
 counted):
   img2dataset  img2dataset.download (its multiprocessing distributor, webdataset output);
@@ -19,8 +19,10 @@ counted):
                dedup of identical images, Sobel edge maps, caption groups, atomic shards.
 Figures: wall seconds, images stored, images/s and images/s per core, CPU seconds per stored
 image (busy CPU time of the whole machine from /proc/stat over the run, minus this process,
-which serves the mirror: so run it on an otherwise idle machine), and the share of wall time
-before the mirror saw the first request (start-up and planning).
+which serves the mirror: so run it on an otherwise idle machine), the share of wall time
+before the mirror saw the first request (start-up and planning), the images/s per core while
+requests flow (first to last request: the rate a corpus-scale run sustains, where the fixed
+costs vanish) and the time after the last request (dedup, publishing, shutdown).
 """
 from __future__ import annotations
 
@@ -53,21 +55,23 @@ class Run:
     stored: int
     cpu_s: float
     first_request_s: float
+    last_request_s: float
 
 
 def write_mirror(root: Path, n_images: int, seed: int) -> list[str]:
     """Photos and bad files under `root`; returns their paths in URL-list order."""
     rng = np.random.default_rng(seed)
     root.mkdir(parents=True, exist_ok=True)
-    names = []
+    photos = []
     for i, blob in enumerate(source_images(n_images, seed)):
         (root / f"{i:06d}.jpg").write_bytes(blob)
-        names.append(f"{i:06d}.jpg")
+        photos.append(f"{i:06d}.jpg")
+    names = list(photos)
     for kind, share in (("missing", MISSING), ("truncated", TRUNCATED), ("html", HTML)):
         for j in range(max(1, round(share * n_images))):
             name = f"{kind}-{j:04d}.jpg"
             if kind == "truncated":
-                blob = (root / names[j]).read_bytes()
+                blob = (root / photos[j]).read_bytes()  # names holds bad files too by now
                 (root / name).write_bytes(blob[:len(blob) // 2])
             elif kind == "html":
                 (root / name).write_bytes(b"<html><body>moved</body></html>")
@@ -133,25 +137,33 @@ def run_tool(name: str, command: list[str], stored, mirror_root: Path, tsv_for, 
     with LoopbackMirror(mirror_root, profile=profile) as mirror:
         tsv = tsv_for(mirror.base_url)
         cpu0, own0, start = busy_cpu_s(), own_cpu_s(), time.monotonic()
-        done = subprocess.run(command(tsv, out), env=env, cwd=REPO, stdout=subprocess.DEVNULL,
-                              stderr=subprocess.PIPE, text=True)
+        with open(out.parent / f"{name}.log", "w") as log:  # the tool's console, for its stage times
+            done = subprocess.run(command(tsv, out), env=env, cwd=REPO, stdout=log,
+                                  stderr=subprocess.STDOUT, text=True)
         wall = time.monotonic() - start
         cpu = busy_cpu_s() - cpu0 - (own_cpu_s() - own0)
         first = (mirror.first_request_s or start + wall) - start
+        last = (mirror.last_request_s or start + wall) - start
     if done.returncode:
-        raise SystemExit(f"{name} failed ({done.returncode}):\n{done.stderr[-3000:]}")
-    return Run(name, wall, stored(out), cpu, first)
+        raise SystemExit(f"{name} failed ({done.returncode}):\n{(out.parent / f'{name}.log').read_text()[-3000:]}")
+    return Run(name, wall, stored(out), cpu, first, last)
 
 
 def report(runs: list[Run], cores: int) -> None:
     print(f"{'tool':<12} {'wall s':>7} {'stored':>7} {'img/s':>7} {'img/s/core':>10} "
-          f"{'CPU ms/img':>10} {'before 1st request':>19}")
+          f"{'CPU ms/img':>10} {'before 1st request':>19} {'requests span':>13} {'img/s/core in span':>18} "
+          f"{'after last request':>18}")
     for r in runs:
-        rate = r.stored / r.wall_s
+        rate, span = r.stored / r.wall_s, max(r.last_request_s - r.first_request_s, 1e-9)
         print(f"{r.name:<12} {r.wall_s:7.1f} {r.stored:7d} {rate:7.1f} {rate / cores:10.1f} "
-              f"{1e3 * r.cpu_s / max(r.stored, 1):10.1f} {r.first_request_s:7.1f} s ({r.first_request_s / r.wall_s:5.1%})")
+              f"{1e3 * r.cpu_s / max(r.stored, 1):10.1f} {r.first_request_s:7.1f} s ({r.first_request_s / r.wall_s:5.1%}) "
+              f"{span:11.1f} s {r.stored / span / cores:18.1f} {r.wall_s - r.last_request_s:16.1f} s")
+    if len(runs) < 2:
+        return
     base, ours = runs
-    print(f"ours / img2dataset: images/s x{(ours.stored / ours.wall_s) / (base.stored / base.wall_s):.2f}, "
+    span_rate = [r.stored / max(r.last_request_s - r.first_request_s, 1e-9) for r in runs]
+    print(f"ours / img2dataset: images/s x{(ours.stored / ours.wall_s) / (base.stored / base.wall_s):.2f} "
+          f"(while requests flow x{span_rate[1] / span_rate[0]:.2f}), "
           f"CPU per image x{(ours.cpu_s / ours.stored) / (base.cpu_s / base.stored):.2f}")
 
 
@@ -162,6 +174,8 @@ def main(argv=None) -> None:
     p.add_argument("--threads", type=int, default=16, help="download threads per process")
     p.add_argument("--latency-ms", type=float, nargs=2, default=(50.0, 200.0))
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--tools", nargs="+", choices=("img2dataset", "ours"), default=("img2dataset", "ours"),
+                   help="run only some (the ratio needs both)")
     args = p.parse_args(argv)
     work, cores = Path(args.workdir).resolve(), os.cpu_count() or 1
     names = write_mirror(work / "mirror", args.n_images, args.seed)
@@ -177,6 +191,8 @@ def main(argv=None) -> None:
     runs = []
     for name, command, stored in (("img2dataset", img2dataset_command, img2dataset_stored),
                                   ("ours", ours_command, ours_stored)):
+        if name not in args.tools:
+            continue
         def bound(tsv, out, command=command):
             return command(tsv, out, cores, args.threads)
         runs.append(run_tool(name, bound, stored, work / "mirror", tsv_for, work / name, profile))

@@ -240,7 +240,7 @@ def run_once(variant: str, read_rows, params: build.BuildParams, check: bool) ->
     with PeakSampler() as peaks:
         start = time.perf_counter()
         try:
-            with planning_variant(variant):
+            with planning_variant(variant), build.sort_shuffle():  # as run_build plans
                 specs, n_shards, n_groups, reasons = plan(read_rows, params)
                 n_specs = specs.count()
         except Exception as e:  # noqa: BLE001  (the baseline fails at some sizes: report it)

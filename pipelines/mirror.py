@@ -83,8 +83,10 @@ class QuietHandler(SimpleHTTPRequestHandler):
     def do_GET(self) -> None:
         with self.server.count_lock:
             self.server.requests_served += 1
+            now = time.monotonic()
             if self.server.first_request_s is None:
-                self.server.first_request_s = time.monotonic()
+                self.server.first_request_s = now
+            self.server.last_request_s = now
         latency, outcome = self.server.profile.draw(self.path)
         if latency:
             time.sleep(latency)
@@ -120,7 +122,7 @@ def build_server(address: str, port: int, root: Path,
     handler = functools.partial(QuietHandler, directory=str(root))
     server = server_class((address, port), handler)
     server.requests_served, server.count_lock, server.profile = 0, threading.Lock(), profile
-    server.first_request_s = None
+    server.first_request_s = server.last_request_s = None
     return server
 
 
@@ -152,6 +154,11 @@ class LoopbackMirror:
     def first_request_s(self) -> float | None:
         """time.monotonic() of the first request served, None before it."""
         return self._server.first_request_s if self._server is not None else None
+
+    @property
+    def last_request_s(self) -> float | None:
+        """time.monotonic() of the latest request's arrival, None before the first."""
+        return self._server.last_request_s if self._server is not None else None
 
     def start(self) -> LoopbackMirror:
         if not self.root.is_dir():
