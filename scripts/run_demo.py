@@ -104,7 +104,10 @@ def evaluate_model(args, out: Path, run_dir: str) -> dict:
     return evaluate.main(["--checkpoint", run_dir, "--output", str(out / "report"),
                           "--zeroshot", f"demo-zeroshot={eval_root / 'zeroshot'}",
                           "--retrieval", f"demo-retrieval={eval_root / 'retrieval' / 'dataset_karpathy.json'}",
-                          "--long-retrieval", f"demo-long={eval_root / 'long'}", *verbose_flag(args)])
+                          "--long-retrieval", f"demo-long={eval_root / 'long'}",
+                          # the demo's own embedding cache: a same-seed rerun elsewhere (the shared
+                          # ~/.cache) must not turn this run's encoding into cache hits
+                          "--cache", str(out / "embedding-cache"), *verbose_flag(args)])
 
 
 def main(argv=None) -> dict:
