@@ -81,12 +81,13 @@ class QuietHandler(SimpleHTTPRequestHandler):
     servers on the paths above."""
 
     def do_GET(self) -> None:
-        with self.server.count_lock:
-            self.server.requests_served += 1
-            now = time.monotonic()
-            if self.server.first_request_s is None:
-                self.server.first_request_s = now
-            self.server.last_request_s = now
+        self.server.note_request(+1)
+        try:
+            self.answer()
+        finally:
+            self.server.note_request(-1)
+
+    def answer(self) -> None:
         latency, outcome = self.server.profile.draw(self.path)
         if latency:
             time.sleep(latency)
@@ -123,7 +124,35 @@ def build_server(address: str, port: int, root: Path,
     server = server_class((address, port), handler)
     server.requests_served, server.count_lock, server.profile = 0, threading.Lock(), profile
     server.first_request_s = server.last_request_s = None
+    server.events = []  # (time.monotonic(), +1 arrival | -1 answered), for in-flight figures
+    server.note_request = functools.partial(_note_request, server)
     return server
+
+
+def _note_request(server: ThreadingHTTPServer, change: int) -> None:
+    with server.count_lock:
+        now = time.monotonic()
+        server.events.append((now, change))
+        if change < 0:
+            return
+        server.requests_served += 1
+        if server.first_request_s is None:
+            server.first_request_s = now
+        server.last_request_s = now
+
+
+def mean_in_flight(events: list[tuple[float, int]], start: float, end: float) -> float:
+    """Time-averaged number of requests being answered between `start` and `end`."""
+    level, area, last = 0, 0.0, start
+    for when, change in sorted(events):
+        if when > end:
+            break
+        if when > start:
+            area += level * (when - last)
+            last = when
+        level += change
+    area += level * max(end - last, 0.0)
+    return area / max(end - start, 1e-9)
 
 
 class LoopbackMirror:
@@ -159,6 +188,14 @@ class LoopbackMirror:
     def last_request_s(self) -> float | None:
         """time.monotonic() of the latest request's arrival, None before the first."""
         return self._server.last_request_s if self._server is not None else None
+
+    @property
+    def request_events(self) -> list[tuple[float, int]]:
+        """(time.monotonic(), +1 arrival or -1 answered) of every request so far."""
+        if self._server is None:
+            return []
+        with self._server.count_lock:
+            return list(self._server.events)
 
     def start(self) -> LoopbackMirror:
         if not self.root.is_dir():

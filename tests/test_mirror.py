@@ -13,7 +13,7 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from pipelines.mirror import LoopbackMirror, ServingProfile, check_loopback_host
+from pipelines.mirror import LoopbackMirror, ServingProfile, check_loopback_host, mean_in_flight
 
 
 def stub_resolver(*addresses: str):
@@ -128,3 +128,27 @@ def test_mirror_answers_as_its_profile_draws(tmp_path):
                     urllib.request.urlopen(f"{mirror.base_url}/{name}", timeout=5)
         assert mirror.requests_served == len(names) and mirror.first_request_s is not None
     assert min(seen.values()) > 0 and len(seen) == 3  # the seed gives all three outcomes
+
+
+def test_mean_in_flight_matches_a_sampled_count():
+    """The time-averaged number of open requests, against counting them on a fine time grid."""
+    rng = np.random.default_rng(0)
+    arrivals = np.sort(rng.uniform(0, 10, 200))
+    answers = arrivals + rng.uniform(0.05, 0.5, 200)
+    events = [(float(t), +1) for t in arrivals] + [(float(t), -1) for t in answers]
+    rng.shuffle(events)
+    grid = np.linspace(2.0, 8.0, 60_001)[:-1] + 0.5 * 6.0 / 60_000
+    sampled = ((arrivals[None, :] <= grid[:, None]) & (answers[None, :] > grid[:, None])).sum(1).mean()
+    assert mean_in_flight(events, 2.0, 8.0) == pytest.approx(sampled, rel=1e-3)
+
+
+def test_mirror_records_each_request_arriving_and_answered(tmp_path):
+    (tmp_path / "a.bin").write_bytes(b"a")
+    with LoopbackMirror(tmp_path, delay_s=0.05) as mirror:
+        for _ in range(3):
+            with urllib.request.urlopen(f"{mirror.base_url}/a.bin", timeout=5) as response:
+                response.read()
+        events = mirror.request_events
+    assert [change for _, change in events] == [+1, -1] * 3
+    assert all(b[0] - a[0] >= 0.05 for a, b in zip(events[::2], events[1::2]))
+    assert mean_in_flight(events, events[0][0], events[-1][0]) > 0.5  # the waits fill the span
