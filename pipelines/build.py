@@ -187,7 +187,7 @@ def build_shards(batch: dict, build_uri: str, download: DownloadParams) -> dict:
     under the build's staging area. A plain task, not an actor: it runs in the worker
     processes planning already started, where an actor pool would start new ones."""
     builder = shard_builder(build_uri, download)
-    stats = [builder(int(s), json.loads(g)) for s, g in zip(batch["shard_id"], batch["groups"])]
+    stats = builder.build_many([(int(s), json.loads(g)) for s, g in zip(batch["shard_id"], batch["groups"])])
     return {"stats": np.array([json.dumps(s) for s in stats], dtype=object)}
 
 
@@ -286,10 +286,12 @@ def run_shard_tasks(specs, build_uri: str, params: BuildParams, todo: set[int],
     abort when the failure rate says the input is wrong."""
     if not todo:
         return []
-    # One shard a block, so each shard is a task of its own whatever blocks the shuffle made.
-    pending = specs.filter(expr=col("shard_id").is_in(sorted(todo))).repartition(target_num_rows_per_block=1)
+    per_task = shards_per_task(len(todo), max(1, int(ray.cluster_resources().get("CPU", 1))))
+    # `per_task` shards a block, so each task gets that many whatever blocks the shuffle made.
+    pending = specs.filter(expr=col("shard_id").is_in(sorted(todo))).repartition(
+        target_num_rows_per_block=per_task)
     results = pending.map_batches(build_shards, fn_kwargs={"build_uri": build_uri, "download": params.download},
-                                  batch_size=1, batch_format="numpy")
+                                  batch_size=per_task, batch_format="numpy")
     stats, start = [], time.monotonic()
     with Progress("prepare", num_shards, "shard", start=num_shards - len(todo)) as progress:
         for row in results.iter_rows():
@@ -298,6 +300,17 @@ def run_shard_tasks(specs, build_uri: str, params: BuildParams, todo: set[int],
             progress.update(1, images=n_ok, **{"img/s": n_ok / max(time.monotonic() - start, 1e-9)})
             check_image_failures(stats, len(todo) - len(stats), params.max_failure_rate)
     return stats
+
+
+MAX_SHARDS_PER_TASK = 4
+
+
+def shards_per_task(n_shards: int, n_cpus: int) -> int:
+    """Shards one download task builds, streaming them through its threads (see
+    ShardBuilder.build_many): up to MAX_SHARDS_PER_TASK, fewer when there are too few shards
+    for each CPU to get at least two tasks (so the last tasks still spread over every CPU).
+    A task retried after its worker died fetches its shards again; so a task stays small."""
+    return max(1, min(MAX_SHARDS_PER_TASK, n_shards // (2 * n_cpus)))
 
 
 def run_dedup(fs, build_path: str, build_uri: str, shard_ids: list[int], shard_size: int) -> None:
@@ -487,10 +500,24 @@ def _file_sha256(uri: str) -> str:
     return storage.file_sha256(uri)
 
 
+DRIVER_HASH_MAX_BYTES = 64 << 20  # local inputs up to this size are hashed by the driver
+
+
 def input_digests(uris: list[str]) -> list[str]:
     """sha256 of each input file, one Ray task per file: side by side, and read where Ray puts
-    the task (a cluster node near the bucket), not streamed through the driver."""
-    return ray.get([_file_sha256.remote(u) for u in uris])
+    the task (a cluster node near the bucket), not streamed through the driver. A small local
+    file is hashed by the driver: faster than a task's round trip and a worker's start."""
+    here = [_hashed_here(u) for u in uris]
+    remote = {i: _file_sha256.remote(u) for i, u in enumerate(uris) if here[i] is None}
+    remote = dict(zip(remote, ray.get(list(remote.values()))))
+    return [here[i] if here[i] is not None else remote[i] for i in range(len(uris))]
+
+
+def _hashed_here(uri: str) -> str | None:
+    fs, path = storage.open_storage(uri)
+    if "file" not in fs.protocol or fs.size(path) > DRIVER_HASH_MAX_BYTES:
+        return None
+    return storage.file_sha256(uri)
 
 
 @contextlib.contextmanager

@@ -2,20 +2,21 @@
 and normalise the source image, resize once (img2dataset), Sobel edges, write.
 
 Each stage is a plain callable (state in `__init__`, work in `__call__`) so tests call them
-without Ray; `pipelines/build.py` composes them into one Ray Data task per shard, so image
+without Ray; `pipelines/build.py` composes them into Ray Data tasks of a few shards, so image
 bytes never travel through the object store.
 """
 from __future__ import annotations
 
 import io
 import json
+import queue
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 
 
-from pipelines import edges, image_input, shards, storage, url_guard
+from pipelines import edges, image_input, img2dataset_modules, shards, storage, url_guard
 
 USER_AGENT_TOKEN = "clipforge"
 DISALLOWED_HEADER_DIRECTIVES = ["noai", "noimageai", "noindex", "noimageindex"]
@@ -64,13 +65,11 @@ class ImageFetcher:
     guard, a file through fsspec), checks and normalises it, and resizes it once."""
 
     def __init__(self, params: DownloadParams):
-        # img2dataset is imported by the actors that fetch, not with this module: its import
-        # (albumentations and more, ~1.2 s) would otherwise be paid by every process that
-        # reads a build through pipelines.build, training workers and Ray Data actors included.
-        from img2dataset.downloader import download_image_with_retry
-        from img2dataset.resizer import Resizer
-        self.params, self.download = params, download_image_with_retry
-        self.resizer = Resizer(image_size=params.image_size, resize_mode=params.resize_mode,
+        # img2dataset is imported by the processes that fetch, not with this module (training
+        # workers read builds through pipelines.build), and only its downloader and resizer.
+        self.params = params
+        self.download = img2dataset_modules.load("downloader").download_image_with_retry
+        self.resizer = img2dataset_modules.load("resizer").Resizer(image_size=params.image_size, resize_mode=params.resize_mode,
                                resize_only_if_bigger=False, encode_quality=params.encode_quality,
                                encode_format="jpg", min_image_size=params.min_image_size,
                                max_image_area=params.max_image_area)
@@ -78,8 +77,10 @@ class ImageFetcher:
     def __call__(self, key: str, source: str) -> tuple[dict | None, str]:
         """(image record, "") on success, (None, reason) on failure."""
         raw, reason = self.fetch_bytes(key, source)
-        if raw is None:
-            return None, reason
+        return (None, reason) if raw is None else self.image_from(raw)
+
+    def image_from(self, raw: bytes) -> tuple[dict | None, str]:
+        """The checked, resized image record of fetched bytes, or (None, reason)."""
         raw, reason = image_input.prepare_source_image(raw, self.params.max_image_area,
                                                        self.params.min_image_size)
         if raw is None:
@@ -133,9 +134,9 @@ def build_sample(group: dict, image: dict) -> dict:
 
 
 class ShardBuilder:
-    """One shard end to end: download its groups, add edge maps, publish tar + index.
+    """Shards end to end: download their groups, add edge maps, publish tar + index.
 
-    Returns a small stats row; failures are counted by reason, never raised.
+    Returns a small stats row per shard; failures are counted by reason, never raised.
     """
 
     def __init__(self, build_uri: str, params: DownloadParams):
@@ -143,9 +144,53 @@ class ShardBuilder:
         self.fetch = ImageFetcher(params)
 
     def __call__(self, shard_id: int, groups: list[dict]) -> dict:
-        start = time.monotonic()
-        with ThreadPoolExecutor(self.params.thread_count) as pool:
-            built = list(pool.map(self.sample_of, groups))
+        return self.build_many([(shard_id, groups)])[0]
+
+    def build_many(self, specs: list[tuple[int, list[dict]]]) -> list[dict]:
+        """Several shards through one pool of download threads that only fetch; this thread
+        checks, resizes and adds edge maps in the order downloads finish, and writes each
+        shard, complete, as soon as its last group is done (img2dataset's split too: its
+        threads download, its process resizes). Every group is queued at once, so the threads
+        go on to the next shard's downloads while the current shard's slowest requests finish
+        and while it is written; no thread waits on the CPU work, so the thread budget stays
+        in flight."""
+        fetched: queue.SimpleQueue = queue.SimpleQueue()
+        pool = ThreadPoolExecutor(self.params.thread_count)
+        try:
+            for index, (_, groups) in enumerate(specs):
+                for position, group in enumerate(groups):
+                    pool.submit(self._download, fetched, index, position, group)
+            return self._finish(specs, fetched)
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)  # an error stops the queued downloads
+
+    def _download(self, fetched: queue.SimpleQueue, index: int, position: int, group: dict) -> None:
+        try:
+            fetched.put((index, position, self.fetch.fetch_bytes(group["key"], group["source"])))
+        except BaseException as error:  # raised again in the task's thread
+            fetched.put((index, position, error))
+
+    def _finish(self, specs: list[tuple[int, list[dict]]], fetched: queue.SimpleQueue) -> list[dict]:
+        built = [[None] * len(groups) for _, groups in specs]
+        remaining = [len(groups) for _, groups in specs]
+        stats, start = {}, time.monotonic()
+        for index, _ in enumerate(specs):
+            if not remaining[index]:  # a shard without groups
+                stats[index] = self.write(*specs[index], [], start)
+        for _ in range(sum(remaining)):
+            index, position, outcome = fetched.get()
+            if isinstance(outcome, BaseException):
+                raise outcome
+            group = specs[index][1][position]
+            built[index][position] = self.sample_from(group, *outcome)
+            remaining[index] -= 1
+            if not remaining[index]:
+                stats[index] = self.write(*specs[index], built[index], start)
+                start = time.monotonic()
+        return [stats[index] for index in range(len(specs))]
+
+    def write(self, shard_id: int, groups: list[dict], built: list[tuple[dict | None, str]],
+              start: float) -> dict:
         samples = [sample for sample, _ in built if sample is not None]
         failures = Counter(reason for sample, reason in built if sample is None)
         stats = {"failures": dict(failures), "n_groups": len(groups),
@@ -155,11 +200,12 @@ class ShardBuilder:
         entry = shards.write_shard(fs, build_path, shard_id, samples, stats)
         return {"shard": entry, **stats, "seconds": time.monotonic() - start}
 
-    def sample_of(self, group: dict) -> tuple[dict | None, str]:
-        """(sample, "") or (None, reason) for one group. Runs in the download threads, so one
-        image's resize and edge map (OpenCV and zlib release the GIL) overlap the others'
-        network waits."""
-        image, reason = self.fetch(group["key"], group["source"])
+    def sample_from(self, group: dict, raw: bytes | None, reason: str) -> tuple[dict | None, str]:
+        """(sample, "") or (None, reason) for one group from its fetched bytes (or the
+        reason they are missing)."""
+        if raw is None:
+            return None, reason
+        image, reason = self.fetch.image_from(raw)
         if image is None:
             return None, reason
         try:

@@ -142,3 +142,13 @@ def test_lines_are_cut_at_newlines_only_and_ranges_read_each_once(tmp_path):
     import gzip
     (tmp_path / "lines.tsv.gz").write_bytes(gzip.compress(data))
     assert build.read_chunk_lines(str(tmp_path / "lines.tsv.gz"), 0, -1) == lines
+
+
+@pytest.mark.parametrize("n_shards, n_cpus, expected", [
+    (0, 2, 1), (3, 2, 1), (8, 2, 2), (9, 2, 2), (15, 2, 3), (1000, 2, build.MAX_SHARDS_PER_TASK),
+    (40, 16, 1), (1000, 64, 7 if build.MAX_SHARDS_PER_TASK >= 7 else build.MAX_SHARDS_PER_TASK)])
+def test_shards_per_task_leave_every_cpu_two_tasks_at_least(n_shards, n_cpus, expected):
+    per_task = build.shards_per_task(n_shards, n_cpus)
+    assert per_task == expected
+    if n_shards >= 2 * n_cpus:
+        assert math.ceil(n_shards / per_task) >= 2 * n_cpus
