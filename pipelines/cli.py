@@ -55,7 +55,7 @@ def run_job(run, args: argparse.Namespace):
     """A prepare job's entry: logging, Ray (local or --ray-address), then `run(args)`; an
     aborted build exits with its reason instead of a traceback."""
     configure_logging(getattr(args, "verbose", False))
-    ray_setup.init_ray(args.ray_address)
+    ray_setup.init_ray(args.ray_address, warm_modules=("pipelines.build",))
     try:
         with console.stage("prepare", args.corpus):
             return run(args)
