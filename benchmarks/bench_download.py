@@ -22,17 +22,25 @@ image (busy CPU time of the whole machine from /proc/stat over the run, minus th
 which serves the mirror: so run it on an otherwise idle machine), the share of wall time
 before the mirror saw the first request (start-up and planning), the images/s per core while
 requests flow (first to last request: the rate a corpus-scale run sustains, where the fixed
-costs vanish) and the time after the last request (dedup, publishing, shutdown).
+costs vanish), the time after the last request (dedup, publishing, shutdown) and the mean
+number of requests in flight while they flow (the thread budget is processes x threads), also
+printed for each second of the run. "Sustained" figures are taken over the middle half of the
+requests span, away from the ramps at either end: what a corpus-scale run, where start-up and
+shutdown vanish, would show. On a virtual machine the host may take CPU time from it (steal,
+printed per run): that slows a CPU-bound tool without being its cost, so CPU seconds leave it
+out; --repeats alternates the tools so that a drift in the host's load hits both.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import resource
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,7 +48,7 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks.bench_prepare import source_images
-from pipelines.mirror import LoopbackMirror, ServingProfile
+from pipelines.mirror import LoopbackMirror, ServingProfile, mean_in_flight
 
 REPO = Path(__file__).resolve().parents[1]
 SHARD_SIZE, IMAGE_SIZE, TIMEOUT_S = 250, 256, 10
@@ -56,6 +64,11 @@ class Run:
     cpu_s: float
     first_request_s: float
     last_request_s: float
+    in_flight: float  # requests being answered, time-averaged over the requests span
+    steal: float  # share of CPU time the virtual machine's host took during the run
+    timeline: list[float]  # requests in flight per second of the run, from its start
+    sustained_rate: float  # images/s in the middle half of the requests span
+    sustained_cpu_s: float  # CPU seconds per image there
 
 
 def write_mirror(root: Path, n_images: int, seed: int) -> list[str]:
@@ -91,10 +104,20 @@ def write_url_list(path: Path, base_url: str, names: list[str], seed: int) -> in
 
 
 def busy_cpu_s() -> float:
-    """Busy CPU seconds of the whole machine since boot (user+nice+system+irq+softirq+steal)."""
-    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-    user, nice, system, _idle, _iowait, irq, softirq, steal = fields[:8]
-    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+    """Busy CPU seconds of the whole machine since boot (user+nice+system+irq+softirq; not
+    steal, the time a virtual machine's host ran someone else)."""
+    user, nice, system, _idle, _iowait, irq, softirq = cpu_fields()[:7]
+    return (user + nice + system + irq + softirq) / os.sysconf("SC_CLK_TCK")
+
+
+def steal_share(before: list[int], after: list[int]) -> float:
+    """Share of the machine's CPU time its host took (steal) between two /proc/stat reads."""
+    total = sum(after[:8]) - sum(before[:8])
+    return (after[7] - before[7]) / max(total, 1)
+
+
+def cpu_fields() -> list[int]:
+    return [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
 
 
 def own_cpu_s() -> float:
@@ -129,6 +152,33 @@ def ours_stored(out: Path) -> int:
     return sum(json.loads(p.read_text())["counts"]["written"] for p in manifests)
 
 
+class CpuSampler:
+    """The machine's busy CPU seconds (less this process's: the mirror), sampled every
+    `every_s` from a thread, so that figures can be taken over part of a run."""
+
+    def __init__(self, every_s: float = 0.25):
+        self.every_s, self.samples, self._stop = every_s, [], threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while True:
+            self.samples.append((time.monotonic(), busy_cpu_s() - own_cpu_s()))
+            if self._stop.wait(self.every_s):
+                return
+
+    def __enter__(self) -> CpuSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def cpu_between(self, start: float, end: float) -> float:
+        times, cpu = np.array(self.samples).T
+        return float(np.interp(end, times, cpu) - np.interp(start, times, cpu))
+
+
 def run_tool(name: str, command: list[str], stored, mirror_root: Path, tsv_for, out: Path,
              profile: ServingProfile) -> Run:
     shutil.rmtree(out, ignore_errors=True)
@@ -136,35 +186,68 @@ def run_tool(name: str, command: list[str], stored, mirror_root: Path, tsv_for, 
            "RAY_USAGE_STATS_ENABLED": "0", "RAY_ADDRESS": ""}
     with LoopbackMirror(mirror_root, profile=profile) as mirror:
         tsv = tsv_for(mirror.base_url)
-        cpu0, own0, start = busy_cpu_s(), own_cpu_s(), time.monotonic()
-        with open(out.parent / f"{name}.log", "w") as log:  # the tool's console, for its stage times
+        fields0, start = cpu_fields(), time.monotonic()
+        with CpuSampler() as sampler, open(out.parent / f"{name}.log", "w") as log:  # its console
             done = subprocess.run(command(tsv, out), env=env, cwd=REPO, stdout=log,
                                   stderr=subprocess.STDOUT, text=True)
-        wall = time.monotonic() - start
-        cpu = busy_cpu_s() - cpu0 - (own_cpu_s() - own0)
+            wall = time.monotonic() - start
+        steal = steal_share(fields0, cpu_fields())
         first = (mirror.first_request_s or start + wall) - start
         last = (mirror.last_request_s or start + wall) - start
+        events = [(t - start, change) for t, change in mirror.request_events]
     if done.returncode:
         raise SystemExit(f"{name} failed ({done.returncode}):\n{(out.parent / f'{name}.log').read_text()[-3000:]}")
-    return Run(name, wall, stored(out), cpu, first, last)
+    n_stored = stored(out)
+    timeline = [mean_in_flight(events, s, s + 1.0) for s in range(math.ceil(wall))]
+    # The middle half of the requests span: the rate a long run sustains, away from the ramps
+    # at either end. Images there: requests answered there, times the run's stored share.
+    mid = (first + 0.25 * (last - first), first + 0.75 * (last - first))
+    answered = sum(1 for t, change in events if change < 0 and mid[0] <= t < mid[1])
+    n_answered = max(1, sum(1 for _, change in events if change < 0))
+    mid_images = answered * n_stored / n_answered
+    return Run(name, wall, n_stored, sampler.cpu_between(start, start + wall), first, last,
+               mean_in_flight(events, first, last), steal, timeline,
+               mid_images / max(mid[1] - mid[0], 1e-9),
+               sampler.cpu_between(start + mid[0], start + mid[1]) / max(mid_images, 1e-9))
 
 
 def report(runs: list[Run], cores: int) -> None:
     print(f"{'tool':<12} {'wall s':>7} {'stored':>7} {'img/s':>7} {'img/s/core':>10} "
           f"{'CPU ms/img':>10} {'before 1st request':>19} {'requests span':>13} {'img/s/core in span':>18} "
-          f"{'after last request':>18}")
+          f"{'after last request':>18} {'in flight':>9} {'steal':>6}")
     for r in runs:
         rate, span = r.stored / r.wall_s, max(r.last_request_s - r.first_request_s, 1e-9)
         print(f"{r.name:<12} {r.wall_s:7.1f} {r.stored:7d} {rate:7.1f} {rate / cores:10.1f} "
               f"{1e3 * r.cpu_s / max(r.stored, 1):10.1f} {r.first_request_s:7.1f} s ({r.first_request_s / r.wall_s:5.1%}) "
-              f"{span:11.1f} s {r.stored / span / cores:18.1f} {r.wall_s - r.last_request_s:16.1f} s")
-    if len(runs) < 2:
-        return
-    base, ours = runs
-    span_rate = [r.stored / max(r.last_request_s - r.first_request_s, 1e-9) for r in runs]
-    print(f"ours / img2dataset: images/s x{(ours.stored / ours.wall_s) / (base.stored / base.wall_s):.2f} "
-          f"(while requests flow x{span_rate[1] / span_rate[0]:.2f}), "
-          f"CPU per image x{(ours.cpu_s / ours.stored) / (base.cpu_s / base.stored):.2f}")
+              f"{span:11.1f} s {r.stored / span / cores:18.1f} {r.wall_s - r.last_request_s:16.1f} s {r.in_flight:9.1f} {r.steal:6.1%}")
+    print(f"sustained (middle half of the requests span): {'img/s/core':>10} {'CPU ms/img':>10}")
+    for r in runs:
+        print(f"{r.name:<12} {'':>34} {r.sustained_rate / cores:10.1f} {1e3 * r.sustained_cpu_s:10.1f}")
+    for r in runs:  # where the requests in flight fall short of the thread budget
+        print(f"{r.name:<12} requests in flight, each second: " + " ".join(f"{x:.0f}" for x in r.timeline))
+
+
+def ratios(base: Run, ours: Run) -> dict[str, float]:
+    """ours / img2dataset: images/s and CPU per image over the whole run, images/s while
+    requests flow, and both in the middle half of the requests span."""
+    def span_rate(r: Run) -> float:
+        return r.stored / max(r.last_request_s - r.first_request_s, 1e-9)
+    return {"images/s": (ours.stored / ours.wall_s) / (base.stored / base.wall_s),
+            "while requests flow": span_rate(ours) / span_rate(base),
+            "CPU per image": (ours.cpu_s / ours.stored) / (base.cpu_s / base.stored),
+            "sustained images/s": ours.sustained_rate / base.sustained_rate,
+            "sustained CPU per image": ours.sustained_cpu_s / base.sustained_cpu_s}
+
+
+def report_ratios(pairs: list[tuple[Run, Run]]) -> None:
+    """Each pair's ratios, and with several pairs their mean and standard error."""
+    table = [ratios(base, ours) for base, ours in pairs]
+    for i, row in enumerate(table):
+        print(f"ours / img2dataset (pair {i + 1}): " + ", ".join(f"{k} x{v:.2f}" for k, v in row.items()))
+    if len(table) > 1:
+        stats = {k: np.array([row[k] for row in table]) for k in table[0]}
+        print(f"ours / img2dataset over {len(table)} pairs, mean ± standard error: " + ", ".join(
+            f"{k} x{v.mean():.2f} ± {v.std(ddof=1) / len(v) ** 0.5:.2f}" for k, v in stats.items()))
 
 
 def main(argv=None) -> None:
@@ -174,6 +257,7 @@ def main(argv=None) -> None:
     p.add_argument("--threads", type=int, default=16, help="download threads per process")
     p.add_argument("--latency-ms", type=float, nargs=2, default=(50.0, 200.0))
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--repeats", type=int, default=1, help="runs of each tool, alternating")
     p.add_argument("--tools", nargs="+", choices=("img2dataset", "ours"), default=("img2dataset", "ours"),
                    help="run only some (the ratio needs both)")
     args = p.parse_args(argv)
@@ -188,15 +272,21 @@ def main(argv=None) -> None:
               f"{cores} processes x {args.threads} threads", flush=True)
         return work / "urls.tsv"
 
-    runs = []
-    for name, command, stored in (("img2dataset", img2dataset_command, img2dataset_stored),
-                                  ("ours", ours_command, ours_stored)):
-        if name not in args.tools:
-            continue
-        def bound(tsv, out, command=command):
-            return command(tsv, out, cores, args.threads)
-        runs.append(run_tool(name, bound, stored, work / "mirror", tsv_for, work / name, profile))
+    runs, pairs = [], []
+    for _ in range(args.repeats):  # alternating, so a drift in the machine's speed hits both
+        pair = []
+        for name, command, stored in (("img2dataset", img2dataset_command, img2dataset_stored),
+                                      ("ours", ours_command, ours_stored)):
+            if name not in args.tools:
+                continue
+            def bound(tsv, out, command=command):
+                return command(tsv, out, cores, args.threads)
+            pair.append(run_tool(name, bound, stored, work / "mirror", tsv_for, work / name, profile))
+        runs += pair
+        if len(pair) == 2:
+            pairs.append(tuple(pair))
     report(runs, cores)
+    report_ratios(pairs)
 
 
 if __name__ == "__main__":
