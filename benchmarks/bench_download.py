@@ -12,7 +12,9 @@ the URL alone (mirror.ServingProfile), so both tools meet the same hosts.
 
 Both tools store 256 px center crops as JPEG q95 with one process per core (img2dataset's
 processes_count, our local Ray instance's shard tasks, one per CPU) of `--threads` download threads each,
-timeout 10 s, no retries, 250 images per shard, and each runs in a fresh process (its start-up
+timeout 10 s, no retries, 250 images per shard (--shard-size; img2dataset's distributor
+replaces each process after 5 shards, maxtasksperchild=5, a fresh spawn that imports it all
+again: with small shards that pause recurs often), and each runs in a fresh process (its start-up
 counted):
   img2dataset  img2dataset.download (its multiprocessing distributor, webdataset output);
   ours         pipelines/prepare_cc12m.py (Ray Data on a local Ray instance): header checks,
@@ -125,20 +127,22 @@ def own_cpu_s() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def img2dataset_command(tsv: Path, out: Path, processes: int, threads: int) -> list[str]:
+def img2dataset_command(tsv: Path, out: Path, processes: int, threads: int,
+                        shard_size: int = SHARD_SIZE) -> list[str]:
     kwargs = {"url_list": str(tsv), "output_folder": str(out), "input_format": "tsv",
               "url_col": "url", "caption_col": "caption", "output_format": "webdataset",
               "image_size": IMAGE_SIZE, "resize_mode": "center_crop", "encode_quality": 95,
               "processes_count": processes, "thread_count": threads, "timeout": TIMEOUT_S,
-              "retries": 0, "number_sample_per_shard": SHARD_SIZE, "distributor": "multiprocessing",
+              "retries": 0, "number_sample_per_shard": shard_size, "distributor": "multiprocessing",
               "min_image_size": 32, "enable_wandb": False}
     code = f"from img2dataset import download; download(**{kwargs!r})"
     return [sys.executable, "-c", code]
 
 
-def ours_command(tsv: Path, out: Path, processes: int, threads: int) -> list[str]:
+def ours_command(tsv: Path, out: Path, processes: int, threads: int,
+                 shard_size: int = SHARD_SIZE) -> list[str]:
     return [sys.executable, str(REPO / "pipelines" / "prepare_cc12m.py"), "--input", str(tsv),
-            "--output", str(out), "--image-size", str(IMAGE_SIZE), "--shard-size", str(SHARD_SIZE),
+            "--output", str(out), "--image-size", str(IMAGE_SIZE), "--shard-size", str(shard_size),
             "--threads-per-task", str(threads), "--timeout", str(TIMEOUT_S), "--retries", "0",
             "--allow-loopback-urls"]  # a local Ray instance on every core: `processes` actors
 
@@ -257,6 +261,8 @@ def main(argv=None) -> None:
     p.add_argument("--threads", type=int, default=16, help="download threads per process")
     p.add_argument("--latency-ms", type=float, nargs=2, default=(50.0, 200.0))
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--shard-size", type=int, default=SHARD_SIZE,
+                   help="images per shard (img2dataset restarts each process after 5 shards)")
     p.add_argument("--repeats", type=int, default=1, help="runs of each tool, alternating")
     p.add_argument("--tools", nargs="+", choices=("img2dataset", "ours"), default=("img2dataset", "ours"),
                    help="run only some (the ratio needs both)")
@@ -280,7 +286,7 @@ def main(argv=None) -> None:
             if name not in args.tools:
                 continue
             def bound(tsv, out, command=command):
-                return command(tsv, out, cores, args.threads)
+                return command(tsv, out, cores, args.threads, args.shard_size)
             pair.append(run_tool(name, bound, stored, work / "mirror", tsv_for, work / name, profile))
         runs += pair
         if len(pair) == 2:
