@@ -53,7 +53,9 @@ def write_class_folder(root: Path, n_per_class: int, offset: int = 0, n_classes:
 
 
 def write_karpathy(root: Path, n_images: int) -> Path:
-    """A Karpathy-layout retrieval set: image i has class colour i % 6 and 3 captions about it."""
+    """A Karpathy-layout retrieval set: image i has class colour i % 6 and 3 captions about it,
+    no two alike: identical captions of two images would tie exactly, and which one ranks
+    first would then depend on the last bits of a batched matmul (it differs between CPUs)."""
     entries = []
     for i in range(n_images):
         name = CLASSNAMES[i % len(CLASSNAMES)]
@@ -61,7 +63,7 @@ def write_karpathy(root: Path, n_images: int) -> Path:
         (root / "images" / f"{i}.png").write_bytes(class_image(i % len(CLASSNAMES), 100 + i))
         entries.append({"filename": f"{i}.png", "filepath": "images", "split": "test",
                         "sentences": [{"raw": f"a {name} number {i}"}, {"raw": f"picture {i} of a {name}"},
-                                      {"raw": f"the {name}"}]})
+                                      {"raw": f"the {name} in image {i}"}]})
     path = root / "dataset_tiny.json"
     path.write_text(json.dumps({"images": entries}))
     return path
