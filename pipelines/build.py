@@ -39,7 +39,7 @@ from fsspec.utils import infer_compression
 from ray.data.context import DataContext, ShuffleStrategy
 from ray.data.expressions import col
 
-from pipelines import captions, dedup, shards, storage
+from pipelines import captions, dedup, ray_setup, shards, storage
 from pipelines.console import Progress, stage
 from pipelines.stages import DownloadParams, ShardBuilder
 
@@ -286,7 +286,7 @@ def run_shard_tasks(specs, build_uri: str, params: BuildParams, todo: set[int],
     abort when the failure rate says the input is wrong."""
     if not todo:
         return []
-    per_task = shards_per_task(len(todo), max(1, int(ray.cluster_resources().get("CPU", 1))))
+    per_task = shards_per_task(len(todo), ray_setup.cluster_cpus())
     # `per_task` shards a block, so each task gets that many whatever blocks the shuffle made.
     pending = specs.filter(expr=col("shard_id").is_in(sorted(todo))).repartition(
         target_num_rows_per_block=per_task)
@@ -477,7 +477,7 @@ def line_chunks(uris: list[str]):
     block each, so one large file (CC12M's 12.4 M-row TSV) is read on every CPU; a compressed
     file, which cannot be split, is one range (end -1). A stage that reads its range itself
     is called for every range, even one that holds no line, and so always gives typed columns."""
-    n_cpus = max(1, int(ray.cluster_resources().get("CPU", 1))) if ray.is_initialized() else 1
+    n_cpus = ray_setup.cluster_cpus()
     plain = [u for u in uris if not infer_compression(u)]
     chunks = text_chunks(plain, READ_CHUNK_BYTES, n_cpus) if plain else []
     chunks += [{"uri": u, "start": 0, "end": -1} for u in uris if infer_compression(u)]
@@ -508,9 +508,8 @@ def input_digests(uris: list[str]) -> list[str]:
     the task (a cluster node near the bucket), not streamed through the driver. A small local
     file is hashed by the driver: faster than a task's round trip and a worker's start."""
     here = [_hashed_here(u) for u in uris]
-    remote = {i: _file_sha256.remote(u) for i, u in enumerate(uris) if here[i] is None}
-    remote = dict(zip(remote, ray.get(list(remote.values()))))
-    return [here[i] if here[i] is not None else remote[i] for i in range(len(uris))]
+    remote = iter(ray.get([_file_sha256.remote(u) for u, h in zip(uris, here) if h is None]))
+    return [h if h is not None else next(remote) for h in here]
 
 
 def _hashed_here(uri: str) -> str | None:

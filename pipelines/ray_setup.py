@@ -131,9 +131,14 @@ def warm_workers(modules: tuple[str, ...], n_workers: int | None = None) -> list
     workers would start only when the downloads do, and the first downloads would run on
     one CPU. Only imports shared with planning: a heavier warm-up (img2dataset's modules)
     holds the CPUs that planning needs, and was measured slower."""
-    n_workers = n_workers or max(1, int(ray.cluster_resources().get("CPU", 1)))
+    n_workers = n_workers or cluster_cpus()
     task = ray.remote(num_cpus=1, max_retries=0)(import_modules)
     return [task.remote(modules) for _ in range(n_workers)]
+
+
+def cluster_cpus() -> int:
+    """CPUs of the Ray instance this process joined (1 when Ray is not running)."""
+    return max(1, int(ray.cluster_resources().get("CPU", 1))) if ray.is_initialized() else 1
 
 
 def import_modules(modules: tuple[str, ...]) -> int:
@@ -141,4 +146,3 @@ def import_modules(modules: tuple[str, ...]) -> int:
     for name in modules:
         importlib.import_module(name)
     return os.getpid()
-

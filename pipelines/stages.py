@@ -69,10 +69,11 @@ class ImageFetcher:
         # workers read builds through pipelines.build), and only its downloader and resizer.
         self.params = params
         self.download = img2dataset_modules.load("downloader").download_image_with_retry
-        self.resizer = img2dataset_modules.load("resizer").Resizer(image_size=params.image_size, resize_mode=params.resize_mode,
-                               resize_only_if_bigger=False, encode_quality=params.encode_quality,
-                               encode_format="jpg", min_image_size=params.min_image_size,
-                               max_image_area=params.max_image_area)
+        resizer = img2dataset_modules.load("resizer")
+        self.resizer = resizer.Resizer(image_size=params.image_size, resize_mode=params.resize_mode,
+                                       resize_only_if_bigger=False, encode_quality=params.encode_quality,
+                                       encode_format="jpg", min_image_size=params.min_image_size,
+                                       max_image_area=params.max_image_area)
 
     def __call__(self, key: str, source: str) -> tuple[dict | None, str]:
         """(image record, "") on success, (None, reason) on failure."""
@@ -174,9 +175,9 @@ class ShardBuilder:
         built = [[None] * len(groups) for _, groups in specs]
         remaining = [len(groups) for _, groups in specs]
         stats, start = {}, time.monotonic()
-        for index, _ in enumerate(specs):
-            if not remaining[index]:  # a shard without groups
-                stats[index] = self.write(*specs[index], [], start)
+        for index, (shard_id, groups) in enumerate(specs):
+            if not groups:
+                stats[index] = self.write(shard_id, groups, [], start)
         for _ in range(sum(remaining)):
             index, position, outcome = fetched.get()
             if isinstance(outcome, BaseException):
