@@ -1,6 +1,7 @@
 """run.compile: the towers' transformer blocks under torch.compile (inductor, on the CPU)
 give one training step the eager loss and gradients, with no graph break; CLIP-PGS compiles
-with the static-length compaction and is refused with batch_min."""
+with the static-length compaction (what pgs.compaction=auto resolves to under compile) and is
+refused with batch_min."""
 from __future__ import annotations
 
 import pytest
@@ -45,7 +46,7 @@ def one_step(method: str, overrides: dict, compiled: bool) -> tuple[torch.Tensor
     return metrics["loss/total"], {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
-@pytest.mark.parametrize("method, overrides", [("clip", {}), ("pgs0.5", {"pgs.compaction": "static"})])
+@pytest.mark.parametrize("method, overrides", [("clip", {}), ("pgs0.5", {})])  # PGS: auto -> static
 def test_a_compiled_step_equals_the_eager_one(method, overrides, fresh_dynamo):
     eager_loss, eager = one_step(method, overrides, compiled=False)
     assert compile_metrics() == {}  # nothing compiled yet: no compile/ figures in the reports
@@ -60,10 +61,14 @@ def test_a_compiled_step_equals_the_eager_one(method, overrides, fresh_dynamo):
                             for n, g in eager.items()})
 
 
-def test_pgs_under_compile_needs_the_static_compaction():
+def test_pgs_under_compile_uses_the_static_compaction_and_refuses_batch_min():
+    from training.methods import resolve_auto_fields
     config = apply_overrides(build_method_config("pgs0.5"), {"model.arch": ARCH, "run.compile": True})
+    assert resolve_auto_fields(config).pgs.compaction == "static"
+    eager = apply_overrides(config, {"run.compile": False})
+    assert resolve_auto_fields(eager).pgs.compaction == "batch_min"
     with pytest.raises(ValueError, match="pgs.compaction=static"):
-        build_training_model(config)
+        build_training_model(apply_overrides(config, {"pgs.compaction": "batch_min"}))
 
 
 def test_an_unknown_backend_is_named():

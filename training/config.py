@@ -49,8 +49,9 @@ class PGSConfig:
     edge_protect_fraction: float = 0.2  # paper mode: strongest-edge patches never dropped
     # "batch_min": the hidden tokens every image of the step shares leave the sequence
     # physically (one count read to the host per step); "static": the sequence length never
-    # depends on the data (no host read; the rest stays hidden by the key mask).
-    compaction: str = "batch_min"
+    # depends on the data (no host read; the rest stays hidden by the key mask); "auto":
+    # static under run.compile, batch_min otherwise (methods.resolve_auto_fields).
+    compaction: str = "auto"
 
 
 @dataclass(frozen=True)

@@ -110,19 +110,24 @@ def check_combination(config: TrainConfig) -> None:
 def check_compile(config: TrainConfig) -> None:
     if config.run.compile_backend not in BACKENDS:
         raise ValueError(f"unknown run.compile_backend={config.run.compile_backend!r}; known: {', '.join(BACKENDS)}")
-    if config.run.compile and config.masking.kind == "pgs" and config.pgs.compaction != "static":
-        raise ValueError("run.compile with CLIP-PGS needs pgs.compaction=static: batch_min changes the "
-                         "sequence length every step, and each new length would recompile the blocks")
+    if config.run.compile and config.masking.kind == "pgs" and config.pgs.compaction == "batch_min":
+        raise ValueError("run.compile with CLIP-PGS needs pgs.compaction=static (or auto, its default): "
+                         "batch_min changes the sequence length every step, and each new length would "
+                         "recompile the blocks")
 
 
 def resolve_auto_fields(config: TrainConfig) -> TrainConfig:
     """Fix the fields whose default depends on other fields, so a saved config (and the model
     rebuilt from it for evaluation, without `pretrained`) means one thing: Multi's text route
-    `auto` becomes `append` with pretrained weights, `prepend` from scratch."""
-    if config.topology.text_tokens != "auto":
-        return config
-    route = "append" if config.model.pretrained else "prepend"
-    return apply_overrides(config, {"topology.text_tokens": route})
+    `auto` becomes `append` with pretrained weights, `prepend` from scratch; PGS's compaction
+    `auto` becomes `static` under run.compile (a sequence length that never depends on the
+    data: nothing recompiles), `batch_min` otherwise."""
+    fields = {}
+    if config.topology.text_tokens == "auto":
+        fields["topology.text_tokens"] = "append" if config.model.pretrained else "prepend"
+    if config.pgs.compaction == "auto":
+        fields["pgs.compaction"] = "static" if config.run.compile else "batch_min"
+    return apply_overrides(config, fields) if fields else config
 
 
 def build_method_config(method: str, base: TrainConfig | None = None) -> TrainConfig:

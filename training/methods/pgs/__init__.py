@@ -16,7 +16,7 @@ from training.methods.pgs.selection import (Selection, build_sobel_kernels, comp
 from training.multi_token import num_class_tokens
 
 PGS_MODES = ("reference", "paper")
-PGS_COMPACTIONS = ("batch_min", "static")
+PGS_COMPACTIONS = ("batch_min", "static", "auto")  # auto: resolved before a model is built
 
 
 def check_pgs_config(config: PGSConfig) -> None:
