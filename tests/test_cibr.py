@@ -87,6 +87,7 @@ def test_an_estimator_step_and_an_encoder_step_change_only_their_own_parameters(
     outputs.update(inputs={"images": images, "texts": texts}, step=0)
     update_parts(parts_of(objective), outputs)
     assert changed(model_before, model) == set() and changed(ref_before, reference) == set()
+    assert all(p.grad is None for p in model.parameters())  # the estimators' loss reached no encoder
     assert changed(est_before, estimators) == set(est_before)  # every tensor of every estimator
     # The encoders' step (backward of L_CLIP + λR and the AdamW step) leaves them alone.
     est_before = snapshot(estimators)

@@ -78,6 +78,7 @@ def test_low_precision_losses_follow_fp32(precision, accum_freq, method):
     _, _, _, losses = run_steps(precision, lr=1e-3, accum_freq=accum_freq, method=method)
     for a, b in zip(losses, reference):
         assert abs(a - b) <= 0.05 * abs(b), (losses, reference)
+    assert losses != reference  # the step really computed in bfloat16
 
 
 def test_pgs_under_bf16_selects_what_fp32_selects(monkeypatch):
