@@ -15,6 +15,9 @@ from pipelines import console
 OFFLINE_ENV = {"RAY_USAGE_STATS_ENABLED": "0", "NO_ALBUMENTATIONS_UPDATE": "1",
                "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled", "TOKENIZERS_PARALLELISM": "false"}
 
+# Run by every worker Ray starts for our jobs (quiet_ray_logs).
+SETUP_HOOK = "pipelines.ray_setup.quiet_ray_logs"
+
 # Ray replaces 127.0.0.1 by the machine's routable address (`resolve_ip_for_localhost`), so
 # `_node_ip_address="127.0.0.1"` alone still binds the GCS and workers to e.g. eth0. Only a
 # single-node instance keeps loopback; Ray spells that switch with its Windows/macOS flag,
@@ -104,23 +107,37 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None,
     # Credentials are never put into the runtime env (it is stored by the cluster): local
     # workers inherit this process's environment, cluster pods get theirs from secrets.
     env = {**OFFLINE_ENV, console.VERBOSE_ENV: "1" if console.is_verbose() else "0"}
-    # Every process Ray starts filters the same known noise as this one (console.py).
-    runtime_env = {"env_vars": env, "worker_process_setup_hook": "pipelines.ray_setup.quiet_ray_logs"}
     level = logging.INFO if console.is_verbose() else logging.WARNING
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
+        # Every process Ray starts filters the same known noise as this one (console.py).
+        runtime_env = {"env_vars": env, "worker_process_setup_hook": SETUP_HOOK}
         ray.init(address=address, runtime_env=runtime_env, logging_level=level)
-    else:
-        # address="local": the embedded default never attaches to some other cluster that
-        # happens to run on this machine; join one explicitly with --ray-address/RAY_ADDRESS.
-        keep_on_loopback()
-        # Ray prestarts a worker per CPU without any runtime env, which no task of a job with
-        # one (ours: env vars, setup hook) can use: they only take CPU while the job starts.
+        return
+    start_local_instance(num_cpus, level)
+    if warm_modules:
+        warm_workers(warm_modules)
+
+
+def start_local_instance(num_cpus: int | None, level: int) -> None:
+    """A single-node instance on loopback, its processes children of this one. They inherit
+    this process's environment, so the settings a cluster job passes in its runtime env (the
+    offline variables, the verbosity, SETUP_HOOK) reach them without one: a job with a
+    runtime env has every worker started through Ray's runtime-env agent and cannot use the
+    workers Ray prestarts, one per CPU, as the instance starts (measured here: 2 s more before
+    a job's first two tasks ran, and a small prepare job's first download ~3 s later). A module-path setup hook is what Ray's
+    runtime env itself turns into WORKER_PROCESS_SETUP_HOOK_ENV_VAR for the worker."""
+    # address="local": the embedded default never attaches to some other cluster that
+    # happens to run on this machine; join one explicitly with --ray-address/RAY_ADDRESS.
+    keep_on_loopback()
+    os.environ[console.VERBOSE_ENV] = "1" if console.is_verbose() else "0"
+    hook_var = ray_constants.WORKER_PROCESS_SETUP_HOOK_ENV_VAR
+    os.environ[hook_var] = SETUP_HOOK
+    try:  # the raylet, and so every worker, takes the environment as it is now
         ray.init(address="local", num_cpus=num_cpus, include_dashboard=False,
-                 runtime_env=runtime_env, logging_level=level, _node_ip_address="127.0.0.1",
-                 _system_config={"prestart_worker_first_driver": False})
-        if warm_modules:
-            warm_workers(warm_modules)
+                 logging_level=level, _node_ip_address="127.0.0.1")
+    finally:
+        os.environ.pop(hook_var, None)
 
 
 def warm_workers(modules: tuple[str, ...], n_workers: int | None = None) -> list:

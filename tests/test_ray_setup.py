@@ -41,3 +41,29 @@ def test_warm_workers_import_the_modules_in_workers_of_this_job(ray_session):
     assert len(pids) == 2 and os.getpid() not in pids
     with pytest.raises(ray_session.exceptions.RayTaskError):  # a wrong name is not hidden
         ray_session.get(ray_setup.warm_workers(("pipelines.no_such_module",), n_workers=1))
+
+
+def test_local_workers_run_the_setup_hook_and_inherit_the_offline_env(ray_session):
+    """A local instance passes no runtime env (it would make Ray start every worker through
+    its runtime-env agent): its workers inherit the settings and run the setup hook from the
+    environment the raylet was started with, and the driver keeps no trace of the hook."""
+    import os
+
+    from pipelines import ray_setup
+    from ray._private import ray_constants
+
+    @ray_session.remote
+    def worker_settings() -> tuple[dict, bool]:
+        import logging
+
+        from pipelines import ray_setup as worker_setup
+        name, fragment = worker_setup.KNOWN_NOISE[0]
+        hooked = any(isinstance(f, worker_setup.DropMessage) and f.fragment == fragment
+                     for f in logging.getLogger(name).filters)
+        return {k: os.environ.get(k) for k in worker_setup.OFFLINE_ENV}, hooked
+
+    env, hooked = ray_session.get(worker_settings.remote())
+    assert env == {k: os.environ[k] for k in ray_setup.OFFLINE_ENV}
+    assert hooked  # quiet_ray_logs ran when the worker started, before any of our code
+    assert ray_constants.WORKER_PROCESS_SETUP_HOOK_ENV_VAR not in os.environ
+    assert not ray_session.get_runtime_context().runtime_env
