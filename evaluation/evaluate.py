@@ -223,14 +223,19 @@ def describe(bench: Benchmark) -> dict:
             "digests": {role: digest_values(values) for role, (_, values) in requests(bench).items()}}
 
 
+def job_checkpoint_cache(uri: str) -> str | None:
+    """This job's own folder for an s3:// checkpoint, the same path on every node: the driver
+    and the encoder actors of a node share one download of it, and `remove_node_folders`
+    deletes it everywhere afterwards (None for a local checkpoint, read where it is)."""
+    if "://" not in uri:
+        return None
+    return os.path.join(tempfile.gettempdir(), "clipforge-checkpoints", uuid.uuid4().hex)
+
+
 def pin_checkpoint(args: argparse.Namespace, bundle) -> None:
     """The encoder actors load the exact checkpoint the driver resolved (a run that writes a
-    new checkpoint meanwhile cannot mix two into one report); an s3:// one once per node, into a
-    folder of this job's own that `remove_node_folders` deletes afterwards."""
+    new checkpoint meanwhile cannot mix two into one report)."""
     args.pinned_checkpoint = bundle.info.get("checkpoint_uri", args.checkpoint)
-    remote = "://" in args.pinned_checkpoint
-    args.checkpoint_cache = os.path.join(tempfile.gettempdir(), "clipforge-checkpoints",
-                                         uuid.uuid4().hex) if remote else None
 
 
 @ray.remote(num_cpus=0)
@@ -248,7 +253,16 @@ def remove_node_folders(path: str | None) -> None:
 
 
 def run_evaluation(args: argparse.Namespace) -> dict:
-    bundle = load_inference_model(args.checkpoint, scorer=args.scorer)  # info["scorer"] is reported
+    args.checkpoint_cache = job_checkpoint_cache(args.checkpoint)
+    try:
+        return evaluate_pinned(args)
+    finally:
+        remove_node_folders(args.checkpoint_cache)
+
+
+def evaluate_pinned(args: argparse.Namespace) -> dict:
+    bundle = load_inference_model(args.checkpoint, scorer=args.scorer,  # info["scorer"] is reported
+                                  cache_dir=args.checkpoint_cache)
     pin_checkpoint(args, bundle)
     fingerprint = checkpoint_fingerprint(bundle)
     report = {"checkpoint": {**bundle.info, "fingerprint": fingerprint}, "suites": list(args.suite),
@@ -262,10 +276,7 @@ def run_evaluation(args: argparse.Namespace) -> dict:
     if stale:
         log.info("embedding cache: %d block(s) were in progress when an earlier pass stopped", len(stale))
     with console.stage("evaluate/encode", "images and texts not cached"):
-        try:
-            features = embed(benchmarks, cache, args)
-        finally:
-            remove_node_folders(args.checkpoint_cache)
+        features = embed(benchmarks, cache, args)
     log.info("embedding cache: %d block hit(s), %d block miss(es)", cache.hits, cache.misses)
     with console.stage("evaluate/score"):
         score_all(report, benchmarks, features, bundle)

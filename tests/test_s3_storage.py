@@ -85,6 +85,7 @@ def test_an_s3_checkpoint_is_downloaded_once_per_machine(s3_env, tmp_path, monke
 
 
 def test_evaluation_of_an_s3_checkpoint_cleans_its_node_folders(small_corpus, s3_env, tmp_path):
+    from training import checkpoint
     run = upload_micro_checkpoint(tmp_path)
     corpus, _ = small_corpus
     scratch = Path(tempfile.mkdtemp(prefix="ev", dir="/tmp"))  # TMPDIR: Ray's socket paths must stay < 108 bytes
@@ -96,5 +97,6 @@ def test_evaluation_of_an_s3_checkpoint_cleans_its_node_folders(small_corpus, s3
     report = json.loads((tmp_path / "report" / "report.json").read_text())
     assert report["checkpoint"]["checkpoint_uri"] == f"{run}/step_00000001"
     leftover = list((scratch / "clipforge-checkpoints").iterdir())  # created for the job, emptied after
+    copies = list(scratch.rglob(checkpoint.MODEL_FILE))  # the driver's copy too (it shares the folder)
     shutil.rmtree(scratch, ignore_errors=True)
-    assert leftover == []
+    assert leftover == [] and copies == []
