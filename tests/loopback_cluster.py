@@ -194,12 +194,14 @@ class LoopbackCluster:
 
 
     @contextlib.contextmanager
-    def mirror(self, root: Path, port: int = 0):
-        """pipelines/mirror.py serving `root` inside the namespace; yields its base URL."""
+    def mirror(self, root: Path, port: int = 0, latency_ms: tuple[float, float] = (0, 0)):
+        """pipelines/mirror.py serving `root` inside the namespace, each answer after a latency
+        drawn in `latency_ms`; yields its base URL."""
         log = self.workdir / f"mirror-{port}-{time.monotonic_ns()}.log"
         process = self.popen([sys.executable, "-c", "import sys; sys.path.insert(0, sys.argv[1]); "
                               "from pipelines import mirror; mirror.main(sys.argv[2:])", str(ROOT),
-                              "--root", str(root), "--port", str(port)], log)
+                              "--root", str(root), "--port", str(port),
+                              "--latency-ms", *map(str, latency_ms)], log)
         deadline = time.monotonic() + 60
         while "http://" not in log.read_text():
             assert process.poll() is None and time.monotonic() < deadline, log.read_text()

@@ -41,10 +41,12 @@ def cluster(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def mirror(cluster, small_corpus):
-    """The small corpus's mirror, inside the namespace, on the port its TSV's URLs name."""
+    """The small corpus's mirror, inside the namespace, on the port its TSV's URLs name; each
+    answer comes after 0.3-0.6 s, like a remote host's, so that a prepare job's downloads are
+    still in flight when a test kills a node (a few seconds more per build)."""
     corpus, tsv = small_corpus
     port = urlparse(tsv.read_text().splitlines()[1].split("\t")[0]).port
-    with cluster.mirror(corpus.mirror_root, port):
+    with cluster.mirror(corpus.mirror_root, port, latency_ms=(300, 600)):
         yield
 
 
@@ -274,18 +276,24 @@ def test_a_killed_evaluation_reencodes_at_most_one_block_per_encoder(cluster, st
 
 
 def test_a_build_survives_a_lost_prepare_node(cluster, mirror, small_corpus, build, tmp_path):
-    """A worker node dies while the prepare job downloads: Ray retries its tasks on the other
-    node, the shard store keeps what was published, and the build has every sample once."""
+    """A worker node dies while the prepare job downloads (its first shard is staged, the
+    others are being fetched on both nodes: the mirror's latency keeps them in flight): Ray retries
+    its tasks on the other node, the shard store keeps what was staged, and the build has
+    every sample once."""
     from tests.build_checks import check_build
     corpus, tsv = small_corpus
-    out = tmp_path / "shards"
+    out, victim = tmp_path / "shards", cluster.nodes[-1]
+    (victim_id,) = [n["node_id"] for n in cluster.alive_nodes() if victim.name in n["resources_total"]]
     with JobOutput(cluster, "pipelines/prepare_cc12m.py", "--input", str(tsv), "--output", str(out),
                    "--image-size", "32", "--shard-size", "6", "--threads-per-task", "4",
                    "--allow-loopback-urls") as job:
-        job.wait_for(lambda: any(out.glob("cc12m/*/shards/*.tar")), "the first published shard")
-        cluster.kill_node(cluster.nodes[-1])
+        job.wait_for(lambda: any(out.glob("cc12m/*/staging/shards/*.tar")), "the first staged shard")
+        cluster.kill_node(victim)
         cluster.add_node()
         stdout = job.finish()
+    lost = [t for t in cluster.job_tasks(job.id) if t.get("node_id") == victim_id
+            and t.get("required_resources", {}).get("CPU", 0) > 0 and t["state"] != "FINISHED"]
+    assert lost, "no task of the build was under way on the node that was killed"
     assert job.process.returncode == 0 and "succeeded" in stdout, stdout[-4000:]
     (build_dir,) = (out / "cc12m").iterdir()
     manifest, metas = check_build(str(build_dir))  # unique keys, every shard intact
