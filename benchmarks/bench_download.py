@@ -19,7 +19,10 @@ counted):
   img2dataset  img2dataset.download (its multiprocessing distributor, webdataset output);
   ours         pipelines/prepare_cc12m.py (Ray Data on a local Ray instance): header checks,
                dedup of identical images, Sobel edge maps, caption groups, atomic shards.
-Figures: wall seconds, images stored, images/s and images/s per core, CPU seconds per stored
+Figures: wall seconds, images stored and how many of them are distinct (3 % of the rows
+repeat a URL: img2dataset fetches and stores that image again under the other caption, ours
+fetches it once and stores one sample with both captions, so "distinct images/s" compares the
+same delivered content), images/s and images/s per core, CPU seconds per stored
 image (busy CPU time of the whole machine from /proc/stat over the run, minus this process,
 which serves the mirror: so run it on an otherwise idle machine), the share of wall time
 before the mirror saw the first request (start-up and planning), the images/s per core while
@@ -63,6 +66,7 @@ class Run:
     name: str
     wall_s: float
     stored: int
+    distinct: int  # distinct images among those stored (img2dataset stores a repeated URL again)
     cpu_s: float
     first_request_s: float
     last_request_s: float
@@ -147,13 +151,21 @@ def ours_command(tsv: Path, out: Path, processes: int, threads: int,
             "--allow-loopback-urls"]  # a local Ray instance on every core: `processes` actors
 
 
-def img2dataset_stored(out: Path) -> int:
-    return sum(json.loads(p.read_text())["successes"] for p in out.glob("*_stats.json"))
+def img2dataset_stored(out: Path) -> tuple[int, int]:
+    """(samples stored, distinct URLs among them): a URL listed twice with two captions is
+    fetched and stored twice."""
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+    table = pq.read_table(sorted(out.glob("*.parquet")), columns=["url", "status"])
+    stored = table.filter(pc.equal(table["status"], "success"))
+    return stored.num_rows, len(pc.unique(stored["url"]))
 
 
-def ours_stored(out: Path) -> int:
+def ours_stored(out: Path) -> tuple[int, int]:
+    """(samples stored, the same): one sample per distinct image, holding all its captions."""
     manifests = list(out.glob("*/*/manifest.json"))
-    return sum(json.loads(p.read_text())["counts"]["written"] for p in manifests)
+    written = sum(json.loads(p.read_text())["counts"]["written"] for p in manifests)
+    return written, written
 
 
 class CpuSampler:
@@ -201,7 +213,7 @@ def run_tool(name: str, command: list[str], stored, mirror_root: Path, tsv_for, 
         events = [(t - start, change) for t, change in mirror.request_events]
     if done.returncode:
         raise SystemExit(f"{name} failed ({done.returncode}):\n{(out.parent / f'{name}.log').read_text()[-3000:]}")
-    n_stored = stored(out)
+    n_stored, n_distinct = stored(out)
     timeline = [mean_in_flight(events, s, s + 1.0) for s in range(math.ceil(wall))]
     # The middle half of the requests span: the rate a long run sustains, away from the ramps
     # at either end. Images there: requests answered there, times the run's stored share.
@@ -209,19 +221,19 @@ def run_tool(name: str, command: list[str], stored, mirror_root: Path, tsv_for, 
     answered = sum(1 for t, change in events if change < 0 and mid[0] <= t < mid[1])
     n_answered = max(1, sum(1 for _, change in events if change < 0))
     mid_images = answered * n_stored / n_answered
-    return Run(name, wall, n_stored, sampler.cpu_between(start, start + wall), first, last,
+    return Run(name, wall, n_stored, n_distinct, sampler.cpu_between(start, start + wall), first, last,
                mean_in_flight(events, first, last), steal, timeline,
                mid_images / max(mid[1] - mid[0], 1e-9),
                sampler.cpu_between(start + mid[0], start + mid[1]) / max(mid_images, 1e-9))
 
 
 def report(runs: list[Run], cores: int) -> None:
-    print(f"{'tool':<12} {'wall s':>7} {'stored':>7} {'img/s':>7} {'img/s/core':>10} "
+    print(f"{'tool':<12} {'wall s':>7} {'stored':>7} {'distinct':>8} {'img/s':>7} {'img/s/core':>10} "
           f"{'CPU ms/img':>10} {'before 1st request':>19} {'requests span':>13} {'img/s/core in span':>18} "
           f"{'after last request':>18} {'in flight':>9} {'steal':>6}")
     for r in runs:
         rate, span = r.stored / r.wall_s, max(r.last_request_s - r.first_request_s, 1e-9)
-        print(f"{r.name:<12} {r.wall_s:7.1f} {r.stored:7d} {rate:7.1f} {rate / cores:10.1f} "
+        print(f"{r.name:<12} {r.wall_s:7.1f} {r.stored:7d} {r.distinct:8d} {rate:7.1f} {rate / cores:10.1f} "
               f"{1e3 * r.cpu_s / max(r.stored, 1):10.1f} {r.first_request_s:7.1f} s ({r.first_request_s / r.wall_s:5.1%}) "
               f"{span:11.1f} s {r.stored / span / cores:18.1f} {r.wall_s - r.last_request_s:16.1f} s {r.in_flight:9.1f} {r.steal:6.1%}")
     print(f"sustained (middle half of the requests span): {'img/s/core':>10} {'CPU ms/img':>10}")
@@ -232,11 +244,12 @@ def report(runs: list[Run], cores: int) -> None:
 
 
 def ratios(base: Run, ours: Run) -> dict[str, float]:
-    """ours / img2dataset: images/s and CPU per image over the whole run, images/s while
+    """ours / img2dataset: images/s (stored, and distinct) and CPU per image over the whole run, images/s while
     requests flow, and both in the middle half of the requests span."""
     def span_rate(r: Run) -> float:
         return r.stored / max(r.last_request_s - r.first_request_s, 1e-9)
     return {"images/s": (ours.stored / ours.wall_s) / (base.stored / base.wall_s),
+            "distinct images/s": (ours.distinct / ours.wall_s) / (base.distinct / base.wall_s),
             "while requests flow": span_rate(ours) / span_rate(base),
             "CPU per image": (ours.cpu_s / ours.stored) / (base.cpu_s / base.stored),
             "sustained images/s": ours.sustained_rate / base.sustained_rate,

@@ -7,6 +7,7 @@ bytes never travel through the object store.
 """
 from __future__ import annotations
 
+import functools
 import io
 import json
 import queue
@@ -69,11 +70,16 @@ class ImageFetcher:
         # workers read builds through pipelines.build), and only its downloader and resizer.
         self.params = params
         self.download = img2dataset_modules.load("downloader").download_image_with_retry
+
+    @functools.cached_property
+    def resizer(self):
+        """img2dataset's Resizer, imported at the first image (albumentations: ~0.5 s of CPU), so
+        that a shard task's download threads are already fetching while it loads."""
         resizer = img2dataset_modules.load("resizer")
-        self.resizer = resizer.Resizer(image_size=params.image_size, resize_mode=params.resize_mode,
-                                       resize_only_if_bigger=False, encode_quality=params.encode_quality,
-                                       encode_format="jpg", min_image_size=params.min_image_size,
-                                       max_image_area=params.max_image_area)
+        p = self.params
+        return resizer.Resizer(image_size=p.image_size, resize_mode=p.resize_mode, resize_only_if_bigger=False,
+                               encode_quality=p.encode_quality, encode_format="jpg",
+                               min_image_size=p.min_image_size, max_image_area=p.max_image_area)
 
     def __call__(self, key: str, source: str) -> tuple[dict | None, str]:
         """(image record, "") on success, (None, reason) on failure."""
