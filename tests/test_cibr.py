@@ -4,6 +4,7 @@ processes equal one process on the whole batch, and a checkpoint restores every 
 tensor bit for bit. Through Ray Train (two workers, resume): test_cibr_train.py."""
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -130,11 +131,33 @@ def test_cibr_combines_with_pgs_selection(pretrained):
     config = cibr_config(pretrained, **{"masking.kind": "pgs", "pgs.min_mask_ratio": 0.5, "pgs.max_mask_ratio": 0.5})
     model, optimizer, scheduler, objective = setup(config)
     reference = parts_of(objective)[0].module
-    before = snapshot(reference)
+    before, lengths = snapshot(reference), []
+    reference.tower.visual.transformer.register_forward_hook(lambda m, args, out: lengths.append(args[0].shape[1]))
     batch = {**make_batch(model, 4), EDGE_SCORES: np.random.default_rng(1).random((4, 16), dtype=np.float32) * 50}
     metrics = train_step(model, objective, optimizer, scheduler, batch, settings(), step=0)
     assert any(k.startswith("masking/") for k in metrics) and torch.isfinite(metrics["cibr/R"])
+    assert float(metrics["masking/kept_patches"]) < 16  # the trained tower saw a selection ...
+    grid = reference.tower.visual.grid_size
+    assert lengths == [1 + grid[0] * grid[1]]  # ... its frozen copy every patch of the image
     assert changed(before, reference) == set()
+
+
+@pytest.mark.parametrize("precision", ["fp32", "amp_bf16", "bf16"])
+def test_the_frozen_towers_compute_in_the_steps_precision(pretrained, precision):
+    """No grad, and bfloat16 arithmetic under either bfloat16 precision (under `bf16` the
+    model's outputs reach the parts upcast, so the loop's autocast is what sets it)."""
+    from training.precision import MasterWeights
+    model, optimizer, scheduler, objective = setup(cibr_config(pretrained))
+    reference = parts_of(objective)[0].module
+    seen = set()  # (requires grad, dtype) of every linear layer's output in both frozen towers
+    for layer in (m for m in reference.modules() if isinstance(m, torch.nn.Linear)):
+        layer.register_forward_hook(lambda module, args, out: seen.add((out.requires_grad, out.dtype)))
+    weights = MasterWeights(model) if precision == "bf16" else None
+    step_settings = dataclasses.replace(settings(), bf16=precision == "amp_bf16")
+    metrics = train_step(weights.compute if weights else model, objective, optimizer, scheduler,
+                         make_batch(model), step_settings, step=0, weights=weights)
+    want = torch.float32 if precision == "fp32" else torch.bfloat16
+    assert seen == {(False, want)} and torch.isfinite(metrics["loss/total"])
 
 
 def test_lambda_is_zero_during_the_warm_up_then_ramps_linearly():

@@ -22,7 +22,6 @@ from collections.abc import Callable
 
 import torch
 
-from training.auxiliary import update_parts
 from training.checkpoint import unwrap
 
 SUMMARY_PREFIXES = ("masking/",)  # statistics averaged over micro-batches, never differentiated
@@ -91,10 +90,12 @@ def gradient_sync(model, enabled: bool):
         yield
 
 
-def accumulate_backward(model, objective, parts, inputs: dict, k: int, forward: Callable[[object, dict], dict],
-                        reseed: Callable[[int], None], extras: dict, autocast) -> tuple[dict, torch.Tensor, dict, dict]:
+def accumulate_backward(model, objective, update_parts: Callable[[dict], dict], inputs: dict, k: int,
+                        forward: Callable[[object, dict], dict], reseed: Callable[[int], None], extras: dict,
+                        autocast) -> tuple[dict, torch.Tensor, dict, dict]:
     """(loss terms, total loss, merged outputs, the parts' metrics) of one step whose gradients
     now sit in the model's parameters. `forward(module, micro_inputs)` runs the model;
+    `update_parts(outputs)` the objective's auxiliary parts' own step, once on all B·k rows;
     `reseed(j)` reseeds its draws for micro-batch j; `extras` joins the outputs (inputs, step)."""
     micro = split_inputs(inputs, k)
     with torch.no_grad(), autocast():
@@ -105,7 +106,7 @@ def accumulate_backward(model, objective, parts, inputs: dict, k: int, forward: 
     outputs, leaves = merge_outputs(cached)
     outputs.update(extras)
     with autocast():
-        part_metrics = update_parts(parts, outputs)
+        part_metrics = update_parts(outputs)
         terms = objective(outputs)
     loss = sum(terms.values())
     loss.backward()

@@ -133,6 +133,13 @@ def train_step(model, objective, optimizer, scheduler, batch: dict, s: LoopSetti
     inputs = device_inputs(batch, s.device)
     extras = {"inputs": {k: v for k, v in inputs.items() if k != "edge_scores"}, "step": step}
     autocast = functools.partial(torch.autocast, device_type=s.device.type, dtype=torch.bfloat16, enabled=s.bf16)
+    # The auxiliary parts (a frozen tower's forward, an estimator's step) in the step's precision:
+    # bfloat16 under bf16 too, where the model's outputs reach them upcast to float32.
+    parts_autocast = functools.partial(autocast, enabled=s.bf16 or weights is not None)
+
+    def update(outputs: dict) -> dict:
+        with parts_autocast():
+            return update_parts(parts, outputs)
 
     def forward(module, micro_inputs: dict) -> dict:
         outputs = module(**micro_inputs, epoch_fraction=epoch_fraction)
@@ -143,13 +150,13 @@ def train_step(model, objective, optimizer, scheduler, batch: dict, s: LoopSetti
         if step is None:
             raise ValueError("train_step: gradient accumulation needs the step number (its draws use it)")
         terms, loss, outputs, part_metrics = accumulate_backward(
-            model, objective, parts, inputs, s.accum_freq, forward,
+            model, objective, update, inputs, s.accum_freq, forward,
             lambda j: seed_step(model, s.seed, step, s.rank, j), extras, autocast)
     else:
         with autocast():
             outputs = forward(model, inputs)
             outputs.update(extras)
-            part_metrics = update_parts(parts, outputs)
+            part_metrics = update(outputs)
             terms = objective(outputs)
         loss = sum(terms.values())
         loss.backward()

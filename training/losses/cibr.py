@@ -55,7 +55,8 @@ class ReferenceTowers(nn.Module):
 
     @torch.no_grad()
     def forward(self, images: torch.Tensor, texts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        # float32, whatever the step's precision
+        # float32 weights; the step's precision is the loop's autocast around the parts' update
+        # (bfloat16 under run.precision amp_bf16 and bf16)
         return self.tower.encode_image(images.to(tower_dtype(self.tower.visual))), self.tower.encode_text(texts)
 
 
