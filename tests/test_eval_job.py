@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from evaluation import evaluate
 from tests.eval_fixtures import CLASSNAMES, TEMPLATES, class_image, save_micro_checkpoint, write_class_folder, write_karpathy
@@ -124,3 +125,40 @@ def test_suite_job_report_plots_and_cache(ray_session, job_inputs, monkeypatch, 
     assert "compare_zeroshot.png" in names
     np.testing.assert_equal(json.loads((tmp_path / "first" / "report.json").read_text())["zeroshot"],
                             json.loads(json.dumps(report["zeroshot"])))
+
+
+def test_a_checkpoint_written_during_evaluation_reaches_neither_report_nor_encoders(
+        ray_session, job_inputs, monkeypatch, tmp_path):
+    """A live run checkpoints while its evaluation job runs: the driver resolved the run's latest
+    checkpoint once, and the encoder actors embed with that one, not the newer one that appeared
+    after (here: written while the driver loads the datasets, before any actor starts)."""
+    from training import checkpoint
+    from training.model import build_model
+    from training.optim import build_optimizer, build_scheduler
+
+    run = tmp_path / "run"
+    save_micro_checkpoint(run / "step_00000001", seed=5)
+
+    def write_newer(directory: Path) -> None:  # another model, saved as step 2 of the same run
+        config = checkpoint.load_config(run / "step_00000001")
+        torch.manual_seed(11)
+        model = build_model(config.model, config.masking, config.loss, topology=config.topology)
+        optimizer = build_optimizer(model, config.optim)
+        checkpoint.save_checkpoint(directory, model, optimizer, build_scheduler(optimizer, 1, 2), 2, config,
+                                   {"manifest_digest": "feed", "code_version": "test"})
+
+    def evaluate_run(target: Path, name: str) -> dict:
+        return evaluate.main(["--checkpoint", str(target), "--zeroshot", str(job_inputs["data"] / "shapes" / "test"),
+                              "--retrieval", f"kp={job_inputs['data'] / 'kp' / 'dataset_tiny.json'}",
+                              "--output", str(tmp_path / name), "--cache", "none", "--batch-size", "16"])
+
+    real_load = evaluate.load_benchmarks
+    monkeypatch.setattr(evaluate, "load_benchmarks", lambda *a, **k: (
+        write_newer(run / "step_00000002"), real_load(*a, **k))[1])
+    live = evaluate_run(run, "live")
+    monkeypatch.setattr(evaluate, "load_benchmarks", real_load)
+    assert checkpoint.is_complete(run / "step_00000002")  # it was there before any encoding
+    assert live["checkpoint"]["step"] == 1 and live["checkpoint"]["checkpoint_uri"].endswith("step_00000001")
+    pinned, newer = evaluate_run(run / "step_00000001", "pinned"), evaluate_run(run / "step_00000002", "newer")
+    assert newer["zeroshot"] != pinned["zeroshot"] or newer["retrieval"] != pinned["retrieval"]  # tells them apart
+    assert live["zeroshot"] == pinned["zeroshot"] and live["retrieval"] == pinned["retrieval"]
