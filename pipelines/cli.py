@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import argparse
 
+import ray
+
 from pipelines import console, ray_setup
 from pipelines.build import BuildAborted, BuildParams
 from pipelines.captions import CaptionRules
@@ -51,16 +53,25 @@ def configure_logging(verbose: bool = False) -> None:
     ray_setup.configure_logging(verbose)
 
 
+# What a prepare job's workers load while its driver plans: the planning stages, and the
+# download stage's fetcher (the resizer loads at a task's first image, stages.ImageFetcher).
+WARM_MODULES = ("pipelines.build", "pipelines.img2dataset_modules:load_downloader")
+
+
 def run_job(run, args: argparse.Namespace):
     """A prepare job's entry: logging, Ray (local or --ray-address), then `run(args)`; an
     aborted build exits with its reason instead of a traceback."""
     configure_logging(getattr(args, "verbose", False))
-    ray_setup.init_ray(args.ray_address, warm_modules=("pipelines.build",))
+    joined = ray.is_initialized()  # a caller's instance (tests, a notebook) stays up
+    ray_setup.init_ray(args.ray_address, warm_modules=WARM_MODULES)
     try:
         with console.stage("prepare", args.corpus):
             return run(args)
     except BuildAborted as error:
         raise SystemExit(f"build aborted: {error}") from error
+    finally:
+        if not joined:  # now: Ray's exit hook would first wait 0.5 s for late error messages
+            ray.shutdown()
 
 
 def report(build_uri: str, manifest: dict) -> None:

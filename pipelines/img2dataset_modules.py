@@ -50,3 +50,8 @@ def _finish_import(package: types.ModuleType, spec, name: str):
         return package.__dict__[name]
     except KeyError:
         raise AttributeError(f"module {PACKAGE!r} has no attribute {name!r}") from None
+
+
+def load_downloader() -> types.ModuleType:
+    """img2dataset's downloader (what a prepare job's workers load while it plans)."""
+    return load("downloader")

@@ -67,3 +67,15 @@ def test_local_workers_run_the_setup_hook_and_inherit_the_offline_env(ray_sessio
     assert hooked  # quiet_ray_logs ran when the worker started, before any of our code
     assert ray_constants.WORKER_PROCESS_SETUP_HOOK_ENV_VAR not in os.environ
     assert not ray_session.get_runtime_context().runtime_env
+
+
+def test_a_warm_entry_module_colon_function_also_calls_the_function():
+    """A prepare job warms img2dataset's downloader (a load, not an import: the package's own
+    __init__ stays deferred); checked in a fresh interpreter."""
+    import subprocess
+    import sys
+    code = ("import sys; from pipelines import ray_setup; assert 'img2dataset.downloader' not in sys.modules; "
+            "ray_setup.import_modules(('pipelines.img2dataset_modules:load_downloader',)); "
+            "assert 'img2dataset.downloader' in sys.modules and 'img2dataset.main' not in sys.modules")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
