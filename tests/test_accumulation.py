@@ -168,3 +168,19 @@ def test_cibr_accumulates_with_its_estimators_on_every_row(tmp_path):
     overrides = {"model.pretrained": start, "cibr.hidden": 32, "cibr.warmup_steps": 0, "cibr.ramp_steps": 0,
                  "cibr.lambda": 0.5, "loss.init_logit_scale": 2.0}
     assert_equal_gradients(compare("cibr", overrides))
+
+
+def test_pgs_selects_per_micro_batch_and_recomputes_the_same_selection(monkeypatch):
+    """PGS under accumulation (documented in PGSConfig): each micro-batch selects from its own
+    B/k images, so the gradient is not the whole batch's; the recomputation with grad selects
+    exactly what the cached forward selected (each micro-batch's draws are reseeded)."""
+    import training.methods.pgs as pgs
+
+    kept, encode = [], pgs.encode_selected_tokens
+    monkeypatch.setattr(pgs, "encode_selected_tokens", lambda visual, tokens, selection: kept.append(
+        selection.keep_index.clone()) or encode(visual, tokens, selection))
+    grads = gradients("pgs0.5", {}, K)
+    assert [k.shape[0] for k in kept] == [BATCH // K] * (2 * K)  # K cached forwards, then K recomputed
+    for cached, recomputed in zip(kept[:K], kept[K:]):
+        assert torch.equal(cached, recomputed)
+    assert all(torch.isfinite(g).all() for g in grads.values()) and "tower.logit_scale" in grads
