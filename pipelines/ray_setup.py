@@ -132,12 +132,16 @@ def start_local_instance(num_cpus: int | None, level: int) -> None:
     keep_on_loopback()
     os.environ[console.VERBOSE_ENV] = "1" if console.is_verbose() else "0"
     hook_var = ray_constants.WORKER_PROCESS_SETUP_HOOK_ENV_VAR
+    previous = os.environ.get(hook_var)
     os.environ[hook_var] = SETUP_HOOK
     try:  # the raylet, and so every worker, takes the environment as it is now
         ray.init(address="local", num_cpus=num_cpus, include_dashboard=False,
                  logging_level=level, _node_ip_address="127.0.0.1")
     finally:
-        os.environ.pop(hook_var, None)
+        if previous is None:
+            os.environ.pop(hook_var, None)
+        else:
+            os.environ[hook_var] = previous
 
 
 def warm_workers(modules: tuple[str, ...], n_workers: int | None = None) -> list:

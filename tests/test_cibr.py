@@ -145,7 +145,8 @@ def test_cibr_combines_with_pgs_selection(pretrained):
 @pytest.mark.parametrize("precision", ["fp32", "amp_bf16", "bf16"])
 def test_the_frozen_towers_compute_in_the_steps_precision(pretrained, precision):
     """No grad, and bfloat16 arithmetic under either bfloat16 precision (under `bf16` the
-    model's outputs reach the parts upcast, so the loop's autocast is what sets it)."""
+    model's outputs reach the parts upcast, so the loop's autocast is what sets it; train.py's
+    loop_settings turns it on for DDP's master weights and FSDP alike)."""
     from training.precision import MasterWeights
     model, optimizer, scheduler, objective = setup(cibr_config(pretrained))
     reference = parts_of(objective)[0].module
@@ -153,7 +154,7 @@ def test_the_frozen_towers_compute_in_the_steps_precision(pretrained, precision)
     for layer in (m for m in reference.modules() if isinstance(m, torch.nn.Linear)):
         layer.register_forward_hook(lambda module, args, out: seen.add((out.requires_grad, out.dtype)))
     weights = MasterWeights(model) if precision == "bf16" else None
-    step_settings = dataclasses.replace(settings(), bf16=precision == "amp_bf16")
+    step_settings = dataclasses.replace(settings(), bf16=precision == "amp_bf16", parts_bf16=precision == "bf16")
     metrics = train_step(weights.compute if weights else model, objective, optimizer, scheduler,
                          make_batch(model), step_settings, step=0, weights=weights)
     want = torch.float32 if precision == "fp32" else torch.bfloat16

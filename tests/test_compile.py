@@ -46,7 +46,7 @@ def one_step(method: str, overrides: dict, compiled: bool) -> tuple[torch.Tensor
     return metrics["loss/total"], {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
-@pytest.mark.parametrize("method, overrides", [("clip", {}), ("pgs0.5", {})])  # PGS: auto -> static
+@pytest.mark.parametrize("method, overrides", [("clip", {}), ("pgs0.5", {"pgs.compaction": "static"})])
 def test_a_compiled_step_equals_the_eager_one(method, overrides, fresh_dynamo):
     eager_loss, eager = one_step(method, overrides, compiled=False)
     assert compile_metrics() == {}  # nothing compiled yet: no compile/ figures in the reports
@@ -67,6 +67,8 @@ def test_pgs_under_compile_uses_the_static_compaction_and_refuses_batch_min():
     assert resolve_auto_fields(config).pgs.compaction == "static"
     eager = apply_overrides(config, {"run.compile": False})
     assert resolve_auto_fields(eager).pgs.compaction == "batch_min"
+    flip = apply_overrides(build_method_config("flip"), {"model.arch": ARCH, "run.compile": True})
+    assert resolve_auto_fields(flip).pgs.compaction == "batch_min"  # what runs without PGS always saved
     with pytest.raises(ValueError, match="pgs.compaction=static"):
         build_training_model(apply_overrides(config, {"pgs.compaction": "batch_min"}))
 

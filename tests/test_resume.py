@@ -81,3 +81,16 @@ def test_the_latest_saved_state_is_the_highest_step(tmp_path):
         resume.check_run_state(str(tmp_path / "r"), "r", resume=False)
     with pytest.raises(SystemExit, match="no checkpoint"):
         resume.check_run_state(str(tmp_path / "none"), "none", resume=True)
+
+
+@pytest.mark.parametrize("method", ["clip", "pgs0.5"])
+def test_run_compile_and_the_pgs_compaction_it_picks_may_change_on_resume(method):
+    """A run saved before pgs.compaction had `auto` holds batch_min; compiling it on resume (or
+    stopping to) changes only how many hidden tokens leave PGS's sequence, never a loss."""
+    from training.methods import resolve_auto_fields
+    base = apply_overrides(build_method_config(method), {"data.builds": ("b",)})
+    old = resolve_auto_fields(apply_overrides(base, {"pgs.compaction": "batch_min"}))  # stop 32 saved this
+    for compiled in (False, True):
+        now = resolve_auto_fields(apply_overrides(base, {"run.compile": compiled}))
+        assert resume.resume_differences(saved(old), now, ONE) == {}
+    assert resume.resume_differences(saved(old), apply_overrides(old, {"pgs.mode": "paper"}), ONE)  # others still

@@ -38,6 +38,9 @@ class LoopSettings:
     checkpoint_every: int = 200
     grad_clip_norm: float = 1.0
     bf16: bool = False  # autocast to bfloat16 (GPU)
+    # The auxiliary parts' update under bfloat16 autocast (run.precision=bf16, whose model computes
+    # in bfloat16 on its own, through master weights or FSDP, and hands the parts float32 outputs)
+    parts_bf16: bool = False
     epoch_steps: tuple[int, ...] = ()  # steps of each epoch of the schedule (CLIP-PGS's alpha)
     accum_freq: int = 1  # micro-batches per step (training/accumulation.py)
     eval_every: int = 0  # in-run evaluation period in steps (and at the last step); 0: none
@@ -133,9 +136,10 @@ def train_step(model, objective, optimizer, scheduler, batch: dict, s: LoopSetti
     inputs = device_inputs(batch, s.device)
     extras = {"inputs": {k: v for k, v in inputs.items() if k != "edge_scores"}, "step": step}
     autocast = functools.partial(torch.autocast, device_type=s.device.type, dtype=torch.bfloat16, enabled=s.bf16)
-    # The auxiliary parts (a frozen tower's forward, an estimator's step) in the step's precision:
-    # bfloat16 under bf16 too, where the model's outputs reach them upcast to float32.
-    parts_autocast = functools.partial(autocast, enabled=s.bf16 or weights is not None)
+    # The auxiliary parts in the step's precision (a frozen tower's forward in bfloat16 under
+    # amp_bf16 and bf16 alike; a part may turn autocast off for its own numerics, as CIBR's
+    # estimators do).
+    parts_autocast = functools.partial(autocast, enabled=s.bf16 or s.parts_bf16)
 
     def update(outputs: dict) -> dict:
         with parts_autocast():

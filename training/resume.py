@@ -27,6 +27,10 @@ RESUME_FIELDS = {
     "schedule": ("optim.", "run.epochs", "run.seed"),
 }
 CHANGES = tuple(RESUME_FIELDS)
+# Fields inside those sections that change no result: PGS's compaction decides only how many
+# hidden tokens leave the sequence physically (the same losses either way, test_pgs_model),
+# and follows run.compile, which may change on resume.
+FREE_FIELDS = ("pgs.compaction",)
 
 
 def flatten(tree: dict, prefix: str = "") -> dict:
@@ -40,6 +44,8 @@ def flatten(tree: dict, prefix: str = "") -> dict:
 
 
 def category_of(field: str) -> str | None:
+    if field in FREE_FIELDS:
+        return None
     for category, names in RESUME_FIELDS.items():
         if any(field == n or (n.endswith(".") and field.startswith(n)) for n in names):
             return category

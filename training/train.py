@@ -150,6 +150,7 @@ def loop_settings(config: TrainConfig, loop_config: dict, rank: int, world: int,
                         log_every=config.run.log_every, checkpoint_every=config.run.checkpoint_every,
                         grad_clip_norm=config.optim.grad_clip_norm,
                         bf16=resolve_precision(config.run.precision, device) == "amp_bf16",
+                        parts_bf16=resolve_precision(config.run.precision, device) == "bf16",
                         epoch_steps=tuple(loop_config["epoch_steps"]), accum_freq=config.run.accum_freq,
                         eval_every=config.eval.every)
 

@@ -120,13 +120,14 @@ def resolve_auto_fields(config: TrainConfig) -> TrainConfig:
     """Fix the fields whose default depends on other fields, so a saved config (and the model
     rebuilt from it for evaluation, without `pretrained`) means one thing: Multi's text route
     `auto` becomes `append` with pretrained weights, `prepend` from scratch; PGS's compaction
-    `auto` becomes `static` under run.compile (a sequence length that never depends on the
+    `auto` becomes `static` for a compiled PGS run (a sequence length that never depends on the
     data: nothing recompiles), `batch_min` otherwise."""
     fields = {}
     if config.topology.text_tokens == "auto":
         fields["topology.text_tokens"] = "append" if config.model.pretrained else "prepend"
     if config.pgs.compaction == "auto":
-        fields["pgs.compaction"] = "static" if config.run.compile else "batch_min"
+        pgs_compiled = config.run.compile and config.masking.kind == "pgs"
+        fields["pgs.compaction"] = "static" if pgs_compiled else "batch_min"
     return apply_overrides(config, fields) if fields else config
 
 

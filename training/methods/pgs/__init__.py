@@ -83,7 +83,7 @@ def encode_image_with_selection(visual: nn.Module, selector: PGSSelector, images
     """(pooled image embedding (B, E), selection): the vision tower on the selected tokens."""
     tokens = embed_patch_tokens(visual, images)  # (B, c + L, D), c class tokens
     selection = selector(tokens[:, num_class_tokens(visual):].detach(), images, edge_scores, epoch_fraction)
-    if selector.config.compaction == "batch_min":
+    if selector.config.compaction != "static":  # batch_min (or auto left unresolved, its eager meaning)
         selection = remove_shared_hidden(selection)
     return encode_selected_tokens(visual, tokens, selection), selection
 
