@@ -3,8 +3,6 @@ from __future__ import annotations
 
 import argparse
 
-import ray
-
 from pipelines import console, ray_setup
 from pipelines.build import BuildAborted, BuildParams
 from pipelines.captions import CaptionRules
@@ -62,16 +60,12 @@ def run_job(run, args: argparse.Namespace):
     """A prepare job's entry: logging, Ray (local or --ray-address), then `run(args)`; an
     aborted build exits with its reason instead of a traceback."""
     configure_logging(getattr(args, "verbose", False))
-    joined = ray.is_initialized()  # a caller's instance (tests, a notebook) stays up
-    ray_setup.init_ray(args.ray_address, warm_modules=WARM_MODULES)
     try:
-        with console.stage("prepare", args.corpus):
+        with ray_setup.ray_for_job(args.ray_address, warm_modules=WARM_MODULES), \
+                console.stage("prepare", args.corpus):
             return run(args)
     except BuildAborted as error:
         raise SystemExit(f"build aborted: {error}") from error
-    finally:
-        if not joined:  # now: Ray's exit hook would first wait 0.5 s for late error messages
-            ray.shutdown()
 
 
 def report(build_uri: str, manifest: dict) -> None:

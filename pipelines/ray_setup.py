@@ -2,6 +2,7 @@
 logging: its known noise filtered in every Ray process, its INFO lines only when verbose."""
 from __future__ import annotations
 
+import contextlib
 import importlib
 import logging
 import os
@@ -142,6 +143,20 @@ def start_local_instance(num_cpus: int | None, level: int) -> None:
             os.environ.pop(hook_var, None)
         else:
             os.environ[hook_var] = previous
+
+
+@contextlib.contextmanager
+def ray_for_job(address: str | None, *, warm_modules: tuple[str, ...] = ()):
+    """init_ray for one job's duration: an instance this call started is shut down at the end,
+    at once (Ray's exit hook would first sleep 0.5 s); one the caller already had (the tests'
+    session instance, the demo's, a notebook's) stays up."""
+    joined = ray.is_initialized()
+    init_ray(address, warm_modules=warm_modules)
+    try:
+        yield
+    finally:
+        if not joined:
+            ray.shutdown()
 
 
 def warm_workers(modules: tuple[str, ...], n_workers: int | None = None) -> list:

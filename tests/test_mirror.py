@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import http.client
 import socket
+import time
 import urllib.error
 import urllib.request
 from collections import Counter
@@ -148,7 +149,16 @@ def test_mirror_records_each_request_arriving_and_answered(tmp_path):
         for _ in range(3):
             with urllib.request.urlopen(f"{mirror.base_url}/a.bin", timeout=5) as response:
                 response.read()
+        # A handler records its answer after the response is written: the client may read the
+        # whole response (and send the next request) before that, so wait for the last record.
+        deadline = time.monotonic() + 5
+        while len(mirror.request_events) < 6 and time.monotonic() < deadline:
+            time.sleep(0.01)
         events = mirror.request_events
-    assert [change for _, change in events] == [+1, -1] * 3
-    assert all(b[0] - a[0] >= 0.05 for a, b in zip(events[::2], events[1::2]))
+    arrivals = [t for t, change in events if change > 0]
+    answers = [t for t, change in events if change < 0]
+    assert len(arrivals) == len(answers) == 3 and len(events) == 6
+    assert all(b - a >= 0.05 for a, b in zip(arrivals, answers))  # each answer after its delay
+    levels = np.cumsum([change for _, change in sorted(events)])
+    assert levels.min() >= 0 and levels[-1] == 0
     assert mean_in_flight(events, events[0][0], events[-1][0]) > 0.5  # the waits fill the span
