@@ -105,13 +105,13 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None,
         os.environ.setdefault(key, value)
     if ray.is_initialized():
         return
-    # Credentials are never put into the runtime env (it is stored by the cluster): local
-    # workers inherit this process's environment, cluster pods get theirs from secrets.
-    env = {**OFFLINE_ENV, console.VERBOSE_ENV: "1" if console.is_verbose() else "0"}
     level = logging.INFO if console.is_verbose() else logging.WARNING
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
-        # Every process Ray starts filters the same known noise as this one (console.py).
+        # Credentials are never put into the runtime env (it is stored by the cluster): cluster
+        # pods get theirs from secrets. Every process Ray starts filters the same known noise as
+        # this one (console.py).
+        env = {**OFFLINE_ENV, console.VERBOSE_ENV: "1" if console.is_verbose() else "0"}
         runtime_env = {"env_vars": env, "worker_process_setup_hook": SETUP_HOOK}
         ray.init(address=address, runtime_env=runtime_env, logging_level=level)
         return
@@ -126,12 +126,12 @@ def start_local_instance(num_cpus: int | None, level: int) -> None:
     offline variables, the verbosity, SETUP_HOOK) reach them without one: a job with a
     runtime env has every worker started through Ray's runtime-env agent and cannot use the
     workers Ray prestarts, one per CPU, as the instance starts (measured here: 2 s more before
-    a job's first two tasks ran, and a small prepare job's first download ~3 s later). A module-path setup hook is what Ray's
-    runtime env itself turns into WORKER_PROCESS_SETUP_HOOK_ENV_VAR for the worker."""
+    a job's first two tasks ran, and a small prepare job's first download ~3 s later). A
+    module-path setup hook is what Ray's runtime env itself turns into
+    WORKER_PROCESS_SETUP_HOOK_ENV_VAR for the worker."""
     # address="local": the embedded default never attaches to some other cluster that
     # happens to run on this machine; join one explicitly with --ray-address/RAY_ADDRESS.
     keep_on_loopback()
-    os.environ[console.VERBOSE_ENV] = "1" if console.is_verbose() else "0"
     hook_var = ray_constants.WORKER_PROCESS_SETUP_HOOK_ENV_VAR
     previous = os.environ.get(hook_var)
     os.environ[hook_var] = SETUP_HOOK

@@ -136,13 +136,11 @@ def train_step(model, objective, optimizer, scheduler, batch: dict, s: LoopSetti
     inputs = device_inputs(batch, s.device)
     extras = {"inputs": {k: v for k, v in inputs.items() if k != "edge_scores"}, "step": step}
     autocast = functools.partial(torch.autocast, device_type=s.device.type, dtype=torch.bfloat16, enabled=s.bf16)
-    # The auxiliary parts in the step's precision (a frozen tower's forward in bfloat16 under
-    # amp_bf16 and bf16 alike; a part may turn autocast off for its own numerics, as CIBR's
-    # estimators do).
-    parts_autocast = functools.partial(autocast, enabled=s.bf16 or s.parts_bf16)
-
     def update(outputs: dict) -> dict:
-        with parts_autocast():
+        # The auxiliary parts in the step's precision (a frozen tower's forward in bfloat16 under
+        # amp_bf16 and bf16 alike; a part may turn autocast off for its own numerics, as CIBR's
+        # estimators do).
+        with autocast(enabled=s.bf16 or s.parts_bf16):
             return update_parts(parts, outputs)
 
     def forward(module, micro_inputs: dict) -> dict:

@@ -145,12 +145,12 @@ def build_training_state(config: TrainConfig, loop_config: dict, device: torch.d
 
 def loop_settings(config: TrainConfig, loop_config: dict, rank: int, world: int, device: torch.device,
                   start_step: int) -> LoopSettings:
+    precision = resolve_precision(config.run.precision, device)
     return LoopSettings(start_step=start_step, total_steps=loop_config["stop_step"], seed=config.run.seed,
                         rank=rank, world_size=world, device=device,
                         log_every=config.run.log_every, checkpoint_every=config.run.checkpoint_every,
                         grad_clip_norm=config.optim.grad_clip_norm,
-                        bf16=resolve_precision(config.run.precision, device) == "amp_bf16",
-                        parts_bf16=resolve_precision(config.run.precision, device) == "bf16",
+                        bf16=precision == "amp_bf16", parts_bf16=precision == "bf16",
                         epoch_steps=tuple(loop_config["epoch_steps"]), accum_freq=config.run.accum_freq,
                         eval_every=config.eval.every)
 
