@@ -121,6 +121,8 @@ def publish_shard(fs, build_path: str, shard_id: int) -> dict:
         return published["shard"]
     stats = shards.read_shard_stats(fs, staged, shard_id)
     edit = json.loads(storage.read_bytes(fs, plan_path(build_path, shard_id)))
+    if not edit["drop"] and not edit["captions"]:
+        return promote_staged(fs, build_path, shard_id, stats["shard"])
     samples = shards.read_shard_samples(fs, staged, stats["shard"], verify=True)
     kept = apply_edits(samples, edit)
     stats = {k: v for k, v in stats.items() if k != "shard"}
@@ -129,6 +131,23 @@ def publish_shard(fs, build_path: str, shard_id: int) -> dict:
     entry = shards.write_shard(fs, build_path, shard_id, kept, stats)
     for path in shards.shard_paths(staged, shard_id):
         fs.rm(path)
+    return entry
+
+
+def promote_staged(fs, build_path: str, shard_id: int, entry: dict) -> dict:
+    """Publish a shard the plan leaves unchanged (most of them) by moving its staged files:
+    a rewrite would give the same bytes (the staged stats already say `duplicates_merged` 0),
+    so a build writes each such shard once, not twice. The tar is checked against its
+    checksum and moved first; the index, which marks the shard done, last. A run that stopped
+    between the two finds the tar published already and moves the index."""
+    staged_tar, staged_index = shards.shard_paths(staging_path(build_path), shard_id)
+    tar, index = shards.shard_paths(build_path, shard_id)
+    if fs.exists(staged_tar):
+        shards.verify_shard_tar(fs, staged_tar, entry)
+        storage.move(fs, staged_tar, tar)
+    else:
+        shards.verify_shard_tar(fs, tar, entry)
+    storage.move(fs, staged_index, index)
     return entry
 
 

@@ -181,6 +181,13 @@ def read_shard_samples(fs, build_path: str, entry: dict, *, verify: bool = False
     return list(iter_tar_samples(data))
 
 
+def verify_shard_tar(fs, tar_path: str, entry: dict) -> None:
+    """Raise unless the tar at `tar_path` has the checksum its manifest entry records
+    (streamed: a shard is never read whole for this)."""
+    if storage.sha256_of(fs, tar_path) != entry["sha256"]:
+        raise ValueError(f"checksum mismatch for {tar_path}")
+
+
 def write_sizes(fs, build_path: str, entries: list[dict]) -> None:
     """shards/sizes.json, as OpenCLIP's WebDataset loader reads a dataset's size."""
     sizes = {entry["tar"].rsplit("/", 1)[-1]: entry["n_samples"] for entry in entries}

@@ -200,7 +200,9 @@ class ShardBuilder:
               start: float) -> dict:
         samples = [sample for sample, _ in built if sample is not None]
         failures = Counter(reason for sample, reason in built if sample is None)
-        stats = {"failures": dict(failures), "n_groups": len(groups),
+        # duplicates_merged 0 until dedup says otherwise: a shard it leaves unchanged is
+        # published by moving the staged files (dedup.promote_staged).
+        stats = {"failures": dict(failures), "n_groups": len(groups), "duplicates_merged": 0,
                  "n_captions_written": sum(len(json.loads(s[shards.META])["captions"])
                                            for s in samples)}
         fs, build_path = storage.open_storage(self.build_uri)

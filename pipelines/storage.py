@@ -26,7 +26,10 @@ def open_storage(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
 
 def file_sha256(uri: str) -> str:
     """sha256 of a file, local or s3://, read in 4 MiB chunks (never whole in memory)."""
-    fs, path = open_storage(uri)
+    return sha256_of(*open_storage(uri))
+
+
+def sha256_of(fs: fsspec.AbstractFileSystem, path: str) -> str:
     digest = hashlib.sha256()
     with fs.open(path, "rb") as f:
         while chunk := f.read(1 << 22):
@@ -51,6 +54,13 @@ def write_bytes_atomic(fs: fsspec.AbstractFileSystem, path: str, data: bytes) ->
     with fs.open(tmp, "wb") as f:
         f.write(data)
     fs.mv(tmp, path)
+
+
+def move(fs: fsspec.AbstractFileSystem, source: str, path: str) -> None:
+    """Rename a complete file into place (a local rename; on S3 a server-side copy, which
+    publishes the object whole, then the source's deletion)."""
+    fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+    fs.mv(source, path)
 
 
 def put_file_atomic(fs: fsspec.AbstractFileSystem, local: str, path: str) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 
 from pipelines import build, dedup, shards
@@ -101,6 +102,66 @@ def test_publishing_a_shard_again_finds_it_published(tmp_path):
     first = dedup.publish_shard(fs, root, 0)
     assert not fs.exists(dedup.staged_index_path(root, 0))
     assert dedup.publish_shard(fs, root, 0) == first  # the retry
+
+
+def staged_shard(fs, root: str, shard_id: int, keys: list[str]) -> dict:
+    """A shard staged as ShardBuilder stages it (duplicates_merged 0); returns its entry."""
+    rows = [sized_sample(k, f"caption of {k}", f"image {k}".encode()) for k in keys]
+    return shards.write_shard(fs, dedup.staging_path(root), shard_id, rows,
+                              {"failures": {"http_404": 1}, "n_groups": len(keys) + 1,
+                               "duplicates_merged": 0, "n_captions_written": len(keys)})
+
+
+def test_an_unchanged_shard_is_published_as_a_rewrite_would_publish_it(tmp_path):
+    """The plan leaves shard 1 alone and edits shard 0: shard 1's staged files are moved, not
+    rewritten, and what is published (tar bytes, index rows and stats) equals what rewriting
+    it through the edit path gives."""
+    from pipelines import storage
+    fs, root = storage.open_storage(str(tmp_path / "moved"))
+    staged_shard(fs, root, 0, ["a1", "a2"])
+    staged_shard(fs, root, 1, ["b1", "b2", "b3"])
+    staged_tar = storage.read_bytes(fs, shards.shard_paths(dedup.staging_path(root), 1)[0])
+    dedup.write_plan(fs, root, [{"keep": ["a1", 0], "drop": [["a2", 0]], "captions": [caption("x")]}], [0, 1])
+    published = [dedup.publish_shard(fs, root, i) for i in (0, 1)]
+    assert published[0]["n_samples"] == 1 and published[1]["n_samples"] == 3
+    assert all(f"/{dedup.PLAN_DIR}/" in path for path in fs.find(dedup.staging_path(root)))
+    tar, index = shards.shard_paths(root, 1)
+    assert storage.read_bytes(fs, tar) == staged_tar
+
+    # The reference: the same shard rewritten (an empty edit through apply_edits).
+    ref_fs, ref_root = storage.open_storage(str(tmp_path / "rewritten"))
+    staged_shard(ref_fs, ref_root, 1, ["b1", "b2", "b3"])
+    samples = shards.read_shard_samples(ref_fs, dedup.staging_path(ref_root), published[1], verify=True)
+    stats = {"failures": {"http_404": 1}, "n_groups": 4, "duplicates_merged": 0, "n_captions_written": 3}
+    assert shards.write_shard(ref_fs, ref_root, 1, dedup.apply_edits(samples, {"drop": [], "captions": {}}),
+                              stats) == published[1]
+    ref_tar, ref_index = shards.shard_paths(ref_root, 1)
+    assert storage.read_bytes(ref_fs, ref_tar) == storage.read_bytes(fs, tar)
+    assert pq.read_table(ref_index).equals(pq.read_table(index))
+    assert shards.read_shard_stats(fs, root, 1) == shards.read_shard_stats(ref_fs, ref_root, 1)
+
+
+def test_promoting_a_shard_resumes_after_its_tar_moved_and_refuses_a_corrupt_one(tmp_path):
+    from pipelines import storage
+    fs, root = storage.open_storage(str(tmp_path))
+    entry = staged_shard(fs, root, 0, ["k1", "k2"])
+    dedup.write_plan(fs, root, [], [0])
+    staged_tar, staged_index = shards.shard_paths(dedup.staging_path(root), 0)
+    tar, index = shards.shard_paths(root, 0)
+    storage.move(fs, staged_tar, tar)  # a run stopped here: tar moved, shard not yet done
+    assert shards.read_shard_stats(fs, root, 0) is None
+    assert dedup.publish_shard(fs, root, 0) == entry
+    assert fs.exists(index) and not fs.exists(staged_index)
+
+    entry = staged_shard(fs, root, 1, ["k3"])
+    dedup.write_plan(fs, root, [], [0, 1])
+    staged_tar = shards.shard_paths(dedup.staging_path(root), 1)[0]
+    data = bytearray(storage.read_bytes(fs, staged_tar))
+    data[600] ^= 0xFF
+    storage.write_bytes_atomic(fs, staged_tar, bytes(data))
+    with pytest.raises(ValueError, match="checksum mismatch"):
+        dedup.publish_shard(fs, root, 1)
+    assert shards.read_shard_stats(fs, root, 1) is None and fs.exists(staged_tar)
 
 
 def sized_sample(key: str, text: str, image: bytes) -> dict:
