@@ -7,7 +7,6 @@ from __future__ import annotations
 import hashlib
 import html
 import re
-import sys
 import unicodedata
 from dataclasses import dataclass
 
@@ -88,6 +87,12 @@ def clean_caption(text: str) -> str:
     return _WHITESPACE.sub(" ", text).strip()
 
 
+# The Unicode planes that hold Cc/Cf code points (BMP, SMP, SSP): scanning only these builds
+# the class in a quarter of the time every importing process paid (test_captions checks the
+# whole range has none elsewhere).
+CONTROL_FORMAT_PLANES = (0, 1, 14)
+
+
 def _invisible_class() -> re.Pattern:
     """One character class of every Cc/Cf code point that clean_caption removes (built once:
     a regex scans a caption in C, a Python loop over its characters took 15 us a caption)."""
@@ -95,7 +100,8 @@ def _invisible_class() -> re.Pattern:
         if ch.isspace() or ch in "\u200c\u200d" or "\U000e0020" <= ch <= "\U000e007f":
             return False
         return unicodedata.category(ch) in ("Cc", "Cf")
-    points = [c for c in range(sys.maxunicode + 1) if not 0xD800 <= c <= 0xDFFF and removed(chr(c))]
+    points = [c for plane in CONTROL_FORMAT_PLANES for c in range(plane << 16, (plane + 1) << 16)
+              if not 0xD800 <= c <= 0xDFFF and removed(chr(c))]
     ranges, start = [], points[0]
     for prev, cur in zip(points, points[1:] + [None]):
         if cur != prev + 1:

@@ -256,6 +256,18 @@ def test_clean_caption_unescapes_normalises_and_drops_invisible_characters():
     assert clean_caption("a\u00adb\u200ec\u200fd\x00e") == "abcde"  # soft hyphen, bidi marks, NUL
 
 
+def test_no_control_or_format_character_lies_outside_the_planes_scanned():
+    """The invisible-character class is built from CONTROL_FORMAT_PLANES only: every Cc/Cf
+    code point of this Python's Unicode database lies there."""
+    import sys
+    import unicodedata
+
+    from pipelines.captions import CONTROL_FORMAT_PLANES
+    outside = [c for c in range(sys.maxunicode + 1) if c >> 16 not in CONTROL_FORMAT_PLANES
+               and unicodedata.category(chr(c)) in ("Cc", "Cf")]
+    assert outside == []
+
+
 def test_cc12m_reader_cleans_captions():
     assert parse_tsv_line(f"{URL_A}\t{DIRTY}", CaptionRules()) == (URL_A, CLEAN, "")
 
