@@ -177,18 +177,35 @@ def pack_shard(batch: dict) -> dict:
 
 
 @functools.lru_cache(maxsize=4)
-def shard_builder(build_uri: str, download: DownloadParams) -> ShardBuilder:
-    """This process's builder for a build (its fetcher imports img2dataset once per process)."""
-    return ShardBuilder(storage.join(build_uri, dedup.STAGING_DIR), download)
+def shard_builder(staging_uri: str, download: DownloadParams) -> ShardBuilder:
+    """This process's builder for a staging root (its fetcher imports img2dataset once per
+    process)."""
+    return ShardBuilder(staging_uri, download)
 
 
 def build_shards(batch: dict, build_uri: str, download: DownloadParams) -> dict:
     """Ray Data batch stage (shard specs) around the plain ShardBuilder: phase A, published
-    under the build's staging area. A plain task, not an actor: it runs in the worker
-    processes planning already started, where an actor pool would start new ones."""
-    builder = shard_builder(build_uri, download)
-    stats = builder.build_many([(int(s), json.loads(g)) for s, g in zip(batch["shard_id"], batch["groups"])])
-    return {"stats": np.array([json.dumps(s) for s in stats], dtype=object)}
+    under the build's staging area; a spec with a `part` column is one part of a shard
+    (split_into_parts, one a task), staged under its part root. A plain task, not an actor:
+    it runs in the worker processes planning already started, where an actor pool would
+    start new ones."""
+    n_parts, staging = 1, dedup.staging_path(build_uri)
+    if "part" in batch:
+        n_parts = int(batch["n_parts"][0])
+        staging = dedup.part_root(build_uri, int(batch["part"][0]), n_parts)
+    specs = [(int(s), json.loads(g)) for s, g in zip(batch["shard_id"], batch["groups"])]
+    stats = shard_builder(staging, download).build_many(specs)
+    return {"stats": np.array([json.dumps({**s, "n_parts": n_parts}) for s in stats], dtype=object)}
+
+
+def split_into_parts(batch: dict, n_parts: int) -> dict:
+    """Shard specs -> n_parts part specs each: part p holds every n_parts-th group from p."""
+    rows = [(shard_id, p, groups[p::n_parts]) for shard_id, packed in zip(batch["shard_id"], batch["groups"])
+            for groups in [json.loads(packed)] for p in range(n_parts)]
+    return {"shard_id": np.array([r[0] for r in rows], dtype=np.int64),
+            "part": np.array([r[1] for r in rows], dtype=np.int64),
+            "n_parts": np.full(len(rows), n_parts, dtype=np.int64),
+            "groups": np.array([json.dumps(r[2]) for r in rows], dtype=object)}
 
 
 def count_block_reasons(block: pa.Table) -> pa.Table:
@@ -282,31 +299,59 @@ def plan_shards(groups, params: BuildParams) -> tuple[object, list[int]]:
 
 def run_shard_tasks(specs, build_uri: str, params: BuildParams, todo: set[int],
                     num_shards: int) -> list[dict]:
-    """Phase A: fetch the shards not yet staged, logging progress as each one lands, and
-    abort when the failure rate says the input is wrong."""
+    """Phase A: fetch the shards not yet staged (the last few in parts, final_round_parts),
+    logging progress as each shard lands, and abort when the failure rate says the input is
+    wrong."""
     if not todo:
         return []
-    per_task = shards_per_task(len(todo), ray_setup.cluster_cpus())
-    # `per_task` shards a block, so each task gets that many whatever blocks the shuffle made.
-    pending = specs.filter(expr=col("shard_id").is_in(sorted(todo))).repartition(
-        target_num_rows_per_block=per_task)
-    results = pending.map_batches(build_shards, fn_kwargs={"build_uri": build_uri, "download": params.download},
-                                  batch_size=per_task, batch_format="numpy")
+    n_cpus, ordered = ray_setup.cluster_cpus(), sorted(todo)
+    n_split, n_parts = final_round_parts(len(ordered), n_cpus)
+    whole, split = ordered[:len(ordered) - n_split], ordered[len(ordered) - n_split:]
+    dedup.remove_staged_parts(*storage.open_storage(build_uri), todo)  # of an earlier split
+    if split:
+        log.info("the last %d of %d shards are fetched in %d parts each, over %d CPUs",
+                 len(split), len(ordered), n_parts, n_cpus)
+    results = download_stage(specs, whole, split, n_parts, build_uri, params, n_cpus)
+    stats, start, parts_done = [], time.monotonic(), Counter()
+    n_units = len(whole) + len(split) * n_parts
+    with Progress("prepare", num_shards, "shard", start=num_shards - len(todo)) as progress:
+        for row in results.iter_rows():
+            stats.append(json.loads(row["stats"]))
+            parts_done[stats[-1]["shard"]["id"]] += 1
+            n_ok = sum(s["shard"]["n_samples"] for s in stats)
+            progress.update(int(parts_done[stats[-1]["shard"]["id"]] == stats[-1]["n_parts"]), images=n_ok,
+                            **{"img/s": n_ok / max(time.monotonic() - start, 1e-9)})
+            check_image_failures(stats, n_units - len(stats), params.max_failure_rate)
+    return stats
+
+
+def download_stage(specs, whole: list[int], split: list[int], n_parts: int, build_uri: str,
+                   params: BuildParams, n_cpus: int):
+    """The dataset of per-unit stats rows: the `whole` shards streamed a few a task
+    (shards_per_task: `per_task` rows a block, so each task gets that many whatever blocks the
+    shuffle made), and the `split` shards' parts one a task."""
+    kwargs = {"build_uri": build_uri, "download": params.download}
+    stages = []
+    if whole:
+        per_task = shards_per_task(len(whole), n_cpus)
+        stages.append(specs.filter(expr=col("shard_id").is_in(whole)).repartition(
+            target_num_rows_per_block=per_task).map_batches(
+            build_shards, fn_kwargs=kwargs, batch_size=per_task, batch_format="numpy"))
+    if split:
+        stages.append(specs.filter(expr=col("shard_id").is_in(split)).map_batches(
+            split_into_parts, fn_kwargs={"n_parts": n_parts}, batch_format="numpy").repartition(
+            target_num_rows_per_block=1).map_batches(
+            build_shards, fn_kwargs=kwargs, batch_size=1, batch_format="numpy"))
+    results = stages[0].union(*stages[1:]) if len(stages) > 1 else stages[0]
     # Every CPU's first download task at once: with Ray Data's per-operator reservation (its
     # default) the second task started ~1 s after the first (measured), on a stage whose only
     # upstream work is a filter of the materialised specs.
     results.context.op_resource_reservation_enabled = False
-    stats, start = [], time.monotonic()
-    with Progress("prepare", num_shards, "shard", start=num_shards - len(todo)) as progress:
-        for row in results.iter_rows():
-            stats.append(json.loads(row["stats"]))
-            n_ok = sum(s["shard"]["n_samples"] for s in stats)
-            progress.update(1, images=n_ok, **{"img/s": n_ok / max(time.monotonic() - start, 1e-9)})
-            check_image_failures(stats, len(todo) - len(stats), params.max_failure_rate)
-    return stats
+    return results
 
 
 MAX_SHARDS_PER_TASK = 4
+MAX_PARTS_PER_SHARD = 8
 
 
 def shards_per_task(n_shards: int, n_cpus: int) -> int:
@@ -315,6 +360,20 @@ def shards_per_task(n_shards: int, n_cpus: int) -> int:
     for each CPU to get at least two tasks (so the last tasks still spread over every CPU).
     A task retried after its worker died fetches its shards again; so a task stays small."""
     return max(1, min(MAX_SHARDS_PER_TASK, n_shards // (2 * n_cpus)))
+
+
+def final_round_parts(n_shards: int, n_cpus: int) -> tuple[int, int]:
+    """(how many of the last shards to fetch in parts, parts each). Shards are of equal size,
+    so r = n_shards mod n_cpus of them would make a last round on r CPUs while the others
+    idle: 9 shards on 2 CPUs took 5 shard-times, the last one on half the threads. Fetching
+    those r in n_cpus / gcd(r, n_cpus) parts each gives lcm(r, n_cpus) equal parts, the same
+    number for every CPU (4.5 shard-times). Parts are staged apart and joined when the shard
+    is published (dedup.publish_shard), which writes the same shard as a whole fetch would.
+    Not beyond MAX_PARTS_PER_SHARD parts: where that many are needed, r is 1 of very many
+    CPUs, or all but a few of them."""
+    r = n_shards % n_cpus
+    n_parts = n_cpus // math.gcd(r, n_cpus)
+    return (r, n_parts) if r and n_parts <= MAX_PARTS_PER_SHARD else (0, 1)
 
 
 def run_dedup(fs, build_path: str, build_uri: str, shard_ids: list[int], shard_size: int) -> None:
@@ -349,9 +408,15 @@ def find_duplicates(fs, build_path: str, shard_ids: list[int], max_rows: int) ->
     digest, ROWS_PER_BUCKET rows a bucket, and each bucket finds its duplicates in one sort.
     A build of at most one bucket's rows (`max_rows`, shards x shard size, bounds them) is one
     bucket: one task reads every index and sorts, without the shuffle's stages around it."""
-    paths = [dedup.staged_index_path(build_path, i) for i in shard_ids]
-    paths = [p if fs.exists(p) else shards.shard_paths(build_path, i)[1]
-             for i, p in zip(shard_ids, paths)]
+    paths, part_sets = [], dedup.staged_part_sets(fs, build_path)
+    for i in shard_ids:
+        staged = dedup.staged_index_path(build_path, i)
+        if fs.exists(staged):
+            paths.append(staged)
+        elif i in part_sets:
+            paths += [shards.shard_paths(root, i)[1] for root in part_sets[i]]
+        else:
+            paths.append(shards.shard_paths(build_path, i)[1])
     arrow_fs = arrow_filesystem_for(fs)
     if max_rows <= ROWS_PER_BUCKET:
         return [json.loads(p) for p in ray.get(_duplicates_in_indexes.remote(paths, arrow_fs))]
@@ -382,9 +447,11 @@ def collect_shard_stats(fs, build_path: str, shard_ids: list[int]) -> dict[int, 
 
 
 def staged_or_published(fs, build_path: str, shard_ids: list[int]) -> set[int]:
-    """Shards that phase A need not fetch again."""
+    """Shards that phase A need not fetch again: staged whole or in a complete set of parts,
+    or published."""
     staged = collect_shard_stats(fs, storage.join(build_path, dedup.STAGING_DIR), shard_ids)
-    return set(staged) | set(collect_shard_stats(fs, build_path, shard_ids))
+    parts = set(dedup.staged_part_sets(fs, build_path)) & set(shard_ids)
+    return set(staged) | parts | set(collect_shard_stats(fs, build_path, shard_ids))
 
 
 def assemble_manifest(build_id: str, inputs: list[dict], params: BuildParams,

@@ -13,6 +13,7 @@ resumed phase B applies exactly the same plan.
 from __future__ import annotations
 
 import json
+from collections import Counter
 
 import numpy as np
 
@@ -20,6 +21,8 @@ from pipelines import shards, storage
 
 STAGING_DIR = "staging"
 PLAN_DIR = "dedup"
+PARTS_DIR = "parts"  # staging/parts/<part>-of-<n_parts>/{shards,index}/: shards fetched in parts
+PART_OF = "-of-"
 PLAN_DONE = "_complete"
 PLAN_COLUMNS = ("key", "shard", shards.DIGEST, "captions_json")
 
@@ -109,29 +112,88 @@ def apply_edits(samples: list[dict], edit: dict) -> list[dict]:
 
 
 def publish_shard(fs, build_path: str, shard_id: int) -> dict:
-    """Staged shard -> published shard under the plan; the staged copy is removed after.
-    Idempotent: a task retried after its node died (having published, maybe not yet removed
-    the staged copy) finds the published index, written last, and only tidies up."""
+    """Staged shard (whole, or a complete set of parts) -> published shard under the plan;
+    the staged copies are removed after. Idempotent: a task retried after its node died
+    (having published, maybe not yet removed the staged copies) finds the published index,
+    written last, and only tidies up."""
     staged = staging_path(build_path)
     published = shards.read_shard_stats(fs, build_path, shard_id)
     if published is not None:
-        for path in shards.shard_paths(staged, shard_id):
-            if fs.exists(path):
-                fs.rm(path)
+        remove_staged(fs, build_path, shard_id)
         return published["shard"]
     stats = shards.read_shard_stats(fs, staged, shard_id)
     edit = json.loads(storage.read_bytes(fs, plan_path(build_path, shard_id)))
-    if not edit["drop"] and not edit["captions"]:
+    if stats is not None and not edit["drop"] and not edit["captions"]:
         return promote_staged(fs, build_path, shard_id, stats["shard"])
-    samples = shards.read_shard_samples(fs, staged, stats["shard"], verify=True)
+    roots = [staged] if stats is not None else staged_part_sets(fs, build_path)[shard_id]
+    samples, stats = read_staged(fs, roots, shard_id)
     kept = apply_edits(samples, edit)
-    stats = {k: v for k, v in stats.items() if k != "shard"}
     stats["duplicates_merged"] = len(samples) - len(kept)
     stats["n_captions_written"] = sum(len(json.loads(s[shards.META])["captions"]) for s in kept)
     entry = shards.write_shard(fs, build_path, shard_id, kept, stats)
-    for path in shards.shard_paths(staged, shard_id):
-        fs.rm(path)
+    remove_staged(fs, build_path, shard_id)
     return entry
+
+
+def read_staged(fs, roots: list[str], shard_id: int) -> tuple[list[dict], dict]:
+    """The samples (in key order, as one staged shard holds them) and the summed fetch stats
+    of a shard staged whole (one root) or in parts (one root per part)."""
+    samples, failures, n_groups = [], Counter(), 0
+    for root in roots:
+        stats = shards.read_shard_stats(fs, root, shard_id)
+        samples += shards.read_shard_samples(fs, root, stats["shard"], verify=True)
+        failures.update(stats["failures"])
+        n_groups += stats["n_groups"]
+    samples.sort(key=lambda sample: sample[shards.KEY])
+    return samples, {"failures": dict(failures), "n_groups": n_groups}
+
+
+def part_root(build_path: str, part: int, n_parts: int) -> str:
+    """Staging root of part `part` of a shard fetched in `n_parts` parts (each part a staged
+    shard of its own there, holding every n_parts-th group; see build.final_round_parts)."""
+    return storage.join(staging_path(build_path), PARTS_DIR, f"{part}{PART_OF}{n_parts}")
+
+
+def staged_part_sets(fs, build_path: str) -> dict[int, list[str]]:
+    """Shard id -> the part roots of its complete set of staged parts (one listing). A set
+    counts only whole: parts of one split, every one of them published in its root."""
+    folder = storage.join(staging_path(build_path), PARTS_DIR)
+    if not fs.exists(folder):
+        return {}
+    found: dict[tuple[int, int], list[str]] = {}
+    for path in fs.find(folder):
+        root, _, name = path.rpartition(f"/{shards.INDEX_DIR}/")
+        part_name = root.rsplit("/", 1)[-1]
+        if not name.endswith(".parquet") or storage.TMP_MARK in name or PART_OF not in part_name:
+            continue
+        n_parts = int(part_name.split(PART_OF)[1])
+        found.setdefault((int(name.split(".")[0]), n_parts), []).append(root)
+    return {shard_id: sorted(roots) for (shard_id, n_parts), roots in found.items()
+            if len(roots) == n_parts}
+
+
+def remove_staged_parts(fs, build_path: str, shard_ids: set[int]) -> None:
+    """Parts of these shards that an earlier run staged (of a set it did not complete, or of
+    another split), before they are fetched again (one listing)."""
+    folder = storage.join(staging_path(build_path), PARTS_DIR)
+    if not fs.exists(folder):
+        return
+    for path in fs.find(folder):
+        name = path.rsplit("/", 1)[-1]
+        if name.split(".")[0].isdigit() and int(name.split(".")[0]) in shard_ids:
+            fs.rm(path)
+
+
+def remove_staged(fs, build_path: str, shard_id: int) -> None:
+    """The staged copies of a shard: whole, and any parts (of any split)."""
+    folder = storage.join(staging_path(build_path), PARTS_DIR)
+    roots = [staging_path(build_path)]
+    if fs.exists(folder):
+        roots += fs.ls(folder, detail=False)
+    for root in roots:
+        for path in shards.shard_paths(root, shard_id):
+            if fs.exists(path):
+                fs.rm(path)
 
 
 def promote_staged(fs, build_path: str, shard_id: int, entry: dict) -> dict:
@@ -153,7 +215,9 @@ def promote_staged(fs, build_path: str, shard_id: int, entry: dict) -> dict:
 
 def remove_temporaries(fs, build_path: str) -> None:
     """Temporaries an interrupted run left in the build (never mistaken for data)."""
-    for root in (build_path, staging_path(build_path)):
+    parts = storage.join(staging_path(build_path), PARTS_DIR)
+    part_roots = fs.ls(parts, detail=False) if fs.exists(parts) else []
+    for root in (build_path, staging_path(build_path), *part_roots):
         for folder in (shards.SHARDS_DIR, shards.INDEX_DIR, PLAN_DIR):
             storage.remove_stale_temporaries(fs, storage.join(root, folder))
 

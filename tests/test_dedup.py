@@ -141,6 +141,45 @@ def test_an_unchanged_shard_is_published_as_a_rewrite_would_publish_it(tmp_path)
     assert shards.read_shard_stats(fs, root, 1) == shards.read_shard_stats(ref_fs, ref_root, 1)
 
 
+def test_a_shard_staged_in_parts_publishes_what_a_whole_fetch_publishes(tmp_path):
+    """Shard 0 staged whole in one build and as three parts (every third group, the
+    failures in one) in another: the same tar bytes, index and stats; the parts count as
+    staged only once all three are there, and go when the shard is published."""
+    from pipelines import storage
+    keys = ["k1", "k2", "k3", "k4", "k5"]
+    whole_fs, whole = storage.open_storage(str(tmp_path / "whole"))
+    staged_shard(whole_fs, whole, 0, keys)  # its stats: one http_404 among len(keys) + 1 groups
+    fs, root = storage.open_storage(str(tmp_path / "parts"))
+    for part in range(3):
+        assert dedup.staged_part_sets(fs, root) == {}
+        part_keys, failures = keys[part::3], 1 if part == 1 else 0
+        rows = [sized_sample(k, f"caption of {k}", f"image {k}".encode()) for k in part_keys]
+        shards.write_shard(fs, dedup.part_root(root, part, 3), 0, rows,
+                           {"failures": {"http_404": 1} if failures else {}, "duplicates_merged": 0,
+                            "n_groups": len(part_keys) + failures, "n_captions_written": len(part_keys)})
+    assert list(dedup.staged_part_sets(fs, root)) == [0]
+    for f, r in ((whole_fs, whole), (fs, root)):
+        dedup.write_plan(f, r, [], [0])
+    assert dedup.publish_shard(fs, root, 0) == dedup.publish_shard(whole_fs, whole, 0)
+    tar, index = shards.shard_paths(root, 0)
+    whole_tar, whole_index = shards.shard_paths(whole, 0)
+    assert storage.read_bytes(fs, tar) == storage.read_bytes(whole_fs, whole_tar)
+    assert pq.read_table(index).equals(pq.read_table(whole_index))
+    assert shards.read_shard_stats(fs, root, 0) == shards.read_shard_stats(whole_fs, whole, 0)
+    assert dedup.staged_part_sets(fs, root) == {}
+    assert [p for p in fs.find(dedup.staging_path(root)) if f"/{dedup.PLAN_DIR}/" not in p] == []
+
+
+def test_stale_parts_of_a_shard_are_removed_before_it_is_fetched_again(tmp_path):
+    from pipelines import storage
+    fs, root = storage.open_storage(str(tmp_path))
+    for shard_id in (0, 1):
+        shards.write_shard(fs, dedup.part_root(root, 0, 2), shard_id, [], {"failures": {}, "n_groups": 0})
+    dedup.remove_staged_parts(fs, root, {1})
+    assert fs.exists(shards.shard_paths(dedup.part_root(root, 0, 2), 0)[1])
+    assert not fs.exists(shards.shard_paths(dedup.part_root(root, 0, 2), 1)[0])
+
+
 def test_promoting_a_shard_resumes_after_its_tar_moved_and_refuses_a_corrupt_one(tmp_path):
     from pipelines import storage
     fs, root = storage.open_storage(str(tmp_path))

@@ -8,6 +8,7 @@ import math
 import random
 from collections import Counter
 
+import numpy as np
 import pytest
 
 from pipelines import build, captions
@@ -152,3 +153,29 @@ def test_shards_per_task_leave_every_cpu_two_tasks_at_least(n_shards, n_cpus, ex
     assert per_task == expected
     if n_shards >= 2 * n_cpus:
         assert math.ceil(n_shards / per_task) >= 2 * n_cpus
+
+
+@pytest.mark.parametrize("n_shards, n_cpus", [(9, 2), (8, 2), (1, 2), (3, 4), (6, 8), (10, 4), (7, 1),
+                                              (17, 16), (65, 64), (127, 64)])
+def test_the_last_shards_are_split_so_every_cpu_gets_the_same_work(n_shards, n_cpus):
+    """Against a naive list schedule of equal shard-times: with the split, the last round
+    spreads evenly (the makespan is n_shards / n_cpus) whenever the parts per shard stay
+    within the cap; without one, there is nothing to gain or too little."""
+    n_split, n_parts = build.final_round_parts(n_shards, n_cpus)
+    units = [1.0] * (n_shards - n_split) + [1.0 / n_parts] * (n_split * n_parts)
+    finish = [0.0] * n_cpus
+    for unit in units:
+        finish[finish.index(min(finish))] += unit
+    if n_split:
+        assert n_parts <= build.MAX_PARTS_PER_SHARD and max(finish) == pytest.approx(n_shards / n_cpus)
+    else:
+        assert n_shards % n_cpus == 0 or n_cpus // math.gcd(n_shards % n_cpus, n_cpus) > build.MAX_PARTS_PER_SHARD
+
+
+def test_parts_hold_every_group_of_their_shard_once():
+    groups = [{"key": f"{i:04d}"} for i in range(11)]
+    batch = {"shard_id": np.array([4]), "groups": np.array([json.dumps(groups)], dtype=object)}
+    parts = build.split_into_parts(batch, 3)
+    assert list(parts["part"]) == [0, 1, 2] and set(parts["shard_id"]) == {4} and set(parts["n_parts"]) == {3}
+    held = sorted(g["key"] for packed in parts["groups"] for g in json.loads(packed))
+    assert held == [g["key"] for g in groups]

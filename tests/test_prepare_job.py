@@ -48,6 +48,23 @@ def test_caption_groups_hold_every_caption_of_their_image(built):
     assert len(keys) == len(set(keys))
 
 
+def test_shards_fetched_in_parts_equal_shards_fetched_whole(built, tmp_path, monkeypatch, caplog):
+    """The session's build fetched its last shards in parts (n_shards is no multiple of its
+    CPUs); the same input fetched with every shard whole gives the same shards, byte for
+    byte, and the same counts."""
+    from pipelines import build, ray_setup
+    _, tsv, _, build_uri = built
+    manifest = shards.read_manifest(build_uri)
+    n_split, _ = build.final_round_parts(len(manifest["shards"]), ray_setup.cluster_cpus())
+    assert n_split, "the session build should have fetched some shards in parts"
+    monkeypatch.setattr(build, "final_round_parts", lambda n_shards, n_cpus: (0, 1))
+    with caplog.at_level("INFO", logger="pipelines.build"):
+        whole_uri = prepare_cc12m.main(["--input", str(tsv), "--output", str(tmp_path), *ARGS])
+    assert "in parts" not in caplog.text
+    whole = shards.read_manifest(whole_uri)
+    assert whole["shards"] == manifest["shards"] and whole["counts"] == manifest["counts"]
+
+
 def test_finished_build_is_reused(built, caplog):
     _, tsv, out, build_uri = built
     manifest_path = storage.join(build_uri, shards.MANIFEST)
