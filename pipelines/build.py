@@ -185,27 +185,25 @@ def shard_builder(staging_uri: str, download: DownloadParams) -> ShardBuilder:
 
 def build_shards(batch: dict, build_uri: str, download: DownloadParams) -> dict:
     """Ray Data batch stage (shard specs) around the plain ShardBuilder: phase A, published
-    under the build's staging area; a spec with a `part` column is one part of a shard
-    (split_into_parts, one a task), staged under its part root. A plain task, not an actor:
-    it runs in the worker processes planning already started, where an actor pool would
-    start new ones."""
-    n_parts, staging = 1, dedup.staging_path(build_uri)
-    if "part" in batch:
-        n_parts = int(batch["n_parts"][0])
-        staging = dedup.part_root(build_uri, int(batch["part"][0]), n_parts)
+    under the build's staging area. A plain task, not an actor: it runs in the worker
+    processes planning already started, where an actor pool would start new ones."""
     specs = [(int(s), json.loads(g)) for s, g in zip(batch["shard_id"], batch["groups"])]
+    return run_builder(specs, 0, 1, build_uri, download)
+
+
+def build_task(batch: dict, build_uri: str, download: DownloadParams) -> dict:
+    """build_shards for one task composed on the driver (compose_tasks): whole shards, or one
+    part of a shard, staged under its part root."""
+    task = json.loads(batch["task"][0])
+    specs = [(int(shard_id), groups) for shard_id, groups in task["specs"]]
+    return run_builder(specs, task["part"], task["n_parts"], build_uri, download)
+
+
+def run_builder(specs: list[tuple[int, list[dict]]], part: int, n_parts: int, build_uri: str,
+                download: DownloadParams) -> dict:
+    staging = dedup.part_root(build_uri, part, n_parts) if n_parts > 1 else dedup.staging_path(build_uri)
     stats = shard_builder(staging, download).build_many(specs)
     return {"stats": np.array([json.dumps({**s, "n_parts": n_parts}) for s in stats], dtype=object)}
-
-
-def split_into_parts(batch: dict, n_parts: int) -> dict:
-    """Shard specs -> n_parts part specs each: part p holds every n_parts-th group from p."""
-    rows = [(shard_id, p, groups[p::n_parts]) for shard_id, packed in zip(batch["shard_id"], batch["groups"])
-            for groups in [json.loads(packed)] for p in range(n_parts)]
-    return {"shard_id": np.array([r[0] for r in rows], dtype=np.int64),
-            "part": np.array([r[1] for r in rows], dtype=np.int64),
-            "n_parts": np.full(len(rows), n_parts, dtype=np.int64),
-            "groups": np.array([json.dumps(r[2]) for r in rows], dtype=object)}
 
 
 def count_block_reasons(block: pa.Table) -> pa.Table:
@@ -306,6 +304,8 @@ def run_shard_tasks(specs, build_uri: str, params: BuildParams, todo: set[int],
         return []
     n_cpus, ordered = ray_setup.cluster_cpus(), sorted(todo)
     n_split, n_parts = final_round_parts(len(ordered), n_cpus)
+    if len(ordered) * params.shard_size > DRIVER_TASKS_MAX_GROUPS:
+        n_split, n_parts = 0, 1  # the tasks stream from the specs; the last round is a small share
     whole, split = ordered[:len(ordered) - n_split], ordered[len(ordered) - n_split:]
     dedup.remove_staged_parts(*storage.open_storage(build_uri), todo)  # of an earlier split
     if split:
@@ -327,22 +327,22 @@ def run_shard_tasks(specs, build_uri: str, params: BuildParams, todo: set[int],
 
 def download_stage(specs, whole: list[int], split: list[int], n_parts: int, build_uri: str,
                    params: BuildParams, n_cpus: int):
-    """The dataset of per-unit stats rows: the `whole` shards streamed a few a task
-    (shards_per_task: `per_task` rows a block, so each task gets that many whatever blocks the
-    shuffle made), and the `split` shards' parts one a task."""
+    """The dataset of per-unit stats rows. With parts (a small build) the tasks are composed
+    on the driver, in the order they are to run (compose_tasks); otherwise the specs stream
+    into tasks of `per_task` shards (`per_task` rows a block, so each task gets that many
+    whatever blocks the shuffle made)."""
     kwargs = {"build_uri": build_uri, "download": params.download}
-    stages = []
-    if whole:
-        per_task = shards_per_task(len(whole), n_cpus)
-        stages.append(specs.filter(expr=col("shard_id").is_in(whole)).repartition(
-            target_num_rows_per_block=per_task).map_batches(
-            build_shards, fn_kwargs=kwargs, batch_size=per_task, batch_format="numpy"))
+    per_task = shards_per_task(len(whole), n_cpus)
     if split:
-        stages.append(specs.filter(expr=col("shard_id").is_in(split)).map_batches(
-            split_into_parts, fn_kwargs={"n_parts": n_parts}, batch_format="numpy").repartition(
-            target_num_rows_per_block=1).map_batches(
-            build_shards, fn_kwargs=kwargs, batch_size=1, batch_format="numpy"))
-    results = stages[0].union(*stages[1:]) if len(stages) > 1 else stages[0]
+        rows = specs.filter(expr=col("shard_id").is_in(whole + split)).iter_rows()
+        tasks = compose_tasks({int(r["shard_id"]): json.loads(r["groups"]) for r in rows},
+                              whole, split, n_parts, per_task)
+        results = ray.data.from_items(tasks, override_num_blocks=len(tasks)).map_batches(
+            build_task, fn_kwargs=kwargs, batch_size=1, batch_format="numpy")
+    else:
+        results = specs.filter(expr=col("shard_id").is_in(whole)).repartition(
+            target_num_rows_per_block=per_task).map_batches(
+            build_shards, fn_kwargs=kwargs, batch_size=per_task, batch_format="numpy")
     # Every CPU's first download task at once: with Ray Data's per-operator reservation (its
     # default) the second task started ~1 s after the first (measured), on a stage whose only
     # upstream work is a filter of the materialised specs.
@@ -350,8 +350,24 @@ def download_stage(specs, whole: list[int], split: list[int], n_parts: int, buil
     return results
 
 
+def compose_tasks(groups: dict[int, list[dict]], whole: list[int], split: list[int],
+                  n_parts: int, per_task: int) -> list[dict]:
+    """Download tasks (one JSON row each) in the order Ray Data dispatches them: the whole
+    shards `per_task` a task, then each split shard's parts one a task (part p holds every
+    n_parts-th group from p), so that the parts fill the last round on every CPU."""
+    tasks = [{"part": 0, "n_parts": 1, "specs": [[i, groups[i]] for i in whole[k:k + per_task]]}
+             for k in range(0, len(whole), per_task)]
+    tasks += [{"part": p, "n_parts": n_parts, "specs": [[i, groups[i][p::n_parts]]]}
+              for i in split for p in range(n_parts)]
+    return [{"task": json.dumps(task)} for task in tasks]
+
+
 MAX_SHARDS_PER_TASK = 4
 MAX_PARTS_PER_SHARD = 8
+# Builds of at most this many groups to fetch get their last shards in parts: their tasks are
+# composed on the driver, which then holds every spec (a few tens of MB). A larger build runs
+# many rounds of tasks, so its last round is a small share of it.
+DRIVER_TASKS_MAX_GROUPS = 200_000
 
 
 def shards_per_task(n_shards: int, n_cpus: int) -> int:

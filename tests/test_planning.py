@@ -8,7 +8,6 @@ import math
 import random
 from collections import Counter
 
-import numpy as np
 import pytest
 
 from pipelines import build, captions
@@ -172,10 +171,10 @@ def test_the_last_shards_are_split_so_every_cpu_gets_the_same_work(n_shards, n_c
         assert n_shards % n_cpus == 0 or n_cpus // math.gcd(n_shards % n_cpus, n_cpus) > build.MAX_PARTS_PER_SHARD
 
 
-def test_parts_hold_every_group_of_their_shard_once():
-    groups = [{"key": f"{i:04d}"} for i in range(11)]
-    batch = {"shard_id": np.array([4]), "groups": np.array([json.dumps(groups)], dtype=object)}
-    parts = build.split_into_parts(batch, 3)
-    assert list(parts["part"]) == [0, 1, 2] and set(parts["shard_id"]) == {4} and set(parts["n_parts"]) == {3}
-    held = sorted(g["key"] for packed in parts["groups"] for g in json.loads(packed))
-    assert held == [g["key"] for g in groups]
+def test_tasks_run_whole_shards_first_and_hold_every_group_once():
+    groups = {i: [{"key": f"{i}-{j:02d}"} for j in range(11)] for i in range(5)}
+    tasks = [json.loads(t["task"]) for t in build.compose_tasks(groups, [0, 1, 2], [3, 4], 3, 2)]
+    assert [(t["part"], t["n_parts"], [i for i, _ in t["specs"]]) for t in tasks] == [
+        (0, 1, [0, 1]), (0, 1, [2]), (0, 3, [3]), (1, 3, [3]), (2, 3, [3]), (0, 3, [4]), (1, 3, [4]), (2, 3, [4])]
+    held = sorted(g["key"] for t in tasks for _, part in t["specs"] for g in part)
+    assert held == sorted(g["key"] for shard in groups.values() for g in shard)
