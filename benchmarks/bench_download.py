@@ -1,6 +1,6 @@
 """Downloads against img2dataset: the same URLs, the same latency mirror, one run.
 
-    python -m benchmarks.bench_download [--n-images 2000] [--threads 16] [--latency-ms 50 200]
+    python -m benchmarks.bench_download [--n-images 8000] [--shard-size 1000] [--threads 16] [--latency-ms 50 200]
 
 The URL list is CC12M's layout (TSV url<TAB>caption, with a header line img2dataset needs
 and our reader skips): real photographs (bench_prepare.source_images: crops of skimage's
@@ -12,7 +12,9 @@ the URL alone (mirror.ServingProfile), so both tools meet the same hosts.
 
 Both tools store 256 px center crops as JPEG q95 with one process per core (img2dataset's
 processes_count, our local Ray instance's shard tasks, one per CPU) of `--threads` download threads each,
-timeout 10 s, no retries, 250 images per shard (--shard-size; img2dataset's distributor
+timeout 10 s, no retries, 1,000 images per shard (--shard-size: our prepare job's default;
+8,000 images make 4 shards a CPU, so that the rate is measured over a run and not over Ray's
+and img2dataset's start-up alone, which a 2,000-image run is one third of; img2dataset's distributor
 replaces each process after 5 shards, maxtasksperchild=5, a fresh spawn that imports it all
 again: with small shards that pause recurs often), and each runs in a fresh process (its start-up
 counted):
@@ -56,7 +58,7 @@ from benchmarks.bench_prepare import source_images
 from pipelines.mirror import LoopbackMirror, ServingProfile, mean_in_flight
 
 REPO = Path(__file__).resolve().parents[1]
-SHARD_SIZE, IMAGE_SIZE, TIMEOUT_S = 250, 256, 10
+SHARD_SIZE, IMAGE_SIZE, TIMEOUT_S = 1000, 256, 10
 DUPLICATE_ROWS, MISSING, TRUNCATED, HTML = 0.03, 0.02, 0.01, 0.01
 PROFILE_503, PROFILE_RESET = 0.03, 0.02
 
@@ -270,7 +272,7 @@ def report_ratios(pairs: list[tuple[Run, Run]]) -> None:
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--workdir", default="bench_out/download")
-    p.add_argument("--n-images", type=int, default=2000)
+    p.add_argument("--n-images", type=int, default=8000)
     p.add_argument("--threads", type=int, default=16, help="download threads per process")
     p.add_argument("--latency-ms", type=float, nargs=2, default=(50.0, 200.0))
     p.add_argument("--seed", type=int, default=0)
