@@ -303,15 +303,15 @@ def run_shard_tasks(specs, build_uri: str, params: BuildParams, todo: set[int],
     if not todo:
         return []
     n_cpus, ordered = ray_setup.cluster_cpus(), sorted(todo)
-    n_split, n_parts = final_round_parts(len(ordered), n_cpus)
-    if len(ordered) * params.shard_size > DRIVER_TASKS_MAX_GROUPS:
-        n_split, n_parts = 0, 1  # the tasks stream from the specs; the last round is a small share
+    composed = len(ordered) * params.shard_size <= DRIVER_TASKS_MAX_GROUPS
+    # A large build streams its tasks from the specs: its last round is a small share of it.
+    n_split, n_parts = final_round_parts(len(ordered), n_cpus) if composed else (0, 1)
     whole, split = ordered[:len(ordered) - n_split], ordered[len(ordered) - n_split:]
     dedup.remove_staged_parts(*storage.open_storage(build_uri), todo)  # of an earlier split
     if split:
         log.info("the last %d of %d shards are fetched in %d parts each, over %d CPUs",
                  len(split), len(ordered), n_parts, n_cpus)
-    results = download_stage(specs, whole, split, n_parts, build_uri, params, n_cpus)
+    results = download_stage(specs, whole, split, n_parts, build_uri, params, n_cpus, composed)
     stats, start, parts_done = [], time.monotonic(), Counter()
     n_units = len(whole) + len(split) * n_parts
     with Progress("prepare", num_shards, "shard", start=num_shards - len(todo)) as progress:
@@ -326,20 +326,20 @@ def run_shard_tasks(specs, build_uri: str, params: BuildParams, todo: set[int],
 
 
 def download_stage(specs, whole: list[int], split: list[int], n_parts: int, build_uri: str,
-                   params: BuildParams, n_cpus: int):
-    """The dataset of per-unit stats rows. With parts (a small build) the tasks are composed
-    on the driver, in the order they are to run (compose_tasks); otherwise the specs stream
-    into tasks of `per_task` shards (`per_task` rows a block, so each task gets that many
-    whatever blocks the shuffle made)."""
+                   params: BuildParams, n_cpus: int, composed: bool):
+    """The dataset of per-unit stats rows. The tasks of a small build are composed on the
+    driver, in the order they are to run (compose_tasks); a large build's specs stream into
+    tasks of `per_task` shards (`per_task` rows a block, so each task gets that many whatever
+    blocks the shuffle made)."""
     kwargs = {"build_uri": build_uri, "download": params.download}
-    per_task = shards_per_task(len(whole), n_cpus)
-    if split:
+    if composed:
         rows = specs.filter(expr=col("shard_id").is_in(whole + split)).iter_rows()
         tasks = compose_tasks({int(r["shard_id"]): json.loads(r["groups"]) for r in rows},
-                              whole, split, n_parts, per_task)
+                              whole, split, n_parts, n_cpus)
         results = ray.data.from_items(tasks, override_num_blocks=len(tasks)).map_batches(
             build_task, fn_kwargs=kwargs, batch_size=1, batch_format="numpy")
     else:
+        per_task = shards_per_task(len(whole), n_cpus)
         results = specs.filter(expr=col("shard_id").is_in(whole)).repartition(
             target_num_rows_per_block=per_task).map_batches(
             build_shards, fn_kwargs=kwargs, batch_size=per_task, batch_format="numpy")
@@ -351,15 +351,28 @@ def download_stage(specs, whole: list[int], split: list[int], n_parts: int, buil
 
 
 def compose_tasks(groups: dict[int, list[dict]], whole: list[int], split: list[int],
-                  n_parts: int, per_task: int) -> list[dict]:
+                  n_parts: int, n_cpus: int) -> list[dict]:
     """Download tasks (one JSON row each) in the order Ray Data dispatches them: the whole
-    shards `per_task` a task, then each split shard's parts one a task (part p holds every
+    shards (whole_shard_tasks), then each split shard's parts one a task (part p holds every
     n_parts-th group from p), so that the parts fill the last round on every CPU."""
-    tasks = [{"part": 0, "n_parts": 1, "specs": [[i, groups[i]] for i in whole[k:k + per_task]]}
-             for k in range(0, len(whole), per_task)]
+    tasks = [{"part": 0, "n_parts": 1, "specs": [[i, groups[i]] for i in task]}
+             for task in whole_shard_tasks(whole, n_cpus)]
     tasks += [{"part": p, "n_parts": n_parts, "specs": [[i, groups[i][p::n_parts]]]}
               for i in split for p in range(n_parts)]
     return [{"task": json.dumps(task)} for task in tasks]
+
+
+def whole_shard_tasks(shard_ids: list[int], n_cpus: int) -> list[list[int]]:
+    """Shards in tasks of at most MAX_SHARDS_PER_TASK: as few tasks as that allows, their
+    number a multiple of the CPUs and their sizes within one shard of each other, largest
+    first, so every CPU gets the same work in whatever order the tasks finish. Few tasks, as
+    each task's end leaves its threads with nothing to fetch while its last shard is written."""
+    if not shard_ids:
+        return []
+    n_tasks = min(len(shard_ids), n_cpus * math.ceil(len(shard_ids) / (n_cpus * MAX_SHARDS_PER_TASK)))
+    sizes = [len(shard_ids) // n_tasks + (k < len(shard_ids) % n_tasks) for k in range(n_tasks)]
+    starts = np.cumsum([0, *sizes])
+    return [shard_ids[a:b] for a, b in zip(starts[:-1], starts[1:])]
 
 
 MAX_SHARDS_PER_TASK = 4

@@ -173,8 +173,23 @@ def test_the_last_shards_are_split_so_every_cpu_gets_the_same_work(n_shards, n_c
 
 def test_tasks_run_whole_shards_first_and_hold_every_group_once():
     groups = {i: [{"key": f"{i}-{j:02d}"} for j in range(11)] for i in range(5)}
-    tasks = [json.loads(t["task"]) for t in build.compose_tasks(groups, [0, 1, 2], [3, 4], 3, 2)]
+    tasks = [json.loads(t["task"]) for t in build.compose_tasks(groups, [0, 1, 2], [3, 4], 3, n_cpus=2)]
     assert [(t["part"], t["n_parts"], [i for i, _ in t["specs"]]) for t in tasks] == [
         (0, 1, [0, 1]), (0, 1, [2]), (0, 3, [3]), (1, 3, [3]), (2, 3, [3]), (0, 3, [4]), (1, 3, [4]), (2, 3, [4])]
     held = sorted(g["key"] for t in tasks for _, part in t["specs"] for g in part)
     assert held == sorted(g["key"] for shard in groups.values() for g in shard)
+
+
+@pytest.mark.parametrize("n_shards, n_cpus", [(8, 2), (20, 2), (3, 2), (1, 4), (100, 16), (9, 3), (7, 1)])
+def test_whole_shard_tasks_give_every_cpu_the_same_work(n_shards, n_cpus):
+    """Every shard once, in order; at most MAX_SHARDS_PER_TASK a task; and a greedy list
+    schedule of the tasks (Ray Data dispatching them in order) ends every CPU within one
+    shard-time of the others, and all at the same time when the shards divide evenly."""
+    tasks = build.whole_shard_tasks(list(range(n_shards)), n_cpus)
+    assert [i for task in tasks for i in task] == list(range(n_shards))
+    assert max(len(t) for t in tasks) <= build.MAX_SHARDS_PER_TASK
+    finish = [0] * n_cpus
+    for task in tasks:
+        finish[finish.index(min(finish))] += len(task)
+    assert max(finish) - min(finish) <= (0 if n_shards % n_cpus == 0 else 1)
+    assert max(finish) == math.ceil(n_shards / n_cpus)
