@@ -1,0 +1,31 @@
+"""Checkpoints saved before the layout change (issue 19) still load and evaluate to the same
+numbers: `tests/fixtures/legacy/` was written by stop 35's code (see its writer's docstring)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from tests.fixtures.write_legacy_checkpoints import CASES, TEXTS, probe_images
+from training.inference import load_inference_model
+
+LEGACY = Path(__file__).resolve().parent / "fixtures" / "legacy"
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_a_checkpoint_saved_before_the_layout_change_evaluates_the_same(name):
+    loaded = load_inference_model(str(LEGACY / name / "checkpoint_000001"))
+    expected = np.load(LEGACY / name / "expected.npz")
+    images = torch.stack([loaded.preprocess(b) for b in probe_images()])
+    with torch.no_grad():
+        image = loaded.model.encode_image(images)
+        text = loaded.model.encode_text(loaded.tokenizer(TEXTS))
+        scores = loaded.similarity(image, text)
+    np.testing.assert_allclose(image.numpy(), expected["image"], atol=1e-6)
+    np.testing.assert_allclose(text.numpy(), expected["text"], atol=1e-6)
+    np.testing.assert_allclose(scores.numpy(), expected["scores"], atol=1e-6)
+    info = json.loads((LEGACY / name / "expected_info.json").read_text())
+    assert {k: json.loads(json.dumps(loaded.info[k], default=str)) for k in info} == info
