@@ -19,7 +19,7 @@ from benchmarks.demo_build import add_job_args, ensure_demo_build, mean_samples_
 from pipelines import ray_setup, storage
 from training import data_mixture, data_order, train
 from training.batches import BatchPreprocessor
-from training.losses.contrastive import ContrastiveLoss
+from training.methods.clip.loss import ContrastiveLoss
 from training.loop import LoopSettings, run_training
 from training.model import build_model, tower_geometry
 from training.optim import build_optimizer, build_scheduler

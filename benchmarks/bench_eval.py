@@ -27,7 +27,7 @@ from pipelines import ray_setup  # noqa: E402
 from tests.eval_fixtures import class_image  # noqa: E402
 from training import checkpoint  # noqa: E402
 from training.config import apply_overrides  # noqa: E402
-from training.methods import build_method_config  # noqa: E402
+from training.methods.recipes import build_method_config  # noqa: E402
 from training.model import build_model  # noqa: E402
 from training.optim import build_optimizer, build_scheduler  # noqa: E402
 

@@ -1,4 +1,4 @@
-"""SmartCLIP's modular loss (two matrix products, training/losses/modular.py) against the CLIP
+"""SmartCLIP's modular loss (two matrix products, training/methods/smartclip/loss.py) against the CLIP
 loss and against the naive per-pair form that materialises z_I^a ⊙ m_b for every pair
 (a B x B x d tensor): forward + backward time and memory.
 
@@ -23,8 +23,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from training.losses.contrastive import ContrastiveLoss  # noqa: E402
-from training.losses.modular import EPS, ModularContrastiveLoss  # noqa: E402
+from training.methods.clip.loss import ContrastiveLoss  # noqa: E402
+from training.methods.smartclip.loss import EPS, ModularContrastiveLoss  # noqa: E402
 
 SCALE = 100.0
 

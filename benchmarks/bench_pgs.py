@@ -21,9 +21,9 @@ import torch
 
 from training.batches import EDGE_SCORES, IMAGES, TEXTS
 from training.config import apply_overrides
-from training.losses.contrastive import ContrastiveLoss
+from training.methods.clip.loss import ContrastiveLoss
 from training.loop import LoopSettings, seed_step, train_step
-from training.methods import build_method_config
+from training.methods.recipes import build_method_config
 from training.methods.pgs.attention import embed_patch_tokens
 from training.model import build_model, tower_geometry
 from training.optim import build_optimizer, build_scheduler

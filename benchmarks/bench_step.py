@@ -19,9 +19,9 @@ import numpy as np
 import torch
 
 from training.batches import IMAGES, TEXTS
-from training.losses.contrastive import ContrastiveLoss
+from training.methods.clip.loss import ContrastiveLoss
 from training.loop import LoopSettings, seed_step, train_step
-from training.methods import build_method_config
+from training.methods.recipes import build_method_config
 from training.model import build_model, tower_geometry
 from training.optim import build_optimizer, build_scheduler
 from training.towers import build_tokenizer

@@ -21,7 +21,7 @@ from benchmarks.bench_step import (median_step_seconds, process_peak_gib, run_in
                                     variant_arguments)
 from training.config import apply_overrides
 from training.loop import LoopSettings, seed_step, train_step
-from training.methods import build_method_config
+from training.methods.recipes import build_method_config
 from training.model import build_training_model, tower_geometry
 from training.objectives import build_objective
 from training.optim import build_optimizer, build_scheduler

@@ -23,7 +23,7 @@ from training.batches import IMAGES, TEXTS
 from training.config import TrainConfig, apply_overrides
 from training.inference import EvalPreprocess
 from training.loop import LoopSettings, seed_step, train_step
-from training.methods import build_method_config
+from training.methods.recipes import build_method_config
 from training.model import build_training_model
 from training.objectives import build_training_objective
 from training.optim import build_optimizer, build_scheduler

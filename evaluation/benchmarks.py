@@ -1,7 +1,7 @@
 """What each kind of benchmark encodes and how it is scored. A suite entry names a task and
 its dataset(s); loading it gives a `Benchmark`; `requests` lists the images and texts to embed
 (by role); `score` turns those embeddings into the report entry with the checkpoint's
-topology (training/topology.py): its similarity, template rule and modality gap."""
+topology (training/methods/topology/spaces.py): its similarity, template rule and modality gap."""
 from __future__ import annotations
 
 import dataclasses
@@ -41,7 +41,7 @@ TASKS = {
     "text_retrieval": ("intra_modal", ("test",)),
     "landmark_retrieval": ("intra_modal", ("test",)),  # revisited Oxford / Paris
 }
-Topology = object  # training/topology.py Sphere and subclasses: score, class_scores, modality_gap
+Topology = object  # training/methods/topology/spaces.py Sphere and subclasses: score, class_scores, modality_gap
 CONFUSION_KEY = "confusion"  # zero-shot entry: {"classnames", "counts" (true x predicted)[, "attributes"]}
 CONFUSION_MAX_CLASSES = 100  # larger sets keep report.json small: no confusion counts
 GALLERY_KEY = "gallery"  # retrieval entry: [{"image": uri or None, "caption", "top": [{"text", "correct", "score"}]}]

@@ -12,7 +12,7 @@ from PIL import Image
 
 from training import checkpoint
 from training.config import apply_overrides
-from training.methods import build_method_config
+from training.methods.recipes import build_method_config
 from training.model import build_model
 from training.optim import build_optimizer, build_scheduler
 

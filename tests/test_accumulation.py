@@ -18,7 +18,7 @@ import torch.multiprocessing as mp
 from training.batches import IMAGES, SHORT_TEXTS, TEXTS
 from training.config import apply_overrides
 from training.loop import LoopSettings, train_step
-from training.methods import build_method_config
+from training.methods.recipes import build_method_config
 from training.methods.flip import RandomPatchDrop
 from training.model import build_training_model
 from training.objectives import build_training_objective

@@ -16,10 +16,10 @@ from training import checkpoint
 from training.auxiliary import parts_of, state_digest, update_parts
 from training.batches import EDGE_SCORES, IMAGES, TEXTS
 from training.config import apply_overrides
-from training.losses.cibr import cibr_weight
+from training.methods.cibr.objective import cibr_weight
 from training.loop import LoopSettings, train_step
 from training.methods.flip import RandomPatchDrop
-from training.methods import build_method_config, check_combination
+from training.methods.recipes import build_method_config, check_combination
 from training.model import build_training_model
 from training.objectives import build_training_objective
 from training.optim import build_optimizer, build_scheduler

@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 from tests.eval_fixtures import save_micro_checkpoint
-from training import checkpoint, train
+from training import checkpoint, export, train
 from training.auxiliary import parts_of, state_digest
 from training.model import build_training_model
 from training.objectives import build_training_objective
@@ -108,6 +108,6 @@ def test_the_reference_towers_are_stored_once_and_never_exported(cibr_runs, tmp_
     assert not list(run.glob("step_*/auxiliary.reference*"))
     weights = load_file(checkpoint.fetch_checkpoint(str(run)) / "model.safetensors")
     assert all(k.startswith("tower.") for k in weights)
-    out = checkpoint.export_open_clip(str(run), str(tmp_path / "cibr.pt"))
+    out = export.export_open_clip(str(run), str(tmp_path / "cibr.pt"))
     exported = torch.load(out, weights_only=True)["state_dict"]
     assert exported.keys() == {k[len("tower."):] for k in weights}

@@ -10,7 +10,7 @@ import torch
 from training.compilation import compile_metrics, compile_towers, graph_breaks, transformer_blocks
 from training.config import apply_overrides
 from training.loop import LoopSettings, train_step
-from training.methods import build_method_config
+from training.methods.recipes import build_method_config
 from training.model import build_training_model
 from training.objectives import build_training_objective
 from training.optim import build_scheduler
@@ -62,7 +62,7 @@ def test_a_compiled_step_equals_the_eager_one(method, overrides, fresh_dynamo):
 
 
 def test_pgs_under_compile_uses_the_static_compaction_and_refuses_batch_min():
-    from training.methods import resolve_auto_fields
+    from training.methods.recipes import resolve_auto_fields
     config = apply_overrides(build_method_config("pgs0.5"), {"model.arch": ARCH, "run.compile": True})
     assert resolve_auto_fields(config).pgs.compaction == "static"
     eager = apply_overrides(config, {"run.compile": False})

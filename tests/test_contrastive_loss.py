@@ -17,8 +17,8 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from training.losses.contrastive import ContrastiveLoss
-from training.topology import Euclidean, MultiToken, Oblique, ObliqueGeodesic
+from training.methods.clip.loss import ContrastiveLoss
+from training.methods.topology.spaces import Euclidean, MultiToken, Oblique, ObliqueGeodesic
 
 WORLD_SIZE = 2
 BATCH_PER_RANK, DIM = 4, 8
@@ -236,7 +236,7 @@ def test_loss_module_resolves_its_gather_alone():
     torch.distributed.nn for us elsewhere), the gather-with-grad path must resolve, and
     importing it warns nothing (the deprecated torch.distributed.nn all_gather is not used)."""
     code = ("import warnings; warnings.simplefilter('error')\n"
-            "import torch, training.losses.contrastive\n"
-            "training.losses.contrastive.all_gather_with_grad\n")
+            "import torch, training.methods.clip.loss\n"
+            "training.methods.clip.loss.all_gather_with_grad\n")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]

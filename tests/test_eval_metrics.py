@@ -13,7 +13,7 @@ from sklearn.metrics import balanced_accuracy_score
 
 from scoring.retrieval import compute_best_positive_ranks, compute_retrieval_recall
 from scoring.zeroshot import build_zeroshot_weights, compute_zeroshot_metrics
-from training.topology import Sphere
+from training.methods.topology.spaces import Sphere
 
 # ---------------------------------------------------------------- zero-shot, by hand
 

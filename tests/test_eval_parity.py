@@ -178,7 +178,7 @@ def test_linear_probe_agrees(model_uri):
 def test_open_clip_export_gives_the_same_features(tmp_path, model_uri, bundle):
     import open_clip
 
-    from training.checkpoint import export_open_clip
+    from training.export import export_open_clip
     from training.towers import register_tiny_configs
     register_tiny_configs()
     exported = export_open_clip(model_uri, str(tmp_path / "micro.pt"))

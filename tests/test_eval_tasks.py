@@ -13,7 +13,7 @@ from evaluation.tasks.intra_modal import (compute_average_precisions, compute_mo
                                           compute_text_to_text_map, split_first_caption)
 from evaluation.tasks.linear_probe import LinearProbeConfig, cosine_lr, evaluate_linear_probe
 from scoring.zeroshot import compute_average_precision_per_class, compute_multilabel_metrics
-from training.topology import Sphere
+from training.methods.topology.spaces import Sphere
 
 
 def dot(a, b):

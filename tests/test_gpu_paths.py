@@ -11,7 +11,7 @@ import torch
 from training.batches import EDGE_SCORES, IMAGES, SHORT_TEXTS, TEXTS
 from training.config import apply_overrides
 from training.loop import LoopSettings, seed_step, train_step
-from training.methods import METHODS, build_method_config
+from training.methods.recipes import METHODS, build_method_config
 from training.model import build_training_model, tower_geometry
 from training import checkpoint
 from training.auxiliary import parts_of, update_parts

@@ -12,7 +12,7 @@ import pytest
 from evaluation.benchmarks import Benchmark, requests, score
 from evaluation.datasets.landmarks import load_revisited, read_ground_truth
 from evaluation.tasks.intra_modal import compute_revisited_map, revisited_average_precision
-from training.topology import Sphere
+from training.methods.topology.spaces import Sphere
 
 
 def protocol_ap(ranks: np.ndarray, n_relevant: int) -> float:

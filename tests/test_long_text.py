@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from training.config import LossConfig, MaskingConfig, ModelConfig, OptimConfig
-from training.long_text import (apply_long_text, zero_frozen_rows, compute_stretched_context, stretch_positional_table,
+from training.methods.longclip.positions import (apply_long_text, zero_frozen_rows, compute_stretched_context, stretch_positional_table,
                                 text_context_length)
 from training.model import build_model
 from training.optim import build_optimizer

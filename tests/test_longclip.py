@@ -13,8 +13,8 @@ import torch.nn.functional as F
 from pipelines import shards
 from tests.test_edges_transforms import ARCH, CROP_SCALE, IMAGE_SIZE, PATCH_SIZE, as_batch, shard_rows  # noqa: F401
 from training.batches import SHORT_TEXTS, TEXTS, BatchPreprocessor, choose_caption
-from training.losses.contrastive import ContrastiveLoss
-from training.losses.longclip import LongClipLoss, project_to_principal_components
+from training.methods.clip.loss import ContrastiveLoss
+from training.methods.longclip.loss import LongClipLoss, project_to_principal_components
 
 
 def reference_projection(x: np.ndarray, k: int) -> np.ndarray:

@@ -13,8 +13,8 @@ from training.batches import IMAGES, TEXTS
 from training.checkpoint import load_training_state, save_checkpoint
 from training.config import apply_overrides
 from training.loop import LoopSettings, run_training
-from training.losses.contrastive import ContrastiveLoss
-from training.methods import build_method_config
+from training.methods.clip.loss import ContrastiveLoss
+from training.methods.recipes import build_method_config
 from training.model import build_model
 from training.optim import compute_lr_factor, build_optimizer, build_scheduler
 from training.towers import build_tokenizer

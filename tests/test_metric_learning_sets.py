@@ -10,7 +10,7 @@ import pytest
 from evaluation.benchmarks import load_benchmark, requests, score
 from evaluation.datasets.metric_learning import load_cub, load_sop
 from evaluation.tasks.intra_modal import compute_retrieval_metrics
-from training.topology import Sphere
+from training.methods.topology.spaces import Sphere
 
 CUB_CLASSES = ["001.Black_footed_Albatross", "002.Laysan_Albatross", "003.Sooty_Albatross"]
 

@@ -1,4 +1,4 @@
-"""Multi(n, m) towers (training/multi_token.py): m [CLS] tokens in the vision tower that FLIP
+"""Multi(n, m) towers (training/methods/topology/multi_token.py): m [CLS] tokens in the vision tower that FLIP
 and PGS keep, and both text routes against a naive per-sample reference without masks."""
 from __future__ import annotations
 
@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from training.config import apply_overrides
-from training.methods import build_method_config
+from training.methods.recipes import build_method_config
 from training.model import build_training_model
-from training.multi_token import num_class_tokens
+from training.methods.topology.multi_token import num_class_tokens
 from training.towers import build_tower_model
 
 ARCH = "clip-micro-p8-32"
@@ -134,7 +134,7 @@ def test_auto_route_follows_the_start():
 
 def test_multi_needs_a_class_token_vit():
     with pytest.raises(ValueError, match="multi"):
-        from training.multi_token import convert_to_multi_token
+        from training.methods.topology.multi_token import convert_to_multi_token
         convert_to_multi_token(torch.nn.Linear(2, 2), M, 8, "prepend")
 
 
@@ -143,7 +143,7 @@ def test_the_saved_route_survives_rebuilding_without_pretrained(tmp_path):
     (pretrained=None) from the saved config and must append too."""
     from training import checkpoint
     from training.inference import load_inference_model
-    from training.methods import resolve_auto_fields
+    from training.methods.recipes import resolve_auto_fields
     from training.optim import build_optimizer, build_scheduler
     config = apply_overrides(build_method_config("multi"), {"model.arch": ARCH, "topology.m": M,
                                                             "model.pretrained": "/weights/start.pt"})

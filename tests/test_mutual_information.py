@@ -1,4 +1,4 @@
-"""The MI estimators CIBR minimises (training/losses/mutual_information.py), against closed
+"""The MI estimators CIBR minimises (training/methods/cibr/mutual_information.py), against closed
 forms: correlated Gaussians, I = −½ Σ log(1 − ρ²), and a linear-Gaussian chain for the
 conditional MI. Each estimator is trained on fresh batches and scored on 100 k fresh samples."""
 from __future__ import annotations
@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from training.losses.mutual_information import (
+from training.methods.cibr.mutual_information import (
     ConditionalMI,
     Mine,
     build_estimator,

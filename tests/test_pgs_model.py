@@ -17,8 +17,8 @@ from hypothesis import strategies as st
 from training.batches import EDGE_SCORES, IMAGES, TEXTS
 from training.config import PGSConfig, apply_overrides, config_from_dict, config_to_dict
 from training.loop import LoopSettings, compute_epoch_fraction, run_training, seed_step, train_step
-from training.losses.contrastive import ContrastiveLoss
-from training.methods import build_method_config
+from training.methods.clip.loss import ContrastiveLoss
+from training.methods.recipes import build_method_config
 from training.methods.pgs import PGSSelector, Selection, remove_shared_hidden
 from training.methods.pgs.attention import (build_key_padding_mask, embed_patch_tokens,
                                             encode_selected_tokens)

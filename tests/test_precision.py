@@ -10,7 +10,7 @@ import torch
 
 from training.config import apply_overrides
 from training.loop import LoopSettings, train_step
-from training.methods import build_method_config, check_combination
+from training.methods.recipes import build_method_config, check_combination
 from training.model import build_training_model
 from training.objectives import build_training_objective
 from training.optim import build_optimizer, build_scheduler

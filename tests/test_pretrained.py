@@ -9,8 +9,8 @@ import torch
 from tests.conftest import S3_BUCKET as BUCKET  # the s3_env fixture (moto on loopback) is in conftest
 from training import checkpoint
 from training.config import LossConfig, MaskingConfig, ModelConfig, apply_overrides
-from training.long_text import stretch_positional_table
-from training.methods import build_method_config
+from training.methods.longclip.positions import stretch_positional_table
+from training.methods.recipes import build_method_config
 from training.model import build_model, build_training_model
 from training.optim import build_optimizer, build_scheduler
 

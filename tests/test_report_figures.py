@@ -17,7 +17,7 @@ from evaluation.benchmarks import Benchmark, score
 from scoring.sets.classification import ClassificationSet, load_image_folder
 from scoring.retrieval import select_gallery
 from scoring.zeroshot import compute_attribute_accuracy
-from training.topology import Sphere
+from training.methods.topology.spaces import Sphere
 
 # 2 colours x 3 shapes, colour-major as the demo: class i = colour i // 3, shape i % 3.
 CLASSES = ["red circle", "red square", "red star", "blue circle", "blue square", "blue star"]

@@ -6,7 +6,7 @@ import pytest
 from training import data_mixture, resume
 from training.data_order import Source
 from training.config import apply_overrides, config_to_dict
-from training.methods import build_method_config
+from training.methods.recipes import build_method_config
 
 
 def saved(config, digest: str = "d1", step: int = 40) -> dict:
@@ -87,7 +87,7 @@ def test_the_latest_saved_state_is_the_highest_step(tmp_path):
 def test_run_compile_and_the_pgs_compaction_it_picks_may_change_on_resume(method):
     """A run saved before pgs.compaction had `auto` holds batch_min; compiling it on resume (or
     stopping to) changes only how many hidden tokens leave PGS's sequence, never a loss."""
-    from training.methods import resolve_auto_fields
+    from training.methods.recipes import resolve_auto_fields
     base = apply_overrides(build_method_config(method), {"data.builds": ("b",)})
     old = resolve_auto_fields(apply_overrides(base, {"pgs.compaction": "batch_min"}))  # stop 32 saved this
     for compiled in (False, True):

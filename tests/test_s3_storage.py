@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_checkpoints_go_to_s3_and_load_back(small_build, s3_env, tmp_path):
-    from training import checkpoint
+    from training import checkpoint, export
     from training.inference import load_inference_model
     build_uri = small_build[3]
     storage = f"s3://{BUCKET}/runs"
@@ -45,7 +45,7 @@ def test_checkpoints_go_to_s3_and_load_back(small_build, s3_env, tmp_path):
     assert checkpoint.is_complete(directory) and checkpoint.read_state(directory)["step"] == 2
     bundle = load_inference_model(f"{storage}/s3run")
     assert bundle.info["step"] == 2 and bundle.info["arch"] == "clip-micro-p8-32"
-    exported = checkpoint.export_open_clip(f"{storage}/s3run", f"s3://{BUCKET}/export/micro.pt")
+    exported = export.export_open_clip(f"{storage}/s3run", f"s3://{BUCKET}/export/micro.pt")
     assert fs.exists(exported)
 
 

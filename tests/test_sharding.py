@@ -16,14 +16,14 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from safetensors.torch import load_file
 
-from training import checkpoint
+from training import checkpoint, export
 from training.checkpoint import unwrap
 from training.config import apply_overrides
 from training.inference import load_inference_model
 from training.batches import SHORT_TEXTS
-from training.losses.longclip import LongClipLoss
+from training.methods.longclip.loss import LongClipLoss
 from training.loop import LoopSettings, seed_step, train_step
-from training.methods import build_method_config
+from training.methods.recipes import build_method_config
 from training.model import build_training_model
 from training.objectives import build_training_objective
 from training.optim import build_optimizer, build_scheduler
@@ -197,7 +197,7 @@ def test_the_gathered_checkpoint_is_ddps_and_loads_for_evaluation_and_export(fsd
     assert fsdp_state["scheduler"] == ddp_state["scheduler"]
     loaded = load_inference_model(str(out / "fsdp"))
     assert loaded.info["step"] == STEPS
-    exported = checkpoint.export_open_clip(str(out / "fsdp"), str(tmp_path / "model.pt"))
+    exported = export.export_open_clip(str(out / "fsdp"), str(tmp_path / "model.pt"))
     model = open_clip.create_model(ARCH, pretrained=exported)
     weights = load_file(out / "fsdp" / checkpoint.MODEL_FILE)
     torch.testing.assert_close(model.visual.proj.detach(), weights["tower.visual.proj"])

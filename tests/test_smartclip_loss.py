@@ -12,8 +12,8 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from tests.conftest import free_port
-from training.losses.contrastive import ContrastiveLoss
-from training.losses.modular import EPS, ModularContrastiveLoss, compute_masked_cosine, compute_sparsity
+from training.methods.clip.loss import ContrastiveLoss
+from training.methods.smartclip.loss import EPS, ModularContrastiveLoss, compute_masked_cosine, compute_sparsity
 
 B, D, SCALE = 8, 16, 100.0
 WORLD_SIZE, BATCH_PER_RANK = 2, 4

@@ -13,11 +13,12 @@ import torch
 from training import checkpoint
 from training.batches import IMAGES, TEXTS
 from training.config import apply_overrides
-from training.inference import load_inference_model, masked_similarity
+from training.inference import load_inference_model
+from training.methods.smartclip.scoring import masked_similarity
 from training.loop import LoopSettings, train_step
-from training.losses.modular import compute_masked_cosine
-from training.methods import build_method_config
-from training.methods.smartclip import MaskNetwork, binarize_straight_through, compute_padding_mask
+from training.methods.smartclip.loss import compute_masked_cosine
+from training.methods.recipes import build_method_config
+from training.methods.smartclip.mask_network import MaskNetwork, binarize_straight_through, compute_padding_mask
 from training.model import build_training_model
 from training.objectives import build_objective
 from training.optim import build_optimizer, build_scheduler

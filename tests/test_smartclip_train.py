@@ -11,7 +11,7 @@ import torch
 from training import checkpoint, train
 from training.config import apply_overrides
 from training.inference import load_inference_model
-from training.methods import build_method_config
+from training.methods.recipes import build_method_config
 from training.model import build_training_model
 from training.optim import build_optimizer, build_scheduler
 

@@ -1,4 +1,4 @@
-"""Topologies (training/topology.py) against the paper's definitions written naively: per-sphere
+"""Topologies (training/methods/topology/spaces.py) against the paper's definitions written naively: per-sphere
 sums, per-pair arccos and norms, the template rule, numerics under bf16, and the config's
 refusals."""
 from __future__ import annotations
@@ -11,9 +11,9 @@ import torch
 
 from tests.test_contrastive_loss import load_clip_loss_class
 from training.config import TopologyConfig, apply_overrides
-from training.losses.contrastive import ContrastiveLoss
-from training.methods import build_method_config, check_combination
-from training.topology import (Euclidean, MultiToken, Oblique, ObliqueGeodesic, Sphere, build_topology,
+from training.methods.clip.loss import ContrastiveLoss
+from training.methods.recipes import build_method_config, check_combination
+from training.methods.topology.spaces import (Euclidean, MultiToken, Oblique, ObliqueGeodesic, Sphere, build_topology,
                                chunk_normalize)
 
 SCALE = torch.tensor(7.5, dtype=torch.float64)
@@ -110,7 +110,7 @@ def test_template_averaged_scores_equal_averaged_distances(topology):
 
 
 def test_evaluation_scores_blocks_of_rows_like_one_matrix(monkeypatch):
-    import training.topology as topology_module
+    import training.methods.topology.spaces as topology_module
     topology = ObliqueGeodesic(4, 2)
     a, b = topology.embed(raw(9, 8, 10)).numpy(), topology.embed(raw(4, 8, 11)).numpy()
     whole = topology.score(a, b)

@@ -21,7 +21,7 @@ from scoring.sets.files import read_image
 from scoring.retrieval import compute_retrieval_recall
 from tests.eval_fixtures import save_micro_checkpoint
 from tests.test_eval_parity import encode_directly
-from training import checkpoint, data_mixture, data_stage, train
+from training import checkpoint, data_mixture, data_stage, export, train
 from training.inference import load_inference_model
 from training.loop import run_training
 from training.model import build_training_model, tower_geometry
@@ -121,7 +121,7 @@ def test_topology_checkpoint_is_saved_and_evaluated_with_its_own_similarity(smal
 
 def test_export_refuses_a_non_sphere_checkpoint(topology_runs, tmp_path):
     with pytest.raises(ValueError, match="topology.kind=multi.*evaluate"):
-        checkpoint.export_open_clip(str(topology_runs["multi"][0] / "multi"), str(tmp_path / "x.pt"))
+        export.export_open_clip(str(topology_runs["multi"][0] / "multi"), str(tmp_path / "x.pt"))
 
 
 def test_euclidean_recalls_recomputed_by_hand_from_unnormalised_features(small_corpus, tmp_path):

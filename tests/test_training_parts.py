@@ -11,11 +11,11 @@ import pytest
 import torch
 from torch import nn
 
-from training import checkpoint
+from training import checkpoint, export
 from training.config import (LossConfig, MaskingConfig, ModelConfig, OptimConfig, TrainConfig,
                              apply_overrides, config_from_dict, config_to_dict)
 from training.inference import load_inference_model
-from training.methods import METHODS, build_method_config
+from training.methods.recipes import METHODS, build_method_config
 from training.model import build_model
 from training.optim import (build_optimizer, build_param_groups, build_scheduler,
                             compute_lr_factor)
@@ -193,7 +193,7 @@ def make_batch(batch_size: int = 4, seed: int = 0) -> tuple[torch.Tensor, torch.
 
 def build_trained_micro(config: TrainConfig, steps: int, seed: int = 0):
     """(model, optimizer, scheduler) after `steps` AdamW steps: optimizer state is non-trivial."""
-    from training.losses.contrastive import ContrastiveLoss
+    from training.methods.clip.loss import ContrastiveLoss
 
     torch.manual_seed(seed)
     model = build_model(config.model, config.masking, config.loss)
@@ -322,7 +322,7 @@ def test_export_loads_in_open_clip_with_same_features(saved_micro, tmp_path):
     import open_clip
 
     out_file = tmp_path / "export.pt"
-    assert checkpoint.export_open_clip(str(saved_micro["dir"].parent), str(out_file)) == str(out_file)
+    assert export.export_open_clip(str(saved_micro["dir"].parent), str(out_file)) == str(out_file)
     register_tiny_configs()
     torch.manual_seed(123)  # a different random init, overwritten by the file
     loaded, _, preprocess_val = open_clip.create_model_and_transforms(ARCH, pretrained=str(out_file))

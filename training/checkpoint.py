@@ -1,6 +1,6 @@
 """Checkpoints: weights and optimizer tensors in safetensors, everything else in JSON (no
-unpickling on load), the resolved configuration to rebuild model and method, and an
-export that `open_clip.create_model_and_transforms(arch, pretrained=file)` loads.
+unpickling on load) and the resolved configuration to rebuild model and method. (The export
+to open_clip's format is training/export.py; what evaluation reads, training/inference.py.)
 
 Layout of one checkpoint directory:
     model.safetensors      ContrastiveModel state dict ("tower." = the open_clip model)
@@ -18,7 +18,6 @@ from __future__ import annotations
 import hashlib
 import json
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -255,37 +254,3 @@ def tower_state_dict(directory: Path) -> dict:
     """The open_clip model's own state dict (tensors only) from a checkpoint."""
     weights = load_file(directory / MODEL_FILE)
     return {k[len(TOWER_PREFIX):]: v for k, v in weights.items() if k.startswith(TOWER_PREFIX)}
-
-
-def export_open_clip(uri: str, out_file: str) -> str:
-    """Write a file that `open_clip.create_model_and_transforms(arch, pretrained=out_file)`
-    loads (open_clip reads it with weights_only=True: tensors and plain types only). Only a
-    sphere checkpoint has that form: open_clip has no chunked, unnormalised or multi-[CLS]
-    embedding, so any other topology is refused (evaluate it with evaluation/evaluate.py)."""
-    directory = fetch_checkpoint(uri)
-    config = load_config(directory)
-    if config.topology.kind != "sphere":
-        raise ValueError(f"cannot export a topology.kind={config.topology.kind} checkpoint to open_clip, which "
-                         "scores by the cosine of one vector; evaluate it with `python evaluation/evaluate.py "
-                         "--checkpoint <run or checkpoint>`, which ranks by the checkpoint's own topology")
-    payload = {"state_dict": tower_state_dict(directory), "arch": config.model.arch}
-    fs, path = storage.open_storage(out_file)
-    with fs.open(path, "wb") as f:
-        torch.save(payload, f)
-    return out_file
-
-
-@dataclass
-class InferenceModel:
-    """What evaluation needs from a checkpoint."""
-    model: torch.nn.Module  # encode_image / encode_text -> the topology's embeddings, eval mode
-    preprocess: object  # callable: encoded image bytes -> (3, H, W) float tensor
-    tokenizer: object  # callable: list[str] -> LongTensor (N, context)
-    topology: object  # training/topology.py: similarity, template rule, modality gap
-    info: dict
-
-    def similarity(self, image, text):
-        """(N, D), (M, D) embeddings (NumPy or torch) -> (N, M) scores of the topology."""
-        if isinstance(image, torch.Tensor):
-            return self.topology.similarity(image, text)
-        return self.topology.score(image, text)

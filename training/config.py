@@ -18,7 +18,7 @@ class ModelConfig:
     # Starting weights: an open_clip pretrained tag ("openai"), an open_clip checkpoint file
     # (local or s3://), or a checkpoint / run directory of this project (its towers only).
     pretrained: str | None = None
-    # Long-CLIP positional stretching (training/long_text.py): context n -> k + f·(n − k),
+    # Long-CLIP positional stretching (training/methods/longclip/positions.py): context n -> k + f·(n − k),
     # the first k rows frozen. factor 1 = off; Long-CLIP: keep 20, factor 4 (77 -> 248).
     text_positions_kept: int = 20
     text_stretch_factor: int = 1
@@ -56,7 +56,7 @@ class PGSConfig:
 
 @dataclass(frozen=True)
 class TopologyConfig:
-    """The embedding space (training/topology.py, METHODS.md §3)."""
+    """The embedding space (training/methods/topology/spaces.py, METHODS.md §3)."""
     kind: str = "sphere"
     n: int = 0  # dimension of each sphere; 0: the tower's embed_dim / m
     m: int = 1  # number of spheres (oblique) or [CLS] tokens (multi)

@@ -11,7 +11,7 @@ from training import data_order
 from training.data_order import Source
 from training.batches import BatchPreprocessor
 from training.config import TrainConfig
-from training.long_text import text_context_length
+from training.methods.longclip.positions import text_context_length
 
 
 def iter_worker_batches(config: TrainConfig, sources: list[Source], rank: int, world: int,

@@ -1,6 +1,6 @@
 """Rebuilding a trained model for evaluation from its checkpoint alone (config inside).
 
-Scorers: "plain" (default) ranks by the checkpoint's own topology (training/topology.py:
+Scorers: "plain" (default) ranks by the checkpoint's own topology (training/methods/topology/spaces.py:
 its embedding, similarity, template rule and gap; the cosine of the unmasked embeddings on
 the sphere, what SmartCLIP's tables compare, METHODS.md §1.6); "masked" scores SmartCLIP
 checkpoints with the mask of each text, S[a, b] = cos(z_I^a ⊙ m_b, z_T^b), through the same
@@ -15,12 +15,13 @@ import torch
 from torch import nn
 
 from training import checkpoint, data_mixture, transforms
-from training.long_text import text_context_length
-from training.losses.modular import EPS
-from training.methods import resolve_auto_fields
+from training.inference_model import InferenceModel
+from training.methods.longclip.positions import text_context_length
+from training.methods.smartclip.scoring import MaskedScoringModel, MaskedSphere
+from training.methods.recipes import resolve_auto_fields
 from training.off_the_shelf import is_open_clip_ref, load_open_clip_inference
-from training.model import ContrastiveModel, build_training_model, encode_text_with_states, tower_geometry
-from training.topology import Sphere
+from training.model import ContrastiveModel, build_training_model, tower_geometry
+from training.methods.topology.spaces import Sphere
 from training.towers import build_tokenizer
 
 SCORERS = ("plain", "masked")
@@ -61,51 +62,6 @@ class TopologyEncoder(nn.Module):
         return self.model.image_class_states(images)
 
 
-class MaskedScoringModel(nn.Module):
-    """encode_image -> [z, z⊙z, 1, 0], encode_text -> [m⊙t, m, 0, 1] (each 2d + 2 wide). The
-    two constant slots let `masked_similarity` undo any positive rescaling of a packed row
-    (evaluation may L2-normalise features, and averages prompt features for zero-shot)."""
-
-    def __init__(self, model: nn.Module):
-        super().__init__()
-        self.model = model
-
-    @property
-    def tower(self) -> nn.Module:
-        return self.model.tower
-
-    def encode_image(self, images: torch.Tensor) -> torch.Tensor:
-        z = self.model.embed_image(images)  # (N, d) unit rows (SmartCLIP is sphere-only)
-        ones = torch.ones_like(z[:, :1])
-        return torch.cat([z, z * z, ones, torch.zeros_like(ones)], dim=1)
-
-    def encode_image_states(self, images: torch.Tensor) -> torch.Tensor:
-        return self.model.image_class_states(images)
-
-    def encode_text(self, texts: torch.Tensor) -> torch.Tensor:
-        features, states = encode_text_with_states(self.model.tower, texts)
-        masks, _ = self.model.mask_network(states, texts)  # (M, d)
-        ones = torch.ones_like(features[:, :1])
-        return torch.cat([masks * features, masks, torch.zeros_like(ones), ones], dim=1)
-
-
-def masked_similarity(image, text):
-    """(N, M) masked cosines from packed rows (numpy or torch): numerator and squared masked
-    image norm as in training/losses/modular.py, each divided by the rows' scales."""
-    d = (image.shape[1] - 2) // 2
-    scale = image[:, 2 * d][:, None] * text[:, 2 * d + 1][None, :]  # (N, M) product of row scales
-    numerator = image[:, :d] @ text[:, :d].T / scale
-    norm_sq = image[:, d:2 * d] @ text[:, d:2 * d].T / scale
-    return numerator / (norm_sq + EPS) ** 0.5
-
-
-class MaskedSphere(Sphere):
-    """The sphere's template rule and gap on packed rows, ranked by the masked cosine."""
-
-    def similarity(self, u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        return masked_similarity(u, v)
-
-
 def build_scoring(model: ContrastiveModel, scorer: str) -> tuple[nn.Module, Sphere]:
     """(module with encode_image / encode_text, the topology evaluation scores with)."""
     if scorer == "plain":
@@ -118,7 +74,7 @@ def build_scoring(model: ContrastiveModel, scorer: str) -> tuple[nn.Module, Sphe
 
 
 def load_inference_model(uri: str, device: str = "cpu", scorer: str = "plain",
-                         cache_dir: str | None = None) -> checkpoint.InferenceModel:
+                         cache_dir: str | None = None) -> InferenceModel:
     """A checkpoint (or run directory: its latest complete checkpoint, whose own URI is
     info["checkpoint_uri"]) of this project, or `open_clip:ARCH=WEIGHTS`
     (training/off_the_shelf.py), as evaluation uses it. An s3:// checkpoint is downloaded into
@@ -139,7 +95,7 @@ def load_inference_model(uri: str, device: str = "cpu", scorer: str = "plain",
             "method": config.method, "arch": config.model.arch, "topology": model.topology.describe(), "scorer": scorer,
             **data_mixture.saved_sources(state),
             "code_version": state.get("code_version")}
-    return checkpoint.InferenceModel(model=encoder, preprocess=EvalPreprocess(tower_geometry(model)[0]),
+    return InferenceModel(model=encoder, preprocess=EvalPreprocess(tower_geometry(model)[0]),
                                      tokenizer=inference_tokenizer(config), topology=topology, info=info)
 
 

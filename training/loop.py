@@ -19,7 +19,7 @@ from training.auxiliary import parts_of, update_parts
 from training.batches import EDGE_SCORES, IMAGES, SHORT_TEXTS, TEXTS
 from training.checkpoint import unwrap
 from training.collectives import sum_over_workers
-from training.long_text import zero_frozen_rows
+from training.methods.longclip.positions import zero_frozen_rows
 from training.compilation import compile_metrics
 from training.precision import MasterWeights, upcast_outputs
 from training.sharding import average_replicated_gradients, clip_gradients, is_sharded

@@ -1,7 +1,7 @@
 """The trained model: an open_clip tower pair plus the parts a method adds around it
 (patch selection in the vision tower, long-text positions, SmartCLIP's mask network, the
 multi-[CLS] towers of a topology), returning a dict of named outputs. Every embedding is the
-topology's (`embed_image` / `embed_text`, training/topology.py)."""
+topology's (`embed_image` / `embed_text`, training/methods/topology/spaces.py)."""
 from __future__ import annotations
 
 import dataclasses
@@ -11,33 +11,21 @@ from torch import nn
 
 from training.config import (LossConfig, MaskingConfig, ModelConfig, PGSConfig, SmartClipConfig, TopologyConfig,
                              TrainConfig, resolve_max_logit_scale)
-from training.long_text import apply_long_text
-from training.methods import check_combination, resolve_auto_fields
+from training.methods.longclip.positions import apply_long_text
+from training.methods.recipes import check_combination, resolve_auto_fields
 from training.methods.flip import RandomPatchDrop
 from training.methods.pgs import (PGSSelector, check_supported_tower, encode_image_with_selection,
                                   summarize_selection)
-from training.methods.smartclip import MaskNetwork
-from training.multi_token import convert_to_multi_token, num_class_tokens, pooled_class_states
+from training.methods.smartclip.mask_network import MaskNetwork, encode_text_with_states
+from training.methods.topology.multi_token import convert_to_multi_token, num_class_tokens, pooled_class_states
 from training.pretrained import load_pretrained_tower
-from training.topology import Sphere, build_topology
+from training.methods.topology.spaces import Sphere, build_topology
 from training.towers import tower_dtype
 
 # Selectors in open_clip's patch-dropout hook see only the tokens; token selectors (PGS)
 # also read the images and edge scores, so the model runs the vision tower around them.
 PATCH_SELECTORS = {"none": None, "random": RandomPatchDrop, "pgs": None}
 TOKEN_SELECTORS = {"pgs": PGSSelector}
-
-
-def encode_text_with_states(tower: nn.Module, texts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(unit text features (B, d), token states after ln_final (B, L, w)) from open_clip's own
-    `encode_text`; the states are read by a forward hook on `ln_final`."""
-    states = []
-    handle = tower.ln_final.register_forward_hook(lambda module, args, out: states.append(out))
-    try:
-        features = tower.encode_text(texts, normalize=True)
-    finally:
-        handle.remove()
-    return features, states[0]
 
 
 class ContrastiveModel(nn.Module):

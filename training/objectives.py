@@ -8,13 +8,13 @@ from torch import nn
 import torch
 
 from training.config import LossConfig, SmartClipConfig, TrainConfig
-from training.long_text import apply_long_text
-from training.losses.cibr import CibrObjective, ReferenceTowers
-from training.losses.contrastive import ContrastiveLoss
-from training.losses.longclip import LongClipLoss
-from training.losses.modular import ModularContrastiveLoss
+from training.methods.longclip.positions import apply_long_text
+from training.methods.cibr.objective import CibrObjective, ReferenceTowers
+from training.methods.clip.loss import ContrastiveLoss
+from training.methods.longclip.loss import LongClipLoss
+from training.methods.smartclip.loss import ModularContrastiveLoss
 from training.pretrained import load_pretrained_tower
-from training.topology import Sphere
+from training.methods.topology.spaces import Sphere
 
 OBJECTIVE_KINDS = ("clip", "longclip", "smartclip")
 REGULARIZERS = ("none", "cibr")

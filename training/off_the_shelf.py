@@ -15,11 +15,11 @@ from PIL import Image
 from torch import nn
 
 from pipelines import storage
-from training import checkpoint
+from training.inference_model import InferenceModel
 from training.model import check_patch_tower
-from training.multi_token import pooled_class_states
+from training.methods.topology.multi_token import pooled_class_states
 from training.pretrained import load_pretrained_tower
-from training.topology import Sphere
+from training.methods.topology.spaces import Sphere
 from training.towers import build_tokenizer
 
 PREFIX = "open_clip:"
@@ -81,7 +81,7 @@ def weights_digest(weights: str) -> str:
     return hashlib.sha256(f"open_clip-tag:{weights}".encode()).hexdigest()
 
 
-def load_open_clip_inference(uri: str, device: str = "cpu", scorer: str = "plain") -> checkpoint.InferenceModel:
+def load_open_clip_inference(uri: str, device: str = "cpu", scorer: str = "plain") -> InferenceModel:
     if scorer != "plain":
         raise ValueError(f"scorer {scorer!r} needs a checkpoint of this project; an open_clip model scores by cosine")
     arch, weights = parse_open_clip_ref(uri)
@@ -90,5 +90,5 @@ def load_open_clip_inference(uri: str, device: str = "cpu", scorer: str = "plain
     info = {"path": f"{PREFIX}{arch}={weights}", "step": None, "method": "open_clip", "arch": arch,
             "topology": topology.describe(), "scorer": scorer, "manifest_digests": [], "data_weights": [], "data_uris": [],
             "weights": weights, "weights_sha256": weights_digest(weights)}
-    return checkpoint.InferenceModel(model=UnitEncoder(tower).eval(), preprocess=OpenClipPreprocess(tower.visual.preprocess_cfg),
+    return InferenceModel(model=UnitEncoder(tower).eval(), preprocess=OpenClipPreprocess(tower.visual.preprocess_cfg),
                                      tokenizer=build_tokenizer(arch), topology=topology, info=info)

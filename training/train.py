@@ -34,13 +34,13 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy  # noq
 
 from pipelines import console, ray_setup, storage  # noqa: E402
 from pipelines.build import arrow_filesystem, code_version  # noqa: E402
-from training import checkpoint, data_mixture, data_order, ray_entry, resume  # noqa: E402
+from training import checkpoint, data_mixture, data_order, export, ray_entry, resume  # noqa: E402
 from training.data_stage import iter_worker_batches  # noqa: E402
 from training.config import TrainConfig, apply_overrides, config_from_dict, config_to_dict  # noqa: E402
 from training.in_run_eval import InRunEvaluator, check_eval_config  # noqa: E402
 from training.inference import inference_tokenizer  # noqa: E402
 from training.loop import LoopSettings, run_training  # noqa: E402
-from training.methods import build_method_config, check_combination, resolve_auto_fields  # noqa: E402
+from training.methods.recipes import build_method_config, check_combination, resolve_auto_fields  # noqa: E402
 from training.model import build_training_model, tower_geometry  # noqa: E402
 from training.auxiliary import check_ranks_agree, parts_of  # noqa: E402
 from training.objectives import build_training_objective  # noqa: E402
@@ -344,7 +344,7 @@ def main(argv=None):
         result = fit(config, resume_run=args.resume, allow_changes=args.allow_change)
     print(f"latest checkpoint: {result.checkpoint.path if result.checkpoint else None}")
     if args.export and result.checkpoint:
-        checkpoint.export_open_clip(storage.join(config.run.storage, config.run.name), args.export)
+        export.export_open_clip(storage.join(config.run.storage, config.run.name), args.export)
         print(f"open_clip export: {args.export}")
     return result
 

@@ -13,7 +13,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from training.topology import Sphere
+from training.methods.topology.spaces import Sphere
 
 MAP_KEY = "mAP"
 MAP_AT_R_KEY = "mAP@R"

@@ -13,7 +13,7 @@ from training.methods.pgs.selection import (Selection, build_sobel_kernels, comp
                                             compute_mixed_similarity, compute_reference_edges,
                                             extract_pixel_patches, remove_shared_hidden, select_paper,
                                             select_reference, standardize_patches)
-from training.multi_token import num_class_tokens
+from training.methods.topology.multi_token import num_class_tokens
 
 PGS_MODES = ("reference", "paper")
 PGS_COMPACTIONS = ("batch_min", "static", "auto")  # auto: resolved before a model is built

@@ -70,3 +70,15 @@ class MaskNetwork(nn.Module):
         hidden = self.block(states, attn_mask=attn_mask.reshape(-1, *attn_mask.shape[2:]))
         probs = torch.sigmoid(self.pool(hidden, padding) + self.bias)  # (B, d)
         return binarize_straight_through(probs), probs
+
+
+def encode_text_with_states(tower: nn.Module, texts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(unit text features (B, d), token states after ln_final (B, L, w)) from open_clip's own
+    `encode_text`; the states are read by a forward hook on `ln_final`."""
+    states = []
+    handle = tower.ln_final.register_forward_hook(lambda module, args, out: states.append(out))
+    try:
+        features = tower.encode_text(texts, normalize=True)
+    finally:
+        handle.remove()
+    return features, states[0]

@@ -8,8 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from training.losses.contrastive import compute_contrastive_logits
-from training.topology import Sphere
+from training.methods.clip.loss import compute_contrastive_logits
+from training.methods.topology.spaces import Sphere
 
 
 def project_to_principal_components(features: torch.Tensor, num_components: int) -> torch.Tensor:

@@ -18,7 +18,7 @@ section) and saved with every checkpoint, owns
 
 Logits are s·similarity. n is the dimension of each sphere and m their number (the
 paper's table order, METHODS.md §3.1). Multi differs from oblique only in the towers
-(training/multi_token.py): after the towers both are chunk-normalised (B, m·n) rows.
+(training/methods/topology/multi_token.py): after the towers both are chunk-normalised (B, m·n) rows.
 
 Training tensors stay within B×B (the geodesic's B×B×m, as the paper says); evaluation
 scores in blocks of query rows. Geodesic and Euclidean similarities are computed in float32

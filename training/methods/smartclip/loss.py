@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from training.losses.contrastive import gather_features
+from training.methods.clip.loss import gather_features
 
 EPS = 1e-8  # keeps the all-zero mask finite: S = 0 / sqrt(0 + eps) = 0
 

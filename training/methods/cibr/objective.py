@@ -2,7 +2,7 @@
 
     L = L_base + λ·R,   R = [Â(Z_v; X_v, X_t) − Ĉ(Z_v; X_t)] + [Â(Z_t; X_t, X_v) − Ĉ(Z_t; X_v)],
 
-each bracket a conditional MI by the chain rule (training/losses/mutual_information.py), X the
+each bracket a conditional MI by the chain rule (training/methods/cibr/mutual_information.py), X the
 features of a frozen copy of the starting towers, Z the trained embeddings with Gaussian
 channel noise. Two auxiliary parts (training/auxiliary.py): the frozen reference towers, and
 the four estimators with their own optimiser, updated once per step before the encoders'
@@ -26,8 +26,8 @@ from torch import nn
 
 from training.auxiliary import AuxiliaryPart, freeze, without_grad
 from training.config import CibrConfig
-from training.losses.contrastive import gather_features
-from training.losses.mutual_information import ESTIMATOR_KINDS, ConditionalMI, derangement
+from training.methods.clip.loss import gather_features
+from training.methods.cibr.mutual_information import ESTIMATOR_KINDS, ConditionalMI, derangement
 from training.towers import tower_dtype
 
 

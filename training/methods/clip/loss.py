@@ -1,5 +1,5 @@
 """Symmetric InfoNCE (CLIP, Radford et al. 2021, Eq. in Fig. 3) over features gathered across
-workers with gradients; the logits are the topology's (training/topology.py). On the sphere
+workers with gradients; the logits are the topology's (training/methods/topology/spaces.py). On the sphere
 it equals open_clip's `ClipLoss` on the same inputs."""
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from training.collectives import all_gather_with_grad
-from training.topology import Sphere
+from training.methods.topology.spaces import Sphere
 
 
 def gather_features(features: torch.Tensor, rank: int, world_size: int,
