@@ -69,7 +69,7 @@ def compute_retrieval_recall(
 
 
 def retrieval_scores(image_features: np.ndarray, caption_features: np.ndarray, topology) -> np.ndarray:
-    """(n_images, n_texts) similarities by the topology (training/topology.py `score`)."""
+    """(n_images, n_texts) similarities by the topology (training/methods/topology/spaces.py `score`)."""
     return np.asarray(topology.score(image_features, caption_features))
 
 

@@ -22,7 +22,7 @@ def fill_templates(templates: Sequence[str], classname: str) -> list[str]:
 
 def build_zeroshot_weights(encode_text: EncodeText, classnames: Sequence[str], templates: Sequence[str],
                            topology) -> np.ndarray:
-    """(C, D) classifier by the topology's template rule (training/topology.py): on the sphere
+    """(C, D) classifier by the topology's template rule (training/methods/topology/spaces.py): on the sphere
     CLIP's prompt ensembling (normalise each prompt embedding, average, normalise again); on
     the inner-product topologies the unnormalised mean of the per-template embeddings. The
     geodesic and Euclidean average distances instead (`Sphere.class_scores`), so they have no
@@ -42,7 +42,7 @@ def class_prompts(dataset) -> list[str]:
 
 def class_logits(dataset, image_features: np.ndarray, prompt_features: np.ndarray, topology) -> np.ndarray:
     """(N, C) class scores of a set's images from the embeddings of its `class_prompts`, by the
-    topology's template rule and similarity (training/topology.py `class_scores`)."""
+    topology's template rule and similarity (training/methods/topology/spaces.py `class_scores`)."""
     prompts = np.asarray(prompt_features).reshape(dataset.n_classes, len(dataset.templates), -1)
     return np.asarray(topology.class_scores(image_features, prompts), np.float64)
 
