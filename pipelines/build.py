@@ -24,7 +24,6 @@ import json
 import logging
 import math
 import os
-import subprocess
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
@@ -39,7 +38,7 @@ from fsspec.utils import infer_compression
 from ray.data.context import DataContext, ShuffleStrategy
 from ray.data.expressions import col
 
-from pipelines import captions, dedup, ray_setup, shards, storage
+from pipelines import captions, dedup, provenance, ray_setup, shards, storage
 from pipelines.console import Progress, stage
 from pipelines.stages import DownloadParams, ShardBuilder
 
@@ -91,18 +90,6 @@ def content_params(params: BuildParams) -> dict:
 def compute_build_id(input_digests: list[str], params: BuildParams) -> str:
     blob = json.dumps({"inputs": input_digests, "params": content_params(params)}, sort_keys=True)
     return hashlib.sha256(blob.encode("utf-8")).hexdigest()[:16]
-
-
-def code_version() -> str:
-    """Git commit of the code (CLIPFORGE_CODE_VERSION wins: container images have no .git)."""
-    if os.environ.get("CLIPFORGE_CODE_VERSION"):
-        return os.environ["CLIPFORGE_CODE_VERSION"]
-    try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                             text=True, cwd=Path(__file__).parent, timeout=5)
-        return out.stdout.strip() or "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
 
 
 def rows_to_columns(rows: list[dict]) -> dict:
@@ -446,7 +433,7 @@ def find_duplicates(fs, build_path: str, shard_ids: list[int], max_rows: int) ->
             paths += [shards.shard_paths(root, i)[1] for root in part_sets[i]]
         else:
             paths.append(shards.shard_paths(build_path, i)[1])
-    arrow_fs = arrow_filesystem_for(fs)
+    arrow_fs = storage.arrow_filesystem_for(fs)
     if max_rows <= ROWS_PER_BUCKET:
         return [json.loads(p) for p in ray.get(_duplicates_in_indexes.remote(paths, arrow_fs))]
     index = ray.data.read_parquet(paths, filesystem=arrow_fs).select_columns(list(dedup.PLAN_COLUMNS))
@@ -500,25 +487,9 @@ def assemble_manifest(build_id: str, inputs: list[dict], params: BuildParams,
               "duplicates_merged": merged, "written": written,
               "captions_written": sum(s["n_captions_written"] for s in shard_stats.values())}
     return {"corpus": params.corpus, "build_id": build_id, "format_version": 3,
-            "params": content_params(params), "code_version": code_version(),
+            "params": content_params(params), "code_version": provenance.code_version(),
             "inputs": inputs, "counts": counts, "shards": entries,
             "created_unix": int(time.time())}
-
-
-def arrow_filesystem_for(fs):
-    """A pyarrow filesystem for Ray Data I/O through an fsspec filesystem (s3fs keeps a
-    non-AWS endpoint, AWS_ENDPOINT_URL, that pyarrow's own S3 client would not)."""
-    protocols = fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)
-    if "file" in protocols or "local" in protocols:
-        return None
-    from pyarrow.fs import FSSpecHandler, PyFileSystem
-    return PyFileSystem(FSSpecHandler(fs))
-
-
-def arrow_filesystem(uri: str):
-    """(pyarrow filesystem or None, path) of a local path or `s3://` URI."""
-    fs, path = storage.open_storage(uri)
-    return arrow_filesystem_for(fs), (path if uri.startswith("s3://") else uri)
 
 
 def text_chunks(uris: list[str], max_chunk_bytes: int, n_cpus: int = 1) -> list[dict]:

@@ -25,7 +25,7 @@ if __package__ in (None, ""):  # run as a script: make the repository root impor
 import numpy as np  # noqa: E402
 import ray  # noqa: E402
 
-from pipelines import build, cli, yfcc  # noqa: E402
+from pipelines import build, cli, storage, yfcc  # noqa: E402
 from pipelines.captions import READ_ENCODING, CaptionRules  # noqa: E402
 
 
@@ -126,8 +126,8 @@ def joined_rows(frame, rules: CaptionRules) -> dict:
 
 
 def read_joined_rows(uris: list[str], rules: CaptionRules):
-    fs, _ = build.arrow_filesystem(uris[0])
-    paths = [build.arrow_filesystem(u)[1] for u in uris]
+    fs, _ = storage.arrow_filesystem(uris[0])
+    paths = [storage.arrow_filesystem(u)[1] for u in uris]
     reader = ray.data.read_parquet if uris[0].endswith(".parquet") else ray.data.read_csv
     return reader(paths, filesystem=fs).map_batches(joined_rows, fn_kwargs={"rules": rules},
                                                     batch_format="pandas")

@@ -84,3 +84,19 @@ def remove_stale_temporaries(fs: fsspec.AbstractFileSystem, folder: str) -> int:
     for path in stale:
         fs.rm(path)
     return len(stale)
+
+
+def arrow_filesystem_for(fs):
+    """A pyarrow filesystem for Ray Data I/O through an fsspec filesystem (s3fs keeps a
+    non-AWS endpoint, AWS_ENDPOINT_URL, that pyarrow's own S3 client would not)."""
+    protocols = fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)
+    if "file" in protocols or "local" in protocols:
+        return None
+    from pyarrow.fs import FSSpecHandler, PyFileSystem
+    return PyFileSystem(FSSpecHandler(fs))
+
+
+def arrow_filesystem(uri: str):
+    """(pyarrow filesystem or None, path) of a local path or `s3://` URI."""
+    fs, path = open_storage(uri)
+    return arrow_filesystem_for(fs), (path if uri.startswith("s3://") else uri)

@@ -24,8 +24,8 @@ from PIL import Image, ImageDraw  # noqa: E402
 from training.config import PGSConfig  # noqa: E402
 from training.methods.flip import compute_num_keep  # noqa: E402
 from training.methods.pgs import PGSSelector  # noqa: E402
-from training.methods.pgs.examples import (load_skimage_sample, prepare_batch,  # noqa: E402
-                                           render_demo_samples)
+from pipelines.demo_corpus import render_demo_samples  # noqa: E402
+from training.methods.pgs.examples import load_skimage_sample, prepare_batch  # noqa: E402
 from training.transforms import normalize_image_tensor  # noqa: E402
 
 COLUMNS = (("original", None), ("FLIP 0.5", None),

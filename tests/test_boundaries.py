@@ -1,4 +1,5 @@
-"""Architecture guards: data flows one way and Ray stays at the edges (ARCHITECTURE.md)."""
+"""Architecture guards (docs/architecture.md): data flows one way, Ray stays at the edges,
+training never loads the download stack, and every method's parts live where its name points."""
 from __future__ import annotations
 
 import ast
@@ -59,7 +60,7 @@ def test_nothing_imports_evaluation_and_infra_has_no_python():
 
 
 
-HEAVY = ("torch", "open_clip", "ot", "img2dataset", "sklearn", "training.train", "training.model")
+HEAVY = ("torch", "open_clip", "ot", "img2dataset", "sklearn", "training.train", "training.model", "pipelines.build")
 
 
 def test_what_ray_train_and_ray_data_processes_import_stays_light():
@@ -74,4 +75,89 @@ def test_what_ray_train_and_ray_data_processes_import_stays_light():
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
     entry, data_stage, train = ([m for m in line.split(",") if m] for line in out.stdout.splitlines())
     assert entry == [] and data_stage == ["torch", "open_clip"]
-    assert not {"ot", "img2dataset", "sklearn"} & set(train)
+    assert not {"ot", "img2dataset", "sklearn", "pipelines.build"} & set(train)
+
+
+# What turns sources into shards (the downloader, the prepare jobs, the demo corpus and its
+# mirror): training reads finished shards and never imports any of it.
+DOWNLOAD_STACK = ("img2dataset", "pipelines.build", "pipelines.stages", "pipelines.img2dataset_modules",
+                  "pipelines.url_guard", "pipelines.mirror", "pipelines.demo_corpus", "pipelines.dedup",
+                  "pipelines.cc12m", "pipelines.yfcc", "pipelines.sharegpt4v", "pipelines.prepare_")
+
+
+def imported_modules(path: Path) -> set[str]:
+    """Every absolute module name a file imports (`from a import b` gives a and a.b)."""
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names |= {node.module} | {f"{node.module}.{alias.name}" for alias in node.names}
+    return names
+
+
+def test_training_never_imports_the_download_stack():
+    offenders = [(rel, sorted(m for m in imported_modules(path) if m.startswith(DOWNLOAD_STACK)))
+                 for pkg, path, rel in package_files() if pkg in ("training", "scoring")]
+    assert [o for o in offenders if o[1]] == []
+
+
+def test_the_guard_sees_a_forbidden_import(tmp_path):
+    probe = tmp_path / "probe.py"
+    probe.write_text("from pipelines import build\nimport img2dataset.downloader\n")
+    assert {m for m in imported_modules(probe) if m.startswith(DOWNLOAD_STACK)} == {
+        "pipelines.build", "img2dataset.downloader"}
+
+
+# Method parts are assembled by these modules; a part never imports its assembler.
+ASSEMBLERS = ("training.model", "training.objectives", "training.train", "training.loop", "training.inference")
+
+
+def test_method_parts_do_not_import_what_assembles_them():
+    offenders = [(rel, sorted(m for m in imported_modules(path) if m.startswith(ASSEMBLERS)))
+                 for _, path, rel in package_files() if rel.startswith("training/methods/")]
+    assert [o for o in offenders if o[1]] == []
+
+
+LEGACY_TOWERS = ROOT / "tests" / "fixtures" / "legacy" / "oblique" / "checkpoint_000001"
+
+
+def method_components(method: str) -> list[type]:
+    """The classes a method's model and objective are built from (towers, topology, patch and
+    token selectors, mask network, objective and any regulariser around it)."""
+    import torch
+
+    from training.config import apply_overrides
+    from training.methods.recipes import build_method_config
+    from training.model import build_training_model
+    from training.objectives import build_training_objective
+    config = apply_overrides(build_method_config(method), {"model.arch": "clip-micro-p8-32"})
+    if config.loss.regularizer == "cibr":
+        config = apply_overrides(config, {"model.pretrained": str(LEGACY_TOWERS), "cibr.hidden": 8})
+    model = build_training_model(config)
+    objective = build_training_objective(config, 0, 1, model, torch.device("cpu"))
+    parts = [model.tower, model.topology, model.patch_selector, model.token_selector, model.mask_network,
+             objective, getattr(objective, "objective", None)]
+    return [type(p) for p in parts if p is not None]
+
+
+def test_every_recipe_names_places_that_exist():
+    from training.methods.recipes import METHODS
+    methods_dir = ROOT / "training" / "methods"
+    for name, recipe in METHODS.items():
+        for place in recipe.parts:
+            assert (methods_dir / place).is_dir() or (methods_dir / f"{place}.py").is_file(), (name, place)
+
+
+def test_every_part_a_recipe_adds_lives_under_the_places_it_names():
+    """What a method adds to plain CLIP on the sphere (any class not shared with the `clip`
+    recipe and not open_clip's own) is defined under one of its recipe's places."""
+    from training.methods.recipes import METHODS
+    base = set(method_components("clip"))
+    for name, recipe in METHODS.items():
+        added = [c for c in method_components(name) if c not in base and not c.__module__.startswith("open_clip")]
+        places = tuple(f"training.methods.{p}" for p in recipe.parts)
+        misplaced = [f"{c.__module__}.{c.__qualname__}" for c in added
+                     if not (c.__module__ + ".").startswith(tuple(p + "." for p in places))]
+        assert misplaced == [], (name, recipe.parts)
+        assert name == "clip" or added, f"{name} adds nothing the guard can see"

@@ -16,8 +16,8 @@ from hypothesis import strategies as st
 from training.config import PGSConfig
 from training.methods.flip import random_masking
 from training.methods.pgs import PGSSelector, Selection
-from training.methods.pgs.examples import (SKIMAGE_SAMPLES, load_skimage_sample, prepare_batch,
-                                           render_demo_samples)
+from pipelines.demo_corpus import render_demo_samples
+from training.methods.pgs.examples import SKIMAGE_SAMPLES, load_skimage_sample, prepare_batch
 from training.methods.pgs.selection import (build_sobel_kernels, compute_drop_bounds,
                                             compute_mixed_similarity, compute_reference_edges,
                                             extract_pixel_patches, remove_shared_hidden,

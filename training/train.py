@@ -33,7 +33,7 @@ from ray.util.queue import Queue  # noqa: E402
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy  # noqa: E402
 
 from pipelines import console, ray_setup, storage  # noqa: E402
-from pipelines.build import arrow_filesystem, code_version  # noqa: E402
+from pipelines.provenance import code_version  # noqa: E402
 from training import checkpoint, data_mixture, data_order, export, ray_entry, resume  # noqa: E402
 from training.data_stage import iter_worker_batches  # noqa: E402
 from training.config import TrainConfig, apply_overrides, config_from_dict, config_to_dict  # noqa: E402
@@ -272,7 +272,7 @@ def plan_steps(config: TrainConfig, sources: list[data_order.Source]) -> dict:
 
 
 def build_run_config(config: TrainConfig, callbacks: list = ()) -> ray.train.RunConfig:
-    fs, storage_path = arrow_filesystem(config.run.storage)
+    fs, storage_path = storage.arrow_filesystem(config.run.storage)
     if fs is None:
         storage_path = str(Path(storage_path).resolve())
     return ray.train.RunConfig(

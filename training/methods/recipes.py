@@ -1,5 +1,6 @@
 """Training methods by name: each is a recipe of independent parts (patch selection,
-topology, objective, ...) applied over the base configuration. Any topology combines with any
+topology, objective, ...) applied over the base configuration, naming the places under
+training/methods/ its parts live in (tests/test_boundaries.py holds every recipe to that). Any topology combines with any
 patch selection (`--method flip --set topology.kind=multi --set topology.m=8`); a combination
 that is not defined is refused by `check_combination` before anything is built."""
 from __future__ import annotations
@@ -26,44 +27,47 @@ LONG_TEXT_FINETUNE = {"model.text_positions_kept": 20, "model.text_stretch_facto
 class MethodRecipe:
     description: str
     overrides: dict = field(default_factory=dict)
+    # The places under training/methods/ that hold what the recipe adds to plain CLIP on the
+    # sphere (a package or module name: "pgs" -> training/methods/pgs/).
+    parts: tuple[str, ...] = ("clip",)
 
 
 METHODS: dict[str, MethodRecipe] = {
     "clip": MethodRecipe("CLIP: symmetric InfoNCE, all patch tokens",
-                         {"masking.kind": "none", "masking.ratio": 0.0}),
+                         {"masking.kind": "none", "masking.ratio": 0.0}, parts=('clip',)),
     "flip": MethodRecipe("FLIP: random patch dropping (tokens removed from the sequence)",
-                         {"masking.kind": "random", "masking.ratio": 0.5}),
+                         {"masking.kind": "random", "masking.ratio": 0.5}, parts=('clip', 'flip')),
     "longclip": MethodRecipe("Long-CLIP: 248-token text, long-caption loss + short captions "
                              "against the batch's top-32 image components (fine-tune)",
                              {**LONG_TEXT_FINETUNE, "loss.kind": "longclip",
-                              "data.caption_policy": "long_and_short"}),
+                              "data.caption_policy": "long_and_short"}, parts=('longclip',)),
     "smartclip": MethodRecipe("SmartCLIP: mask network, modular contrastive loss and L1 "
                               "sparsity, one caption (long or short) per image per step (fine-tune)",
                               {**LONG_TEXT_FINETUNE, "loss.kind": "smartclip",
-                               "data.caption_policy": "mix", "optim.new_module_lr": 1e-3}),
+                               "data.caption_policy": "mix", "optim.new_module_lr": 1e-3}, parts=('longclip', 'smartclip')),
     # CLIP-PGS variants, named by their lower mask-ratio bound; `--set pgs.mode=paper` (§2.5)
     # instead of the released code's semantics, `pgs.use_edges` / `pgs.use_ot` for Table 6.
     "pgs0.5": MethodRecipe("CLIP-PGS0.5: edge/similarity-guided patch dropping, 50 % of patches",
                            {"masking.kind": "pgs", "masking.ratio": 0.0, "pgs.min_mask_ratio": 0.5,
-                            "pgs.max_mask_ratio": 0.5}),
+                            "pgs.max_mask_ratio": 0.5}, parts=('pgs',)),
     "pgs0.3": MethodRecipe("CLIP-PGS0.3: edge/similarity-guided patch dropping, 30-50 % of patches",
                            {"masking.kind": "pgs", "masking.ratio": 0.0, "pgs.min_mask_ratio": 0.3,
-                            "pgs.max_mask_ratio": 0.5}),
+                            "pgs.max_mask_ratio": 0.5}, parts=('pgs',)),
     # Topologies (Design of the topology for contrastive visual-textual alignment, METHODS.md §3):
     # m = 8 spheres of embed_dim / 8 dims, Ob(64, 8) / Multi(64, 8) on a 512-d tower, Ob(16, 8) /
     # Multi(16, 8) on the 128-d CPU towers; `--set topology.n=32 --set topology.m=16` for Multi(32, 16).
     "oblique": MethodRecipe("CLIP on the oblique manifold Ob(n, m): m chunk-normalised sub-vectors, "
                             "similarity −tr = sum of per-sphere inner products",
-                            {"topology.kind": "oblique", "topology.m": 8}),
+                            {"topology.kind": "oblique", "topology.m": 8}, parts=('topology',)),
     "oblique-geodesic": MethodRecipe("Ob(n, m) with the geodesic distance sqrt(Σ arccos²) (Table 3 ablation)",
-                                     {"topology.kind": "oblique_geodesic", "topology.m": 8}),
+                                     {"topology.kind": "oblique_geodesic", "topology.m": 8}, parts=('topology',)),
     "multi": MethodRecipe("Multi(n, m): m [CLS] tokens in both towers, a shared projection to n dims each, "
                           "−tr similarity; the logit scale capped at 100 / m",
-                          {"topology.kind": "multi", "topology.m": 8}),
+                          {"topology.kind": "multi", "topology.m": 8}, parts=('topology',)),
     "multi-s3.95": MethodRecipe("Multi(n, m) with the appendix table's maximum logit scale 3.95",
-                                {"topology.kind": "multi", "topology.m": 8, "loss.max_logit_scale": 3.95}),
+                                {"topology.kind": "multi", "topology.m": 8, "loss.max_logit_scale": 3.95}, parts=('topology',)),
     "euclidean": MethodRecipe("CLIP on unnormalised embeddings, similarity −‖u − v‖ (Table 3 ablation)",
-                              {"topology.kind": "euclidean", "topology.m": 1}),
+                              {"topology.kind": "euclidean", "topology.m": 1}, parts=('topology',)),
 }
 
 # CIBR's fine-tuning recipe (METHODS.md §5.3): from `--pretrained`, the logit scale fixed at
@@ -72,7 +76,7 @@ METHODS["cibr"] = MethodRecipe(
     "CIBR: CLIP + λ·[I(Z_v; X_v | X_t) + I(Z_t; X_t | X_v)] by MINE against frozen starting towers (fine-tune)",
     {"loss.regularizer": "cibr", "loss.learn_temperature": False, "loss.init_logit_scale": 4.6052,
      "loss.reset_logit_scale": True, "optim.lr": 1e-6, "optim.weight_decay": 0.1, "optim.betas": (0.9, 0.98),
-     "optim.eps": 1e-6})
+     "optim.eps": 1e-6}, parts=('cibr',))
 
 # (loss.kind, topology kinds it is defined on): SmartCLIP's dimension masks select embedding
 # coordinates of one unit vector, a scoring the paper defines on the sphere only.

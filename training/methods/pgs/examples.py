@@ -1,12 +1,12 @@
-"""Example inputs for looking at CLIP-PGS's selection: scikit-image's sample photographs and
-demo-corpus scenes, each prepared as the training pipeline prepares a sample (JPEG, Sobel
-edge map as stored in the shards, centre crop, per-patch edge scores)."""
+"""Example inputs for looking at CLIP-PGS's selection: scikit-image's sample photographs (or any
+RGB array, such as a demo-corpus scene that the caller renders), each prepared as the training
+pipeline prepares a sample (JPEG, Sobel edge map as stored in the shards, centre crop,
+per-patch edge scores)."""
 from __future__ import annotations
 
 import cv2
 import numpy as np
 
-from pipelines.demo_corpus import render_scene, sample_scene
 from pipelines.edges import compute_edge_png, decode_edge_png
 from training import transforms
 
@@ -21,12 +21,6 @@ def load_skimage_sample(name: str) -> np.ndarray:
     if image.dtype == bool:
         image = image.astype(np.uint8) * 255
     return np.repeat(image[..., None], 3, axis=2) if image.ndim == 2 else image[..., :3]
-
-
-def render_demo_samples(count: int, size: int = 128, seed: int = 0) -> list[np.ndarray]:
-    """(size, size, 3) uint8 RGB demo scenes (coloured shapes on textured backgrounds)."""
-    rng = np.random.default_rng(seed)
-    return [np.asarray(render_scene(sample_scene(rng), size, rng).convert("RGB")) for _ in range(count)]
 
 
 def prepare_view(rgb: np.ndarray, image_size: int, patch_size: int) -> tuple[np.ndarray, np.ndarray]:
