@@ -7,7 +7,7 @@ caption groups -> shard specs, on synthetic TSVs in CC12M's layout.
 Each TSV holds N `url<TAB>caption` lines: about 3 % of them repeat the URL of an earlier line
 with another caption (CC12M's rate is a few percent), about 0.5 % are malformed (no tab,
 three fields, an ftp URL, an empty caption) and 0.05 % are not UTF-8. Per size it prints:
-  wall    seconds from the reader's dataset to the forced shard specs (`build.read_tsv_rows`,
+  wall    seconds from the reader's dataset to the forced shard specs (`cc12m.read_tsv_rows`,
           `build.plan_caption_groups`, `build.plan_shards`, then the specs counted), after a
           warm-up run that starts Ray's workers;
   rss     peak resident memory of this (the driver) process, sampled every 0.1 s from
@@ -40,7 +40,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipelines import build, captions
+from pipelines import build, captions, cc12m, text_input
 
 DUPLICATE_SHARE = 0.03
 MALFORMED_SHARE = 0.005
@@ -103,8 +103,8 @@ def write_tsv(workdir: Path, n_rows: int, seed: int = 0) -> Path:
 def baseline_read_tsv_rows(uris: list[str], rules, origin: str):
     """The reader as it was: one actor parses every line."""
     import ray
-    return build.read_text_lines(uris).map_batches(
-        build.ParseTsvRows, fn_constructor_args=(rules, origin), batch_format="numpy",
+    return text_input.read_text_lines(uris).map_batches(
+        cc12m.ParseTsvRows, fn_constructor_args=(rules, origin), batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(size=1))
 
 
@@ -162,7 +162,7 @@ def planning_variant(variant: str):
 
 
 def tsv_reader(tsv: Path, params: build.BuildParams):
-    return lambda: build.read_tsv_rows([str(tsv)], params.caption_rules, params.corpus)
+    return lambda: cc12m.read_tsv_rows([str(tsv)], params.caption_rules, params.corpus)
 
 
 def plan(read_rows, params: build.BuildParams):

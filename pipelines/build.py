@@ -1,8 +1,9 @@
 """The Ray Data pipeline every prepare job shares:
 caption rows -> caption groups -> staged shards -> content dedup -> shards -> manifest.
 
-A corpus adds only its row reader (`prepare_<corpus>.py`): a Ray dataset of caption rows
-(ROW_COLUMNS: image source, caption, kind, origin, reject reason). The build id is a digest
+A corpus adds only its row reader (`cc12m.py`, `yfcc.py` + `prepare_yfcc15m.py`, `sharegpt4v.py` +
+`prepare_sharegpt4v.py`; byte-ranged text reading in `text_input.py`): a Ray dataset of caption rows
+(captions.ROW_COLUMNS: image source, caption, kind, origin, reject reason). The build id is a digest
 of the inputs and of every content-changing parameter; a finished build is reused.
 
 Two phases, each resumable shard by shard (a step of a shard is done when its index is
@@ -34,7 +35,6 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import ray
-from fsspec.utils import infer_compression
 from ray.data.context import DataContext, ShuffleStrategy
 from ray.data.expressions import col
 
@@ -48,17 +48,10 @@ log = logging.getLogger("pipelines.build")
 STAGES_VERSION = "4"  # 4: captions cleaned alike; JPEGs judged by their markers; lines cut at \n only
 ROWS_PER_BUCKET = 200_000
 MAX_SHUFFLE_PARTITIONS = 256
-# An uncompressed TSV is read and parsed in byte ranges, one task each, so that one large
-# file (CC12M is 12.4 M rows in one TSV) is parsed on every CPU: at most this many bytes a
-# range, and small enough that every CPU gets two ranges, down to the minimum.
-READ_CHUNK_BYTES = 32 * 2**20
-MIN_READ_CHUNK_BYTES = 2**20
 # Source buckets per grouping partition: the shuffle hashes bucket ids to partitions, and with
 # one bucket each some partitions got three buckets and others none (the slowest grouping
 # task did three times its share); many small buckets even the partitions out.
 BUCKETS_PER_PARTITION = 8
-# Caption rows, the one thing a corpus reader produces.
-ROW_COLUMNS = ("source", "caption", "kind", "origin", "reason")
 # The image failure rate is judged only once this many images were tried (or all of them).
 FAILURE_RATE_MIN_IMAGES = 200
 
@@ -90,37 +83,6 @@ def content_params(params: BuildParams) -> dict:
 def compute_build_id(input_digests: list[str], params: BuildParams) -> str:
     blob = json.dumps({"inputs": input_digests, "params": content_params(params)}, sort_keys=True)
     return hashlib.sha256(blob.encode("utf-8")).hexdigest()[:16]
-
-
-def rows_to_columns(rows: list[dict]) -> dict:
-    """Caption-row dicts -> Ray Data's numpy column form. No rows: empty string arrays, not
-    object ones, which Arrow would type as null and a later shuffle could not concatenate
-    with other blocks (a metadata chunk without one subset photo gives no rows)."""
-    dtype = object if rows else str
-    return {c: np.array([r.get(c, "") for r in rows], dtype=dtype) for c in ROW_COLUMNS}
-
-
-class ParseTsvRows:
-    """CC12M reader stage: TSV lines (read as Latin-1) -> caption rows."""
-
-    def __init__(self, rules: captions.CaptionRules, origin: str):
-        self.rules, self.origin = rules, origin
-
-    def __call__(self, batch: dict) -> dict:
-        return rows_to_columns([self.parse(line) for line in batch["text"]])
-
-    def parse(self, line: str) -> dict:
-        text = captions.redecode_utf8(line)
-        if text is None:
-            return {"reason": captions.REJECT_NON_UTF8}
-        url, caption, reason = captions.parse_tsv_line(text, self.rules)
-        return {"source": url, "caption": caption, "origin": self.origin, "reason": reason}
-
-
-def parse_tsv_batch(batch: dict, rules: captions.CaptionRules, origin: str) -> dict:
-    """ParseTsvRows as a plain task function (fn_kwargs): Ray Data runs it on every CPU,
-    where a class would need an actor pool."""
-    return ParseTsvRows(rules, origin)(batch)
 
 
 def add_buckets(batch: dict, n_buckets: int) -> dict:
@@ -490,80 +452,6 @@ def assemble_manifest(build_id: str, inputs: list[dict], params: BuildParams,
             "params": content_params(params), "code_version": provenance.code_version(),
             "inputs": inputs, "counts": counts, "shards": entries,
             "created_unix": int(time.time())}
-
-
-def text_chunks(uris: list[str], max_chunk_bytes: int, n_cpus: int = 1) -> list[dict]:
-    """Byte ranges [start, end) that cover the files, in order: at most max_chunk_bytes
-    each, and at least two per CPU where that leaves them MIN_READ_CHUNK_BYTES or more."""
-    sizes = [file_size(uri) for uri in uris]
-    chunk_bytes = min(max_chunk_bytes, max(MIN_READ_CHUNK_BYTES, sum(sizes) // (2 * n_cpus)))
-    return [{"uri": uri, "start": start, "end": min(start + chunk_bytes, size)}
-            for uri, size in zip(uris, sizes) for start in range(0, size, chunk_bytes)]
-
-
-def file_size(uri: str) -> int:
-    fs, path = storage.open_storage(uri)
-    return fs.size(path)
-
-
-def split_lines(data: bytes) -> list[str]:
-    """Lines of text files: decoded as Latin-1 (every byte one character, nothing fails; a
-    non-UTF-8 line is then a counted reject, captions.redecode_utf8), split at "\n" only and
-    a trailing "\r" dropped, blank lines dropped. str.splitlines would also cut at the
-    Latin-1 characters 0x85, 0x0b, 0x0c, 0x1c-0x1e, which are bytes inside UTF-8 letters
-    (Cyrillic "х" is D1 85), and so cut such captions in two."""
-    lines = data.decode(captions.READ_ENCODING).split("\n")
-    return [line[:-1] if line.endswith("\r") else line for line in lines if line.strip()]
-
-
-def read_chunk_lines(uri: str, start: int, end: int) -> list[str]:
-    """The lines that start in bytes [start, end) of a file (split_lines). A line belongs to
-    the range that holds its first byte, so the ranges of a file cut it only at newlines and
-    read every line once; end = -1 reads the whole file, decompressing it if its name says so."""
-    fs, path = storage.open_storage(uri)
-    if end < 0:
-        with fs.open(path, "rb", compression="infer") as f:
-            return split_lines(f.read())
-    with fs.open(path, "rb") as f:
-        if start:
-            f.seek(start - 1)
-            if f.read(1) != b"\n":
-                f.readline()  # the line under way started in the range before
-        begin = f.tell()
-        data = f.read(end - begin) if begin < end else b""
-        if data and not data.endswith(b"\n"):
-            data += f.readline()
-    return split_lines(data)
-
-
-def read_lines_task(batch: dict) -> dict:
-    """Read task: byte ranges of text files -> their lines (column "text")."""
-    lines = [line for uri, start, end in zip(batch["uri"], batch["start"], batch["end"])
-             for line in read_chunk_lines(str(uri), int(start), int(end))]
-    return {"text": np.array(lines, dtype=object if lines else str)}  # typed even when empty
-
-
-def line_chunks(uris: list[str]):
-    """Ray Data dataset of byte ranges (uri, start, end) covering text files, one row and one
-    block each, so one large file (CC12M's 12.4 M-row TSV) is read on every CPU; a compressed
-    file, which cannot be split, is one range (end -1). A stage that reads its range itself
-    is called for every range, even one that holds no line, and so always gives typed columns."""
-    n_cpus = ray_setup.cluster_cpus()
-    plain = [u for u in uris if not infer_compression(u)]
-    chunks = text_chunks(plain, READ_CHUNK_BYTES, n_cpus) if plain else []
-    chunks += [{"uri": u, "start": 0, "end": -1} for u in uris if infer_compression(u)]
-    return ray.data.from_items(chunks, override_num_blocks=max(1, len(chunks)))
-
-
-def read_text_lines(uris: list[str]):
-    """Ray Data dataset of the lines of text files (one column "text", split_lines)."""
-    return line_chunks(uris).map_batches(read_lines_task, batch_size=1, batch_format="numpy")
-
-
-def read_tsv_rows(uris: list[str], rules: captions.CaptionRules, origin: str):
-    """The CC12M reader: `url<TAB>caption` lines -> caption rows, parsed where they are read."""
-    return read_text_lines(uris).map_batches(parse_tsv_batch, fn_kwargs={"rules": rules, "origin": origin},
-                                             batch_format="numpy")
 
 
 @ray.remote(num_cpus=1)

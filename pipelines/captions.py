@@ -10,6 +10,8 @@ import re
 import unicodedata
 from dataclasses import dataclass
 
+import numpy as np
+
 from pipelines.shards import CAPTION_LONG, CAPTION_SHORT
 
 HEADER_FIELDS = ("url", "caption")
@@ -168,3 +170,15 @@ def group_captions(rows: list[dict], rules: CaptionRules) -> list[dict]:
                "captions": [texts[t] for t in sorted(texts)]}
               for source, texts in merged.items()]
     return sorted(groups, key=lambda g: g["key"])
+
+
+# Caption rows, the one thing a corpus reader produces.
+ROW_COLUMNS = ("source", "caption", "kind", "origin", "reason")
+
+
+def rows_to_columns(rows: list[dict]) -> dict:
+    """Caption-row dicts -> Ray Data's numpy column form. No rows: empty string arrays, not
+    object ones, which Arrow would type as null and a later shuffle could not concatenate
+    with other blocks (a metadata chunk without one subset photo gives no rows)."""
+    dtype = object if rows else str
+    return {c: np.array([r.get(c, "") for r in rows], dtype=dtype) for c in ROW_COLUMNS}

@@ -14,7 +14,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: make the repository root importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipelines import build, cli  # noqa: E402
+from pipelines import build, cc12m, cli  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -26,7 +26,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def run(args: argparse.Namespace) -> tuple[str, dict]:
     params = cli.build_params(args)
-    read_rows = functools.partial(build.read_tsv_rows, rules=params.caption_rules, origin=args.corpus)
+    read_rows = functools.partial(cc12m.read_tsv_rows, rules=params.caption_rules, origin=args.corpus)
     return build.run_build(args.input, args.output, params, read_rows=read_rows)
 
 

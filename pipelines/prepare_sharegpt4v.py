@@ -29,7 +29,7 @@ if __package__ in (None, ""):  # run as a script: make the repository root impor
 
 import ray  # noqa: E402
 
-from pipelines import build, cli, sharegpt4v, storage  # noqa: E402
+from pipelines import build, captions, cli, sharegpt4v, storage  # noqa: E402
 from pipelines.captions import CaptionRules  # noqa: E402
 from pipelines.json_stream import iter_json_array  # noqa: E402
 
@@ -83,7 +83,7 @@ class RecordRows:
         rows = [row for record in batch["record"]
                 for row in sharegpt4v.sharegpt4v_caption_rows(json.loads(record), self.image_root,
                                                               self.coco, self.rules)]
-        return build.rows_to_columns(rows)
+        return captions.rows_to_columns(rows)
 
 
 def validation_corpus(corpus: str, n_val: int) -> str:

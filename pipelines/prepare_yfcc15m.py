@@ -25,7 +25,7 @@ if __package__ in (None, ""):  # run as a script: make the repository root impor
 import numpy as np  # noqa: E402
 import ray  # noqa: E402
 
-from pipelines import build, cli, storage, yfcc  # noqa: E402
+from pipelines import build, captions, cli, storage, text_input, yfcc  # noqa: E402
 from pipelines.captions import READ_ENCODING, CaptionRules  # noqa: E402
 
 
@@ -93,13 +93,13 @@ def select_subset(batch: dict, subset_ref, rules: CaptionRules) -> dict:
         photo_rows = yfcc.yfcc_caption_rows(record, rules)
         rows.extend(photo_rows)
         positions.extend([int(pos[i]) if listed[i] else -1] * len(photo_rows))
-    return {**build.rows_to_columns(rows), "subset_pos": np.array(positions, dtype=np.int64)}
+    return {**captions.rows_to_columns(rows), "subset_pos": np.array(positions, dtype=np.int64)}
 
 
 def select_subset_chunks(batch: dict, subset_ref, rules: CaptionRules) -> dict:
-    """select_subset over the lines of byte ranges it reads itself (build.line_chunks)."""
+    """select_subset over the lines of byte ranges it reads itself (text_input.line_chunks)."""
     lines = [line for uri, start, end in zip(batch["uri"], batch["start"], batch["end"])
-             for line in build.read_chunk_lines(str(uri), int(start), int(end))]
+             for line in text_input.read_chunk_lines(str(uri), int(start), int(end))]
     return select_subset({"text": lines}, subset_ref, rules)
 
 
@@ -115,13 +115,13 @@ def count_missing(selected, n_subset: int) -> int:
 
 def missing_rows(batch: dict) -> dict:
     n = len(batch["id"])
-    return build.rows_to_columns([{"reason": REJECT_MISSING_METADATA}] * n)
+    return captions.rows_to_columns([{"reason": REJECT_MISSING_METADATA}] * n)
 
 
 def joined_rows(frame, rules: CaptionRules) -> dict:
     """Rows of an already-joined table (pandas batches) -> caption rows."""
     records = [yfcc.joined_record(r) for r in frame.to_dict("records")]
-    return build.rows_to_columns([row for r in records
+    return captions.rows_to_columns([row for r in records
                                   for row in yfcc.yfcc_caption_rows(r, rules)])
 
 
@@ -139,9 +139,9 @@ def read_metadata_rows(metadata: list[str], subset: str, rules: CaptionRules):
     they list and parses only those, on every CPU Ray has. Nothing of the 100 M-line metadata
     is shuffled. A subset id that no line names gives one `missing_metadata` row; a photo id
     on several metadata lines gives the captions of each (YFCC100M's ids are unique)."""
-    id_blocks = build.read_text_lines([subset]).map_batches(parse_subset, batch_format="numpy")
+    id_blocks = text_input.read_text_lines([subset]).map_batches(parse_subset, batch_format="numpy")
     subset_ref = sorted_unique_ids.remote(*id_blocks.to_arrow_refs())
-    selected = build.line_chunks(metadata).map_batches(
+    selected = text_input.line_chunks(metadata).map_batches(
         select_subset_chunks, fn_kwargs={"subset_ref": subset_ref, "rules": rules},
         batch_size=1, batch_format="numpy").materialize()
     n_subset = ray.get(_length.remote(subset_ref))

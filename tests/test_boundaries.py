@@ -12,6 +12,7 @@ PACKAGES = ("pipelines", "scoring", "training", "evaluation")
 # so that the controller never imports the training code) and the Ray Data stage its actors
 # import (data_stage, without the model and the driver).
 RAY_MODULES = {"pipelines/build.py", "pipelines/ray_setup.py", "pipelines/prepare_cc12m.py",
+               "pipelines/text_input.py",
                "training/train.py", "training/ray_entry.py", "training/data_stage.py",
                "evaluation/evaluate.py"}
 # scoring/ holds what training's in-run evaluation and the evaluation job share (the small-set

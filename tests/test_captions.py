@@ -8,7 +8,7 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from pipelines import build  # imports ray (module only; Ray is never started here)
+from pipelines import build, captions, cc12m  # build and cc12m import ray (Ray is never started here)
 from pipelines.captions import (HEADER, READ_ENCODING, REJECT_BAD_URL, REJECT_EMPTY_CAPTION,
                                 REJECT_LONG_CAPTION, REJECT_MALFORMED, REJECT_NON_UTF8,
                                 CaptionRules,
@@ -130,8 +130,8 @@ def test_groups_do_not_depend_on_row_order():
 def test_parse_tsv_rows_stage_on_a_numpy_batch():
     lines = ["url\tcaption", f"{URL_A}\tfirst", f"{URL_B}\tsecond", "garbage",
              f"{URL_A}\t  third  ", "ftp://127.0.0.1/y\tz", f"{URL_C}\t"]
-    out = build.ParseTsvRows(RULES, "cc12m")({"text": np.array(lines, dtype=object)})
-    assert set(out) == set(build.ROW_COLUMNS)
+    out = cc12m.ParseTsvRows(RULES, "cc12m")({"text": np.array(lines, dtype=object)})
+    assert set(out) == set(captions.ROW_COLUMNS)
     assert all(len(column) == len(lines) for column in out.values())
     assert list(out["reason"]) == [HEADER, "", "", REJECT_MALFORMED, "", REJECT_BAD_URL,
                                    REJECT_EMPTY_CAPTION]
@@ -144,7 +144,7 @@ def test_non_utf8_lines_are_rejected_alone():
     """Lines arrive decoded as Latin-1 (read_text_lines); one bad byte rejects one line."""
     raw = [f"{URL_A}\tcaf\u00e9 au lait".encode("utf-8"), f"{URL_B}\tcaf\xe9".encode("latin-1")]
     lines = np.array([r.decode(READ_ENCODING) for r in raw], dtype=object)
-    out = build.ParseTsvRows(RULES, "cc12m")({"text": lines})
+    out = cc12m.ParseTsvRows(RULES, "cc12m")({"text": lines})
     assert list(out["reason"]) == ["", REJECT_NON_UTF8]
     assert out["caption"][0] == "caf\u00e9 au lait"
 

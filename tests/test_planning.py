@@ -10,7 +10,7 @@ from collections import Counter
 
 import pytest
 
-from pipelines import build, captions
+from pipelines import build, captions, cc12m, text_input
 
 pytestmark = pytest.mark.ray
 
@@ -89,15 +89,15 @@ def reference_plan(path, rules: captions.CaptionRules, shard_size: int, origin: 
 def ray_plan(path, rules: captions.CaptionRules, shard_size: int):
     """(reason counts, {shard id: packed groups JSON}, shard ids) from the real stages."""
     params = build.BuildParams(corpus="cc12m", shard_size=shard_size, caption_rules=rules)
-    groups, reasons = build.plan_caption_groups(build.read_tsv_rows([str(path)], rules, "cc12m"), params)
+    groups, reasons = build.plan_caption_groups(cc12m.read_tsv_rows([str(path)], rules, "cc12m"), params)
     specs, shard_ids = build.plan_shards(groups, params)
     packed = {int(r["shard_id"]): r["groups"] for r in specs.iter_rows()}
     return reasons, packed, shard_ids
 
 
 def test_planning_matches_the_naive_reference(ray_session, tsv, monkeypatch):
-    monkeypatch.setattr(build, "READ_CHUNK_BYTES", 1 << 19)  # several read tasks, cut mid-line
-    assert len(build.text_chunks([str(tsv)], build.READ_CHUNK_BYTES)) > 3
+    monkeypatch.setattr(text_input, "READ_CHUNK_BYTES", 1 << 19)  # several read tasks, cut mid-line
+    assert len(text_input.text_chunks([str(tsv)], text_input.READ_CHUNK_BYTES)) > 3
     expected_reasons, expected = reference_plan(tsv, RULES, shard_size=SHARD_SIZE)
     reasons, packed, shard_ids = ray_plan(tsv, RULES, shard_size=SHARD_SIZE)
     assert reasons == expected_reasons
@@ -129,7 +129,7 @@ def test_lines_are_cut_at_newlines_only_and_ranges_read_each_once(tmp_path):
     "х", 0x0b, 0x0c, 0x1c); byte ranges of every size give the whole file's lines once."""
     data = ("url\tcaption\r\nhttps://a/1.jpg\t\u0445\u043e\u0440\u043e\u0448\u043e\n\n"
             "https://a/2.jpg\tx\u000by\u001cz\n  \nlast line without newline").encode()
-    lines = build.split_lines(data)
+    lines = text_input.split_lines(data)
     assert [captions.redecode_utf8(line) for line in lines] == [
         "url\tcaption", "https://a/1.jpg\t\u0445\u043e\u0440\u043e\u0448\u043e",
         "https://a/2.jpg\tx\u000by\u001cz", "last line without newline"]
@@ -137,11 +137,11 @@ def test_lines_are_cut_at_newlines_only_and_ranges_read_each_once(tmp_path):
     path.write_bytes(data)
     for size in (1, 2, 5, 17, len(data)):
         got = [line for start in range(0, len(data), size)
-               for line in build.read_chunk_lines(str(path), start, min(start + size, len(data)))]
+               for line in text_input.read_chunk_lines(str(path), start, min(start + size, len(data)))]
         assert got == lines, size
     import gzip
     (tmp_path / "lines.tsv.gz").write_bytes(gzip.compress(data))
-    assert build.read_chunk_lines(str(tmp_path / "lines.tsv.gz"), 0, -1) == lines
+    assert text_input.read_chunk_lines(str(tmp_path / "lines.tsv.gz"), 0, -1) == lines
 
 
 @pytest.mark.parametrize("n_shards, n_cpus, expected", [
