@@ -87,7 +87,7 @@ def main(argv=None) -> dict:
     plain, cibr = results["finetune"], results["cibr"]
     step_ratio, memory_ratio = cibr["step_s"] / plain["step_s"], cibr["peak_gib"] / plain["peak_gib"]
     print(f"CIBR / plain fine-tuning: step time {step_ratio:.3f}x, peak memory {memory_ratio:.3f}x "
-          "(METHODS.md §5.2 expects +30-50 % step time from the frozen forward)")
+          "(docs/methods/cibr.md §2 expects +30-50 % step time from the frozen forward)")
     return {"results": results, "step_ratio": step_ratio, "memory_ratio": memory_ratio}
 
 

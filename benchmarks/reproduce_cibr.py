@@ -1,5 +1,5 @@
 """CIBR's λ curve at our scale, on the demo corpus (the paper's Fig. 5 peaks near λ = 0.5;
-METHODS.md §5): pretrain one demo model with CLIP, then fine-tune it with `--method cibr` at
+docs/methods/cibr.md): pretrain one demo model with CLIP, then fine-tune it with `--method cibr` at
 λ ∈ {0, 0.1, 0.5, 1, 2}, the same steps, seeds, batches and data for every λ; λ = 0 is the
 control (the same run, the regulariser's gradient multiplied by 0).
 

@@ -1,5 +1,5 @@
 """Cross the Gap at our scale, on the demo corpus (§5 and the §5.6 fine-tuning experiment;
-METHODS.md §4.3-4.6): does inverting a query into the other modality help intra-modal retrieval
+docs/methods/inversion.md §3-6): does inverting a query into the other modality help intra-modal retrieval
 on a small CLIP with a modality gap, and does the gain go away when projection-only fine-tuning
 with a fixed, higher temperature narrows the gap?
 

@@ -1,5 +1,5 @@
 """The topology paper's sharpest claims at our scale, on the demo corpus (Tables 3-4 of "Design
-of the topology for contrastive visual-textual alignment"; METHODS.md §3.8):
+of the topology for contrastive visual-textual alignment"; docs/methods/topology.md §8):
 
 1. Table 3, last block: the logit scale fixed at s = 1 and not learned. The paper: the sphere
    collapses (ZS 4.0), oblique −tr Ob(64, 8) still trains (21.2), Euclidean is unaffected (29.5).

@@ -1,4 +1,4 @@
-"""Modality inversion ("Cross the Gap", METHODS.md §4.1-4.2): features of one modality found by
+"""Modality inversion ("Cross the Gap", docs/methods/inversion.md §1-2): features of one modality found by
 optimising inputs of the *other* tower, which stays frozen.
 
 - OTI (image -> text feature): k pseudo-token embeddings at the placeholders of

@@ -1,5 +1,5 @@
-"""Augmented training views for a linear probe (the topology paper's MoCo v3 protocol, METHODS.md
-§3.6): RandomResizedCrop(scale 0.75-1) and timm's RandAugment "rand-m9-mstd0.5-inc1" (the paper
+"""Augmented training views for a linear probe (the topology paper's MoCo v3 protocol, docs/methods/topology.md
+§6): RandomResizedCrop(scale 0.75-1) and timm's RandAugment "rand-m9-mstd0.5-inc1" (the paper
 calls it AutoAugment; the string is RandAugment). A frozen tower's features of V such views of
 every training image are encoded once; the probe's epoch e reads view e mod V (V = epochs gives
 every epoch fresh augmentation, as when augmenting on the fly). Each view is drawn from (seed,

@@ -1,7 +1,7 @@
 """A real multi-node Ray cluster on one machine: a head and worker nodes started with
 `ray start` (token auth, as the README documents), all inside one network namespace whose only
 interface is loopback, so that no node can leave 127.0.0.1 (Ray moves a node to the machine's
-routable address otherwise, ../shared/design/PITFALLS.md) and nothing the cluster runs can
+routable address otherwise, docs/architecture.md §10) and nothing the cluster runs can
 reach another machine.
 
 The namespace is held by one `sleep` process made with `unshare --net`; every process of the

@@ -162,3 +162,19 @@ def test_every_part_a_recipe_adds_lives_under_the_places_it_names():
                      if not (c.__module__ + ".").startswith(tuple(p + "." for p in places))]
         assert misplaced == [], (name, recipe.parts)
         assert name == "clip" or added, f"{name} adds nothing the guard can see"
+
+
+def test_comments_cite_the_projects_own_docs_and_every_cited_page_exists():
+    """Design notes outside the repository are not cited; every cited docs page exists."""
+    import re
+    cited, outside = set(), []
+    for folder in ("pipelines", "scoring", "training", "evaluation", "benchmarks", "scripts", "tests"):
+        for path in (ROOT / folder).rglob("*"):
+            if path.suffix not in (".py", ".json", ".sh") or "fixtures" in path.parts:
+                continue
+            text = path.read_text()
+            outside += [path.name for name in ("METHODS.md", "ARCHITECTURE.md", "PITFALLS.md", "STYLE.md")
+                        if re.search(rf"(?<![\w/]){name}", text) and path.name != "test_boundaries.py"]
+            cited |= set(re.findall(r"docs/[\w/.-]+?\.md", text))
+    assert outside == []
+    assert cited and sorted(c for c in cited if not (ROOT / c).is_file()) == []

@@ -1,4 +1,4 @@
-"""Long-CLIP positional stretching: the anchor rows of METHODS.md §1.2 (77 -> 248), a
+"""Long-CLIP positional stretching: the anchor rows of docs/methods/longclip.md §2 (77 -> 248), a
 row-by-row reference for other (n, k, f), frozen first rows under AdamW, the causal mask and
 tokenizer context of a stretched tower, and captions within the kept rows unchanged."""
 from __future__ import annotations

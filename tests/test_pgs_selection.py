@@ -1,5 +1,5 @@
 """CLIP-PGS selection: both modes against naive per-image NumPy references written from
-METHODS.md §2.3 / §2.5 (the paper mode's OTN through POT's single-problem `ot.sinkhorn`),
+docs/methods/pgs.md §3 / §5 (the paper mode's OTN through POT's single-problem `ot.sinkhorn`),
 the paper mode's mask-ratio bounds as a property, and edges protecting patches on real
 photographs and demo scenes prepared as the training pipeline prepares them."""
 from __future__ import annotations
@@ -61,7 +61,7 @@ def naive_sobel_minmax(grey: np.ndarray) -> np.ndarray:
 
 
 def naive_reference(sims, edges, config: PGSConfig, seed_noise, order_noise):
-    """§2.3 steps 5-8 on the (normalised) similarities: the visible patch indices of every
+    """§3 steps 5-8 on the (normalised) similarities: the visible patch indices of every
     image, in their kept order."""
     batch, L = sims.shape[:2]
     n_seeds = L - int(L * (1 - config.candidate_ratio))
@@ -76,7 +76,7 @@ def naive_reference(sims, edges, config: PGSConfig, seed_noise, order_noise):
 
 
 def naive_paper(sims, edge_scores, config: PGSConfig, tie_noise, seed_noise, order_noise):
-    """§2.5 per image: the set of dropped patches (removed or hidden)."""
+    """§5 per image: the set of dropped patches (removed or hidden)."""
     L = sims.shape[1]
     low, high = compute_drop_bounds(L, config.min_mask_ratio, config.max_mask_ratio)  # by-hand test below
     n_seeds = L - int(L * (1 - config.candidate_ratio))
@@ -151,7 +151,7 @@ def test_reference_mode_equals_the_naive_released_algorithm(use_edges, use_ot, a
 
 def test_released_normalisation_amplifies_round_off():
     # Sinkhorn on raw cosines (row/column sums near zero): a 1e-15 change of S moves S' by
-    # orders of magnitude more, so no two implementations agree on S' (METHODS.md §2.4.3).
+    # orders of magnitude more, so no two implementations agree on S' (docs/methods/pgs.md §4.3).
     images = smooth_images(5, 32, seed=1).double()
     similarity = compute_mixed_similarity(images.new_zeros(5, 64, 1) + 1, standardize_patches(
         extract_pixel_patches(images, 4)), 0.0)

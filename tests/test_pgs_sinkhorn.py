@@ -66,7 +66,7 @@ def test_sinkhorn_rejects_bad_settings(reg, iters):
 
 
 def released_balancing_loop(similarity: torch.Tensor, iters: int = 50, eps: float = 1e-3) -> torch.Tensor:
-    """METHODS.md §2.3 step 4 as written: simultaneous row/column division, stop once every
+    """docs/methods/pgs.md §3 step 4 as written: simultaneous row/column division, stop once every
     sum of the batch is within eps of 1."""
     matrix = similarity.clone()
     for _ in range(iters):

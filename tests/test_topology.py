@@ -95,7 +95,7 @@ def test_euclidean_equals_the_norm_of_differences_without_normalising():
 @pytest.mark.parametrize("topology", [Sphere(8), Oblique(2, 4), MultiToken(4, 2), ObliqueGeodesic(2, 4),
                                       Euclidean(8)])
 def test_template_averaged_scores_equal_averaged_distances(topology):
-    """Zero-shot (METHODS.md §3.6): per class, the distance of the image to every template's
+    """Zero-shot (docs/methods/topology.md §6): per class, the distance of the image to every template's
     prompt, averaged. Sphere keeps CLIP's rule instead (normalise, average, normalise)."""
     images = topology.embed(raw(7, 8, 8)).numpy()
     prompts = topology.embed(raw(3 * 5, 8, 9)).numpy().reshape(3, 5, 8)  # 3 classes x 5 templates

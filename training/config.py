@@ -36,8 +36,8 @@ class MaskingConfig:
 
 @dataclass(frozen=True)
 class PGSConfig:
-    """CLIP-PGS patch selection (METHODS.md §2); used when masking.kind == "pgs"."""
-    mode: str = "reference"  # "reference": released code's semantics | "paper": §2.5
+    """CLIP-PGS patch selection (docs/methods/pgs.md); used when masking.kind == "pgs"."""
+    mode: str = "reference"  # "reference": released code's semantics | "paper": docs/methods/pgs.md §5
     min_mask_ratio: float = 0.5  # the variant: PGS0.5 -> 0.5, PGS0.3 -> 0.3
     max_mask_ratio: float = 0.5
     candidate_ratio: float = 0.05  # initial (seed) patches
@@ -56,14 +56,14 @@ class PGSConfig:
 
 @dataclass(frozen=True)
 class TopologyConfig:
-    """The embedding space (training/methods/topology/spaces.py, METHODS.md §3)."""
+    """The embedding space (training/methods/topology/spaces.py, docs/methods/topology.md)."""
     kind: str = "sphere"
     n: int = 0  # dimension of each sphere; 0: the tower's embed_dim / m
     m: int = 1  # number of spheres (oblique) or [CLS] tokens (multi)
     # multi only: the text tower's [CLS] slots. "prepend": before the text, bidirectional
     # pad-masked encoder (from scratch, the paper's setting); "append": after the text under
     # the causal mask (a pretrained causal CLIP text tower); "auto": append when
-    # model.pretrained is set, else prepend (METHODS.md §3.3).
+    # model.pretrained is set, else prepend (docs/methods/topology.md §3).
     text_tokens: str = "auto"
 
 
@@ -86,7 +86,7 @@ class LossConfig:
 
 @dataclass(frozen=True)
 class SmartClipConfig:
-    """SmartCLIP's mask network and loss weights (METHODS.md §1.3, §1.5)."""
+    """SmartCLIP's mask network and loss weights (docs/methods/smartclip.md §3, §5)."""
     mask_init_bias: float = 3.0  # sigmoid(3) = 0.95: masks start all ones (pretrained CLIP)
     lambda_align: float = 1.0
     lambda_sparsity: float = 0.01  # on the un-normalised L1 of the mask, batch mean
@@ -94,7 +94,7 @@ class SmartClipConfig:
 
 @dataclass(frozen=True)
 class CibrConfig:
-    """CIBR (METHODS.md §5): L = L_CLIP + λ·[I(Z_v; X_v | X_t) + I(Z_t; X_t | X_v)].
+    """CIBR (docs/methods/cibr.md): L = L_CLIP + λ·[I(Z_v; X_v | X_t) + I(Z_t; X_t | X_v)].
 
     The paper's: the loss form, MINE as the estimator, λ ≈ 0.5, fine-tuning a pretrained CLIP.
     Ours (the paper is silent): X_v, X_t = a frozen copy of the starting towers' features
@@ -104,10 +104,10 @@ class CibrConfig:
     (derangement) marginals; MINE's EMA bias correction; the estimators on the gathered global
     batch with their own Adam; one estimator update per step, warmup_estimator_steps during
     the first warmup_steps, where λ is 0 (the encoders meanwhile train on the base loss alone;
-    METHODS.md suggests pretraining the estimators on the frozen start instead), then λ ramps
+    docs/methods/cibr.md §2 discusses pretraining the estimators on the frozen start instead), then λ ramps
     linearly over ramp_steps; `lambda` on the command line is this `lambda_` field."""
     lambda_: float = 0.5
-    estimator: str = "mine"  # "mine" | "mine_f" | "club" (an upper bound, §5.2's alternative)
+    estimator: str = "mine"  # "mine" | "mine_f" | "club" (an upper bound, docs/methods/cibr.md §2)
     noise_std: float = 0.02
     ema_rate: float = 0.01  # MINE's moving average of E_marg[e^T]
     estimator_lr: float = 1e-4

@@ -2,7 +2,7 @@
 
 Scorers: "plain" (default) ranks by the checkpoint's own topology (training/methods/topology/spaces.py:
 its embedding, similarity, template rule and gap; the cosine of the unmasked embeddings on
-the sphere, what SmartCLIP's tables compare, METHODS.md §1.6); "masked" scores SmartCLIP
+the sphere, what SmartCLIP's tables compare, docs/methods/smartclip.md §6); "masked" scores SmartCLIP
 checkpoints with the mask of each text, S[a, b] = cos(z_I^a ⊙ m_b, z_T^b), through the same
 encode/topology interface: the encoders return packed features and the similarity unpacks them.
 """

@@ -64,7 +64,7 @@ class ContrastiveModel(nn.Module):
 
     def image_class_states(self, images: torch.Tensor) -> torch.Tensor:
         """(B, c·w): the c class-token states after ln_post, before the projection, concatenated
-        (what a linear probe reads with the projection head removed, METHODS.md §3.6)."""
+        (what a linear probe reads with the projection head removed, docs/methods/topology.md §6)."""
         check_patch_tower(self.tower.visual, "class-token features")
         return pooled_class_states(self.tower.visual, images)
 

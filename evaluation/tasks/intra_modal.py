@@ -1,4 +1,4 @@
-"""Intra-modal retrieval and the modality gap, as in "Cross the Gap" (METHODS.md §4.4-4.5):
+"""Intra-modal retrieval and the modality gap, as in "Cross the Gap" (docs/methods/inversion.md §4-5):
 image->image mAP with test-split queries against a train-split gallery (relevant = same
 class), text->text mAP on a captioning set (each image's first caption queries the others;
 relevant = same image), and ‖mean image feature − mean text feature‖ over paired samples.

@@ -14,7 +14,7 @@ from training.sharding import SHARDINGS
 from training.methods.topology.spaces import check_topology_config
 
 
-# Long-CLIP's fine-tuning recipe (METHODS.md §1.2), shared by SmartCLIP: 77 -> 248 text
+# Long-CLIP's fine-tuning recipe (docs/methods/longclip.md §2), shared by SmartCLIP: 77 -> 248 text
 # positions, lr 1e-6, wd 1e-2, AdamW (0.9, 0.999) eps 1e-8, 200 warm-up steps, logit scale
 # reset to 100. Start from weights with `--pretrained`.
 LONG_TEXT_FINETUNE = {"model.text_positions_kept": 20, "model.text_stretch_factor": 4,
@@ -45,7 +45,7 @@ METHODS: dict[str, MethodRecipe] = {
                               "sparsity, one caption (long or short) per image per step (fine-tune)",
                               {**LONG_TEXT_FINETUNE, "loss.kind": "smartclip",
                                "data.caption_policy": "mix", "optim.new_module_lr": 1e-3}, parts=('longclip', 'smartclip')),
-    # CLIP-PGS variants, named by their lower mask-ratio bound; `--set pgs.mode=paper` (§2.5)
+    # CLIP-PGS variants, named by their lower mask-ratio bound; `--set pgs.mode=paper` (docs/methods/pgs.md §5)
     # instead of the released code's semantics, `pgs.use_edges` / `pgs.use_ot` for Table 6.
     "pgs0.5": MethodRecipe("CLIP-PGS0.5: edge/similarity-guided patch dropping, 50 % of patches",
                            {"masking.kind": "pgs", "masking.ratio": 0.0, "pgs.min_mask_ratio": 0.5,
@@ -53,7 +53,7 @@ METHODS: dict[str, MethodRecipe] = {
     "pgs0.3": MethodRecipe("CLIP-PGS0.3: edge/similarity-guided patch dropping, 30-50 % of patches",
                            {"masking.kind": "pgs", "masking.ratio": 0.0, "pgs.min_mask_ratio": 0.3,
                             "pgs.max_mask_ratio": 0.5}, parts=('pgs',)),
-    # Topologies (Design of the topology for contrastive visual-textual alignment, METHODS.md §3):
+    # Topologies (Design of the topology for contrastive visual-textual alignment, docs/methods/topology.md):
     # m = 8 spheres of embed_dim / 8 dims, Ob(64, 8) / Multi(64, 8) on a 512-d tower, Ob(16, 8) /
     # Multi(16, 8) on the 128-d CPU towers; `--set topology.n=32 --set topology.m=16` for Multi(32, 16).
     "oblique": MethodRecipe("CLIP on the oblique manifold Ob(n, m): m chunk-normalised sub-vectors, "
@@ -70,7 +70,7 @@ METHODS: dict[str, MethodRecipe] = {
                               {"topology.kind": "euclidean", "topology.m": 1}, parts=('topology',)),
 }
 
-# CIBR's fine-tuning recipe (METHODS.md §5.3): from `--pretrained`, the logit scale fixed at
+# CIBR's fine-tuning recipe (docs/methods/cibr.md §3): from `--pretrained`, the logit scale fixed at
 # 100, AdamW lr 1e-6 (0.9, 0.98) eps 1e-6 wd 0.1; λ = 0.5 ramped in over 1000 steps.
 METHODS["cibr"] = MethodRecipe(
     "CIBR: CLIP + λ·[I(Z_v; X_v | X_t) + I(Z_t; X_t | X_v)] by MINE against frozen starting towers (fine-tune)",

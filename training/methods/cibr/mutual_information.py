@@ -1,4 +1,4 @@
-"""Neural mutual-information estimators for CIBR (METHODS.md §5.2): MINE with the EMA bias
+"""Neural mutual-information estimators for CIBR (docs/methods/cibr.md §2): MINE with the EMA bias
 correction (Belghazi et al. 2018, the Donsker-Varadhan bound), MINE-f (the unbiased NWJ / f-GAN
 bound of the same paper) and CLUB (Cheng et al. 2020, a variational upper bound), and the chain
 rule that turns a conditional MI into two ordinary ones:
@@ -183,7 +183,7 @@ def build_estimator(kind: str, dims: Sequence[int], hidden: int = 512, ema_rate:
 
 class ConditionalMI(nn.Module):
     """I(Z; X | C) = I(Z; [X, C]) − I(Z; C), each term its own estimator on the same
-    derangement (METHODS.md §5.2's A and C terms)."""
+    derangement (docs/methods/cibr.md §2's A and C terms)."""
 
     def __init__(self, kind: str, z_dim: int, x_dim: int, c_dim: int, hidden: int = 512, ema_rate: float = 0.01):
         super().__init__()

@@ -1,4 +1,4 @@
-"""CIBR, cross-modal information bottleneck regularisation (METHODS.md §5.2):
+"""CIBR, cross-modal information bottleneck regularisation (docs/methods/cibr.md §2):
 
     L = L_base + λ·R,   R = [Â(Z_v; X_v, X_t) − Ĉ(Z_v; X_t)] + [Â(Z_t; X_t, X_v) − Ĉ(Z_t; X_v)],
 

@@ -1,4 +1,4 @@
-"""Long-CLIP's fine-tuning loss (Zhang et al., ECCV 2024; METHODS.md §1.2): the CLIP loss
+"""Long-CLIP's fine-tuning loss (Zhang et al., ECCV 2024; docs/methods/longclip.md §2): the CLIP loss
 on long captions with full image features, plus the CLIP loss on short captions against
 each image's projection onto the batch's top-k principal components ("coarse-grained"
 image features). Logits and the re-embedding of the projected features are the topology's."""

@@ -1,4 +1,4 @@
-"""Long-CLIP's positional stretching (Zhang et al. 2024; METHODS.md §1.2): a text tower
+"""Long-CLIP's positional stretching (Zhang et al. 2024; docs/methods/longclip.md §2): a text tower
 trained with context n reads k + f·(n − k) tokens. The first k positional rows are kept and
 frozen, every later row is interpolated into f rows, the last one extrapolated. Long-CLIP
 uses n = 77, k = 20, f = 4 -> 248; the tiny CPU archs use the same rule with their own n, k.

@@ -1,6 +1,6 @@
 """CLIP-PGS (Pei et al., "Seeing What Matters: Empowering CLIP with Patch
 Generation-to-Selection"): edge- and similarity-guided patch dropping, in the released
-code's form (`reference`) and the paper's (`paper`). See METHODS.md §2."""
+code's form (`reference`) and the paper's (`paper`). See docs/methods/pgs.md."""
 from __future__ import annotations
 
 import torch

@@ -1,8 +1,8 @@
 """CLIP-PGS patch selection (Pei et al.), pure tensor functions under no-grad: which patch
 tokens of each image stay in the sequence and which of those are hidden from attention.
 
-Two modes (METHODS.md §2): `select_reference` reproduces the released code's semantics
-(§2.3, with the deviations of §2.5), `select_paper` is the clean interpretation (§2.5).
+Two modes (docs/methods/pgs.md): `select_reference` reproduces the released code's semantics
+(§3, with the deviations of §5), `select_paper` is the clean interpretation (§5).
 Random draws come in as arguments, so each step is checkable against a naive reference.
 
 Shapes: B images, L patches on a grid of g_h x g_w, D token width, P = 3 p^2 pixel values.
@@ -128,7 +128,7 @@ def compute_sobel_magnitude(grey: torch.Tensor, kernels: torch.Tensor) -> torch.
 
 def compute_reference_edges(std_patches: torch.Tensor, grid: tuple[int, int],
                             kernels: torch.Tensor) -> torch.Tensor:
-    """The released edge map (§2.3 step 2, degenerate by design: the mean of a standardised
+    """The released edge map (§3 step 2, degenerate by design: the mean of a standardised
     patch is zero up to round-off, which min-max normalisation blows up). (B, L) in [0, 1]."""
     grey = std_patches.mean(dim=-1).reshape(-1, 1, *grid)  # (B, 1, gh, gw)
     return normalize_min_max(compute_sobel_magnitude(grey, kernels).flatten(1))
@@ -136,7 +136,7 @@ def compute_reference_edges(std_patches: torch.Tensor, grid: tuple[int, int],
 
 def select_reference(similarity: torch.Tensor, edges: torch.Tensor | None, config: PGSConfig,
                      seed_noise: torch.Tensor, order_noise: torch.Tensor) -> Selection:
-    """§2.3 steps 4-8 on S (B, L, L); edges (B, L) or None without ED; noises U(0,1) (B, L)."""
+    """§3 steps 4-8 on S (B, L, L); edges (B, L) or None without ED; noises U(0,1) (B, L)."""
     num_patches = similarity.shape[-1]
     if config.use_ot:
         similarity = normalize_similarity_reference(similarity, config.sinkhorn_iters)
@@ -175,7 +175,7 @@ def rank_with_random_ties(values: torch.Tensor, tie_noise: torch.Tensor) -> torc
 
 def select_paper(similarity: torch.Tensor, edges: torch.Tensor | None, config: PGSConfig,
                  tie_noise: torch.Tensor, seed_noise: torch.Tensor, order_noise: torch.Tensor) -> Selection:
-    """§2.5: seeds among low-edge patches, candidates = patches similar to a seed minus the
+    """§5: seeds among low-edge patches, candidates = patches similar to a seed minus the
     strongest edges, each image dropping clip(|C|, ceil(lower L), floor(upper L)) patches.
     edges: (B, L) per-patch Sobel scores (any scale) or None without ED."""
     batch, num_patches = similarity.shape[0], similarity.shape[-1]

@@ -4,9 +4,9 @@ so they never read a device value back to the host inside the training step.
 
 * `sinkhorn_plans`: entropic OT in POT's formulation (kernel exp(S / reg), uniform
   marginals), written with POT's backend-agnostic primitives; equals `ot.sinkhorn` run
-  image by image. Used by the `paper` mode (METHODS.md §2.5 step 4).
+  image by image. Used by the `paper` mode (docs/methods/pgs.md §5 step 4).
 * `balance_similarity_reference`: the released code's loop on the raw similarity matrix
-  (METHODS.md §2.3 step 4), kept with its quirks for the `reference` mode.
+  (docs/methods/pgs.md §3 step 4), kept with its quirks for the `reference` mode.
 """
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """SmartCLIP's modular contrastive loss (Xie et al., CVPR 2025, Eqs. 3-7 and 9) and the L1
-sparsity term (Eq. 8), without a B x B x d tensor (METHODS.md §1.5).
+sparsity term (Eq. 8), without a B x B x d tensor (docs/methods/smartclip.md §5).
 
 Every pair (image a, text b), positive or negative, compares the image embedding masked by
 *text b's* mask with text b:  S[a, b] = cos(z_I^a ⊙ m_b, z_T^b). L_ctrI is the cross-entropy

@@ -1,4 +1,4 @@
-"""SmartCLIP's mask network (Xie et al., CVPR 2025, §4; METHODS.md §1.3): from a caption's
+"""SmartCLIP's mask network (Xie et al., CVPR 2025, §4; docs/methods/smartclip.md §3): from a caption's
 token states it picks the dimensions of the image embedding that the caption speaks about.
 
 One transformer block over the text tower's final token states (pads key-masked, attention

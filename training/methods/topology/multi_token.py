@@ -1,4 +1,4 @@
-"""Multiple [CLS] tokens in open_clip's towers (Multi(n, m), METHODS.md §3.3).
+"""Multiple [CLS] tokens in open_clip's towers (Multi(n, m), docs/methods/topology.md §3).
 
 `convert_to_multi_token` turns an open_clip CLIP in place into one whose towers pool m class
 tokens through a shared projection to n dims and return (B, m·n) rows (the topology then

@@ -1,5 +1,5 @@
 """The geometry of the embedding space (Design of the topology for contrastive
-visual-textual alignment; METHODS.md §3): one object, named in the config (`topology`
+visual-textual alignment; docs/methods/topology.md): one object, named in the config (`topology`
 section) and saved with every checkpoint, owns
 
   (a) how a tower's raw output becomes the embedding (`embed`: L2, per-chunk L2 or none),
@@ -17,7 +17,7 @@ section) and saved with every checkpoint, owns
 | euclidean        | one [CLS], not normalised                 | −‖u − v‖                     | (−∞, 0]   |
 
 Logits are s·similarity. n is the dimension of each sphere and m their number (the
-paper's table order, METHODS.md §3.1). Multi differs from oblique only in the towers
+paper's table order, docs/methods/topology.md §1). Multi differs from oblique only in the towers
 (training/methods/topology/multi_token.py): after the towers both are chunk-normalised (B, m·n) rows.
 
 Training tensors stay within B×B (the geodesic's B×B×m, as the paper says); evaluation
