@@ -42,7 +42,7 @@ def prepare_in_memory(build_uri: str, config, geometry, n_batches: int) -> list[
     batches, b = [], config.data.batch_size_per_worker
     for i in range(n_batches):
         chunk = [rows[(i * b + j) % len(rows)] for j in range(b)]
-        batches.append(prepare({k: [r[k] for r in chunk] for k in chunk[0]}))
+        batches.append(prepare.prepare_rows(chunk))
     return batches
 
 

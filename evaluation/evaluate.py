@@ -34,7 +34,7 @@ import numpy as np  # noqa: E402
 import ray  # noqa: E402
 
 from evaluation import encoders, suites  # noqa: E402
-from evaluation.benchmarks import (IMAGE, IMAGE_STATES, MODALITIES, TASKS, Benchmark, load_benchmark,  # noqa: E402
+from evaluation.task_registry import (IMAGE, IMAGE_STATES, MODALITIES, TASKS, Benchmark, load_benchmark,  # noqa: E402
                                    requests, score)
 from evaluation.cache import EmbeddingCache, digest_values, model_fingerprint  # noqa: E402
 from scoring.sets.files import Location  # noqa: E402
@@ -46,7 +46,7 @@ from evaluation.report import add_group_averages, write_report  # noqa: E402
 from pipelines import console, ray_setup, storage  # noqa: E402
 from training import checkpoint  # noqa: E402
 from training.off_the_shelf import PREFIX as OPEN_CLIP_PREFIX, parse_open_clip_ref  # noqa: E402
-from training.inference import SCORERS, load_inference_model  # noqa: E402
+from training.inference import SCORER_NAMES, load_inference_model  # noqa: E402
 
 log = logging.getLogger("evaluation")
 DEFAULT_CACHE = os.path.join(os.path.expanduser("~"), ".cache", "clipforge", "embeddings")
@@ -76,7 +76,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--num-encoders", type=int, default=1, help="Ray Data encoder actors (one GPU each with --use-gpu)")
     p.add_argument("--use-gpu", action="store_true")
-    p.add_argument("--scorer", default="plain", choices=SCORERS,
+    p.add_argument("--scorer", default="plain", choices=SCORER_NAMES,
                    help="plain cosine (default) or SmartCLIP's masked cosine (training/inference.py)")
     p.add_argument("--ray-address", default=None)
     p.add_argument("--verbose", action="store_true", help="show Ray's own logs too")

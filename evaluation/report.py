@@ -275,7 +275,7 @@ def format_compositionality_section(results: dict[str, dict]) -> list[str]:
     return lines + format_table(header, rows, n_text_columns=1)
 
 
-MIXTURE_KEY = "mAP_by_alpha"  # evaluation/benchmarks.py mixture_entry
+MIXTURE_KEY = "mAP_by_alpha"  # evaluation/task_registry.py mixture_entry
 
 
 def format_mixture(by_alpha: dict | None) -> str:

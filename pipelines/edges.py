@@ -18,7 +18,7 @@ EDGE_FULL_SCALE = 1020.0
 EDGE_CELL = 4  # image pixels per edge-map cell, along each axis
 
 
-def compute_sobel_magnitude(grey: np.ndarray) -> np.ndarray:
+def compute_sobel_magnitude_reflected(grey: np.ndarray) -> np.ndarray:
     """Float32 gradient magnitude of a (H, W) uint8/float image (reflected borders)."""
     img = grey.astype(np.float32)
     gx = cv2.Sobel(img, cv2.CV_32F, 1, 0, ksize=SOBEL_KSIZE, borderType=cv2.BORDER_REFLECT_101)
@@ -52,7 +52,7 @@ def pool_edges(magnitude: np.ndarray) -> np.ndarray:
 
 def edge_map_u8(grey: np.ndarray) -> np.ndarray:
     """The stored edge map of a grey image: pooled Sobel magnitude, quantised to 8 bits."""
-    return quantize_edges(pool_edges(compute_sobel_magnitude(grey)))
+    return quantize_edges(pool_edges(compute_sobel_magnitude_reflected(grey)))
 
 
 def compute_edge_png(jpeg_bytes: bytes) -> bytes:

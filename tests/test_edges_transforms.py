@@ -19,7 +19,7 @@ from pipelines import shards
 from pipelines.captions import sample_key
 from pipelines.demo_corpus import read_corpus_records, write_demo_corpus
 from pipelines.edges import (EDGE_CELL, EDGE_FULL_SCALE, compute_edge_png,
-                             compute_sobel_magnitude, decode_edge_png, dequantize_edges,
+                             compute_sobel_magnitude_reflected, decode_edge_png, dequantize_edges,
                              edge_map_shape, edge_map_u8, quantize_edges)
 from pipelines.stages import build_sample
 from training.batches import (EDGE_SCORES, EPOCH, IMAGES, KEYS, TEXTS, BatchPreprocessor,
@@ -35,10 +35,10 @@ QUANT_STEP = EDGE_FULL_SCALE / 255.0  # gradient units per stored 8-bit level
 def test_sobel_of_a_linear_ramp_is_eight_times_its_slope_inside():
     y, x = np.mgrid[0:40, 0:56].astype(np.float32)
     ramp = 3.0 * x + 2.0 * y
-    magnitude = compute_sobel_magnitude(ramp)
+    magnitude = compute_sobel_magnitude_reflected(ramp)
     np.testing.assert_allclose(magnitude[1:-1, 1:-1], 8.0 * math.hypot(3.0, 2.0), rtol=1e-6)
     ramp_u8 = (3 * x).astype(np.uint8)  # the stored images are 8-bit
-    assert np.all(compute_sobel_magnitude(ramp_u8)[1:-1, 1:-1] == 24.0)
+    assert np.all(compute_sobel_magnitude_reflected(ramp_u8)[1:-1, 1:-1] == 24.0)
 
 
 def test_quantisation_round_trip_is_within_half_a_step():
@@ -96,7 +96,7 @@ def test_sobel_magnitude_is_correctly_rounded():
     rounding, so the stored edge map would be bit-reproducible."""
     grey = np.random.default_rng(1).integers(0, 256, (64, 64), dtype=np.uint8)
     expected = exact_sobel_magnitude(grey).astype(np.float32)
-    np.testing.assert_array_equal(compute_sobel_magnitude(grey), expected)
+    np.testing.assert_array_equal(compute_sobel_magnitude_reflected(grey), expected)
 
 
 def test_edge_maps_refuse_bad_input():
@@ -163,7 +163,7 @@ def edge_scores_both_ways(image: np.ndarray, box: CropBox, interpolation: int):
     stored = edge_map_u8(image)  # what a shard holds (lossless PNG)
     from_stored = interior_patch_scores(transform_edges(stored, box, OUT_SIZE, image.shape))
     transformed = apply_crop(image, box, OUT_SIZE, interpolation)  # uint8, as in training
-    recomputed = interior_patch_scores(compute_sobel_magnitude(transformed))
+    recomputed = interior_patch_scores(compute_sobel_magnitude_reflected(transformed))
     return from_stored, recomputed
 
 
@@ -294,11 +294,9 @@ def preprocessor() -> BatchPreprocessor:
     return BatchPreprocessor(ARCH, IMAGE_SIZE, PATCH_SIZE, CROP_SCALE, seed=3)
 
 
-def as_batch(rows: list[dict], epoch: int) -> dict:
-    """Rows in the form Ray Data hands a NumPy batch (object columns, plus the epoch)."""
-    batch = {c: np.array([r[c] for r in rows], dtype=object) for c in shards.SAMPLE_COLUMNS}
-    batch[EPOCH] = np.full(len(rows), epoch, dtype=np.int64)
-    return batch
+def as_batch(rows: list[dict], epoch: int) -> list[dict]:
+    """Sample rows as the data stage hands them to `prepare_rows` (each with its epoch)."""
+    return [{**{c: r[c] for c in shards.SAMPLE_COLUMNS}, EPOCH: epoch} for r in rows]
 
 
 def by_key(out: dict) -> dict[str, tuple]:
@@ -307,7 +305,7 @@ def by_key(out: dict) -> dict[str, tuple]:
 
 
 def test_prepared_batch_shapes_and_dtypes(preprocessor, shard_rows):
-    out = preprocessor(as_batch(shard_rows, epoch=0))
+    out = preprocessor.prepare_rows(as_batch(shard_rows, epoch=0))
     n, grid = len(shard_rows), IMAGE_SIZE // PATCH_SIZE
     assert out[IMAGES].shape == (n, 3, IMAGE_SIZE, IMAGE_SIZE) and out[IMAGES].dtype == np.uint8
     assert out[EDGE_SCORES].shape == (n, grid * grid) and out[EDGE_SCORES].dtype == np.float32
@@ -318,11 +316,11 @@ def test_prepared_batch_shapes_and_dtypes(preprocessor, shard_rows):
 
 
 def test_preparation_does_not_depend_on_batch_composition(preprocessor, shard_rows):
-    whole = by_key(preprocessor(as_batch(shard_rows, epoch=2)))
+    whole = by_key(preprocessor.prepare_rows(as_batch(shard_rows, epoch=2)))
     order = [5, 2, 7, 0, 3, 1, 6, 4]
     parts = {}
     for chunk in (order[:3], order[3:4], order[4:]):
-        parts.update(by_key(preprocessor(as_batch([shard_rows[i] for i in chunk], epoch=2))))
+        parts.update(by_key(preprocessor.prepare_rows(as_batch([shard_rows[i] for i in chunk], epoch=2))))
     assert whole.keys() == parts.keys()
     for key, (image, scores, text) in whole.items():
         np.testing.assert_array_equal(parts[key][0], image)
@@ -331,8 +329,8 @@ def test_preparation_does_not_depend_on_batch_composition(preprocessor, shard_ro
 
 
 def test_another_epoch_draws_another_crop(preprocessor, shard_rows):
-    first = by_key(preprocessor(as_batch(shard_rows, epoch=0)))
-    second = by_key(preprocessor(as_batch(shard_rows, epoch=1)))
+    first = by_key(preprocessor.prepare_rows(as_batch(shard_rows, epoch=0)))
+    second = by_key(preprocessor.prepare_rows(as_batch(shard_rows, epoch=1)))
     for key in first:
         assert not np.array_equal(first[key][0], second[key][0]), key
         assert not np.array_equal(first[key][1], second[key][1]), key
@@ -344,7 +342,7 @@ def test_sampled_caption_belongs_to_the_sample_group(preprocessor, shard_rows):
         texts = [c["text"] for c in json.loads(row[shards.META])["captions"]]
         tokens_of[row[shards.KEY]] = preprocessor.tokenizer(texts).numpy()
     for epoch in range(3):
-        out = preprocessor(as_batch(shard_rows, epoch=epoch))
+        out = preprocessor.prepare_rows(as_batch(shard_rows, epoch=epoch))
         for key, tokens in zip(out[KEYS], out[TEXTS]):
             assert (tokens_of[key] == tokens).all(axis=1).any(), key
 

@@ -22,7 +22,7 @@ from clip_benchmark.metrics import zeroshot_retrieval as cb_retrieval
 from torch.utils.data import DataLoader
 
 from evaluation import encoders
-from evaluation.benchmarks import Benchmark, requests, score
+from evaluation.task_registry import Benchmark, requests, score
 from evaluation.datasets import load_sugarcrepe, load_wds
 from evaluation.tasks.linear_probe import LinearProbeConfig, evaluate_linear_probe
 from tests.eval_fixtures import CLASSNAMES, TEMPLATES, class_image, save_micro_checkpoint

@@ -122,7 +122,7 @@ def test_query_removed_from_its_own_gallery():
 
 
 def test_same_split_image_retrieval_entry_removes_the_query():
-    from evaluation.benchmarks import Benchmark, requests, score
+    from evaluation.task_registry import Benchmark, requests, score
     from scoring.sets.classification import ClassificationSet
     from evaluation.tasks.intra_modal import compute_retrieval_metrics
     test = ClassificationSet("cub", [f"i{i}" for i in range(6)], np.arange(6) % 2, ["a", "b"], [])
@@ -137,7 +137,7 @@ def test_same_split_image_retrieval_entry_removes_the_query():
     assert "query removed" in result["protocol"] and result["n_gallery"] == 5
     with pytest.raises(ValueError, match="unknown gallery 'val'"):
         requests(Benchmark("cub", "image_retrieval", {"test": test}, {"gallery": "val"}))
-    from evaluation.benchmarks import benchmark_roles
+    from evaluation.task_registry import benchmark_roles
     assert benchmark_roles("image_retrieval", {"gallery": "test"}) == ("test",)  # no train split read
     assert benchmark_roles("image_retrieval", {}) == ("train", "test")
 
@@ -209,7 +209,7 @@ def test_linear_probe_separates_separable_features():
 
 
 def test_inverted_queries_are_embedding_requests_keyed_by_their_settings():
-    from evaluation.benchmarks import Benchmark, requests, score
+    from evaluation.task_registry import Benchmark, requests, score
     from scoring.sets.classification import ClassificationSet
     from evaluation.inversion import requested_inversion
     rng = np.random.default_rng(4)
@@ -249,7 +249,7 @@ def test_sgd_probe_learns_separable_classes():
 
 
 def test_ovi_caption_queries_are_a_request_of_the_first_captions():
-    from evaluation.benchmarks import Benchmark, requests
+    from evaluation.task_registry import Benchmark, requests
     from scoring.sets.retrieval import RetrievalSet
     data = RetrievalSet("r", "hand-made", ["i0", "i1"], ["a", "b", "c", "d"], np.array([0, 0, 1, 1]))
     wanted = requests(Benchmark("r", "text_retrieval", {"test": data}, {"query": "ovi"}))
@@ -260,7 +260,7 @@ def test_ovi_caption_queries_are_a_request_of_the_first_captions():
 def test_zero_shot_and_retrieval_controls_invert_one_side():
     """Cross the Gap's controls: zero-shot through OTI images or OVI prompts, and image-text
     retrieval with an inverted side, are the same tasks with one side's request inverted."""
-    from evaluation.benchmarks import Benchmark, requests, score
+    from evaluation.task_registry import Benchmark, requests, score
     from scoring.sets.classification import ClassificationSet
     from scoring.sets.retrieval import RetrievalSet
     from evaluation.inversion import requested_inversion
@@ -283,7 +283,7 @@ def test_zero_shot_and_retrieval_controls_invert_one_side():
 
 def test_zero_shot_entry_may_name_its_own_templates(tmp_path):
     """The paper's controls use one template per dataset: options.templates replaces the set's."""
-    from evaluation.benchmarks import load_benchmark, requests
+    from evaluation.task_registry import load_benchmark, requests
     from tests.eval_fixtures import write_class_folder
     folder = write_class_folder(tmp_path / "zs", n_per_class=1, n_classes=2)
     bench = load_benchmark({"name": "z", "task": "zeroshot", "test": {"format": "image_folder", "path": str(folder)},
@@ -294,7 +294,7 @@ def test_zero_shot_entry_may_name_its_own_templates(tmp_path):
 def test_native_inverted_mixture_by_hand():
     """options.mix: q = normalise(α·x + (1 − α)·x_inv) for each α; α = 1 is the native
     baseline, α = 0 the inverted queries."""
-    from evaluation.benchmarks import Benchmark, mixed_queries, requests, score
+    from evaluation.task_registry import Benchmark, mixed_queries, requests, score
     from scoring.sets.classification import ClassificationSet
     from evaluation.tasks.intra_modal import compute_retrieval_map
     rng = np.random.default_rng(8)

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from evaluation import benchmarks, encoders
+from evaluation import encoders, task_registry
 from scoring.sets.files import Location
 from tests.eval_fixtures import save_micro_checkpoint, write_class_folder, write_karpathy
 from training.collectives import interleave_shares
@@ -18,17 +18,17 @@ from training.inference import load_inference_model
 
 def evaluation_job_figures(checkpoint_uri: str, entry: dict) -> dict:
     """One suite entry scored the evaluation job's way: its readers, its encoders (Ray Data's
-    actors, called in-process), `benchmarks.score`."""
-    bench = benchmarks.load_benchmark(entry)
+    actors, called in-process), `task_registry.score`."""
+    bench = task_registry.load_benchmark(entry)
     features = {}
-    for role, (modality, values) in benchmarks.requests(bench).items():
-        is_image = modality == benchmarks.IMAGE
+    for role, (modality, values) in task_registry.requests(bench).items():
+        is_image = modality == task_registry.IMAGE
         encoder = encoders.ImageEncoder(checkpoint_uri) if is_image else encoders.TextEncoder(checkpoint_uri)
         rows = encoders.image_rows(values) if is_image else encoders.text_rows(values)
         columns = {k: np.array([r[k] for r in rows], dtype=object if k != encoders.INDEX else np.int64)
                    for k in rows[0]}
         features[role] = encoder(columns)[encoders.EMBEDDING]
-    return benchmarks.score(bench, features, load_inference_model(checkpoint_uri).topology)
+    return task_registry.score(bench, features, load_inference_model(checkpoint_uri).topology)
 
 
 def in_run_figures(checkpoint_uri: str, sets: tuple[str, ...], world: int = 1) -> dict:

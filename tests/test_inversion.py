@@ -109,7 +109,7 @@ def test_encoders_invert_and_the_cache_returns_inverted_features_without_reoptim
     import numpy as np
 
     from evaluation import encoders, evaluate
-    from evaluation.benchmarks import Benchmark, requests
+    from evaluation.task_registry import Benchmark, requests
     from evaluation.cache import EmbeddingCache
     from scoring.sets.classification import ClassificationSet
     from tests.eval_fixtures import class_image, save_micro_checkpoint

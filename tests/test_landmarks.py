@@ -9,7 +9,7 @@ import cv2
 import numpy as np
 import pytest
 
-from evaluation.benchmarks import Benchmark, requests, score
+from evaluation.task_registry import Benchmark, requests, score
 from evaluation.datasets.landmarks import load_revisited, read_ground_truth
 from evaluation.tasks.intra_modal import compute_revisited_map, revisited_average_precision
 from training.methods.topology.spaces import Sphere

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from training.config import LossConfig, MaskingConfig, ModelConfig, OptimConfig
-from training.methods.longclip.positions import (apply_long_text, zero_frozen_rows, compute_stretched_context, stretch_positional_table,
-                                text_context_length)
+from training.methods.longclip.positions import (apply_long_text, compute_stretched_context,
+                                                 stretch_positional_table, zero_frozen_rows)
 from training.model import build_model
 from training.optim import build_optimizer
 from training.towers import build_tokenizer
@@ -68,7 +68,7 @@ def test_stretched_tower_geometry_and_tokenizer():
     assert tower.positional_embedding.shape[0] == tower.context_length == 248
     assert tower.attn_mask.shape == (248, 248)
     assert torch.isinf(tower.attn_mask[0, 1]) and tower.attn_mask[1, 0] == 0 and tower.attn_mask[5, 5] == 0
-    assert text_context_length(ARCH, 20, 4) == 248 and text_context_length(ARCH, 20, 1) == 77
+    assert stretched_model(20, 1).tower.context_length == 77  # what the tokenizer reads (model.sample_geometry)
     tokens = build_tokenizer(ARCH, 248)(["word " * 200])
     assert tokens.shape == (1, 248)
     assert tower.encode_text(tokens).shape == (1, tower.text_projection.shape[1])

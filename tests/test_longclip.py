@@ -62,7 +62,7 @@ def captions_of(row: dict, kind: str) -> set[str]:
 def test_long_and_short_batches_pair_each_image_with_its_own_captions(shard_rows):  # noqa: F811
     prepare = BatchPreprocessor(ARCH, IMAGE_SIZE, PATCH_SIZE, CROP_SCALE, seed=1,
                                 caption_policy="long_and_short", context_length=96)
-    out = prepare(as_batch(shard_rows, epoch=0))
+    out = prepare.prepare_rows(as_batch(shard_rows, epoch=0))
     assert out[TEXTS].shape == out[SHORT_TEXTS].shape == (len(shard_rows), 96)
     tokenizer = prepare.tokenizer
     for row, long_tokens, short_tokens in zip(shard_rows, out[TEXTS], out[SHORT_TEXTS]):
@@ -74,7 +74,7 @@ def test_long_and_short_batches_pair_each_image_with_its_own_captions(shard_rows
 
 def test_single_caption_batches_have_no_second_caption(shard_rows):  # noqa: F811
     prepare = BatchPreprocessor(ARCH, IMAGE_SIZE, PATCH_SIZE, CROP_SCALE, seed=1, caption_policy="mix")
-    assert SHORT_TEXTS not in prepare(as_batch(shard_rows, epoch=0))
+    assert SHORT_TEXTS not in prepare.prepare_rows(as_batch(shard_rows, epoch=0))
 
 
 @pytest.mark.parametrize("fraction", [0.0, 0.25, 1.0])

@@ -7,7 +7,7 @@ import cv2
 import numpy as np
 import pytest
 
-from evaluation.benchmarks import load_benchmark, requests, score
+from evaluation.task_registry import load_benchmark, requests, score
 from evaluation.datasets.metric_learning import load_cub, load_sop
 from evaluation.tasks.intra_modal import compute_retrieval_metrics
 from training.methods.topology.spaces import Sphere

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from evaluation import encoders
-from evaluation.benchmarks import IMAGE_STATES, Benchmark, requests
+from evaluation.task_registry import IMAGE_STATES, Benchmark, requests
 from scoring.sets.classification import ClassificationSet
 from evaluation.probe_views import ViewAugmenter, ViewConfig, requested_views
 from evaluation.tasks.linear_probe import LinearProbeConfig, train_linear_probe

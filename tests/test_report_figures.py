@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from evaluation.benchmarks import Benchmark, score
+from evaluation.task_registry import Benchmark, score
 from scoring.sets.classification import ClassificationSet, load_image_folder
 from scoring.retrieval import select_gallery
 from scoring.zeroshot import compute_attribute_accuracy

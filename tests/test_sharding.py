@@ -31,8 +31,7 @@ from training.compilation import compile_metrics, compile_towers
 from training.sharding import gather_full_state, is_sharded, local_parameter_count, shard_training_state
 from training.config import EvalConfig
 from training.in_run_eval import InRunEvaluator
-from training.inference import inference_tokenizer
-from training.model import tower_geometry
+from training.model import sample_geometry
 from tests.eval_fixtures import write_class_folder, write_karpathy
 from tests.test_accumulation import ARCH, METHODS, make_batch
 
@@ -102,8 +101,9 @@ def every_method_step(rank: int) -> dict:
 
 def in_run_evaluator(config, model, rank: int, out: Path) -> InRunEvaluator:
     sets = (f"colours=image_folder:{out / 'colours'}", f"shots=karpathy:{out / 'shots' / 'dataset_tiny.json'}")
-    return InRunEvaluator(EvalConfig(every=1, sets=sets, batch_size=4), tower_geometry(model)[0],
-                          inference_tokenizer(config), rank, 2, CPU)
+    geometry = sample_geometry(model, config.model.arch)
+    return InRunEvaluator(EvalConfig(every=1, sets=sets, batch_size=4), geometry.image_size, geometry.tokenizer(),
+                          rank, 2, CPU)
 
 
 def compare_to_ddp(rank: int, out: Path) -> dict:

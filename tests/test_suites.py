@@ -7,7 +7,7 @@ import json
 import pytest
 
 from evaluation import evaluate, suites
-from evaluation.benchmarks import READERS, TASKS, benchmark_roles, load_benchmark
+from evaluation.task_registry import READERS, TASKS, benchmark_roles, load_benchmark
 
 
 @pytest.mark.parametrize("name", suites.available_suites())

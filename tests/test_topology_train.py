@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from evaluation.benchmarks import Benchmark, requests, score
+from evaluation.task_registry import Benchmark, requests, score
 from evaluation.datasets import load_karpathy
 from scoring.sets.files import read_image
 from scoring.retrieval import compute_retrieval_recall
@@ -24,7 +24,7 @@ from tests.test_eval_parity import encode_directly
 from training import checkpoint, data_mixture, data_stage, export, train
 from training.inference import load_inference_model
 from training.loop import run_training
-from training.model import build_training_model, tower_geometry
+from training.model import build_training_model, sample_geometry
 from training.objectives import build_objective
 
 pytestmark = pytest.mark.ray
@@ -59,15 +59,16 @@ def in_process_losses(argv: list[str], batches: list[dict]) -> dict[int, float]:
     return losses
 
 
-def geometry_of(argv: list[str]) -> tuple[int, int]:
-    return tower_geometry(build_training_model(train.build_config(train.parse_args(argv))))
+def geometry_of(argv: list[str]):
+    config = train.build_config(train.parse_args(argv))
+    return sample_geometry(build_training_model(config), config.model.arch)
 
 
 def worker_batches(argv: list[str]) -> list[dict]:
     """The one worker's Ray Data batch stream of `argv` from step 0, its first STEPS batches."""
     config = train.build_config(train.parse_args(argv))
-    stream = data_stage.iter_worker_batches(config, data_mixture.load_sources(config.data.builds), 0, 1, 0,
-                                            geometry_of(argv))
+    stream = data_stage.iter_worker_batches(config.data, config.run.seed, config.run.epochs,
+                                            data_mixture.load_sources(config.data.builds), 0, 1, 0, geometry_of(argv))
     return [batch for _, batch in zip(range(STEPS), stream)]
 
 
@@ -150,7 +151,7 @@ def test_linear_probe_reads_the_concatenated_class_states(tmp_path):
     """A probe entry with {"features": "class_states"} requests the m [CLS] states before the
     projection (m·w wide), a new embedding request the image encoder answers."""
     from evaluation import encoders
-    from evaluation.benchmarks import IMAGE_STATES
+    from evaluation.task_registry import IMAGE_STATES
     from scoring.sets.classification import ClassificationSet
     from tests.eval_fixtures import class_image
     uri = str(save_micro_checkpoint(tmp_path / "step_00000001", **{"topology.kind": "multi", "topology.m": 4}))

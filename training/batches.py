@@ -1,12 +1,14 @@
 """CPU-side batch preparation before the step: decode, joint crop of image and edge map,
 per-patch edge scores, one caption per image sampled from its group, tokenisation.
 
-`BatchPreprocessor` is a callable class (tokenizer built once in `__init__`) that Ray Data
-runs on CPU workers; tests call it directly on shard rows.
+`BatchPreprocessor` (tokenizer built once in `__init__`) prepares a list of shard rows into one
+batch; the data stage (`data_stage.PrepareShardItems`, on Ray Data CPU actors) runs it on each
+shard's rows, and tests call it directly.
 """
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 
 import cv2
 import numpy as np
@@ -20,6 +22,18 @@ IMAGES, TEXTS, EDGE_SCORES, KEYS = "images", "texts", "edge_scores", "keys"
 SHORT_TEXTS = "short_texts"  # a second, short caption per image (policy "long_and_short")
 EPOCH = "epoch"  # column added by the reader: randomness is a function of (seed, epoch, key)
 CAPTION_POLICIES = ("uniform", "short", "long", "mix", "long_and_short")
+
+
+@dataclass(frozen=True)
+class SampleGeometry:
+    """What a sample is prepared for: read from the built towers (`model.sample_geometry`)."""
+    arch: str  # its tokenizer
+    image_size: int
+    patch_size: int  # edge scores per patch; a convolutional tower's "patch" is the image
+    context_length: int  # the text tower's context (stretched by Long-CLIP)
+
+    def tokenizer(self):
+        return build_tokenizer(self.arch, self.context_length)
 
 
 def sample_rng(seed: int, epoch: int, key: str) -> np.random.Generator:
@@ -73,12 +87,6 @@ class BatchPreprocessor:
         captions = choose_captions(json.loads(row[shards.META])["captions"], self.caption_policy,
                                    rng, self.long_fraction)
         return image.transpose(2, 0, 1), scores, captions  # uint8 (3, H, W): 4x less to move
-
-    def __call__(self, batch: dict) -> dict:
-        """A batch in Ray Data's column form (dict of arrays, with the reader's epoch)."""
-        n = len(batch[shards.KEY])
-        return self.prepare_rows([{k: batch[k][i] for k in (*shards.SAMPLE_COLUMNS, EPOCH)}
-                                  for i in range(n)])
 
     def prepare_rows(self, rows: list[dict]) -> dict:
         """Sample rows (each with its epoch) -> one prepared batch."""

@@ -16,15 +16,13 @@ from torch import nn
 
 from training import checkpoint, data_mixture, transforms
 from training.inference_model import InferenceModel
-from training.methods.longclip.positions import text_context_length
 from training.methods.smartclip.scoring import MaskedScoringModel, MaskedSphere
 from training.methods.recipes import resolve_auto_fields
 from training.off_the_shelf import is_open_clip_ref, load_open_clip_inference
-from training.model import ContrastiveModel, build_training_model, tower_geometry
+from training.model import ContrastiveModel, build_training_model, sample_geometry
 from training.methods.topology.spaces import Sphere
-from training.towers import build_tokenizer
 
-SCORERS = ("plain", "masked")
+SCORER_NAMES = ("plain", "masked")
 
 
 class EvalPreprocess:
@@ -70,7 +68,7 @@ def build_scoring(model: ContrastiveModel, scorer: str) -> tuple[nn.Module, Sphe
         if model.mask_network is None:
             raise ValueError("the masked scorer needs a SmartCLIP checkpoint (it has no mask network)")
         return MaskedScoringModel(model), MaskedSphere(model.topology.n, model.topology.m)
-    raise ValueError(f"unknown scorer {scorer!r}; known: {', '.join(SCORERS)}")
+    raise ValueError(f"unknown scorer {scorer!r}; known: {', '.join(SCORER_NAMES)}")
 
 
 def load_inference_model(uri: str, device: str = "cpu", scorer: str = "plain",
@@ -95,13 +93,6 @@ def load_inference_model(uri: str, device: str = "cpu", scorer: str = "plain",
             "method": config.method, "arch": config.model.arch, "topology": model.topology.describe(), "scorer": scorer,
             **data_mixture.saved_sources(state),
             "code_version": state.get("code_version")}
-    return InferenceModel(model=encoder, preprocess=EvalPreprocess(tower_geometry(model)[0]),
-                                     tokenizer=inference_tokenizer(config), topology=topology, info=info)
-
-
-def inference_tokenizer(config) -> object:
-    """The tokenizer evaluation encodes texts with: the arch's, at the run's text context
-    (Long-CLIP's stretched positions included)."""
-    context = text_context_length(config.model.arch, config.model.text_positions_kept,
-                                  config.model.text_stretch_factor)
-    return build_tokenizer(config.model.arch, context)
+    geometry = sample_geometry(model, config.model.arch)
+    return InferenceModel(model=encoder, preprocess=EvalPreprocess(geometry.image_size),
+                          tokenizer=geometry.tokenizer(), topology=topology, info=info)

@@ -21,11 +21,14 @@ from training.methods.topology.multi_token import convert_to_multi_token, num_cl
 from training.pretrained import load_pretrained_tower
 from training.methods.topology.spaces import Sphere, build_topology
 from training.towers import tower_dtype
+from training.batches import SampleGeometry
 
-# Selectors in open_clip's patch-dropout hook see only the tokens; token selectors (PGS)
-# also read the images and edge scores, so the model runs the vision tower around them.
-PATCH_SELECTORS = {"none": None, "random": RandomPatchDrop, "pgs": None}
+# Patch selection by `masking.kind` ("none": every token). A hook selector (FLIP) runs in
+# open_clip's patch-dropout hook and sees only the tokens; a token selector (PGS) also reads the
+# images and edge scores, so the model runs the vision tower around it.
+HOOK_SELECTORS = {"random": RandomPatchDrop}
 TOKEN_SELECTORS = {"pgs": PGSSelector}
+SELECTION_KINDS = ("none", *HOOK_SELECTORS, *TOKEN_SELECTORS)
 
 
 class ContrastiveModel(nn.Module):
@@ -111,9 +114,9 @@ def check_patch_tower(visual: nn.Module, feature: str) -> None:
 
 def build_patch_selector(masking: MaskingConfig, num_prefix_tokens: int = 1) -> nn.Module | None:
     """The patch-dropout hook's selector; the first `num_prefix_tokens` (class tokens) stay."""
-    if masking.kind not in PATCH_SELECTORS:
-        raise ValueError(f"unknown patch selection {masking.kind!r}; known: {sorted(PATCH_SELECTORS)}")
-    selector = PATCH_SELECTORS[masking.kind]
+    if masking.kind not in SELECTION_KINDS:
+        raise ValueError(f"unknown patch selection {masking.kind!r}; known: {sorted(SELECTION_KINDS)}")
+    selector = HOOK_SELECTORS.get(masking.kind)
     return None if selector is None else selector(masking.ratio, num_prefix_tokens)
 
 
@@ -206,6 +209,13 @@ def build_training_model(config: TrainConfig, with_weights: bool = True) -> Cont
     built = build_model(model, config.masking, config.loss, smartclip, pgs=config.pgs, topology=config.topology)
     built.tower.set_grad_checkpointing(config.run.grad_checkpointing)
     return built
+
+
+def sample_geometry(model: ContrastiveModel, arch: str) -> SampleGeometry:
+    """What the data stage and evaluation prepare samples for, read from the built towers:
+    image and patch size, and the text tower's own context (Long-CLIP's stretched positions
+    included), with the arch's tokenizer."""
+    return SampleGeometry(arch, *tower_geometry(model), int(model.tower.context_length))
 
 
 def tower_geometry(model: ContrastiveModel) -> tuple[int, int]:

@@ -38,10 +38,9 @@ from training import checkpoint, data_mixture, data_order, export, ray_entry, re
 from training.data_stage import iter_worker_batches  # noqa: E402
 from training.config import TrainConfig, apply_overrides, config_from_dict, config_to_dict  # noqa: E402
 from training.in_run_eval import InRunEvaluator, check_eval_config  # noqa: E402
-from training.inference import inference_tokenizer  # noqa: E402
 from training.loop import LoopSettings, run_training  # noqa: E402
 from training.methods.recipes import build_method_config, check_combination, resolve_auto_fields  # noqa: E402
-from training.model import build_training_model, tower_geometry  # noqa: E402
+from training.model import build_training_model, sample_geometry  # noqa: E402
 from training.auxiliary import check_ranks_agree, parts_of  # noqa: E402
 from training.objectives import build_training_objective  # noqa: E402
 from training.optim import build_optimizer, build_scheduler  # noqa: E402
@@ -190,16 +189,17 @@ def run_worker(loop_config: dict) -> None:
     parts = parts_of(objective)
     start_step = restore(ckpt, model, optimizer, scheduler, parts, run_dir)
     resume.check_restored(start_step, loop_config.get("resume_step", 0), run_dir)
-    geometry = tower_geometry(model)
+    geometry = sample_geometry(model, config.model.arch)
     model, optimizer, scheduler, runner, weights = parallelize(config, loop_config, model, optimizer, scheduler,
                                                                device)
     settings = loop_settings(config, loop_config, rank, world, device, start_step)
-    batches = iter_worker_batches(config, sources, rank, world, start_step, geometry)
+    batches = iter_worker_batches(config.data, config.run.seed, config.run.epochs, sources, rank, world, start_step,
+                                  geometry)
     tracker = build_tracker(rank, run_dir, config.run.tensorboard_dir, start_step, loop_config.get("wandb"))
     # checkpoints hold the float32 model (the masters under bf16), so a resume is exact
     report = build_reporter(config, rank, model if weights else runner, optimizer, scheduler, loop_config["extra"],
                             parts, run_dir, tracker)
-    evaluate = (InRunEvaluator(config.eval, geometry[0], inference_tokenizer(config), rank, world, device,
+    evaluate = (InRunEvaluator(config.eval, geometry.image_size, geometry.tokenizer(), rank, world, device,
                                autocast=settings.bf16) if config.eval.every else None)
     try:
         run_training(runner, objective, optimizer, scheduler, batches, settings, report, weights, evaluate)

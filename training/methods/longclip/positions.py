@@ -5,7 +5,6 @@ uses n = 77, k = 20, f = 4 -> 248; the tiny CPU archs use the same rule with the
 """
 from __future__ import annotations
 
-import open_clip
 import torch
 from torch import nn
 from torch.distributed.tensor import DTensor, distribute_tensor
@@ -81,19 +80,3 @@ def apply_long_text(tower: nn.Module, keep: int, factor: int) -> None:
     tower.context_length = table.shape[0]
     causal = torch.full((table.shape[0],) * 2, float("-inf"), device=table.device).triu_(1)
     tower.attn_mask = causal  # the (non-persistent) buffer open_clip's encode_text passes on
-
-
-def arch_context_length(arch: str) -> int:
-    """The text context an open_clip architecture was defined with."""
-    from training.towers import register_tiny_configs
-    register_tiny_configs()
-    config = open_clip.get_model_config(arch)
-    if config is None:
-        raise ValueError(f"unknown architecture {arch!r}")
-    return int(config["text_cfg"].get("context_length", 77))
-
-
-def text_context_length(arch: str, keep: int, factor: int) -> int:
-    """The tokenizer context of a (possibly stretched) text tower."""
-    context = arch_context_length(arch)
-    return context if factor == 1 else compute_stretched_context(context, keep, factor)

@@ -117,8 +117,9 @@ def build_sobel_kernels() -> torch.Tensor:
     return torch.stack([kx, kx.T]).unsqueeze(1)
 
 
-def compute_sobel_magnitude(grey: torch.Tensor, kernels: torch.Tensor) -> torch.Tensor:
-    """(B, 1, h, w) -> (B, 1, h, w) 3x3 Sobel gradient magnitude, zero padding 1."""
+def compute_sobel_magnitude_zero_padded(grey: torch.Tensor, kernels: torch.Tensor) -> torch.Tensor:
+    """(B, 1, h, w) -> (B, 1, h, w) 3x3 Sobel gradient magnitude, zero padding 1 (the released
+    code's; the shards' edge maps reflect their borders, pipelines/edges.py)."""
     grad = F.conv2d(grey, kernels.to(grey.dtype), padding=1)
     return grad.pow(2).sum(dim=1, keepdim=True).sqrt()
 
@@ -131,7 +132,7 @@ def compute_reference_edges(std_patches: torch.Tensor, grid: tuple[int, int],
     """The released edge map (§3 step 2, degenerate by design: the mean of a standardised
     patch is zero up to round-off, which min-max normalisation blows up). (B, L) in [0, 1]."""
     grey = std_patches.mean(dim=-1).reshape(-1, 1, *grid)  # (B, 1, gh, gw)
-    return normalize_min_max(compute_sobel_magnitude(grey, kernels).flatten(1))
+    return normalize_min_max(compute_sobel_magnitude_zero_padded(grey, kernels).flatten(1))
 
 
 def select_reference(similarity: torch.Tensor, edges: torch.Tensor | None, config: PGSConfig,

@@ -1,4 +1,4 @@
-"""What each kind of benchmark encodes and how it is scored. A suite entry names a task and
+"""The evaluation task registry (`TASKS`): what each kind of benchmark encodes and how it is scored. A suite entry names a task and
 its dataset(s); loading it gives a `Benchmark`; `requests` lists the images and texts to embed
 (by role); `score` turns those embeddings into the report entry with the checkpoint's
 topology (training/methods/topology/spaces.py): its similarity, template rule and modality gap."""
@@ -335,7 +335,7 @@ def score_landmark_retrieval(bench: Benchmark, features: dict, topology: Topolog
             "n_queries": len(dataset.queries), "n_gallery": dataset.n_images, **inverted_note(bench)}
 
 
-SCORERS = {"zeroshot": score_zeroshot, "retrieval": score_retrieval, "linear_probe": score_linear_probe,
+TASK_SCORERS = {"zeroshot": score_zeroshot, "retrieval": score_retrieval, "linear_probe": score_linear_probe,
            "compositionality": score_compositionality, "image_retrieval": score_image_retrieval,
            "landmark_retrieval": score_landmark_retrieval,
            "text_retrieval": score_text_retrieval}
@@ -343,4 +343,4 @@ SCORERS = {"zeroshot": score_zeroshot, "retrieval": score_retrieval, "linear_pro
 
 def score(bench: Benchmark, features: dict[str, np.ndarray], topology: Topology) -> dict:
     """The report entry of one benchmark from the embeddings of its `requests`."""
-    return SCORERS[bench.task](bench, features, topology)
+    return TASK_SCORERS[bench.task](bench, features, topology)
