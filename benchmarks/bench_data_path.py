@@ -21,6 +21,7 @@ from training import data_mixture, data_order, train
 from training.batches import BatchPreprocessor
 from training.methods.clip.loss import ContrastiveLoss
 from training.loop import LoopSettings, run_training
+from training.config import temperature_of
 from training.model import build_model, tower_geometry
 from training.optim import build_optimizer, build_scheduler
 
@@ -50,7 +51,7 @@ def run_in_memory(build_uri: str, args) -> float:
     config = train.build_config(train.parse_args(["--data", build_uri, "--method", args.method, "--arch",
                                                   args.arch, "--batch-size", str(args.batch_size)]))
     torch.manual_seed(0)
-    model = build_model(config.model, config.masking, config.loss)
+    model = build_model(config.model, config.masking, temperature_of(config.loss, config.topology))
     batches = prepare_in_memory(build_uri, config, tower_geometry(model), args.steps)
     optimizer = build_optimizer(model, config.optim)
     scheduler = build_scheduler(optimizer, 100, 10_000)

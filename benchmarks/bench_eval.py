@@ -26,7 +26,7 @@ from scoring.retrieval import compute_retrieval_recall  # noqa: E402
 from pipelines import ray_setup  # noqa: E402
 from tests.eval_fixtures import class_image  # noqa: E402
 from training import checkpoint  # noqa: E402
-from training.config import apply_overrides  # noqa: E402
+from training.config import apply_overrides, temperature_of  # noqa: E402
 from training.methods.recipes import build_method_config  # noqa: E402
 from training.model import build_model  # noqa: E402
 from training.optim import build_optimizer, build_scheduler  # noqa: E402
@@ -34,7 +34,7 @@ from training.optim import build_optimizer, build_scheduler  # noqa: E402
 
 def save_checkpoint(directory: Path, arch: str) -> str:
     config = apply_overrides(build_method_config("clip"), {"model.arch": arch})
-    model = build_model(config.model, config.masking, config.loss)
+    model = build_model(config.model, config.masking, temperature_of(config.loss, config.topology))
     optimizer = build_optimizer(model, config.optim)
     scheduler = build_scheduler(optimizer, warmup_steps=1, total_steps=2)
     return str(checkpoint.save_checkpoint(directory, model, optimizer, scheduler, 1, config, {}))

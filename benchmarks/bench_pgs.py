@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from training.batches import EDGE_SCORES, IMAGES, TEXTS
-from training.config import apply_overrides
+from training.config import apply_overrides, temperature_of
 from training.methods.clip.loss import ContrastiveLoss
 from training.loop import LoopSettings, seed_step, train_step
 from training.methods.recipes import build_method_config
@@ -49,7 +49,7 @@ def build_variant(label: str, args):
                                  {"pgs.mode": mode, "pgs.compaction": (compaction or ["batch_min"])[0]})
     config = apply_overrides(config, {"model.arch": args.arch})
     torch.manual_seed(0)
-    return config, build_model(config.model, config.masking, config.loss, pgs=config.pgs).to(args.device)
+    return config, build_model(config.model, config.masking, temperature_of(config.loss, config.topology), pgs=config.pgs).to(args.device)
 
 
 def timed(fn, device: torch.device) -> float:

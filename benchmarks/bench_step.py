@@ -22,6 +22,7 @@ from training.batches import IMAGES, TEXTS
 from training.methods.clip.loss import ContrastiveLoss
 from training.loop import LoopSettings, seed_step, train_step
 from training.methods.recipes import build_method_config
+from training.config import temperature_of
 from training.model import build_model, tower_geometry
 from training.optim import build_optimizer, build_scheduler
 from training.towers import build_tokenizer
@@ -83,7 +84,7 @@ def time_method(method: str, args) -> dict:
     masking = overrides.masking.__class__(overrides.masking.kind, args.mask_ratio if method == "flip" else 0.0)
     device = torch.device(args.device)
     torch.manual_seed(0)
-    model = build_model(model_cfg, masking, overrides.loss).to(device)
+    model = build_model(model_cfg, masking, temperature_of(overrides.loss, overrides.topology)).to(device)
     optimizer = build_optimizer(model, overrides.optim)
     scheduler = build_scheduler(optimizer, 10, 10_000)
     settings = LoopSettings(0, 10_000, 0, 0, 1, device, bf16=device.type == "cuda")

@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from training import checkpoint
-from training.config import apply_overrides
+from training.config import apply_overrides, temperature_of
 from training.methods.recipes import build_method_config
 from training.model import build_model
 from training.optim import build_optimizer, build_scheduler
@@ -25,7 +25,7 @@ TEMPLATES = ["a photo of a {c}.", "a {c}.", "art of the {c}"]
 def save_micro_checkpoint(directory: Path, seed: int = 5, **overrides) -> Path:
     config = apply_overrides(build_method_config("flip"), {"model.arch": ARCH, "run.seed": seed, **overrides})
     torch.manual_seed(seed)
-    model = build_model(config.model, config.masking, config.loss, topology=config.topology)
+    model = build_model(config.model, config.masking, temperature_of(config.loss, config.topology), topology=config.topology)
     optimizer = build_optimizer(model, config.optim)
     scheduler = build_scheduler(optimizer, warmup_steps=1, total_steps=2)
     return checkpoint.save_checkpoint(directory, model, optimizer, scheduler, 1, config,

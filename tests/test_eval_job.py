@@ -133,6 +133,7 @@ def test_a_checkpoint_written_during_evaluation_reaches_neither_report_nor_encod
     checkpoint once, and the encoder actors embed with that one, not the newer one that appeared
     after (here: written while the driver loads the datasets, before any actor starts)."""
     from training import checkpoint
+    from training.config import temperature_of
     from training.model import build_model
     from training.optim import build_optimizer, build_scheduler
 
@@ -142,7 +143,7 @@ def test_a_checkpoint_written_during_evaluation_reaches_neither_report_nor_encod
     def write_newer(directory: Path) -> None:  # another model, saved as step 2 of the same run
         config = checkpoint.load_config(run / "step_00000001")
         torch.manual_seed(11)
-        model = build_model(config.model, config.masking, config.loss, topology=config.topology)
+        model = build_model(config.model, config.masking, temperature_of(config.loss, config.topology), topology=config.topology)
         optimizer = build_optimizer(model, config.optim)
         checkpoint.save_checkpoint(directory, model, optimizer, build_scheduler(optimizer, 1, 2), 2, config,
                                    {"manifest_digest": "feed", "code_version": "test"})

@@ -8,7 +8,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from training.config import LossConfig, MaskingConfig, ModelConfig
+from training.config import MaskingConfig, ModelConfig, Temperature
 from training.methods.flip import RandomPatchDrop, compute_num_keep
 from training.model import build_model
 from training.towers import build_tokenizer
@@ -88,7 +88,7 @@ def test_same_seed_same_mask_and_masks_differ_across_rows_and_seeds():
 
 
 def build_micro(kind: str, ratio: float):
-    return build_model(ModelConfig(ARCH), MaskingConfig(kind, ratio), LossConfig())
+    return build_model(ModelConfig(ARCH), MaskingConfig(kind, ratio), Temperature())
 
 
 def record_vision_sequence_lengths(model) -> list[int]:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from training.config import LossConfig, MaskingConfig, ModelConfig, OptimConfig
+from training.config import MaskingConfig, ModelConfig, OptimConfig, Temperature
 from training.methods.longclip.positions import (apply_long_text, compute_stretched_context,
                                                  stretch_positional_table, zero_frozen_rows)
 from training.model import build_model
@@ -59,7 +59,7 @@ def test_impossible_stretch_is_an_error(n, keep, factor):
 
 def stretched_model(keep: int, factor: int):
     return build_model(ModelConfig(ARCH, text_positions_kept=keep, text_stretch_factor=factor),
-                       MaskingConfig(), LossConfig())
+                       MaskingConfig(), Temperature())
 
 
 def test_stretched_tower_geometry_and_tokenizer():

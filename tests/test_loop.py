@@ -11,7 +11,7 @@ import torch
 
 from training.batches import IMAGES, TEXTS
 from training.checkpoint import load_training_state, save_checkpoint
-from training.config import apply_overrides
+from training.config import apply_overrides, temperature_of
 from training.loop import LoopSettings, run_training
 from training.methods.clip.loss import ContrastiveLoss
 from training.methods.recipes import build_method_config
@@ -49,7 +49,7 @@ TOPOLOGY_OVERRIDES = {"sphere": {}, "oblique": {"topology.kind": "oblique", "top
 
 def build_parts(total_steps: int, init_seed: int = 0, warmup_steps: int = 2, config=CONFIG):
     torch.manual_seed(init_seed)
-    model = build_model(config.model, config.masking, config.loss, topology=config.topology)
+    model = build_model(config.model, config.masking, temperature_of(config.loss, config.topology), topology=config.topology)
     optimizer = build_optimizer(model, config.optim)
     scheduler = build_scheduler(optimizer, warmup_steps, total_steps)
     return model, ContrastiveLoss(topology=model.topology), optimizer, scheduler

@@ -15,7 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from training.batches import EDGE_SCORES, IMAGES, TEXTS
-from training.config import PGSConfig, apply_overrides, config_from_dict, config_to_dict
+from training.config import PGSConfig, apply_overrides, config_from_dict, config_to_dict, temperature_of
 from training.loop import LoopSettings, compute_epoch_fraction, run_training, seed_step, train_step
 from training.methods.clip.loss import ContrastiveLoss
 from training.methods.recipes import build_method_config
@@ -40,7 +40,7 @@ def pgs_config(method: str = "pgs0.3", **pgs):
 def build_pgs_model(method: str = "pgs0.3", seed: int = 0, **pgs):
     config = pgs_config(method, **pgs)
     torch.manual_seed(seed)
-    return build_model(config.model, config.masking, config.loss, pgs=config.pgs)
+    return build_model(config.model, config.masking, temperature_of(config.loss, config.topology), pgs=config.pgs)
 
 
 def make_batch(batch_size: int = 4, seed: int = 0) -> dict:
@@ -135,7 +135,7 @@ def test_hidden_equals_removed_tokens():
 @pytest.mark.parametrize("mode", ["reference", "paper"])
 def test_eval_mode_is_plain_clip_and_training_selects(mode):
     model = build_pgs_model(mode=mode)
-    flip_like = build_model(*(lambda c: (c.model, c.masking, c.loss))(apply_overrides(
+    flip_like = build_model(*(lambda c: (c.model, c.masking, temperature_of(c.loss, c.topology)))(apply_overrides(
         build_method_config("clip"), {"model.arch": ARCH})))
     flip_like.load_state_dict(model.state_dict())
     batch = make_batch()
@@ -196,7 +196,7 @@ def test_pgs_needs_class_token_pooling_and_masking_ratio_zero():
         check_supported_tower(model.tower.visual)
     config = pgs_config()
     with pytest.raises(ValueError, match="masking.ratio"):
-        build_model(config.model, apply_overrides(config.masking, {"ratio": 0.5}), config.loss, pgs=config.pgs)
+        build_model(config.model, apply_overrides(config.masking, {"ratio": 0.5}), temperature_of(config.loss, config.topology), pgs=config.pgs)
 
 
 # ------------------------------------------------------------------ loop, recipes, config
@@ -315,7 +315,7 @@ def test_hidden_equals_removed_tokens_in_bf16_on_cuda():
         pytest.skip("needs CUDA")
     config = apply_overrides(pgs_config(), {"model.arch": "ViT-B-16"})
     torch.manual_seed(0)
-    visual = build_model(config.model, config.masking, config.loss, pgs=config.pgs).cuda().train().tower.visual
+    visual = build_model(config.model, config.masking, temperature_of(config.loss, config.topology), pgs=config.pgs).cuda().train().tower.visual
     g = torch.Generator().manual_seed(0)
     keep = torch.stack([torch.randperm(196, generator=g)[:120] for _ in range(3)])
     hidden = torch.rand(3, 120, generator=g) < 0.3

@@ -8,7 +8,7 @@ import torch
 
 from tests.conftest import S3_BUCKET as BUCKET  # the s3_env fixture (moto on loopback) is in conftest
 from training import checkpoint
-from training.config import LossConfig, MaskingConfig, ModelConfig, apply_overrides
+from training.config import MaskingConfig, ModelConfig, Temperature, apply_overrides
 from training.methods.longclip.positions import stretch_positional_table
 from training.methods.recipes import build_method_config
 from training.model import build_model, build_training_model
@@ -21,7 +21,7 @@ pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
 def trained_tower_state(seed: int = 7) -> dict:
     torch.manual_seed(seed)
-    model = build_model(ModelConfig(ARCH), MaskingConfig(), LossConfig(init_logit_scale=2.0))
+    model = build_model(ModelConfig(ARCH), MaskingConfig(), Temperature(init_logit_scale=2.0))
     return {k: v.clone() for k, v in model.tower.state_dict().items()}
 
 
@@ -40,7 +40,7 @@ def write_open_clip_file(path, state: dict) -> str:
 def test_open_clip_file_start(tmp_path):
     state = trained_tower_state()
     pretrained = write_open_clip_file(tmp_path / "tiny.pt", state)
-    model = build_model(ModelConfig(ARCH, pretrained=pretrained), MaskingConfig(), LossConfig())
+    model = build_model(ModelConfig(ARCH, pretrained=pretrained), MaskingConfig(), Temperature())
     assert_same_tower(state, model.tower, skip=())  # logit scale kept (no reset)
 
 
@@ -67,12 +67,12 @@ def test_checkpoint_of_another_arch_is_refused(tmp_path):
     optimizer = build_optimizer(model, config.optim)
     checkpoint.save_checkpoint(tmp_path, model, optimizer, build_scheduler(optimizer, 1, 2), 1, config, {})
     with pytest.raises(ValueError, match="clip-tiny-p8-64"):
-        build_model(ModelConfig(ARCH, pretrained=str(tmp_path)), MaskingConfig(), LossConfig())
+        build_model(ModelConfig(ARCH, pretrained=str(tmp_path)), MaskingConfig(), Temperature())
 
 
 def test_unknown_pretrained_name_is_an_error(tmp_path):
     with pytest.raises(ValueError, match="neither a file, a checkpoint directory nor an open_clip tag"):
-        build_model(ModelConfig(ARCH, pretrained="no-such-weights"), MaskingConfig(), LossConfig())
+        build_model(ModelConfig(ARCH, pretrained="no-such-weights"), MaskingConfig(), Temperature())
 
 
 def test_open_clip_file_on_s3(s3_env, tmp_path):
@@ -81,5 +81,5 @@ def test_open_clip_file_on_s3(s3_env, tmp_path):
     local = write_open_clip_file(tmp_path / "tiny.pt", state)
     s3fs.S3FileSystem().put(local, f"{BUCKET}/weights/tiny.pt")
     model = build_model(ModelConfig(ARCH, pretrained=f"s3://{BUCKET}/weights/tiny.pt"), MaskingConfig(),
-                        LossConfig())
+                        Temperature())
     assert_same_tower(state, model.tower, skip=())

@@ -12,8 +12,8 @@ import torch
 from torch import nn
 
 from training import checkpoint, export
-from training.config import (LossConfig, MaskingConfig, ModelConfig, OptimConfig, TrainConfig,
-                             apply_overrides, config_from_dict, config_to_dict)
+from training.config import (MaskingConfig, ModelConfig, OptimConfig, Temperature, TrainConfig,
+                             apply_overrides, config_from_dict, config_to_dict, temperature_of)
 from training.inference import load_inference_model
 from training.methods.recipes import METHODS, build_method_config
 from training.model import build_model
@@ -88,7 +88,7 @@ def test_method_configs_and_unknown_method():
 @pytest.fixture(scope="module")
 def micro_model():
     torch.manual_seed(0)
-    return build_model(ModelConfig(ARCH), MaskingConfig("random", 0.5), LossConfig())
+    return build_model(ModelConfig(ARCH), MaskingConfig("random", 0.5), Temperature())
 
 
 def expected_no_decay(name: str) -> bool:
@@ -124,7 +124,7 @@ def test_param_groups_by_name(micro_model):
 
 
 def test_every_trainable_parameter_in_exactly_one_group(micro_model):
-    model = build_model(ModelConfig(ARCH), MaskingConfig(), LossConfig())
+    model = build_model(ModelConfig(ARCH), MaskingConfig(), Temperature())
     model.tower.visual.conv1.weight.requires_grad_(False)  # frozen parameters stay out
     optimizer = build_optimizer(model, OptimConfig())
     grouped = [id(p) for g in optimizer.param_groups for p in g["params"]]
@@ -160,7 +160,7 @@ def test_scheduler_applies_the_factor_per_step():
 
 
 def test_logit_scale_clamped_at_max(micro_model):
-    model = build_model(ModelConfig(ARCH), MaskingConfig(), LossConfig(max_logit_scale=100.0))
+    model = build_model(ModelConfig(ARCH), MaskingConfig(), Temperature(max_logit_scale=100.0))
     assert model.tower.logit_scale.exp().item() == pytest.approx(1 / 0.07, rel=1e-6)
     with torch.no_grad():
         model.tower.logit_scale.fill_(math.log(500.0))
@@ -196,7 +196,7 @@ def build_trained_micro(config: TrainConfig, steps: int, seed: int = 0):
     from training.methods.clip.loss import ContrastiveLoss
 
     torch.manual_seed(seed)
-    model = build_model(config.model, config.masking, config.loss)
+    model = build_model(config.model, config.masking, temperature_of(config.loss, config.topology))
     optimizer = build_optimizer(model, config.optim)
     scheduler = build_scheduler(optimizer, warmup_steps=2, total_steps=10)
     images, texts = make_batch()
@@ -362,7 +362,7 @@ def test_convolutional_tower_trains_clip():
     from training.objectives import build_objective
     register_tiny_configs()
     config = apply_overrides(build_method_config("clip"), {"model.arch": RESNET_ARCH})
-    model = build_model(config.model, config.masking, config.loss)
+    model = build_model(config.model, config.masking, temperature_of(config.loss, config.topology))
     assert type(model.tower.visual).__name__ == "ModifiedResNet"
     assert tower_geometry(model) == (32, 32)
     texts = build_tokenizer(RESNET_ARCH)(["a red circle", "a blue square", "a cyan star", "a pink cross"])
@@ -386,7 +386,7 @@ def test_patch_methods_refuse_a_convolutional_tower(method, names):
 
 def test_class_token_features_refuse_a_convolutional_tower():
     register_tiny_configs()
-    model = build_model(ModelConfig(RESNET_ARCH), MaskingConfig(), LossConfig())
+    model = build_model(ModelConfig(RESNET_ARCH), MaskingConfig(), Temperature())
     with pytest.raises(ValueError, match="class-token features needs a VisionTransformer"):
         model.image_class_states(torch.randn(2, 3, 32, 32))
 

@@ -277,5 +277,20 @@ def resolve_max_logit_scale(loss: LossConfig, topology: TopologyConfig) -> float
     return DEFAULT_MAX_LOGIT_SCALE / (topology.m if topology.kind == "multi" else 1)
 
 
+@dataclass(frozen=True)
+class Temperature:
+    """The towers' logit scale as the model needs it, resolved from the loss and topology
+    sections (`temperature_of`), so that building a model never takes the loss config."""
+    init_logit_scale: float = math.log(1 / 0.07)
+    max_logit_scale: float = DEFAULT_MAX_LOGIT_SCALE
+    learn: bool = True
+    reset: bool = False  # a pretrained start takes init_logit_scale anyway
+
+
+def temperature_of(loss: LossConfig, topology: TopologyConfig) -> Temperature:
+    return Temperature(loss.init_logit_scale, resolve_max_logit_scale(loss, topology), loss.learn_temperature,
+                       loss.reset_logit_scale)
+
+
 def compute_global_batch(config: TrainConfig) -> int:
     return config.data.batch_size_per_worker * config.run.num_workers

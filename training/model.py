@@ -9,8 +9,8 @@ import dataclasses
 import torch
 from torch import nn
 
-from training.config import (LossConfig, MaskingConfig, ModelConfig, PGSConfig, SmartClipConfig, TopologyConfig,
-                             TrainConfig, resolve_max_logit_scale)
+from training.config import (MaskingConfig, ModelConfig, PGSConfig, SmartClipConfig, Temperature, TopologyConfig,
+                             TrainConfig, temperature_of)
 from training.methods.longclip.positions import apply_long_text
 from training.methods.recipes import check_combination, resolve_auto_fields
 from training.methods.flip import RandomPatchDrop
@@ -174,14 +174,14 @@ def freeze_all_but_projections(tower: nn.Module) -> list[str]:
     return kept
 
 
-def set_temperature(tower: nn.Module, model: ModelConfig, loss: LossConfig) -> None:
-    if model.pretrained is None or loss.reset_logit_scale:
+def set_temperature(tower: nn.Module, model: ModelConfig, temperature: Temperature) -> None:
+    if model.pretrained is None or temperature.reset:
         with torch.no_grad():
-            tower.logit_scale.fill_(loss.init_logit_scale)
-    tower.logit_scale.requires_grad_(loss.learn_temperature)
+            tower.logit_scale.fill_(temperature.init_logit_scale)
+    tower.logit_scale.requires_grad_(temperature.learn)
 
 
-def build_model(model: ModelConfig, masking: MaskingConfig, loss: LossConfig,
+def build_model(model: ModelConfig, masking: MaskingConfig, temperature: Temperature = Temperature(),
                 smartclip: SmartClipConfig | None = None, *, pgs: PGSConfig = PGSConfig(),
                 topology: TopologyConfig = TopologyConfig()) -> ContrastiveModel:
     """The towers (from `model.pretrained` if set), long-text positions, the topology (m
@@ -192,10 +192,10 @@ def build_model(model: ModelConfig, masking: MaskingConfig, loss: LossConfig,
     space = apply_topology(tower, topology, model)
     if model.trainable == "projections":
         freeze_all_but_projections(tower)
-    set_temperature(tower, model, loss)
+    set_temperature(tower, model, temperature)
     mask_network = None if smartclip is None else build_mask_network(tower, smartclip)
     return ContrastiveModel(tower, build_patch_selector(masking, num_class_tokens(tower.visual)),
-                            resolve_max_logit_scale(loss, topology), mask_network,
+                            temperature.max_logit_scale, mask_network,
                             build_token_selector(masking, pgs, tower.visual), space)
 
 
@@ -206,7 +206,8 @@ def build_training_model(config: TrainConfig, with_weights: bool = True) -> Cont
     config = resolve_auto_fields(config)  # what depends on `pretrained` is fixed before it is dropped
     smartclip = config.smartclip if config.loss.kind == "smartclip" else None
     model = config.model if with_weights else dataclasses.replace(config.model, pretrained=None)
-    built = build_model(model, config.masking, config.loss, smartclip, pgs=config.pgs, topology=config.topology)
+    built = build_model(model, config.masking, temperature_of(config.loss, config.topology), smartclip,
+                        pgs=config.pgs, topology=config.topology)
     built.tower.set_grad_checkpointing(config.run.grad_checkpointing)
     return built
 
