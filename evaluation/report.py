@@ -8,7 +8,7 @@ import math
 import re
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, TypedDict
+from typing import Any
 
 from evaluation.datasets.compositional import SUGARCREPE_SUBSETS
 from evaluation.tasks.compositionality import AVERAGE_KEY
@@ -54,9 +54,6 @@ MANIFEST_DIGESTS_KEY = "manifest_digests"  # one digest per data manifest the ch
 DATA_WEIGHTS_KEY = "data_weights"  # each build's sampling weight in the run's mixture, same order
 
 # Per-dataset fields; metric names are those evaluation.tasks returns (CLIP_benchmark's names).
-N_IMAGES_KEY = "n_images"
-N_CLASSES_KEY = "n_classes"
-N_TEXTS_KEY = "n_texts"
 PROTOCOL_KEY = "protocol"
 ZEROSHOT_COLUMNS = {
     "top-1": TOPK_KEY.format(k=1),
@@ -67,52 +64,6 @@ ZEROSHOT_COLUMNS = {
 IMAGE_TO_TEXT_KEY = TEXT_RETRIEVAL_KEY  # image query, captions retrieved
 TEXT_TO_IMAGE_KEY = IMAGE_RETRIEVAL_KEY  # caption query, images retrieved
 MISSING = "–"
-
-
-class CheckpointInfo(TypedDict, total=False):
-    path: str
-    step: int
-    method: str
-    manifest_digests: list[str]
-    data_weights: list[float]
-
-
-class ZeroshotEntry(TypedDict):
-    top1: float  # fractions in [0, 1]; the Markdown shows percentages
-    top5: float
-    mean_per_class_recall: float
-    n_images: int
-    n_classes: int
-
-
-# Keys with "@" need the functional TypedDict form; spelled out so type checkers read them.
-RetrievalEntry = TypedDict(
-    "RetrievalEntry",
-    {
-        "protocol": str,  # e.g. "karpathy-test", "long-caption"
-        "n_images": int,
-        "n_texts": int,
-        "text_retrieval_recall@1": float,  # image -> text
-        "text_retrieval_recall@5": float,
-        "text_retrieval_recall@10": float,
-        "image_retrieval_recall@1": float,  # text -> image
-        "image_retrieval_recall@5": float,
-        "image_retrieval_recall@10": float,
-    },
-)
-
-
-class Report(TypedDict, total=False):
-    checkpoint: CheckpointInfo
-    suites: list[str]
-    zeroshot: dict[str, ZeroshotEntry]  # a multi-label set has mean_average_precision instead of top-k
-    retrieval: dict[str, RetrievalEntry]
-    linear_probe: dict[str, dict]  # top1, top5, mean_per_class_recall, protocol, n_train, n_test
-    compositionality: dict[str, dict]  # per SugarCrepe subset, average_<object|attribute|relation|edit>, average
-    intra_modal: dict[str, dict]  # mAP (+ modality_gap for text sets), protocol
-    averages: dict[str, dict]  # suite group -> {"mean", "datasets", "missing"} of zero-shot headline metrics
-    datasets: dict[str, dict]  # "task/name" -> {"task", "specs", "digests"} of the data evaluated
-    skipped: dict[str, str]  # "task/name" -> why it was not evaluated
 
 
 def format_percent(value: Any) -> str:

@@ -14,7 +14,7 @@ import queue
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 
 from pipelines import edges, image_input, img2dataset_modules, shards, storage, url_guard
@@ -221,7 +221,3 @@ class ShardBuilder:
             return build_sample(group, image), ""
         except ValueError:
             return None, "decode_error"
-
-
-def download_params_dict(params: DownloadParams) -> dict:
-    return asdict(params)

@@ -290,7 +290,3 @@ class Temperature:
 def temperature_of(loss: LossConfig, topology: TopologyConfig) -> Temperature:
     return Temperature(loss.init_logit_scale, resolve_max_logit_scale(loss, topology), loss.learn_temperature,
                        loss.reset_logit_scale)
-
-
-def compute_global_batch(config: TrainConfig) -> int:
-    return config.data.batch_size_per_worker * config.run.num_workers

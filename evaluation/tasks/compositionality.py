@@ -6,7 +6,6 @@ import numpy as np
 
 from evaluation.datasets.compositional import SUGARCREPE_SUBSETS
 
-ACCURACY_KEY = "acc"
 AVERAGE_KEY = "average"
 
 
