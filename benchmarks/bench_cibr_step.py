@@ -12,6 +12,7 @@ temperature fixed, as CIBR's recipe fine-tunes. On CUDA the step runs in bf16 au
 peak memory is torch's allocator peak; on CPU it is the peak resident set of a fresh process
 per variant (see bench_topology_step.py).
 """
+
 from __future__ import annotations
 
 import json
@@ -21,8 +22,13 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.bench_step import (median_step_seconds, process_peak_gib, run_in_fresh_process, synthetic_batch,
-                                    variant_arguments)
+from benchmarks.bench_step import (
+    median_step_seconds,
+    process_peak_gib,
+    run_in_fresh_process,
+    synthetic_batch,
+    variant_arguments,
+)
 from training import checkpoint
 from training.config import apply_overrides
 from training.loop import LoopSettings, train_step
@@ -31,14 +37,17 @@ from training.model import build_training_model, tower_geometry
 from training.objectives import build_training_objective
 from training.optim import build_optimizer, build_scheduler
 
-VARIANTS = {"finetune": ("clip", {"loss.learn_temperature": False}),
-            "cibr": ("cibr", {"cibr.warmup_steps": 0, "cibr.ramp_steps": 0, "cibr.lambda": 0.5})}
+VARIANTS = {
+    "finetune": ("clip", {"loss.learn_temperature": False}),
+    "cibr": ("cibr", {"cibr.warmup_steps": 0, "cibr.ramp_steps": 0, "cibr.lambda": 0.5}),
+}
 
 
 def time_variant(name: str, args) -> dict:
     method, overrides = VARIANTS[name]
-    config = apply_overrides(build_method_config(method), {"model.arch": args.arch, "model.pretrained": args.pretrained,
-                                                           **overrides})
+    config = apply_overrides(
+        build_method_config(method), {"model.arch": args.arch, "model.pretrained": args.pretrained, **overrides}
+    )
     device = torch.device(args.device)
     torch.manual_seed(0)
     model = build_training_model(config).to(device)
@@ -60,8 +69,11 @@ def write_start_checkpoint(arch: str, directory: Path) -> str:
     torch.manual_seed(0)
     model = build_training_model(config)
     optimizer = build_optimizer(model, config.optim)
-    return str(checkpoint.save_checkpoint(directory / "step_00000000", model, optimizer,
-                                          build_scheduler(optimizer, 1, 2), 0, config, {}))
+    return str(
+        checkpoint.save_checkpoint(
+            directory / "step_00000000", model, optimizer, build_scheduler(optimizer, 1, 2), 0, config, {}
+        )
+    )
 
 
 def parse_args(argv):
@@ -82,12 +94,17 @@ def main(argv=None) -> dict:
             argv += ["--pretrained", write_start_checkpoint(args.arch, Path(tmp))]
         results = {name: run_in_fresh_process("benchmarks.bench_cibr_step", name, argv) for name in VARIANTS}
     for r in results.values():
-        print(f"{r['variant']:9s} {args.arch} batch {args.batch_size} on {args.device}: {r['step_s'] * 1e3:8.1f} ms/step  "
-              f"{r['samples_per_s']:8.1f} samples/s  peak {r['peak_gib']:.2f} GiB")
+        print(
+            f"{r['variant']:9s} {args.arch} batch {args.batch_size} on {args.device}: "
+            f"{r['step_s'] * 1e3:8.1f} ms/step  "
+            f"{r['samples_per_s']:8.1f} samples/s  peak {r['peak_gib']:.2f} GiB"
+        )
     plain, cibr = results["finetune"], results["cibr"]
     step_ratio, memory_ratio = cibr["step_s"] / plain["step_s"], cibr["peak_gib"] / plain["peak_gib"]
-    print(f"CIBR / plain fine-tuning: step time {step_ratio:.3f}x, peak memory {memory_ratio:.3f}x "
-          "(docs/methods/cibr.md §2 expects +30-50 % step time from the frozen forward)")
+    print(
+        f"CIBR / plain fine-tuning: step time {step_ratio:.3f}x, peak memory {memory_ratio:.3f}x "
+        "(docs/methods/cibr.md §2 expects +30-50 % step time from the frozen forward)"
+    )
     return {"results": results, "step_ratio": step_ratio, "memory_ratio": memory_ratio}
 
 

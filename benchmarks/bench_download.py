@@ -37,6 +37,7 @@ shutdown vanish, would show. On a virtual machine the host may take CPU time fro
 printed per run): that slows a CPU-bound tool without being its cost, so CPU seconds leave it
 out; --repeats alternates the tools so that a drift in the host's load hits both.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -93,7 +94,7 @@ def write_mirror(root: Path, n_images: int, seed: int) -> list[str]:
             name = f"{kind}-{j:04d}.jpg"
             if kind == "truncated":
                 blob = (root / photos[j]).read_bytes()  # names holds bad files too by now
-                (root / name).write_bytes(blob[:len(blob) // 2])
+                (root / name).write_bytes(blob[: len(blob) // 2])
             elif kind == "html":
                 (root / name).write_bytes(b"<html><body>moved</body></html>")
             names.insert(int(rng.integers(0, len(names))), name)
@@ -133,24 +134,50 @@ def own_cpu_s() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def img2dataset_command(tsv: Path, out: Path, processes: int, threads: int,
-                        shard_size: int = SHARD_SIZE) -> list[str]:
-    kwargs = {"url_list": str(tsv), "output_folder": str(out), "input_format": "tsv",
-              "url_col": "url", "caption_col": "caption", "output_format": "webdataset",
-              "image_size": IMAGE_SIZE, "resize_mode": "center_crop", "encode_quality": 95,
-              "processes_count": processes, "thread_count": threads, "timeout": TIMEOUT_S,
-              "retries": 0, "number_sample_per_shard": shard_size, "distributor": "multiprocessing",
-              "min_image_size": 32, "enable_wandb": False}
+def img2dataset_command(tsv: Path, out: Path, processes: int, threads: int, shard_size: int = SHARD_SIZE) -> list[str]:
+    kwargs = {
+        "url_list": str(tsv),
+        "output_folder": str(out),
+        "input_format": "tsv",
+        "url_col": "url",
+        "caption_col": "caption",
+        "output_format": "webdataset",
+        "image_size": IMAGE_SIZE,
+        "resize_mode": "center_crop",
+        "encode_quality": 95,
+        "processes_count": processes,
+        "thread_count": threads,
+        "timeout": TIMEOUT_S,
+        "retries": 0,
+        "number_sample_per_shard": shard_size,
+        "distributor": "multiprocessing",
+        "min_image_size": 32,
+        "enable_wandb": False,
+    }
     code = f"from img2dataset import download; download(**{kwargs!r})"
     return [sys.executable, "-c", code]
 
 
-def ours_command(tsv: Path, out: Path, processes: int, threads: int,
-                 shard_size: int = SHARD_SIZE) -> list[str]:
-    return [sys.executable, str(REPO / "pipelines" / "prepare_cc12m.py"), "--input", str(tsv),
-            "--output", str(out), "--image-size", str(IMAGE_SIZE), "--shard-size", str(shard_size),
-            "--threads-per-task", str(threads), "--timeout", str(TIMEOUT_S), "--retries", "0",
-            "--allow-loopback-urls"]  # a local Ray instance on every core: `processes` actors
+def ours_command(tsv: Path, out: Path, processes: int, threads: int, shard_size: int = SHARD_SIZE) -> list[str]:
+    return [
+        sys.executable,
+        str(REPO / "pipelines" / "prepare_cc12m.py"),
+        "--input",
+        str(tsv),
+        "--output",
+        str(out),
+        "--image-size",
+        str(IMAGE_SIZE),
+        "--shard-size",
+        str(shard_size),
+        "--threads-per-task",
+        str(threads),
+        "--timeout",
+        str(TIMEOUT_S),
+        "--retries",
+        "0",
+        "--allow-loopback-urls",
+    ]  # a local Ray instance on every core: `processes` actors
 
 
 def img2dataset_stored(out: Path) -> tuple[int, int]:
@@ -158,6 +185,7 @@ def img2dataset_stored(out: Path) -> tuple[int, int]:
     fetched and stored twice."""
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
+
     table = pq.read_table(sorted(out.glob("*.parquet")), columns=["url", "status"])
     stored = table.filter(pc.equal(table["status"], "success"))
     return stored.num_rows, len(pc.unique(stored["url"]))
@@ -197,17 +225,22 @@ class CpuSampler:
         return float(np.interp(end, times, cpu) - np.interp(start, times, cpu))
 
 
-def run_tool(name: str, command: list[str], stored, mirror_root: Path, tsv_for, out: Path,
-             profile: ServingProfile) -> Run:
+def run_tool(
+    name: str, command: list[str], stored, mirror_root: Path, tsv_for, out: Path, profile: ServingProfile
+) -> Run:
     shutil.rmtree(out, ignore_errors=True)
-    env = {**os.environ, "PYTHONPATH": str(REPO), "NO_ALBUMENTATIONS_UPDATE": "1",
-           "RAY_USAGE_STATS_ENABLED": "0", "RAY_ADDRESS": ""}
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(REPO),
+        "NO_ALBUMENTATIONS_UPDATE": "1",
+        "RAY_USAGE_STATS_ENABLED": "0",
+        "RAY_ADDRESS": "",
+    }
     with LoopbackMirror(mirror_root, profile=profile) as mirror:
         tsv = tsv_for(mirror.base_url)
         fields0, start = cpu_fields(), time.monotonic()
         with CpuSampler() as sampler, open(out.parent / f"{name}.log", "w") as log:  # its console
-            done = subprocess.run(command(tsv, out), env=env, cwd=REPO, stdout=log,
-                                  stderr=subprocess.STDOUT, text=True)
+            done = subprocess.run(command(tsv, out), env=env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, text=True)
             wall = time.monotonic() - start
         steal = steal_share(fields0, cpu_fields())
         first = (mirror.first_request_s or start + wall) - start
@@ -223,21 +256,37 @@ def run_tool(name: str, command: list[str], stored, mirror_root: Path, tsv_for, 
     answered = sum(1 for t, change in events if change < 0 and mid[0] <= t < mid[1])
     n_answered = max(1, sum(1 for _, change in events if change < 0))
     mid_images = answered * n_stored / n_answered
-    return Run(name, wall, n_stored, n_distinct, sampler.cpu_between(start, start + wall), first, last,
-               mean_in_flight(events, first, last), steal, timeline,
-               mid_images / max(mid[1] - mid[0], 1e-9),
-               sampler.cpu_between(start + mid[0], start + mid[1]) / max(mid_images, 1e-9))
+    return Run(
+        name,
+        wall,
+        n_stored,
+        n_distinct,
+        sampler.cpu_between(start, start + wall),
+        first,
+        last,
+        mean_in_flight(events, first, last),
+        steal,
+        timeline,
+        mid_images / max(mid[1] - mid[0], 1e-9),
+        sampler.cpu_between(start + mid[0], start + mid[1]) / max(mid_images, 1e-9),
+    )
 
 
 def report(runs: list[Run], cores: int) -> None:
-    print(f"{'tool':<12} {'wall s':>7} {'stored':>7} {'distinct':>8} {'img/s':>7} {'img/s/core':>10} "
-          f"{'CPU ms/img':>10} {'before 1st request':>19} {'requests span':>13} {'img/s/core in span':>18} "
-          f"{'after last request':>18} {'in flight':>9} {'steal':>6}")
+    print(
+        f"{'tool':<12} {'wall s':>7} {'stored':>7} {'distinct':>8} {'img/s':>7} {'img/s/core':>10} "
+        f"{'CPU ms/img':>10} {'before 1st request':>19} {'requests span':>13} {'img/s/core in span':>18} "
+        f"{'after last request':>18} {'in flight':>9} {'steal':>6}"
+    )
     for r in runs:
         rate, span = r.stored / r.wall_s, max(r.last_request_s - r.first_request_s, 1e-9)
-        print(f"{r.name:<12} {r.wall_s:7.1f} {r.stored:7d} {r.distinct:8d} {rate:7.1f} {rate / cores:10.1f} "
-              f"{1e3 * r.cpu_s / max(r.stored, 1):10.1f} {r.first_request_s:7.1f} s ({r.first_request_s / r.wall_s:5.1%}) "
-              f"{span:11.1f} s {r.stored / span / cores:18.1f} {r.wall_s - r.last_request_s:16.1f} s {r.in_flight:9.1f} {r.steal:6.1%}")
+        print(
+            f"{r.name:<12} {r.wall_s:7.1f} {r.stored:7d} {r.distinct:8d} {rate:7.1f} {rate / cores:10.1f} "
+            f"{1e3 * r.cpu_s / max(r.stored, 1):10.1f} {r.first_request_s:7.1f} s "
+            f"({r.first_request_s / r.wall_s:5.1%}) "
+            f"{span:11.1f} s {r.stored / span / cores:18.1f} {r.wall_s - r.last_request_s:16.1f} s "
+            f"{r.in_flight:9.1f} {r.steal:6.1%}"
+        )
     print(f"sustained (middle half of the requests span): {'img/s/core':>10} {'CPU ms/img':>10}")
     for r in runs:
         print(f"{r.name:<12} {'':>34} {r.sustained_rate / cores:10.1f} {1e3 * r.sustained_cpu_s:10.1f}")
@@ -248,14 +297,18 @@ def report(runs: list[Run], cores: int) -> None:
 def ratios(base: Run, ours: Run) -> dict[str, float]:
     """ours / img2dataset: images/s (stored, and distinct) and CPU per image over the whole run, images/s while
     requests flow, and both in the middle half of the requests span."""
+
     def span_rate(r: Run) -> float:
         return r.stored / max(r.last_request_s - r.first_request_s, 1e-9)
-    return {"images/s": (ours.stored / ours.wall_s) / (base.stored / base.wall_s),
-            "distinct images/s": (ours.distinct / ours.wall_s) / (base.distinct / base.wall_s),
-            "while requests flow": span_rate(ours) / span_rate(base),
-            "CPU per image": (ours.cpu_s / ours.stored) / (base.cpu_s / base.stored),
-            "sustained images/s": ours.sustained_rate / base.sustained_rate,
-            "sustained CPU per image": ours.sustained_cpu_s / base.sustained_cpu_s}
+
+    return {
+        "images/s": (ours.stored / ours.wall_s) / (base.stored / base.wall_s),
+        "distinct images/s": (ours.distinct / ours.wall_s) / (base.distinct / base.wall_s),
+        "while requests flow": span_rate(ours) / span_rate(base),
+        "CPU per image": (ours.cpu_s / ours.stored) / (base.cpu_s / base.stored),
+        "sustained images/s": ours.sustained_rate / base.sustained_rate,
+        "sustained CPU per image": ours.sustained_cpu_s / base.sustained_cpu_s,
+    }
 
 
 def report_ratios(pairs: list[tuple[Run, Run]]) -> None:
@@ -265,8 +318,10 @@ def report_ratios(pairs: list[tuple[Run, Run]]) -> None:
         print(f"ours / img2dataset (pair {i + 1}): " + ", ".join(f"{k} x{v:.2f}" for k, v in row.items()))
     if len(table) > 1:
         stats = {k: np.array([row[k] for row in table]) for k in table[0]}
-        print(f"ours / img2dataset over {len(table)} pairs, mean ± standard error: " + ", ".join(
-            f"{k} x{v.mean():.2f} ± {v.std(ddof=1) / len(v) ** 0.5:.2f}" for k, v in stats.items()))
+        print(
+            f"ours / img2dataset over {len(table)} pairs, mean ± standard error: "
+            + ", ".join(f"{k} x{v.mean():.2f} ± {v.std(ddof=1) / len(v) ** 0.5:.2f}" for k, v in stats.items())
+        )
 
 
 def main(argv=None) -> None:
@@ -276,32 +331,52 @@ def main(argv=None) -> None:
     p.add_argument("--threads", type=int, default=16, help="download threads per process")
     p.add_argument("--latency-ms", type=float, nargs=2, default=(50.0, 200.0))
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--shard-size", type=int, default=SHARD_SIZE,
-                   help="images per shard (img2dataset restarts each process after 5 shards)")
+    p.add_argument(
+        "--shard-size",
+        type=int,
+        default=SHARD_SIZE,
+        help="images per shard (img2dataset restarts each process after 5 shards)",
+    )
     p.add_argument("--repeats", type=int, default=1, help="runs of each tool, alternating")
-    p.add_argument("--tools", nargs="+", choices=("img2dataset", "ours"), default=("img2dataset", "ours"),
-                   help="run only some (the ratio needs both)")
+    p.add_argument(
+        "--tools",
+        nargs="+",
+        choices=("img2dataset", "ours"),
+        default=("img2dataset", "ours"),
+        help="run only some (the ratio needs both)",
+    )
     args = p.parse_args(argv)
     work, cores = Path(args.workdir).resolve(), os.cpu_count() or 1
     names = write_mirror(work / "mirror", args.n_images, args.seed)
-    profile = ServingProfile(latency_s=(args.latency_ms[0] / 1e3, args.latency_ms[1] / 1e3),
-                             error_503=PROFILE_503, reset=PROFILE_RESET, seed=args.seed)
+    profile = ServingProfile(
+        latency_s=(args.latency_ms[0] / 1e3, args.latency_ms[1] / 1e3),
+        error_503=PROFILE_503,
+        reset=PROFILE_RESET,
+        seed=args.seed,
+    )
 
     def tsv_for(base_url: str) -> Path:
         n_rows = write_url_list(work / "urls.tsv", base_url, names, args.seed)
-        print(f"{n_rows} rows, {len(names)} URLs, latency {args.latency_ms[0]:.0f}-{args.latency_ms[1]:.0f} ms, "
-              f"{cores} processes x {args.threads} threads", flush=True)
+        print(
+            f"{n_rows} rows, {len(names)} URLs, latency {args.latency_ms[0]:.0f}-{args.latency_ms[1]:.0f} ms, "
+            f"{cores} processes x {args.threads} threads",
+            flush=True,
+        )
         return work / "urls.tsv"
 
     runs, pairs = [], []
     for _ in range(args.repeats):  # alternating, so a drift in the machine's speed hits both
         pair = []
-        for name, command, stored in (("img2dataset", img2dataset_command, img2dataset_stored),
-                                      ("ours", ours_command, ours_stored)):
+        for name, command, stored in (
+            ("img2dataset", img2dataset_command, img2dataset_stored),
+            ("ours", ours_command, ours_stored),
+        ):
             if name not in args.tools:
                 continue
+
             def bound(tsv, out, command=command):
                 return command(tsv, out, cores, args.threads, args.shard_size)
+
             pair.append(run_tool(name, bound, stored, work / "mirror", tsv_for, work / name, profile))
         runs += pair
         if len(pair) == 2:

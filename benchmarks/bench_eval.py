@@ -6,6 +6,7 @@ against CLIP_benchmark's `recall_at_k` on the same scores.
 
     python benchmarks/bench_eval.py [--arch clip-tiny-p8-64] [--n-images 2048] [--batch-size 128]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -51,8 +52,18 @@ def write_images(folder: Path, n: int) -> list[str]:
 
 
 def time_job(paths: list[str], uri: str, args) -> float:
-    job_args = evaluate.parse_args(["--checkpoint", uri, "--output", "-", "--batch-size", str(args.batch_size),
-                                    "--num-encoders", str(args.num_encoders)])
+    job_args = evaluate.parse_args(
+        [
+            "--checkpoint",
+            uri,
+            "--output",
+            "-",
+            "--batch-size",
+            str(args.batch_size),
+            "--num-encoders",
+            str(args.num_encoders),
+        ]
+    )
     job_args.pinned_checkpoint, job_args.checkpoint_cache, no_cache = uri, None, EmbeddingCache(None, "")
     evaluate.encode("image", [paths[: args.batch_size]], no_cache, job_args)  # warm-up: actor start, model load
     start = time.perf_counter()
@@ -65,8 +76,10 @@ def time_job(paths: list[str], uri: str, args) -> float:
 def time_bare_loop(paths: list[str], uri: str, args) -> float:
     encoder = encoders.ImageEncoder(uri)
     rows = encoders.image_rows(paths)
-    batches = [{k: np.array([r[k] for r in rows[s:s + args.batch_size]], dtype=object) for k in rows[0]}
-               for s in range(0, len(rows), args.batch_size)]
+    batches = [
+        {k: np.array([r[k] for r in rows[s : s + args.batch_size]], dtype=object) for k in rows[0]}
+        for s in range(0, len(rows), args.batch_size)
+    ]
     encoder(batches[0])  # warm-up
     start = time.perf_counter()
     with torch.no_grad():
@@ -86,6 +99,7 @@ def time_retrieval(n_images: int, n_texts: int, dim: int) -> tuple[float, float]
     compute_retrieval_recall(images @ texts.T, text_to_image)
     ours = time.perf_counter() - start
     from clip_benchmark.metrics.zeroshot_retrieval import batchify, recall_at_k
+
     start = time.perf_counter()
     scores = torch.from_numpy(texts) @ torch.from_numpy(images).T
     positive = torch.zeros_like(scores, dtype=torch.bool)
@@ -111,8 +125,10 @@ def main(argv=None) -> dict:
         job = time_job(paths, uri, args)
         bare = time_bare_loop(paths, uri, args)
     ours, theirs = time_retrieval(5000, 25000, args.dim)
-    print(f"embedding ({args.arch}, {args.n_images} JPEG files, batch {args.batch_size}, "
-          f"{args.num_encoders} encoder actor(s), {torch.get_num_threads()} torch threads in the bare loop):")
+    print(
+        f"embedding ({args.arch}, {args.n_images} JPEG files, batch {args.batch_size}, "
+        f"{args.num_encoders} encoder actor(s), {torch.get_num_threads()} torch threads in the bare loop):"
+    )
     print(f"  evaluation job (Ray Data) {job:8.1f} images/s")
     print(f"  bare loop (one process)   {bare:8.1f} images/s   job / bare = {job / bare:.2f}")
     print(f"retrieval scoring, 25000 captions x 5000 images, dim {args.dim}, R@1/5/10 both ways:")

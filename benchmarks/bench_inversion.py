@@ -12,6 +12,7 @@ measurement fits a short GPU slot. On CUDA the batch doubles until it runs out o
 reaches --max-batch; the largest batch that ran is the headline. The towers are randomly
 initialised (speed does not depend on the weights; nothing is downloaded).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -21,8 +22,14 @@ from dataclasses import replace
 import torch
 import torch.nn.functional as F
 
-from evaluation.inversion import (InversionConfig, PseudoPatchImage, PseudoTokenText, frozen,
-                                  initial_pseudo_inputs, optimise)
+from evaluation.inversion import (
+    InversionConfig,
+    PseudoPatchImage,
+    PseudoTokenText,
+    frozen,
+    initial_pseudo_inputs,
+    optimise,
+)
 from training.towers import build_tokenizer, build_tower_model
 
 PAPER_SECONDS = {"oti": 0.2, "ovi": 0.5}  # per query, A100, ViT-B/32
@@ -69,8 +76,15 @@ def measure(kind: str, tower, tokenizer, args, device) -> list[dict]:
         except torch.cuda.OutOfMemoryError:
             torch.cuda.empty_cache()
             break
-        rows.append({"kind": kind, "queries": queries, "step_ms": step_s * 1e3,
-                     "s_per_query": step_s * full_steps / queries, "steps": full_steps})
+        rows.append(
+            {
+                "kind": kind,
+                "queries": queries,
+                "step_ms": step_s * 1e3,
+                "s_per_query": step_s * full_steps / queries,
+                "steps": full_steps,
+            }
+        )
     return rows
 
 
@@ -98,13 +112,21 @@ def main(argv=None) -> dict:
         for kind in ("oti", "ovi"):
             rows = measure(kind, tower, tokenizer, args, device)
             for r in rows:
-                print(f"{kind} {args.arch} on {args.device} k={args.k}: batch {r['queries']:5d}  "
-                      f"{r['step_ms']:9.1f} ms/step  {r['s_per_query']:8.4f} s per query at {r['steps']} steps")
+                print(
+                    f"{kind} {args.arch} on {args.device} k={args.k}: batch {r['queries']:5d}  "
+                    f"{r['step_ms']:9.1f} ms/step  {r['s_per_query']:8.4f} s per query at {r['steps']} steps"
+                )
             single, best = rows[0], min(rows, key=lambda r: r["s_per_query"])
-            print(f"{kind}: batch {best['queries']} is {single['s_per_query'] / best['s_per_query']:.1f}x faster per "
-                  f"query than one at a time; {best['s_per_query']:.4f} s per query against the paper's "
-                  f"{PAPER_SECONDS[kind]} s (A100, ViT-B/32)")
-            results[kind] = {"rows": rows, "best": best, "speedup_vs_single": single["s_per_query"] / best["s_per_query"]}
+            print(
+                f"{kind}: batch {best['queries']} is {single['s_per_query'] / best['s_per_query']:.1f}x faster per "
+                f"query than one at a time; {best['s_per_query']:.4f} s per query against the paper's "
+                f"{PAPER_SECONDS[kind]} s (A100, ViT-B/32)"
+            )
+            results[kind] = {
+                "rows": rows,
+                "best": best,
+                "speedup_vs_single": single["s_per_query"] / best["s_per_query"],
+            }
     return results
 
 

@@ -15,13 +15,15 @@ runs out of memory (or `--max-batch`) and reports the largest that ran (power-of
 
 FLOPs are counted, not estimated: torch.utils.flop_counter.FlopCounterMode over one eager
 float32 training step under the math attention kernel (forward and backward; matrix
-products, convolutions and the attention's two batched products at 2 FLOPs per multiply-add) of the variant's method at batch 2 on the CPU, divided by 2 for a
+products, convolutions and the attention's two batched products at 2 FLOPs per multiply-add)
+of the variant's method at batch 2 on the CPU, divided by 2 for a
 per-sample figure; the loss's B x B logits are left out (under 0.1 % at these sizes). They are
 *model* FLOPs: gradient checkpointing's recomputation and accumulation's extra no-grad forward
 are work the levers add, so they lower the MFU, as they should. MFU = model FLOPs per sample x
 samples/s / the device's peak dense bf16 (or fp32) rate (`--peak-tflops`, else a table of
 known devices).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -32,8 +34,13 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from benchmarks.bench_step import (median_step_seconds, process_peak_gib, run_in_fresh_process, synthetic_batch,
-                                   variant_arguments)
+from benchmarks.bench_step import (
+    median_step_seconds,
+    process_peak_gib,
+    run_in_fresh_process,
+    synthetic_batch,
+    variant_arguments,
+)
 from training.compilation import compile_towers
 from training.config import apply_overrides
 from training.loop import LoopSettings, seed_step, train_step
@@ -43,17 +50,32 @@ from training.objectives import build_training_objective
 from training.optim import build_optimizer, build_scheduler
 from training.precision import MasterWeights, resolve_precision
 
-VARIANTS = {"plain": {}, "accum_freq=2": {"run.accum_freq": 2}, "accum_freq=4": {"run.accum_freq": 4},
-            "grad_checkpointing": {"run.grad_checkpointing": True}, "compile": {"run.compile": True},
-            "compile+grad_checkpointing": {"run.compile": True, "run.grad_checkpointing": True}}
-PEAK_TFLOPS = {"H200": {"bf16": 989.4, "fp32": 66.9}, "H100": {"bf16": 989.4, "fp32": 66.9},
-               "A100": {"bf16": 312.0, "fp32": 19.5}}  # dense, SXM parts (NVIDIA's data sheets)
+VARIANTS = {
+    "plain": {},
+    "accum_freq=2": {"run.accum_freq": 2},
+    "accum_freq=4": {"run.accum_freq": 4},
+    "grad_checkpointing": {"run.grad_checkpointing": True},
+    "compile": {"run.compile": True},
+    "compile+grad_checkpointing": {"run.compile": True, "run.grad_checkpointing": True},
+}
+PEAK_TFLOPS = {
+    "H200": {"bf16": 989.4, "fp32": 66.9},
+    "H100": {"bf16": 989.4, "fp32": 66.9},
+    "A100": {"bf16": 312.0, "fp32": 19.5},
+}  # dense, SXM parts (NVIDIA's data sheets)
 
 
 def build_step(method: str, overrides: dict, args, batch_size: int, device: torch.device):
     """(run_step(step), model) of one variant at one batch size."""
-    config = apply_overrides(build_method_config(method), {"model.arch": args.arch, "run.precision": args.precision,
-                                                          "data.batch_size_per_worker": batch_size, **overrides})
+    config = apply_overrides(
+        build_method_config(method),
+        {
+            "model.arch": args.arch,
+            "run.precision": args.precision,
+            "data.batch_size_per_worker": batch_size,
+            **overrides,
+        },
+    )
     torch.manual_seed(0)
     model = build_training_model(config).to(device)
     precision = resolve_precision(config.run.precision, device)
@@ -64,13 +86,13 @@ def build_step(method: str, overrides: dict, args, batch_size: int, device: torc
     objective = build_training_objective(config, 0, 1, model, device)
     optimizer = build_optimizer(model, config.optim)
     scheduler = build_scheduler(optimizer, 10, 10_000)
-    settings = LoopSettings(0, 10_000, 0, 0, 1, device, bf16=precision == "amp_bf16",
-                            accum_freq=config.run.accum_freq)
+    settings = LoopSettings(0, 10_000, 0, 0, 1, device, bf16=precision == "amp_bf16", accum_freq=config.run.accum_freq)
     batch = synthetic_batch(args.arch, tower_geometry(model)[0], batch_size)
 
     def run_step(step: int) -> None:
         seed_step(runner, 0, step, 0)
         train_step(runner, objective, optimizer, scheduler, batch, settings, step=step, weights=weights)
+
     return run_step, model
 
 
@@ -89,8 +111,12 @@ def time_at(method: str, name: str, args, batch_size: int, device: torch.device)
         torch.cuda.reset_peak_memory_stats()
     run_step, _ = build_step(method, VARIANTS[name], args, batch_size, device)
     step_s = median_step_seconds(run_step, device, args.warmup, args.steps)
-    return {"batch": batch_size, "step_s": step_s, "samples_per_s": batch_size / step_s,
-            "peak_gib": process_peak_gib(device)}
+    return {
+        "batch": batch_size,
+        "step_s": step_s,
+        "samples_per_s": batch_size / step_s,
+        "peak_gib": process_peak_gib(device),
+    }
 
 
 def largest_batch(method: str, name: str, args, device: torch.device) -> dict:
@@ -114,8 +140,11 @@ def run_variant(method: str, name: str, args) -> dict:
     """One variant's figures (this interpreter: `--only method/name`)."""
     device = torch.device(args.device)
     torch.set_num_threads(args.threads)
-    result = largest_batch(method, name, args, device) if args.find_max_batch else time_at(
-        method, name, args, args.batch_size, device)
+    result = (
+        largest_batch(method, name, args, device)
+        if args.find_max_batch
+        else time_at(method, name, args, args.batch_size, device)
+    )
     return {"method": method, "variant": name, **result}
 
 
@@ -133,10 +162,13 @@ def report_line(r: dict, plain: dict, flops: float, peak: float) -> None:
     """One variant's line, as soon as it is measured (a slot that runs out keeps what it got)."""
     achieved = flops * r["samples_per_s"] / 1e12
     r["model_tflops"], r["mfu"] = achieved, achieved / peak
-    print(f"{r['method']:5s} {r['variant']:27s} batch {r['batch']:6d}  {r['step_s'] * 1e3:9.1f} ms/step  "
-          f"{r['samples_per_s']:9.1f} samples/s  x{r['samples_per_s'] / plain['samples_per_s']:.2f} of plain  "
-          f"peak {r['peak_gib']:6.2f} GiB (x{r['peak_gib'] / plain['peak_gib']:.2f})  "
-          f"{achieved:7.2f} model TFLOP/s  MFU {r['mfu']:.1%}", flush=True)
+    print(
+        f"{r['method']:5s} {r['variant']:27s} batch {r['batch']:6d}  {r['step_s'] * 1e3:9.1f} ms/step  "
+        f"{r['samples_per_s']:9.1f} samples/s  x{r['samples_per_s'] / plain['samples_per_s']:.2f} of plain  "
+        f"peak {r['peak_gib']:6.2f} GiB (x{r['peak_gib'] / plain['peak_gib']:.2f})  "
+        f"{achieved:7.2f} model TFLOP/s  MFU {r['mfu']:.1%}",
+        flush=True,
+    )
 
 
 def arguments() -> argparse.ArgumentParser:
@@ -164,9 +196,12 @@ def main(argv=None) -> list[dict]:
     passed = argv if argv is not None else sys.argv[1:]
     torch.set_num_threads(args.threads)
     flops, peak = {m: flops_per_sample(m, args) for m in methods}, peak_tflops(args)
-    print("model FLOPs per sample (FlopCounterMode, fwd+bwd): "
-          + ", ".join(f"{m} {f / 1e9:.2f} GFLOP" for m, f in flops.items())
-          + f"; peak {peak} TFLOP/s ({args.device}, precision {args.precision})", flush=True)
+    print(
+        "model FLOPs per sample (FlopCounterMode, fwd+bwd): "
+        + ", ".join(f"{m} {f / 1e9:.2f} GFLOP" for m, f in flops.items())
+        + f"; peak {peak} TFLOP/s ({args.device}, precision {args.precision})",
+        flush=True,
+    )
     results = []
     for method in methods:
         plain = None

@@ -21,6 +21,7 @@ edge members (OpenCLIP's `pilrgb` decoder would otherwise decode those PNGs too)
 Both count the process's CPU time (every thread), one torch and one OpenCV thread each, over
 the whole pass after one warm-up batch: core-milliseconds per sample, and the ratio.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -36,15 +37,48 @@ import numpy as np
 from pipelines import shards
 from pipelines.edges import compute_edge_png
 
-PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "retina", "hubble_deep_field", "immunohistochemistry",
-          "stereo_motorcycle")
-WORDS = ("a", "photo", "of", "the", "red", "small", "old", "man", "cat", "cup", "rocket", "sky", "on", "table",
-         "with", "blue", "light", "near", "city", "street", "tree", "dark", "bright", "view")
+PHOTOS = (
+    "astronaut",
+    "coffee",
+    "chelsea",
+    "rocket",
+    "retina",
+    "hubble_deep_field",
+    "immunohistochemistry",
+    "stereo_motorcycle",
+)
+WORDS = (
+    "a",
+    "photo",
+    "of",
+    "the",
+    "red",
+    "small",
+    "old",
+    "man",
+    "cat",
+    "cup",
+    "rocket",
+    "sky",
+    "on",
+    "table",
+    "with",
+    "blue",
+    "light",
+    "near",
+    "city",
+    "street",
+    "tree",
+    "dark",
+    "bright",
+    "view",
+)
 STORED_SHORT_SIDE, INPUT_SIZE, PATCH = 256, 224, 16
 
 
 def photographs() -> list[np.ndarray]:
     import skimage.data
+
     out = []
     for name in PHOTOS:
         image = getattr(skimage.data, name)()
@@ -59,7 +93,7 @@ def stored_sample(rng: np.random.Generator, photo: np.ndarray) -> bytes:
     ch = int(min(h, np.sqrt(h * w * scale / aspect)))
     cw = int(min(w, ch * aspect))
     top, left = rng.integers(0, h - ch + 1), rng.integers(0, w - cw + 1)
-    crop = photo[top:top + ch, left:left + cw]
+    crop = photo[top : top + ch, left : left + cw]
     factor = STORED_SHORT_SIDE / min(crop.shape[:2])
     size = (round(crop.shape[1] * factor), round(crop.shape[0] * factor))
     resized = cv2.resize(crop, size, interpolation=cv2.INTER_AREA)
@@ -75,10 +109,21 @@ def make_rows(n: int, seed: int = 0) -> list[dict]:
         jpeg = stored_sample(rng, photos[i % len(photos)])
         height, width = cv2.imdecode(np.frombuffer(jpeg, np.uint8), cv2.IMREAD_COLOR).shape[:2]
         caption = " ".join(rng.choice(WORDS, int(rng.integers(8, 21))))
-        meta = {"key": f"{i:08x}", "source": f"photo-{i}", "width": width, "height": height,
-                "captions": [{"text": caption, "kind": shards.CAPTION_SHORT, "source": "synthetic"}]}
-        rows.append({shards.KEY: f"{i:08x}", shards.IMAGE: jpeg, shards.EDGE: compute_edge_png(jpeg),
-                     shards.META: json.dumps(meta)})
+        meta = {
+            "key": f"{i:08x}",
+            "source": f"photo-{i}",
+            "width": width,
+            "height": height,
+            "captions": [{"text": caption, "kind": shards.CAPTION_SHORT, "source": "synthetic"}],
+        }
+        rows.append(
+            {
+                shards.KEY: f"{i:08x}",
+                shards.IMAGE: jpeg,
+                shards.EDGE: compute_edge_png(jpeg),
+                shards.META: json.dumps(meta),
+            }
+        )
     return rows
 
 
@@ -87,7 +132,7 @@ def write_tars(rows: list[dict], folder: Path, per_tar: int, with_edges: bool) -
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
     for start in range(0, len(rows), per_tar):
-        data = shards.encode_shard_tar(rows[start:start + per_tar])
+        data = shards.encode_shard_tar(rows[start : start + per_tar])
         if not with_edges:
             data = drop_members(data, shards.EXT_EDGE)
         path = folder / f"{start // per_tar:06d}.tar"
@@ -98,8 +143,10 @@ def write_tars(rows: list[dict], folder: Path, per_tar: int, with_edges: bool) -
 
 def drop_members(data: bytes, ext: str) -> bytes:
     out = io.BytesIO()
-    with tarfile.open(fileobj=io.BytesIO(data)) as src, tarfile.open(fileobj=out, mode="w",
-                                                                       format=tarfile.USTAR_FORMAT) as dst:
+    with (
+        tarfile.open(fileobj=io.BytesIO(data)) as src,
+        tarfile.open(fileobj=out, mode="w", format=tarfile.USTAR_FORMAT) as dst,
+    ):
         for member in src:
             if not member.name.endswith("." + ext):
                 dst.addfile(member, src.extractfile(member))
@@ -123,22 +170,34 @@ def cpu_ms_per_sample(batches, n_samples: int, warmup_samples: int) -> tuple[flo
 def ours(paths: list[str], batch_size: int):
     from training.batches import EPOCH, IMAGES, BatchPreprocessor
     from training.config import DataConfig
+
     prepare = BatchPreprocessor("ViT-B-16", INPUT_SIZE, PATCH, DataConfig().crop_scale, seed=0)  # open_clip's
     for path in paths:
         rows = [{**r, EPOCH: 0} for r in shards.iter_tar_samples(Path(path).read_bytes())]
         for start in range(0, len(rows), batch_size):
-            yield len(prepare.prepare_rows(rows[start:start + batch_size])[IMAGES])
+            yield len(prepare.prepare_rows(rows[start : start + batch_size])[IMAGES])
 
 
 def open_clips(paths: list[str], batch_size: int, n_samples: int):
     import open_clip
     from open_clip_train.data import get_wds_dataset
-    args = argparse.Namespace(train_data="::".join(paths), train_num_samples=n_samples, dataset_resampled=False,
-                              batch_size=batch_size, workers=0, world_size=1, seed=0,
-                              train_data_upsampling_factors=None, val_data=None, val_num_samples=None)
+
+    args = argparse.Namespace(
+        train_data="::".join(paths),
+        train_num_samples=n_samples,
+        dataset_resampled=False,
+        batch_size=batch_size,
+        workers=0,
+        world_size=1,
+        seed=0,
+        train_data_upsampling_factors=None,
+        val_data=None,
+        val_num_samples=None,
+    )
     preprocess = open_clip.image_transform(INPUT_SIZE, is_train=True)
-    loader = get_wds_dataset(args, preprocess, is_train=True, epoch=0,
-                             tokenizer=open_clip.get_tokenizer("ViT-B-16")).dataloader
+    loader = get_wds_dataset(
+        args, preprocess, is_train=True, epoch=0, tokenizer=open_clip.get_tokenizer("ViT-B-16")
+    ).dataloader
     for images, _ in loader:
         yield len(images)
 
@@ -151,6 +210,7 @@ def main(argv=None) -> dict:
     p.add_argument("--workdir", default="bench_out/loader")
     args = p.parse_args(argv)
     import torch
+
     torch.set_num_threads(1)
     cv2.setNumThreads(1)
     workdir = Path(args.workdir)
@@ -158,17 +218,27 @@ def main(argv=None) -> dict:
     ours_tars = write_tars(rows, workdir / "ours", args.per_tar, with_edges=True)
     theirs_tars = write_tars(rows, workdir / "no_edges", args.per_tar, with_edges=False)
     mean_bytes = np.mean([len(r[shards.IMAGE]) for r in rows])
-    print(f"{args.samples} photographs, {STORED_SHORT_SIDE} px short side stored (mean JPEG "
-          f"{mean_bytes / 1024:.1f} KiB) -> {INPUT_SIZE} px, batches of {args.batch_size}, 1 core", flush=True)
+    print(
+        f"{args.samples} photographs, {STORED_SHORT_SIDE} px short side stored (mean JPEG "
+        f"{mean_bytes / 1024:.1f} KiB) -> {INPUT_SIZE} px, batches of {args.batch_size}, 1 core",
+        flush=True,
+    )
     ours_ms, ours_rate = cpu_ms_per_sample(ours(ours_tars, args.batch_size), args.samples, args.batch_size)
-    theirs_ms, theirs_rate = cpu_ms_per_sample(open_clips(theirs_tars, args.batch_size, args.samples),
-                                               args.samples, args.batch_size)
-    print(f"ours (OpenCV decode, joint crop + edge scores, caption, tokens; uint8 out): "
-          f"{ours_ms:6.2f} core-ms/sample  ({ours_rate:7.1f} samples/s on one core)")
-    print(f"OpenCLIP (open_clip_train.data webdataset, PIL + torchvision, tokens; float out): "
-          f"{theirs_ms:6.2f} core-ms/sample  ({theirs_rate:7.1f} samples/s on one core)")
-    print(f"ours / OpenCLIP CPU per sample: {ours_ms / theirs_ms:.2f}x; at 3,200 samples/s per H100 an 8-GPU "
-          f"node needs {25_600 * ours_ms / 1e3:.0f} cores of ours, {25_600 * theirs_ms / 1e3:.0f} of OpenCLIP's")
+    theirs_ms, theirs_rate = cpu_ms_per_sample(
+        open_clips(theirs_tars, args.batch_size, args.samples), args.samples, args.batch_size
+    )
+    print(
+        f"ours (OpenCV decode, joint crop + edge scores, caption, tokens; uint8 out): "
+        f"{ours_ms:6.2f} core-ms/sample  ({ours_rate:7.1f} samples/s on one core)"
+    )
+    print(
+        f"OpenCLIP (open_clip_train.data webdataset, PIL + torchvision, tokens; float out): "
+        f"{theirs_ms:6.2f} core-ms/sample  ({theirs_rate:7.1f} samples/s on one core)"
+    )
+    print(
+        f"ours / OpenCLIP CPU per sample: {ours_ms / theirs_ms:.2f}x; at 3,200 samples/s per H100 an 8-GPU "
+        f"node needs {25_600 * ours_ms / 1e3:.0f} cores of ours, {25_600 * theirs_ms / 1e3:.0f} of OpenCLIP's"
+    )
     return {"ours_ms": ours_ms, "open_clip_ms": theirs_ms, "ratio": ours_ms / theirs_ms}
 
 

@@ -11,6 +11,7 @@ storage) — the activation memory a loss holds between forward and backward; pl
 analytic size of the largest intermediate. The naive form runs only where its B x B x d
 tensor stays under --naive-max-gib.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -44,8 +45,12 @@ def make_outputs(batch: int, dim: int, device: str) -> dict:
     image = torch.randn(batch, dim, device=device, generator=g).requires_grad_(True)
     text = F.normalize(torch.randn(batch, dim, device=device, generator=g), dim=-1).requires_grad_(True)
     masks = (torch.rand(batch, dim, device=device, generator=g) < 0.7).float().requires_grad_(True)
-    return {"image_features": image, "text_features": text, "text_masks": masks,
-            "logit_scale": torch.tensor(SCALE, device=device)}
+    return {
+        "image_features": image,
+        "text_features": text,
+        "text_masks": masks,
+        "logit_scale": torch.tensor(SCALE, device=device),
+    }
 
 
 def run_once(loss_fn, outputs: dict) -> None:
@@ -62,6 +67,7 @@ def measure_saved_bytes(loss_fn, outputs: dict) -> int:
     def pack(t):
         storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
         return t
+
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         run_once(loss_fn, outputs)
     return sum(storages.values())
@@ -101,29 +107,39 @@ def main(argv=None) -> None:
     p.add_argument("--batches", type=int, nargs="+", default=[256, 1024, 4096])
     p.add_argument("--dims", type=int, nargs="+", default=[512, 768])
     p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--threads", type=int, default=1, help="CPU intra-op threads (a shared CPU: OpenMP "
-                   "threads waiting on each other distort small ops)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="CPU intra-op threads (a shared CPU: OpenMP threads waiting on each other distort small ops)",
+    )
     p.add_argument("--naive-max-gib", type=float, default=1.0)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     memory_kind = "peak allocated" if args.device == "cuda" else "saved for backward"
-    print(f"device {args.device}, {torch.get_num_threads()} threads; memory = {memory_kind} (MiB); "
-          "times = fastest forward + backward of --repeats (ms)")
-    print(f"{'B':>5} {'d':>4} | {'CLIP ms':>9} {'MiB':>8} | {'modular ms':>10} {'MiB':>8} | "
-          f"{'naive ms':>9} {'MiB':>8} | {'B*B*d MiB':>9} | mod/CLIP time  naive/mod time")
+    print(
+        f"device {args.device}, {torch.get_num_threads()} threads; memory = {memory_kind} (MiB); "
+        "times = fastest forward + backward of --repeats (ms)"
+    )
+    print(
+        f"{'B':>5} {'d':>4} | {'CLIP ms':>9} {'MiB':>8} | {'modular ms':>10} {'MiB':>8} | "
+        f"{'naive ms':>9} {'MiB':>8} | {'B*B*d MiB':>9} | mod/CLIP time  naive/mod time"
+    )
     losses = {"clip": ContrastiveLoss(), "modular": ModularContrastiveLoss(1.0, 0.01)}
     for batch in args.batches:
         for dim in args.dims:
             row = {name: measure(fn, batch, dim, args.device, args.repeats) for name, fn in losses.items()}
             cube_bytes = batch * batch * dim * 4
-            if cube_bytes <= args.naive_max_gib * 2 ** 30:
+            if cube_bytes <= args.naive_max_gib * 2**30:
                 row["naive"] = measure(naive_modular_loss, batch, dim, args.device, args.repeats)
             naive = row.get("naive")
-            naive_text = f"{naive[0] * 1e3:9.1f} {naive[1] / 2 ** 20:8.1f}" if naive else f"{'skipped':>9} {'-':>8}"
+            naive_text = f"{naive[0] * 1e3:9.1f} {naive[1] / 2**20:8.1f}" if naive else f"{'skipped':>9} {'-':>8}"
             ratio = f"{naive[0] / row['modular'][0]:14.1f}" if naive else f"{'-':>14}"
-            print(f"{batch:>5} {dim:>4} | {row['clip'][0] * 1e3:9.1f} {row['clip'][1] / 2 ** 20:8.1f} | "
-                  f"{row['modular'][0] * 1e3:10.1f} {row['modular'][1] / 2 ** 20:8.1f} | {naive_text} | "
-                  f"{cube_bytes / 2 ** 20:9.0f} | {row['modular'][0] / row['clip'][0]:13.2f} {ratio}")
+            print(
+                f"{batch:>5} {dim:>4} | {row['clip'][0] * 1e3:9.1f} {row['clip'][1] / 2**20:8.1f} | "
+                f"{row['modular'][0] * 1e3:10.1f} {row['modular'][1] / 2**20:8.1f} | {naive_text} | "
+                f"{cube_bytes / 2**20:9.0f} | {row['modular'][0] / row['clip'][0]:13.2f} {ratio}"
+            )
 
 
 if __name__ == "__main__":

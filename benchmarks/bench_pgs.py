@@ -5,12 +5,14 @@ batch, and the selection's own share of the PGS step (the paper claims < 3 % ove
     python benchmarks/bench_pgs.py --device cuda --arch ViT-B-16 --batch-size 256
 
 Steps of the variants are interleaved and both the median and the minimum are printed: on
-a shared machine the minimum is the steadier figure. "selection" times the selector alone (similarities, OTN, seeds, ranking) on the step's
+a shared machine the minimum is the steadier figure. "selection" times the selector alone
+(similarities, OTN, seeds, ranking) on the step's
 tokens; the rest of PGS's cost is its attention mask and the tokens it keeps in the sequence
 but hides: with the default `batch_min` compaction only what the batch does not share
 (PGS0.3 paper mode), with `static` (".../static", no host read) all of each image's
 data-dependent drop.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -34,9 +36,11 @@ from training.transforms import normalize_image_tensor
 def synthetic_batch(arch: str, image_size: int, num_patches: int, batch_size: int) -> dict:
     rng = np.random.default_rng(0)
     captions = [f"a {c} shape number {i}" for i, c in enumerate(rng.choice(["red", "blue"], batch_size))]
-    return {IMAGES: rng.integers(0, 256, (batch_size, 3, image_size, image_size), dtype=np.uint8),
-            EDGE_SCORES: rng.random((batch_size, num_patches), dtype=np.float32) * 100,
-            TEXTS: build_tokenizer(arch)(captions).numpy()}
+    return {
+        IMAGES: rng.integers(0, 256, (batch_size, 3, image_size, image_size), dtype=np.uint8),
+        EDGE_SCORES: rng.random((batch_size, num_patches), dtype=np.float32) * 100,
+        TEXTS: build_tokenizer(arch)(captions).numpy(),
+    }
 
 
 def build_variant(label: str, args):
@@ -45,11 +49,14 @@ def build_variant(label: str, args):
         config = apply_overrides(build_method_config("flip"), {"masking.ratio": float(label[5:])})
     else:
         method, mode, *compaction = label.split("/")
-        config = apply_overrides(build_method_config(method),
-                                 {"pgs.mode": mode, "pgs.compaction": (compaction or ["batch_min"])[0]})
+        config = apply_overrides(
+            build_method_config(method), {"pgs.mode": mode, "pgs.compaction": (compaction or ["batch_min"])[0]}
+        )
     config = apply_overrides(config, {"model.arch": args.arch})
     torch.manual_seed(0)
-    return config, build_model(config.model, config.masking, temperature_of(config.loss, config.topology), pgs=config.pgs).to(args.device)
+    return config, build_model(
+        config.model, config.masking, temperature_of(config.loss, config.topology), pgs=config.pgs
+    ).to(args.device)
 
 
 def timed(fn, device: torch.device) -> float:
@@ -77,17 +84,25 @@ class Variant:
 
     def step(self, index: int) -> None:
         seed_step(self.model, 0, index, 0)
-        self.step_times.append(timed(lambda: train_step(self.model, ContrastiveLoss(), self.optimizer,
-                                                        self.scheduler, self.batch, self.settings, 0.5),
-                                     self.device))
+        self.step_times.append(
+            timed(
+                lambda: train_step(
+                    self.model, ContrastiveLoss(), self.optimizer, self.scheduler, self.batch, self.settings, 0.5
+                ),
+                self.device,
+            )
+        )
         if self.model.token_selector is not None:
             self.selection_times.append(run_selection(self.model, self.batch, self.device, self.settings.bf16))
 
     def summary(self, warmup: int) -> dict:
         selection = self.selection_times[warmup:]
-        return {"label": self.label, "step_s": float(np.median(self.step_times[warmup:])),
-                "min_step_s": float(np.min(self.step_times[warmup:])),
-                "selection_s": float(np.median(selection)) if selection else 0.0}
+        return {
+            "label": self.label,
+            "step_s": float(np.median(self.step_times[warmup:])),
+            "min_step_s": float(np.min(self.step_times[warmup:])),
+            "selection_s": float(np.median(selection)) if selection else 0.0,
+        }
 
 
 def time_group(labels: tuple[str, ...], args) -> list[dict]:
@@ -107,6 +122,7 @@ def profile_selection(variant: Variant) -> None:
     """Where the selector's time goes: its operators with the most self time, one call (the
     inputs' transfer and patch embedding happen outside the profiled region)."""
     from torch.profiler import ProfilerActivity, profile
+
     cuda = variant.device.type == "cuda"
 
     def profiled(fn, device):
@@ -129,8 +145,10 @@ def run_selection(model, batch: dict, device: torch.device, bf16: bool, measure=
         return (measure or timed)(lambda: model.token_selector(tokens, images, edges, 0.5), device)
 
 
-VARIANTS = (("flip@0.5", "pgs0.5/reference", "pgs0.5/paper"),
-            ("flip@0.3", "pgs0.3/reference", "pgs0.3/paper", "pgs0.3/paper/static"))
+VARIANTS = (
+    ("flip@0.5", "pgs0.5/reference", "pgs0.5/paper"),
+    ("flip@0.3", "pgs0.3/reference", "pgs0.3/paper", "pgs0.3/paper/static"),
+)
 
 
 def main(argv=None) -> dict:
@@ -141,14 +159,19 @@ def main(argv=None) -> dict:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
-    p.add_argument("--profile-selection", action="store_true",
-                   help="print the selector's operators by self time (torch.profiler)")
+    p.add_argument(
+        "--profile-selection", action="store_true", help="print the selector's operators by self time (torch.profiler)"
+    )
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    print(f"{args.arch}, batch {args.batch_size}, {args.device} ({args.threads} thread(s)), "
-          f"median of {args.steps} steps after {args.warmup} warm-up")
-    print(f"{'variant':20s} {'ms/step':>9s} {'vs FLIP':>8s} {'min ms':>8s} {'vs FLIP':>8s} "
-          f"{'selection ms':>13s} {'share of step':>14s}")
+    print(
+        f"{args.arch}, batch {args.batch_size}, {args.device} ({args.threads} thread(s)), "
+        f"median of {args.steps} steps after {args.warmup} warm-up"
+    )
+    print(
+        f"{'variant':20s} {'ms/step':>9s} {'vs FLIP':>8s} {'min ms':>8s} {'vs FLIP':>8s} "
+        f"{'selection ms':>13s} {'share of step':>14s}"
+    )
     results = {}
     for group in VARIANTS:
         flip, *pgs = time_group(group, args)
@@ -156,9 +179,11 @@ def main(argv=None) -> dict:
         for r in (flip, *pgs):
             selection = "-" if r is flip else f"{r['selection_s'] * 1e3:.2f}"
             share = "-" if r is flip else f"{100 * r['selection_s'] / r['step_s']:.1f}%"
-            print(f"{r['label']:20s} {r['step_s'] * 1e3:9.1f} {r['step_s'] / flip['step_s']:7.2f}x "
-                  f"{r['min_step_s'] * 1e3:8.1f} {r['min_step_s'] / flip['min_step_s']:7.2f}x "
-                  f"{selection:>13s} {share:>14s}")
+            print(
+                f"{r['label']:20s} {r['step_s'] * 1e3:9.1f} {r['step_s'] / flip['step_s']:7.2f}x "
+                f"{r['min_step_s'] * 1e3:8.1f} {r['min_step_s'] / flip['min_step_s']:7.2f}x "
+                f"{selection:>13s} {share:>14s}"
+            )
     return results
 
 

@@ -12,6 +12,7 @@ and demo scenes, cropped and scaled to 640x480-class sources, JPEG q90):
   edges   the edge map alone (decode the stored JPEG, Sobel, pool, quantise, PNG).
 Requirements: edges <= 1/4 of bare's time per image, edge bytes <= 1/5 of the image's.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -31,8 +32,17 @@ from pipelines.demo_corpus import write_demo_corpus
 from pipelines.image_input import prepare_source_image
 from pipelines.stages import DownloadParams, ImageFetcher, build_sample
 
-PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "hubble_deep_field", "immunohistochemistry",
-          "retina", "cat", "motorcycle_left")
+PHOTOS = (
+    "astronaut",
+    "coffee",
+    "chelsea",
+    "rocket",
+    "hubble_deep_field",
+    "immunohistochemistry",
+    "retina",
+    "cat",
+    "motorcycle_left",
+)
 
 
 def source_images(n: int, seed: int = 0) -> list[bytes]:
@@ -48,8 +58,11 @@ def source_images(n: int, seed: int = 0) -> list[bytes]:
         cw = min(w, int(ch * 4 / 3))
         top, left = rng.integers(0, h - ch + 1), rng.integers(0, w - cw + 1)
         width = int(rng.uniform(480, 720))
-        crop = cv2.resize(np.ascontiguousarray(photo[top:top + ch, left:left + cw, ::-1]),
-                          (width, width * 3 // 4), interpolation=cv2.INTER_AREA)
+        crop = cv2.resize(
+            np.ascontiguousarray(photo[top : top + ch, left : left + cw, ::-1]),
+            (width, width * 3 // 4),
+            interpolation=cv2.INTER_AREA,
+        )
         blobs.append(cv2.imencode(".jpg", crop, [cv2.IMWRITE_JPEG_QUALITY, 90])[1].tobytes())
     return blobs
 
@@ -60,11 +73,15 @@ def time_bare_loop(blobs: list[bytes], size: int) -> tuple[float, list[bytes]]:
     for blob in blobs:
         img = cv2.imdecode(np.frombuffer(blob, np.uint8), cv2.IMREAD_COLOR)
         scale = size / min(img.shape[:2])
-        img = cv2.resize(img, (max(size, round(img.shape[1] * scale)), max(size, round(img.shape[0] * scale))),
-                         interpolation=cv2.INTER_AREA)
+        img = cv2.resize(
+            img,
+            (max(size, round(img.shape[1] * scale)), max(size, round(img.shape[0] * scale))),
+            interpolation=cv2.INTER_AREA,
+        )
         top, left = (img.shape[0] - size) // 2, (img.shape[1] - size) // 2
-        out.append(cv2.imencode(".jpg", img[top:top + size, left:left + size],
-                                [cv2.IMWRITE_JPEG_QUALITY, 95])[1].tobytes())
+        out.append(
+            cv2.imencode(".jpg", img[top : top + size, left : left + size], [cv2.IMWRITE_JPEG_QUALITY, 95])[1].tobytes()
+        )
     return (time.perf_counter() - start) / len(blobs), out
 
 
@@ -77,10 +94,17 @@ def time_stages(blobs: list[bytes], size: int, folder: str, shard_size: int = 10
     for i, blob in enumerate(blobs):
         raw, reason = prepare_source_image(blob, params.max_image_area, params.min_image_size)
         jpg, width, height, orig_w, orig_h, _ = resize(io.BytesIO(raw))
-        group = {"key": f"{i:024x}", "source": f"http://x/{i}.jpg",
-                 "captions": [{"text": "a photograph", "source": "bench", "kind": "short"}]}
-        samples.append(build_sample(group, {"jpg": jpg, "width": width, "height": height,
-                                            "original_width": orig_w, "original_height": orig_h}))
+        group = {
+            "key": f"{i:024x}",
+            "source": f"http://x/{i}.jpg",
+            "captions": [{"text": "a photograph", "source": "bench", "kind": "short"}],
+        }
+        samples.append(
+            build_sample(
+                group,
+                {"jpg": jpg, "width": width, "height": height, "original_width": orig_w, "original_height": orig_h},
+            )
+        )
         if len(samples) == shard_size or i == len(blobs) - 1:
             shards.write_shard(fs, path, shard_id, samples, {"failures": {}})
             samples, shard_id = [], shard_id + 1
@@ -94,8 +118,9 @@ def time_edges(stored: list[bytes]) -> tuple[float, list[bytes]]:
 
 
 def demo_sources(n: int, workdir: Path) -> list[bytes]:
-    corpus = write_demo_corpus(workdir / "bench-prepare-demo", n_images=n, seed=2, image_size=512,
-                               n_eval_per_class=1, n_eval_retrieval=1)
+    corpus = write_demo_corpus(
+        workdir / "bench-prepare-demo", n_images=n, seed=2, image_size=512, n_eval_per_class=1, n_eval_retrieval=1
+    )
     return [p.read_bytes() for p in sorted(corpus.images_dir.glob("*.jpg"))[:n]]
 
 
@@ -107,14 +132,19 @@ def report(name: str, blobs: list[bytes], size: int) -> dict:
     edge_bytes = sum(len(p) for p in pngs) / sum(len(j) for j in stored)
     print(f"--- {name}: {len(blobs)} sources, mean {np.mean([len(b) for b in blobs]) / 1024:.0f} KiB -> {size} px")
     print(f"bare decode+resize+encode : {1 / bare_s:8.1f} images/s/core ({bare_s * 1e3:.2f} ms/image)")
-    print(f"prepare stages + write    : {1 / stages_s:8.1f} images/s/core ({stages_s * 1e3:.2f} ms/image)"
-          f"  ratio stages/bare rate {bare_s / stages_s:.2f}")
-    print(f"edge map alone            : {edge_s * 1e3:.2f} ms/image = {edge_s / bare_s:.2f} of bare time "
-          f"(limit 0.25: {'ok' if edge_s / bare_s <= 0.25 else 'OVER'})")
-    print(f"edge map bytes            : {edge_bytes:.3f} of the stored JPEG's "
-          f"(limit 0.20: {'ok' if edge_bytes <= 0.2 else 'OVER'})")
-    return {"bare_s": bare_s, "stages_s": stages_s, "edge_time_ratio": edge_s / bare_s,
-            "edge_bytes_ratio": edge_bytes}
+    print(
+        f"prepare stages + write    : {1 / stages_s:8.1f} images/s/core ({stages_s * 1e3:.2f} ms/image)"
+        f"  ratio stages/bare rate {bare_s / stages_s:.2f}"
+    )
+    print(
+        f"edge map alone            : {edge_s * 1e3:.2f} ms/image = {edge_s / bare_s:.2f} of bare time "
+        f"(limit 0.25: {'ok' if edge_s / bare_s <= 0.25 else 'OVER'})"
+    )
+    print(
+        f"edge map bytes            : {edge_bytes:.3f} of the stored JPEG's "
+        f"(limit 0.20: {'ok' if edge_bytes <= 0.2 else 'OVER'})"
+    )
+    return {"bare_s": bare_s, "stages_s": stages_s, "edge_time_ratio": edge_s / bare_s, "edge_bytes_ratio": edge_bytes}
 
 
 def time_job(n_images: int, size: int, workdir: Path) -> None:
@@ -122,6 +152,7 @@ def time_job(n_images: int, size: int, workdir: Path) -> None:
     from pipelines import prepare_cc12m, ray_setup
     from pipelines.demo_corpus import write_cc12m_tsv
     from pipelines.mirror import LoopbackMirror
+
     cores = os.cpu_count() or 1
     ray_setup.init_ray(num_cpus=cores)
     seconds = {}
@@ -132,9 +163,21 @@ def time_job(n_images: int, size: int, workdir: Path) -> None:
         with LoopbackMirror(corpus.mirror_root) as mirror:
             tsv = write_cc12m_tsv(corpus, mirror.base_url, workdir / f"prep-{n}.tsv")
             start = time.perf_counter()
-            prepare_cc12m.run(prepare_cc12m.parse_args(
-                ["--input", str(tsv), "--output", str(out), "--image-size", str(size),
-                 "--shard-size", "250", "--allow-loopback-urls"]))
+            prepare_cc12m.run(
+                prepare_cc12m.parse_args(
+                    [
+                        "--input",
+                        str(tsv),
+                        "--output",
+                        str(out),
+                        "--image-size",
+                        str(size),
+                        "--shard-size",
+                        "250",
+                        "--allow-loopback-urls",
+                    ]
+                )
+            )
             seconds[n] = time.perf_counter() - start
     small, large = sorted(seconds)
     marginal = (large - small) / (seconds[large] - seconds[small]) / cores

@@ -18,6 +18,7 @@ Time on 2 shared cores with the defaults (one seed): demo build ~1.5 min, pretra
 the three fine-tunes ~3 min each, five evaluation jobs ~1 min each: about 20 min, more when
 the machine is busy. `--n-images 1000 --pretrain-epochs 8 --finetune-epochs 3` is cheaper.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -33,8 +34,11 @@ from evaluation import evaluate  # noqa: E402
 from training import train  # noqa: E402
 
 ARCH = "clip-tiny-p8-64-ctx24"
-FINETUNES = {"clip": ["--set", "data.caption_policy=mix"], "longclip": [],
-             "smartclip": ["--set", "data.caption_policy=mix"]}
+FINETUNES = {
+    "clip": ["--set", "data.caption_policy=mix"],
+    "longclip": [],
+    "smartclip": ["--set", "data.caption_policy=mix"],
+}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -54,19 +58,46 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def common_flags(args, build_uri: str, workdir: Path, epochs: int, lr: float, seed: int) -> list[str]:
-    return ["--data", build_uri, "--arch", ARCH, "--num-workers", "1", "--batch-size", str(args.batch_size),
-            "--epochs", str(epochs), "--lr", str(lr), "--seed", str(seed),
-            "--storage", str(workdir / "runs"), "--log-every", "20", "--checkpoint-every", "100000"]
+    return [
+        "--data",
+        build_uri,
+        "--arch",
+        ARCH,
+        "--num-workers",
+        "1",
+        "--batch-size",
+        str(args.batch_size),
+        "--epochs",
+        str(epochs),
+        "--lr",
+        str(lr),
+        "--seed",
+        str(seed),
+        "--storage",
+        str(workdir / "runs"),
+        "--log-every",
+        "20",
+        "--checkpoint-every",
+        "100000",
+    ]
 
 
 def finetune_flags(args, pretrained: str) -> list[str]:
     """Long-CLIP's recipe, identical for the three fine-tunes (the `clip` method would
     otherwise keep its from-scratch defaults)."""
-    overrides = {"model.pretrained": pretrained, "model.text_positions_kept": 8, "model.text_stretch_factor": 4,
-                 "optim.weight_decay": 0.01, "optim.betas": "[0.9, 0.999]", "optim.eps": 1e-8,
-                 "optim.warmup_steps": 20, "optim.new_module_lr": args.new_module_lr,
-                 "loss.init_logit_scale": 4.6052, "loss.reset_logit_scale": "true",
-                 "smartclip.lambda_sparsity": args.lambda_sparsity}
+    overrides = {
+        "model.pretrained": pretrained,
+        "model.text_positions_kept": 8,
+        "model.text_stretch_factor": 4,
+        "optim.weight_decay": 0.01,
+        "optim.betas": "[0.9, 0.999]",
+        "optim.eps": 1e-8,
+        "optim.warmup_steps": 20,
+        "optim.new_module_lr": args.new_module_lr,
+        "loss.init_logit_scale": 4.6052,
+        "loss.reset_logit_scale": "true",
+        "smartclip.lambda_sparsity": args.lambda_sparsity,
+    }
     return [item for k, v in overrides.items() for item in ("--set", f"{k}={v}")]
 
 
@@ -83,19 +114,35 @@ def evaluate_run(run_dir: str, eval_root: Path, out: Path, scorer: str) -> tuple
     """(report, seconds it took); a finished report is reused."""
     start = time.monotonic()
     if not (out / "seconds.json").exists():
-        evaluate.main(["--checkpoint", run_dir, "--output", str(out), "--scorer", scorer,
-                       "--zeroshot", f"zeroshot={eval_root / 'zeroshot'}",
-                       "--retrieval", f"short={eval_root / 'retrieval' / 'dataset_karpathy.json'}",
-                       "--long-retrieval", f"long={eval_root / 'long'}"])
+        evaluate.main(
+            [
+                "--checkpoint",
+                run_dir,
+                "--output",
+                str(out),
+                "--scorer",
+                scorer,
+                "--zeroshot",
+                f"zeroshot={eval_root / 'zeroshot'}",
+                "--retrieval",
+                f"short={eval_root / 'retrieval' / 'dataset_karpathy.json'}",
+                "--long-retrieval",
+                f"long={eval_root / 'long'}",
+            ]
+        )
         (out / "seconds.json").write_text(json.dumps({"seconds": time.monotonic() - start}))
     return json.loads((out / "report.json").read_text()), json.loads((out / "seconds.json").read_text())["seconds"]
 
 
 def summarize(report: dict) -> dict:
     long, short = report["retrieval"]["long"], report["retrieval"]["short"]
-    return {"long I2T R@1": long["text_retrieval_recall@1"], "long T2I R@1": long["image_retrieval_recall@1"],
-            "zero-shot top-1": report["zeroshot"]["zeroshot"]["top1"],
-            "short I2T R@1": short["text_retrieval_recall@1"], "short T2I R@1": short["image_retrieval_recall@1"]}
+    return {
+        "long I2T R@1": long["text_retrieval_recall@1"],
+        "long T2I R@1": long["image_retrieval_recall@1"],
+        "zero-shot top-1": report["zeroshot"]["zeroshot"]["top1"],
+        "short I2T R@1": short["text_retrieval_recall@1"],
+        "short T2I R@1": short["image_retrieval_recall@1"],
+    }
 
 
 def format_table(rows: dict[str, list[dict]]) -> str:
@@ -115,15 +162,21 @@ def format_table(rows: dict[str, list[dict]]) -> str:
 def plan_runs(args, build_uri: str, workdir: Path) -> tuple[dict[str, list[tuple[str, str]]], float]:
     """{model label: [(run directory, scorer) per seed]} and the training seconds, training
     what is not trained yet: the short-caption pretrain once, each fine-tune per seed."""
-    pretrained, seconds = train_run("pretrain-short", common_flags(
-        args, build_uri, workdir, args.pretrain_epochs, args.pretrain_lr, args.seed)
-        + ["--method", "clip", "--set", "data.caption_policy=short"], workdir)
+    pretrained, seconds = train_run(
+        "pretrain-short",
+        common_flags(args, build_uri, workdir, args.pretrain_epochs, args.pretrain_lr, args.seed)
+        + ["--method", "clip", "--set", "data.caption_policy=short"],
+        workdir,
+    )
     runs = {"pretrained (short captions)": [(pretrained, "plain")]}
     for method, extra in FINETUNES.items():
         for seed in args.finetune_seeds:
             argv = common_flags(args, build_uri, workdir, args.finetune_epochs, args.finetune_lr, seed)
-            run_dir, took = train_run(f"finetune-{method}-s{seed}", argv + ["--method", method] + extra
-                                      + finetune_flags(args, pretrained), workdir)
+            run_dir, took = train_run(
+                f"finetune-{method}-s{seed}",
+                argv + ["--method", method] + extra + finetune_flags(args, pretrained),
+                workdir,
+            )
             runs.setdefault(f"+ {method} fine-tune", []).append((run_dir, "plain"))
             seconds += took
     runs["+ smartclip fine-tune, masked scorer"] = [(d, "masked") for d, _ in runs["+ smartclip fine-tune"]]
@@ -144,12 +197,14 @@ def main(argv=None) -> dict:
             report, took = evaluate_run(run_dir, eval_root, out, scorer)
             rows.setdefault(name, []).append(summarize(report))
             eval_seconds += took
-    print(f"\n{args.n_images} images, batch {args.batch_size}, 1 worker; pretrain {args.pretrain_epochs} epochs "
-          f"(lr {args.pretrain_lr}); each fine-tune {args.finetune_epochs} epochs, seeds {args.finetune_seeds} "
-          f"(towers lr {args.finetune_lr}, mask network lr {args.new_module_lr}, "
-          f"λ_sparsity {args.lambda_sparsity}); "
-          f"training {train_seconds:.0f} s + evaluation {eval_seconds:.0f} s (as measured when each ran)\n"
-          f"{format_table(rows)}")
+    print(
+        f"\n{args.n_images} images, batch {args.batch_size}, 1 worker; pretrain {args.pretrain_epochs} epochs "
+        f"(lr {args.pretrain_lr}); each fine-tune {args.finetune_epochs} epochs, seeds {args.finetune_seeds} "
+        f"(towers lr {args.finetune_lr}, mask network lr {args.new_module_lr}, "
+        f"λ_sparsity {args.lambda_sparsity}); "
+        f"training {train_seconds:.0f} s + evaluation {eval_seconds:.0f} s (as measured when each ran)\n"
+        f"{format_table(rows)}"
+    )
     (workdir / "results.json").write_text(json.dumps({"args": vars(args), "rows": rows}, indent=1))
     return rows
 

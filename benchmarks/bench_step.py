@@ -5,6 +5,7 @@
 FLIP removes tokens from the sequence, so its step must be cheaper; the text tower caps
 the gain (about 1.75x fewer FLOPs for ViT-B/16 at 50 %, not 2x).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -31,8 +32,10 @@ from training.towers import build_tokenizer
 def synthetic_batch(arch: str, image_size: int, batch_size: int) -> dict:
     rng = np.random.default_rng(0)
     captions = [f"a {c} shape number {i}" for i, c in enumerate(rng.choice(["red", "blue"], batch_size))]
-    return {IMAGES: rng.integers(0, 256, (batch_size, 3, image_size, image_size), dtype=np.uint8),
-            TEXTS: build_tokenizer(arch)(captions).numpy()}
+    return {
+        IMAGES: rng.integers(0, 256, (batch_size, 3, image_size, image_size), dtype=np.uint8),
+        TEXTS: build_tokenizer(arch)(captions).numpy(),
+    }
 
 
 def median_step_seconds(run_step, device: torch.device, warmup: int, steps: int) -> float:
@@ -73,8 +76,13 @@ def variant_arguments(description: str) -> argparse.ArgumentParser:
 def run_in_fresh_process(module: str, name: str, argv: list[str]) -> dict:
     """`python -m module *argv --only name` (its last stdout line is one JSON result), so that no
     variant inherits another's memory pages."""
-    out = subprocess.run([sys.executable, "-m", module, *argv, "--only", name],
-                         capture_output=True, text=True, check=True, cwd=Path(__file__).resolve().parents[1])
+    out = subprocess.run(
+        [sys.executable, "-m", module, *argv, "--only", name],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=Path(__file__).resolve().parents[1],
+    )
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -112,8 +120,10 @@ def main(argv=None) -> dict:
     torch.set_num_threads(args.threads)
     results = {m: time_method(m, args) for m in ("clip", "flip")}
     for r in results.values():
-        print(f"{r['method']:5s} {args.arch} batch {args.batch_size} on {args.device} ({args.threads} thread(s)): "
-              f"{r['step_s'] * 1e3:8.1f} ms/step  {r['samples_per_s']:9.1f} samples/s  peak {r['peak_gib']:.2f} GiB")
+        print(
+            f"{r['method']:5s} {args.arch} batch {args.batch_size} on {args.device} ({args.threads} thread(s)): "
+            f"{r['step_s'] * 1e3:8.1f} ms/step  {r['samples_per_s']:9.1f} samples/s  peak {r['peak_gib']:.2f} GiB"
+        )
     ratio = results["flip"]["samples_per_s"] / results["clip"]["samples_per_s"]
     print(f"FLIP({args.mask_ratio}) / CLIP throughput ratio: {ratio:.2f}x")
     return {"results": results, "ratio": ratio}

@@ -10,6 +10,7 @@ is the peak resident set of a fresh process per variant (each variant runs in it
 interpreter, so one cannot inherit the other's pages). Oblique Ob(n, m) has no parameters or
 tokens of its own: its step costs what CLIP's does (printed for reference).
 """
+
 from __future__ import annotations
 
 import json
@@ -17,8 +18,13 @@ import sys
 
 import torch
 
-from benchmarks.bench_step import (median_step_seconds, process_peak_gib, run_in_fresh_process, synthetic_batch,
-                                    variant_arguments)
+from benchmarks.bench_step import (
+    median_step_seconds,
+    process_peak_gib,
+    run_in_fresh_process,
+    synthetic_batch,
+    variant_arguments,
+)
 from training.config import apply_overrides
 from training.loop import LoopSettings, seed_step, train_step
 from training.methods.recipes import build_method_config
@@ -48,8 +54,13 @@ def time_variant(name: str, args) -> dict:
         train_step(model, objective, optimizer, scheduler, batch, settings)
 
     step_s, peak = median_step_seconds(run_step, device, args.warmup, args.steps), process_peak_gib(device)
-    return {"variant": name, "topology": model.topology.describe(), "step_s": step_s,
-            "samples_per_s": args.batch_size / step_s, "peak_gib": peak}
+    return {
+        "variant": name,
+        "topology": model.topology.describe(),
+        "step_s": step_s,
+        "samples_per_s": args.batch_size / step_s,
+        "peak_gib": peak,
+    }
 
 
 def parse_args(argv):
@@ -69,12 +80,16 @@ def main(argv=None) -> dict:
     results = {name: run_in_fresh_process("benchmarks.bench_topology_step", name, argv) for name in VARIANTS}
     for r in results.values():
         t = r["topology"]
-        print(f"{r['variant']:13s} {t['kind']}({t['n']}, {t['m']}) {args.arch} batch {args.batch_size} on {args.device}: "
-              f"{r['step_s'] * 1e3:8.1f} ms/step  {r['samples_per_s']:8.1f} samples/s  peak {r['peak_gib']:.2f} GiB")
+        print(
+            f"{r['variant']:13s} {t['kind']}({t['n']}, {t['m']}) {args.arch} batch {args.batch_size} on {args.device}: "
+            f"{r['step_s'] * 1e3:8.1f} ms/step  {r['samples_per_s']:8.1f} samples/s  peak {r['peak_gib']:.2f} GiB"
+        )
     clip, multi = results["clip"], results["multi(n,m)"]
     step_ratio, memory_ratio = multi["step_s"] / clip["step_s"], multi["peak_gib"] / clip["peak_gib"]
-    print(f"Multi({args.n}, {args.m}) / CLIP: step time {step_ratio:.3f}x, peak memory {memory_ratio:.3f}x "
-          f"(paper, ViT-B/16: < 1.08x)")
+    print(
+        f"Multi({args.n}, {args.m}) / CLIP: step time {step_ratio:.3f}x, peak memory {memory_ratio:.3f}x "
+        f"(paper, ViT-B/16: < 1.08x)"
+    )
     return {"results": results, "step_ratio": step_ratio, "memory_ratio": memory_ratio}
 
 

@@ -8,6 +8,7 @@ same demo build that ours reads (and, for reference, `--dataset-type synthetic`)
 `training/train.py` on that build with one Ray Train worker. Both report samples per second
 after warm-up.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -24,7 +25,8 @@ from training.towers import MODEL_CONFIG_DIR
 
 OPEN_CLIP_DRIVER = (
     "import sys, open_clip; open_clip.add_model_config(sys.argv[1]); "
-    "from open_clip_train.main import main; main(sys.argv[2:])")
+    "from open_clip_train.main import main; main(sys.argv[2:])"
+)
 BATCH_TIME = re.compile(r"Batch \(t\): ([0-9.]+)")
 
 
@@ -34,20 +36,57 @@ def open_clip_data_args(args, build_uri: str | None) -> list[str]:
     if build_uri is None:
         return ["--dataset-type", "synthetic", "--train-num-samples", str(args.batch_size * args.steps)]
     last = len(shards.read_manifest(build_uri)["shards"]) - 1
-    return ["--dataset-type", "webdataset", "--train-data", f"{build_uri}/shards/{{000000..{last:06d}}}.tar",
-            "--train-num-samples", str(args.batch_size * args.steps), "--dataset-resampled"]
+    return [
+        "--dataset-type",
+        "webdataset",
+        "--train-data",
+        f"{build_uri}/shards/{{000000..{last:06d}}}.tar",
+        "--train-num-samples",
+        str(args.batch_size * args.steps),
+        "--dataset-resampled",
+    ]
 
 
 def run_open_clip(args, workdir: Path, build_uri: str | None = None) -> float:
-    argv = [*open_clip_data_args(args, build_uri),
-            "--batch-size", str(args.batch_size), "--model", args.arch, "--epochs", "1",
-            "--precision", "fp32", "--workers", "1", "--lr", "5e-4", "--warmup", "10",
-            "--log-every-n-steps", "10", "--logs", str(workdir / "open_clip_logs"),
-            "--name", f"bench-{int(time.time())}", "--report-to", "", "--save-frequency", "0",
-            "--device", "cpu", "--seed", "0"]
+    argv = [
+        *open_clip_data_args(args, build_uri),
+        "--batch-size",
+        str(args.batch_size),
+        "--model",
+        args.arch,
+        "--epochs",
+        "1",
+        "--precision",
+        "fp32",
+        "--workers",
+        "1",
+        "--lr",
+        "5e-4",
+        "--warmup",
+        "10",
+        "--log-every-n-steps",
+        "10",
+        "--logs",
+        str(workdir / "open_clip_logs"),
+        "--name",
+        f"bench-{int(time.time())}",
+        "--report-to",
+        "",
+        "--save-frequency",
+        "0",
+        "--device",
+        "cpu",
+        "--seed",
+        "0",
+    ]
     env = {"CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.run([sys.executable, "-c", OPEN_CLIP_DRIVER, str(MODEL_CONFIG_DIR), *argv],
-                          capture_output=True, text=True, env=env, timeout=3600)
+    proc = subprocess.run(
+        [sys.executable, "-c", OPEN_CLIP_DRIVER, str(MODEL_CONFIG_DIR), *argv],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=3600,
+    )
     times = [float(t) for t in BATCH_TIME.findall(proc.stdout + proc.stderr)]
     if not times:
         raise RuntimeError(f"open_clip_train printed no batch times:\n{proc.stderr[-3000:]}")
@@ -56,10 +95,32 @@ def run_open_clip(args, workdir: Path, build_uri: str | None = None) -> float:
 
 def run_ours(build_uri: str, args, workdir: Path) -> float:
     name = f"bench-ours-{int(time.time())}"
-    train.main(["--data", build_uri, "--method", "clip", "--arch", args.arch, "--num-workers", "1",
-                "--batch-size", str(args.batch_size), "--epochs", "50", "--max-steps", str(args.steps),
-                "--storage", str(workdir / "runs"), "--run-name", name, "--log-every", "10",
-                "--checkpoint-every", "100000"])
+    train.main(
+        [
+            "--data",
+            build_uri,
+            "--method",
+            "clip",
+            "--arch",
+            args.arch,
+            "--num-workers",
+            "1",
+            "--batch-size",
+            str(args.batch_size),
+            "--epochs",
+            "50",
+            "--max-steps",
+            str(args.steps),
+            "--storage",
+            str(workdir / "runs"),
+            "--run-name",
+            name,
+            "--log-every",
+            "10",
+            "--checkpoint-every",
+            "100000",
+        ]
+    )
     return mean_samples_per_s(workdir / "runs" / name / "metrics.jsonl")
 
 

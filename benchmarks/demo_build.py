@@ -1,4 +1,5 @@
 """A demo-corpus build that benchmarks share (prepared once under --workdir, then reused)."""
+
 from __future__ import annotations
 
 import json
@@ -19,9 +20,19 @@ def ensure_demo_build(workdir: Path, n_images: int, image_size: int = 64) -> str
     corpus = write_demo_corpus(workdir / f"corpus-{n_images}", n_images=n_images, seed=0)
     with LoopbackMirror(corpus.mirror_root, port=MIRROR_PORT) as mirror:
         tsv = write_cc12m_tsv(corpus, mirror.base_url, workdir / f"cc12m-{n_images}.tsv")
-        build_uri = prepare_cc12m.main(["--input", str(tsv), "--output", str(workdir / "shards"),
-                                        "--allow-loopback-urls",
-                                        "--image-size", str(image_size), "--shard-size", "250"])
+        build_uri = prepare_cc12m.main(
+            [
+                "--input",
+                str(tsv),
+                "--output",
+                str(workdir / "shards"),
+                "--allow-loopback-urls",
+                "--image-size",
+                str(image_size),
+                "--shard-size",
+                "250",
+            ]
+        )
     marker.write_text(json.dumps({"build_uri": build_uri}))
     return build_uri
 

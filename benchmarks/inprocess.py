@@ -3,6 +3,7 @@
 `train_step`, in this process, on images decoded once and resized to 64 px (no augmentation),
 one caption of each image's group drawn per step. What the reproductions compare is the
 method, not the data path, so every row sees the same images, captions and batch order."""
+
 from __future__ import annotations
 
 import argparse
@@ -60,8 +61,9 @@ def clip_config(overrides: dict, seed: int, method: str = "clip") -> TrainConfig
     return apply_overrides(build_method_config(method), {"model.arch": ARCH, "run.seed": seed, **overrides})
 
 
-def train(model, config: TrainConfig, images: torch.Tensor, groups: list[list[str]], steps: int,
-          batch_size: int) -> dict:
+def train(
+    model, config: TrainConfig, images: torch.Tensor, groups: list[list[str]], steps: int, batch_size: int
+) -> dict:
     """`steps` steps of `config` on `model` (in place), batches drawn from the run seed; returns
     the mean loss of the last 20 steps (and of every logged loss and CIBR term), the final
     logit scale and the wall time."""
@@ -78,14 +80,19 @@ def train(model, config: TrainConfig, images: torch.Tensor, groups: list[list[st
         index = rng.choice(len(groups), batch_size, replace=False)
         texts = torch.stack([tokens[i][rng.integers(len(groups[i]))] for i in index])
         seed_step(model, seed, step, 0)
-        metrics = train_step(model, objective, optimizer, scheduler, {IMAGES: images[index], TEXTS: texts}, settings,
-                             step=step)
+        metrics = train_step(
+            model, objective, optimizer, scheduler, {IMAGES: images[index], TEXTS: texts}, settings, step=step
+        )
         losses.append(float(metrics["loss/total"]))
         history.append({k: float(v) for k, v in metrics.items() if k.startswith(("loss/", "cibr/"))})
     model.eval()
     last = {k: float(np.mean([h[k] for h in history[-20:]])) for k in history[-1]} if history else {}
-    return {"final_loss": float(np.mean(losses[-20:])), "logit_scale": float(model.tower.logit_scale.detach().exp()),
-            "train_s": time.perf_counter() - start, "last20": last}
+    return {
+        "final_loss": float(np.mean(losses[-20:])),
+        "logit_scale": float(model.tower.logit_scale.detach().exp()),
+        "train_s": time.perf_counter() - start,
+        "last20": last,
+    }
 
 
 def train_from_scratch(overrides: dict, seed: int, images, groups, steps: int, batch_size: int):

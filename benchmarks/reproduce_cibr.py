@@ -21,6 +21,7 @@ at λ = 0 with 5 estimator updates each, then λ ramped in over 20 steps; everyt
 recipe's (σ = 0.02, EMA 0.01, hidden 512, MINE). Same images, captions and batch order as the
 other in-process reproductions (benchmarks/inprocess.py).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -33,8 +34,17 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from benchmarks.inprocess import (ARCH, EvalData, add_training_arguments, clip_config, paired_against,  # noqa: E402
-                                  prepare_demo, train, train_from_scratch, write_results)
+from benchmarks.inprocess import (
+    ARCH,
+    EvalData,
+    add_training_arguments,
+    clip_config,
+    paired_against,  # noqa: E402
+    prepare_demo,
+    train,
+    train_from_scratch,
+    write_results,
+)
 from benchmarks.reproduce_topology import evaluate  # noqa: E402
 from training import checkpoint  # noqa: E402
 from training.model import build_training_model  # noqa: E402
@@ -43,18 +53,31 @@ from training.towers import build_tokenizer  # noqa: E402
 
 LAMBDAS = (0.0, 0.1, 0.5, 1.0, 2.0)
 METRICS = ("zeroshot_top1", "i2t_r1", "t2i_r1", "modality_gap")
-FINETUNE = {"loss.reset_logit_scale": False, "cibr.estimator_lr": 1e-3, "cibr.warmup_steps": 10,
-            "cibr.warmup_estimator_steps": 5, "cibr.ramp_steps": 20}
+FINETUNE = {
+    "loss.reset_logit_scale": False,
+    "cibr.estimator_lr": 1e-3,
+    "cibr.warmup_steps": 10,
+    "cibr.warmup_estimator_steps": 5,
+    "cibr.ramp_steps": 20,
+}
 
 
 def pretrain(out, images, groups, args) -> str:
     """A CLIP demo model (seed 0), saved as a checkpoint of this project: `--pretrained`."""
-    model, stats = train_from_scratch({"optim.lr": 5e-4, "optim.warmup_steps": 50}, 0, images, groups,
-                                      args.pretrain_steps, args.batch_size)
+    model, stats = train_from_scratch(
+        {"optim.lr": 5e-4, "optim.warmup_steps": 50}, 0, images, groups, args.pretrain_steps, args.batch_size
+    )
     config = clip_config({}, 0)
     optimizer = build_optimizer(model, config.optim)
-    directory = checkpoint.save_checkpoint(out / "pretrained" / f"step_{args.pretrain_steps:08d}", model, optimizer,
-                                           build_scheduler(optimizer, 1, 2), args.pretrain_steps, config, {})
+    directory = checkpoint.save_checkpoint(
+        out / "pretrained" / f"step_{args.pretrain_steps:08d}",
+        model,
+        optimizer,
+        build_scheduler(optimizer, 1, 2),
+        args.pretrain_steps,
+        config,
+        {},
+    )
     print(json.dumps({"pretrained": str(directory), **stats}), flush=True)
     return str(directory)
 
@@ -69,8 +92,17 @@ def modality_gap(model, tokenizer, data: EvalData) -> float:
 
 
 def finetune(pretrained: str, lam: float, seed: int, images, groups, data: EvalData, args) -> dict:
-    config = clip_config({"model.pretrained": pretrained, "optim.lr": args.lr, "optim.warmup_steps": args.warmup,
-                          "cibr.lambda": lam, **FINETUNE}, seed, method="cibr")
+    config = clip_config(
+        {
+            "model.pretrained": pretrained,
+            "optim.lr": args.lr,
+            "optim.warmup_steps": args.warmup,
+            "cibr.lambda": lam,
+            **FINETUNE,
+        },
+        seed,
+        method="cibr",
+    )
     torch.manual_seed(seed)
     model = build_training_model(config)
     stats = train(model, config, images, groups, args.steps, args.batch_size)
@@ -89,17 +121,23 @@ def summarize(results: dict, seeds: list[int]) -> list[dict]:
 
 
 def markdown(rows: list[dict], args) -> str:
-    head = (f"{len(args.seeds)} seeds ({', '.join(map(str, args.seeds))}); pretrained {args.pretrain_steps} steps, "
-            f"fine-tuned {args.steps} steps of batch {args.batch_size}, {ARCH}; value: mean over seeds; Δ: paired "
-            "difference to λ = 0 ± standard error; MI terms: mean of the last 20 steps (nats)\n\n")
-    lines = ["| λ | zero-shot top-1 (Δ) | I2T R@1 (Δ) | T2I R@1 (Δ) | modality gap (Δ) | Â_v | Ĉ_v | Â_t | Ĉ_t | R |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    head = (
+        f"{len(args.seeds)} seeds ({', '.join(map(str, args.seeds))}); pretrained {args.pretrain_steps} steps, "
+        f"fine-tuned {args.steps} steps of batch {args.batch_size}, {ARCH}; value: mean over seeds; Δ: paired "
+        "difference to λ = 0 ± standard error; MI terms: mean of the last 20 steps (nats)\n\n"
+    )
+    lines = [
+        "| λ | zero-shot top-1 (Δ) | I2T R@1 (Δ) | T2I R@1 (Δ) | modality gap (Δ) | Â_v | Ĉ_v | Â_t | Ĉ_t | R |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
     for r in rows:
         cells = []
         for metric in METRICS:  # percentages, except the gap (a distance, 3 decimals)
             scale, digits = (1, 3) if metric == "modality_gap" else (100, 1)
             m, d, se = (scale * x for x in r[metric])
-            cells.append(f"{m:.{digits}f}" if r["lambda"] == 0 else f"{m:.{digits}f} ({d:+.{digits}f} ± {se:.{digits}f})")
+            cells.append(
+                f"{m:.{digits}f}" if r["lambda"] == 0 else f"{m:.{digits}f} ({d:+.{digits}f} ± {se:.{digits}f})"
+            )
         terms = " | ".join(f"{r[t]:.2f}" for t in ("cibr/A_v", "cibr/C_v", "cibr/A_t", "cibr/C_t", "cibr/R"))
         lines.append(f"| {r['lambda']:g} | {' | '.join(cells)} | {terms} |")
     return head + "\n".join(lines) + "\n"
@@ -141,8 +179,9 @@ def main(argv=None) -> list[dict]:
             print(json.dumps({"lambda": lam, "seed": seed, **run}), flush=True)
     rows = summarize(results, args.seeds)
     plot(rows, out / "cibr_lambda.png")
-    write_results(out, markdown(rows, args), {"runs": {str(k): v for k, v in results.items()}, "rows": rows,
-                                             "args": vars(args)})
+    write_results(
+        out, markdown(rows, args), {"runs": {str(k): v for k, v in results.items()}, "rows": rows, "args": vars(args)}
+    )
     return rows
 
 

@@ -26,6 +26,7 @@ Reported per model: each metric's mean over seeds ± standard error, and the pai
 inverted − native (same seed, same queries) ± its standard error. Whatever it shows is printed.
 Budget (2 cores): about 11-12 minutes per seed at the defaults, inversions included.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -36,8 +37,17 @@ import time
 import numpy as np
 import torch
 
-from benchmarks.inprocess import (ARCH, EvalData, add_training_arguments, clip_config, mean_se, prepare_demo, train,
-                                  train_from_scratch, write_results)
+from benchmarks.inprocess import (
+    ARCH,
+    EvalData,
+    add_training_arguments,
+    clip_config,
+    mean_se,
+    prepare_demo,
+    train,
+    train_from_scratch,
+    write_results,
+)
 from evaluation.inversion import InversionConfig, oti_features, ovi_features
 from evaluation.tasks.intra_modal import MAP_KEY, compute_modality_gap, compute_retrieval_metrics, split_first_caption
 from scoring.zeroshot import compute_zeroshot_metrics
@@ -51,9 +61,17 @@ PAIRS = (("i2i_mAP", "i2i_mAP_oti"), ("zeroshot_top1", "zeroshot_top1_oti"), ("t
 
 def fine_tune(base, logit_scale: float, seed: int, images, groups, args):
     """A copy of `base` with only its two projections trained, the logit scale fixed."""
-    config = clip_config({"model.trainable": "projections", "loss.learn_temperature": False,
-                          "loss.init_logit_scale": float(np.log(logit_scale)), "loss.max_logit_scale": 100.0,
-                          "optim.lr": args.fine_tune_lr, "optim.warmup_steps": 10}, seed)
+    config = clip_config(
+        {
+            "model.trainable": "projections",
+            "loss.learn_temperature": False,
+            "loss.init_logit_scale": float(np.log(logit_scale)),
+            "loss.max_logit_scale": 100.0,
+            "optim.lr": args.fine_tune_lr,
+            "optim.warmup_steps": 10,
+        },
+        seed,
+    )
     model = build_training_model(config)
     state = copy.deepcopy(base.state_dict())
     state["tower.logit_scale"] = model.tower.logit_scale.detach().clone()
@@ -65,18 +83,25 @@ def inverted(kind: str, model, tokenizer, targets: torch.Tensor, identities: lis
     config, batch = InversionConfig(kind=kind, steps=getattr(args, f"{kind}_steps")), args.batch
     parts = []
     for start in range(0, len(identities), batch):
-        rows, ids = targets[start:start + batch].float(), identities[start:start + batch]
-        parts.append(oti_features(model.tower, tokenizer, rows, ids, config) if kind == "oti"
-                     else ovi_features(model.tower, rows, ids, config))
+        rows, ids = targets[start : start + batch].float(), identities[start : start + batch]
+        parts.append(
+            oti_features(model.tower, tokenizer, rows, ids, config)
+            if kind == "oti"
+            else ovi_features(model.tower, rows, ids, config)
+        )
     return torch.cat(parts).double().numpy()
 
 
 @torch.no_grad()
 def embed(model, tokenizer, data: EvalData) -> dict:
     first, _ = split_first_caption(data.retrieval.text_to_image)
-    return {"zs": model.embed_image(data.zs_images), "prompts": model.embed_text(tokenizer(data.prompts)),
-            "rt": model.embed_image(data.rt_images), "captions": model.embed_text(tokenizer(data.retrieval.captions)),
-            "first": first}
+    return {
+        "zs": model.embed_image(data.zs_images),
+        "prompts": model.embed_text(tokenizer(data.prompts)),
+        "rt": model.embed_image(data.rt_images),
+        "captions": model.embed_text(tokenizer(data.retrieval.captions)),
+        "first": first,
+    }
 
 
 def measure(model, data: EvalData, args) -> dict:
@@ -97,22 +122,33 @@ def measure(model, data: EvalData, args) -> dict:
         return compute_zeroshot_metrics(model.topology.class_scores(images, prompts), labels[:n_q])["top1"]
 
     captions, owners = f["captions"].double().numpy(), data.retrieval.text_to_image
-    first = f["first"][:args.ovi_queries]
+    first = f["first"][: args.ovi_queries]
     gallery = np.setdiff1d(np.arange(len(owners)), f["first"])
     ovi = inverted("ovi", model, tokenizer, f["captions"][first], [data.retrieval.captions[i] for i in first], args)
 
     def t2t(queries):
         return compute_retrieval_metrics(queries, owners[first], captions[gallery], owners[gallery], score)[MAP_KEY]
 
-    return {"i2i_mAP": i2i(zs[:n_q])[MAP_KEY], "i2i_mAP_oti": i2i(oti)[MAP_KEY],
-            "zeroshot_top1": top1(zs[:n_q]), "zeroshot_top1_oti": top1(oti),
-            "t2t_mAP": t2t(captions[first]), "t2t_mAP_ovi": t2t(ovi),
-            "modality_gap": compute_modality_gap(f["rt"].double().numpy(), captions, owners)}
+    return {
+        "i2i_mAP": i2i(zs[:n_q])[MAP_KEY],
+        "i2i_mAP_oti": i2i(oti)[MAP_KEY],
+        "zeroshot_top1": top1(zs[:n_q]),
+        "zeroshot_top1_oti": top1(oti),
+        "t2t_mAP": t2t(captions[first]),
+        "t2t_mAP_ovi": t2t(ovi),
+        "modality_gap": compute_modality_gap(f["rt"].double().numpy(), captions, owners),
+    }
 
 
 def run_seed(seed: int, images, groups, data: EvalData, args) -> dict:
-    base, stats = train_from_scratch({**BASE, "optim.lr": args.lr, "optim.warmup_steps": args.warmup},
-                                     seed, images, groups, args.steps, args.batch_size)
+    base, stats = train_from_scratch(
+        {**BASE, "optim.lr": args.lr, "optim.warmup_steps": args.warmup},
+        seed,
+        images,
+        groups,
+        args.steps,
+        args.batch_size,
+    )
     runs = {"trained CLIP": {**stats, **timed(measure, base, data, args)}}
     for name, logit_scale in FINE_TUNES.items():
         model, stats = fine_tune(base, logit_scale, seed, images, groups, args)
@@ -127,12 +163,16 @@ def timed(fn, *a) -> dict:
 
 def markdown(results: dict, args) -> str:
     seeds = sorted(results)
-    head = (f"{len(seeds)} seeds ({', '.join(map(str, seeds))}); {ARCH}, {args.steps} steps of batch "
-            f"{args.batch_size}, fine-tunes {args.fine_tune_steps} steps (projections only, lr "
-            f"{args.fine_tune_lr:g}); OTI on {args.oti_queries} query images, OVI on {args.ovi_queries} "
-            "query captions; mean ± standard error over seeds, Δ = inverted − native paired by seed\n\n")
-    lines = ["| model | gap | i2i mAP native | OTI (Δ) | zero-shot native | OTI (Δ) | t2t mAP native | OVI (Δ) |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    head = (
+        f"{len(seeds)} seeds ({', '.join(map(str, seeds))}); {ARCH}, {args.steps} steps of batch "
+        f"{args.batch_size}, fine-tunes {args.fine_tune_steps} steps (projections only, lr "
+        f"{args.fine_tune_lr:g}); OTI on {args.oti_queries} query images, OVI on {args.ovi_queries} "
+        "query captions; mean ± standard error over seeds, Δ = inverted − native paired by seed\n\n"
+    )
+    lines = [
+        "| model | gap | i2i mAP native | OTI (Δ) | zero-shot native | OTI (Δ) | t2t mAP native | OVI (Δ) |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
     for model in results[seeds[0]]:
         runs = [results[s][model] for s in seeds]
         cells = ["{:.3f} ± {:.3f}".format(*mean_se([r["modality_gap"] for r in runs]))]

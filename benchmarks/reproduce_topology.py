@@ -23,6 +23,7 @@ Budget: 18 runs (2 blocks x 3 rows x 3 seeds). At the default 150 steps the runs
 each on 2 cores, 55 minutes in all, with the test suite sharing the machine for part of it
 (about 140 s per run alone); about 250 steps is the most that fits 90 minutes.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -31,8 +32,15 @@ import json
 import numpy as np
 import torch
 
-from benchmarks.inprocess import (ARCH, EvalData, add_training_arguments, paired_against, prepare_demo,
-                                  train_from_scratch, write_results)
+from benchmarks.inprocess import (
+    ARCH,
+    EvalData,
+    add_training_arguments,
+    paired_against,
+    prepare_demo,
+    train_from_scratch,
+    write_results,
+)
 from scoring.retrieval import compute_retrieval_recall
 from scoring.zeroshot import compute_zeroshot_metrics
 from training.towers import build_tokenizer
@@ -40,10 +48,16 @@ from training.towers import build_tokenizer
 FIXED = {"loss.init_logit_scale": 0.0, "loss.learn_temperature": False}  # s = 1, not learned
 LEARNED = {"loss.init_logit_scale": 2.64, "loss.max_logit_scale": 100.0}  # the ablation's setting
 BLOCKS = {
-    "fixed s=1": {"sphere": {}, "oblique Ob(16,8)": {"topology.kind": "oblique", "topology.m": 8},
-                  "euclidean": {"topology.kind": "euclidean"}},
-    "learned s": {"sphere": {}, "oblique Ob(16,8)": {"topology.kind": "oblique", "topology.m": 8},
-                  "multi Multi(16,8)": {"topology.kind": "multi", "topology.m": 8}},
+    "fixed s=1": {
+        "sphere": {},
+        "oblique Ob(16,8)": {"topology.kind": "oblique", "topology.m": 8},
+        "euclidean": {"topology.kind": "euclidean"},
+    },
+    "learned s": {
+        "sphere": {},
+        "oblique Ob(16,8)": {"topology.kind": "oblique", "topology.m": 8},
+        "multi Multi(16,8)": {"topology.kind": "multi", "topology.m": 8},
+    },
 }
 METRICS = ("zeroshot_top1", "i2t_r1", "t2i_r1")
 
@@ -60,13 +74,22 @@ def evaluate(model, tokenizer, data: EvalData) -> dict:
     texts = model.embed_text(tokenizer(data.retrieval.captions)).double().numpy()
     recall = compute_retrieval_recall(topology.score(images, texts), data.retrieval.text_to_image)
     model.train()
-    return {"zeroshot_top1": top1, "i2t_r1": recall["text_retrieval_recall@1"],
-            "t2i_r1": recall["image_retrieval_recall@1"]}
+    return {
+        "zeroshot_top1": top1,
+        "i2t_r1": recall["text_retrieval_recall@1"],
+        "t2i_r1": recall["image_retrieval_recall@1"],
+    }
 
 
 def train_row(overrides: dict, seed: int, images, groups, data: EvalData, args) -> dict:
-    model, stats = train_from_scratch({"optim.lr": args.lr, "optim.warmup_steps": args.warmup, **overrides},
-                                      seed, images, groups, args.steps, args.batch_size)
+    model, stats = train_from_scratch(
+        {"optim.lr": args.lr, "optim.warmup_steps": args.warmup, **overrides},
+        seed,
+        images,
+        groups,
+        args.steps,
+        args.batch_size,
+    )
     return {**evaluate(model, build_tokenizer(ARCH), data), **stats}
 
 
@@ -85,14 +108,20 @@ def summarize(results: dict, seeds: list[int]) -> list[dict]:
 
 
 def markdown(rows: list[dict], args) -> str:
-    head = (f"{len(args.seeds)} seeds ({', '.join(map(str, args.seeds))}), {args.steps} steps of batch "
-            f"{args.batch_size}, {ARCH}; value: mean over seeds; Δ: paired difference to the block's sphere "
-            "± standard error\n\n")
-    lines = ["| block | row | zero-shot top-1 (Δ) | I2T R@1 (Δ) | T2I R@1 (Δ) | final s |",
-             "| --- | --- | --- | --- | --- | --- |"]
+    head = (
+        f"{len(args.seeds)} seeds ({', '.join(map(str, args.seeds))}), {args.steps} steps of batch "
+        f"{args.batch_size}, {ARCH}; value: mean over seeds; Δ: paired difference to the block's sphere "
+        "± standard error\n\n"
+    )
+    lines = [
+        "| block | row | zero-shot top-1 (Δ) | I2T R@1 (Δ) | T2I R@1 (Δ) | final s |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
     for r in rows:
-        cells = [f"{100 * m:.1f} ({100 * d:+.1f} ± {100 * se:.1f})" if r["row"] != "sphere" else f"{100 * m:.1f}"
-                 for m, d, se in (r[k] for k in METRICS)]
+        cells = [
+            f"{100 * m:.1f} ({100 * d:+.1f} ± {100 * se:.1f})" if r["row"] != "sphere" else f"{100 * m:.1f}"
+            for m, d, se in (r[k] for k in METRICS)
+        ]
         lines.append(f"| {r['block']} | {r['row']} | {' | '.join(cells)} | {r['logit_scale']:.2f} |")
     return head + "\n".join(lines) + "\n"
 
@@ -106,8 +135,9 @@ def main(argv=None) -> list[dict]:
     for block, variants in BLOCKS.items():
         for name, overrides in variants.items():
             for seed in args.seeds:
-                run = train_row({**(FIXED if block.startswith("fixed") else LEARNED), **overrides}, seed,
-                                images, groups, data, args)
+                run = train_row(
+                    {**(FIXED if block.startswith("fixed") else LEARNED), **overrides}, seed, images, groups, data, args
+                )
                 results.setdefault(block, {}).setdefault(name, {})[seed] = run
                 print(json.dumps({"block": block, "row": name, "seed": seed, **run}), flush=True)
     rows = summarize(results, args.seeds)

@@ -4,6 +4,7 @@ An entry's key digests the checkpoint's weights (the sha256 state.json records),
 preprocessing (image size, tokenizer), the modality and the exact values embedded (image
 URIs or bytes, texts). Entries are `.npy` files published atomically (pipelines.storage),
 locally or on s3://."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -39,8 +40,9 @@ def settings_key(prefix: str, settings) -> str:
 
 def model_fingerprint(weights_sha256: str, preprocessing: dict) -> str:
     """What, besides the inputs, decides an embedding: the weights and the preprocessing."""
-    return hashlib.sha256(json.dumps({"weights": weights_sha256, **preprocessing}, sort_keys=True)
-                          .encode("utf-8")).hexdigest()
+    return hashlib.sha256(
+        json.dumps({"weights": weights_sha256, **preprocessing}, sort_keys=True).encode("utf-8")
+    ).hexdigest()
 
 
 class EmbeddingCache:

@@ -1,5 +1,6 @@
 """Batch encoders around a checkpoint's model: plain callable classes (model loaded once in
 `__init__`) that the evaluation job runs as Ray Data actors and tests call directly."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -18,8 +19,10 @@ INDEX, URI, DATA, TEXT, EMBEDDING = "index", "uri", "data", "text", "embedding"
 
 def image_rows(refs: list[ImageRef]) -> list[dict]:
     """One row per image: its URI, or its bytes when it has no file of its own (uniform column types)."""
-    return [{INDEX: i, URI: ref if isinstance(ref, str) else "", DATA: ref if isinstance(ref, bytes) else b""}
-            for i, ref in enumerate(refs)]
+    return [
+        {INDEX: i, URI: ref if isinstance(ref, str) else "", DATA: ref if isinstance(ref, bytes) else b""}
+        for i, ref in enumerate(refs)
+    ]
 
 
 def text_rows(texts: list[str]) -> list[dict]:
@@ -50,8 +53,16 @@ class ImageEncoder:
     output="oti" (and `inversion` settings) each image's OTI feature; with `views` settings the
     features of V augmented views of each image, concatenated (N, V·D) (linear-probe training)."""
 
-    def __init__(self, checkpoint_uri: str, device: str = "cpu", scorer: str = "plain", output: str = "embedding",
-                 inversion: dict | None = None, views: dict | None = None, cache_dir: str | None = None):
+    def __init__(
+        self,
+        checkpoint_uri: str,
+        device: str = "cpu",
+        scorer: str = "plain",
+        output: str = "embedding",
+        inversion: dict | None = None,
+        views: dict | None = None,
+        cache_dir: str | None = None,
+    ):
         if output not in IMAGE_OUTPUTS:
             raise ValueError(f"unknown image output {output!r}; known: {IMAGE_OUTPUTS}")
         self.bundle, self.device = load_inference_model(checkpoint_uri, device, scorer, cache_dir), device
@@ -67,9 +78,14 @@ class ImageEncoder:
     def view_features(self, batch: dict) -> torch.Tensor:
         images = [bytes(data) if len(data) else read_image(str(uri)) for uri, data in zip(batch[URI], batch[DATA])]
         identities = [image_identity(uri, data) for uri, data in zip(batch[URI], batch[DATA])]
-        per_view = [self.forward(torch.stack([self.views(image, identity, v) for image, identity in
-                                              zip(images, identities)]).to(self.device))
-                    for v in range(self.views.config.views)]
+        per_view = [
+            self.forward(
+                torch.stack([self.views(image, identity, v) for image, identity in zip(images, identities)]).to(
+                    self.device
+                )
+            )
+            for v in range(self.views.config.views)
+        ]
         return torch.cat(per_view, dim=1)  # (B, V·D), view-major within a row
 
     @torch.no_grad()
@@ -79,8 +95,9 @@ class ImageEncoder:
         features = self.forward(self.pixels(batch).to(self.device))
         if self.inversion is not None:
             identities = [image_identity(uri, data) for uri, data in zip(batch[URI], batch[DATA])]
-            features = oti_features(self.bundle.model.tower, self.bundle.tokenizer, features, identities,
-                                    self.inversion)
+            features = oti_features(
+                self.bundle.model.tower, self.bundle.tokenizer, features, identities, self.inversion
+            )
         return {INDEX: batch[INDEX], EMBEDDING: features.float().cpu().numpy()}
 
 
@@ -88,8 +105,14 @@ class TextEncoder:
     """Rows {index, text} -> {index, embedding}: the checkpoint topology's text embeddings, or
     with `inversion` settings (kind "ovi") each text's OVI feature."""
 
-    def __init__(self, checkpoint_uri: str, device: str = "cpu", scorer: str = "plain",
-                 inversion: dict | None = None, cache_dir: str | None = None):
+    def __init__(
+        self,
+        checkpoint_uri: str,
+        device: str = "cpu",
+        scorer: str = "plain",
+        inversion: dict | None = None,
+        cache_dir: str | None = None,
+    ):
         self.bundle, self.device = load_inference_model(checkpoint_uri, device, scorer, cache_dir), device
         self.inversion = build_inversion(self.bundle, inversion)
 
@@ -106,8 +129,10 @@ def block_rows(blocks: list[list], is_image: bool) -> list[dict]:
     """One row per cache block: its position and its inputs (image URIs or bytes, or texts)."""
     if not is_image:
         return [{INDEX: i, TEXT: [str(t) for t in values]} for i, values in enumerate(blocks)]
-    return [{INDEX: i, URI: [r[URI] for r in rows], DATA: [r[DATA] for r in rows]}
-            for i, rows in enumerate(image_rows(values) for values in blocks)]
+    return [
+        {INDEX: i, URI: [r[URI] for r in rows], DATA: [r[DATA] for r in rows]}
+        for i, rows in enumerate(image_rows(values) for values in blocks)
+    ]
 
 
 def block_values(batch: dict, b: int, is_image: bool) -> list:
@@ -123,8 +148,17 @@ class BlockEncoder:
     this actor as soon as it is done (evaluation/cache.py: a killed pass loses at most the
     block in progress here)."""
 
-    def __init__(self, encoder: type, constructor: tuple, is_image: bool, modality: str, batch_size: int,
-                 cache_root: str | None, fingerprint: str, checkpoint_cache: str | None = None):
+    def __init__(
+        self,
+        encoder: type,
+        constructor: tuple,
+        is_image: bool,
+        modality: str,
+        batch_size: int,
+        cache_root: str | None,
+        fingerprint: str,
+        checkpoint_cache: str | None = None,
+    ):
         self.encoder = encoder(*constructor, cache_dir=checkpoint_cache)
         self.is_image, self.modality, self.batch_size = is_image, modality, batch_size
         self.cache = EmbeddingCache(cache_root, fingerprint)
@@ -133,9 +167,10 @@ class BlockEncoder:
         rows = image_rows(values) if self.is_image else text_rows(values)
         parts = []
         for start in range(0, len(rows), self.batch_size):
-            chunk = rows[start:start + self.batch_size]
-            columns = {key: np.array([r[key] for r in chunk], dtype=object if key != INDEX else np.int64)
-                       for key in chunk[0]}
+            chunk = rows[start : start + self.batch_size]
+            columns = {
+                key: np.array([r[key] for r in chunk], dtype=object if key != INDEX else np.int64) for key in chunk[0]
+            }
             parts.append(self.encoder(columns)[EMBEDDING])
         return np.concatenate(parts).astype(np.float32)
 

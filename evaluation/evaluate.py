@@ -14,6 +14,7 @@ WebDataset folder). A dataset that is missing or unreadable is listed under "ski
 report instead of failing the job. Writes report.json, report.md and PNG plots to --output
 (local folder or s3://); `--compare other/report.json` adds a side-by-side plot.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -34,8 +35,16 @@ import numpy as np  # noqa: E402
 import ray  # noqa: E402
 
 from evaluation import encoders, suites  # noqa: E402
-from evaluation.task_registry import (IMAGE, IMAGE_STATES, MODALITIES, TASKS, Benchmark, load_benchmark,  # noqa: E402
-                                   requests, score)
+from evaluation.task_registry import (
+    IMAGE,
+    IMAGE_STATES,
+    MODALITIES,
+    TASKS,
+    Benchmark,
+    load_benchmark,  # noqa: E402
+    requests,
+    score,
+)
 from evaluation.cache import EmbeddingCache, digest_values, model_fingerprint  # noqa: E402
 from scoring.sets.files import Location  # noqa: E402
 from evaluation.figures import load_run_metrics  # noqa: E402
@@ -57,27 +66,46 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     model = p.add_mutually_exclusive_group(required=True)
     model.add_argument("--checkpoint", help="checkpoint or run directory, local or s3://")
-    model.add_argument("--open-clip", metavar="ARCH=WEIGHTS",
-                       help="an off-the-shelf open_clip model: an open_clip weights file (local or s3://) "
-                            "or pretrained tag, scored with open_clip's own preprocessing and tokenizer")
-    p.add_argument("--suite", action="append", default=[],
-                   help=f"named suite ({', '.join(suites.available_suites())}) or a suite JSON file")
+    model.add_argument(
+        "--open-clip",
+        metavar="ARCH=WEIGHTS",
+        help="an off-the-shelf open_clip model: an open_clip weights file (local or s3://) "
+        "or pretrained tag, scored with open_clip's own preprocessing and tokenizer",
+    )
+    p.add_argument(
+        "--suite",
+        action="append",
+        default=[],
+        help=f"named suite ({', '.join(suites.available_suites())}) or a suite JSON file",
+    )
     p.add_argument("--root", action="append", default=[], metavar="NAME=URI", help="override a suite's data root")
     p.add_argument("--only", nargs="*", default=None, help="evaluate only these benchmark names of the suites")
     p.add_argument("--zeroshot", nargs="*", default=[], help="image-folder or CLIP_benchmark WebDataset sets")
     p.add_argument("--retrieval", nargs="*", default=[], help="Karpathy-layout JSON files (test split)")
     p.add_argument("--long-retrieval", nargs="*", default=[], help="Urban1k-layout folders or shard builds")
     p.add_argument("--output", required=True, help="report folder, local or s3://")
-    p.add_argument("--cache", default=DEFAULT_CACHE, help="embedding cache, local or s3:// ('none' disables); "
-                   "on a multi-node cluster a folder every node reaches (s3:// or a shared filesystem)")
-    p.add_argument("--cache-block", type=int, default=1024,
-                   help="inputs per cache entry: a killed pass re-encodes at most one block per encoder actor")
+    p.add_argument(
+        "--cache",
+        default=DEFAULT_CACHE,
+        help="embedding cache, local or s3:// ('none' disables); "
+        "on a multi-node cluster a folder every node reaches (s3:// or a shared filesystem)",
+    )
+    p.add_argument(
+        "--cache-block",
+        type=int,
+        default=1024,
+        help="inputs per cache entry: a killed pass re-encodes at most one block per encoder actor",
+    )
     p.add_argument("--compare", nargs="*", default=[], help="other report.json files to plot beside this one")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--num-encoders", type=int, default=1, help="Ray Data encoder actors (one GPU each with --use-gpu)")
     p.add_argument("--use-gpu", action="store_true")
-    p.add_argument("--scorer", default="plain", choices=SCORER_NAMES,
-                   help="plain cosine (default) or SmartCLIP's masked cosine (training/inference.py)")
+    p.add_argument(
+        "--scorer",
+        default="plain",
+        choices=SCORER_NAMES,
+        help="plain cosine (default) or SmartCLIP's masked cosine (training/inference.py)",
+    )
     p.add_argument("--ray-address", default=None)
     p.add_argument("--verbose", action="store_true", help="show Ray's own logs too")
     args = p.parse_args(argv)
@@ -151,8 +179,11 @@ def encoder_spec(modality: str, args: argparse.Namespace) -> tuple[type, tuple, 
     request: the topology's embeddings, class-token states, or an inversion (OTI reads images,
     OVI texts). Its checkpoint is the one the driver resolved (args.pinned_checkpoint)."""
     inversion, views = requested_inversion(modality), requested_views(modality)
-    is_image = (modality in (IMAGE, IMAGE_STATES) or views is not None
-                or (inversion is not None and INVERTS[inversion.kind] == IMAGE))
+    is_image = (
+        modality in (IMAGE, IMAGE_STATES)
+        or views is not None
+        or (inversion is not None and INVERTS[inversion.kind] == IMAGE)
+    )
     constructor = (args.pinned_checkpoint, "cuda" if args.use_gpu else "cpu", args.scorer)
     if is_image:
         output = "class_states" if modality == IMAGE_STATES or views else "oti" if inversion else "embedding"
@@ -173,10 +204,22 @@ def encode(modality: str, blocks: list[list], cache: EmbeddingCache, args: argpa
     each block to the cache as they finish it."""
     encoder, constructor, is_image, label = encoder_spec(modality, args)
     out = ray.data.from_items(encoders.block_rows(blocks, is_image)).map_batches(
-        encoders.BlockEncoder, fn_constructor_args=(encoder, constructor, is_image, modality, args.batch_size,
-                                                    cache.root, cache.fingerprint, args.checkpoint_cache),
-        batch_size=1, batch_format="numpy", num_gpus=1 if args.use_gpu else 0,
-        compute=ray.data.ActorPoolStrategy(size=args.num_encoders))
+        encoders.BlockEncoder,
+        fn_constructor_args=(
+            encoder,
+            constructor,
+            is_image,
+            modality,
+            args.batch_size,
+            cache.root,
+            cache.fingerprint,
+            args.checkpoint_cache,
+        ),
+        batch_size=1,
+        batch_format="numpy",
+        num_gpus=1 if args.use_gpu else 0,
+        compute=ray.data.ActorPoolStrategy(size=args.num_encoders),
+    )
     done = {}
     with console.Progress(f"encode {label}", sum(map(len, blocks)), modality) as progress:
         for batch in out.iter_batches(batch_size=None, batch_format="numpy"):
@@ -187,7 +230,7 @@ def encode(modality: str, blocks: list[list], cache: EmbeddingCache, args: argpa
 
 
 def split_blocks(values: list, size: int) -> list[list]:
-    return [values[i:i + size] for i in range(0, len(values), size)]
+    return [values[i : i + size] for i in range(0, len(values), size)]
 
 
 def embed(benchmarks: list[Benchmark], cache: EmbeddingCache, args: argparse.Namespace) -> list[dict]:
@@ -202,25 +245,37 @@ def embed(benchmarks: list[Benchmark], cache: EmbeddingCache, args: argparse.Nam
         if todo:
             for slot, features in zip(todo, encode(modality, [blocks[k][i] for k, i in todo], cache, args)):
                 done[slot] = features
-    features = {key: np.concatenate([done[(key, i)] for i in range(len(bs))]) if bs else None
-                for key, bs in blocks.items()}
+    features = {
+        key: np.concatenate([done[(key, i)] for i in range(len(bs))]) if bs else None for key, bs in blocks.items()
+    }
     return [{role: features[(m, digest_values(vs))] for role, (m, vs) in reqs.items()} for reqs in wanted]
 
 
 def checkpoint_fingerprint(bundle) -> str:
     if "weights_sha256" in bundle.info:  # an open_clip model: its file and its own preprocessing
-        return model_fingerprint(bundle.info["weights_sha256"], {
-            "preprocess": bundle.preprocess.config, "arch": bundle.info["arch"], "source": "open_clip"})
+        return model_fingerprint(
+            bundle.info["weights_sha256"],
+            {"preprocess": bundle.preprocess.config, "arch": bundle.info["arch"], "source": "open_clip"},
+        )
     state = checkpoint.read_state(Path(bundle.info["resolved"]))
-    return model_fingerprint(state["files"][checkpoint.MODEL_FILE], {
-        "image_size": bundle.preprocess.image_size, "preprocess": type(bundle.preprocess).__name__,
-        "arch": bundle.info["arch"], "scorer": bundle.info.get("scorer", "plain")})
+    return model_fingerprint(
+        state["files"][checkpoint.MODEL_FILE],
+        {
+            "image_size": bundle.preprocess.image_size,
+            "preprocess": type(bundle.preprocess).__name__,
+            "arch": bundle.info["arch"],
+            "scorer": bundle.info.get("scorer", "plain"),
+        },
+    )
 
 
 def describe(bench: Benchmark) -> dict:
     """What the report records of a benchmark's data: its specs and a digest of each input."""
-    return {"task": bench.task, "specs": bench.specs,
-            "digests": {role: digest_values(values) for role, (_, values) in requests(bench).items()}}
+    return {
+        "task": bench.task,
+        "specs": bench.specs,
+        "digests": {role: digest_values(values) for role, (_, values) in requests(bench).items()},
+    }
 
 
 def job_checkpoint_cache(uri: str) -> str | None:
@@ -248,8 +303,16 @@ def remove_node_folders(path: str | None) -> None:
     if path is None:
         return
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-    ray.get([remove_folder.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node["NodeID"], soft=False))
-             .remote(path) for node in ray.nodes() if node["Alive"]])
+
+    ray.get(
+        [
+            remove_folder.options(
+                scheduling_strategy=NodeAffinitySchedulingStrategy(node["NodeID"], soft=False)
+            ).remote(path)
+            for node in ray.nodes()
+            if node["Alive"]
+        ]
+    )
 
 
 def run_evaluation(args: argparse.Namespace) -> dict:
@@ -261,13 +324,24 @@ def run_evaluation(args: argparse.Namespace) -> dict:
 
 
 def evaluate_pinned(args: argparse.Namespace) -> dict:
-    bundle = load_inference_model(args.checkpoint, scorer=args.scorer,  # info["scorer"] is reported
-                                  cache_dir=args.checkpoint_cache)
+    bundle = load_inference_model(
+        args.checkpoint,
+        scorer=args.scorer,  # info["scorer"] is reported
+        cache_dir=args.checkpoint_cache,
+    )
     pin_checkpoint(args, bundle)
     fingerprint = checkpoint_fingerprint(bundle)
-    report = {"checkpoint": {**bundle.info, "fingerprint": fingerprint}, "suites": list(args.suite),
-              "zeroshot": {}, "retrieval": {}, "linear_probe": {}, "compositionality": {}, "intra_modal": {},
-              "datasets": {}, "skipped": {}}
+    report = {
+        "checkpoint": {**bundle.info, "fingerprint": fingerprint},
+        "suites": list(args.suite),
+        "zeroshot": {},
+        "retrieval": {},
+        "linear_probe": {},
+        "compositionality": {},
+        "intra_modal": {},
+        "datasets": {},
+        "skipped": {},
+    }
     entries = collect_entries(args)
     with console.stage("evaluate/load", f"{len(entries)} benchmark(s)"):
         benchmarks = load_benchmarks(entries, report["skipped"])

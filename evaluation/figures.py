@@ -2,6 +2,7 @@
 matrix of a set (grouped by its first class attribute, e.g. colour blocks of shapes), the
 training curves of the evaluated checkpoint's run (its `metrics.jsonl`) and a retrieval gallery
 (a few image queries with their best captions, right ones in green)."""
+
 from __future__ import annotations
 
 import fnmatch
@@ -26,6 +27,7 @@ RIGHT, WRONG, NOTE = "#1a7f37", "#b42318", "#555555"
 
 
 # ---------------------------------------------------------------- confusion matrix
+
 
 def class_order(classnames: list[str], attributes: dict[str, list[str]]) -> tuple[list[int], list[str]]:
     """Class indices grouped by the first attribute (then the others), values in order of first
@@ -57,15 +59,19 @@ def draw_groups(ax, spans: list[tuple[str, int, int]], fontsize: float) -> None:
             ax.axvline(first - 0.5, color="black", lw=0.8)
         middle = (first + last) / 2
         style = {"textcoords": "offset points", "fontsize": fontsize, "fontweight": "bold"}
-        ax.annotate(value, (middle, 1), xycoords=("data", "axes fraction"), xytext=(0, 3), ha="center",
-                    va="bottom", **style)
-        ax.annotate(value, (1, middle), xycoords=("axes fraction", "data"), xytext=(4, 0), ha="left",
-                    va="center", **style)
+        ax.annotate(
+            value, (middle, 1), xycoords=("data", "axes fraction"), xytext=(0, 3), ha="center", va="bottom", **style
+        )
+        ax.annotate(
+            value, (1, middle), xycoords=("axes fraction", "data"), xytext=(4, 0), ha="left", va="center", **style
+        )
 
 
 def confusion_title(name: str, entry: dict, width: int) -> str:
-    title = f"Zero-shot confusion: {name} (top-1 {100 * entry.get('top1', float('nan')):.1f} %, " \
-            f"{entry.get('n_images', '?')} images)"
+    title = (
+        f"Zero-shot confusion: {name} (top-1 {100 * entry.get('top1', float('nan')):.1f} %, "
+        f"{entry.get('n_images', '?')} images)"
+    )
     accuracy = entry.get("attribute_accuracy") or {}
     parts = [f"{k.replace('_given_', ' | ')} right {100 * v:.1f} %" for k, v in accuracy.items() if v is not None]
     unbroken = [part.replace(" ", "\u00a0") for part in parts]  # textwrap breaks lines between parts only
@@ -90,15 +96,27 @@ def draw_confusion(name: str, entry: dict, out_file: Path) -> Path:
     if n <= ANNOTATE_MAX_CLASSES:
         for (i, j), count in np.ndenumerate(counts):
             if count:
-                ax.text(j, i, str(count), ha="center", va="center", fontsize=fontsize,
-                        color="white" if fractions[i, j] > 0.5 else "black")
+                ax.text(
+                    j,
+                    i,
+                    str(count),
+                    ha="center",
+                    va="center",
+                    fontsize=fontsize,
+                    color="white" if fractions[i, j] > 0.5 else "black",
+                )
     if attributes:
         draw_groups(ax, group_spans([list(attributes.values())[0][c] for c in order]), fontsize + 1)
     ax.set_xlabel("predicted class (top-1)")
     ax.set_ylabel("true class")
     ax.set_title(confusion_title(name, entry, int(8 * side)), pad=fontsize + 10 if attributes else 8)
-    fig.colorbar(image, ax=ax, fraction=0.035, pad=1.0 / side if attributes else 0.03,
-                 label="fraction of the true class's images")
+    fig.colorbar(
+        image,
+        ax=ax,
+        fraction=0.035,
+        pad=1.0 / side if attributes else 0.03,
+        label="fraction of the true class's images",
+    )
     fig.tight_layout()
     fig.savefig(out_file, dpi=100)
     plt.close(fig)
@@ -106,6 +124,7 @@ def draw_confusion(name: str, entry: dict, out_file: Path) -> Path:
 
 
 # ---------------------------------------------------------------- training curves
+
 
 def run_directories(checkpoint_info: dict) -> list[str]:
     """Where the evaluated checkpoint's run directory may be: the folder holding the local
@@ -154,8 +173,10 @@ CURVE_PANELS = {
 def panel_series(rows: list[dict], keys: list[str]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """Metric name -> (steps, values) of the rows that log it; a key ending in "/" matches
     every metric under it, one with "*" is a shell pattern ("eval/*/top1")."""
+
     def matches(name: str, key: str) -> bool:
         return name.startswith(key) if key.endswith("/") else fnmatch.fnmatchcase(name, key)
+
     names = dict.fromkeys(k for row in rows for k in row if any(matches(k, p) for p in keys))
     series = {}
     for name in names:
@@ -177,8 +198,13 @@ def draw_training_curves(rows: list[dict], out_file: Path, title: str, step: int
     fig, axes = plt.subplots(n_rows, n_cols, figsize=(5 * n_cols, 3.4 * n_rows), squeeze=False)
     for ax, (panel, series) in zip(axes.flat, panels.items()):
         for name, (steps, values) in series.items():
-            ax.plot(steps, values, lw=2 if name == "loss/total" else 1.2, label=name.removeprefix("loss/").removeprefix("eval/"),
-                    marker="." if len(steps) < 30 else None)
+            ax.plot(
+                steps,
+                values,
+                lw=2 if name == "loss/total" else 1.2,
+                label=name.removeprefix("loss/").removeprefix("eval/"),
+                marker="." if len(steps) < 30 else None,
+            )
         if step is not None:
             ax.axvline(step, color="grey", ls="--", lw=0.8)
         ax.set_title(panel, fontsize=10)
@@ -186,7 +212,7 @@ def draw_training_curves(rows: list[dict], out_file: Path, title: str, step: int
         ax.grid(alpha=0.3)
         if len(series) > 1 or panel.startswith("in-run"):  # an in-run line is named by its set
             ax.legend(fontsize=8)
-    for ax in list(axes.flat)[len(panels):]:
+    for ax in list(axes.flat)[len(panels) :]:
         ax.axis("off")
     fig.suptitle(title)
     fig.tight_layout()
@@ -196,6 +222,7 @@ def draw_training_curves(rows: list[dict], out_file: Path, title: str, step: int
 
 
 # ---------------------------------------------------------------- retrieval gallery
+
 
 def load_thumbnail(uri: str | None) -> Image.Image | None:
     """The query image, or None when it cannot be read (held in a shard, moved, unreadable)."""
@@ -220,8 +247,13 @@ def draw_query(image_ax, text_ax, query: dict, rank: int) -> None:
     image_ax.axis("off")
     text_ax.axis("off")
     lines = [(f"query {rank}, a true caption: {shorten(query.get('caption', ''), lines=1)}", NOTE)]
-    lines += [(f"{'✓' if t['correct'] else '✗'} {i}. ({t['score']:.3f})  {shorten(t['text'])}",
-               RIGHT if t["correct"] else WRONG) for i, t in enumerate(query["top"], 1)]
+    lines += [
+        (
+            f"{'✓' if t['correct'] else '✗'} {i}. ({t['score']:.3f})  {shorten(t['text'])}",
+            RIGHT if t["correct"] else WRONG,
+        )
+        for i, t in enumerate(query["top"], 1)
+    ]
     y = 0.95
     for text, colour in lines:
         text_ax.text(0, y, text, va="top", fontsize=9, color=colour, transform=text_ax.transAxes)
@@ -231,13 +263,16 @@ def draw_query(image_ax, text_ax, query: dict, rank: int) -> None:
 def draw_gallery(name: str, entry: dict, out_file: Path) -> Path:
     """A row per image query: the image, then its best captions (✓ green = one of its own)."""
     gallery = entry["gallery"]
-    fig, axes = plt.subplots(len(gallery), 2, figsize=(12, 2.2 * len(gallery)), squeeze=False,
-                             gridspec_kw={"width_ratios": [1, 5]})
+    fig, axes = plt.subplots(
+        len(gallery), 2, figsize=(12, 2.2 * len(gallery)), squeeze=False, gridspec_kw={"width_ratios": [1, 5]}
+    )
     for rank, (query, (image_ax, text_ax)) in enumerate(zip(gallery, axes), 1):
         draw_query(image_ax, text_ax, query, rank)
     r1 = entry.get("text_retrieval_recall@1")
-    fig.suptitle(f"Retrieval gallery: {name}, image → text top-{len(gallery[0]['top'])}"
-                 + (f" (I→T R@1 {100 * r1:.1f} % over {entry.get('n_images', '?')} images)" if r1 is not None else ""))
+    fig.suptitle(
+        f"Retrieval gallery: {name}, image → text top-{len(gallery[0]['top'])}"
+        + (f" (I→T R@1 {100 * r1:.1f} % over {entry.get('n_images', '?')} images)" if r1 is not None else "")
+    )
     fig.tight_layout()
     fig.savefig(out_file, dpi=100)
     plt.close(fig)
@@ -255,12 +290,20 @@ def draw_misalignment(rows: list[dict], out_file: Path) -> Path:
     colours = ["#2e8b57" if r["as_expected"] else "#c0392b" for r in rows]
     bars = ax.bar(x + 0.2, inverted, 0.4, label="inverted (green: the expected direction)", color=colours)
     ax.bar_label(bars, labels=[f"{100 * (r['inverted'] - r['native']):+.1f}" for r in rows], fontsize=8)
-    ax.set_xticks(x, [f"{r['name']}\n{r['metric']}" for r in rows], rotation=30 if len(rows) > 4 else 0,
-                  ha="right" if len(rows) > 4 else "center", fontsize=8)
+    ax.set_xticks(
+        x,
+        [f"{r['name']}\n{r['metric']}" for r in rows],
+        rotation=30 if len(rows) > 4 else 0,
+        ha="right" if len(rows) > 4 else "center",
+        fontsize=8,
+    )
     ax.set_ylabel("%")
     ax.set_ylim(0, max(100.0, max(native + inverted, default=0) * 1.1))
-    ax.set_title("Intra-modal misalignment: native against inverted queries\n"
-                 "(intra-modal tasks should gain from inversion, inter-modal ones should lose)", fontsize=10)
+    ax.set_title(
+        "Intra-modal misalignment: native against inverted queries\n"
+        "(intra-modal tasks should gain from inversion, inter-modal ones should lose)",
+        fontsize=10,
+    )
     ax.legend(fontsize=8, loc="upper right")
     fig.tight_layout()
     fig.savefig(out_file, dpi=100)

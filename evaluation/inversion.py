@@ -16,6 +16,7 @@ initialisation N(0, 0.02²) is drawn from (seed, query identity). The features t
 not depend on how queries are split into batches. The towers are frozen (no gradient, eval
 mode) and never copied. Defined on the sphere (unit features, cosine), as in the paper.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -77,11 +78,14 @@ def check_inversion(config: InversionConfig, topology_kind: str, visual: nn.Modu
     if config.k < 1 or config.steps < 0:
         raise ValueError(f"inversion needs k >= 1 and steps >= 0, got k={config.k}, steps={config.steps}")
     if topology_kind != "sphere":
-        raise ValueError(f"modality inversion is defined on the sphere (cosine of unit features); this "
-                         f"checkpoint's topology is {topology_kind}")
+        raise ValueError(
+            f"modality inversion is defined on the sphere (cosine of unit features); this "
+            f"checkpoint's topology is {topology_kind}"
+        )
     if config.kind == "ovi" and visual is not None and not hasattr(visual, "transformer"):
-        raise ValueError("OVI needs a ViT image tower (pseudo-patches replace its patch embeddings), "
-                         f"not {type(visual).__name__}")
+        raise ValueError(
+            f"OVI needs a ViT image tower (pseudo-patches replace its patch embeddings), not {type(visual).__name__}"
+        )
 
 
 def query_generator(seed: int, identity: str) -> torch.Generator:
@@ -125,8 +129,10 @@ class PseudoTokenText:
         placeholder = tokenizer([PLACEHOLDER])[0, 1].item()
         self.positions = (tokens[0] == placeholder).nonzero().flatten()
         if len(self.positions) != config.k:
-            raise ValueError(f"the OTI template {config.template!r} must hold exactly one {{}} (got "
-                             f"{len(self.positions)} placeholder tokens for k={config.k})")
+            raise ValueError(
+                f"the OTI template {config.template!r} must hold exactly one {{}} (got "
+                f"{len(self.positions)} placeholder tokens for k={config.k})"
+            )
         self.tokens = tokens.to(tower.positional_embedding.device)
         self.eot = int(self.tokens[0].argmax())
 
@@ -191,8 +197,9 @@ def optimise(forward, targets, init, config):
     return F.normalize(features.float(), dim=-1), [float(v) for v in losses]
 
 
-def oti_features(tower: nn.Module, tokenizer, image_features: torch.Tensor, identities: list[str],
-                 config: InversionConfig) -> torch.Tensor:
+def oti_features(
+    tower: nn.Module, tokenizer, image_features: torch.Tensor, identities: list[str], config: InversionConfig
+) -> torch.Tensor:
     """OTI: (Q, d) unit text-tower features whose cosine with each image feature was maximised."""
     with frozen(tower):
         text = PseudoTokenText(tower, tokenizer, config)
@@ -200,8 +207,9 @@ def oti_features(tower: nn.Module, tokenizer, image_features: torch.Tensor, iden
         return invert(text, image_features, init, config)[0]
 
 
-def ovi_features(tower: nn.Module, text_features: torch.Tensor, identities: list[str],
-                 config: InversionConfig) -> torch.Tensor:
+def ovi_features(
+    tower: nn.Module, text_features: torch.Tensor, identities: list[str], config: InversionConfig
+) -> torch.Tensor:
     """OVI: (Q, d) unit image-tower features whose cosine with each text feature was maximised."""
     with frozen(tower):
         image = PseudoPatchImage(tower.visual)

@@ -3,14 +3,19 @@ inverted queries beside the native entry on the same data (same task, same datas
 An intra-modal task made inter-modal by inversion (image->image with OTI queries, text->text
 with OVI queries, landmarks) should gain; an inter-modal one made intra-modal (zero-shot
 through OTI images or OVI prompts, image-text retrieval with an inverted side) should lose."""
+
 from __future__ import annotations
 
 SECTIONS = ("intra_modal", "zeroshot", "retrieval")
 # (section, query kind) -> (metric key, its label, the expected sign of inverted − native)
-METRICS = {("intra_modal", "oti"): ("mAP", "mAP", +1), ("intra_modal", "ovi"): ("mAP", "mAP", +1),
-           ("zeroshot", "oti"): ("top1", "top-1", -1), ("zeroshot", "ovi"): ("top1", "top-1", -1),
-           ("retrieval", "oti"): ("text_retrieval_recall@1", "I→T R@1", -1),
-           ("retrieval", "ovi"): ("image_retrieval_recall@1", "T→I R@1", -1)}
+METRICS = {
+    ("intra_modal", "oti"): ("mAP", "mAP", +1),
+    ("intra_modal", "ovi"): ("mAP", "mAP", +1),
+    ("zeroshot", "oti"): ("top1", "top-1", -1),
+    ("zeroshot", "ovi"): ("top1", "top-1", -1),
+    ("retrieval", "oti"): ("text_retrieval_recall@1", "I→T R@1", -1),
+    ("retrieval", "ovi"): ("image_retrieval_recall@1", "T→I R@1", -1),
+}
 
 
 def spec_key(report: dict, name: str) -> tuple:
@@ -34,7 +39,17 @@ def misalignment_rows(report: dict) -> list[dict]:
             native, inverted = entries[twin].get(key), entry.get(key)
             if native is None or inverted is None:
                 continue
-            rows.append({"name": name, "native_name": twin, "section": section, "query": kind, "metric": label,
-                         "native": native, "inverted": inverted, "expected_sign": sign,
-                         "as_expected": (inverted - native) * sign > 0})
+            rows.append(
+                {
+                    "name": name,
+                    "native_name": twin,
+                    "section": section,
+                    "query": kind,
+                    "metric": label,
+                    "native": native,
+                    "inverted": inverted,
+                    "expected_sign": sign,
+                    "as_expected": (inverted - native) * sign > 0,
+                }
+            )
     return rows

@@ -5,6 +5,7 @@ training curves, retrieval galleries). report.md links them all.
 
     python -m evaluation.plots reports/a/report.json reports/b/report.json --out reports/compare
 """
+
 from __future__ import annotations
 
 import argparse
@@ -20,15 +21,25 @@ import numpy as np  # noqa: E402
 from evaluation import figures  # noqa: E402
 from evaluation.datasets.compositional import SUGARCREPE_SUBSETS  # noqa: E402
 from evaluation.misalignment import misalignment_rows  # noqa: E402
-from evaluation.report import (BARS_FILE, COMPARE_FILE, CONFUSION_FILE, CURVES_FILE, GALLERY_FILE,  # noqa: E402
-                               MISALIGNMENT_FILE, file_safe, headline)
+from evaluation.report import (
+    BARS_FILE,
+    COMPARE_FILE,
+    CONFUSION_FILE,
+    CURVES_FILE,
+    GALLERY_FILE,  # noqa: E402
+    MISALIGNMENT_FILE,
+    file_safe,
+    headline,
+)
 from evaluation.tasks.intra_modal import MAP_KEY  # noqa: E402
 
 # section -> (title, entry -> {bar label suffix: fraction}); each bar is shown in percent
 PANELS = {
     "zeroshot": ("Zero-shot top-1 (mAP for multi-label)", lambda e: {"": headline(e)}),
-    "retrieval": ("Retrieval R@1", lambda e: {"I→T": e.get("text_retrieval_recall@1"),
-                                              "T→I": e.get("image_retrieval_recall@1")}),
+    "retrieval": (
+        "Retrieval R@1",
+        lambda e: {"I→T": e.get("text_retrieval_recall@1"), "T→I": e.get("image_retrieval_recall@1")},
+    ),
     "linear_probe": ("Linear probe top-1", lambda e: {"": e.get("top1")}),
     "compositionality": ("SugarCrepe accuracy", lambda e: {k: e.get(k) for k in [*SUGARCREPE_SUBSETS, "average"]}),
     "intra_modal": ("Intra-modal retrieval mAP", lambda e: {"": e.get(MAP_KEY)}),
@@ -39,8 +50,14 @@ GALLERY_MAX_SETS = 3  # retrieval sets drawn as a gallery, in report order
 def panel_values(reports: list[dict], section: str) -> tuple[list[str], np.ndarray]:
     """Dataset names present in any report, and (n_reports, n_datasets) percentages (NaN if absent)."""
     metric = PANELS[section][1]
-    per_report = [{f"{name} {suffix}".strip(): value for name, entry in report.get(section, {}).items()
-                   for suffix, value in metric(entry).items()} for report in reports]
+    per_report = [
+        {
+            f"{name} {suffix}".strip(): value
+            for name, entry in report.get(section, {}).items()
+            for suffix, value in metric(entry).items()
+        }
+        for report in reports
+    ]
     names = list(dict.fromkeys(name for bars in per_report for name in bars))  # the report's order
     values = np.full((len(reports), len(names)), np.nan)
     for i, bars in enumerate(per_report):
@@ -62,8 +79,9 @@ def draw_bars(reports: list[dict], section: str, out_file: Path) -> Path:
     fig, ax = plt.subplots(figsize=(max(6, 0.6 * len(names) * len(reports) + 2), 4.5))
     x = np.arange(len(names))
     for i, report in enumerate(reports):
-        bars = ax.bar(x + (i - (len(reports) - 1) / 2) * width, np.nan_to_num(values[i]), width,
-                      label=label_of(report, i))
+        bars = ax.bar(
+            x + (i - (len(reports) - 1) / 2) * width, np.nan_to_num(values[i]), width, label=label_of(report, i)
+        )
         ax.bar_label(bars, labels=["–" if np.isnan(v) else f"{v:.1f}" for v in values[i]], fontsize=7)
     crowded = len(names) > 4 or sum(len(n) for n in names) > 48  # labels would overlap flat
     ax.set_xticks(x, names, rotation=30 if crowded else 0, ha="right" if crowded else "center")
@@ -84,8 +102,11 @@ def write_figures(report: dict, out_dir: Path, metrics: list[dict]) -> list[Path
     written = []
     if metrics:
         checkpoint = report.get("checkpoint", {})
-        written.append(figures.draw_training_curves(metrics, out_dir / CURVES_FILE, figures.curves_title(checkpoint),
-                                                    checkpoint.get("step")))
+        written.append(
+            figures.draw_training_curves(
+                metrics, out_dir / CURVES_FILE, figures.curves_title(checkpoint), checkpoint.get("step")
+            )
+        )
     for name, entry in report.get("zeroshot", {}).items():
         if entry.get("confusion"):
             written.append(figures.draw_confusion(name, entry, out_dir / CONFUSION_FILE.format(name=file_safe(name))))

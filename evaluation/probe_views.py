@@ -5,6 +5,7 @@ every training image are encoded once; the probe's epoch e reads view e mod V (V
 every epoch fresh augmentation, as when augmenting on the fly). Each view is drawn from (seed,
 image identity, view index) alone, so the features do not depend on how images are batched.
 """
+
 from __future__ import annotations
 
 import hashlib

@@ -1,6 +1,7 @@
 """The evaluation report: one dict (schema below) written as `report.json` and rendered as
 `report.md` with tables laid out like the papers' (zero-shot accuracy with group averages,
 retrieval recall, linear probe, SugarCrepe, intra-modal mAP and the modality gap)."""
+
 from __future__ import annotations
 
 import json
@@ -15,8 +16,7 @@ from evaluation.tasks.compositionality import AVERAGE_KEY
 from evaluation.misalignment import misalignment_rows
 from evaluation.tasks.intra_modal import GAP_KEY, MAP_AT_R_KEY, MAP_KEY, R_PRECISION_KEY
 from scoring.retrieval import IMAGE_RETRIEVAL_KEY, RECALL_KS, TEXT_RETRIEVAL_KEY
-from scoring.zeroshot import (ATTRIBUTE_ACCURACY_KEY, MEAN_AVERAGE_PRECISION_KEY,
-                                       MEAN_PER_CLASS_RECALL_KEY, TOPK_KEY)
+from scoring.zeroshot import ATTRIBUTE_ACCURACY_KEY, MEAN_AVERAGE_PRECISION_KEY, MEAN_PER_CLASS_RECALL_KEY, TOPK_KEY
 
 REPORT_JSON = "report.json"
 REPORT_MD = "report.md"
@@ -85,8 +85,11 @@ def format_header(checkpoint: dict) -> list[str]:
     digests = [digests] if isinstance(digests, str) else digests
     weights = list(checkpoint.get(DATA_WEIGHTS_KEY) or [])
     weights += [None] * (len(digests) - len(weights))
-    data = [f"`{d}`" + (f" (weight {w:.3g})" if w is not None and len(digests) > 1 else "")
-            for d, w in zip(digests, weights) if d]
+    data = [
+        f"`{d}`" + (f" (weight {w:.3g})" if w is not None and len(digests) > 1 else "")
+        for d, w in zip(digests, weights)
+        if d
+    ]
     path = checkpoint.get(CHECKPOINT_PATH_KEY)
     return [
         "# Evaluation report",
@@ -95,10 +98,15 @@ def format_header(checkpoint: dict) -> list[str]:
         f"- Step: {checkpoint.get(CHECKPOINT_STEP_KEY, MISSING)}",
         f"- Method: {checkpoint.get(CHECKPOINT_METHOD_KEY, MISSING)}",
         f"- Data manifest digest(s): {', '.join(data) or MISSING}",
-    ] + [f"- {label}: {format_info(checkpoint[key])}" for key, label in (("topology", "Topology (similarity)"),
-                                                           ("scorer", "Scorer"),
-                                                           ("fingerprint", "Weights + preprocessing fingerprint"))
-         if key in checkpoint]
+    ] + [
+        f"- {label}: {format_info(checkpoint[key])}"
+        for key, label in (
+            ("topology", "Topology (similarity)"),
+            ("scorer", "Scorer"),
+            ("fingerprint", "Weights + preprocessing fingerprint"),
+        )
+        if key in checkpoint
+    ]
 
 
 def format_info(value) -> str:
@@ -131,8 +139,11 @@ def add_group_averages(report: dict, entries: list[dict]) -> None:
     for group, names in groups.items():
         present = [n for n in names if n in zeroshot]
         values = [headline(zeroshot[n]) for n in present]
-        report[AVERAGES_KEY][group] = {"mean": sum(values) / len(values) if values else None,
-                                       "datasets": present, "missing": [n for n in names if n not in zeroshot]}
+        report[AVERAGES_KEY][group] = {
+            "mean": sum(values) / len(values) if values else None,
+            "datasets": present,
+            "missing": [n for n in names if n not in zeroshot],
+        }
 
 
 def format_zeroshot_section(zeroshot: dict[str, dict], averages: dict[str, dict]) -> list[str]:
@@ -142,14 +153,19 @@ def format_zeroshot_section(zeroshot: dict[str, dict], averages: dict[str, dict]
     if not zeroshot:
         return lines + ["None."]
     columns = {h: k for h, k in ZEROSHOT_COLUMNS.items() if any(k in e for e in zeroshot.values())}
-    rows = [[name] + [format_percent(entry.get(key)) for key in columns.values()]
-            for name, entry in sorted(zeroshot.items())]
+    rows = [
+        [name] + [format_percent(entry.get(key)) for key in columns.values()]
+        for name, entry in sorted(zeroshot.items())
+    ]
     lines += format_table(["dataset", *columns], rows, n_text_columns=1)
     for group, average in sorted(averages.items()):
         names = average["datasets"]
         lines += ["", f"### {group} (top-1; mAP for multi-label)", ""]
-        lines += format_table([*names, "average"], [[format_percent(headline(zeroshot[n])) for n in names]
-                                                    + [format_percent(average["mean"])]], n_text_columns=0)
+        lines += format_table(
+            [*names, "average"],
+            [[format_percent(headline(zeroshot[n])) for n in names] + [format_percent(average["mean"])]],
+            n_text_columns=0,
+        )
         if average["missing"]:
             lines += ["", f"Average over {len(names)} sets; missing: {', '.join(average['missing'])}."]
     return lines
@@ -195,11 +211,19 @@ def format_retrieval_section(retrieval: dict[str, dict]) -> list[str]:
     if not retrieval:
         return lines + ["None."]
     recall_headers = [f"R@{k}" for k in RECALL_KS]
-    header = ["dataset", "protocol", f"Image→Text {recall_headers[0]}", *recall_headers[1:],
-              f"Text→Image {recall_headers[0]}", *recall_headers[1:]]
+    header = [
+        "dataset",
+        "protocol",
+        f"Image→Text {recall_headers[0]}",
+        *recall_headers[1:],
+        f"Text→Image {recall_headers[0]}",
+        *recall_headers[1:],
+    ]
     keys = [IMAGE_TO_TEXT_KEY.format(k=k) for k in RECALL_KS] + [TEXT_TO_IMAGE_KEY.format(k=k) for k in RECALL_KS]
-    rows = [[name, str(entry.get(PROTOCOL_KEY, MISSING))] + [format_percent(entry.get(key)) for key in keys]
-            for name, entry in sorted(retrieval.items())]
+    rows = [
+        [name, str(entry.get(PROTOCOL_KEY, MISSING))] + [format_percent(entry.get(key)) for key in keys]
+        for name, entry in sorted(retrieval.items())
+    ]
     return lines + format_table(header, rows, n_text_columns=2)
 
 
@@ -207,9 +231,11 @@ def format_linear_probe_section(probes: dict[str, dict]) -> list[str]:
     lines = ["## Linear probe", ""]
     if not probes:
         return lines + ["None."]
-    rows = [[name, str(entry.get(PROTOCOL_KEY, MISSING))]
-            + [format_percent(entry.get(key)) for key in list(ZEROSHOT_COLUMNS.values())[:3]]
-            for name, entry in sorted(probes.items())]
+    rows = [
+        [name, str(entry.get(PROTOCOL_KEY, MISSING))]
+        + [format_percent(entry.get(key)) for key in list(ZEROSHOT_COLUMNS.values())[:3]]
+        for name, entry in sorted(probes.items())
+    ]
     return lines + format_table(["dataset", "protocol", *list(ZEROSHOT_COLUMNS)[:3]], rows, n_text_columns=2)
 
 
@@ -219,10 +245,15 @@ def format_compositionality_section(results: dict[str, dict]) -> list[str]:
     if not results:
         return lines + ["None."]
     averages = [f"{AVERAGE_KEY}_{t}" for t in ("object", "attribute", "relation")] + [AVERAGE_KEY]
-    header = ["dataset"] + [f"{e.capitalize()} {t[:3]}" for e, t in SUGARCREPE_SUBSETS.values()] + [
-        "avg object", "avg attribute", "avg relation", "avg"]
-    rows = [[name] + [format_percent(entry.get(key)) for key in [*SUGARCREPE_SUBSETS, *averages]]
-            for name, entry in sorted(results.items())]
+    header = (
+        ["dataset"]
+        + [f"{e.capitalize()} {t[:3]}" for e, t in SUGARCREPE_SUBSETS.values()]
+        + ["avg object", "avg attribute", "avg relation", "avg"]
+    )
+    rows = [
+        [name] + [format_percent(entry.get(key)) for key in [*SUGARCREPE_SUBSETS, *averages]]
+        for name, entry in sorted(results.items())
+    ]
     return lines + format_table(header, rows, n_text_columns=1)
 
 
@@ -240,23 +271,41 @@ def format_intra_modal_section(results: dict[str, dict]) -> list[str]:
     lines = ["## Intra-modal retrieval and modality gap", ""]
     if not results:
         return lines + ["None."]
-    rows = [[name, str(entry.get(PROTOCOL_KEY, MISSING)),
-             *(format_percent(entry.get(key)) for key in (MAP_KEY, MAP_AT_R_KEY, R_PRECISION_KEY)),
-             format_mixture(entry.get(MIXTURE_KEY)),
-             f"{entry[GAP_KEY]:.3f}" if GAP_KEY in entry else MISSING] for name, entry in sorted(results.items())]
+    rows = [
+        [
+            name,
+            str(entry.get(PROTOCOL_KEY, MISSING)),
+            *(format_percent(entry.get(key)) for key in (MAP_KEY, MAP_AT_R_KEY, R_PRECISION_KEY)),
+            format_mixture(entry.get(MIXTURE_KEY)),
+            f"{entry[GAP_KEY]:.3f}" if GAP_KEY in entry else MISSING,
+        ]
+        for name, entry in sorted(results.items())
+    ]
     header = ["dataset", "protocol", "mAP", "mAP@R", "R-precision", "mAP at α (native weight)", "modality gap"]
     return lines + format_table(header, rows, n_text_columns=2)
 
 
 def format_misalignment_section(rows: list[dict]) -> list[str]:
     """Cross the Gap's view: inverted queries beside the native ones on the same data."""
-    lines = ["## Intra-modal misalignment", "",
-             "Inverted queries beside the native ones on the same data: an intra-modal task made "
-             "inter-modal (OTI / OVI queries) should gain, an inter-modal one made intra-modal should lose.", ""]
-    table = [[r["name"], r["native_name"], f"{r['metric']} ({r['query']})", format_percent(r["native"]),
-              format_percent(r["inverted"]), f"{100 * (r['inverted'] - r['native']):+.1f}",
-              ("gain" if r["expected_sign"] > 0 else "loss") + (" ✓" if r["as_expected"] else " ✗")]
-             for r in rows]
+    lines = [
+        "## Intra-modal misalignment",
+        "",
+        "Inverted queries beside the native ones on the same data: an intra-modal task made "
+        "inter-modal (OTI / OVI queries) should gain, an inter-modal one made intra-modal should lose.",
+        "",
+    ]
+    table = [
+        [
+            r["name"],
+            r["native_name"],
+            f"{r['metric']} ({r['query']})",
+            format_percent(r["native"]),
+            format_percent(r["inverted"]),
+            f"{100 * (r['inverted'] - r['native']):+.1f}",
+            ("gain" if r["expected_sign"] > 0 else "loss") + (" ✓" if r["as_expected"] else " ✗"),
+        ]
+        for r in rows
+    ]
     header = ["inverted entry", "native entry", "metric", "native", "inverted", "Δ", "expected"]
     return lines + format_table(header, table, n_text_columns=3)
 
@@ -266,9 +315,11 @@ def format_skipped_section(skipped: dict[str, str]) -> list[str]:
     return lines + ([f"- {name}: {reason}" for name, reason in sorted(skipped.items())] or ["None."])
 
 
-OPTIONAL_SECTIONS = {LINEAR_PROBE_KEY: format_linear_probe_section,
-                     COMPOSITIONALITY_KEY: format_compositionality_section,
-                     INTRA_MODAL_KEY: format_intra_modal_section}
+OPTIONAL_SECTIONS = {
+    LINEAR_PROBE_KEY: format_linear_probe_section,
+    COMPOSITIONALITY_KEY: format_compositionality_section,
+    INTRA_MODAL_KEY: format_intra_modal_section,
+}
 
 
 def format_report_markdown(report: dict, figures: Sequence[str] = ()) -> str:
@@ -300,7 +351,8 @@ def write_report(report: dict, out_dir: str | Path, figures: Sequence[str] = ())
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     json_path, md_path = out_dir / REPORT_JSON, out_dir / REPORT_MD
-    json_path.write_text(json.dumps(report, sort_keys=True, indent=2, default=convert_numpy_scalar) + "\n",
-                         encoding="utf-8")
+    json_path.write_text(
+        json.dumps(report, sort_keys=True, indent=2, default=convert_numpy_scalar) + "\n", encoding="utf-8"
+    )
     md_path.write_text(format_report_markdown(report, figures), encoding="utf-8")
     return json_path, md_path

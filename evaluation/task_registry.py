@@ -1,7 +1,9 @@
-"""The evaluation task registry (`TASKS`): what each kind of benchmark encodes and how it is scored. A suite entry names a task and
+"""The evaluation task registry (`TASKS`): what each kind of benchmark encodes and how it is
+scored. A suite entry names a task and
 its dataset(s); loading it gives a `Benchmark`; `requests` lists the images and texts to embed
 (by role); `score` turns those embeddings into the report entry with the checkpoint's
 topology (training/methods/topology/spaces.py): its similarity, template rule and modality gap."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -16,21 +18,39 @@ from evaluation.datasets.metric_learning import load_cub, load_sop
 from evaluation.tasks.compositionality import compute_pair_accuracy, summarize_sugarcrepe
 from evaluation.inversion import INVERTS, inversion_from_options, inversion_request
 from evaluation.probe_views import views_from_options, views_request
-from evaluation.tasks.intra_modal import (GAP_KEY, MAP_KEY, compute_modality_gap, compute_retrieval_metrics,
-                                          compute_revisited_map,
-                                          compute_text_to_text_metrics, split_first_caption)
+from evaluation.tasks.intra_modal import (
+    GAP_KEY,
+    MAP_KEY,
+    compute_modality_gap,
+    compute_retrieval_metrics,
+    compute_revisited_map,
+    compute_text_to_text_metrics,
+    split_first_caption,
+)
 from evaluation.tasks.linear_probe import LinearProbeConfig, evaluate_linear_probe
 from scoring.sets import SET_READERS, TEMPLATED
 from scoring.retrieval import compute_retrieval_recall, retrieval_scores, select_gallery
-from scoring.zeroshot import (ATTRIBUTE_ACCURACY_KEY, class_logits, class_prompts, classification_metrics,
-                              compute_attribute_accuracy, compute_confusion, top1_predictions)
+from scoring.zeroshot import (
+    ATTRIBUTE_ACCURACY_KEY,
+    class_logits,
+    class_prompts,
+    classification_metrics,
+    compute_attribute_accuracy,
+    compute_confusion,
+    top1_predictions,
+)
 
 IMAGE, TEXT = "image", "text"
 IMAGE_STATES = "image_states"  # class-token states before the projection (linear probe, "features")
 MODALITIES = (IMAGE, IMAGE_STATES, TEXT)
 PROBE_FEATURES = {"embedding": IMAGE, "class_states": IMAGE_STATES}
-READERS: dict[str, Callable] = {**SET_READERS, "sugarcrepe": load_sugarcrepe, "revisited": load_revisited,
-                                 "cub": load_cub, "sop": load_sop}
+READERS: dict[str, Callable] = {
+    **SET_READERS,
+    "sugarcrepe": load_sugarcrepe,
+    "revisited": load_revisited,
+    "cub": load_cub,
+    "sop": load_sop,
+}
 # task -> (report section, dataset roles it reads)
 TASKS = {
     "zeroshot": ("zeroshot", ("test",)),
@@ -108,11 +128,15 @@ def requests(bench: Benchmark) -> dict[str, tuple[str, list]]:
     """Role -> (modality, values to embed), in the order `score` expects them."""
     test = bench.data["test"]
     if bench.task == "zeroshot":  # a control of Cross the Gap: OTI images or OVI prompts
-        return {"images": (side_modality(bench, IMAGE), test.images),
-                "prompts": (side_modality(bench, TEXT), class_prompts(test))}
+        return {
+            "images": (side_modality(bench, IMAGE), test.images),
+            "prompts": (side_modality(bench, TEXT), class_prompts(test)),
+        }
     if bench.task == "retrieval":  # likewise with an inverted query side
-        return {"images": (side_modality(bench, IMAGE), test.images),
-                "captions": (side_modality(bench, TEXT), test.captions)}
+        return {
+            "images": (side_modality(bench, IMAGE), test.images),
+            "captions": (side_modality(bench, TEXT), test.captions),
+        }
     if bench.task == "text_retrieval":
         wanted = {"images": (IMAGE, test.images), "captions": (TEXT, test.captions)}
         if query_kind(bench, TEXT) != "native":  # each image's first caption, inverted
@@ -187,8 +211,11 @@ def score_zeroshot(bench: Benchmark, features: dict, topology: Topology) -> dict
         entry[ATTRIBUTE_ACCURACY_KEY] = compute_attribute_accuracy(predictions, dataset.labels, dataset.attributes)
     if dataset.n_classes <= CONFUSION_MAX_CLASSES:
         counts = compute_confusion(predictions, dataset.labels, dataset.n_classes)
-        entry[CONFUSION_KEY] = {"classnames": list(dataset.classnames), "counts": counts.tolist(),
-                                **({"attributes": dataset.attributes} if dataset.attributes else {})}
+        entry[CONFUSION_KEY] = {
+            "classnames": list(dataset.classnames),
+            "counts": counts.tolist(),
+            **({"attributes": dataset.attributes} if dataset.attributes else {}),
+        }
     return entry
 
 
@@ -196,19 +223,28 @@ def gallery_entries(dataset, scores: np.ndarray) -> list[dict]:
     """A few image queries with their best captions, for the report's retrieval gallery; an image
     held as bytes (a shard build's) is recorded as None, its caption still shown."""
     groups = dataset.caption_groups()
-    return [{"image": dataset.images[image] if isinstance(dataset.images[image], str) else None,
-             "caption": groups[image][0],
-             "top": [{"text": dataset.captions[t], "correct": correct, "score": score}
-                     for t, score, correct in top]}
-            for image, top in select_gallery(scores, dataset.text_to_image)]
+    return [
+        {
+            "image": dataset.images[image] if isinstance(dataset.images[image], str) else None,
+            "caption": groups[image][0],
+            "top": [{"text": dataset.captions[t], "correct": correct, "score": score} for t, score, correct in top],
+        }
+        for image, top in select_gallery(scores, dataset.text_to_image)
+    ]
 
 
 def score_retrieval(bench: Benchmark, features: dict, topology: Topology) -> dict:
     dataset = bench.data["test"]
     scores = retrieval_scores(features["images"], features["captions"], topology)
     metrics = compute_retrieval_recall(scores, dataset.text_to_image)
-    return {**metrics, "protocol": dataset.protocol, "n_images": dataset.n_images, "n_texts": dataset.n_texts,
-            GALLERY_KEY: gallery_entries(dataset, scores), **inverted_note(bench)}
+    return {
+        **metrics,
+        "protocol": dataset.protocol,
+        "n_images": dataset.n_images,
+        "n_texts": dataset.n_texts,
+        GALLERY_KEY: gallery_entries(dataset, scores),
+        **inverted_note(bench),
+    }
 
 
 def probe_modality(bench: Benchmark) -> str:
@@ -218,7 +254,7 @@ def probe_modality(bench: Benchmark) -> str:
     if features not in PROBE_FEATURES:
         raise ValueError(f"{bench.name}: unknown linear-probe features {features!r}; known: {sorted(PROBE_FEATURES)}")
     if "views" in bench.options and features != "class_states":
-        raise ValueError(f"{bench.name}: augmented probe views are class-token states: set \"features\": \"class_states\"")
+        raise ValueError(f'{bench.name}: augmented probe views are class-token states: set "features": "class_states"')
     return PROBE_FEATURES[features]
 
 
@@ -229,19 +265,26 @@ def score_linear_probe(bench: Benchmark, features: dict, topology: Topology) -> 
     train_features = features["train"]
     if views is not None:  # (N, V·D) -> (N, V, D): epoch e reads view e mod V
         train_features = train_features.reshape(len(train_features), views.views, -1)
-    metrics = evaluate_linear_probe(train_features, train.labels, features["test"], test.labels,
-                                    max(train.n_classes, test.n_classes), config)
+    metrics = evaluate_linear_probe(
+        train_features, train.labels, features["test"], test.labels, max(train.n_classes, test.n_classes), config
+    )
     described = config.describe(bench.options.get("features", "embedding"))
     if views is not None:
         described += f"-{views.views}views-rrc{views.scale[0]}-{views.rand_augment}"
-    return {**metrics, "protocol": described,
-            "n_train": train.n_images, "n_test": test.n_images, "n_classes": test.n_classes}
+    return {
+        **metrics,
+        "protocol": described,
+        "n_train": train.n_images,
+        "n_test": test.n_images,
+        "n_classes": test.n_classes,
+    }
 
 
 def paired_similarity(topology: Topology, a: np.ndarray, b: np.ndarray, block: int = 512) -> np.ndarray:
     """(N,) similarity of row i of `a` with row i of `b`, through the topology's similarity."""
-    return np.concatenate([np.diagonal(np.asarray(topology.score(a[s:s + block], b[s:s + block])))
-                           for s in range(0, len(a), block)])
+    return np.concatenate(
+        [np.diagonal(np.asarray(topology.score(a[s : s + block], b[s : s + block]))) for s in range(0, len(a), block)]
+    )
 
 
 def score_compositionality(bench: Benchmark, features: dict, topology: Topology) -> dict:
@@ -251,10 +294,11 @@ def score_compositionality(bench: Benchmark, features: dict, topology: Topology)
     for subset, pairs in composition.subsets.items():
         n = len(pairs.images)
         images = features["images"][[row_of[ref] for ref in pairs.images]]
-        positives, negatives = texts[start:start + n], texts[start + n:start + 2 * n]
+        positives, negatives = texts[start : start + n], texts[start + n : start + 2 * n]
         start += 2 * n
-        accuracies[subset] = compute_pair_accuracy(paired_similarity(topology, images, positives),
-                                                   paired_similarity(topology, images, negatives))
+        accuracies[subset] = compute_pair_accuracy(
+            paired_similarity(topology, images, positives), paired_similarity(topology, images, negatives)
+        )
     return {**summarize_sugarcrepe(accuracies), "protocol": composition.protocol, "n_images": composition.n_images}
 
 
@@ -274,7 +318,7 @@ def mixture_weights(bench: Benchmark) -> list[float]:
     native/inverted mixture)."""
     weights = [float(a) for a in bench.options.get("mix", [])]
     if weights and bench.options.get("query", "native") == "native":
-        raise ValueError(f"{bench.name}: a native/inverted mixture needs an inverted query (\"query\": \"oti\"/\"ovi\")")
+        raise ValueError(f'{bench.name}: a native/inverted mixture needs an inverted query ("query": "oti"/"ovi")')
     if any(not 0.0 <= a <= 1.0 for a in weights):
         raise ValueError(f"{bench.name}: mixture weights must lie in [0, 1], got {weights}")
     return weights
@@ -297,48 +341,76 @@ def score_image_retrieval(bench: Benchmark, features: dict, topology: Topology) 
     test, query = bench.data["test"], query_kind(bench, IMAGE)
     if gallery_split(bench) == "train":
         train = bench.data["train"]
+
         def metrics_of(queries):
             return compute_retrieval_metrics(queries, test.labels, features["train"], train.labels, topology.score)
+
         protocol, n_gallery = f"image->image, {query} test queries / train gallery", train.n_images
     else:
         ids = np.arange(test.n_images)
 
         def metrics_of(queries):
-            return compute_retrieval_metrics(queries, test.labels, features["gallery"], test.labels,
-                                             topology.score, query_ids=ids, gallery_ids=ids)
+            return compute_retrieval_metrics(
+                queries, test.labels, features["gallery"], test.labels, topology.score, query_ids=ids, gallery_ids=ids
+            )
+
         protocol, n_gallery = f"image->image, {query} queries / same split, query removed", test.n_images - 1
     mixture = mixture_entry(bench, features.get("test_native"), features["test"], metrics_of)
-    return {**metrics_of(features["test"]), **mixture, "protocol": protocol, "n_queries": test.n_images,
-            "n_gallery": n_gallery, **inverted_note(bench)}
+    return {
+        **metrics_of(features["test"]),
+        **mixture,
+        "protocol": protocol,
+        "n_queries": test.n_images,
+        "n_gallery": n_gallery,
+        **inverted_note(bench),
+    }
 
 
 def score_text_retrieval(bench: Benchmark, features: dict, topology: Topology) -> dict:
     dataset = bench.data["test"]
     query = query_kind(bench, TEXT)
+
     def metrics_of(queries):
         return compute_text_to_text_metrics(features["captions"], dataset.text_to_image, topology.score, queries)
+
     first, _ = split_first_caption(dataset.text_to_image)
     mixture = mixture_entry(bench, features["captions"][first], features.get("queries"), metrics_of)
     gap = compute_modality_gap(features["images"], features["captions"], dataset.text_to_image, topology)
-    return {**metrics_of(features.get("queries")), **mixture, GAP_KEY: gap, **inverted_note(bench),
-            "protocol": f"text->text, {query} first-caption queries ({dataset.protocol})",
-            "n_queries": dataset.n_images, "n_gallery": dataset.n_texts - dataset.n_images}
+    return {
+        **metrics_of(features.get("queries")),
+        **mixture,
+        GAP_KEY: gap,
+        **inverted_note(bench),
+        "protocol": f"text->text, {query} first-caption queries ({dataset.protocol})",
+        "n_queries": dataset.n_images,
+        "n_gallery": dataset.n_texts - dataset.n_images,
+    }
 
 
 def score_landmark_retrieval(bench: Benchmark, features: dict, topology: Topology) -> dict:
     """The revisited protocol; the entry's mAP is the medium setting's (the one usually quoted)."""
     dataset, query = bench.data["test"], query_kind(bench, IMAGE)
     maps = compute_revisited_map(features["test"], features["gallery"], dataset.ground_truth, topology.score)
-    return {MAP_KEY: maps["medium"], **{f"{MAP_KEY}_{name}": value for name, value in maps.items()},
-            "protocol": f"{dataset.protocol} {dataset.name}, {query} queries "
-                        f"(E/M/H {100 * maps['easy']:.1f} / {100 * maps['medium']:.1f} / {100 * maps['hard']:.1f})",
-            "n_queries": len(dataset.queries), "n_gallery": dataset.n_images, **inverted_note(bench)}
+    return {
+        MAP_KEY: maps["medium"],
+        **{f"{MAP_KEY}_{name}": value for name, value in maps.items()},
+        "protocol": f"{dataset.protocol} {dataset.name}, {query} queries "
+        f"(E/M/H {100 * maps['easy']:.1f} / {100 * maps['medium']:.1f} / {100 * maps['hard']:.1f})",
+        "n_queries": len(dataset.queries),
+        "n_gallery": dataset.n_images,
+        **inverted_note(bench),
+    }
 
 
-TASK_SCORERS = {"zeroshot": score_zeroshot, "retrieval": score_retrieval, "linear_probe": score_linear_probe,
-           "compositionality": score_compositionality, "image_retrieval": score_image_retrieval,
-           "landmark_retrieval": score_landmark_retrieval,
-           "text_retrieval": score_text_retrieval}
+TASK_SCORERS = {
+    "zeroshot": score_zeroshot,
+    "retrieval": score_retrieval,
+    "linear_probe": score_linear_probe,
+    "compositionality": score_compositionality,
+    "image_retrieval": score_image_retrieval,
+    "landmark_retrieval": score_landmark_retrieval,
+    "text_retrieval": score_text_retrieval,
+}
 
 
 def score(bench: Benchmark, features: dict[str, np.ndarray], topology: Topology) -> dict:

@@ -16,6 +16,7 @@ published, and indexes are published after their tars):
      under `shards/` + `index/`.
 The staging area is removed and the manifest written last.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -24,11 +25,9 @@ import hashlib
 import json
 import logging
 import math
-import os
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -75,9 +74,14 @@ def content_params(params: BuildParams) -> dict:
     download = asdict(params.download)
     for transient in ("timeout_s", "retries", "thread_count"):
         download.pop(transient)
-    return {"corpus": params.corpus, "shard_size": params.shard_size, "download": download,
-            "caption_rules": asdict(params.caption_rules), "reader": params.reader,
-            "stages_version": STAGES_VERSION}
+    return {
+        "corpus": params.corpus,
+        "shard_size": params.shard_size,
+        "download": download,
+        "caption_rules": asdict(params.caption_rules),
+        "reader": params.reader,
+        "stages_version": STAGES_VERSION,
+    }
 
 
 def compute_build_id(input_digests: list[str], params: BuildParams) -> str:
@@ -87,8 +91,9 @@ def compute_build_id(input_digests: list[str], params: BuildParams) -> str:
 
 def add_buckets(batch: dict, n_buckets: int) -> dict:
     """Bucket of a row = digest of its image source: all rows of one image meet in one."""
-    batch["bucket"] = np.array([int(captions.sample_key(s)[:8], 16) % n_buckets
-                                for s in batch["source"]], dtype=np.int64)
+    batch["bucket"] = np.array(
+        [int(captions.sample_key(s)[:8], 16) % n_buckets for s in batch["source"]], dtype=np.int64
+    )
     return batch
 
 
@@ -99,11 +104,12 @@ class GroupBucket:
         self.rules = rules
 
     def __call__(self, batch: dict) -> dict:
-        rows = [{c: batch[c][i] for c in ("source", "caption", "kind", "origin")}
-                for i in range(len(batch["source"]))]
+        rows = [{c: batch[c][i] for c in ("source", "caption", "kind", "origin")} for i in range(len(batch["source"]))]
         groups = captions.group_captions(rows, self.rules)
-        return {"key": np.array([g["key"] for g in groups], dtype=object),
-                "group": np.array([json.dumps(g) for g in groups], dtype=object)}
+        return {
+            "key": np.array([g["key"] for g in groups], dtype=object),
+            "group": np.array([json.dumps(g) for g in groups], dtype=object),
+        }
 
 
 def group_bucket(batch: dict, rules: captions.CaptionRules) -> dict:
@@ -113,16 +119,16 @@ def group_bucket(batch: dict, rules: captions.CaptionRules) -> dict:
 
 def assign_shards(batch: dict, num_shards: int) -> dict:
     """Shard of a group = its key modulo the shard count: stable across runs."""
-    batch["shard_id"] = np.array([int(k[:8], 16) % num_shards for k in batch["key"]],
-                                 dtype=np.int64)
+    batch["shard_id"] = np.array([int(k[:8], 16) % num_shards for k in batch["key"]], dtype=np.int64)
     return batch
 
 
 def pack_shard(batch: dict) -> dict:
     order = np.argsort(batch["key"].astype(str), kind="stable")
-    return {"shard_id": batch["shard_id"][:1],
-            "groups": np.array([json.dumps([json.loads(batch["group"][i]) for i in order])],
-                               dtype=object)}
+    return {
+        "shard_id": batch["shard_id"][:1],
+        "groups": np.array([json.dumps([json.loads(batch["group"][i]) for i in order])], dtype=object),
+    }
 
 
 @functools.lru_cache(maxsize=4)
@@ -148,8 +154,9 @@ def build_task(batch: dict, build_uri: str, download: DownloadParams) -> dict:
     return run_builder(specs, task["part"], task["n_parts"], build_uri, download)
 
 
-def run_builder(specs: list[tuple[int, list[dict]]], part: int, n_parts: int, build_uri: str,
-                download: DownloadParams) -> dict:
+def run_builder(
+    specs: list[tuple[int, list[dict]]], part: int, n_parts: int, build_uri: str, download: DownloadParams
+) -> dict:
     staging = dedup.part_root(build_uri, part, n_parts) if n_parts > 1 else dedup.staging_path(build_uri)
     stats = shard_builder(staging, download).build_many(specs)
     return {"stats": np.array([json.dumps({**s, "n_parts": n_parts}) for s in stats], dtype=object)}
@@ -165,8 +172,7 @@ def count_reasons(rows) -> Counter:
     """Row counts by reject reason of materialised rows: counted in each block where it lies
     (no shuffle), summed here as they stream in, so the driver holds one Counter whatever
     the corpus size."""
-    counted = rows.select_columns(["reason"]).map_batches(
-        count_block_reasons, batch_format="pyarrow", batch_size=None)
+    counted = rows.select_columns(["reason"]).map_batches(count_block_reasons, batch_format="pyarrow", batch_size=None)
     reasons = Counter()
     for row in counted.iter_rows():
         reasons[row["reason"]] += int(row["count"])
@@ -184,13 +190,14 @@ def plan_caption_groups(rows, params: BuildParams):
     # which a map stage after it would skip and pass on without columns, and the shuffle
     # could not concatenate that block with the others (Ray 2.60).
     kept = rows.map_batches(
-        add_buckets, fn_kwargs={"n_buckets": n_partitions * BUCKETS_PER_PARTITION},
-        batch_format="numpy").filter(expr=col("reason") == "")
+        add_buckets, fn_kwargs={"n_buckets": n_partitions * BUCKETS_PER_PARTITION}, batch_format="numpy"
+    ).filter(expr=col("reason") == "")
     # A function (not an actor pool) also keeps map_groups fused with the shuffle's reduce,
     # which drops the empty block of a partition that no bucket hashed to: in Ray 2.60 such a
     # block has no columns, and a later shuffle fails to concatenate it with the others.
     groups = kept.groupby("bucket", num_partitions=n_partitions).map_groups(
-        group_bucket, fn_kwargs={"rules": params.caption_rules}, batch_format="numpy")
+        group_bucket, fn_kwargs={"rules": params.caption_rules}, batch_format="numpy"
+    )
     return groups.materialize(), reasons
 
 
@@ -198,9 +205,11 @@ def check_row_failures(reasons: Counter, max_rate: float) -> None:
     rows = sum(n for r, n in reasons.items() if r != captions.HEADER)
     rejected = sum(n for r, n in reasons.items() if r not in ("", captions.HEADER))
     if rows and rejected / rows > max_rate:
-        raise BuildAborted(f"{rejected} of {rows} input rows rejected ({rejected / rows:.1%} > "
-                           f"--max-failure-rate {max_rate:.1%}): {dict(reasons)}; is the input "
-                           "in the expected layout?")
+        raise BuildAborted(
+            f"{rejected} of {rows} input rows rejected ({rejected / rows:.1%} > "
+            f"--max-failure-rate {max_rate:.1%}): {dict(reasons)}; is the input "
+            "in the expected layout?"
+        )
 
 
 def check_image_failures(stats: list[dict], remaining: int, max_rate: float) -> None:
@@ -210,8 +219,10 @@ def check_image_failures(stats: list[dict], remaining: int, max_rate: float) -> 
         reasons = Counter()
         for s in stats:
             reasons.update(s["failures"])
-        raise BuildAborted(f"{failed} of {tried} images failed ({failed / tried:.1%} > "
-                           f"--max-failure-rate {max_rate:.1%}): {dict(reasons)}")
+        raise BuildAborted(
+            f"{failed} of {tried} images failed ({failed / tried:.1%} > "
+            f"--max-failure-rate {max_rate:.1%}): {dict(reasons)}"
+        )
 
 
 def renumber_shards(batch: dict, dense: dict[int, int]) -> dict:
@@ -227,25 +238,27 @@ def plan_shards(groups, params: BuildParams) -> tuple[object, list[int]]:
     shard-id column is read back, and the specs are renumbered where a bucket was empty."""
     n_groups = groups.count()
     num_shards = max(1, math.ceil(n_groups / params.shard_size))
-    packed = groups.map_batches(assign_shards, fn_kwargs={"num_shards": num_shards},
-                                batch_format="numpy").groupby(
-        "shard_id", num_partitions=min(num_shards, MAX_SHUFFLE_PARTITIONS)).map_groups(
-        pack_shard, batch_format="numpy")
+    packed = (
+        groups.map_batches(assign_shards, fn_kwargs={"num_shards": num_shards}, batch_format="numpy")
+        .groupby("shard_id", num_partitions=min(num_shards, MAX_SHUFFLE_PARTITIONS))
+        .map_groups(pack_shard, batch_format="numpy")
+    )
     if not n_groups:
         return packed, []
     packed = packed.materialize()
-    buckets = sorted(int(i) for batch in packed.select_columns(["shard_id"]).iter_batches(
-        batch_format="numpy") for i in batch["shard_id"])
+    buckets = sorted(
+        int(i)
+        for batch in packed.select_columns(["shard_id"]).iter_batches(batch_format="numpy")
+        for i in batch["shard_id"]
+    )
     shard_ids = list(range(len(buckets)))
     if buckets == shard_ids:  # no bucket was left empty: the ids are dense already
         return packed, shard_ids
     dense = {bucket: i for i, bucket in enumerate(buckets)}
-    return packed.map_batches(renumber_shards, fn_kwargs={"dense": dense},
-                              batch_format="numpy"), shard_ids
+    return packed.map_batches(renumber_shards, fn_kwargs={"dense": dense}, batch_format="numpy"), shard_ids
 
 
-def run_shard_tasks(specs, build_uri: str, params: BuildParams, todo: set[int],
-                    num_shards: int) -> list[dict]:
+def run_shard_tasks(specs, build_uri: str, params: BuildParams, todo: set[int], num_shards: int) -> list[dict]:
     """Phase A: fetch the shards not yet staged (the last few in parts, final_round_parts),
     logging progress as each shard lands, and abort when the failure rate says the input is
     wrong."""
@@ -255,11 +268,16 @@ def run_shard_tasks(specs, build_uri: str, params: BuildParams, todo: set[int],
     composed = len(ordered) * params.shard_size <= DRIVER_TASKS_MAX_GROUPS
     # A large build streams its tasks from the specs: its last round is a small share of it.
     n_split, n_parts = final_round_parts(len(ordered), n_cpus) if composed else (0, 1)
-    whole, split = ordered[:len(ordered) - n_split], ordered[len(ordered) - n_split:]
+    whole, split = ordered[: len(ordered) - n_split], ordered[len(ordered) - n_split :]
     dedup.remove_staged_parts(*storage.open_storage(build_uri), todo)  # of an earlier split
     if split:
-        log.info("the last %d of %d shards are fetched in %d parts each, over %d CPUs",
-                 len(split), len(ordered), n_parts, n_cpus)
+        log.info(
+            "the last %d of %d shards are fetched in %d parts each, over %d CPUs",
+            len(split),
+            len(ordered),
+            n_parts,
+            n_cpus,
+        )
     results = download_stage(specs, whole, split, n_parts, build_uri, params, n_cpus, composed)
     stats, start, parts_done = [], time.monotonic(), Counter()
     n_units = len(whole) + len(split) * n_parts
@@ -268,14 +286,25 @@ def run_shard_tasks(specs, build_uri: str, params: BuildParams, todo: set[int],
             stats.append(json.loads(row["stats"]))
             parts_done[stats[-1]["shard"]["id"]] += 1
             n_ok = sum(s["shard"]["n_samples"] for s in stats)
-            progress.update(int(parts_done[stats[-1]["shard"]["id"]] == stats[-1]["n_parts"]), images=n_ok,
-                            **{"img/s": n_ok / max(time.monotonic() - start, 1e-9)})
+            progress.update(
+                int(parts_done[stats[-1]["shard"]["id"]] == stats[-1]["n_parts"]),
+                images=n_ok,
+                **{"img/s": n_ok / max(time.monotonic() - start, 1e-9)},
+            )
             check_image_failures(stats, n_units - len(stats), params.max_failure_rate)
     return stats
 
 
-def download_stage(specs, whole: list[int], split: list[int], n_parts: int, build_uri: str,
-                   params: BuildParams, n_cpus: int, composed: bool):
+def download_stage(
+    specs,
+    whole: list[int],
+    split: list[int],
+    n_parts: int,
+    build_uri: str,
+    params: BuildParams,
+    n_cpus: int,
+    composed: bool,
+):
     """The dataset of per-unit stats rows. The tasks of a small build are composed on the
     driver, in the order they are to run (compose_tasks); a large build's specs stream into
     tasks of `per_task` shards (`per_task` rows a block, so each task gets that many whatever
@@ -283,15 +312,19 @@ def download_stage(specs, whole: list[int], split: list[int], n_parts: int, buil
     kwargs = {"build_uri": build_uri, "download": params.download}
     if composed:
         rows = specs.filter(expr=col("shard_id").is_in(whole + split)).iter_rows()
-        tasks = compose_tasks({int(r["shard_id"]): json.loads(r["groups"]) for r in rows},
-                              whole, split, n_parts, n_cpus)
+        tasks = compose_tasks(
+            {int(r["shard_id"]): json.loads(r["groups"]) for r in rows}, whole, split, n_parts, n_cpus
+        )
         results = ray.data.from_items(tasks, override_num_blocks=len(tasks)).map_batches(
-            build_task, fn_kwargs=kwargs, batch_size=1, batch_format="numpy")
+            build_task, fn_kwargs=kwargs, batch_size=1, batch_format="numpy"
+        )
     else:
         per_task = shards_per_task(len(whole), n_cpus)
-        results = specs.filter(expr=col("shard_id").is_in(whole)).repartition(
-            target_num_rows_per_block=per_task).map_batches(
-            build_shards, fn_kwargs=kwargs, batch_size=per_task, batch_format="numpy")
+        results = (
+            specs.filter(expr=col("shard_id").is_in(whole))
+            .repartition(target_num_rows_per_block=per_task)
+            .map_batches(build_shards, fn_kwargs=kwargs, batch_size=per_task, batch_format="numpy")
+        )
     # Every CPU's first download task at once: with Ray Data's per-operator reservation (its
     # default) the second task started ~1 s after the first (measured), on a stage whose only
     # upstream work is a filter of the materialised specs.
@@ -299,15 +332,18 @@ def download_stage(specs, whole: list[int], split: list[int], n_parts: int, buil
     return results
 
 
-def compose_tasks(groups: dict[int, list[dict]], whole: list[int], split: list[int],
-                  n_parts: int, n_cpus: int) -> list[dict]:
+def compose_tasks(
+    groups: dict[int, list[dict]], whole: list[int], split: list[int], n_parts: int, n_cpus: int
+) -> list[dict]:
     """Download tasks (one JSON row each) in the order Ray Data dispatches them: the whole
     shards (whole_shard_tasks), then each split shard's parts one a task (part p holds every
     n_parts-th group from p), so that the parts fill the last round on every CPU."""
-    tasks = [{"part": 0, "n_parts": 1, "specs": [[i, groups[i]] for i in task]}
-             for task in whole_shard_tasks(whole, n_cpus)]
-    tasks += [{"part": p, "n_parts": n_parts, "specs": [[i, groups[i][p::n_parts]]]}
-              for i in split for p in range(n_parts)]
+    tasks = [
+        {"part": 0, "n_parts": 1, "specs": [[i, groups[i]] for i in task]} for task in whole_shard_tasks(whole, n_cpus)
+    ]
+    tasks += [
+        {"part": p, "n_parts": n_parts, "specs": [[i, groups[i][p::n_parts]]]} for i in split for p in range(n_parts)
+    ]
     return [{"task": json.dumps(task)} for task in tasks]
 
 
@@ -362,10 +398,14 @@ def run_dedup(fs, build_path: str, build_uri: str, shard_ids: list[int], shard_s
     if not dedup.plan_exists(fs, build_path):
         duplicates = find_duplicates(fs, build_path, shard_ids, len(shard_ids) * shard_size)
         dedup.write_plan(fs, build_path, duplicates, shard_ids)
-        log.info("dedup: %d images merged into %d others", sum(len(d["drop"]) for d in duplicates),
-                 len(duplicates))
-    ray.get([_publish_shards.remote(build_uri, todo[i::PUBLISH_TASKS]) for i in range(PUBLISH_TASKS)
-             if todo[i::PUBLISH_TASKS]])
+        log.info("dedup: %d images merged into %d others", sum(len(d["drop"]) for d in duplicates), len(duplicates))
+    ray.get(
+        [
+            _publish_shards.remote(build_uri, todo[i::PUBLISH_TASKS])
+            for i in range(PUBLISH_TASKS)
+            if todo[i::PUBLISH_TASKS]
+        ]
+    )
 
 
 PUBLISH_TASKS = 16  # at most this many side by side; Ray runs as many as it has CPUs
@@ -400,9 +440,11 @@ def find_duplicates(fs, build_path: str, shard_ids: list[int], max_rows: int) ->
         return [json.loads(p) for p in ray.get(_duplicates_in_indexes.remote(paths, arrow_fs))]
     index = ray.data.read_parquet(paths, filesystem=arrow_fs).select_columns(list(dedup.PLAN_COLUMNS))
     n_buckets = max(1, min(MAX_SHUFFLE_PARTITIONS, math.ceil(index.count() / ROWS_PER_BUCKET)))
-    groups = index.map_batches(add_digest_buckets, fn_kwargs={"n_buckets": n_buckets},
-                               batch_format="numpy").groupby(
-        "bucket", num_partitions=n_buckets).map_groups(dedup.duplicates_in_bucket, batch_format="numpy")
+    groups = (
+        index.map_batches(add_digest_buckets, fn_kwargs={"n_buckets": n_buckets}, batch_format="numpy")
+        .groupby("bucket", num_partitions=n_buckets)
+        .map_groups(dedup.duplicates_in_bucket, batch_format="numpy")
+    )
     return [json.loads(row["plan"]) for row in groups.take_all()]
 
 
@@ -432,26 +474,37 @@ def staged_or_published(fs, build_path: str, shard_ids: list[int]) -> set[int]:
     return set(staged) | parts | set(collect_shard_stats(fs, build_path, shard_ids))
 
 
-def assemble_manifest(build_id: str, inputs: list[dict], params: BuildParams,
-                      reasons: Counter, shard_stats: dict[int, dict]) -> dict:
+def assemble_manifest(
+    build_id: str, inputs: list[dict], params: BuildParams, reasons: Counter, shard_stats: dict[int, dict]
+) -> dict:
     failed = Counter()
     for s in shard_stats.values():
         failed.update(s["failures"])
     entries = [shard_stats[i]["shard"] for i in sorted(shard_stats)]
     written = sum(e["n_samples"] for e in entries)
     merged = sum(s.get("duplicates_merged", 0) for s in shard_stats.values())
-    counts = {"rows_read": sum(reasons.values()) - reasons.get(captions.HEADER, 0),
-              "header_rows": reasons.get(captions.HEADER, 0),
-              "rows_rejected": {r: n for r, n in sorted(reasons.items())
-                                if r not in ("", captions.HEADER)},
-              "unique_sources": sum(s["n_groups"] for s in shard_stats.values()),
-              "downloaded": written + merged, "failed": dict(sorted(failed.items())),
-              "duplicates_merged": merged, "written": written,
-              "captions_written": sum(s["n_captions_written"] for s in shard_stats.values())}
-    return {"corpus": params.corpus, "build_id": build_id, "format_version": 3,
-            "params": content_params(params), "code_version": provenance.code_version(),
-            "inputs": inputs, "counts": counts, "shards": entries,
-            "created_unix": int(time.time())}
+    counts = {
+        "rows_read": sum(reasons.values()) - reasons.get(captions.HEADER, 0),
+        "header_rows": reasons.get(captions.HEADER, 0),
+        "rows_rejected": {r: n for r, n in sorted(reasons.items()) if r not in ("", captions.HEADER)},
+        "unique_sources": sum(s["n_groups"] for s in shard_stats.values()),
+        "downloaded": written + merged,
+        "failed": dict(sorted(failed.items())),
+        "duplicates_merged": merged,
+        "written": written,
+        "captions_written": sum(s["n_captions_written"] for s in shard_stats.values()),
+    }
+    return {
+        "corpus": params.corpus,
+        "build_id": build_id,
+        "format_version": 3,
+        "params": content_params(params),
+        "code_version": provenance.code_version(),
+        "inputs": inputs,
+        "counts": counts,
+        "shards": entries,
+        "created_unix": int(time.time()),
+    }
 
 
 @ray.remote(num_cpus=1)
@@ -493,8 +546,7 @@ def sort_shuffle():
 
 
 @sort_shuffle()
-def run_build(input_uris: list[str], output_root: str, params: BuildParams, *,
-              read_rows) -> tuple[str, dict]:
+def run_build(input_uris: list[str], output_root: str, params: BuildParams, *, read_rows) -> tuple[str, dict]:
     """Build (or reuse) the corpus from `read_rows(input_uris)` (a dataset of caption rows);
     returns (build uri, manifest)."""
     inputs = [{"uri": u, "sha256": d} for u, d in zip(input_uris, input_digests(input_uris))]
@@ -519,8 +571,7 @@ def run_build(input_uris: list[str], output_root: str, params: BuildParams, *,
         run_dedup(fs, build_path, build_uri, shard_ids, params.shard_size)
     fs.invalidate_cache()
     with stage("prepare/publish", "manifest"):
-        manifest = assemble_manifest(build_id, inputs, params, reasons,
-                                     collect_shard_stats(fs, build_path, shard_ids))
+        manifest = assemble_manifest(build_id, inputs, params, reasons, collect_shard_stats(fs, build_path, shard_ids))
         dedup.remove_staging(fs, build_path)
         shards.write_sizes(fs, build_path, manifest["shards"])
         shards.write_manifest(fs, build_path, manifest)

@@ -2,6 +2,7 @@
 
 Pure functions on plain Python data, so the Ray Data job and the tests share them.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -33,16 +34,17 @@ READ_ENCODING = "latin-1"
 
 # Fields of a caption row, the unit every corpus reader hands to pipelines/build.py:
 # rows that share a source form one caption group (one image sample).
-ROW_SOURCE = "source"    # image URL (http/https) or storage path/URI of the image file
+ROW_SOURCE = "source"  # image URL (http/https) or storage path/URI of the image file
 ROW_CAPTION = "caption"  # cleaned caption text; "" when rejected
-ROW_KIND = "kind"        # CAPTION_SHORT, CAPTION_LONG or "" (inferred from the word count)
-ROW_ORIGIN = "origin"    # where the caption comes from, e.g. "yfcc-title", "coco"
-ROW_REASON = "reason"    # "" for a kept row, else a reject reason counted in the manifest
+ROW_KIND = "kind"  # CAPTION_SHORT, CAPTION_LONG or "" (inferred from the word count)
+ROW_ORIGIN = "origin"  # where the caption comes from, e.g. "yfcc-title", "coco"
+ROW_REASON = "reason"  # "" for a kept row, else a reject reason counted in the manifest
 
 
 @dataclass(frozen=True)
 class CaptionRules:
     """Parameters that change which captions a build keeps (they enter the build id)."""
+
     max_caption_chars: int = 4000
     long_caption_min_words: int = 20
 
@@ -98,12 +100,18 @@ CONTROL_FORMAT_PLANES = (0, 1, 14)
 def _invisible_class() -> re.Pattern:
     """One character class of every Cc/Cf code point that clean_caption removes (built once:
     a regex scans a caption in C, a Python loop over its characters took 15 us a caption)."""
+
     def removed(ch: str) -> bool:
         if ch.isspace() or ch in "\u200c\u200d" or "\U000e0020" <= ch <= "\U000e007f":
             return False
         return unicodedata.category(ch) in ("Cc", "Cf")
-    points = [c for plane in CONTROL_FORMAT_PLANES for c in range(plane << 16, (plane + 1) << 16)
-              if not 0xD800 <= c <= 0xDFFF and removed(chr(c))]
+
+    points = [
+        c
+        for plane in CONTROL_FORMAT_PLANES
+        for c in range(plane << 16, (plane + 1) << 16)
+        if not 0xD800 <= c <= 0xDFFF and removed(chr(c))
+    ]
     ranges, start = [], points[0]
     for prev, cur in zip(points, points[1:] + [None]):
         if cur != prev + 1:
@@ -134,11 +142,15 @@ def check_caption(text: str, rules: CaptionRules) -> tuple[str, str]:
     return caption, ""
 
 
-def caption_row(source: str, caption: str, *, kind: str = "", origin: str,
-                reason: str = "") -> dict:
+def caption_row(source: str, caption: str, *, kind: str = "", origin: str, reason: str = "") -> dict:
     """One caption row (see ROW_* above); a rejected row carries no caption text."""
-    return {ROW_SOURCE: source, ROW_CAPTION: "" if reason else caption, ROW_KIND: kind,
-            ROW_ORIGIN: origin, ROW_REASON: reason}
+    return {
+        ROW_SOURCE: source,
+        ROW_CAPTION: "" if reason else caption,
+        ROW_KIND: kind,
+        ROW_ORIGIN: origin,
+        ROW_REASON: reason,
+    }
 
 
 def caption_kind(caption: str, rules: CaptionRules) -> str:
@@ -164,11 +176,15 @@ def group_captions(rows: list[dict], rules: CaptionRules) -> list[dict]:
     for row in rows:
         texts = merged.setdefault(row["source"], {})
         if row["caption"] not in texts:
-            texts[row["caption"]] = {"text": row["caption"], "source": row["origin"],
-                                     "kind": row["kind"] or caption_kind(row["caption"], rules)}
-    groups = [{"key": sample_key(source), "source": source,
-               "captions": [texts[t] for t in sorted(texts)]}
-              for source, texts in merged.items()]
+            texts[row["caption"]] = {
+                "text": row["caption"],
+                "source": row["origin"],
+                "kind": row["kind"] or caption_kind(row["caption"], rules),
+            }
+    groups = [
+        {"key": sample_key(source), "source": source, "captions": [texts[t] for t in sorted(texts)]}
+        for source, texts in merged.items()
+    ]
     return sorted(groups, key=lambda g: g["key"])
 
 

@@ -1,6 +1,7 @@
 """The CC12M reader (or any TSV of `url<TAB>caption`, one row per caption): lines -> caption
 rows, parsed where they are read. The YFCC15M and ShareGPT4V readers are `yfcc.py` and
 `sharegpt4v.py`; all three feed the one shared pipeline, `build.py`."""
+
 from __future__ import annotations
 
 from pipelines import captions, text_input
@@ -31,5 +32,6 @@ def parse_tsv_batch(batch: dict, rules: captions.CaptionRules, origin: str) -> d
 
 def read_tsv_rows(uris: list[str], rules: captions.CaptionRules, origin: str):
     """The CC12M reader: `url<TAB>caption` lines -> caption rows, parsed where they are read."""
-    return text_input.read_text_lines(uris).map_batches(parse_tsv_batch, fn_kwargs={"rules": rules, "origin": origin},
-                                             batch_format="numpy")
+    return text_input.read_text_lines(uris).map_batches(
+        parse_tsv_batch, fn_kwargs={"rules": rules, "origin": origin}, batch_format="numpy"
+    )

@@ -1,6 +1,7 @@
 """The console every job shares: one line per stage as it starts and ends, a progress reporter
 that is a bar on a terminal and compact periodic lines when piped to a file, and the verbose
 switch (Ray's own logs and their known-noise filters live in ray_setup.py, Ray's edge)."""
+
 from __future__ import annotations
 
 import contextlib
@@ -10,6 +11,8 @@ import sys
 import time
 
 VERBOSE_ENV = "CLIPFORGE_VERBOSE"  # read by the processes Ray starts (worker setup hook)
+
+
 def is_verbose() -> bool:
     return os.environ.get(VERBOSE_ENV) == "1"
 
@@ -75,8 +78,17 @@ class Progress:
     """Counts, rate and time left of `total` units: a bar redrawn in place on a terminal,
     else one line per `every_s` seconds (every update with 0) and a last one at the end."""
 
-    def __init__(self, label: str, total: int, unit: str = "", *, start: int = 0,
-                 every_s: float = 10.0, stream=None, tty: bool | None = None):
+    def __init__(
+        self,
+        label: str,
+        total: int,
+        unit: str = "",
+        *,
+        start: int = 0,
+        every_s: float = 10.0,
+        stream=None,
+        tty: bool | None = None,
+    ):
         self.label, self.total, self.unit, self.every_s = label, max(int(total), 0), unit, every_s
         self.stream = stream or sys.stdout
         self.tty = self.stream.isatty() if tty is None else tty
@@ -96,8 +108,14 @@ class Progress:
         unit = f"{self.unit} " if self.unit else ""
         rate, left = self.rate(), self.total - self.done
         eta = format_duration(left / rate) if rate > 0 and left > 0 else ("done" if left <= 0 else "?")
-        parts = [self.label, f"{unit}{self.done}/{self.total}", pct, format_fields(self.fields),
-                 f"{rate:.3g} {self.unit or 'it'}s/s", f"eta {eta}"]
+        parts = [
+            self.label,
+            f"{unit}{self.done}/{self.total}",
+            pct,
+            format_fields(self.fields),
+            f"{rate:.3g} {self.unit or 'it'}s/s",
+            f"eta {eta}",
+        ]
         if self.tty:
             filled = int(20 * self.done / self.total) if self.total else 0
             parts.insert(1, "[" + "#" * filled + "." * (20 - filled) + "]")

@@ -10,6 +10,7 @@ captions, its own first, then the others' in key order, each text once.
 The plan is written once per build as one small JSON file per shard, then a marker, so a
 resumed phase B applies exactly the same plan.
 """
+
 from __future__ import annotations
 
 import json
@@ -53,9 +54,12 @@ def duplicates_in_bucket(batch: dict) -> dict:
     ordered = digests[order]
     starts = np.flatnonzero(np.r_[True, ordered[1:] != ordered[:-1]]) if len(ordered) else np.array([], int)
     sizes = np.diff(np.r_[starts, len(ordered)])
-    plans = [merge_duplicates(*(np.asarray(batch[c])[order[start:start + size]]
-                                for c in ("key", "shard", "captions_json")))
-             for start, size in zip(starts[sizes > 1], sizes[sizes > 1])]
+    plans = [
+        merge_duplicates(
+            *(np.asarray(batch[c])[order[start : start + size]] for c in ("key", "shard", "captions_json"))
+        )
+        for start, size in zip(starts[sizes > 1], sizes[sizes > 1])
+    ]
     return {"plan": np.array(plans, dtype=object)}
 
 
@@ -70,8 +74,13 @@ def merge_duplicates(keys, shard_ids, captions_jsons) -> str:
                 texts.add(caption["text"])
                 merged.append(caption)
     keep_key, keep_shard, _ = rows[0]
-    return json.dumps({"keep": [str(keep_key), int(keep_shard)], "captions": merged,
-                       "drop": [[str(k), int(s)] for k, s, _ in rows[1:]]})
+    return json.dumps(
+        {
+            "keep": [str(keep_key), int(keep_shard)],
+            "captions": merged,
+            "drop": [[str(k), int(s)] for k, s, _ in rows[1:]],
+        }
+    )
 
 
 def shard_edits(duplicates: list[dict], shard_ids: list[int]) -> dict[int, dict]:
@@ -168,8 +177,7 @@ def staged_part_sets(fs, build_path: str) -> dict[int, list[str]]:
             continue
         n_parts = int(part_name.split(PART_OF)[1])
         found.setdefault((int(name.split(".")[0]), n_parts), []).append(root)
-    return {shard_id: sorted(roots) for (shard_id, n_parts), roots in found.items()
-            if len(roots) == n_parts}
+    return {shard_id: sorted(roots) for (shard_id, n_parts), roots in found.items() if len(roots) == n_parts}
 
 
 def remove_staged_parts(fs, build_path: str, shard_ids: set[int]) -> None:

@@ -4,6 +4,7 @@ It writes the training images that the loopback mirror serves, their short and l
 CC12M-style TSV list of them, and a held-out evaluation split (zero-shot classes, Karpathy
 retrieval, Urban1k long captions). Run: `python -m pipelines.demo_corpus --out demo_out`.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -37,14 +38,25 @@ SIZE_JITTER = 0.015
 COLOUR_JITTER = 12
 # Position name -> (row, column) of its cell in a 3x3 grid.
 POSITIONS: dict[str, tuple[int, int]] = {
-    "top left": (0, 0), "top": (0, 1), "top right": (0, 2),
-    "left": (1, 0), "center": (1, 1), "right": (1, 2),
-    "bottom left": (2, 0), "bottom": (2, 1), "bottom right": (2, 2),
+    "top left": (0, 0),
+    "top": (0, 1),
+    "top right": (0, 2),
+    "left": (1, 0),
+    "center": (1, 1),
+    "right": (1, 2),
+    "bottom left": (2, 0),
+    "bottom": (2, 1),
+    "bottom right": (2, 2),
 }
 POSITION_PHRASES: dict[str, str] = {
-    "top left": "at the top left", "top": "at the top", "top right": "at the top right",
-    "left": "on the left", "center": "in the center", "right": "on the right",
-    "bottom left": "at the bottom left", "bottom": "at the bottom",
+    "top left": "at the top left",
+    "top": "at the top",
+    "top right": "at the top right",
+    "left": "on the left",
+    "center": "in the center",
+    "right": "on the right",
+    "bottom left": "at the bottom left",
+    "bottom": "at the bottom",
     "bottom right": "at the bottom right",
 }
 # Largest shift of an object's centre from its cell centre, as a fraction of the image side.
@@ -162,8 +174,10 @@ def class_names() -> list[str]:
 
 def class_attributes() -> dict[str, list[str]]:
     """{"colour": [...], "shape": [...]}: each class's attribute values, in class_names() order."""
-    return {"colour": [colour for colour in COLOURS for _ in SHAPES],
-            "shape": [shape for _ in COLOURS for shape in SHAPES]}
+    return {
+        "colour": [colour for colour in COLOURS for _ in SHAPES],
+        "shape": [shape for _ in COLOURS for shape in SHAPES],
+    }
 
 
 def sample_scene(rng: np.random.Generator, n_objects: int | None = None) -> Scene:
@@ -268,8 +282,7 @@ def draw_shape(draw: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, r: f
         raise ValueError(f"unknown shape {shape!r}")
 
 
-def draw_object(draw: ImageDraw.ImageDraw, obj: SceneObject, image_size: int,
-                rng: np.random.Generator) -> None:
+def draw_object(draw: ImageDraw.ImageDraw, obj: SceneObject, image_size: int, rng: np.random.Generator) -> None:
     side = (SIZES[obj.size] + rng.uniform(-SIZE_JITTER, SIZE_JITTER)) * image_size
     cell = image_size / 3
     # Jitter no further than the object's slack in its cell, so objects never overlap.
@@ -382,8 +395,9 @@ def write_lines(path: Path, lines: Iterable[str]) -> None:
     path.write_text("".join(f"{line}\n" for line in lines), encoding="utf-8")
 
 
-def write_training_split(mirror_root: Path, corpus_jsonl: Path, n_images: int,
-                         settings: ImageSettings, seed: int) -> list[Scene]:
+def write_training_split(
+    mirror_root: Path, corpus_jsonl: Path, n_images: int, settings: ImageSettings, seed: int
+) -> list[Scene]:
     """Training images under the mirror root and one corpus.jsonl line per image."""
     records, scenes = [], []
     for i in range(n_images):
@@ -391,10 +405,16 @@ def write_training_split(mirror_root: Path, corpus_jsonl: Path, n_images: int,
         scene = sample_scene(rng)
         relative = f"{IMAGES_DIR}/{i:06d}.jpg"
         write_bytes(mirror_root / relative, render_jpeg(scene, settings, rng))
-        records.append(json.dumps({
-            FIELD_PATH: relative, FIELD_SHORT_CAPTIONS: short_captions(scene, rng),
-            FIELD_LONG_CAPTION: long_caption(scene), **scene_record(scene),
-        }))
+        records.append(
+            json.dumps(
+                {
+                    FIELD_PATH: relative,
+                    FIELD_SHORT_CAPTIONS: short_captions(scene, rng),
+                    FIELD_LONG_CAPTION: long_caption(scene),
+                    **scene_record(scene),
+                }
+            )
+        )
         scenes.append(scene)
     write_lines(corpus_jsonl, records)
     return scenes
@@ -411,8 +431,7 @@ def write_corrupt_files(corrupt_dir: Path, settings: ImageSettings, seed: int) -
     return paths
 
 
-def write_zeroshot_split(zeroshot_dir: Path, n_per_class: int, settings: ImageSettings,
-                         seed: int) -> None:
+def write_zeroshot_split(zeroshot_dir: Path, n_per_class: int, settings: ImageSettings, seed: int) -> None:
     """An ImageFolder of single-object images, one zero-padded folder per class index."""
     records = []
     for class_index, name in enumerate(class_names()):
@@ -421,8 +440,11 @@ def write_zeroshot_split(zeroshot_dir: Path, n_per_class: int, settings: ImageSe
             scene = sample_class_scene(rng, class_index)
             relative = f"{class_index:03d}/{j:04d}.jpg"
             write_bytes(zeroshot_dir / relative, render_jpeg(scene, settings, rng))
-            records.append(json.dumps({FIELD_PATH: relative, FIELD_LABEL: class_index,
-                                       FIELD_CLASSNAME: name, **scene_record(scene)}))
+            records.append(
+                json.dumps(
+                    {FIELD_PATH: relative, FIELD_LABEL: class_index, FIELD_CLASSNAME: name, **scene_record(scene)}
+                )
+            )
     write_lines(zeroshot_dir / CLASSNAMES_TXT, class_names())
     write_lines(zeroshot_dir / TEMPLATES_TXT, ZEROSHOT_TEMPLATES)
     write_lines(zeroshot_dir / SCENES_JSONL, records)
@@ -440,23 +462,30 @@ def sample_unseen_scene(rng: np.random.Generator, seen: set) -> Scene:
 
 def karpathy_entry(imgid: int, filename: str, captions: list[str], first_sentid: int) -> dict:
     sentids = list(range(first_sentid, first_sentid + len(captions)))
-    sentences = [{"raw": raw, "tokens": caption_tokens(raw), "imgid": imgid, "sentid": sentid}
-                 for raw, sentid in zip(captions, sentids)]
-    return {"filename": filename, "filepath": IMAGES_DIR, "split": "test", "imgid": imgid,
-            "sentids": sentids, "sentences": sentences}
+    sentences = [
+        {"raw": raw, "tokens": caption_tokens(raw), "imgid": imgid, "sentid": sentid}
+        for raw, sentid in zip(captions, sentids)
+    ]
+    return {
+        "filename": filename,
+        "filepath": IMAGES_DIR,
+        "split": "test",
+        "imgid": imgid,
+        "sentids": sentids,
+        "sentences": sentences,
+    }
 
 
-def write_retrieval_image(retrieval_dir: Path, long_dir: Path, i: int, scene: Scene,
-                          jpeg: bytes) -> None:
+def write_retrieval_image(retrieval_dir: Path, long_dir: Path, i: int, scene: Scene, jpeg: bytes) -> None:
     """Image i of both retrieval layouts; Urban1k pairs image/N.jpg with caption/N.txt from N=1."""
     write_bytes(retrieval_dir / IMAGES_DIR / f"{i:05d}.jpg", jpeg)
     write_bytes(long_dir / "image" / f"{i + 1}.jpg", jpeg)
     write_lines(long_dir / "caption" / f"{i + 1}.txt", [long_caption(scene)])
 
 
-def write_retrieval_splits(retrieval_dir: Path, long_dir: Path, n_images: int,
-                           settings: ImageSettings, seed: int,
-                           training_scenes: list[Scene]) -> None:
+def write_retrieval_splits(
+    retrieval_dir: Path, long_dir: Path, n_images: int, settings: ImageSettings, seed: int, training_scenes: list[Scene]
+) -> None:
     """Held-out images for Karpathy short-caption and Urban1k long-caption retrieval."""
     seen = {scene_key(s) for s in training_scenes}
     entries, records, first_sentid = [], [], 0
@@ -474,22 +503,34 @@ def write_retrieval_splits(retrieval_dir: Path, long_dir: Path, n_images: int,
     write_lines(retrieval_dir / SCENES_JSONL, records)
 
 
-def write_demo_corpus(out_dir: str | Path, *, n_images: int = 2000, image_size: int = 128,
-                      seed: int = 0, n_eval_per_class: int = 8, n_eval_retrieval: int = 200,
-                      jpeg_quality: int = 95) -> DemoCorpus:
+def write_demo_corpus(
+    out_dir: str | Path,
+    *,
+    n_images: int = 2000,
+    image_size: int = 128,
+    seed: int = 0,
+    n_eval_per_class: int = 8,
+    n_eval_retrieval: int = 200,
+    jpeg_quality: int = 95,
+) -> DemoCorpus:
     """Write the whole corpus under out_dir; the same arguments give the same bytes."""
     out, settings = Path(out_dir), ImageSettings(image_size, jpeg_quality)
     mirror_root = out / MIRROR_DIR
     corpus = DemoCorpus(
-        out_dir=out, mirror_root=mirror_root, images_dir=mirror_root / IMAGES_DIR,
+        out_dir=out,
+        mirror_root=mirror_root,
+        images_dir=mirror_root / IMAGES_DIR,
         corrupt_paths=write_corrupt_files(mirror_root / CORRUPT_DIR, settings, seed),
-        corpus_jsonl=out / CORPUS_JSONL, zeroshot_dir=out / ZEROSHOT_DIR,
-        retrieval_dir=out / RETRIEVAL_DIR, long_dir=out / LONG_DIR, n_images=n_images, seed=seed,
+        corpus_jsonl=out / CORPUS_JSONL,
+        zeroshot_dir=out / ZEROSHOT_DIR,
+        retrieval_dir=out / RETRIEVAL_DIR,
+        long_dir=out / LONG_DIR,
+        n_images=n_images,
+        seed=seed,
     )
     scenes = write_training_split(mirror_root, corpus.corpus_jsonl, n_images, settings, seed)
     write_zeroshot_split(corpus.zeroshot_dir, n_eval_per_class, settings, seed)
-    write_retrieval_splits(corpus.retrieval_dir, corpus.long_dir, n_eval_retrieval, settings, seed,
-                           scenes)
+    write_retrieval_splits(corpus.retrieval_dir, corpus.long_dir, n_eval_retrieval, settings, seed, scenes)
     return corpus
 
 
@@ -505,8 +546,7 @@ def clean_tsv_field(text: str) -> str:
     return re.sub(r"[\t\r\n]+", " ", text).strip()
 
 
-def build_tsv_rows(corpus: DemoCorpus, base_url: str, n_dead: int,
-                   n_corrupt: int) -> list[tuple[str, str]]:
+def build_tsv_rows(corpus: DemoCorpus, base_url: str, n_dead: int, n_corrupt: int) -> list[tuple[str, str]]:
     """One (url, caption) row per caption of every image, plus rows that must fail to download."""
     base = base_url.rstrip("/")
     rows = []
@@ -518,13 +558,19 @@ def build_tsv_rows(corpus: DemoCorpus, base_url: str, n_dead: int,
     dead = [f"{IMAGES_DIR}/{corpus.n_images + k:06d}.jpg" for k in range(n_dead)]
     rows += [(f"{base}/{relative}", DEAD_ROW_CAPTION) for relative in dead]
     corrupt = [corpus.corrupt_paths[k % len(corpus.corrupt_paths)] for k in range(n_corrupt)]
-    rows += [(f"{base}/{p.relative_to(corpus.mirror_root).as_posix()}", CORRUPT_ROW_CAPTION)
-             for p in corrupt]
+    rows += [(f"{base}/{p.relative_to(corpus.mirror_root).as_posix()}", CORRUPT_ROW_CAPTION) for p in corrupt]
     return rows
 
 
-def write_cc12m_tsv(corpus: DemoCorpus, base_url: str, out_path: str | Path, *, n_dead: int = 1,
-                    n_corrupt: int = 2, header: bool = False) -> Path:
+def write_cc12m_tsv(
+    corpus: DemoCorpus,
+    base_url: str,
+    out_path: str | Path,
+    *,
+    n_dead: int = 1,
+    n_corrupt: int = 2,
+    header: bool = False,
+) -> Path:
     """CC12M's `url<TAB>caption` rows, shuffled as in the real file (one image's rows apart)."""
     rows = build_tsv_rows(corpus, base_url, n_dead, n_corrupt)
     order = stream_rng(corpus.seed, TSV_STREAM).permutation(len(rows))
@@ -541,8 +587,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--image-size", type=int, default=128)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    corpus = write_demo_corpus(args.out, n_images=args.n_images, image_size=args.image_size,
-                               seed=args.seed)
+    corpus = write_demo_corpus(args.out, n_images=args.n_images, image_size=args.image_size, seed=args.seed)
     for name, value in asdict(corpus).items():
         print(f"{name}: {value}")
 

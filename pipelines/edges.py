@@ -6,6 +6,7 @@ need cell means, and a full-resolution map would cost more bytes than the JPEG i
 The stored value is that mean scaled by 255 / EDGE_FULL_SCALE and clipped, so one unit
 means the same gradient in every image.
 """
+
 from __future__ import annotations
 
 import cv2

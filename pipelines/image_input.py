@@ -8,6 +8,7 @@ every corpus) pass through untouched; anything else (CMYK, palette, alpha, 16-bi
 EXIF-rotated) is decoded once by Pillow, turned upright, converted to 8-bit RGB (alpha
 composited on white, as img2dataset does) and handed on as a lossless PNG.
 """
+
 from __future__ import annotations
 
 import io
@@ -66,7 +67,7 @@ def jpeg_end_offset(data: bytes) -> int | None:
             continue
         if pos + 2 > len(data):
             return None
-        pos += int.from_bytes(data[pos:pos + 2], "big")
+        pos += int.from_bytes(data[pos : pos + 2], "big")
         if marker == JPEG_SOS:
             scans += 1
             pos = _end_of_entropy_data(data, pos)
@@ -113,7 +114,7 @@ def prepare_source_image(raw: bytes, max_pixels: int, min_side: int = 0) -> tupl
 def _passes_through(image: Image.Image, raw: bytes) -> bool:
     if image.format not in PASS_THROUGH_FORMATS or image.mode not in PASS_THROUGH_MODES:
         return False
-    if image.format == "PNG" and raw[PNG_BIT_DEPTH_OFFSET:PNG_BIT_DEPTH_OFFSET + 1] != b"\x08":
+    if image.format == "PNG" and raw[PNG_BIT_DEPTH_OFFSET : PNG_BIT_DEPTH_OFFSET + 1] != b"\x08":
         return False
     return image.getexif().get(EXIF_ORIENTATION, 1) == 1
 

@@ -10,6 +10,7 @@ the resizer albumentations: ~1.3 s). The package's `__init__` runs, in full, the
 anything asks the package for a name it lacks (`from img2dataset import download` keeps
 working in the same process). The code that fetches and resizes is img2dataset's own.
 """
+
 from __future__ import annotations
 
 import functools

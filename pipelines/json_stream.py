@@ -5,6 +5,7 @@ Each item comes out as its own JSON text, exactly as written in the file, so the
 streams the file parses each item only to find where it ends, and the parallel stages after it
 do the real work. Pure Python on a text stream (no Ray).
 """
+
 from __future__ import annotations
 
 import json
@@ -36,7 +37,7 @@ class _Buffer:
             self.eof = True
             return False
         self.consumed += self.pos
-        self.text, self.pos = self.text[self.pos:] + chunk, 0
+        self.text, self.pos = self.text[self.pos :] + chunk, 0
         return True
 
     def next_char(self) -> str:
@@ -45,7 +46,7 @@ class _Buffer:
             while self.pos < len(self.text) and self.text[self.pos] in _WHITESPACE:
                 self.pos += 1
             if self.pos < len(self.text) or not self.refill():
-                return self.text[self.pos:self.pos + 1]
+                return self.text[self.pos : self.pos + 1]
 
     def offset(self) -> int:
         return self.consumed + self.pos
@@ -70,8 +71,9 @@ def iter_json_array(stream: TextIO, chunk_chars: int = CHUNK_CHARS) -> Iterator[
             _expect_end(buffer)
             return
         if separator != ",":
-            raise JsonArrayError(f"expected ',' or ']' at character {buffer.offset() - 1}, "
-                                 f"found {separator or 'the end of the file'!r}")
+            raise JsonArrayError(
+                f"expected ',' or ']' at character {buffer.offset() - 1}, found {separator or 'the end of the file'!r}"
+            )
 
 
 def _read_item(buffer: _Buffer) -> str:
@@ -85,8 +87,7 @@ def _read_item(buffer: _Buffer) -> str:
         except json.JSONDecodeError as error:
             if len(buffer.text) - start <= MAX_ITEM_CHARS and buffer.refill():
                 continue
-            raise JsonArrayError(f"broken JSON at character {buffer.consumed + error.pos}: "
-                                 f"{error.msg}") from None
+            raise JsonArrayError(f"broken JSON at character {buffer.consumed + error.pos}: {error.msg}") from None
         if not _may_go_on(buffer.text, start, end) or not buffer.refill():
             buffer.pos = end
             return buffer.text[start:end]  # (a refill moved the text: decode again)

@@ -4,6 +4,7 @@ It refuses any address outside 127.0.0.0/8 and ::1 before binding. Run in the fo
 with `python -m pipelines.mirror --root demo_out/mirror --port 8000`; `--latency-ms 50 200
 --error-503 0.02 --reset 0.02` makes it behave like real image hosts (see ServingProfile).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -58,6 +59,7 @@ class ServingProfile:
     `latency_s`, and a share of requests answered 503 or reset (connection closed with a TCP
     RST, no answer). Every draw is a function of (seed, path) alone, so two downloaders given
     the same URLs meet the same latencies and failures, whatever their request order."""
+
     latency_s: tuple[float, float] = (0.0, 0.0)
     error_503: float = 0.0
     reset: float = 0.0
@@ -66,7 +68,7 @@ class ServingProfile:
     def draw(self, path: str) -> tuple[float, str]:
         """(seconds to wait, outcome "ok" | "503" | "reset") for a request of `path`."""
         digest = hashlib.sha256(f"{self.seed}:{path}".encode("utf-8")).digest()
-        u_latency, u_outcome = (int.from_bytes(digest[i:i + 8], "big") / 2 ** 64 for i in (0, 8))
+        u_latency, u_outcome = (int.from_bytes(digest[i : i + 8], "big") / 2**64 for i in (0, 8))
         low, high = self.latency_s
         if u_outcome < self.error_503:
             outcome = "503"
@@ -98,7 +100,7 @@ class QuietHandler(SimpleHTTPRequestHandler):
             self.reset_connection()
             return
         if self.path.startswith(STATUS_PREFIX):
-            self.send_error(int(self.path[len(STATUS_PREFIX):].split("/", 1)[0]))
+            self.send_error(int(self.path[len(STATUS_PREFIX) :].split("/", 1)[0]))
             return
         if self.path.startswith(STALL_PREFIX):
             time.sleep(STALL_S)
@@ -114,12 +116,15 @@ class QuietHandler(SimpleHTTPRequestHandler):
         pass
 
 
-def build_server(address: str, port: int, root: Path,
-                 profile: ServingProfile = ServingProfile()) -> ThreadingHTTPServer:
+def build_server(
+    address: str, port: int, root: Path, profile: ServingProfile = ServingProfile()
+) -> ThreadingHTTPServer:
     family = socket.AF_INET6 if ipaddress.ip_address(address).version == 6 else socket.AF_INET
-    server_class = type("LoopbackServer", (ThreadingHTTPServer,),
-                        {"address_family": family, "request_queue_size": REQUEST_QUEUE_SIZE,
-                         "daemon_threads": True})
+    server_class = type(
+        "LoopbackServer",
+        (ThreadingHTTPServer,),
+        {"address_family": family, "request_queue_size": REQUEST_QUEUE_SIZE, "daemon_threads": True},
+    )
     handler = functools.partial(QuietHandler, directory=str(root))
     server = server_class((address, port), handler)
     server.requests_served, server.count_lock, server.profile = 0, threading.Lock(), profile
@@ -158,8 +163,14 @@ def mean_in_flight(events: list[tuple[float, int]], start: float, end: float) ->
 class LoopbackMirror:
     """Serves `root` over HTTP on a loopback address from a daemon thread; a context manager."""
 
-    def __init__(self, root: str | Path, host: str = DEFAULT_HOST, port: int = 0,
-                 delay_s: float = 0.0, profile: ServingProfile | None = None) -> None:
+    def __init__(
+        self,
+        root: str | Path,
+        host: str = DEFAULT_HOST,
+        port: int = 0,
+        delay_s: float = 0.0,
+        profile: ServingProfile | None = None,
+    ) -> None:
         """`delay_s`: a fixed latency per request; `profile` (wins) for varied ones."""
         self.root = Path(root)
         self.address = check_loopback_host(host)
@@ -226,13 +237,20 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--root", required=True, type=Path)
     parser.add_argument("--host", default=DEFAULT_HOST)
     parser.add_argument("--port", type=int, default=0, help="0 picks a free port")
-    parser.add_argument("--latency-ms", type=float, nargs=2, default=(0.0, 0.0),
-                        metavar=("LOW", "HIGH"), help="per-request latency, uniform in [LOW, HIGH]")
+    parser.add_argument(
+        "--latency-ms",
+        type=float,
+        nargs=2,
+        default=(0.0, 0.0),
+        metavar=("LOW", "HIGH"),
+        help="per-request latency, uniform in [LOW, HIGH]",
+    )
     parser.add_argument("--error-503", type=float, default=0.0, help="share of requests answered 503")
     parser.add_argument("--reset", type=float, default=0.0, help="share of connections reset")
     args = parser.parse_args(argv)
-    profile = ServingProfile(latency_s=(args.latency_ms[0] / 1e3, args.latency_ms[1] / 1e3),
-                             error_503=args.error_503, reset=args.reset)
+    profile = ServingProfile(
+        latency_s=(args.latency_ms[0] / 1e3, args.latency_ms[1] / 1e3), error_503=args.error_503, reset=args.reset
+    )
     with LoopbackMirror(args.root, host=args.host, port=args.port, profile=profile) as mirror:
         print(mirror.base_url, flush=True)
         try:

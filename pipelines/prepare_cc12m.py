@@ -4,6 +4,7 @@
     ray job submit --working-dir . -- python pipelines/prepare_cc12m.py \
         --input s3://bucket/cc12m.tsv --output s3://bucket/shards
 """
+
 from __future__ import annotations
 
 import argparse

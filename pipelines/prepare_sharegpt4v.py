@@ -15,6 +15,7 @@ The caption JSON (a single JSON array, about 1.2M records, gigabytes) is never h
 one Ray task streams it (pipelines/json_stream.py) and hands each record's JSON text on in
 blocks to a pool of actors that turn records into caption rows on every CPU Ray has.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -80,9 +81,11 @@ class RecordRows:
         self.image_root, self.coco, self.rules = image_root, coco, rules
 
     def __call__(self, batch: dict) -> dict:
-        rows = [row for record in batch["record"]
-                for row in sharegpt4v.sharegpt4v_caption_rows(json.loads(record), self.image_root,
-                                                              self.coco, self.rules)]
+        rows = [
+            row
+            for record in batch["record"]
+            for row in sharegpt4v.sharegpt4v_caption_rows(json.loads(record), self.image_root, self.coco, self.rules)
+        ]
         return captions.rows_to_columns(rows)
 
 
@@ -90,26 +93,33 @@ def validation_corpus(corpus: str, n_val: int) -> str:
     return f"{corpus}-1k" if n_val == 1000 else f"{corpus}-val{n_val}"
 
 
-def read_record_rows(uris: list[str], first: int, stop: int | None, image_root: str,
-                     coco: dict | None, rules: CaptionRules):
+def read_record_rows(
+    uris: list[str], first: int, stop: int | None, image_root: str, coco: dict | None, rules: CaptionRules
+):
     """Caption rows of records first..stop-1: one streaming task per file, then actors."""
     records = ray.data.from_items([{"uri": u} for u in uris]).map_batches(
-        stream_records, fn_kwargs={"first": first, "stop": stop}, batch_size=1,
-        batch_format="numpy")
-    return records.map_batches(RecordRows, fn_constructor_args=(image_root, coco, rules),
-                               batch_format="numpy", compute=ray.data.ActorPoolStrategy(min_size=1))
+        stream_records, fn_kwargs={"first": first, "stop": stop}, batch_size=1, batch_format="numpy"
+    )
+    return records.map_batches(
+        RecordRows,
+        fn_constructor_args=(image_root, coco, rules),
+        batch_format="numpy",
+        compute=ray.data.ActorPoolStrategy(min_size=1),
+    )
 
 
-def build_split(args, first: int, stop: int | None, coco: dict | None, split: str,
-                corpus: str) -> tuple[str, dict]:
-    reader = {"split": split, "validation_records": args.validation_records,
-              "image_root": args.image_root.rstrip("/"), "coco": coco is not None}
+def build_split(args, first: int, stop: int | None, coco: dict | None, split: str, corpus: str) -> tuple[str, dict]:
+    reader = {
+        "split": split,
+        "validation_records": args.validation_records,
+        "image_root": args.image_root.rstrip("/"),
+        "coco": coco is not None,
+    }
     args = argparse.Namespace(**{**vars(args), "corpus": corpus})
     params = cli.build_params(args, reader=reader)
 
     def read_rows(_):
-        return read_record_rows([args.captions], first, stop, args.image_root, coco,
-                                params.caption_rules)
+        return read_record_rows([args.captions], first, stop, args.image_root, coco, params.caption_rules)
 
     inputs = [args.captions] + ([args.coco_captions] if args.coco_captions else [])
     return build.run_build(inputs, args.output, params, read_rows=read_rows)
@@ -131,9 +141,10 @@ def run(args: argparse.Namespace) -> dict[str, tuple[str, dict]]:
     n_val = args.validation_records
     if n_val < 0:
         raise SystemExit(f"--validation-records must be >= 0, got {n_val}")
-    return {"validation": build_split(args, 0, n_val, coco, "validation",
-                                      validation_corpus(args.corpus, n_val)),
-            "train": build_split(args, n_val, None, coco, "train", args.corpus)}
+    return {
+        "validation": build_split(args, 0, n_val, coco, "validation", validation_corpus(args.corpus, n_val)),
+        "train": build_split(args, n_val, None, coco, "train", args.corpus),
+    }
 
 
 def main(argv=None) -> dict[str, str]:

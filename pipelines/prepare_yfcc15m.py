@@ -12,6 +12,7 @@ camera-default titles, empty, non-UTF-8 and oversized captions are counted and s
     python pipelines/prepare_yfcc15m.py --joined yfcc15m.parquet --output ./shards
     ray job submit --working-dir . -- python pipelines/prepare_yfcc15m.py ...
 """
+
 from __future__ import annotations
 
 import argparse
@@ -52,8 +53,7 @@ N_TABS, N_TABS_WITH_HASH = yfcc.N_COLUMNS - 1, yfcc.N_COLUMNS_WITH_HASH - 1
 
 
 def parse_subset(batch: dict) -> dict:
-    ids = [i for i in (yfcc.parse_subset_line(decode_line(line)) for line in batch["text"])
-           if i is not None]
+    ids = [i for i in (yfcc.parse_subset_line(decode_line(line)) for line in batch["text"]) if i is not None]
     return {"photo_id": np.array(ids, dtype=np.int64)}
 
 
@@ -98,8 +98,11 @@ def select_subset(batch: dict, subset_ref, rules: CaptionRules) -> dict:
 
 def select_subset_chunks(batch: dict, subset_ref, rules: CaptionRules) -> dict:
     """select_subset over the lines of byte ranges it reads itself (text_input.line_chunks)."""
-    lines = [line for uri, start, end in zip(batch["uri"], batch["start"], batch["end"])
-             for line in text_input.read_chunk_lines(str(uri), int(start), int(end))]
+    lines = [
+        line
+        for uri, start, end in zip(batch["uri"], batch["start"], batch["end"])
+        for line in text_input.read_chunk_lines(str(uri), int(start), int(end))
+    ]
     return select_subset({"text": lines}, subset_ref, rules)
 
 
@@ -121,16 +124,14 @@ def missing_rows(batch: dict) -> dict:
 def joined_rows(frame, rules: CaptionRules) -> dict:
     """Rows of an already-joined table (pandas batches) -> caption rows."""
     records = [yfcc.joined_record(r) for r in frame.to_dict("records")]
-    return captions.rows_to_columns([row for r in records
-                                  for row in yfcc.yfcc_caption_rows(r, rules)])
+    return captions.rows_to_columns([row for r in records for row in yfcc.yfcc_caption_rows(r, rules)])
 
 
 def read_joined_rows(uris: list[str], rules: CaptionRules):
     fs, _ = storage.arrow_filesystem(uris[0])
     paths = [storage.arrow_filesystem(u)[1] for u in uris]
     reader = ray.data.read_parquet if uris[0].endswith(".parquet") else ray.data.read_csv
-    return reader(paths, filesystem=fs).map_batches(joined_rows, fn_kwargs={"rules": rules},
-                                                    batch_format="pandas")
+    return reader(paths, filesystem=fs).map_batches(joined_rows, fn_kwargs={"rules": rules}, batch_format="pandas")
 
 
 def read_metadata_rows(metadata: list[str], subset: str, rules: CaptionRules):
@@ -141,9 +142,16 @@ def read_metadata_rows(metadata: list[str], subset: str, rules: CaptionRules):
     on several metadata lines gives the captions of each (YFCC100M's ids are unique)."""
     id_blocks = text_input.read_text_lines([subset]).map_batches(parse_subset, batch_format="numpy")
     subset_ref = sorted_unique_ids.remote(*id_blocks.to_arrow_refs())
-    selected = text_input.line_chunks(metadata).map_batches(
-        select_subset_chunks, fn_kwargs={"subset_ref": subset_ref, "rules": rules},
-        batch_size=1, batch_format="numpy").materialize()
+    selected = (
+        text_input.line_chunks(metadata)
+        .map_batches(
+            select_subset_chunks,
+            fn_kwargs={"subset_ref": subset_ref, "rules": rules},
+            batch_size=1,
+            batch_format="numpy",
+        )
+        .materialize()
+    )
     n_subset = ray.get(_length.remote(subset_ref))
     n_missing = count_missing(selected, n_subset)
     rows = selected.drop_columns(["subset_pos"])

@@ -1,4 +1,5 @@
 """Which code wrote an output: builds and checkpoints record it."""
+
 from __future__ import annotations
 
 import os
@@ -11,8 +12,13 @@ def code_version() -> str:
     if os.environ.get("CLIPFORGE_CODE_VERSION"):
         return os.environ["CLIPFORGE_CODE_VERSION"]
     try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                             text=True, cwd=Path(__file__).parent, timeout=5)
+        out = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            cwd=Path(__file__).parent,
+            timeout=5,
+        )
         return out.stdout.strip() or "unknown"
     except (OSError, subprocess.SubprocessError):
         return "unknown"

@@ -1,5 +1,6 @@
 """Starting or joining Ray the same way in every job (local instance by default), and Ray's
 logging: its known noise filtered in every Ray process, its INFO lines only when verbose."""
+
 from __future__ import annotations
 
 import contextlib
@@ -13,8 +14,13 @@ from ray._private import ray_constants
 from pipelines import console
 
 # Set for every process Ray starts: no usage reporting, no update checks, no hub access.
-OFFLINE_ENV = {"RAY_USAGE_STATS_ENABLED": "0", "NO_ALBUMENTATIONS_UPDATE": "1",
-               "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled", "TOKENIZERS_PARALLELISM": "false"}
+OFFLINE_ENV = {
+    "RAY_USAGE_STATS_ENABLED": "0",
+    "NO_ALBUMENTATIONS_UPDATE": "1",
+    "HF_HUB_OFFLINE": "1",
+    "WANDB_MODE": "disabled",
+    "TOKENIZERS_PARALLELISM": "false",
+}
 
 # Run by every worker Ray starts for our jobs (quiet_ray_logs).
 SETUP_HOOK = "pipelines.ray_setup.quiet_ray_logs"
@@ -31,12 +37,13 @@ _RAY_DIR = os.path.dirname(ray.__file__)
 KNOWN_NOISE = (
     # Ray Train's detached placement-group cleaner polls the State API, which needs the
     # dashboard; a local instance runs without one, so it warns about once a second.
-    ("ray.train.v2._internal.execution.controller.placement_group_cleaner",
-     "Failed to query Ray Train Controller actor state"),
+    (
+        "ray.train.v2._internal.execution.controller.placement_group_cleaner",
+        "Failed to query Ray Train Controller actor state",
+    ),
     # Ray Train logs every ray.train.report as a TrainingReport(...) dump (logger named by
     # its file); the driver prints one line per window instead.
-    (os.path.join(_RAY_DIR, "train", "v2", "_internal", "execution", "context.py"),
-     "Reporting training result"),
+    (os.path.join(_RAY_DIR, "train", "v2", "_internal", "execution", "context.py"), "Reporting training result"),
     # We turn Ray Data's own progress off (the jobs report their own progress).
     ("ray.data._internal.progress", "Progress bars disabled"),
 )
@@ -69,6 +76,7 @@ def quiet_ray_logs(verbose: bool | None = None) -> None:
             logger.addFilter(DropMessage(fragment))
     logging.getLogger("ray").setLevel(logging.WARNING)
     import ray.data  # noqa: F401  (configures its loggers on import: adjust them after)
+
     for handler in logging.getLogger("ray.data").handlers:
         # its log file (SessionFileHandler, no FileHandler subclass) keeps every level
         if not isinstance(handler, logging.FileHandler) and "File" not in type(handler).__name__:
@@ -87,6 +95,7 @@ def configure_logging(verbose: bool = False) -> None:
     quiet_ray_logs(verbose)
     if not verbose:  # the jobs report their own progress (console.Progress)
         import ray.data
+
         ray.data.DataContext.get_current().enable_progress_bars = False
 
 
@@ -96,8 +105,7 @@ def keep_on_loopback() -> None:
     ray_constants.ENABLE_RAY_CLUSTER = False  # this process imported it already
 
 
-def init_ray(address: str | None = None, *, num_cpus: int | None = None,
-             warm_modules: tuple[str, ...] = ()) -> None:
+def init_ray(address: str | None = None, *, num_cpus: int | None = None, warm_modules: tuple[str, ...] = ()) -> None:
     """Join the cluster at `address` (or RAY_ADDRESS); else start a local instance on
     loopback and, given `warm_modules`, start its workers at once (warm_workers).
     Idempotent."""
@@ -136,8 +144,13 @@ def start_local_instance(num_cpus: int | None, level: int) -> None:
     previous = os.environ.get(hook_var)
     os.environ[hook_var] = SETUP_HOOK
     try:  # the raylet, and so every worker, takes the environment as it is now
-        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False,
-                 logging_level=level, _node_ip_address="127.0.0.1")
+        ray.init(
+            address="local",
+            num_cpus=num_cpus,
+            include_dashboard=False,
+            logging_level=level,
+            _node_ip_address="127.0.0.1",
+        )
     finally:
         if previous is None:
             os.environ.pop(hook_var, None)

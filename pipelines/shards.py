@@ -5,6 +5,7 @@ A build lives under `<root>/<corpus>/<build-id>/` with `shards/NNNNNN.tar` (numb
 `index/NNNNNN.parquet` and `manifest.json` (written last: it marks the build complete).
 Training and evaluation read shards only through this module.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -45,12 +46,22 @@ SHARD_STATS_KEY = "clipforge.shard_stats"
 SHARDS_DIR = "shards"
 INDEX_DIR = "index"
 DIGEST = "content_digest"  # sha256 of the stored JPEG: identical pictures, identical digests
-INDEX_SCHEMA = pa.schema([
-    ("key", pa.string()), ("shard", pa.int64()), ("source", pa.string()),
-    ("n_captions", pa.int64()), ("n_long", pa.int64()), ("width", pa.int64()),
-    ("height", pa.int64()), ("image_bytes", pa.int64()), ("edge_bytes", pa.int64()),
-    ("captions", pa.list_(pa.string())), (DIGEST, pa.string()),
-    ("captions_json", pa.string())])  # the caption group with kinds and origins
+INDEX_SCHEMA = pa.schema(
+    [
+        ("key", pa.string()),
+        ("shard", pa.int64()),
+        ("source", pa.string()),
+        ("n_captions", pa.int64()),
+        ("n_long", pa.int64()),
+        ("width", pa.int64()),
+        ("height", pa.int64()),
+        ("image_bytes", pa.int64()),
+        ("edge_bytes", pa.int64()),
+        ("captions", pa.list_(pa.string())),
+        (DIGEST, pa.string()),
+        ("captions_json", pa.string()),
+    ]
+)  # the caption group with kinds and origins
 INDEX_COLUMNS = tuple(INDEX_SCHEMA.names)
 
 
@@ -61,8 +72,7 @@ def shard_name(shard_id: int) -> str:
 def shard_paths(build_path: str, shard_id: int) -> tuple[str, str]:
     """Tar and index paths of one shard inside a build."""
     name = shard_name(shard_id)
-    return (storage.join(build_path, SHARDS_DIR, f"{name}.tar"),
-            storage.join(build_path, INDEX_DIR, f"{name}.parquet"))
+    return (storage.join(build_path, SHARDS_DIR, f"{name}.tar"), storage.join(build_path, INDEX_DIR, f"{name}.parquet"))
 
 
 def txt_caption(meta: dict) -> str:
@@ -82,9 +92,12 @@ def encode_shard_tar(samples: Iterable[dict]) -> bytes:
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tar:
         for row in sorted(samples, key=lambda r: r[KEY]):
-            members = {EXT_IMAGE: row[IMAGE], EXT_EDGE: row[EDGE],
-                       EXT_META: row[META].encode("utf-8"),
-                       EXT_TEXT: txt_caption(json.loads(row[META])).encode("utf-8")}
+            members = {
+                EXT_IMAGE: row[IMAGE],
+                EXT_EDGE: row[EDGE],
+                EXT_META: row[META].encode("utf-8"),
+                EXT_TEXT: txt_caption(json.loads(row[META])).encode("utf-8"),
+            }
             for ext, data in members.items():
                 info = tarfile.TarInfo(f"{row[KEY]}.{ext}")
                 info.size, info.mtime, info.mode = len(data), 0, 0o644
@@ -111,8 +124,12 @@ def _finish_sample(members: dict) -> dict:
     missing = [ext for ext in SAMPLE_EXTS if ext not in members]
     if missing:
         raise ValueError(f"sample {members[KEY]} lacks {missing} in its shard")
-    return {KEY: members[KEY], IMAGE: members[EXT_IMAGE], EDGE: members[EXT_EDGE],
-            META: members[EXT_META].decode("utf-8")}
+    return {
+        KEY: members[KEY],
+        IMAGE: members[EXT_IMAGE],
+        EDGE: members[EXT_EDGE],
+        META: members[EXT_META].decode("utf-8"),
+    }
 
 
 def build_index_table(samples: list[dict], shard_id: int) -> pa.Table:
@@ -135,8 +152,7 @@ def build_index_table(samples: list[dict], shard_id: int) -> pa.Table:
     return pa.table(columns, schema=INDEX_SCHEMA)  # explicit: an empty shard keeps the types
 
 
-def write_shard(fs, build_path: str, shard_id: int, samples: list[dict],
-                stats: dict | None = None) -> dict:
+def write_shard(fs, build_path: str, shard_id: int, samples: list[dict], stats: dict | None = None) -> dict:
     """Publish one shard (tar, then index) atomically; returns its manifest entry.
 
     `stats` (failures by reason, ...) ride in the index's Parquet metadata, so a resumed
@@ -168,9 +184,14 @@ def read_shard_stats(fs, build_path: str, shard_id: int) -> dict | None:
 
 def shard_entry(shard_id: int, n_samples: int, tar_bytes: bytes) -> dict:
     name = shard_name(shard_id)
-    return {"id": shard_id, "tar": f"{SHARDS_DIR}/{name}.tar",
-            "index": f"{INDEX_DIR}/{name}.parquet", "n_samples": n_samples,
-            "bytes": len(tar_bytes), "sha256": hashlib.sha256(tar_bytes).hexdigest()}
+    return {
+        "id": shard_id,
+        "tar": f"{SHARDS_DIR}/{name}.tar",
+        "index": f"{INDEX_DIR}/{name}.parquet",
+        "n_samples": n_samples,
+        "bytes": len(tar_bytes),
+        "sha256": hashlib.sha256(tar_bytes).hexdigest(),
+    }
 
 
 def read_shard_samples(fs, build_path: str, entry: dict, *, verify: bool = False) -> list[dict]:

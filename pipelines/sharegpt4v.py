@@ -4,6 +4,7 @@ Pure functions on plain Python data (no Ray). As in Long-CLIP (train/sharegpt4v.
 VALIDATION_RECORDS records of the JSON are the "ShareGPT4V-1k" validation set and the rest the
 training set; an image's captions are its long caption and that caption's first sentence.
 """
+
 from __future__ import annotations
 
 import re
@@ -22,8 +23,9 @@ REJECT_MALFORMED_RECORD = "malformed_record"
 REJECT_BAD_PATH = "bad_path"
 
 # Words whose trailing "." never ends a sentence (compared lower-case, without the dot).
-ABBREVIATIONS = frozenset({"mr", "mrs", "ms", "dr", "prof", "st", "sr", "jr", "mt", "vs",
-                           "e.g", "i.e", "approx", "fig", "inc", "ltd", "co"})
+ABBREVIATIONS = frozenset(
+    {"mr", "mrs", "ms", "dr", "prof", "st", "sr", "jr", "mt", "vs", "e.g", "i.e", "approx", "fig", "inc", "ltd", "co"}
+)
 # A candidate sentence end: ".", "!" or "?" (closing quotes/brackets may follow), then
 # whitespace, then the next sentence's first character: a capital, a digit or an opening quote.
 _SENTENCE_END = re.compile(r"""([.!?])['")\]]*\s+(?=[A-Z0-9"'(\[])""")
@@ -41,9 +43,9 @@ def first_sentence(text: str) -> str:
     """
     text = clean_caption(text)
     for match in _SENTENCE_END.finditer(text):
-        if match.group(1) == "." and ends_with_abbreviation(text[:match.start(1)]):
+        if match.group(1) == "." and ends_with_abbreviation(text[: match.start(1)]):
             continue
-        return text[:match.end(0)].rstrip()
+        return text[: match.end(0)].rstrip()
     return text
 
 
@@ -60,8 +62,7 @@ def coco_captions_by_file(data: dict, max_captions: int = COCO_CAPTIONS_PER_IMAG
     captions: dict[str, list[str]] = {name: [] for name in files.values()}
     for annotation in data["annotations"]:
         if annotation["image_id"] not in files:
-            raise ValueError(f"COCO annotation {annotation.get('id')} names unknown image "
-                             f"{annotation['image_id']}")
+            raise ValueError(f"COCO annotation {annotation.get('id')} names unknown image {annotation['image_id']}")
         texts = captions[files[annotation["image_id"]]]
         if len(texts) < max_captions:
             texts.append(annotation["caption"])
@@ -100,12 +101,10 @@ def gpt_reply(record: dict):
     turns = record.get("conversations")
     if not isinstance(turns, list):
         return None
-    return next((t.get("value") for t in turns if isinstance(t, dict) and t.get("from") == "gpt"),
-                None)
+    return next((t.get("value") for t in turns if isinstance(t, dict) and t.get("from") == "gpt"), None)
 
 
-def sharegpt4v_caption_rows(record, image_root: str, coco: dict | None,
-                            rules: CaptionRules) -> list[dict]:
+def sharegpt4v_caption_rows(record, image_root: str, coco: dict | None, rules: CaptionRules) -> list[dict]:
     """Caption rows of one ShareGPT4V record; its source is image_root joined with its image.
 
     Rows: the long caption, its first sentence when that differs, and for COCO images the COCO
@@ -141,8 +140,7 @@ def coco_rows(source: str, image: str, coco: dict | None, rules: CaptionRules) -
     if coco is None or not image.startswith(COCO_PREFIX):
         return []
     rows = []
-    for text in coco.get(image[len(COCO_PREFIX):], []):
+    for text in coco.get(image[len(COCO_PREFIX) :], []):
         caption, reason = check_caption(text, rules)
-        rows.append(caption_row(source, caption, kind=CAPTION_SHORT, origin=ORIGIN_COCO,
-                                reason=reason))
+        rows.append(caption_row(source, caption, kind=CAPTION_SHORT, origin=ORIGIN_COCO, reason=reason))
     return rows

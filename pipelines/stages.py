@@ -5,6 +5,7 @@ Each stage is a plain callable (state in `__init__`, work in `__call__`) so test
 without Ray; `pipelines/build.py` composes them into Ray Data tasks of a few shards, so image
 bytes never travel through the object store.
 """
+
 from __future__ import annotations
 
 import functools
@@ -26,6 +27,7 @@ DISALLOWED_HEADER_DIRECTIVES = ["noai", "noimageai", "noindex", "noimageindex"]
 @dataclass(frozen=True)
 class DownloadParams:
     """Everything that changes the stored image (enters the build id)."""
+
     image_size: int = 256
     resize_mode: str = "center_crop"
     encode_quality: int = 95
@@ -49,15 +51,18 @@ def classify_download_error(message: str) -> str:
         return "timeout"
     if "disallowed" in text:
         return "disallowed_by_header"
-    if any(m in text for m in ("refused", "urlopen error", "name or service", "reset by peer",
-                                "remote end closed")):
+    if any(m in text for m in ("refused", "urlopen error", "name or service", "reset by peer", "remote end closed")):
         return "connection_error"
     return "download_error"
 
 
 def classify_resize_error(message: str) -> str:
-    known = {"image decoding error": "decode_error", "image too small": "image_too_small",
-             "image area too large": "image_too_large", "aspect ratio too large": "bad_aspect_ratio"}
+    known = {
+        "image decoding error": "decode_error",
+        "image too small": "image_too_small",
+        "image area too large": "image_too_large",
+        "aspect ratio too large": "bad_aspect_ratio",
+    }
     return known.get(message.lower().strip(), "decode_error")
 
 
@@ -77,9 +82,15 @@ class ImageFetcher:
         that a shard task's download threads are already fetching while it loads."""
         resizer = img2dataset_modules.load("resizer")
         p = self.params
-        return resizer.Resizer(image_size=p.image_size, resize_mode=p.resize_mode, resize_only_if_bigger=False,
-                               encode_quality=p.encode_quality, encode_format="jpg",
-                               min_image_size=p.min_image_size, max_image_area=p.max_image_area)
+        return resizer.Resizer(
+            image_size=p.image_size,
+            resize_mode=p.resize_mode,
+            resize_only_if_bigger=False,
+            encode_quality=p.encode_quality,
+            encode_format="jpg",
+            min_image_size=p.min_image_size,
+            max_image_area=p.max_image_area,
+        )
 
     def __call__(self, key: str, source: str) -> tuple[dict | None, str]:
         """(image record, "") on success, (None, reason) on failure."""
@@ -88,15 +99,13 @@ class ImageFetcher:
 
     def image_from(self, raw: bytes) -> tuple[dict | None, str]:
         """The checked, resized image record of fetched bytes, or (None, reason)."""
-        raw, reason = image_input.prepare_source_image(raw, self.params.max_image_area,
-                                                       self.params.min_image_size)
+        raw, reason = image_input.prepare_source_image(raw, self.params.max_image_area, self.params.min_image_size)
         if raw is None:
             return None, reason
         jpg, width, height, orig_w, orig_h, err = self.resizer(io.BytesIO(raw))
         if err is not None or jpg is None:
             return None, classify_resize_error(err or "image decoding error")
-        return {"jpg": jpg, "width": width, "height": height,
-                "original_width": orig_w, "original_height": orig_h}, ""
+        return {"jpg": jpg, "width": width, "height": height, "original_width": orig_w, "original_height": orig_h}, ""
 
     def fetch_bytes(self, key: str, source: str) -> tuple[bytes | None, str]:
         if not source.lower().startswith(("http://", "https://")):
@@ -105,9 +114,12 @@ class ImageFetcher:
             return None, url_guard.BLOCKED_REASON
         with url_guard.guarded_fetch(self.params.allow_loopback):  # pins each connection
             _, stream, err = self.download(
-                (key, source), timeout=self.params.timeout_s, retries=self.params.retries,
+                (key, source),
+                timeout=self.params.timeout_s,
+                retries=self.params.retries,
                 user_agent_token=USER_AGENT_TOKEN,
-                disallowed_header_directives=DISALLOWED_HEADER_DIRECTIVES)
+                disallowed_header_directives=DISALLOWED_HEADER_DIRECTIVES,
+            )
         if stream is None:
             return None, classify_download_error(err or "")
         return stream.getvalue(), ""
@@ -131,13 +143,21 @@ def read_file_source(uri: str) -> tuple[bytes | None, str]:
 
 def build_sample(group: dict, image: dict) -> dict:
     """A shard sample row from a caption group and its downloaded image."""
-    meta = {"key": group["key"], "source": group["source"], "captions": group["captions"],
-            "width": image["width"], "height": image["height"],
-            "original_width": image["original_width"],
-            "original_height": image["original_height"]}
-    return {shards.KEY: group["key"], shards.IMAGE: image["jpg"],
-            shards.EDGE: edges.compute_edge_png(image["jpg"]),
-            shards.META: json.dumps(meta, sort_keys=True)}
+    meta = {
+        "key": group["key"],
+        "source": group["source"],
+        "captions": group["captions"],
+        "width": image["width"],
+        "height": image["height"],
+        "original_width": image["original_width"],
+        "original_height": image["original_height"],
+    }
+    return {
+        shards.KEY: group["key"],
+        shards.IMAGE: image["jpg"],
+        shards.EDGE: edges.compute_edge_png(image["jpg"]),
+        shards.META: json.dumps(meta, sort_keys=True),
+    }
 
 
 class ShardBuilder:
@@ -196,15 +216,17 @@ class ShardBuilder:
                 start = time.monotonic()
         return [stats[index] for index in range(len(specs))]
 
-    def write(self, shard_id: int, groups: list[dict], built: list[tuple[dict | None, str]],
-              start: float) -> dict:
+    def write(self, shard_id: int, groups: list[dict], built: list[tuple[dict | None, str]], start: float) -> dict:
         samples = [sample for sample, _ in built if sample is not None]
         failures = Counter(reason for sample, reason in built if sample is None)
         # duplicates_merged 0 until dedup says otherwise: a shard it leaves unchanged is
         # published by moving the staged files (dedup.promote_staged).
-        stats = {"failures": dict(failures), "n_groups": len(groups), "duplicates_merged": 0,
-                 "n_captions_written": sum(len(json.loads(s[shards.META])["captions"])
-                                           for s in samples)}
+        stats = {
+            "failures": dict(failures),
+            "n_groups": len(groups),
+            "duplicates_merged": 0,
+            "n_captions_written": sum(len(json.loads(s[shards.META])["captions"]) for s in samples),
+        }
         fs, build_path = storage.open_storage(self.build_uri)
         entry = shards.write_shard(fs, build_path, shard_id, samples, stats)
         return {"shard": entry, **stats, "seconds": time.monotonic() - start}

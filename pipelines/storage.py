@@ -3,6 +3,7 @@
 Credentials and endpoints come from the standard AWS environment (AWS_ACCESS_KEY_ID,
 AWS_SECRET_ACCESS_KEY, AWS_ENDPOINT_URL, AWS_PROFILE); nothing here records them.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -93,6 +94,7 @@ def arrow_filesystem_for(fs):
     if "file" in protocols or "local" in protocols:
         return None
     from pyarrow.fs import FSSpecHandler, PyFileSystem
+
     return PyFileSystem(FSSpecHandler(fs))
 
 

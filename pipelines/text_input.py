@@ -1,6 +1,7 @@
 """Text inputs read in byte ranges by Ray Data tasks, so that one large file (CC12M's TSV,
 YFCC100M's metadata) is read on every CPU: the ranges cut files only at newlines and read
 every line once; a compressed file, which cannot be split, is one range."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -21,8 +22,11 @@ def text_chunks(uris: list[str], max_chunk_bytes: int, n_cpus: int = 1) -> list[
     each, and at least two per CPU where that leaves them MIN_READ_CHUNK_BYTES or more."""
     sizes = [file_size(uri) for uri in uris]
     chunk_bytes = min(max_chunk_bytes, max(MIN_READ_CHUNK_BYTES, sum(sizes) // (2 * n_cpus)))
-    return [{"uri": uri, "start": start, "end": min(start + chunk_bytes, size)}
-            for uri, size in zip(uris, sizes) for start in range(0, size, chunk_bytes)]
+    return [
+        {"uri": uri, "start": start, "end": min(start + chunk_bytes, size)}
+        for uri, size in zip(uris, sizes)
+        for start in range(0, size, chunk_bytes)
+    ]
 
 
 def file_size(uri: str) -> int:
@@ -62,8 +66,11 @@ def read_chunk_lines(uri: str, start: int, end: int) -> list[str]:
 
 def read_lines_task(batch: dict) -> dict:
     """Read task: byte ranges of text files -> their lines (column "text")."""
-    lines = [line for uri, start, end in zip(batch["uri"], batch["start"], batch["end"])
-             for line in read_chunk_lines(str(uri), int(start), int(end))]
+    lines = [
+        line
+        for uri, start, end in zip(batch["uri"], batch["start"], batch["end"])
+        for line in read_chunk_lines(str(uri), int(start), int(end))
+    ]
     return {"text": np.array(lines, dtype=object if lines else str)}  # typed even when empty
 
 

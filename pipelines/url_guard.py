@@ -23,6 +23,7 @@ go to the proxy and the proxy would resolve the name itself, out of the guard's 
 cluster that must fetch through an egress proxy has to block these ranges at that proxy.
 Other urllib requests in the process, outside `guarded_fetch`, are left as urllib makes them.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -61,8 +62,7 @@ def address_allowed(address: str, allow_loopback: bool) -> bool:
     return ip.is_global and not ip.is_multicast
 
 
-def resolve_allowed(host: str, port, allow_loopback: bool,
-                    resolve: Resolver | None = None) -> list[str]:
+def resolve_allowed(host: str, port, allow_loopback: bool, resolve: Resolver | None = None) -> list[str]:
     """The addresses `host` resolves to, in resolver order, if every one may be fetched.
     Raises BlockedAddressError otherwise: one bad answer condemns the name, since which
     address a client picks is not ours to rely on. Resolver errors propagate."""
@@ -88,8 +88,7 @@ def host_allowed(host: str, allow_loopback: bool, resolve: Resolver | None = Non
 
 def url_allowed(url: str, allow_loopback: bool, resolve: Resolver | None = None) -> bool:
     parts = urllib.parse.urlsplit(url)
-    return parts.scheme in ("http", "https") and host_allowed(parts.hostname or "",
-                                                              allow_loopback, resolve)
+    return parts.scheme in ("http", "https") and host_allowed(parts.hostname or "", allow_loopback, resolve)
 
 
 def connect_pinned(host: str, port: int, timeout, source_address, allow_loopback: bool):
@@ -106,7 +105,8 @@ def connect_pinned(host: str, port: int, timeout, source_address, allow_loopback
 
 
 FETCH_ALLOW_LOOPBACK: contextvars.ContextVar[bool | None] = contextvars.ContextVar(
-    "url_guard_fetch_allow_loopback", default=None)  # None: not inside guarded_fetch
+    "url_guard_fetch_allow_loopback", default=None
+)  # None: not inside guarded_fetch
 
 
 class PinnedConnectionMixin:
@@ -149,8 +149,13 @@ class GuardedHTTPSHandler(urllib.request.HTTPSHandler):
         allow_loopback = FETCH_ALLOW_LOOPBACK.get()
         if allow_loopback is None:
             return super().https_open(req)
-        return self.do_open(GuardedHTTPSConnection, req, context=self._context,
-                            check_hostname=self._check_hostname, allow_loopback=allow_loopback)
+        return self.do_open(
+            GuardedHTTPSConnection,
+            req,
+            context=self._context,
+            check_hostname=self._check_hostname,
+            allow_loopback=allow_loopback,
+        )
 
 
 class FetchProxyHandler(urllib.request.ProxyHandler):
@@ -175,8 +180,9 @@ class GuardedRedirectHandler(urllib.request.HTTPRedirectHandler):
 
 
 def build_guarded_opener() -> urllib.request.OpenerDirector:
-    return urllib.request.build_opener(FetchProxyHandler(), GuardedHTTPHandler(),
-                                       GuardedHTTPSHandler(), GuardedRedirectHandler())
+    return urllib.request.build_opener(
+        FetchProxyHandler(), GuardedHTTPHandler(), GuardedHTTPSHandler(), GuardedRedirectHandler()
+    )
 
 
 @functools.cache

@@ -4,6 +4,7 @@ Pure functions on plain Python data (no Ray); pipelines/build.py maps them over 
 A normalized record is {photo_id, url, title, description, is_video, reason} with the title and
 description still raw (URL-encoded as published); yfcc_caption_rows cleans them.
 """
+
 from __future__ import annotations
 
 import html
@@ -11,8 +12,15 @@ import math
 import re
 from urllib.parse import unquote_plus
 
-from pipelines.captions import (REJECT_BAD_URL, REJECT_MALFORMED, CaptionRules, caption_row,
-                                check_caption, clean_caption, is_http_url)
+from pipelines.captions import (
+    REJECT_BAD_URL,
+    REJECT_MALFORMED,
+    CaptionRules,
+    caption_row,
+    check_caption,
+    clean_caption,
+    is_http_url,
+)
 
 # Column positions in the published 23-column metadata file (yfcc100m_dataset); the
 # 25-column variant prepends a line number and puts the photo hash third (after the id).
@@ -41,7 +49,9 @@ REJECT_DUPLICATE = "duplicate_caption"
 # Each with an optional file extension (.JPG, .jpeg, .png ...); matched case-insensitively.
 CAMERA_DEFAULT_TITLE = re.compile(
     r"(?:img[_-]?\d+(?:_\d+)?|dsc[nf_]?\d+|p\d{7}|pict\d+|cimg\d+|dcp_?\d+|\d{3}_\d{4}"
-    r"|sam_\d+|gopr\d+|\d{8}_\d{6})(?:\.[a-z0-9]{2,4})?", re.IGNORECASE)
+    r"|sam_\d+|gopr\d+|\d{8}_\d{6})(?:\.[a-z0-9]{2,4})?",
+    re.IGNORECASE,
+)
 # An HTML tag starts with a letter (or "/letter", "!"): "1 < 2 and 3 > 2" keeps its text.
 _HTML_TAG = re.compile(r"<!--.*?-->|<[/!]?[A-Za-z][^<>]*>", re.DOTALL)
 
@@ -60,8 +70,13 @@ def parse_metadata_line(line: str) -> dict:
     photo_id = parse_photo_id(fields[COL_ID]) if len(fields) == N_COLUMNS else None
     if photo_id is None:
         return malformed_record()
-    return normalized_record(photo_id, fields[COL_DOWNLOAD_URL], fields[COL_TITLE],
-                             fields[COL_DESCRIPTION], fields[COL_MARKER].strip() == VIDEO_MARKER)
+    return normalized_record(
+        photo_id,
+        fields[COL_DOWNLOAD_URL],
+        fields[COL_TITLE],
+        fields[COL_DESCRIPTION],
+        fields[COL_MARKER].strip() == VIDEO_MARKER,
+    )
 
 
 def parse_subset_line(line: str) -> int | None:
@@ -80,19 +95,35 @@ def joined_record(row: dict) -> dict:
     if photo_id is None:
         return malformed_record()
     marker = next((row[c] for c in JOINED_MARKER_COLUMNS if c in row), None)
-    return normalized_record(photo_id, text_field(row.get("url")), text_field(row.get("title")),
-                             text_field(row.get("description")), is_video_marker(marker))
+    return normalized_record(
+        photo_id,
+        text_field(row.get("url")),
+        text_field(row.get("title")),
+        text_field(row.get("description")),
+        is_video_marker(marker),
+    )
 
 
-def normalized_record(photo_id: int, url: str, title: str, description: str,
-                      is_video: bool) -> dict:
-    return {REC_PHOTO_ID: photo_id, REC_URL: url.strip(), REC_TITLE: title,
-            REC_DESCRIPTION: description, REC_IS_VIDEO: is_video, REC_REASON: ""}
+def normalized_record(photo_id: int, url: str, title: str, description: str, is_video: bool) -> dict:
+    return {
+        REC_PHOTO_ID: photo_id,
+        REC_URL: url.strip(),
+        REC_TITLE: title,
+        REC_DESCRIPTION: description,
+        REC_IS_VIDEO: is_video,
+        REC_REASON: "",
+    }
 
 
 def malformed_record() -> dict:
-    return {REC_PHOTO_ID: NO_PHOTO_ID, REC_URL: "", REC_TITLE: "", REC_DESCRIPTION: "",
-            REC_IS_VIDEO: False, REC_REASON: REJECT_MALFORMED}
+    return {
+        REC_PHOTO_ID: NO_PHOTO_ID,
+        REC_URL: "",
+        REC_TITLE: "",
+        REC_DESCRIPTION: "",
+        REC_IS_VIDEO: False,
+        REC_REASON: REJECT_MALFORMED,
+    }
 
 
 def parse_photo_id(value) -> int | None:
@@ -154,8 +185,10 @@ def yfcc_caption_rows(record: dict, rules: CaptionRules) -> list[dict]:
     description, description_reason = check_caption(clean_yfcc_text(record[REC_DESCRIPTION]), rules)
     if description and description == title:
         description_reason = REJECT_DUPLICATE
-    return [caption_row(url, title, origin=ORIGIN_TITLE, reason=title_reason),
-            caption_row(url, description, origin=ORIGIN_DESCRIPTION, reason=description_reason)]
+    return [
+        caption_row(url, title, origin=ORIGIN_TITLE, reason=title_reason),
+        caption_row(url, description, origin=ORIGIN_DESCRIPTION, reason=description_reason),
+    ]
 
 
 def record_reason(record: dict) -> str:

@@ -1,5 +1,6 @@
 """Image-text retrieval recall@k as CLIP papers and CLIP_benchmark report it: a query counts as
 a hit when at least one of its matching items is among its k best-scoring candidates."""
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -16,8 +17,10 @@ QUERY_BLOCK_SIZE = 1024  # queries scored at once, bounds the (block, n_candidat
 def check_retrieval_inputs(scores: np.ndarray, text_to_image: np.ndarray, ks: Sequence[int]) -> None:
     """Scores (n_images, n_texts) finite, one image index per text, positive ks."""
     if scores.ndim != 2 or text_to_image.shape != (scores.shape[1],) or 0 in scores.shape:
-        raise ValueError(f"expected scores (n_images, n_texts) and text_to_image (n_texts,), got "
-                         f"{scores.shape} and {text_to_image.shape}")
+        raise ValueError(
+            f"expected scores (n_images, n_texts) and text_to_image (n_texts,), got "
+            f"{scores.shape} and {text_to_image.shape}"
+        )
     if text_to_image.min() < 0 or text_to_image.max() >= scores.shape[0]:
         raise ValueError(f"text_to_image must lie in [0, {scores.shape[0]})")
     if not np.isfinite(scores).all():
@@ -77,8 +80,9 @@ GALLERY_QUERIES = 4  # image queries shown per retrieval set
 GALLERY_TOP = 3  # captions shown per query
 
 
-def select_gallery(scores: np.ndarray, text_to_image: np.ndarray, n_queries: int = GALLERY_QUERIES,
-                   top: int = GALLERY_TOP) -> list[tuple[int, list[tuple[int, float, bool]]]]:
+def select_gallery(
+    scores: np.ndarray, text_to_image: np.ndarray, n_queries: int = GALLERY_QUERIES, top: int = GALLERY_TOP
+) -> list[tuple[int, list[tuple[int, float, bool]]]]:
     """A few image queries spread evenly over the set, each with its `top` best captions:
     [(image index, [(caption index, score, is a caption of this image), ...]), ...]."""
     scores, text_to_image = np.asarray(scores), np.asarray(text_to_image)
@@ -86,6 +90,5 @@ def select_gallery(scores: np.ndarray, text_to_image: np.ndarray, n_queries: int
     gallery = []
     for image in queries:
         best = np.argsort(-scores[image], kind="stable")[:top]
-        gallery.append((int(image), [(int(t), float(scores[image, t]), bool(text_to_image[t] == image))
-                                     for t in best]))
+        gallery.append((int(image), [(int(t), float(scores[image, t]), bool(text_to_image[t] == image)) for t in best]))
     return gallery

@@ -1,5 +1,6 @@
 """Zero-shot classification: class weights from prompt templates (CLIP's prompt ensembling) and
 top-k / mean per-class recall, defined as in CLIP_benchmark's `zeroshot_classification`."""
+
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
@@ -20,8 +21,9 @@ def fill_templates(templates: Sequence[str], classname: str) -> list[str]:
     return [template.format(c=classname) for template in templates]
 
 
-def build_zeroshot_weights(encode_text: EncodeText, classnames: Sequence[str], templates: Sequence[str],
-                           topology) -> np.ndarray:
+def build_zeroshot_weights(
+    encode_text: EncodeText, classnames: Sequence[str], templates: Sequence[str], topology
+) -> np.ndarray:
     """(C, D) classifier by the topology's template rule (training/methods/topology/spaces.py): on the sphere
     CLIP's prompt ensembling (normalise each prompt embedding, average, normalise again); on
     the inner-product topologies the unnormalised mean of the per-template embeddings. The
@@ -86,9 +88,7 @@ def compute_mean_per_class_recall(correct: np.ndarray, labels: np.ndarray) -> fl
     return float(np.mean(hits[present] / support[present]))
 
 
-def compute_zeroshot_metrics(
-    logits: np.ndarray, labels: np.ndarray, topk: Sequence[int] = TOPK
-) -> dict[str, float]:
+def compute_zeroshot_metrics(logits: np.ndarray, labels: np.ndarray, topk: Sequence[int] = TOPK) -> dict[str, float]:
     """{"top1", "top5", "mean_per_class_recall"} for (N, C) logits and (N,) integer labels.
 
     k is clipped to C, so top-5 on a 3-class set is 1.0 (CLIP_benchmark reports NaN there).
@@ -116,8 +116,9 @@ def compute_multilabel_metrics(logits: np.ndarray, targets: np.ndarray) -> dict[
     """{"mean_average_precision"} for a multi-label set (VOC2007-multilabel): AP averaged over classes."""
     logits, targets = np.asarray(logits), np.asarray(targets)
     if logits.shape != targets.shape or logits.ndim != 2 or not np.isfinite(logits).all():
-        raise ValueError(f"expected finite logits and 0/1 targets of one (N, C) shape, got {logits.shape} "
-                         f"and {targets.shape}")
+        raise ValueError(
+            f"expected finite logits and 0/1 targets of one (N, C) shape, got {logits.shape} and {targets.shape}"
+        )
     return {MEAN_AVERAGE_PRECISION_KEY: float(compute_average_precision_per_class(logits, targets).mean())}
 
 
@@ -125,8 +126,9 @@ ATTRIBUTE_ACCURACY_KEY = "attribute_accuracy"
 GIVEN_KEY = "{other}_given_{attribute}"  # e.g. "shape_given_colour"
 
 
-def compute_attribute_accuracy(predictions: np.ndarray, labels: np.ndarray,
-                               class_attributes: dict[str, Sequence[str]]) -> dict[str, float | None]:
+def compute_attribute_accuracy(
+    predictions: np.ndarray, labels: np.ndarray, class_attributes: dict[str, Sequence[str]]
+) -> dict[str, float | None]:
     """Accuracy per attribute of classes that combine attributes (e.g. "red circle" = colour red,
     shape circle), from (N,) top-1 predicted and (N,) true class indices.
 

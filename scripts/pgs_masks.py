@@ -9,6 +9,7 @@ pipeline prepares them (stored Sobel edge map, per-patch edge scores). Selection
 (alpha = 0: pixel similarity only, so no trained weights are needed); the reference mode's
 keep count is shared by the images of the grid, as it is by a training batch.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -28,11 +29,14 @@ from pipelines.demo_corpus import render_demo_samples  # noqa: E402
 from training.methods.pgs.examples import load_skimage_sample, prepare_batch  # noqa: E402
 from training.transforms import normalize_image_tensor  # noqa: E402
 
-COLUMNS = (("original", None), ("FLIP 0.5", None),
-           ("PGS0.5 ref", PGSConfig(mode="reference", min_mask_ratio=0.5)),
-           ("PGS0.3 ref", PGSConfig(mode="reference", min_mask_ratio=0.3)),
-           ("PGS0.5 paper", PGSConfig(mode="paper", min_mask_ratio=0.5)),
-           ("PGS0.3 paper", PGSConfig(mode="paper", min_mask_ratio=0.3)))
+COLUMNS = (
+    ("original", None),
+    ("FLIP 0.5", None),
+    ("PGS0.5 ref", PGSConfig(mode="reference", min_mask_ratio=0.5)),
+    ("PGS0.3 ref", PGSConfig(mode="reference", min_mask_ratio=0.3)),
+    ("PGS0.5 paper", PGSConfig(mode="paper", min_mask_ratio=0.5)),
+    ("PGS0.3 paper", PGSConfig(mode="paper", min_mask_ratio=0.3)),
+)
 HEADER_PX, GAP_PX, DIM = 22, 4, 0.25
 DEFAULT_SKIMAGE = ("astronaut", "chelsea", "coffee", "rocket", "coins")
 
@@ -50,7 +54,7 @@ def visible_masks(config: PGSConfig | None, images, edges, patch_size: int, seed
     visible = torch.zeros(batch, num_patches, dtype=torch.bool)
     if config is None:
         order = torch.rand(batch, num_patches, generator=generator).argsort(dim=1)
-        keep = order[:, :compute_num_keep(num_patches, 0.5)]
+        keep = order[:, : compute_num_keep(num_patches, 0.5)]
         return visible.scatter_(1, keep, True).numpy()
     selector = PGSSelector(config, patch_size).train()
     selector.generator = generator
@@ -66,13 +70,12 @@ def paint_dropped(image_hwc: np.ndarray, visible: np.ndarray, patch_size: int) -
     tile = image_hwc.copy()
     for index in np.flatnonzero(~visible):
         r, c = divmod(int(index), grid)
-        block = tile[r * patch_size:(r + 1) * patch_size, c * patch_size:(c + 1) * patch_size]
+        block = tile[r * patch_size : (r + 1) * patch_size, c * patch_size : (c + 1) * patch_size]
         block[...] = (block * DIM).astype(np.uint8)
     return tile
 
 
-def write_mask_grid(out: Path, rgbs: list[np.ndarray], image_size: int, patch_size: int,
-                    seed: int) -> tuple[int, int]:
+def write_mask_grid(out: Path, rgbs: list[np.ndarray], image_size: int, patch_size: int, seed: int) -> tuple[int, int]:
     images_u8, edge_np = prepare_batch(rgbs, image_size, patch_size)
     images, edges = normalize_image_tensor(torch.from_numpy(images_u8)), torch.from_numpy(edge_np)
     width, height = compute_grid_size(len(rgbs), image_size)

@@ -3,6 +3,7 @@ local folders, a loopback mirror), then the evaluation report.
 
     bash scripts/demo.sh [--out demo_out] [--n-images 3000] [--epochs 36]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -42,12 +43,21 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=5e-4)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--log-every", type=int, default=20, help="training steps per console line")
-    p.add_argument("--eval-every", type=int, default=100,
-                   help="zero-shot and retrieval on the demo's eval split every this many steps while "
-                        "training (the console line and the report's training curves show it); 0: off")
+    p.add_argument(
+        "--eval-every",
+        type=int,
+        default=100,
+        help="zero-shot and retrieval on the demo's eval split every this many steps while "
+        "training (the console line and the report's training curves show it); 0: off",
+    )
     p.add_argument("--shard-size", type=int, default=250, help="images per shard (>= workers shards needed)")
-    p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
-                   help="config override for training, e.g. --method pgs0.3 --set pgs.mode=paper")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="FIELD=VALUE",
+        help="config override for training, e.g. --method pgs0.3 --set pgs.mode=paper",
+    )
     p.add_argument("--verbose", action="store_true", help="show Ray's own logs too")
     return p.parse_args(argv)
 
@@ -63,9 +73,20 @@ def prepare_corpus(args, out: Path) -> str:
         mirror.start()
     try:
         tsv = write_cc12m_tsv(corpus, mirror.base_url, out / "cc12m.tsv")
-        return prepare_cc12m.main(["--input", str(tsv), "--output", str(out / "shards"),
-                                   "--image-size", "64", "--shard-size", str(args.shard_size),
-                                   "--allow-loopback-urls", *verbose_flag(args)])
+        return prepare_cc12m.main(
+            [
+                "--input",
+                str(tsv),
+                "--output",
+                str(out / "shards"),
+                "--image-size",
+                "64",
+                "--shard-size",
+                str(args.shard_size),
+                "--allow-loopback-urls",
+                *verbose_flag(args),
+            ]
+        )
     finally:
         mirror.stop()
 
@@ -73,15 +94,40 @@ def prepare_corpus(args, out: Path) -> str:
 def train_model(args, out: Path, build_uri: str) -> str:
     run_name = f"demo-{args.method}"
     shutil.rmtree(out / "runs" / run_name, ignore_errors=True)  # the demo owns its folder
-    argv = ["--data", build_uri, "--method", args.method, "--arch", args.arch,
-            "--num-workers", str(args.num_workers), "--batch-size", str(args.batch_size),
-            "--epochs", str(args.epochs), "--lr", str(args.lr), "--warmup-steps", "50",
-            "--seed", str(args.seed), "--storage", str(out / "runs"), "--run-name", run_name,
-            "--log-every", str(args.log_every), "--checkpoint-every", "100",
-            # No crop: a 90-100 % crop cuts up to 6 px off the sides, where edge objects sit,
-            # and stretches by up to 11 %; without it shape rose 48.8 -> 52.2 % (README).
-            "--set=data.crop_scale=[1.0,1.0]", *(f"--set={item}" for item in args.set),
-            *in_run_evaluation(args, out), *verbose_flag(args)]
+    argv = [
+        "--data",
+        build_uri,
+        "--method",
+        args.method,
+        "--arch",
+        args.arch,
+        "--num-workers",
+        str(args.num_workers),
+        "--batch-size",
+        str(args.batch_size),
+        "--epochs",
+        str(args.epochs),
+        "--lr",
+        str(args.lr),
+        "--warmup-steps",
+        "50",
+        "--seed",
+        str(args.seed),
+        "--storage",
+        str(out / "runs"),
+        "--run-name",
+        run_name,
+        "--log-every",
+        str(args.log_every),
+        "--checkpoint-every",
+        "100",
+        # No crop: a 90-100 % crop cuts up to 6 px off the sides, where edge objects sit,
+        # and stretches by up to 11 %; without it shape rose 48.8 -> 52.2 % (README).
+        "--set=data.crop_scale=[1.0,1.0]",
+        *(f"--set={item}" for item in args.set),
+        *in_run_evaluation(args, out),
+        *verbose_flag(args),
+    ]
     train.main(argv + (["--max-steps", str(args.max_steps)] if args.max_steps else []))
     return str(out / "runs" / run_name)
 
@@ -91,8 +137,14 @@ def in_run_evaluation(args, out: Path) -> list[str]:
     if not args.eval_every:
         return []
     eval_root = out / "corpus" / "eval"
-    return ["--eval-every", str(args.eval_every), "--eval-set", f"zeroshot=image_folder:{eval_root / 'zeroshot'}",
-            "--eval-set", f"retrieval=karpathy:{eval_root / 'retrieval' / 'dataset_karpathy.json'}"]
+    return [
+        "--eval-every",
+        str(args.eval_every),
+        "--eval-set",
+        f"zeroshot=image_folder:{eval_root / 'zeroshot'}",
+        "--eval-set",
+        f"retrieval=karpathy:{eval_root / 'retrieval' / 'dataset_karpathy.json'}",
+    ]
 
 
 def verbose_flag(args) -> list[str]:
@@ -101,30 +153,48 @@ def verbose_flag(args) -> list[str]:
 
 def evaluate_model(args, out: Path, run_dir: str) -> dict:
     eval_root = out / "corpus" / "eval"
-    return evaluate.main(["--checkpoint", run_dir, "--output", str(out / "report"),
-                          "--zeroshot", f"demo-zeroshot={eval_root / 'zeroshot'}",
-                          "--retrieval", f"demo-retrieval={eval_root / 'retrieval' / 'dataset_karpathy.json'}",
-                          "--long-retrieval", f"demo-long={eval_root / 'long'}",
-                          # the demo's own embedding cache: a same-seed rerun elsewhere (the shared
-                          # ~/.cache) must not turn this run's encoding into cache hits
-                          "--cache", str(out / "embedding-cache"), *verbose_flag(args)])
+    return evaluate.main(
+        [
+            "--checkpoint",
+            run_dir,
+            "--output",
+            str(out / "report"),
+            "--zeroshot",
+            f"demo-zeroshot={eval_root / 'zeroshot'}",
+            "--retrieval",
+            f"demo-retrieval={eval_root / 'retrieval' / 'dataset_karpathy.json'}",
+            "--long-retrieval",
+            f"demo-long={eval_root / 'long'}",
+            # the demo's own embedding cache: a same-seed rerun elsewhere (the shared
+            # ~/.cache) must not turn this run's encoding into cache hits
+            "--cache",
+            str(out / "embedding-cache"),
+            *verbose_flag(args),
+        ]
+    )
 
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
     out, start = Path(args.out).resolve(), time.monotonic()
     ray_setup.configure_logging(args.verbose)
-    ray_setup.init_ray(num_cpus=train.local_cpu_budget(train.build_config(train.parse_args(
-        ["--data", "-", "--num-workers", str(args.num_workers)]))))
+    ray_setup.init_ray(
+        num_cpus=train.local_cpu_budget(
+            train.build_config(train.parse_args(["--data", "-", "--num-workers", str(args.num_workers)]))
+        )
+    )
     build_uri = prepare_corpus(args, out)
     report = evaluate_model(args, out, train_model(args, out, build_uri))
     print((out / "report" / "report.md").read_text())
     zeroshot = next(iter(report["zeroshot"].values()))
     chance = 1.0 / zeroshot["n_classes"]
-    print(f"zero-shot top-1 {zeroshot['top1']:.3f} = {zeroshot['top1'] / chance:.1f}x chance "
-          f"({chance:.3f}); demo took {time.monotonic() - start:.0f} s")
-    (out / "demo_summary.json").write_text(json.dumps(
-        {"top1": zeroshot["top1"], "chance": chance, "seconds": time.monotonic() - start}))
+    print(
+        f"zero-shot top-1 {zeroshot['top1']:.3f} = {zeroshot['top1'] / chance:.1f}x chance "
+        f"({chance:.3f}); demo took {time.monotonic() - start:.0f} s"
+    )
+    (out / "demo_summary.json").write_text(
+        json.dumps({"top1": zeroshot["top1"], "chance": chance, "seconds": time.monotonic() - start})
+    )
     return report
 
 

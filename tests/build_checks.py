@@ -1,4 +1,5 @@
 """Data checks every prepared build must pass, on its real output."""
+
 from __future__ import annotations
 
 import io
@@ -17,8 +18,7 @@ def read_build(build_uri: str) -> tuple[dict, list[dict]]:
     """(manifest, every sample row), tars verified against the manifest's checksums."""
     manifest = shards.read_manifest(build_uri)
     fs, path = storage.open_storage(build_uri)
-    samples = [s for e in manifest["shards"]
-               for s in shards.read_shard_samples(fs, path, e, verify=True)]
+    samples = [s for e in manifest["shards"] for s in shards.read_shard_samples(fs, path, e, verify=True)]
     return manifest, samples
 
 
@@ -48,8 +48,9 @@ def check_build(build_uri: str) -> tuple[dict, dict[str, dict]]:
         metas[sample[shards.KEY]] = meta
     counts = manifest["counts"]
     assert counts["written"] == len(samples) == sum(e["n_samples"] for e in manifest["shards"])
-    assert counts["unique_sources"] == (counts["written"] + counts["duplicates_merged"]
-                                        + sum(counts["failed"].values()))
+    assert counts["unique_sources"] == (
+        counts["written"] + counts["duplicates_merged"] + sum(counts["failed"].values())
+    )
     assert counts["captions_written"] == sum(len(m["captions"]) for m in metas.values())
     assert not fs.exists(storage.join(path, "staging"))
     check_open_clip_layout(fs, path, manifest, metas)
@@ -82,5 +83,7 @@ def captions_by_source(metas: dict[str, dict]) -> dict[str, set[str]]:
 
 def tree_snapshot(fs, path: str) -> dict[str, tuple]:
     """Every file under path with its size and modification time."""
-    return {p: (info["size"], info.get("mtime") or info.get("LastModified"))
-            for p, info in fs.find(path, detail=True).items()}
+    return {
+        p: (info["size"], info.get("mtime") or info.get("LastModified"))
+        for p, info in fs.find(path, detail=True).items()
+    }

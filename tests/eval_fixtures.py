@@ -1,5 +1,6 @@
 """Helpers shared by the evaluation tests: a micro checkpoint and benchmark sets in their real
 layouts whose images carry their class as a colour (so a probe has something to learn)."""
+
 from __future__ import annotations
 
 import io
@@ -25,11 +26,14 @@ TEMPLATES = ["a photo of a {c}.", "a {c}.", "art of the {c}"]
 def save_micro_checkpoint(directory: Path, seed: int = 5, **overrides) -> Path:
     config = apply_overrides(build_method_config("flip"), {"model.arch": ARCH, "run.seed": seed, **overrides})
     torch.manual_seed(seed)
-    model = build_model(config.model, config.masking, temperature_of(config.loss, config.topology), topology=config.topology)
+    model = build_model(
+        config.model, config.masking, temperature_of(config.loss, config.topology), topology=config.topology
+    )
     optimizer = build_optimizer(model, config.optim)
     scheduler = build_scheduler(optimizer, warmup_steps=1, total_steps=2)
-    return checkpoint.save_checkpoint(directory, model, optimizer, scheduler, 1, config,
-                                      {"manifest_digest": "feed", "code_version": "test"})
+    return checkpoint.save_checkpoint(
+        directory, model, optimizer, scheduler, 1, config, {"manifest_digest": "feed", "code_version": "test"}
+    )
 
 
 def class_image(label: int, index: int, image_format: str = "PNG", noise: float = 25.0) -> bytes:
@@ -61,9 +65,18 @@ def write_karpathy(root: Path, n_images: int) -> Path:
         name = CLASSNAMES[i % len(CLASSNAMES)]
         (root / "images").mkdir(parents=True, exist_ok=True)
         (root / "images" / f"{i}.png").write_bytes(class_image(i % len(CLASSNAMES), 100 + i))
-        entries.append({"filename": f"{i}.png", "filepath": "images", "split": "test",
-                        "sentences": [{"raw": f"a {name} number {i}"}, {"raw": f"picture {i} of a {name}"},
-                                      {"raw": f"the {name} in image {i}"}]})
+        entries.append(
+            {
+                "filename": f"{i}.png",
+                "filepath": "images",
+                "split": "test",
+                "sentences": [
+                    {"raw": f"a {name} number {i}"},
+                    {"raw": f"picture {i} of a {name}"},
+                    {"raw": f"the {name} in image {i}"},
+                ],
+            }
+        )
     path = root / "dataset_tiny.json"
     path.write_text(json.dumps({"images": entries}))
     return path

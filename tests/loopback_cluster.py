@@ -9,6 +9,7 @@ cluster (nodes, the loopback mirror the prepare job downloads from, `ray job sub
 with `nsenter --net`. Files and processes are shared with the test, so a test reads the jobs'
 outputs directly and kills a node by signalling its process group.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -47,14 +48,21 @@ class Node:
 
 def cluster_env(home: Path) -> dict:
     # One token for every node and client, from the environment as KubeRay passes it (infra/README.md)
-    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32), "HOME": str(home),
-           "PATH": f"{BIN}:{os.environ.get('PATH', '')}", **ray_setup.OFFLINE_ENV,
-           # the GCS declares a silent node dead after ~3 s, not Ray's default ~30 s
-           "RAY_health_check_period_ms": "1000", "RAY_health_check_timeout_ms": "1000",
-           "RAY_health_check_failure_threshold": "3",
-           # every worker's own lines in the job's console (the tests read them), not Ray's
-           # "[repeated 2x across cluster]" summaries of lines that differ only in numbers
-           "RAY_DEDUP_LOGS": "0"}
+    env = {
+        **os.environ,
+        "RAY_AUTH_MODE": "token",
+        "RAY_AUTH_TOKEN": secrets.token_hex(32),
+        "HOME": str(home),
+        "PATH": f"{BIN}:{os.environ.get('PATH', '')}",
+        **ray_setup.OFFLINE_ENV,
+        # the GCS declares a silent node dead after ~3 s, not Ray's default ~30 s
+        "RAY_health_check_period_ms": "1000",
+        "RAY_health_check_timeout_ms": "1000",
+        "RAY_health_check_failure_threshold": "3",
+        # every worker's own lines in the job's console (the tests read them), not Ray's
+        # "[repeated 2x across cluster]" summaries of lines that differ only in numbers
+        "RAY_DEDUP_LOGS": "0",
+    }
     for key in ("RAY_ADDRESS", ray_setup.ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR):
         env.pop(key, None)  # a real cluster: nodes may join
     return env
@@ -100,13 +108,18 @@ class LoopbackCluster:
     def make_namespace(self) -> None:
         if shutil.which("unshare") is None or shutil.which("nsenter") is None:
             raise NamespaceUnavailable("unshare/nsenter (util-linux) are not installed")
-        self.holder = subprocess.Popen(["unshare", "--net", "sh", "-c", "ip link set lo up && exec sleep 100000"],
-                                       stderr=subprocess.PIPE, text=True, start_new_session=True)
+        self.holder = subprocess.Popen(
+            ["unshare", "--net", "sh", "-c", "ip link set lo up && exec sleep 100000"],
+            stderr=subprocess.PIPE,
+            text=True,
+            start_new_session=True,
+        )
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
             if self.holder.poll() is not None:
-                raise NamespaceUnavailable(f"unshare --net failed (needs root or CAP_SYS_ADMIN): "
-                                           f"{self.holder.stderr.read().strip()}")
+                raise NamespaceUnavailable(
+                    f"unshare --net failed (needs root or CAP_SYS_ADMIN): {self.holder.stderr.read().strip()}"
+                )
             if os.readlink(f"/proc/{self.holder.pid}/ns/net") == os.readlink("/proc/self/ns/net"):
                 time.sleep(0.05)  # not unshared yet: entering it now would enter the machine's
                 continue
@@ -123,8 +136,9 @@ class LoopbackCluster:
 
     def popen(self, args: list[str], log: Path) -> subprocess.Popen:
         """A process inside the namespace, in a process group of its own."""
-        return subprocess.Popen(self.prefix() + args, env=self.env, stdout=open(log, "w"),
-                                stderr=subprocess.STDOUT, start_new_session=True)
+        return subprocess.Popen(
+            self.prefix() + args, env=self.env, stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True
+        )
 
     def run(self, args: list[str], timeout: float = 600, check: bool = True) -> subprocess.CompletedProcess:
         result = subprocess.run(self.prefix() + args, env=self.env, capture_output=True, text=True, timeout=timeout)
@@ -137,8 +151,17 @@ class LoopbackCluster:
         """A head with no CPUs (it runs the job drivers, as on KubeRay) and `worker_nodes`
         nodes of `cpus_per_node` logical CPUs each."""
         self.make_namespace()
-        self.start_node("head", ["--head", f"--port={GCS_PORT}", "--num-cpus=0", "--include-dashboard=true",
-                                 "--dashboard-host=127.0.0.1", f"--dashboard-port={DASHBOARD_PORT}"])
+        self.start_node(
+            "head",
+            [
+                "--head",
+                f"--port={GCS_PORT}",
+                "--num-cpus=0",
+                "--include-dashboard=true",
+                "--dashboard-host=127.0.0.1",
+                f"--dashboard-port={DASHBOARD_PORT}",
+            ],
+        )
         for _ in range(worker_nodes):
             self.add_node(cpus_per_node)
         self.wait_for_nodes(worker_nodes + 1)
@@ -147,17 +170,28 @@ class LoopbackCluster:
     def add_node(self, cpus: int = 2) -> Node:
         self.started_workers += 1
         name = f"worker{self.started_workers}"  # a replacement gets a new name, log and temp dir
-        return self.start_node(name, [f"--address=127.0.0.1:{GCS_PORT}", f"--num-cpus={cpus}",
-                                      f"--resources={json.dumps({name: 1})}"])
+        return self.start_node(
+            name, [f"--address=127.0.0.1:{GCS_PORT}", f"--num-cpus={cpus}", f"--resources={json.dumps({name: 1})}"]
+        )
 
     def start_node(self, name: str, flags: list[str]) -> Node:
         log = self.workdir / f"{name}.log"
         # A temp dir per node, as separate machines have: nodes sharing one would share the
         # runtime-env folder, and one node's cleanup would delete a job's working directory
         # under another node's running driver.
-        process = self.popen([str(BIN / "ray"), "start", "--block", "--node-ip-address=127.0.0.1",
-                              "--min-worker-port=0", "--max-worker-port=0",
-                              f"--temp-dir={self.temp_dir}/{name}", *flags], log)
+        process = self.popen(
+            [
+                str(BIN / "ray"),
+                "start",
+                "--block",
+                "--node-ip-address=127.0.0.1",
+                "--min-worker-port=0",
+                "--max-worker-port=0",
+                f"--temp-dir={self.temp_dir}/{name}",
+                *flags,
+            ],
+            log,
+        )
         node = Node(name, process, log)
         deadline = time.monotonic() + 180
         while "will now block forever" not in log.read_text():
@@ -168,8 +202,18 @@ class LoopbackCluster:
         return node
 
     def alive_nodes(self) -> list[dict]:
-        out = self.run([str(BIN / "ray"), "list", "nodes", f"--address={self.address}", "--format=json",
-                        "--filter", "state=ALIVE"], timeout=120).stdout
+        out = self.run(
+            [
+                str(BIN / "ray"),
+                "list",
+                "nodes",
+                f"--address={self.address}",
+                "--format=json",
+                "--filter",
+                "state=ALIVE",
+            ],
+            timeout=120,
+        ).stdout
         return json.loads(out)
 
     def wait_for_nodes(self, count: int, timeout_s: float = 120) -> list[dict]:
@@ -192,16 +236,26 @@ class LoopbackCluster:
         node.process.wait(timeout=30)
         self.nodes.remove(node)
 
-
     @contextlib.contextmanager
     def mirror(self, root: Path, port: int = 0, latency_ms: tuple[float, float] = (0, 0)):
         """pipelines/mirror.py serving `root` inside the namespace, each answer after a latency
         drawn in `latency_ms`; yields its base URL."""
         log = self.workdir / f"mirror-{port}-{time.monotonic_ns()}.log"
-        process = self.popen([sys.executable, "-c", "import sys; sys.path.insert(0, sys.argv[1]); "
-                              "from pipelines import mirror; mirror.main(sys.argv[2:])", str(ROOT),
-                              "--root", str(root), "--port", str(port),
-                              "--latency-ms", *map(str, latency_ms)], log)
+        process = self.popen(
+            [
+                sys.executable,
+                "-c",
+                "import sys; sys.path.insert(0, sys.argv[1]); from pipelines import mirror; mirror.main(sys.argv[2:])",
+                str(ROOT),
+                "--root",
+                str(root),
+                "--port",
+                str(port),
+                "--latency-ms",
+                *map(str, latency_ms),
+            ],
+            log,
+        )
         deadline = time.monotonic() + 60
         while "http://" not in log.read_text():
             assert process.poll() is None and time.monotonic() < deadline, log.read_text()
@@ -215,23 +269,47 @@ class LoopbackCluster:
     # ------------------------------------------------------------ jobs
     def submit_command(self, script: str, *args: str, submission_id: str | None = None) -> list[str]:
         """`ray job submit --working-dir .` as the README tells users."""
-        return [str(BIN / "ray"), "job", "submit", f"--address={self.address}", f"--working-dir={ROOT}",
-                *([f"--submission-id={submission_id}"] if submission_id else []), "--", "python", script, *args]
+        return [
+            str(BIN / "ray"),
+            "job",
+            "submit",
+            f"--address={self.address}",
+            f"--working-dir={ROOT}",
+            *([f"--submission-id={submission_id}"] if submission_id else []),
+            "--",
+            "python",
+            script,
+            *args,
+        ]
 
-    def submit(self, script: str, *args: str, submission_id: str | None = None,
-               timeout: float = 600) -> str:
+    def submit(self, script: str, *args: str, submission_id: str | None = None, timeout: float = 600) -> str:
         result = self.run(self.submit_command(script, *args, submission_id=submission_id), timeout=timeout)
         assert "succeeded" in result.stdout, result.stdout[-4000:]
         return result.stdout
 
     def job_tasks(self, submission_id: str) -> list[dict]:
         """The State API's record of every task a job ran (its name, type and node)."""
-        jobs = json.loads(self.run([str(BIN / "ray"), "list", "jobs", f"--address={self.address}",
-                                    "--format=json", "--detail"]).stdout)
+        jobs = json.loads(
+            self.run(
+                [str(BIN / "ray"), "list", "jobs", f"--address={self.address}", "--format=json", "--detail"]
+            ).stdout
+        )
         (job_id,) = [j["job_id"] for j in jobs if j.get("submission_id") == submission_id]
-        return json.loads(self.run([str(BIN / "ray"), "list", "tasks", f"--address={self.address}",
-                                    "--format=json", "--detail", "--limit=10000",
-                                    "--filter", f"job_id={job_id}"]).stdout)
+        return json.loads(
+            self.run(
+                [
+                    str(BIN / "ray"),
+                    "list",
+                    "tasks",
+                    f"--address={self.address}",
+                    "--format=json",
+                    "--detail",
+                    "--limit=10000",
+                    "--filter",
+                    f"job_id={job_id}",
+                ]
+            ).stdout
+        )
 
     def stop(self) -> None:
         """Every process the cluster started, at once (a graceful `ray stop` takes ~30 s):

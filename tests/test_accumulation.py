@@ -2,6 +2,7 @@
 (the logit scale included) the gradient of one batch of B·k, for CLIP, FLIP with the same
 masks, SmartCLIP's modular loss, Long-CLIP's PCA over all B·k image features and a
 non-sphere topology. The reference is a plain forward and backward of the whole batch."""
+
 from __future__ import annotations
 
 import json
@@ -22,14 +23,19 @@ from training.methods.recipes import build_method_config
 from training.methods.flip import RandomPatchDrop
 from training.model import build_training_model
 from training.objectives import build_training_objective
-from training.optim import build_optimizer, build_scheduler
+from training.optim import build_scheduler
 from training.towers import build_tokenizer
 
 ARCH = "clip-micro-p8-32"
 BATCH, K = 8, 2
-METHODS = {"clip": ("clip", {}), "flip": ("flip", {}), "smartclip": ("smartclip", {}),
-           "longclip": ("longclip", {"loss.pca_components": 4}), "oblique": ("oblique", {"topology.m": 4}),
-           "multi": ("multi", {"topology.m": 4})}
+METHODS = {
+    "clip": ("clip", {}),
+    "flip": ("flip", {}),
+    "smartclip": ("smartclip", {}),
+    "longclip": ("longclip", {"loss.pca_components": 4}),
+    "oblique": ("oblique", {"topology.m": 4}),
+    "multi": ("multi", {"topology.m": 4}),
+}
 
 DRAW_NOISE = RandomPatchDrop.draw_noise
 
@@ -41,8 +47,11 @@ def make_batch(context_length: int, seed: int = 0) -> dict:
     tokenizer = build_tokenizer(ARCH, context_length)
     words = ["cat", "dog", "bird", "car", "red", "blue", "tree", "house"]
     long = [" ".join(rng.choice(words, 12)) for _ in range(BATCH)]
-    return {IMAGES: rng.integers(0, 256, (BATCH, 3, 32, 32), dtype=np.uint8), TEXTS: tokenizer(long).numpy(),
-            SHORT_TEXTS: tokenizer([t.split()[0] for t in long]).numpy()}
+    return {
+        IMAGES: rng.integers(0, 256, (BATCH, 3, 32, 32), dtype=np.uint8),
+        TEXTS: tokenizer(long).numpy(),
+        SHORT_TEXTS: tokenizer([t.split()[0] for t in long]).numpy(),
+    }
 
 
 class ReplayedNoise:
@@ -69,8 +78,9 @@ class ReplayedNoise:
 
 def gradients(method: str, overrides: dict, accum_freq: int, rank: int = 0, world: int = 1) -> dict:
     """Every parameter's gradient after one step on this rank's batch (DDP with 2 workers)."""
-    config = apply_overrides(build_method_config(method), {"model.arch": ARCH, "optim.lr": 1e-3,
-                                                          "loss.learn_temperature": True, **overrides})
+    config = apply_overrides(
+        build_method_config(method), {"model.arch": ARCH, "optim.lr": 1e-3, "loss.learn_temperature": True, **overrides}
+    )
     torch.manual_seed(0)
     model = build_training_model(config)
     objective = build_training_objective(config, rank, world, model, torch.device("cpu"))
@@ -154,8 +164,9 @@ def test_gradient_checkpointing_keeps_the_gradients(method, overrides, monkeypat
     config = apply_overrides(build_method_config(method), {"model.arch": ARCH, **overrides})
     tower = build_training_model(config).tower
     assert len(calls) == len(tower.visual.transformer.resblocks) + len(tower.transformer.resblocks)
-    assert_equal_gradients({n: (checkpointed[n] - g).abs().max().item() / (g.abs().max().item() + 1e-12)
-                            for n, g in plain.items()})
+    assert_equal_gradients(
+        {n: (checkpointed[n] - g).abs().max().item() / (g.abs().max().item() + 1e-12) for n, g in plain.items()}
+    )
 
 
 def test_cibr_accumulates_with_its_estimators_on_every_row(tmp_path):
@@ -165,8 +176,14 @@ def test_cibr_accumulates_with_its_estimators_on_every_row(tmp_path):
     from tests.eval_fixtures import save_micro_checkpoint
 
     start = str(save_micro_checkpoint(tmp_path / "start"))
-    overrides = {"model.pretrained": start, "cibr.hidden": 32, "cibr.warmup_steps": 0, "cibr.ramp_steps": 0,
-                 "cibr.lambda": 0.5, "loss.init_logit_scale": 2.0}
+    overrides = {
+        "model.pretrained": start,
+        "cibr.hidden": 32,
+        "cibr.warmup_steps": 0,
+        "cibr.ramp_steps": 0,
+        "cibr.lambda": 0.5,
+        "loss.init_logit_scale": 2.0,
+    }
     assert_equal_gradients(compare("cibr", overrides))
 
 
@@ -177,8 +194,13 @@ def test_pgs_selects_per_micro_batch_and_recomputes_the_same_selection(monkeypat
     import training.methods.pgs as pgs
 
     kept, encode = [], pgs.encode_selected_tokens
-    monkeypatch.setattr(pgs, "encode_selected_tokens", lambda visual, tokens, selection: kept.append(
-        selection.keep_index.clone()) or encode(visual, tokens, selection))
+    monkeypatch.setattr(
+        pgs,
+        "encode_selected_tokens",
+        lambda visual, tokens, selection: (
+            kept.append(selection.keep_index.clone()) or encode(visual, tokens, selection)
+        ),
+    )
     grads = gradients("pgs0.5", {}, K)
     assert [k.shape[0] for k in kept] == [BATCH // K] * (2 * K)  # K cached forwards, then K recomputed
     for cached, recomputed in zip(kept[:K], kept[K:]):

@@ -2,6 +2,7 @@
 frozen reference towers (unmasked, never trained, never exported), λ's schedule, two gloo
 processes equal one process on the whole batch, and a checkpoint restores every auxiliary
 tensor bit for bit. Through Ray Train (two workers, resume): test_cibr_train.py."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -35,9 +36,18 @@ def pretrained(tmp_path_factory):
 
 
 def cibr_config(pretrained: str, **overrides):
-    return apply_overrides(build_method_config("cibr"), {
-        "model.arch": ARCH, "model.pretrained": pretrained, "cibr.hidden": 32, "cibr.ramp_steps": 0,
-        "optim.lr": 1e-3, "optim.warmup_steps": 1, **overrides})
+    return apply_overrides(
+        build_method_config("cibr"),
+        {
+            "model.arch": ARCH,
+            "model.pretrained": pretrained,
+            "cibr.hidden": 32,
+            "cibr.ramp_steps": 0,
+            "optim.lr": 1e-3,
+            "optim.warmup_steps": 1,
+            **overrides,
+        },
+    )
 
 
 def setup(config, rank: int = 0, world: int = 1):
@@ -51,8 +61,10 @@ def setup(config, rank: int = 0, world: int = 1):
 
 def make_batch(model, n: int = 6, seed: int = 0) -> dict:
     tokenizer = build_tokenizer(ARCH, model.tower.context_length)
-    return {IMAGES: np.random.default_rng(seed).integers(0, 255, (n, 3, 32, 32), dtype=np.uint8),
-            TEXTS: tokenizer((CAPTIONS * 4)[:n]).numpy()}
+    return {
+        IMAGES: np.random.default_rng(seed).integers(0, 255, (n, 3, 32, 32), dtype=np.uint8),
+        TEXTS: tokenizer((CAPTIONS * 4)[:n]).numpy(),
+    }
 
 
 def settings(step: int = 0, world: int = 1, rank: int = 0) -> LoopSettings:
@@ -78,8 +90,9 @@ def test_method_cibr_fine_tunes_and_refuses_a_start_from_scratch(pretrained):
 
 
 def test_an_estimator_step_and_an_encoder_step_change_only_their_own_parameters(pretrained):
-    model, optimizer, scheduler, objective = setup(cibr_config(pretrained, **{"masking.kind": "random",
-                                                                              "masking.ratio": 0.5}))
+    model, optimizer, scheduler, objective = setup(
+        cibr_config(pretrained, **{"masking.kind": "random", "masking.ratio": 0.5})
+    )
     reference, estimators = (part.module for part in parts_of(objective))
     model_before, ref_before, est_before = snapshot(model), snapshot(reference), snapshot(estimators)
     # The estimators' own update alone: only their weights, buffers (EMA, affine starts) move.
@@ -114,8 +127,9 @@ def test_the_frozen_towers_see_the_whole_unmasked_image_and_pre_projection_featu
     assert isinstance(model.tower.visual.patch_dropout, RandomPatchDrop)  # the trained tower drops patches
     assert not isinstance(reference.tower.visual.patch_dropout, RandomPatchDrop)  # its frozen copy does not
     with torch.no_grad():  # by hand from the starting weights: class token after ln_post, before proj
-        plain = build_training_model(apply_overrides(cibr_config(None), {"loss.regularizer": "none",
-                                                                         "model.pretrained": None}))
+        plain = build_training_model(
+            apply_overrides(cibr_config(None), {"loss.regularizer": "none", "model.pretrained": None})
+        )
         plain.tower.load_state_dict(start)
         tokens = plain.tower.visual.transformer(plain.tower.visual._embeds(images))
         want_v = plain.tower.visual.ln_post(tokens[:, 0])
@@ -148,6 +162,7 @@ def test_the_frozen_towers_compute_in_the_steps_precision(pretrained, precision)
     model's outputs reach the parts upcast, so the loop's autocast is what sets it; train.py's
     loop_settings turns it on for DDP's master weights and FSDP alike)."""
     from training.precision import MasterWeights
+
     model, optimizer, scheduler, objective = setup(cibr_config(pretrained))
     reference = parts_of(objective)[0].module
     seen = set()  # (requires grad, dtype) of every linear layer's output in both frozen towers
@@ -155,8 +170,16 @@ def test_the_frozen_towers_compute_in_the_steps_precision(pretrained, precision)
         layer.register_forward_hook(lambda module, args, out: seen.add((out.requires_grad, out.dtype)))
     weights = MasterWeights(model) if precision == "bf16" else None
     step_settings = dataclasses.replace(settings(), bf16=precision == "amp_bf16", parts_bf16=precision == "bf16")
-    metrics = train_step(weights.compute if weights else model, objective, optimizer, scheduler,
-                         make_batch(model), step_settings, step=0, weights=weights)
+    metrics = train_step(
+        weights.compute if weights else model,
+        objective,
+        optimizer,
+        scheduler,
+        make_batch(model),
+        step_settings,
+        step=0,
+        weights=weights,
+    )
     want = torch.float32 if precision == "fp32" else torch.bfloat16
     assert seen == {(False, want)} and torch.isfinite(metrics["loss/total"])
 
@@ -187,8 +210,9 @@ def test_a_checkpoint_restores_every_auxiliary_tensor_bit_for_bit(pretrained, tm
     for step in range(3):
         train_step(model, objective, optimizer, scheduler, make_batch(model, seed=step), settings(step), step=step)
     run_dir = str(tmp_path / "run")
-    directory = checkpoint.save_checkpoint(tmp_path / "run" / "step_00000003", model, optimizer, scheduler, 3,
-                                           config, {}, parts_of(objective), run_dir)
+    directory = checkpoint.save_checkpoint(
+        tmp_path / "run" / "step_00000003", model, optimizer, scheduler, 3, config, {}, parts_of(objective), run_dir
+    )
     assert (tmp_path / "run" / "reference.safetensors").exists()
     assert not (directory / "auxiliary.reference.safetensors").exists()  # stored once, not per checkpoint
     # A resume builds the architecture only (no --pretrained fetch) and reads everything back.
@@ -219,8 +243,17 @@ def test_a_leftover_reference_copy_of_an_earlier_run_is_replaced(pretrained, tmp
     model, optimizer, scheduler, objective = setup(config)
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "reference.safetensors").write_bytes(b"an earlier run's towers")
-    directory = checkpoint.save_checkpoint(tmp_path / "run" / "step_00000001", model, optimizer, scheduler, 1,
-                                           config, {}, parts_of(objective), str(tmp_path / "run"))
+    directory = checkpoint.save_checkpoint(
+        tmp_path / "run" / "step_00000001",
+        model,
+        optimizer,
+        scheduler,
+        1,
+        config,
+        {},
+        parts_of(objective),
+        str(tmp_path / "run"),
+    )
     recorded = checkpoint.read_state(directory)["auxiliary"]["reference"]["sha256"]
     assert checkpoint.storage.file_sha256(str(tmp_path / "run" / "reference.safetensors")) == recorded
 
@@ -229,8 +262,9 @@ def test_a_tampered_reference_copy_is_refused(pretrained, tmp_path):
     config = cibr_config(pretrained)
     model, optimizer, scheduler, objective = setup(config)
     run_dir = str(tmp_path / "run")
-    directory = checkpoint.save_checkpoint(tmp_path / "run" / "step_00000001", model, optimizer, scheduler, 1,
-                                           config, {}, parts_of(objective), run_dir)
+    directory = checkpoint.save_checkpoint(
+        tmp_path / "run" / "step_00000001", model, optimizer, scheduler, 1, config, {}, parts_of(objective), run_dir
+    )
     (tmp_path / "run" / "reference.safetensors").write_bytes(b"not the towers")
     fresh = build_training_objective(config, 0, 1, model, CPU, fresh=False)
     with pytest.raises(ValueError, match="does not match the digest"):
@@ -250,6 +284,7 @@ def cibr_step(config, rows: slice, rank: int, world: int) -> dict:
     """One CIBR step (estimators' update, then L + λR backward) on `rows` of the global batch;
     the model's gradients averaged over ranks as DDP averages them."""
     import torch.distributed as dist
+
     model, _, _, objective = setup(config, rank, world)
     images, texts = global_batch(model)
     outputs = model(images[rows], texts[rows])
@@ -261,14 +296,19 @@ def cibr_step(config, rows: slice, rank: int, world: int) -> dict:
         for g in grads.values():
             dist.all_reduce(g)
             g /= world
-    return {"digest": state_digest(parts_of(objective)), "R": outputs["diagnostics"]["cibr/R"], "grads": grads,
-            "estimators": {k: v.clone() for k, v in parts_of(objective)[1].module.state_dict().items()}}
+    return {
+        "digest": state_digest(parts_of(objective)),
+        "R": outputs["diagnostics"]["cibr/R"],
+        "grads": grads,
+        "estimators": {k: v.clone() for k, v in parts_of(objective)[1].module.state_dict().items()},
+    }
 
 
 def run_cibr_rank(rank: int, port: int, pretrained: str, out_dir: str) -> None:
     import os
 
     import torch.distributed as dist
+
     torch.set_num_threads(1)
     os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)
@@ -279,14 +319,16 @@ def run_cibr_rank(rank: int, port: int, pretrained: str, out_dir: str) -> None:
         dist.destroy_process_group()
 
 
-def test_two_gloo_ranks_take_the_same_estimator_step_as_one_process_on_the_whole_batch(pretrained, tmp_path,
-                                                                                       single_torch_thread):
+def test_two_gloo_ranks_take_the_same_estimator_step_as_one_process_on_the_whole_batch(
+    pretrained, tmp_path, single_torch_thread
+):
     """The estimators see the gathered batch with (seed, step) noise and derangement: both
     ranks end bit-identical, and equal to one process on all rows, as are R and the
     encoders' (DDP-averaged) gradients of L + λR."""
     import torch.multiprocessing as mp
 
     from tests.conftest import free_port
+
     mp.spawn(run_cibr_rank, args=(free_port(), pretrained, str(tmp_path)), nprocs=WORLD, join=True)
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
     whole = cibr_step(cibr_config(pretrained), slice(None), 0, 1)

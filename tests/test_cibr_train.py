@@ -4,6 +4,7 @@ weights, EMA state and Adam moments, and records them), the frozen reference tow
 stored once in the run directory and read back on resume even when `--pretrained` is gone,
 and a run stopped at step 2 and resumed logs steps 3-5 and ends with every tensor of both
 optimisers and the estimators exactly as the uninterrupted run."""
+
 from __future__ import annotations
 
 import json
@@ -27,12 +28,49 @@ STEPS = 5
 
 
 def run_args(build_uri: str, storage, name: str, pretrained: str, *extra: str) -> list[str]:
-    return ["--data", build_uri, "--method", "cibr", "--arch", "clip-micro-p8-32", "--pretrained", pretrained,
-            "--num-workers", "2", "--batch-size", "4", "--epochs", "3", "--warmup-steps", "2", "--lr", "1e-4",
-            "--storage", str(storage), "--run-name", name, "--log-every", "1", "--checkpoint-every", "100",
-            "--set", "masking.kind=random", "--set", "masking.ratio=0.5", "--set", "cibr.hidden=32",
-            "--set", "cibr.warmup_steps=1", "--set", "cibr.warmup_estimator_steps=2",
-            "--set", "cibr.ramp_steps=2", "--set", "cibr.lambda=0.5", *extra]
+    return [
+        "--data",
+        build_uri,
+        "--method",
+        "cibr",
+        "--arch",
+        "clip-micro-p8-32",
+        "--pretrained",
+        pretrained,
+        "--num-workers",
+        "2",
+        "--batch-size",
+        "4",
+        "--epochs",
+        "3",
+        "--warmup-steps",
+        "2",
+        "--lr",
+        "1e-4",
+        "--storage",
+        str(storage),
+        "--run-name",
+        name,
+        "--log-every",
+        "1",
+        "--checkpoint-every",
+        "100",
+        "--set",
+        "masking.kind=random",
+        "--set",
+        "masking.ratio=0.5",
+        "--set",
+        "cibr.hidden=32",
+        "--set",
+        "cibr.warmup_steps=1",
+        "--set",
+        "cibr.warmup_estimator_steps=2",
+        "--set",
+        "cibr.ramp_steps=2",
+        "--set",
+        "cibr.lambda=0.5",
+        *extra,
+    ]
 
 
 def logged(storage, name: str) -> dict[int, dict]:
@@ -66,8 +104,9 @@ def test_two_ranks_keep_bit_identical_estimators(cibr_runs):
     model = build_training_model(config, with_weights=False)
     optimizer = build_optimizer(model, config.optim)
     objective = build_training_objective(config, 0, 1, model, torch.device("cpu"), fresh=False)
-    checkpoint.load_training_state(directory, model, optimizer, build_scheduler(optimizer, 1, 10),
-                                   parts_of(objective), str(cibr_runs / "straight"))
+    checkpoint.load_training_state(
+        directory, model, optimizer, build_scheduler(optimizer, 1, 10), parts_of(objective), str(cibr_runs / "straight")
+    )
     assert state_digest(parts_of(objective)) == state["auxiliary_rank_digests"][0]
     estimators = parts_of(objective)[1].module
     assert estimators["image"].joint.started and float(estimators["text"].condition.log_mu) != 0.0
@@ -94,8 +133,12 @@ def test_resume_repeats_the_uninterrupted_run_exactly(cibr_runs):
     # moments change only gradients, so a reset would show here, not in the losses above.
     a = checkpoint.fetch_checkpoint(str(cibr_runs / "straight"))
     b = checkpoint.fetch_checkpoint(str(cibr_runs / "resumed"))
-    for name in ("model.safetensors", "optimizer.safetensors", "auxiliary.estimators.safetensors",
-                 "auxiliary.estimators.optimizer.safetensors"):
+    for name in (
+        "model.safetensors",
+        "optimizer.safetensors",
+        "auxiliary.estimators.safetensors",
+        "auxiliary.estimators.optimizer.safetensors",
+    ):
         left, right = load_file(a / name), load_file(b / name)
         assert left.keys() == right.keys() and all(torch.equal(v, right[k]) for k, v in left.items()), name
 
@@ -104,10 +147,12 @@ def test_the_reference_towers_are_stored_once_and_never_exported(cibr_runs, tmp_
     run = cibr_runs / "straight"
     assert (run / "reference.safetensors").exists()
     state = checkpoint.read_state(checkpoint.fetch_checkpoint(str(run)))
-    assert state["auxiliary"]["reference"]["sha256"] == checkpoint.storage.file_sha256(str(run / "reference.safetensors"))
+    assert state["auxiliary"]["reference"]["sha256"] == checkpoint.storage.file_sha256(
+        str(run / "reference.safetensors")
+    )
     assert not list(run.glob("step_*/auxiliary.reference*"))
     weights = load_file(checkpoint.fetch_checkpoint(str(run)) / "model.safetensors")
     assert all(k.startswith("tower.") for k in weights)
     out = export.export_open_clip(str(run), str(tmp_path / "cibr.pt"))
     exported = torch.load(out, weights_only=True)["state_dict"]
-    assert exported.keys() == {k[len("tower."):] for k in weights}
+    assert exported.keys() == {k[len("tower.") :] for k in weights}

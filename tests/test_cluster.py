@@ -3,6 +3,7 @@ worker nodes on 127.0.0.1 inside a loopback-only network namespace): prepare -> 
 evaluate through `ray job submit --working-dir .` exactly as the README tells users, and the
 failures a cluster has: a training worker killed, a worker node lost and replaced. The
 one cluster serves every test of the module (starting it costs ~20 s)."""
+
 from __future__ import annotations
 
 import json
@@ -54,18 +55,57 @@ def mirror(cluster, small_corpus):
 def build(cluster, mirror, small_corpus, tmp_path_factory):
     corpus, tsv = small_corpus
     out = tmp_path_factory.mktemp("cluster-shards")
-    cluster.submit("pipelines/prepare_cc12m.py", "--input", str(tsv), "--output", str(out),
-                   "--image-size", "32", "--shard-size", "6", "--threads-per-task", "4",
-                   "--allow-loopback-urls", submission_id="prepare")
+    cluster.submit(
+        "pipelines/prepare_cc12m.py",
+        "--input",
+        str(tsv),
+        "--output",
+        str(out),
+        "--image-size",
+        "32",
+        "--shard-size",
+        "6",
+        "--threads-per-task",
+        "4",
+        "--allow-loopback-urls",
+        submission_id="prepare",
+    )
     (build_dir,) = (out / "cc12m").iterdir()
     return build_dir
 
 
 def train_args(build_dir: Path, storage: Path, name: str, *extra: str) -> list[str]:
-    return ["--data", str(build_dir), "--method", "flip", "--arch", "clip-micro-p8-32", "--num-workers", "2",
-            "--batch-size", "4", "--epochs", "8", "--warmup-steps", "2", "--lr", "1e-3",
-            "--max-steps", str(TRAIN_STEPS), "--storage", str(storage), "--run-name", name, "--log-every", "1",
-            "--checkpoint-every", str(CHECKPOINT_EVERY), "--set", "run.placement_strategy=STRICT_SPREAD", *extra]
+    return [
+        "--data",
+        str(build_dir),
+        "--method",
+        "flip",
+        "--arch",
+        "clip-micro-p8-32",
+        "--num-workers",
+        "2",
+        "--batch-size",
+        "4",
+        "--epochs",
+        "8",
+        "--warmup-steps",
+        "2",
+        "--lr",
+        "1e-3",
+        "--max-steps",
+        str(TRAIN_STEPS),
+        "--storage",
+        str(storage),
+        "--run-name",
+        name,
+        "--log-every",
+        "1",
+        "--checkpoint-every",
+        str(CHECKPOINT_EVERY),
+        "--set",
+        "run.placement_strategy=STRICT_SPREAD",
+        *extra,
+    ]
 
 
 def logged(storage: Path, name: str) -> list[dict]:
@@ -94,8 +134,11 @@ def test_prepare_job_tasks_spread_over_the_worker_nodes(cluster, build, small_co
     head = [n["node_id"] for n in cluster.alive_nodes() if n["is_head_node"]]
     # the stages' tasks and actors (they need CPUs; the head has none, it runs the driver and
     # Ray Data's zero-CPU bookkeeping actors)
-    stage_nodes = {t["node_id"] for t in cluster.job_tasks("prepare")
-                   if t.get("required_resources", {}).get("CPU", 0) > 0 and t.get("node_id")}
+    stage_nodes = {
+        t["node_id"]
+        for t in cluster.job_tasks("prepare")
+        if t.get("required_resources", {}).get("CPU", 0) > 0 and t.get("node_id")
+    }
     assert len(stage_nodes) == 2 and not stage_nodes & set(head), stage_nodes
 
 
@@ -105,9 +148,19 @@ def test_training_runs_one_worker_per_node_and_evaluation_reads_it(cluster, stra
     assert sorted(placed) == [0, 1] and len(set(placed.values())) == 2, stdout[-3000:]
     assert [r["step"] for r in logged(storage, "straight")] == list(range(1, TRAIN_STEPS + 1))
     corpus, _ = small_corpus
-    cluster.submit("evaluation/evaluate.py", "--checkpoint", str(storage / "straight"),
-                   "--zeroshot", str(corpus.zeroshot_dir), "--output", str(tmp_path / "report"),
-                   "--cache", str(tmp_path / "cache"), "--num-encoders", "2")
+    cluster.submit(
+        "evaluation/evaluate.py",
+        "--checkpoint",
+        str(storage / "straight"),
+        "--zeroshot",
+        str(corpus.zeroshot_dir),
+        "--output",
+        str(tmp_path / "report"),
+        "--cache",
+        str(tmp_path / "cache"),
+        "--num-encoders",
+        "2",
+    )
     report = json.loads((tmp_path / "report" / "report.json").read_text())
     assert report["checkpoint"]["step"] == TRAIN_STEPS
     assert 0 <= report["zeroshot"]["zeroshot"]["top1"] <= 1
@@ -120,8 +173,9 @@ class JobOutput:
     def __init__(self, cluster: LoopbackCluster, script: str, *args: str):
         self.cluster, self.id = cluster, f"job-{uuid.uuid4().hex[:12]}"
         command = cluster.prefix() + cluster.submit_command(script, *args, submission_id=self.id)
-        self.process = subprocess.Popen(command, env=cluster.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                        text=True)
+        self.process = subprocess.Popen(
+            command, env=cluster.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        )
         self.lines: list[str] = []
         self.reader = threading.Thread(target=lambda: self.lines.extend(self.process.stdout), daemon=True)
         self.reader.start()
@@ -135,8 +189,10 @@ class JobOutput:
 
     def workers(self) -> list[tuple[int, int, str, str]]:
         """(pid, rank, node id, start) of every training worker started so far, in order."""
-        found = re.findall(r"RayTrainWorker pid=(\d+)\S* train worker (\d+)/2 on node (\w+), (fresh|resuming from \S+)",
-                           "".join(self.lines))
+        found = re.findall(
+            r"RayTrainWorker pid=(\d+)\S* train worker (\d+)/2 on node (\w+), (fresh|resuming from \S+)",
+            "".join(self.lines),
+        )
         return list({int(pid): (int(pid), int(rank), node, start) for pid, rank, node, start in found}.values())
 
     def finish(self, timeout_s: float = 600) -> str:
@@ -149,8 +205,9 @@ class JobOutput:
 
     def __exit__(self, *exc_info) -> None:
         if self.process.poll() is None:
-            self.cluster.run([str(BIN / "ray"), "job", "stop", f"--address={self.cluster.address}", self.id],
-                             check=False)
+            self.cluster.run(
+                [str(BIN / "ray"), "job", "stop", f"--address={self.cluster.address}", self.id], check=False
+            )
             self.process.kill()
 
 
@@ -166,15 +223,18 @@ def test_training_survives_a_killed_worker_and_a_lost_node(cluster, build, strai
     run = storage / "survivor"
     alive = cluster.alive_nodes()  # now: `ray list nodes` takes seconds, a step a fraction of one
     node_of = {a["node_id"]: n for n in cluster.nodes for a in alive if n.name in a["resources_total"]}
-    with JobOutput(cluster, "training/train.py",
-                   *train_args(build, storage, "survivor", "--set", "run.max_failures=2")) as job:
+    with JobOutput(
+        cluster, "training/train.py", *train_args(build, storage, "survivor", "--set", "run.max_failures=2")
+    ) as job:
         job.wait_for(lambda: registered(run, CHECKPOINT_EVERY) and len(job.workers()) == 2, "the first checkpoint")
         os.kill(job.workers()[1][0], signal.SIGKILL)  # one training worker's process
         job.wait_for(lambda: len(job.workers()) == 4, "the worker group's restart")
         restarted_at = int(job.workers()[-1][3].rsplit("_", 1)[1])
         pid, _, node_id, _ = job.workers()[-1]
-        job.wait_for(lambda: any(r["start_step"] == restarted_at for r in logged(storage, "survivor")),
-                     "a step of the restarted group")
+        job.wait_for(
+            lambda: any(r["start_step"] == restarted_at for r in logged(storage, "survivor")),
+            "a step of the restarted group",
+        )
         cluster.kill_node(node_of[node_id])  # a whole worker node, every process on it
         assert wait_until_dead(pid), "a training worker of the lost node survived it"
         cluster.add_node()  # the replacement the autoscaler would bring
@@ -194,24 +254,46 @@ def test_training_survives_a_killed_worker_and_a_lost_node(cluster, build, strai
 
 
 def submit_prepare(cluster, script: str, *args: str) -> None:
-    cluster.submit(f"pipelines/{script}", *args, "--image-size", "32", "--shard-size", "8",
-                   "--threads-per-task", "4", "--allow-loopback-urls")
+    cluster.submit(
+        f"pipelines/{script}",
+        *args,
+        "--image-size",
+        "32",
+        "--shard-size",
+        "8",
+        "--threads-per-task",
+        "4",
+        "--allow-loopback-urls",
+    )
 
 
 def test_prepare_yfcc15m_and_sharegpt4v_through_ray_job_submit(cluster, tmp_path):
     from tests.build_checks import captions_by_source, check_build
     from tests.corpus_fixtures import write_sharegpt4v_fixture, write_yfcc_fixture
+
     (tmp_path / "yfcc" / "mirror").mkdir(parents=True)
     with cluster.mirror(tmp_path / "yfcc" / "mirror") as base_url:
         fx = write_yfcc_fixture(tmp_path / "yfcc", base_url, n_photos=4)
-        submit_prepare(cluster, "prepare_yfcc15m.py", "--joined", str(fx.joined_parquet),
-                       "--output", str(tmp_path / "out"))
+        submit_prepare(
+            cluster, "prepare_yfcc15m.py", "--joined", str(fx.joined_parquet), "--output", str(tmp_path / "out")
+        )
     (build_dir,) = (tmp_path / "out" / "yfcc15m").iterdir()
     assert captions_by_source(check_build(str(build_dir))[1]) == fx.expected_captions
     sg = write_sharegpt4v_fixture(tmp_path / "sharegpt4v", n_records=6)
-    submit_prepare(cluster, "prepare_sharegpt4v.py", "--captions", str(sg.json_path), "--image-root",
-                   str(sg.image_root), "--coco-captions", str(sg.coco_captions_json),
-                   "--validation-records", "2", "--output", str(tmp_path / "out"))
+    submit_prepare(
+        cluster,
+        "prepare_sharegpt4v.py",
+        "--captions",
+        str(sg.json_path),
+        "--image-root",
+        str(sg.image_root),
+        "--coco-captions",
+        str(sg.coco_captions_json),
+        "--validation-records",
+        "2",
+        "--output",
+        str(tmp_path / "out"),
+    )
     (val_dir,) = (tmp_path / "out" / "sharegpt4v-val2").iterdir()
     assert captions_by_source(check_build(str(val_dir))[1]) == sg.expected_captions(range(2))
 
@@ -219,8 +301,10 @@ def test_prepare_yfcc15m_and_sharegpt4v_through_ray_job_submit(cluster, tmp_path
 def test_every_node_and_job_uses_loopback_only(cluster):
     nodes = cluster.alive_nodes()
     assert len(nodes) == 3 and {n["node_ip"] for n in nodes} == {"127.0.0.1"}
-    code = ("import ray; ray.init(); import ray.util; "
-            "print('addresses', ray.get_runtime_context().gcs_address, ray.util.get_node_ip_address())")
+    code = (
+        "import ray; ray.init(); import ray.util; "
+        "print('addresses', ray.get_runtime_context().gcs_address, ray.util.get_node_ip_address())"
+    )
     stdout = cluster.submit("-c", code)
     (line,) = [x for x in stdout.splitlines() if x.startswith("addresses ")]
     gcs, node_ip = line.split()[1:]
@@ -253,9 +337,22 @@ def test_a_killed_evaluation_reencodes_at_most_one_block_per_encoder(cluster, st
     corpus, _ = small_corpus
     n_images = replicated_zeroshot(corpus.zeroshot_dir, tmp_path / "zeroshot", copies=12)
     cache, encoders, block = tmp_path / "cache", 2, 2
-    args = ["--checkpoint", str(storage / "straight"), "--zeroshot", str(tmp_path / "zeroshot"),
-            "--output", str(tmp_path / "report"), "--cache", str(cache), "--num-encoders", str(encoders),
-            "--cache-block", str(block), "--batch-size", str(block)]
+    args = [
+        "--checkpoint",
+        str(storage / "straight"),
+        "--zeroshot",
+        str(tmp_path / "zeroshot"),
+        "--output",
+        str(tmp_path / "report"),
+        "--cache",
+        str(cache),
+        "--num-encoders",
+        str(encoders),
+        "--cache-block",
+        str(block),
+        "--batch-size",
+        str(block),
+    ]
     with JobOutput(cluster, "evaluation/evaluate.py", *args) as job:
         job.wait_for(lambda: len(cache_files(cache, ".npy")) >= 3, "the first blocks")
         driver = subprocess.run(["pgrep", "-f", "^python evaluation/evaluate.py"], capture_output=True, text=True)
@@ -281,18 +378,36 @@ def test_a_build_survives_a_lost_prepare_node(cluster, mirror, small_corpus, bui
     its tasks on the other node, the shard store keeps what was staged, and the build has
     every sample once."""
     from tests.build_checks import check_build
+
     corpus, tsv = small_corpus
     out, victim = tmp_path / "shards", cluster.nodes[-1]
     (victim_id,) = [n["node_id"] for n in cluster.alive_nodes() if victim.name in n["resources_total"]]
-    with JobOutput(cluster, "pipelines/prepare_cc12m.py", "--input", str(tsv), "--output", str(out),
-                   "--image-size", "32", "--shard-size", "6", "--threads-per-task", "4",
-                   "--allow-loopback-urls") as job:
+    with JobOutput(
+        cluster,
+        "pipelines/prepare_cc12m.py",
+        "--input",
+        str(tsv),
+        "--output",
+        str(out),
+        "--image-size",
+        "32",
+        "--shard-size",
+        "6",
+        "--threads-per-task",
+        "4",
+        "--allow-loopback-urls",
+    ) as job:
         job.wait_for(lambda: any(out.glob("cc12m/*/staging/shards/*.tar")), "the first staged shard")
         cluster.kill_node(victim)
         cluster.add_node()
         stdout = job.finish()
-    lost = [t for t in cluster.job_tasks(job.id) if t.get("node_id") == victim_id
-            and t.get("required_resources", {}).get("CPU", 0) > 0 and t["state"] != "FINISHED"]
+    lost = [
+        t
+        for t in cluster.job_tasks(job.id)
+        if t.get("node_id") == victim_id
+        and t.get("required_resources", {}).get("CPU", 0) > 0
+        and t["state"] != "FINISHED"
+    ]
     assert lost, "no task of the build was under way on the node that was killed"
     assert job.process.returncode == 0 and "succeeded" in stdout, stdout[-4000:]
     (build_dir,) = (out / "cc12m").iterdir()

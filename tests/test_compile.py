@@ -2,6 +2,7 @@
 give one training step the eager loss and gradients, with no graph break; CLIP-PGS compiles
 with the static-length compaction (what pgs.compaction=auto resolves to under compile) and is
 refused with batch_min."""
+
 from __future__ import annotations
 
 import pytest
@@ -29,8 +30,10 @@ def fresh_dynamo():
 
 def one_step(method: str, overrides: dict, compiled: bool) -> tuple[torch.Tensor, dict]:
     """(loss, every parameter's gradient) of one step from the same seeded model and batch."""
-    config = apply_overrides(build_method_config(method), {"model.arch": ARCH, "loss.learn_temperature": True,
-                                                          "run.compile": compiled, **overrides})
+    config = apply_overrides(
+        build_method_config(method),
+        {"model.arch": ARCH, "loss.learn_temperature": True, "run.compile": compiled, **overrides},
+    )
     torch.manual_seed(0)
     model = build_training_model(config)
     if compiled:
@@ -41,8 +44,15 @@ def one_step(method: str, overrides: dict, compiled: bool) -> tuple[torch.Tensor
     for module in model.modules():  # the selectors' draws, seeded as the loop does
         if hasattr(module, "generator"):
             module.generator = torch.Generator().manual_seed(7)
-    metrics = train_step(model, objective, optimizer, build_scheduler(optimizer, 1, 10),
-                         make_batch(model.tower.context_length), settings, step=0)
+    metrics = train_step(
+        model,
+        objective,
+        optimizer,
+        build_scheduler(optimizer, 1, 10),
+        make_batch(model.tower.context_length),
+        settings,
+        step=0,
+    )
     return metrics["loss/total"], {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
@@ -57,12 +67,14 @@ def test_a_compiled_step_equals_the_eager_one(method, overrides, fresh_dynamo):
     torch.testing.assert_close(loss, eager_loss, rtol=1e-5, atol=1e-6)
     assert set(grads) == set(eager)
     # fused kernels sum in another order: errors relative to each tensor's scale (seen: <= 3e-6)
-    assert_equal_gradients({n: (grads[n] - g).abs().max().item() / (g.abs().max().item() + 1e-12)
-                            for n, g in eager.items()})
+    assert_equal_gradients(
+        {n: (grads[n] - g).abs().max().item() / (g.abs().max().item() + 1e-12) for n, g in eager.items()}
+    )
 
 
 def test_pgs_under_compile_uses_the_static_compaction_and_refuses_batch_min():
     from training.methods.recipes import resolve_auto_fields
+
     config = apply_overrides(build_method_config("pgs0.5"), {"model.arch": ARCH, "run.compile": True})
     assert resolve_auto_fields(config).pgs.compaction == "static"
     eager = apply_overrides(config, {"run.compile": False})

@@ -1,6 +1,7 @@
 """The shared console (pipelines/console.py): stage lines, the progress reporter on a terminal
 and piped to a file, and the known-noise filters (the demo's whole console is checked in
 test_demo_e2e.py, which captures it)."""
+
 from __future__ import annotations
 
 import io

@@ -4,6 +4,7 @@ process, and across two gloo processes on 127.0.0.1 with features gathered with 
 open_clip's `loss.py` is loaded as a standalone module (it imports only torch): importing the
 whole open_clip package costs several seconds in each spawned worker.
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -44,8 +45,12 @@ def make_features(batch: int, dim: int, dtype: torch.dtype, seed: int):
 
 
 # Non-sphere topologies (kind -> topology on DIM = 8): gathered with gradients like the sphere.
-TOPOLOGY_CASES = {"oblique": Oblique(4, 2), "multi": MultiToken(2, 4), "oblique_geodesic": ObliqueGeodesic(4, 2),
-                  "euclidean": Euclidean(DIM)}
+TOPOLOGY_CASES = {
+    "oblique": Oblique(4, 2),
+    "multi": MultiToken(2, 4),
+    "oblique_geodesic": ObliqueGeodesic(4, 2),
+    "euclidean": Euclidean(DIM),
+}
 
 
 def make_topology_features(kind: str):
@@ -118,16 +123,29 @@ def run_gather_worker(rank: int, port: int, out_dir: str) -> None:
         for with_grad, local_loss in GATHER_MODES:
             ours = compute_loss_and_grads(
                 ContrastiveLoss(rank, WORLD_SIZE, gather_with_grad=with_grad, local_loss=local_loss),
-                image[rows], text[rows], scale, ours=True)
+                image[rows],
+                text[rows],
+                scale,
+                ours=True,
+            )
             theirs = compute_loss_and_grads(
                 ClipLoss(local_loss=local_loss, gather_with_grad=with_grad, rank=rank, world_size=WORLD_SIZE),
-                image[rows], text[rows], scale, ours=False)
+                image[rows],
+                text[rows],
+                scale,
+                ours=False,
+            )
             results[with_grad, local_loss] = {"ours": ours, "theirs": theirs, **share_gradients(ours)}
         for kind, topology in TOPOLOGY_CASES.items():
             t_image, t_text, t_scale = make_topology_features(kind)
             for local_loss in (False, True):
-                ours = compute_loss_and_grads(ContrastiveLoss(rank, WORLD_SIZE, True, local_loss, topology),
-                                              t_image[rows], t_text[rows], t_scale, ours=True)
+                ours = compute_loss_and_grads(
+                    ContrastiveLoss(rank, WORLD_SIZE, True, local_loss, topology),
+                    t_image[rows],
+                    t_text[rows],
+                    t_scale,
+                    ours=True,
+                )
                 results[kind, True, local_loss] = {"ours": ours, **share_gradients(ours)}
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
@@ -145,8 +163,11 @@ def share_gradients(ours) -> dict:
     dist.all_gather(all_d_text, ours[2].contiguous())
     summed_d_scale = ours[3].clone()
     dist.all_reduce(summed_d_scale)
-    return {"all_d_image": torch.cat(all_d_image), "all_d_text": torch.cat(all_d_text),
-            "summed_d_scale": summed_d_scale}
+    return {
+        "all_d_image": torch.cat(all_d_image),
+        "all_d_text": torch.cat(all_d_text),
+        "summed_d_scale": summed_d_scale,
+    }
 
 
 GATHER_MODES = [(True, False), (True, True), (False, False), (False, True)]
@@ -163,8 +184,7 @@ def assert_matches_clip_loss(gathered_results, mode):
     for rank, results in enumerate(gathered_results):
         ours, theirs = results[mode]["ours"], results[mode]["theirs"]
         for name, a, b in zip(("loss", "d_image", "d_text", "d_scale"), ours, theirs):
-            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10,
-                                       msg=lambda m, n=name, r=rank: f"rank {r} {n}: {m}")
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10, msg=lambda m, n=name, r=rank: f"rank {r} {n}: {m}")
 
 
 @pytest.mark.parametrize("local_loss", [False, True])
@@ -235,8 +255,10 @@ def test_loss_module_resolves_its_gather_alone():
     """In a fresh interpreter that imports only our loss module (open_clip imports
     torch.distributed.nn for us elsewhere), the gather-with-grad path must resolve, and
     importing it warns nothing (the deprecated torch.distributed.nn all_gather is not used)."""
-    code = ("import warnings; warnings.simplefilter('error')\n"
-            "import torch, training.methods.clip.loss\n"
-            "training.methods.clip.loss.all_gather_with_grad\n")
+    code = (
+        "import warnings; warnings.simplefilter('error')\n"
+        "import torch, training.methods.clip.loss\n"
+        "training.methods.clip.loss.all_gather_with_grad\n"
+    )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]

@@ -1,15 +1,14 @@
 """The three prepare jobs on fixtures in their real layouts, through Ray Data on a loopback
 mirror: data checks on the real output, every bad input counted by reason, content dedup,
 the failure-rate abort, and a second run that neither downloads nor writes."""
+
 from __future__ import annotations
 
 import shutil
 
-import cv2
-import numpy as np
 import pytest
 
-from pipelines import build, cli, prepare_cc12m, prepare_sharegpt4v, prepare_yfcc15m, storage
+from pipelines import build, prepare_cc12m, prepare_sharegpt4v, prepare_yfcc15m, storage
 from pipelines.captions import sample_key
 from pipelines.mirror import LoopbackMirror
 from tests.bad_inputs import write_bad_corpus
@@ -17,8 +16,19 @@ from tests.build_checks import captions_by_source, check_build, tree_snapshot
 from tests.corpus_fixtures import write_sharegpt4v_fixture, write_yfcc_fixture
 
 pytestmark = pytest.mark.ray
-COMMON = ["--allow-loopback-urls", "--image-size", "32", "--shard-size", "4",
-          "--threads-per-task", "4", "--timeout", "1", "--retries", "0"]
+COMMON = [
+    "--allow-loopback-urls",
+    "--image-size",
+    "32",
+    "--shard-size",
+    "4",
+    "--threads-per-task",
+    "4",
+    "--timeout",
+    "1",
+    "--retries",
+    "0",
+]
 
 
 @pytest.fixture(scope="module")
@@ -69,8 +79,9 @@ def test_a_second_run_downloads_nothing_and_writes_nothing(bad_corpus):
 
 def test_a_build_whose_input_is_mostly_wrong_aborts(bad_corpus, tmp_path):
     corpus = bad_corpus[0]
-    args = prepare_cc12m.parse_args(["--input", str(corpus.tsv), "--output", str(tmp_path),
-                                     *COMMON, "--max-failure-rate", "0.1"])
+    args = prepare_cc12m.parse_args(
+        ["--input", str(corpus.tsv), "--output", str(tmp_path), *COMMON, "--max-failure-rate", "0.1"]
+    )
     with pytest.raises(build.BuildAborted, match="rows rejected"):
         prepare_cc12m.run(args)
     assert not list(tmp_path.rglob("manifest.json"))
@@ -95,8 +106,11 @@ def yfcc_expected_reasons(fx, from_metadata: bool) -> dict:
 @pytest.mark.parametrize("layout", ["metadata", "csv", "parquet"])
 def test_yfcc15m_from_each_input_layout(yfcc, layout):
     fx, root = yfcc
-    inputs = {"metadata": ["--metadata", str(fx.metadata_tsv), "--subset", str(fx.subset_tsv)],
-              "csv": ["--joined", str(fx.joined_csv)], "parquet": ["--joined", str(fx.joined_parquet)]}
+    inputs = {
+        "metadata": ["--metadata", str(fx.metadata_tsv), "--subset", str(fx.subset_tsv)],
+        "csv": ["--joined", str(fx.joined_csv)],
+        "parquet": ["--joined", str(fx.joined_parquet)],
+    }
     uri = prepare_yfcc15m.main([*inputs[layout], "--output", str(root / layout), *COMMON])
     manifest, metas = check_build(uri)
     assert captions_by_source(metas) == fx.expected_captions
@@ -108,15 +122,27 @@ def test_yfcc15m_from_each_input_layout(yfcc, layout):
 def test_sharegpt4v_validation_and_training_builds(ray_session, tmp_path):
     fx = write_sharegpt4v_fixture(tmp_path / "fixture", n_records=10)
     uris = prepare_sharegpt4v.main(
-        ["--captions", str(fx.json_path), "--image-root", str(fx.image_root), "--coco-captions",
-         str(fx.coco_captions_json), "--validation-records", "3", "--output",
-         str(tmp_path / "out"), *COMMON])
+        [
+            "--captions",
+            str(fx.json_path),
+            "--image-root",
+            str(fx.image_root),
+            "--coco-captions",
+            str(fx.coco_captions_json),
+            "--validation-records",
+            "3",
+            "--output",
+            str(tmp_path / "out"),
+            *COMMON,
+        ]
+    )
     n = len(fx.records)
     for split, indices in (("validation", range(3)), ("train", range(3, n))):
         manifest, metas = check_build(uris[split])
         assert captions_by_source(metas) == fx.expected_captions(indices), split
         assert manifest["counts"]["rows_rejected"] == dict(fx.expected_reasons(indices)), split
     assert uris["validation"].split("/")[-2] == "sharegpt4v-val3"
-    long_kinds = {c["kind"] for m in check_build(uris["train"])[1].values()
-                  for c in m["captions"] if c["source"] == "sharegpt4v"}
+    long_kinds = {
+        c["kind"] for m in check_build(uris["train"])[1].values() for c in m["captions"] if c["source"] == "sharegpt4v"
+    }
     assert long_kinds == {"long"}

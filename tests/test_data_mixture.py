@@ -3,6 +3,7 @@ epoch's samples following its weight without drift, each source's shards read as
 full permutations (a light source is not repeated before all its shards were read), the
 single-build order unchanged, and exact resume and once-per-run verification on real shards
 of two builds."""
+
 from __future__ import annotations
 
 import json
@@ -16,15 +17,27 @@ from hypothesis import strategies as st
 from pipelines import shards, storage
 from tests.test_data_order import make_sample
 from training import data_mixture
-from training.data_order import (ITEM_SHARD, ITEM_SOURCE, ITEM_VERIFY, Source, compute_epoch_steps,
-                                 compute_total_steps, cycle_permutation, iter_item_samples, order_shards,
-                                 plan_worker_run, within_shard_order)
+from training.data_order import (
+    ITEM_SHARD,
+    ITEM_SOURCE,
+    ITEM_VERIFY,
+    Source,
+    compute_epoch_steps,
+    compute_total_steps,
+    cycle_permutation,
+    iter_item_samples,
+    order_shards,
+    plan_worker_run,
+    within_shard_order,
+)
 
 
 def mixture(sizes_by_source: list[list[int]], weights: list[float]) -> list[Source]:
     total = sum(weights)
-    return [Source(f"mem://b{b}", w / total, [{"id": i, "n_samples": n} for i, n in enumerate(sizes)], f"d{b}")
-            for b, (sizes, w) in enumerate(zip(sizes_by_source, weights))]
+    return [
+        Source(f"mem://b{b}", w / total, [{"id": i, "n_samples": n} for i, n in enumerate(sizes)], f"d{b}")
+        for b, (sizes, w) in enumerate(zip(sizes_by_source, weights))
+    ]
 
 
 # ---------------------------------------------------------------- --data
@@ -49,8 +62,9 @@ def write_build(root, name: str, sizes, first_id: int = 0) -> str:
     """A build of real shards (samples distinct across builds by `first_id`) and its manifest."""
     uri = str(root / name)
     fs, path = storage.open_storage(uri)
-    entries = [shards.write_shard(fs, path, i, [make_sample(first_id + i, j) for j in range(n)])
-               for i, n in enumerate(sizes)]
+    entries = [
+        shards.write_shard(fs, path, i, [make_sample(first_id + i, j) for j in range(n)]) for i, n in enumerate(sizes)
+    ]
     shards.write_manifest(fs, path, {"shards": entries, "name": name})
     return uri
 
@@ -84,16 +98,21 @@ def test_one_build_keeps_the_order_of_runs_started_before_mixtures():
 
 
 def epoch_reads_by_source(sources, seed, epochs):
-    return [[[r for r in order_shards(sources, seed, e) if r.source == b] for e in range(epochs)]
-            for b in range(len(sources))]
+    return [
+        [[r for r in order_shards(sources, seed, e) if r.source == b] for e in range(epochs)]
+        for b in range(len(sources))
+    ]
 
 
 @settings(max_examples=40, deadline=None)
-@given(sizes=st.lists(st.lists(st.integers(1, 9), min_size=1, max_size=6), min_size=2, max_size=3),
-       raw=st.lists(st.floats(0.05, 1.0), min_size=3, max_size=3), epochs=st.integers(1, 6),
-       seed=st.integers(0, 100))
+@given(
+    sizes=st.lists(st.lists(st.integers(1, 9), min_size=1, max_size=6), min_size=2, max_size=3),
+    raw=st.lists(st.floats(0.05, 1.0), min_size=3, max_size=3),
+    epochs=st.integers(1, 6),
+    seed=st.integers(0, 100),
+)
 def test_each_source_takes_its_weights_share_as_a_stream_of_full_permutations(sizes, raw, epochs, seed):
-    sources = mixture(sizes, raw[:len(sizes)])
+    sources = mixture(sizes, raw[: len(sizes)])
     total = sum(s.n_samples for s in sources)
     for src, per_epoch in zip(sources, epoch_reads_by_source(sources, seed, epochs)):
         biggest = max(e["n_samples"] for e in src.entries)
@@ -128,8 +147,13 @@ def test_the_epoch_mixes_the_sources_shards():
 
 
 @settings(max_examples=30, deadline=None)
-@given(sizes=st.lists(st.lists(st.integers(1, 9), min_size=1, max_size=6), min_size=2, max_size=2),
-       world=st.integers(1, 3), batch=st.integers(1, 4), epochs=st.integers(1, 3), start=st.integers(0, 20))
+@given(
+    sizes=st.lists(st.lists(st.integers(1, 9), min_size=1, max_size=6), min_size=2, max_size=2),
+    world=st.integers(1, 3),
+    batch=st.integers(1, 4),
+    epochs=st.integers(1, 3),
+    start=st.integers(0, 20),
+)
 def test_each_shard_of_each_source_is_verified_once_per_run(sizes, world, batch, epochs, start):
     sources = mixture(sizes, [0.6, 0.4])
     start = min(start, compute_total_steps(sources, 0, world, batch, epochs))
@@ -161,9 +185,12 @@ def test_a_mixture_reads_both_builds_and_resumes_exactly(two_builds, world, batc
         assert len(full) == total * batch
         assert {item["build"] for item in items} == {a, b}
         for step in range(total + 1):
-            resumed = [row for item in plan_worker_run(sources, seed, rank, world, batch, step, epochs)
-                       for row in iter_item_samples(item, seed)]
-            assert resumed == full[step * batch:], (rank, step)
+            resumed = [
+                row
+                for item in plan_worker_run(sources, seed, rank, world, batch, step, epochs)
+                for row in iter_item_samples(item, seed)
+            ]
+            assert resumed == full[step * batch :], (rank, step)
 
 
 def test_samples_come_from_each_build_in_proportion(two_builds):
@@ -173,5 +200,5 @@ def test_samples_come_from_each_build_in_proportion(two_builds):
     items = plan_worker_run(sources, 0, 0, 1, 1, 0, 8)
     rows = [row for item in items for row in iter_item_samples(item, 0)]
     from_b = sum(json.loads(r[shards.META])["captions"][0]["text"].split()[1].startswith("10") for r in rows)
-    n = sum(s.n_samples for s in sources) * 8  # 160: 40 of a, 120 of b, each within one shard above
+    assert sum(s.n_samples for s in sources) * 8 == 160  # 40 of a, 120 of b, each within one shard above
     assert 120 <= from_b < 120 + 6 and 40 <= len(rows) - from_b < 40 + 5

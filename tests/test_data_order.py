@@ -1,6 +1,7 @@
 """Deterministic data order: per-epoch shard permutation, a partition of the shards over
 workers, equal steps per worker, and the resume property on real shards: the plan that
 skips k samples yields exactly the full epoch's samples minus its first k."""
+
 from __future__ import annotations
 
 import hashlib
@@ -12,9 +13,23 @@ from hypothesis import strategies as st
 
 from pipelines import shards, storage
 from training.batches import EPOCH
-from training.data_order import (ITEM_BUILD, ITEM_EPOCH, ITEM_SHARD, ITEM_SKIP, ITEM_VERIFY, Source,
-                                 compute_epoch_steps, compute_total_steps, iter_item_samples, locate_step,
-                                 order_shards, plan_worker_epoch, plan_worker_run, single_source, worker_shards)
+from training.data_order import (
+    ITEM_BUILD,
+    ITEM_EPOCH,
+    ITEM_SHARD,
+    ITEM_SKIP,
+    ITEM_VERIFY,
+    Source,
+    compute_epoch_steps,
+    compute_total_steps,
+    iter_item_samples,
+    locate_step,
+    order_shards,
+    plan_worker_epoch,
+    plan_worker_run,
+    single_source,
+    worker_shards,
+)
 
 
 def make_entries(sizes: list[int]) -> list[Source]:
@@ -45,8 +60,7 @@ def test_order_shards_deterministic_per_seed_and_epoch():
 
 
 @settings(max_examples=40, deadline=None)
-@given(num_shards=st.integers(0, 30), world=st.integers(1, 6), seed=st.integers(0, 1000),
-       epoch=st.integers(0, 5))
+@given(num_shards=st.integers(0, 30), world=st.integers(1, 6), seed=st.integers(0, 1000), epoch=st.integers(0, 5))
 def test_worker_shards_partition_the_shards(num_shards, world, seed, epoch):
     entries = make_entries([1] * num_shards)
     per_worker = [ids(worker_shards(entries, seed, epoch, rank, world)) for rank in range(world)]
@@ -71,8 +85,13 @@ def test_epoch_steps_by_hand():
 
 
 @settings(max_examples=40, deadline=None)
-@given(sizes=st.lists(st.integers(0, 30), min_size=1, max_size=12), world=st.integers(1, 4),
-       batch=st.integers(1, 8), seed=st.integers(0, 100), epoch=st.integers(0, 3))
+@given(
+    sizes=st.lists(st.integers(0, 30), min_size=1, max_size=12),
+    world=st.integers(1, 4),
+    batch=st.integers(1, 8),
+    seed=st.integers(0, 100),
+    epoch=st.integers(0, 3),
+)
 def test_epoch_steps_is_min_over_workers(sizes, world, batch, seed, epoch):
     entries = make_entries(sizes)
     totals = [n_samples(worker_shards(entries, seed, epoch, r, world)) for r in range(world)]
@@ -80,8 +99,13 @@ def test_epoch_steps_is_min_over_workers(sizes, world, batch, seed, epoch):
 
 
 @settings(max_examples=30, deadline=None)
-@given(sizes=st.lists(st.integers(1, 20), min_size=1, max_size=8), world=st.integers(1, 3),
-       batch=st.integers(1, 5), epochs=st.integers(1, 4), seed=st.integers(0, 100))
+@given(
+    sizes=st.lists(st.integers(1, 20), min_size=1, max_size=8),
+    world=st.integers(1, 3),
+    batch=st.integers(1, 5),
+    epochs=st.integers(1, 4),
+    seed=st.integers(0, 100),
+)
 def test_locate_step_and_total_steps_agree(sizes, world, batch, epochs, seed):
     entries = make_entries(sizes)
     per_epoch = [compute_epoch_steps(entries, seed, e, world, batch) for e in range(epochs)]
@@ -107,13 +131,16 @@ def test_plan_skips_whole_shards_then_inside_the_partial_one():
     full = plan_worker_epoch(entries, 1, 2, 0, 1, skip_samples=0)
     assert plan_summary(full) == [(i, 0, 2) for i in shard_ids]
     # Skip the first shard whole and 2 samples of the second.
-    assert plan_summary(plan_worker_epoch(entries, 1, 2, 0, 1, skip_samples=a + 2)) == \
-        [(shard_ids[1], 2, 2)] + [(i, 0, 2) for i in shard_ids[2:]]
+    assert plan_summary(plan_worker_epoch(entries, 1, 2, 0, 1, skip_samples=a + 2)) == [(shard_ids[1], 2, 2)] + [
+        (i, 0, 2) for i in shard_ids[2:]
+    ]
     # Exactly two shards: the third starts at its beginning.
-    assert plan_summary(plan_worker_epoch(entries, 1, 2, 0, 1, skip_samples=a + b)) == \
-        [(i, 0, 2) for i in shard_ids[2:]]
-    assert plan_summary(plan_worker_epoch(entries, 1, 2, 0, 1, skip_samples=a + b + c - 1)) == \
-        [(shard_ids[2], c - 1, 2)] + [(i, 0, 2) for i in shard_ids[3:]]
+    assert plan_summary(plan_worker_epoch(entries, 1, 2, 0, 1, skip_samples=a + b)) == [
+        (i, 0, 2) for i in shard_ids[2:]
+    ]
+    assert plan_summary(plan_worker_epoch(entries, 1, 2, 0, 1, skip_samples=a + b + c - 1)) == [
+        (shard_ids[2], c - 1, 2)
+    ] + [(i, 0, 2) for i in shard_ids[3:]]
     assert plan_worker_epoch(entries, 1, 2, 0, 1, skip_samples=entries[0].n_samples) == []
     # The item's shard field is the whole manifest entry.
     assert json.loads(full[0][ITEM_SHARD]) == order[0].entry
@@ -134,10 +161,18 @@ SHARD_SIZES = (4, 5, 3)
 
 def make_sample(shard_id: int, index: int) -> dict:
     key = hashlib.sha256(f"{shard_id}-{index}".encode()).hexdigest()[:16]
-    meta = {"source": "synthetic", "width": 8, "height": 8,
-            "captions": [{"kind": shards.CAPTION_SHORT, "text": f"sample {shard_id}/{index}"}]}
-    return {shards.KEY: key, shards.IMAGE: f"jpg-{key}".encode(), shards.EDGE: f"png-{key}".encode(),
-            shards.META: json.dumps(meta)}
+    meta = {
+        "source": "synthetic",
+        "width": 8,
+        "height": 8,
+        "captions": [{"kind": shards.CAPTION_SHORT, "text": f"sample {shard_id}/{index}"}],
+    }
+    return {
+        shards.KEY: key,
+        shards.IMAGE: f"jpg-{key}".encode(),
+        shards.EDGE: f"png-{key}".encode(),
+        shards.META: json.dumps(meta),
+    }
 
 
 @pytest.fixture(scope="module")
@@ -145,8 +180,10 @@ def build(tmp_path_factory):
     """(build uri, its sources) of three small shards written by the real writer."""
     uri = str(tmp_path_factory.mktemp("build"))
     fs, path = storage.open_storage(uri)
-    entries = [shards.write_shard(fs, path, shard_id, [make_sample(shard_id, i) for i in range(n)])
-               for shard_id, n in enumerate(SHARD_SIZES)]
+    entries = [
+        shards.write_shard(fs, path, shard_id, [make_sample(shard_id, i) for i in range(n)])
+        for shard_id, n in enumerate(SHARD_SIZES)
+    ]
     return uri, single_source(entries, uri)
 
 
@@ -174,8 +211,7 @@ def test_resume_plan_continues_the_full_epoch(build, world, epoch):
 def test_epoch_reads_every_sample_once_with_intact_rows(build):
     uri, entries = build
     rows = read_plan(plan_worker_epoch(entries, 0, 0, 0, 1, 0), uri, 0)
-    written = {s[shards.KEY]: s for i, n in enumerate(SHARD_SIZES)
-               for s in (make_sample(i, j) for j in range(n))}
+    written = {s[shards.KEY]: s for i, n in enumerate(SHARD_SIZES) for s in (make_sample(i, j) for j in range(n))}
     assert sorted(r[shards.KEY] for r in rows) == sorted(written)
     for row in rows:
         assert {k: row[k] for k in shards.SAMPLE_COLUMNS} == written[row[shards.KEY]]
@@ -184,8 +220,7 @@ def test_epoch_reads_every_sample_once_with_intact_rows(build):
 def test_within_shard_order_is_a_per_epoch_permutation(build):
     uri, entries = build
     item = {ITEM_SHARD: json.dumps(entries[0].entries[1]), ITEM_SKIP: 0, ITEM_BUILD: uri}
-    orders = {epoch: [r[shards.KEY] for r in iter_item_samples({**item, ITEM_EPOCH: epoch}, 5)]
-              for epoch in range(4)}
+    orders = {epoch: [r[shards.KEY] for r in iter_item_samples({**item, ITEM_EPOCH: epoch}, 5)] for epoch in range(4)}
     stored = sorted(make_sample(1, j)[shards.KEY] for j in range(SHARD_SIZES[1]))
     assert all(sorted(order) == stored for order in orders.values())
     assert orders[0] == [r[shards.KEY] for r in iter_item_samples({**item, ITEM_EPOCH: 0}, 5)]
@@ -206,12 +241,17 @@ def test_run_plan_batches_into_exactly_the_runs_steps_and_resumes(build, world, 
         assert [sum(r[EPOCH] == e for r in full) for e in range(epochs)] == per_epoch
         for step in range(total + 1):
             resumed = read_plan(plan_worker_run(entries, seed, rank, world, batch, step, epochs), uri, seed)
-            assert resumed == full[step * batch:], (rank, step)
+            assert resumed == full[step * batch :], (rank, step)
 
 
 @settings(max_examples=30, deadline=None)
-@given(sizes=st.lists(st.integers(1, 9), min_size=1, max_size=12), world=st.integers(1, 4),
-       batch=st.integers(1, 5), epochs=st.integers(1, 3), start=st.integers(0, 20))
+@given(
+    sizes=st.lists(st.integers(1, 9), min_size=1, max_size=12),
+    world=st.integers(1, 4),
+    batch=st.integers(1, 5),
+    epochs=st.integers(1, 3),
+    start=st.integers(0, 20),
+)
 def test_each_shard_is_verified_once_per_run_at_its_first_read(sizes, world, batch, epochs, start):
     """Exactly one item over all workers verifies each shard the run reads, and it is that
     shard's earliest read (an epoch's reads run in parallel across workers)."""
@@ -234,7 +274,7 @@ def test_a_corrupt_shard_is_named_at_its_first_read(tmp_path):
     data = storage.read_bytes(fs, tar)
     at = data.index(b"jpg-") + 5
     # one changed byte inside an image: the tar still parses, only the checksum can tell
-    storage.write_bytes_atomic(fs, tar, data[:at] + bytes([data[at] ^ 1]) + data[at + 1:])
+    storage.write_bytes_atomic(fs, tar, data[:at] + bytes([data[at] ^ 1]) + data[at + 1 :])
     (item,) = [i for i in plan_worker_run(entries, 0, 0, 1, 1, 0, 1) if json.loads(i[ITEM_SHARD])["id"] == 0]
     with pytest.raises(ValueError, match=f"checksum mismatch for {written[0]['tar']}"):
         list(iter_item_samples(item, 0))

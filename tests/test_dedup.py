@@ -1,4 +1,5 @@
 """Content dedup and the failure-rate abort, on plain data (no Ray)."""
+
 from __future__ import annotations
 
 import json
@@ -15,9 +16,12 @@ def caption(text: str, kind: str = "short") -> dict:
 
 
 def group(keys, shard_ids, captions, digests=None) -> dict:
-    return {"key": np.array(keys, dtype=object), "shard": np.array(shard_ids),
-            shards.DIGEST: np.array(digests or ["d"] * len(keys), dtype=object),
-            "captions_json": np.array([json.dumps(c) for c in captions], dtype=object)}
+    return {
+        "key": np.array(keys, dtype=object),
+        "shard": np.array(shard_ids),
+        shards.DIGEST: np.array(digests or ["d"] * len(keys), dtype=object),
+        "captions_json": np.array([json.dumps(c) for c in captions], dtype=object),
+    }
 
 
 def test_a_unique_image_plans_nothing():
@@ -27,9 +31,13 @@ def test_a_unique_image_plans_nothing():
 
 
 def test_duplicates_merge_into_the_smallest_key_with_every_caption_once():
-    out = dedup.duplicates_in_bucket(group(
-        ["k3", "k1", "k2"], [2, 0, 1],
-        [[caption("c"), caption("shared")], [caption("a")], [caption("shared"), caption("b", "long")]]))
+    out = dedup.duplicates_in_bucket(
+        group(
+            ["k3", "k1", "k2"],
+            [2, 0, 1],
+            [[caption("c"), caption("shared")], [caption("a")], [caption("shared"), caption("b", "long")]],
+        )
+    )
     (plan,) = [json.loads(p) for p in out["plan"]]
     assert plan["keep"] == ["k1", 0]
     assert plan["drop"] == [["k2", 1], ["k3", 2]]
@@ -46,12 +54,12 @@ def test_a_bucket_plans_one_merge_per_shared_digest():
     by_digest = {}
     for key, shard, digest in zip(keys, batch["shard"], digests):
         by_digest.setdefault(digest, []).append((key, int(shard)))
-    expected = sorted(([min(m)[0], min(m)[1]], sorted([list(x) for x in m])[1:])
-                      for m in by_digest.values() if len(m) > 1)
+    expected = sorted(
+        ([min(m)[0], min(m)[1]], sorted([list(x) for x in m])[1:]) for m in by_digest.values() if len(m) > 1
+    )
     plans = [json.loads(p) for p in dedup.duplicates_in_bucket(batch)["plan"]]
     assert sorted((p["keep"], p["drop"]) for p in plans) == expected
-    assert all([c["text"] for c in p["captions"]] == [p["keep"][0]] + [k for k, _ in p["drop"]]
-               for p in plans)
+    assert all([c["text"] for c in p["captions"]] == [p["keep"][0]] + [k for k, _ in p["drop"]] for p in plans)
 
 
 def sample(key: str, texts: list[str]) -> dict:
@@ -85,6 +93,7 @@ def test_image_failure_rate_aborts_once_enough_images_were_tried():
 
 def test_row_failure_rate_ignores_the_header():
     from collections import Counter
+
     build.check_row_failures(Counter({"": 5, "header": 1, "bad_url": 5}), max_rate=0.5)
     with pytest.raises(build.BuildAborted, match="6 of 11 input rows"):
         build.check_row_failures(Counter({"": 5, "header": 1, "bad_url": 6}), max_rate=0.5)
@@ -94,6 +103,7 @@ def test_publishing_a_shard_again_finds_it_published(tmp_path):
     """A publish task retried after its node died (the shard published, the staged copy maybe
     removed) returns the published entry instead of failing on the missing staged copy."""
     from pipelines import storage
+
     fs, root = storage.open_storage(str(tmp_path))
     meta = {"key": "k1", "source": "s1", "width": 4, "height": 4, "captions": [caption("a red dog")]}
     sample = {shards.KEY: "k1", shards.IMAGE: b"jpeg", shards.EDGE: b"png", shards.META: json.dumps(meta)}
@@ -107,9 +117,18 @@ def test_publishing_a_shard_again_finds_it_published(tmp_path):
 def staged_shard(fs, root: str, shard_id: int, keys: list[str]) -> dict:
     """A shard staged as ShardBuilder stages it (duplicates_merged 0); returns its entry."""
     rows = [sized_sample(k, f"caption of {k}", f"image {k}".encode()) for k in keys]
-    return shards.write_shard(fs, dedup.staging_path(root), shard_id, rows,
-                              {"failures": {"http_404": 1}, "n_groups": len(keys) + 1,
-                               "duplicates_merged": 0, "n_captions_written": len(keys)})
+    return shards.write_shard(
+        fs,
+        dedup.staging_path(root),
+        shard_id,
+        rows,
+        {
+            "failures": {"http_404": 1},
+            "n_groups": len(keys) + 1,
+            "duplicates_merged": 0,
+            "n_captions_written": len(keys),
+        },
+    )
 
 
 def test_an_unchanged_shard_is_published_as_a_rewrite_would_publish_it(tmp_path):
@@ -117,6 +136,7 @@ def test_an_unchanged_shard_is_published_as_a_rewrite_would_publish_it(tmp_path)
     rewritten, and what is published (tar bytes, index rows and stats) equals what rewriting
     it through the edit path gives."""
     from pipelines import storage
+
     fs, root = storage.open_storage(str(tmp_path / "moved"))
     staged_shard(fs, root, 0, ["a1", "a2"])
     staged_shard(fs, root, 1, ["b1", "b2", "b3"])
@@ -133,8 +153,10 @@ def test_an_unchanged_shard_is_published_as_a_rewrite_would_publish_it(tmp_path)
     staged_shard(ref_fs, ref_root, 1, ["b1", "b2", "b3"])
     samples = shards.read_shard_samples(ref_fs, dedup.staging_path(ref_root), published[1], verify=True)
     stats = {"failures": {"http_404": 1}, "n_groups": 4, "duplicates_merged": 0, "n_captions_written": 3}
-    assert shards.write_shard(ref_fs, ref_root, 1, dedup.apply_edits(samples, {"drop": [], "captions": {}}),
-                              stats) == published[1]
+    assert (
+        shards.write_shard(ref_fs, ref_root, 1, dedup.apply_edits(samples, {"drop": [], "captions": {}}), stats)
+        == published[1]
+    )
     ref_tar, ref_index = shards.shard_paths(ref_root, 1)
     assert storage.read_bytes(ref_fs, ref_tar) == storage.read_bytes(fs, tar)
     assert pq.read_table(ref_index).equals(pq.read_table(index))
@@ -146,6 +168,7 @@ def test_a_shard_staged_in_parts_publishes_what_a_whole_fetch_publishes(tmp_path
     failures in one) in another: the same tar bytes, index and stats; the parts count as
     staged only once all three are there, and go when the shard is published."""
     from pipelines import storage
+
     keys = ["k1", "k2", "k3", "k4", "k5"]
     whole_fs, whole = storage.open_storage(str(tmp_path / "whole"))
     staged_shard(whole_fs, whole, 0, keys)  # its stats: one http_404 among len(keys) + 1 groups
@@ -154,9 +177,18 @@ def test_a_shard_staged_in_parts_publishes_what_a_whole_fetch_publishes(tmp_path
         assert dedup.staged_part_sets(fs, root) == {}
         part_keys, failures = keys[part::3], 1 if part == 1 else 0
         rows = [sized_sample(k, f"caption of {k}", f"image {k}".encode()) for k in part_keys]
-        shards.write_shard(fs, dedup.part_root(root, part, 3), 0, rows,
-                           {"failures": {"http_404": 1} if failures else {}, "duplicates_merged": 0,
-                            "n_groups": len(part_keys) + failures, "n_captions_written": len(part_keys)})
+        shards.write_shard(
+            fs,
+            dedup.part_root(root, part, 3),
+            0,
+            rows,
+            {
+                "failures": {"http_404": 1} if failures else {},
+                "duplicates_merged": 0,
+                "n_groups": len(part_keys) + failures,
+                "n_captions_written": len(part_keys),
+            },
+        )
     assert list(dedup.staged_part_sets(fs, root)) == [0]
     for f, r in ((whole_fs, whole), (fs, root)):
         dedup.write_plan(f, r, [], [0])
@@ -172,6 +204,7 @@ def test_a_shard_staged_in_parts_publishes_what_a_whole_fetch_publishes(tmp_path
 
 def test_stale_parts_of_a_shard_are_removed_before_it_is_fetched_again(tmp_path):
     from pipelines import storage
+
     fs, root = storage.open_storage(str(tmp_path))
     for shard_id in (0, 1):
         shards.write_shard(fs, dedup.part_root(root, 0, 2), shard_id, [], {"failures": {}, "n_groups": 0})
@@ -182,6 +215,7 @@ def test_stale_parts_of_a_shard_are_removed_before_it_is_fetched_again(tmp_path)
 
 def test_promoting_a_shard_resumes_after_its_tar_moved_and_refuses_a_corrupt_one(tmp_path):
     from pipelines import storage
+
     fs, root = storage.open_storage(str(tmp_path))
     entry = staged_shard(fs, root, 0, ["k1", "k2"])
     dedup.write_plan(fs, root, [], [0])
@@ -216,19 +250,23 @@ def test_one_task_and_the_shuffle_find_the_same_duplicates(ray_session, tmp_path
     import hashlib
 
     from pipelines import storage
+
     fs, root = storage.open_storage(str(tmp_path))
     rng = np.random.default_rng(1)
     by_digest = {}
     for shard_id in range(4):
         picks = rng.integers(0, 15, 10)
-        rows = [sized_sample(f"s{shard_id}k{i}", f"caption {shard_id}-{i}", f"image {p}".encode())
-                for i, p in enumerate(picks)]
+        rows = [
+            sized_sample(f"s{shard_id}k{i}", f"caption {shard_id}-{i}", f"image {p}".encode())
+            for i, p in enumerate(picks)
+        ]
         for row in rows:
             digest = hashlib.sha256(row[shards.IMAGE]).hexdigest()
             by_digest.setdefault(digest, []).append((row[shards.KEY], shard_id))
         shards.write_shard(fs, dedup.staging_path(root), shard_id, rows, {"failures": {}, "n_groups": 10})
-    expected = sorted(([min(m)[0], min(m)[1]], sorted([list(x) for x in m])[1:])
-                      for m in by_digest.values() if len(m) > 1)
+    expected = sorted(
+        ([min(m)[0], min(m)[1]], sorted([list(x) for x in m])[1:]) for m in by_digest.values() if len(m) > 1
+    )
     found = {}
     for name, max_rows in (("one task", 40), ("shuffle", build.ROWS_PER_BUCKET + 1)):
         plans = build.find_duplicates(fs, root, list(range(4)), max_rows)

@@ -1,4 +1,5 @@
 """The demo corpus: scenes, captions, determinism, the CC12M-style TSV and the evaluation layout."""
+
 from __future__ import annotations
 
 import json
@@ -138,8 +139,8 @@ def test_training_images_and_records(corpus, records):
         with Image.open(corpus.mirror_root / record["path"]) as image:
             assert image.format == "JPEG" and image.size == (SMALL["image_size"],) * 2
         assert 1 <= len(record["objects"]) <= 4
-        assert record["long_caption"] == long_caption(Scene(
-            record["background"], tuple(SceneObject(**o) for o in record["objects"]))
+        assert record["long_caption"] == long_caption(
+            Scene(record["background"], tuple(SceneObject(**o) for o in record["objects"]))
         )
 
 
@@ -257,8 +258,7 @@ def test_retrieval_scenes_are_held_out_from_training(corpus, records):
 
 
 def test_empty_evaluation_split_is_allowed(tmp_path):
-    corpus = write_demo_corpus(tmp_path, n_images=2, image_size=32, n_eval_per_class=0,
-                               n_eval_retrieval=0)
+    corpus = write_demo_corpus(tmp_path, n_images=2, image_size=32, n_eval_per_class=0, n_eval_retrieval=0)
     assert json.loads((corpus.retrieval_dir / "dataset_karpathy.json").read_text())["images"] == []
 
 

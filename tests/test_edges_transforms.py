@@ -4,6 +4,7 @@ The key property (CLIP-PGS's edge input): per-patch edge scores computed from th
 edge map after a crop-and-resize match the Sobel magnitude recomputed on the transformed
 image, away from the borders, within what discretisation allows.
 """
+
 from __future__ import annotations
 
 import json
@@ -18,14 +19,20 @@ from hypothesis import strategies as st
 from pipelines import shards
 from pipelines.captions import sample_key
 from pipelines.demo_corpus import read_corpus_records, write_demo_corpus
-from pipelines.edges import (EDGE_CELL, EDGE_FULL_SCALE, compute_edge_png,
-                             compute_sobel_magnitude_reflected, decode_edge_png, dequantize_edges,
-                             edge_map_shape, edge_map_u8, quantize_edges)
+from pipelines.edges import (
+    EDGE_CELL,
+    EDGE_FULL_SCALE,
+    compute_edge_png,
+    compute_sobel_magnitude_reflected,
+    decode_edge_png,
+    dequantize_edges,
+    edge_map_shape,
+    edge_map_u8,
+    quantize_edges,
+)
 from pipelines.stages import build_sample
-from training.batches import (EDGE_SCORES, EPOCH, IMAGES, KEYS, TEXTS, BatchPreprocessor,
-                              choose_caption)
-from training.transforms import (CropBox, apply_crop, reduce_edges_per_patch, sample_crop,
-                                 transform_edges)
+from training.batches import EDGE_SCORES, EPOCH, IMAGES, KEYS, TEXTS, BatchPreprocessor, choose_caption
+from training.transforms import CropBox, apply_crop, reduce_edges_per_patch, sample_crop, transform_edges
 
 QUANT_STEP = EDGE_FULL_SCALE / 255.0  # gradient units per stored 8-bit level
 
@@ -116,8 +123,14 @@ IMAGE_SIDE, OUT_SIZE, PATCH = 256, 128, 16
 WAVES = ((1.0, 96.0, 0.3, 0.0), (0.8, 144.0, 1.9, 1.0), (0.6, 192.0, -0.7, 2.0))
 SHORTEST_WAVELENGTH = min(w[1] for w in WAVES)
 # Square crops: zoom = OUT_SIZE / side from 0.5 to 1.6, at assorted offsets.
-SQUARE_BOXES = (CropBox(0, 0, 256, 256), CropBox(28, 16, 200, 200), CropBox(48, 60, 160, 160),
-                CropBox(74, 38, 112, 112), CropBox(120, 10, 96, 96), CropBox(18, 142, 80, 80))
+SQUARE_BOXES = (
+    CropBox(0, 0, 256, 256),
+    CropBox(28, 16, 200, 200),
+    CropBox(48, 60, 160, 160),
+    CropBox(74, 38, 112, 112),
+    CropBox(120, 10, 96, 96),
+    CropBox(18, 142, 80, 80),
+)
 # RandomResizedCrop's aspect ratios reach 3/4 and 4/3.
 OBLONG_BOXES = (CropBox(20, 20, 200, 150), CropBox(20, 20, 150, 200), CropBox(40, 40, 128, 96))
 
@@ -129,8 +142,7 @@ def smooth_grey_image() -> np.ndarray:
     the stored and the transformed resolution; 8-bit like every stored image.
     """
     y, x = np.mgrid[0:IMAGE_SIDE, 0:IMAGE_SIDE].astype(np.float64)
-    field = sum(a * np.sin(2 * math.pi / wl * (x * math.cos(t) + y * math.sin(t)) + p)
-                for a, wl, t, p in WAVES)
+    field = sum(a * np.sin(2 * math.pi / wl * (x * math.cos(t) + y * math.sin(t)) + p) for a, wl, t, p in WAVES)
     field = (field - field.min()) / (field.max() - field.min())
     return np.rint(10 + 235 * field).astype(np.uint8)
 
@@ -145,7 +157,7 @@ def sobel_truncation_bound(wavelength: float, zoom: float) -> float:
     image w / zoom.
     """
     omega = 2 * math.pi / wavelength / min(zoom, 1.0)
-    return 5 * omega ** 2 / 12
+    return 5 * omega**2 / 12
 
 
 def interior_patch_scores(edges: np.ndarray) -> np.ndarray:
@@ -185,20 +197,17 @@ def edge_scores_both_ways(image: np.ndarray, box: CropBox, interpolation: int):
 DISCRETISATION = 0.05
 
 
-@pytest.mark.parametrize("interpolation", [cv2.INTER_CUBIC, cv2.INTER_LINEAR],
-                         ids=["cubic", "linear"])
+@pytest.mark.parametrize("interpolation", [cv2.INTER_CUBIC, cv2.INTER_LINEAR], ids=["cubic", "linear"])
 @pytest.mark.parametrize("box", SQUARE_BOXES, ids=lambda b: f"side{b.width}")
 def test_patch_edge_scores_match_sobel_of_the_transformed_image(box, interpolation):
     zoom = OUT_SIZE / box.width
     assert sobel_truncation_bound(SHORTEST_WAVELENGTH, zoom) < DISCRETISATION - 0.02
     from_stored, recomputed = edge_scores_both_ways(smooth_grey_image(), box, interpolation)
     tolerance = QUANT_STEP / (2 * zoom) + DISCRETISATION * recomputed
-    assert np.all(np.abs(from_stored - recomputed) <= tolerance), (
-        np.max(np.abs(from_stored - recomputed) / tolerance))
+    assert np.all(np.abs(from_stored - recomputed) <= tolerance), np.max(np.abs(from_stored - recomputed) / tolerance)
     # Scale: a missing or inverted 1/zoom would be off by 14% or more on every box here;
     # over 36 patches the quantisation error averages out, leaving Sobel's truncation.
-    assert abs(from_stored.sum() / recomputed.sum() - 1) <= sobel_truncation_bound(
-        SHORTEST_WAVELENGTH, zoom) + 0.01
+    assert abs(from_stored.sum() / recomputed.sum() - 1) <= sobel_truncation_bound(SHORTEST_WAVELENGTH, zoom) + 0.01
     # Shape: r ~ 1 - (rms error / spread between patches)^2 / 2, so r > 0.998 allows an rms
     # per-patch error of 6.3% of the spread; measured >= 0.9985 (the 4x4 cell pooling of the
     # stored map blurs a little across patch borders; full-resolution maps gave 0.9997).
@@ -231,8 +240,13 @@ def center_square(height: int, width: int) -> CropBox:
 
 
 @settings(max_examples=150, deadline=None, derandomize=True, database=None)
-@given(height=st.integers(8, 400), width=st.integers(8, 400), seed=st.integers(0, 2 ** 32 - 1),
-       low=st.floats(0.05, 1.0), span=st.floats(0.0, 1.0))
+@given(
+    height=st.integers(8, 400),
+    width=st.integers(8, 400),
+    seed=st.integers(0, 2**32 - 1),
+    low=st.floats(0.05, 1.0),
+    span=st.floats(0.0, 1.0),
+)
 def test_sample_crop_stays_in_the_image_and_in_the_scale_range(height, width, seed, low, span):
     scale, ratio = (low, min(1.0, low + span)), (3 / 4, 4 / 3)
     box = sample_crop(np.random.default_rng(seed), height, width, scale, ratio)
@@ -258,6 +272,7 @@ def test_sample_crop_is_a_function_of_the_seed():
     def draws(seed):
         rng = np.random.default_rng(seed)
         return [sample_crop(rng, 64, 64, (0.3, 1.0)) for _ in range(5)]
+
     assert draws(7) == draws(7)
     assert draws(7) != draws(8)
 
@@ -271,20 +286,18 @@ CROP_SCALE = (0.3, 1.0)
 @pytest.fixture(scope="module")
 def shard_rows(tmp_path_factory) -> list[dict]:
     """Shard sample rows built by the real stage from demo-corpus JPEGs (64 px)."""
-    corpus = write_demo_corpus(tmp_path_factory.mktemp("demo"), n_images=8, image_size=64,
-                               n_eval_per_class=1, n_eval_retrieval=1)
+    corpus = write_demo_corpus(
+        tmp_path_factory.mktemp("demo"), n_images=8, image_size=64, n_eval_per_class=1, n_eval_retrieval=1
+    )
     rows = []
     for record in read_corpus_records(corpus.corpus_jsonl):
         url = f"http://127.0.0.1/{record['path']}"
         jpg = (corpus.mirror_root / record["path"]).read_bytes()
         height, width = cv2.imdecode(np.frombuffer(jpg, np.uint8), cv2.IMREAD_GRAYSCALE).shape
-        captions = [{"text": t, "source": "demo", "kind": shards.CAPTION_SHORT}
-                    for t in record["short_captions"]]
-        captions.append({"text": record["long_caption"], "source": "demo",
-                         "kind": shards.CAPTION_LONG})
+        captions = [{"text": t, "source": "demo", "kind": shards.CAPTION_SHORT} for t in record["short_captions"]]
+        captions.append({"text": record["long_caption"], "source": "demo", "kind": shards.CAPTION_LONG})
         group = {"key": sample_key(url), "source": url, "captions": captions}
-        image = {"jpg": jpg, "width": width, "height": height, "original_width": width,
-                 "original_height": height}
+        image = {"jpg": jpg, "width": width, "height": height, "original_width": width, "original_height": height}
         rows.append(build_sample(group, image))
     return rows
 
@@ -300,8 +313,7 @@ def as_batch(rows: list[dict], epoch: int) -> list[dict]:
 
 
 def by_key(out: dict) -> dict[str, tuple]:
-    return {k: (out[IMAGES][i], out[EDGE_SCORES][i], out[TEXTS][i])
-            for i, k in enumerate(out[KEYS])}
+    return {k: (out[IMAGES][i], out[EDGE_SCORES][i], out[TEXTS][i]) for i, k in enumerate(out[KEYS])}
 
 
 def test_prepared_batch_shapes_and_dtypes(preprocessor, shard_rows):
@@ -348,17 +360,24 @@ def test_sampled_caption_belongs_to_the_sample_group(preprocessor, shard_rows):
 
 
 SHORT, LONG = shards.CAPTION_SHORT, shards.CAPTION_LONG
-CAPTIONS = [{"text": "s1", "kind": SHORT}, {"text": "l1", "kind": LONG},
-            {"text": "s2", "kind": SHORT}, {"text": "l2", "kind": LONG}]
+CAPTIONS = [
+    {"text": "s1", "kind": SHORT},
+    {"text": "l1", "kind": LONG},
+    {"text": "s2", "kind": SHORT},
+    {"text": "l2", "kind": LONG},
+]
 
 
-@pytest.mark.parametrize("policy,captions,allowed", [
-    ("uniform", CAPTIONS, {"s1", "s2", "l1", "l2"}),
-    ("short", CAPTIONS, {"s1", "s2"}),
-    ("long", CAPTIONS, {"l1", "l2"}),
-    ("long", CAPTIONS[::2], {"s1", "s2"}),  # no long caption: fall back to all
-    ("short", CAPTIONS[1::2], {"l1", "l2"}),  # no short caption: fall back to all
-])
+@pytest.mark.parametrize(
+    "policy,captions,allowed",
+    [
+        ("uniform", CAPTIONS, {"s1", "s2", "l1", "l2"}),
+        ("short", CAPTIONS, {"s1", "s2"}),
+        ("long", CAPTIONS, {"l1", "l2"}),
+        ("long", CAPTIONS[::2], {"s1", "s2"}),  # no long caption: fall back to all
+        ("short", CAPTIONS[1::2], {"l1", "l2"}),  # no short caption: fall back to all
+    ],
+)
 def test_choose_caption_policies(policy, captions, allowed):
     rng = np.random.default_rng(0)
     drawn = {choose_caption(captions, policy, rng) for _ in range(200)}

@@ -3,6 +3,7 @@ names and templates (and the ImageNet-A/R/O subset form), a Karpathy-split JSON,
 captions_val2017.json, Flickr30k's token file, an Urban1k-style folder, a ShareGPT4V-style
 shard build, SugarCrepe's JSON files and CLIP_benchmark's WebDataset layout (checked against
 CLIP_benchmark's own reader), locally and on a loopback S3 server."""
+
 from __future__ import annotations
 
 import json
@@ -45,7 +46,10 @@ def test_load_image_folder(image_folder: Path):
     dataset = load_image_folder(image_folder)
     assert dataset.name == "tiny_cls"
     assert [Path(p).relative_to(image_folder).as_posix() for p in dataset.images] == [
-        "000/a.jpeg", "000/b.jpg", "001/c.jpg", "002/d.PNG"
+        "000/a.jpeg",
+        "000/b.jpg",
+        "001/c.jpg",
+        "002/d.PNG",
     ]
     np.testing.assert_array_equal(dataset.labels, [0, 0, 1, 2])
     assert dataset.labels.dtype == np.int64

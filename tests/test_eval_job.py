@@ -2,6 +2,7 @@
 on an image folder and a CLIP_benchmark WebDataset, retrieval, linear probe, SugarCrepe,
 intra-modal retrieval), a missing dataset skipped with a clear line, the report and its
 plots, and the embedding cache: a re-run encodes nothing, a changed dataset only itself."""
+
 from __future__ import annotations
 
 import json
@@ -12,7 +13,14 @@ import pytest
 import torch
 
 from evaluation import evaluate
-from tests.eval_fixtures import CLASSNAMES, TEMPLATES, class_image, save_micro_checkpoint, write_class_folder, write_karpathy
+from tests.eval_fixtures import (
+    CLASSNAMES,
+    TEMPLATES,
+    class_image,
+    save_micro_checkpoint,
+    write_class_folder,
+    write_karpathy,
+)
 from tests.test_eval_readers import write_sugarcrepe, write_wds
 
 pytestmark = pytest.mark.ray
@@ -20,20 +28,53 @@ pytestmark = pytest.mark.ray
 
 def write_suite(root: Path) -> Path:
     folder = {"format": "image_folder", "path": "{data}/shapes"}
-    suite = {"name": "tiny", "roots": {"data": "/nonexistent"}, "benchmarks": [
-        {"name": "shapes", "task": "zeroshot", "test": {**folder, "split": "test"}, "groups": ["all"]},
-        {"name": "wds_shapes", "task": "zeroshot", "test": {"format": "wds", "path": "{data}/wds_shapes"},
-         "groups": ["all"]},
-        {"name": "absent", "task": "zeroshot", "test": {"format": "wds", "path": "{data}/wds_absent"},
-         "groups": ["all"]},
-        {"name": "shapes", "task": "linear_probe", "train": {**folder, "split": "train"},
-         "test": {**folder, "split": "test"}, "options": {"epochs": 3}},
-        {"name": "shapes", "task": "image_retrieval", "train": {**folder, "split": "train"},
-         "test": {**folder, "split": "test"}},
-        {"name": "tiny-karpathy", "task": "retrieval", "test": {"format": "karpathy", "path": "{data}/kp/dataset_tiny.json"}},
-        {"name": "tiny-karpathy", "task": "text_retrieval", "test": {"format": "karpathy", "path": "{data}/kp/dataset_tiny.json"}},
-        {"name": "sugarcrepe", "task": "compositionality", "test": {"format": "sugarcrepe", "path": "{data}/sugar_crepe"}},
-    ]}
+    suite = {
+        "name": "tiny",
+        "roots": {"data": "/nonexistent"},
+        "benchmarks": [
+            {"name": "shapes", "task": "zeroshot", "test": {**folder, "split": "test"}, "groups": ["all"]},
+            {
+                "name": "wds_shapes",
+                "task": "zeroshot",
+                "test": {"format": "wds", "path": "{data}/wds_shapes"},
+                "groups": ["all"],
+            },
+            {
+                "name": "absent",
+                "task": "zeroshot",
+                "test": {"format": "wds", "path": "{data}/wds_absent"},
+                "groups": ["all"],
+            },
+            {
+                "name": "shapes",
+                "task": "linear_probe",
+                "train": {**folder, "split": "train"},
+                "test": {**folder, "split": "test"},
+                "options": {"epochs": 3},
+            },
+            {
+                "name": "shapes",
+                "task": "image_retrieval",
+                "train": {**folder, "split": "train"},
+                "test": {**folder, "split": "test"},
+            },
+            {
+                "name": "tiny-karpathy",
+                "task": "retrieval",
+                "test": {"format": "karpathy", "path": "{data}/kp/dataset_tiny.json"},
+            },
+            {
+                "name": "tiny-karpathy",
+                "task": "text_retrieval",
+                "test": {"format": "karpathy", "path": "{data}/kp/dataset_tiny.json"},
+            },
+            {
+                "name": "sugarcrepe",
+                "task": "compositionality",
+                "test": {"format": "sugarcrepe", "path": "{data}/sugar_crepe"},
+            },
+        ],
+    }
     path = root / "tiny_suite.json"
     path.write_text(json.dumps(suite))
     return path
@@ -54,9 +95,22 @@ def job_inputs(tmp_path_factory):
 
 
 def run_job(job_inputs, output: str, cache: Path) -> dict:
-    return evaluate.main(["--checkpoint", job_inputs["checkpoint"], "--suite", str(job_inputs["suite"]),
-                          "--root", f"data={job_inputs['data']}", "--output", output, "--cache", str(cache),
-                          "--batch-size", "16"])
+    return evaluate.main(
+        [
+            "--checkpoint",
+            job_inputs["checkpoint"],
+            "--suite",
+            str(job_inputs["suite"]),
+            "--root",
+            f"data={job_inputs['data']}",
+            "--output",
+            output,
+            "--cache",
+            str(cache),
+            "--batch-size",
+            "16",
+        ]
+    )
 
 
 def count_encoded(monkeypatch) -> list:
@@ -83,7 +137,8 @@ def test_suite_job_report_plots_and_cache(ray_session, job_inputs, monkeypatch, 
     assert list(report["skipped"]) == ["zeroshot/absent"] and "nshards.txt" in report["skipped"]["zeroshot/absent"]
     assert report["averages"]["all"]["missing"] == ["absent"]
     assert report["averages"]["all"]["mean"] == pytest.approx(
-        (report["zeroshot"]["shapes"]["top1"] + report["zeroshot"]["wds_shapes"]["top1"]) / 2)
+        (report["zeroshot"]["shapes"]["top1"] + report["zeroshot"]["wds_shapes"]["top1"]) / 2
+    )
     assert report["retrieval"]["tiny-karpathy"]["protocol"] == "karpathy-test"
     assert report["retrieval"]["tiny-karpathy"]["n_texts"] == 24
     assert 0 <= report["linear_probe"]["shapes"]["top1"] <= 1 and report["linear_probe"]["shapes"]["n_train"] == 24
@@ -91,16 +146,27 @@ def test_suite_job_report_plots_and_cache(ray_session, job_inputs, monkeypatch, 
     assert set(report["intra_modal"]) == {"shapes", "tiny-karpathy"}  # image->image, text->text + gap
     assert report["intra_modal"]["tiny-karpathy"]["modality_gap"] > 0
     assert report["checkpoint"]["topology"]["kind"] == "sphere" and report["checkpoint"]["fingerprint"]
-    assert report["datasets"]["linear_probe/shapes"]["digests"]["test"] == \
-        report["datasets"]["image_retrieval/shapes"]["digests"]["test"]
+    assert (
+        report["datasets"]["linear_probe/shapes"]["digests"]["test"]
+        == report["datasets"]["image_retrieval/shapes"]["digests"]["test"]
+    )
     written = sorted(p.name for p in (tmp_path / "first").iterdir())
-    pngs = ["plot_compositionality.png", "plot_confusion_shapes.png", "plot_confusion_wds_shapes.png",
-            "plot_gallery_tiny-karpathy.png", "plot_intra_modal.png", "plot_linear_probe.png", "plot_retrieval.png",
-            "plot_zeroshot.png"]  # no training curves: the micro checkpoint's run logged no metrics.jsonl
+    pngs = [
+        "plot_compositionality.png",
+        "plot_confusion_shapes.png",
+        "plot_confusion_wds_shapes.png",
+        "plot_gallery_tiny-karpathy.png",
+        "plot_intra_modal.png",
+        "plot_linear_probe.png",
+        "plot_retrieval.png",
+        "plot_zeroshot.png",
+    ]  # no training curves: the micro checkpoint's run logged no metrics.jsonl
     assert written == [*pngs, "report.json", "report.md"]
     markdown = (tmp_path / "first" / "report.md").read_text()
     assert all(f"]({name})" in markdown for name in pngs)
-    assert "## Compositionality (SugarCrepe accuracy)" in markdown and "- zeroshot/absent: FileNotFoundError" in markdown
+    assert (
+        "## Compositionality (SugarCrepe accuracy)" in markdown and "- zeroshot/absent: FileNotFoundError" in markdown
+    )
 
     calls.clear()  # a re-run encodes nothing and scores the same
     again = run_job(job_inputs, str(tmp_path / "second"), cache)
@@ -120,15 +186,23 @@ def test_suite_job_report_plots_and_cache(ray_session, job_inputs, monkeypatch, 
     assert third["zeroshot"]["shapes"] == report["zeroshot"]["shapes"]
     compare = tmp_path / "compare"
     from evaluation.plots import main as plots_main
-    names = sorted(p.name for p in plots_main([str(tmp_path / "first" / "report.json"),
-                                                str(tmp_path / "third" / "report.json"), "--out", str(compare)]))
+
+    names = sorted(
+        p.name
+        for p in plots_main(
+            [str(tmp_path / "first" / "report.json"), str(tmp_path / "third" / "report.json"), "--out", str(compare)]
+        )
+    )
     assert "compare_zeroshot.png" in names
-    np.testing.assert_equal(json.loads((tmp_path / "first" / "report.json").read_text())["zeroshot"],
-                            json.loads(json.dumps(report["zeroshot"])))
+    np.testing.assert_equal(
+        json.loads((tmp_path / "first" / "report.json").read_text())["zeroshot"],
+        json.loads(json.dumps(report["zeroshot"])),
+    )
 
 
 def test_a_checkpoint_written_during_evaluation_reaches_neither_report_nor_encoders(
-        ray_session, job_inputs, monkeypatch, tmp_path):
+    ray_session, job_inputs, monkeypatch, tmp_path
+):
     """A live run checkpoints while its evaluation job runs: the driver resolved the run's latest
     checkpoint once, and the encoder actors embed with that one, not the newer one that appeared
     after (here: written while the driver loads the datasets, before any actor starts)."""
@@ -143,19 +217,42 @@ def test_a_checkpoint_written_during_evaluation_reaches_neither_report_nor_encod
     def write_newer(directory: Path) -> None:  # another model, saved as step 2 of the same run
         config = checkpoint.load_config(run / "step_00000001")
         torch.manual_seed(11)
-        model = build_model(config.model, config.masking, temperature_of(config.loss, config.topology), topology=config.topology)
+        model = build_model(
+            config.model, config.masking, temperature_of(config.loss, config.topology), topology=config.topology
+        )
         optimizer = build_optimizer(model, config.optim)
-        checkpoint.save_checkpoint(directory, model, optimizer, build_scheduler(optimizer, 1, 2), 2, config,
-                                   {"manifest_digest": "feed", "code_version": "test"})
+        checkpoint.save_checkpoint(
+            directory,
+            model,
+            optimizer,
+            build_scheduler(optimizer, 1, 2),
+            2,
+            config,
+            {"manifest_digest": "feed", "code_version": "test"},
+        )
 
     def evaluate_run(target: Path, name: str) -> dict:
-        return evaluate.main(["--checkpoint", str(target), "--zeroshot", str(job_inputs["data"] / "shapes" / "test"),
-                              "--retrieval", f"kp={job_inputs['data'] / 'kp' / 'dataset_tiny.json'}",
-                              "--output", str(tmp_path / name), "--cache", "none", "--batch-size", "16"])
+        return evaluate.main(
+            [
+                "--checkpoint",
+                str(target),
+                "--zeroshot",
+                str(job_inputs["data"] / "shapes" / "test"),
+                "--retrieval",
+                f"kp={job_inputs['data'] / 'kp' / 'dataset_tiny.json'}",
+                "--output",
+                str(tmp_path / name),
+                "--cache",
+                "none",
+                "--batch-size",
+                "16",
+            ]
+        )
 
     real_load = evaluate.load_benchmarks
-    monkeypatch.setattr(evaluate, "load_benchmarks", lambda *a, **k: (
-        write_newer(run / "step_00000002"), real_load(*a, **k))[1])
+    monkeypatch.setattr(
+        evaluate, "load_benchmarks", lambda *a, **k: (write_newer(run / "step_00000002"), real_load(*a, **k))[1]
+    )
     live = evaluate_run(run, "live")
     monkeypatch.setattr(evaluate, "load_benchmarks", real_load)
     assert checkpoint.is_complete(run / "step_00000002")  # it was there before any encoding

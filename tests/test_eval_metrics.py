@@ -1,5 +1,6 @@
 """Zero-shot and retrieval metrics: hand-worked tiny matrices, then parity with CLIP_benchmark's
 own metric code on random embeddings."""
+
 from __future__ import annotations
 
 import builtins
@@ -18,12 +19,14 @@ from training.methods.topology.spaces import Sphere
 # ---------------------------------------------------------------- zero-shot, by hand
 
 # 4 images x 3 classes. Rank of the true class = other classes scoring >= it.
-HAND_LOGITS = np.array([
-    [0.9, 0.1, 0.0],  # label 0: 0.9 is the max            -> rank 0 (hit)
-    [0.2, 0.5, 0.3],  # label 2: 0.5 above 0.3              -> rank 1
-    [0.1, 0.3, 0.6],  # label 2: 0.6 is the max            -> rank 0 (hit)
-    [0.7, 0.2, 0.1],  # label 2: 0.7 and 0.2 above 0.1     -> rank 2
-])
+HAND_LOGITS = np.array(
+    [
+        [0.9, 0.1, 0.0],  # label 0: 0.9 is the max            -> rank 0 (hit)
+        [0.2, 0.5, 0.3],  # label 2: 0.5 above 0.3              -> rank 1
+        [0.1, 0.3, 0.6],  # label 2: 0.6 is the max            -> rank 0 (hit)
+        [0.7, 0.2, 0.1],  # label 2: 0.7 and 0.2 above 0.1     -> rank 2
+    ]
+)
 HAND_LABELS = np.array([0, 2, 2, 2])
 # top-1 = 2/4 hits = 0.5; top-2 = ranks < 2: 3/4 = 0.75; top-5 clips k to C = 3: 4/4 = 1.0.
 # Per-class recall over classes present in the labels (class 1 never occurs, though row 1
@@ -71,12 +74,14 @@ def test_zeroshot_weights_normalise_each_prompt_then_average_then_renormalise():
 # ---------------------------------------------------------------- retrieval, by hand
 
 # 3 images x 6 captions, 2 captions per image: caption t belongs to image t // 2.
-HAND_SCORES = np.array([
-    #  t0   t1   t2   t3   t4   t5
-    [0.9, 0.1, 0.8, 0.2, 0.3, 0.0],  # image 0
-    [0.5, 0.2, 0.3, 0.1, 0.6, 0.4],  # image 1
-    [0.4, 0.3, 0.1, 0.6, 0.2, 0.5],  # image 2
-])
+HAND_SCORES = np.array(
+    [
+        #  t0   t1   t2   t3   t4   t5
+        [0.9, 0.1, 0.8, 0.2, 0.3, 0.0],  # image 0
+        [0.5, 0.2, 0.3, 0.1, 0.6, 0.4],  # image 1
+        [0.4, 0.3, 0.1, 0.6, 0.2, 0.5],  # image 2
+    ]
+)
 HAND_TEXT_TO_IMAGE = np.array([0, 0, 1, 1, 2, 2])
 # Text -> image (one column per caption; rank of its own image among the 3):
 #   t0 [.9,.5,.4] img0 -> 0   t1 [.1,.2,.3] img0 -> 2   t2 [.8,.3,.1] img1 -> 1
@@ -91,10 +96,16 @@ HAND_TEXT_TO_IMAGE = np.array([0, 0, 1, 1, 2, 2])
 
 def test_retrieval_recall_by_hand():
     metrics = compute_retrieval_recall(HAND_SCORES, HAND_TEXT_TO_IMAGE, ks=(1, 2, 4))
-    assert metrics == pytest.approx({
-        "image_retrieval_recall@1": 2 / 6, "image_retrieval_recall@2": 3 / 6, "image_retrieval_recall@4": 1.0,
-        "text_retrieval_recall@1": 1 / 3, "text_retrieval_recall@2": 2 / 3, "text_retrieval_recall@4": 1.0,
-    })
+    assert metrics == pytest.approx(
+        {
+            "image_retrieval_recall@1": 2 / 6,
+            "image_retrieval_recall@2": 3 / 6,
+            "image_retrieval_recall@4": 1.0,
+            "text_retrieval_recall@1": 1 / 3,
+            "text_retrieval_recall@2": 2 / 3,
+            "text_retrieval_recall@4": 1.0,
+        }
+    )
 
 
 def test_retrieval_default_ks_and_k_beyond_candidates():
@@ -110,8 +121,12 @@ def test_retrieval_ties_count_against_the_query():
     metrics = compute_retrieval_recall(np.zeros((3, 6)), HAND_TEXT_TO_IMAGE, ks=(1, 3, 5))
     # Text query: 2 tied negatives images -> rank 2. Image query: 4 tied negative captions -> rank 4.
     assert metrics == {
-        "image_retrieval_recall@1": 0.0, "image_retrieval_recall@3": 1.0, "image_retrieval_recall@5": 1.0,
-        "text_retrieval_recall@1": 0.0, "text_retrieval_recall@3": 0.0, "text_retrieval_recall@5": 1.0,
+        "image_retrieval_recall@1": 0.0,
+        "image_retrieval_recall@3": 1.0,
+        "image_retrieval_recall@5": 1.0,
+        "text_retrieval_recall@1": 0.0,
+        "text_retrieval_recall@3": 0.0,
+        "text_retrieval_recall@5": 1.0,
     }
 
 

@@ -6,6 +6,7 @@ averages hits in float32, so we compare hit counts); multi-label mAP to float32 
 linear probe to 0.5 percentage point (same protocol, seed and shuffling; float summation order
 may differ). Finally the checkpoint exported for open_clip gives the same features, which is how
 CLIP_benchmark itself evaluates our models (README)."""
+
 from __future__ import annotations
 
 import io
@@ -49,8 +50,9 @@ def encode_directly(model_uri: str, modality: str, values: list) -> np.ndarray:
         rows = encoders.image_rows(values)
         batch = {key: np.array([r[key] for r in rows], dtype=object) for key in rows[0]}
         return encoders.ImageEncoder(model_uri)(batch)[encoders.EMBEDDING]
-    return encoders.TextEncoder(model_uri)({encoders.INDEX: np.arange(len(values)),
-                                            encoders.TEXT: np.array(values, dtype=object)})[encoders.EMBEDDING]
+    return encoders.TextEncoder(model_uri)(
+        {encoders.INDEX: np.arange(len(values)), encoders.TEXT: np.array(values, dtype=object)}
+    )[encoders.EMBEDDING]
 
 
 def our_scores(model_uri: str, bench: Benchmark, topology) -> dict:
@@ -60,10 +62,12 @@ def our_scores(model_uri: str, bench: Benchmark, topology) -> dict:
 
 def clip_benchmark_transform(bundle):
     """PIL image (as CLIP_benchmark decodes it) -> our preprocessing, through lossless PNG."""
+
     def transform(image):
         buf = io.BytesIO()
         image.convert("RGB").save(buf, format="PNG")
         return bundle.preprocess(buf.getvalue())
+
     return transform
 
 
@@ -80,8 +84,15 @@ def write_zeroshot_wds(root, n_per_class: int = 4, multilabel: bool = False):
             samples.append({"png": class_image(label, i), "npy": buf.getvalue()})
         else:
             samples.append({"png": class_image(label, i), "cls": str(label).encode()})
-    return write_wds(root, "test", samples, per_shard=7, dataset_type="multilabel" if multilabel else None,
-                     classnames=CLASSNAMES, templates=TEMPLATES)
+    return write_wds(
+        root,
+        "test",
+        samples,
+        per_shard=7,
+        dataset_type="multilabel" if multilabel else None,
+        classnames=CLASSNAMES,
+        templates=TEMPLATES,
+    )
 
 
 @pytest.mark.usefixtures("numpy2_safe_clip_benchmark_accuracy")
@@ -89,8 +100,9 @@ def test_zeroshot_classification_agrees(tmp_path, model_uri, bundle):
     root = write_zeroshot_wds(tmp_path / "wds_colours")
     dataset = load_wds(str(root))
     ours = our_scores(model_uri, Benchmark("colours", "zeroshot", {"test": dataset}), bundle.topology)
-    loader = DataLoader(build_wds_dataset("colours", clip_benchmark_transform(bundle), data_dir=str(root)),
-                        batch_size=5)
+    loader = DataLoader(
+        build_wds_dataset("colours", clip_benchmark_transform(bundle), data_dir=str(root)), batch_size=5
+    )
     theirs = cb_zeroshot.evaluate(bundle.model, loader, bundle.tokenizer, CLASSNAMES, TEMPLATES, "cpu", amp=False)
     n = dataset.n_images
     assert round(ours["top1"] * n) == round(theirs["acc1"] * n)
@@ -103,24 +115,31 @@ def test_multilabel_map_agrees(tmp_path, model_uri, bundle):
     root = write_zeroshot_wds(tmp_path / "wds_voc", multilabel=True)
     dataset = load_wds(str(root))
     ours = our_scores(model_uri, Benchmark("voc", "zeroshot", {"test": dataset}), bundle.topology)
-    loader = DataLoader(build_wds_dataset("voc", clip_benchmark_transform(bundle), data_dir=str(root)),
-                        batch_size=5)
+    loader = DataLoader(build_wds_dataset("voc", clip_benchmark_transform(bundle), data_dir=str(root)), batch_size=5)
     theirs = cb_zeroshot.evaluate(bundle.model, loader, bundle.tokenizer, CLASSNAMES, TEMPLATES, "cpu", amp=False)
     assert ours["mean_average_precision"] == pytest.approx(theirs["mean_average_precision"], abs=1e-6)
 
 
 def test_retrieval_agrees(tmp_path, model_uri, bundle):
-    groups = [[f"a {CLASSNAMES[i % 6]} number {i}", f"the {CLASSNAMES[i % 6]}", f"picture {i}"][: 1 + i % 3]
-              for i in range(14)]
+    groups = [
+        [f"a {CLASSNAMES[i % 6]} number {i}", f"the {CLASSNAMES[i % 6]}", f"picture {i}"][: 1 + i % 3]
+        for i in range(14)
+    ]
     samples = [{"png": class_image(i % 6, 60 + i), "txt": "\n".join(g).encode()} for i, g in enumerate(groups)]
     root = write_wds(tmp_path / "wds_captions", "test", samples, per_shard=5, dataset_type="retrieval")
     dataset = load_wds(str(root))
     ours = our_scores(model_uri, Benchmark("captions", "retrieval", {"test": dataset}), bundle.topology)
-    loader = DataLoader(build_wds_dataset("captions", clip_benchmark_transform(bundle), data_dir=str(root)),
-                        batch_size=4, collate_fn=image_captions_collate_fn)
+    loader = DataLoader(
+        build_wds_dataset("captions", clip_benchmark_transform(bundle), data_dir=str(root)),
+        batch_size=4,
+        collate_fn=image_captions_collate_fn,
+    )
     theirs = cb_retrieval.evaluate(bundle.model, loader, bundle.tokenizer, "cpu", amp=False, recall_k_list=[1, 5, 10])
     for k in (1, 5, 10):
-        for key, n in ((f"image_retrieval_recall@{k}", dataset.n_texts), (f"text_retrieval_recall@{k}", dataset.n_images)):
+        for key, n in (
+            (f"image_retrieval_recall@{k}", dataset.n_texts),
+            (f"text_retrieval_recall@{k}", dataset.n_images),
+        ):
             assert round(ours[key] * n) == round(theirs[key] * n), key
 
 
@@ -129,8 +148,9 @@ def test_sugarcrepe_agrees(tmp_path, model_uri, bundle):
     composition = load_sugarcrepe(str(root))
     ours = our_scores(model_uri, Benchmark("sugarcrepe", "compositionality", {"test": composition}), bundle.topology)
     for subset in composition.subsets:
-        dataset = SugarCrepe(str(root / "val2017"), str(root / f"{subset}.json"),
-                             transform=clip_benchmark_transform(bundle))
+        dataset = SugarCrepe(
+            str(root / "val2017"), str(root / f"{subset}.json"), transform=clip_benchmark_transform(bundle)
+        )
         loader = DataLoader(dataset, batch_size=2, collate_fn=image_captions_collate_fn)
         theirs = cb_selection.evaluate(bundle.model, loader, bundle.tokenizer, "cpu", amp=False)
         assert ours[subset] == theirs["acc"], subset
@@ -154,7 +174,10 @@ def test_linear_probe_agrees(model_uri):
     # Heavy noise, so the probe is neither perfect nor at chance.
     train_images = [class_image(i % n_classes, 500 + i, noise=NOISE) for i in range(96)]
     test_images = [class_image(i % n_classes, 900 + i, noise=NOISE) for i in range(36)]
-    train_x, test_x = encode_directly(model_uri, "image", train_images), encode_directly(model_uri, "image", test_images)
+    train_x, test_x = (
+        encode_directly(model_uri, "image", train_images),
+        encode_directly(model_uri, "image", test_images),
+    )
     train_y, test_y = np.arange(96) % n_classes, np.arange(36) % n_classes
     config = LinearProbeConfig(epochs=4, lr=0.1, batch_size=16, seed=0)
     ours = evaluate_linear_probe(train_x, train_y, test_x, test_y, n_classes, config)
@@ -164,10 +187,12 @@ def test_linear_probe_agrees(model_uri):
     features = cb_linear_probe.FeatureDataset(torch.from_numpy(train_x), torch.from_numpy(train_y))
     loader = DataLoader(features, batch_size=config.batch_size, shuffle=True)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    model = cb_linear_probe.train(loader, train_x.shape[1], n_classes, 0.0, config.lr, config.epochs, False, device,
-                                  config.seed)
-    test_loader = DataLoader(cb_linear_probe.FeatureDataset(torch.from_numpy(test_x), torch.from_numpy(test_y)),
-                             batch_size=config.batch_size)
+    model = cb_linear_probe.train(
+        loader, train_x.shape[1], n_classes, 0.0, config.lr, config.epochs, False, device, config.seed
+    )
+    test_loader = DataLoader(
+        cb_linear_probe.FeatureDataset(torch.from_numpy(test_x), torch.from_numpy(test_y)), batch_size=config.batch_size
+    )
     logits, target = cb_linear_probe.infer(model, test_loader, False, device)
     acc1, acc5 = cb_zeroshot.accuracy(logits.float().cpu(), target.cpu(), topk=(1, 5))
     assert ours["top1"] == pytest.approx(acc1, abs=0.005)
@@ -180,6 +205,7 @@ def test_open_clip_export_gives_the_same_features(tmp_path, model_uri, bundle):
 
     from training.export import export_open_clip
     from training.towers import register_tiny_configs
+
     register_tiny_configs()
     exported = export_open_clip(model_uri, str(tmp_path / "micro.pt"))
     model, _, _ = open_clip.create_model_and_transforms(bundle.info["arch"], pretrained=exported)

@@ -2,6 +2,7 @@
 layout: CLIP_benchmark's WebDataset folders (read back by CLIP_benchmark's own reader too),
 ImageNet-A's WordNet-id folders (against CLIP_benchmark's class masking), COCO val2017
 captions, Flickr30k's token file, a ShareGPT4V-style shard build, SugarCrepe, and S3."""
+
 from __future__ import annotations
 
 import io
@@ -13,8 +14,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from evaluation.datasets import (load_coco_captions, load_flickr_token, load_image_folder, load_long_caption_build,
-                                 load_sugarcrepe, load_wds)
+from evaluation.datasets import (
+    load_coco_captions,
+    load_flickr_token,
+    load_image_folder,
+    load_long_caption_build,
+    load_sugarcrepe,
+    load_wds,
+)
 from evaluation.datasets.compositional import SUGARCREPE_SUBSETS
 from scoring.sets.files import read_image
 from pipelines import shards, storage
@@ -22,7 +29,9 @@ from pipelines import shards, storage
 
 def image_bytes(colour: tuple[int, int, int], image_format: str = "PNG") -> bytes:
     buf = io.BytesIO()
-    Image.new("RGB", (8, 6), colour).save(buf, format=image_format, **({"lossless": True} if image_format == "WEBP" else {}))
+    Image.new("RGB", (8, 6), colour).save(
+        buf, format=image_format, **({"lossless": True} if image_format == "WEBP" else {})
+    )
     return buf.getvalue()
 
 
@@ -38,11 +47,18 @@ def add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     tar.addfile(info, io.BytesIO(data))
 
 
-def write_wds(root: Path, split: str, samples: list[dict[str, bytes]], per_shard: int, dataset_type=None,
-              classnames=None, templates=None) -> Path:
+def write_wds(
+    root: Path,
+    split: str,
+    samples: list[dict[str, bytes]],
+    per_shard: int,
+    dataset_type=None,
+    classnames=None,
+    templates=None,
+) -> Path:
     """CLIP_benchmark's layout: `<split>/{0..n-1}.tar` + `nshards.txt`, metadata files at the root."""
     (root / split).mkdir(parents=True)
-    chunks = [samples[i:i + per_shard] for i in range(0, len(samples), per_shard)]
+    chunks = [samples[i : i + per_shard] for i in range(0, len(samples), per_shard)]
     for shard, chunk in enumerate(chunks):
         with tarfile.open(root / split / f"{shard}.tar", "w") as tar:
             for index, sample in enumerate(chunk, start=shard * per_shard):
@@ -64,8 +80,10 @@ def colour(i: int) -> tuple[int, int, int]:
 
 def clip_benchmark_wds(root: Path, split: str = "test"):
     from clip_benchmark.datasets.builder import build_wds_dataset
-    return build_wds_dataset(root.name, transform=lambda image: np.asarray(image.convert("RGB")),
-                             split=split, data_dir=str(root))
+
+    return build_wds_dataset(
+        root.name, transform=lambda image: np.asarray(image.convert("RGB")), split=split, data_dir=str(root)
+    )
 
 
 def decode(data: bytes) -> np.ndarray:
@@ -81,8 +99,10 @@ TEMPLATES = ["a photo of a {c}.", "a drawing of the {c}."]
 
 @pytest.fixture
 def wds_classification(tmp_path: Path) -> Path:
-    samples = [{"webp" if i % 2 else "png": image_bytes(colour(i), "WEBP" if i % 2 else "PNG"),
-                "cls": str(i % 3).encode()} for i in range(7)]
+    samples = [
+        {"webp" if i % 2 else "png": image_bytes(colour(i), "WEBP" if i % 2 else "PNG"), "cls": str(i % 3).encode()}
+        for i in range(7)
+    ]
     return write_wds(tmp_path / "wds_tiny", "test", samples, per_shard=3, classnames=CLASSNAMES, templates=TEMPLATES)
 
 
@@ -104,8 +124,15 @@ def test_wds_multilabel(tmp_path: Path):
         buf = io.BytesIO()
         np.save(buf, vector)
         samples.append({"jpg": image_bytes(colour(i), "JPEG"), "npy": buf.getvalue()})
-    root = write_wds(tmp_path / "wds_voc2007_multilabel", "test", samples, per_shard=5, dataset_type="multilabel",
-                     classnames=CLASSNAMES, templates=TEMPLATES)
+    root = write_wds(
+        tmp_path / "wds_voc2007_multilabel",
+        "test",
+        samples,
+        per_shard=5,
+        dataset_type="multilabel",
+        classnames=CLASSNAMES,
+        templates=TEMPLATES,
+    )
     ours = load_wds(str(root))
     assert ours.multilabel and ours.name == "voc2007_multilabel"
     np.testing.assert_array_equal(ours.labels, np.stack(vectors))
@@ -139,6 +166,7 @@ def test_wds_labels_must_fit_classnames(wds_classification: Path):
 
 def test_imagenet_a_folder_matches_clip_benchmark_masking(tmp_path: Path):
     from clip_benchmark.datasets import builder
+
     imagenet_names = json.loads((Path(builder.__file__).parent / "en_classnames.json").read_text())["imagenet1k"]
     wnids = builder.all_imagenet_wordnet_ids
     root = tmp_path / "imagenet-a"
@@ -155,6 +183,7 @@ def test_imagenet_a_folder_matches_clip_benchmark_masking(tmp_path: Path):
     assert ours.classnames == [name for name, w in zip(imagenet_names, wnids) if w in set(subset)]
     # torchvision's ImageFolder (what CLIP_benchmark reads imagenet-a with) labels the same way.
     from torchvision.datasets import ImageFolder
+
     np.testing.assert_array_equal(ours.labels, ImageFolder(str(root)).targets)
 
 
@@ -188,26 +217,36 @@ def test_coco_captions_val2017(tmp_path: Path):
     annotations = [{"image_id": 42, "id": 1, "caption": f"forty-two {i} "} for i in range(6)]
     annotations += [{"image_id": 7, "id": 9, "caption": "seven a"}, {"image_id": 7, "id": 3, "caption": "seven b"}]
     (tmp_path / "annotations" / "captions_val2017.json").write_text(
-        json.dumps({"images": images, "annotations": annotations}))
+        json.dumps({"images": images, "annotations": annotations})
+    )
     for image in images:
         write_image(tmp_path / "val2017" / image["file_name"])
     dataset = load_coco_captions(str(tmp_path / "annotations" / "captions_val2017.json"))
-    assert dataset.images == [str(tmp_path / "val2017" / "000000000007.jpg"),
-                              str(tmp_path / "val2017" / "000000000042.jpg")]  # by image id
+    assert dataset.images == [
+        str(tmp_path / "val2017" / "000000000007.jpg"),
+        str(tmp_path / "val2017" / "000000000042.jpg"),
+    ]  # by image id
     assert dataset.caption_groups() == [["seven a", "seven b"], [f"forty-two {i}" for i in range(5)]]
     assert dataset.protocol == "coco-val2017-first5"
 
 
 def test_flickr30k_token_file(tmp_path: Path):
-    lines = ["1000092795.jpg#0\tTwo young guys .", "1000092795.jpg#1\tTwo men outside .",
-             "10002456.jpg#0\tSeveral men .", "", "1000092795.jpg#2\tA third caption ."]
+    lines = [
+        "1000092795.jpg#0\tTwo young guys .",
+        "1000092795.jpg#1\tTwo men outside .",
+        "10002456.jpg#0\tSeveral men .",
+        "",
+        "1000092795.jpg#2\tA third caption .",
+    ]
     (tmp_path / "results_20130124.token").write_text("\n".join(lines) + "\n")
     for name in ("1000092795.jpg", "10002456.jpg"):
         write_image(tmp_path / "flickr30k-images" / name)
     dataset = load_flickr_token(str(tmp_path / "results_20130124.token"))
     assert [Path(p).name for p in dataset.images] == ["1000092795.jpg", "10002456.jpg"]
-    assert dataset.caption_groups() == [["Two young guys .", "Two men outside .", "A third caption ."],
-                                        ["Several men ."]]
+    assert dataset.caption_groups() == [
+        ["Two young guys .", "Two men outside .", "A third caption ."],
+        ["Several men ."],
+    ]
     assert dataset.protocol == "flickr30k-full"
     (tmp_path / "results_20130124.token").write_text("garbage line\n")
     with pytest.raises(ValueError, match="line 1"):
@@ -220,13 +259,29 @@ def test_flickr30k_token_file(tmp_path: Path):
 def write_long_caption_build(root: Path, n: int, per_shard: int) -> str:
     """A build in the pipelines/shards.py format: samples with a caption group holding a long caption."""
     fs, path = storage.open_storage(str(root))
-    rows = [{shards.KEY: f"{i:06d}", shards.IMAGE: image_bytes(colour(i), "JPEG"), shards.EDGE: image_bytes((0, 0, 0)),
-             shards.META: json.dumps({"source": f"sa_{i}.jpg", "width": 8, "height": 6, "captions": [
-                 {"text": f"short {i}", "kind": shards.CAPTION_SHORT},
-                 {"text": f"a long detailed description of image {i}", "kind": shards.CAPTION_LONG}]})}
-            for i in range(n)]
-    entries = [shards.write_shard(fs, path, s, rows[s * per_shard:(s + 1) * per_shard])
-               for s in range((n + per_shard - 1) // per_shard)]
+    rows = [
+        {
+            shards.KEY: f"{i:06d}",
+            shards.IMAGE: image_bytes(colour(i), "JPEG"),
+            shards.EDGE: image_bytes((0, 0, 0)),
+            shards.META: json.dumps(
+                {
+                    "source": f"sa_{i}.jpg",
+                    "width": 8,
+                    "height": 6,
+                    "captions": [
+                        {"text": f"short {i}", "kind": shards.CAPTION_SHORT},
+                        {"text": f"a long detailed description of image {i}", "kind": shards.CAPTION_LONG},
+                    ],
+                }
+            ),
+        }
+        for i in range(n)
+    ]
+    entries = [
+        shards.write_shard(fs, path, s, rows[s * per_shard : (s + 1) * per_shard])
+        for s in range((n + per_shard - 1) // per_shard)
+    ]
     shards.write_manifest(fs, path, {"shards": entries, "counts": {"samples": n}})
     return str(root)
 
@@ -251,8 +306,14 @@ def test_long_caption_build_without_manifest(tmp_path: Path):
 
 def write_sugarcrepe(root: Path) -> Path:
     for s_index, subset in enumerate(SUGARCREPE_SUBSETS):
-        entries = {str(10 * k + s_index): {"filename": f"0000000{k}.jpg", "caption": f"{subset} true {k}",
-                                           "negative_caption": f"{subset} false {k}"} for k in (3, 1)}
+        entries = {
+            str(10 * k + s_index): {
+                "filename": f"0000000{k}.jpg",
+                "caption": f"{subset} true {k}",
+                "negative_caption": f"{subset} false {k}",
+            }
+            for k in (3, 1)
+        }
         (root / f"{subset}.json").parent.mkdir(parents=True, exist_ok=True)
         (root / f"{subset}.json").write_text(json.dumps(entries))
     for k in (1, 3):
@@ -262,6 +323,7 @@ def write_sugarcrepe(root: Path) -> Path:
 
 def test_sugarcrepe_matches_clip_benchmark_reader(tmp_path: Path):
     from clip_benchmark.datasets.sugar_crepe import SugarCrepe
+
     root = write_sugarcrepe(tmp_path / "sugar_crepe")
     dataset = load_sugarcrepe(str(root))
     assert list(dataset.subsets) == list(SUGARCREPE_SUBSETS)
@@ -287,14 +349,20 @@ def s3_bucket(monkeypatch):
     from moto.server import ThreadedMotoServer
 
     from tests.conftest import free_port
+
     port = free_port()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
-    for key, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-                       "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}"}.items():
+    for key, value in {
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",
+    }.items():
         monkeypatch.setenv(key, value)
     monkeypatch.delenv("AWS_PROFILE", raising=False)
     import s3fs
+
     s3fs.S3FileSystem.clear_instance_cache()
     fs = s3fs.S3FileSystem()
     fs.mkdir("bench")
@@ -308,9 +376,13 @@ def test_readers_take_s3_uris(s3_bucket, tmp_path: Path, wds_classification: Pat
     s3_bucket.put(str(local), "bench/sugar_crepe", recursive=True)
     s3_bucket.put(str(wds_classification), "bench/wds_tiny", recursive=True)
     dataset = load_sugarcrepe("s3://bench/sugar_crepe")
-    assert dataset.subsets["add_att"].images == ["s3://bench/sugar_crepe/val2017/00000003.jpg",
-                                                 "s3://bench/sugar_crepe/val2017/00000001.jpg"]
-    np.testing.assert_array_equal(decode(read_image(dataset.subsets["add_att"].images[1])), decode(image_bytes(colour(1), "JPEG")))
+    assert dataset.subsets["add_att"].images == [
+        "s3://bench/sugar_crepe/val2017/00000003.jpg",
+        "s3://bench/sugar_crepe/val2017/00000001.jpg",
+    ]
+    np.testing.assert_array_equal(
+        decode(read_image(dataset.subsets["add_att"].images[1])), decode(image_bytes(colour(1), "JPEG"))
+    )
     from_s3, from_disk = load_wds("s3://bench/wds_tiny"), load_wds(str(wds_classification))
     assert from_s3.images[4].startswith("s3://bench/wds_tiny/test/1.tar::bytes=")
     assert [read_image(r) for r in from_s3.images] == [read_image(r) for r in from_disk.images]
@@ -322,7 +394,7 @@ def test_wds_images_are_byte_ranges_of_their_shards(wds_classification: Path):
     uri, _, span = dataset.images[0].rpartition("::bytes=")
     assert uri == str(wds_classification / "test" / "0.tar")
     offset, size = (int(x) for x in span.split("+"))
-    assert read_image(dataset.images[0]) == (wds_classification / "test" / "0.tar").read_bytes()[offset:offset + size]
+    assert read_image(dataset.images[0]) == (wds_classification / "test" / "0.tar").read_bytes()[offset : offset + size]
     data = (wds_classification / "test" / "2.tar").read_bytes()
     (wds_classification / "test" / "2.tar").write_bytes(data[:520])  # rewritten after listing
     with pytest.raises(ValueError, match="changed"):

@@ -1,6 +1,7 @@
 """The tasks beyond zero-shot top-k and retrieval recall: multi-label mAP, intra-modal mAP,
 the modality gap, SugarCrepe accuracy and its averages, and the linear probe, each checked by
 hand on tiny inputs and against a naive reference (or CLIP_benchmark's code) on random ones."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -9,8 +10,13 @@ import torch
 from clip_benchmark.metrics.zeroshot_classification import average_precision_per_class
 
 from evaluation.tasks.compositionality import compute_pair_accuracy, summarize_sugarcrepe
-from evaluation.tasks.intra_modal import (compute_average_precisions, compute_modality_gap, compute_retrieval_map,
-                                          compute_text_to_text_map, split_first_caption)
+from evaluation.tasks.intra_modal import (
+    compute_average_precisions,
+    compute_modality_gap,
+    compute_retrieval_map,
+    compute_text_to_text_map,
+    split_first_caption,
+)
 from evaluation.tasks.linear_probe import LinearProbeConfig, cosine_lr, evaluate_linear_probe
 from scoring.zeroshot import compute_average_precision_per_class, compute_multilabel_metrics
 from training.methods.topology.spaces import Sphere
@@ -68,7 +74,9 @@ def test_image_to_image_map_against_naive_loop():
     q_labels, g_labels = rng.integers(0, 3, 9), rng.integers(0, 3, 20)
     naive = np.mean([naive_average_precision(gallery @ q, g_labels == label) for q, label in zip(queries, q_labels)])
     for block in (1, 4, 256):
-        assert compute_retrieval_map(queries, q_labels, gallery, g_labels, dot, block_size=block) == pytest.approx(naive)
+        assert compute_retrieval_map(queries, q_labels, gallery, g_labels, dot, block_size=block) == pytest.approx(
+            naive
+        )
 
 
 def naive_precision_metrics(scores: np.ndarray, relevant: np.ndarray) -> tuple[float, float, float]:
@@ -88,6 +96,7 @@ def naive_precision_metrics(scores: np.ndarray, relevant: np.ndarray) -> tuple[f
 
 def test_map_at_r_and_r_precision_against_naive_loop():
     from evaluation.tasks.intra_modal import compute_retrieval_metrics
+
     rng = np.random.default_rng(5)
     queries, gallery = rng.normal(size=(11, 4)), rng.normal(size=(25, 4))
     q_labels, g_labels = rng.integers(0, 4, 11), rng.integers(0, 3, 25)  # label 3: no relevant item
@@ -101,6 +110,7 @@ def test_hand_made_ranking_metrics():
     """Gallery ranked (relevant, not, relevant, not): AP = (1 + 2/3) / 2, R = 2, so
     R-precision = 1/2 and mAP@R = (1/1) / 2."""
     from evaluation.tasks.intra_modal import compute_precision_metrics
+
     got = compute_precision_metrics(np.array([[4.0, 3.0, 2.0, 1.0]]), np.array([[True, False, True, False]]))
     assert got["mAP"][0] == pytest.approx((1 + 2 / 3) / 2)
     assert got["R-precision"][0] == pytest.approx(0.5) and got["mAP@R"][0] == pytest.approx(0.5)
@@ -110,12 +120,17 @@ def test_query_removed_from_its_own_gallery():
     """Query and gallery from one split (CUB, SOP): the query, its own best match, must not
     count; the result equals ranking the gallery without it."""
     from evaluation.tasks.intra_modal import compute_retrieval_metrics
+
     rng = np.random.default_rng(6)
     items, labels = rng.normal(size=(12, 4)), np.arange(12) % 3
     ids = np.arange(12)
     got = compute_retrieval_metrics(items, labels, items, labels, dot, query_ids=ids, gallery_ids=ids, block_size=5)
-    without = np.array([naive_precision_metrics(np.delete(items, i, 0) @ items[i], np.delete(labels, i) == labels[i])
-                        for i in range(12)])
+    without = np.array(
+        [
+            naive_precision_metrics(np.delete(items, i, 0) @ items[i], np.delete(labels, i) == labels[i])
+            for i in range(12)
+        ]
+    )
     assert [got["mAP"], got["mAP@R"], got["R-precision"]] == pytest.approx(without.mean(axis=0).tolist())
     kept = compute_retrieval_metrics(items, labels, items, labels, dot)
     assert kept["mAP"] > got["mAP"]  # keeping itself, each query finds a relevant item first
@@ -125,19 +140,22 @@ def test_same_split_image_retrieval_entry_removes_the_query():
     from evaluation.task_registry import Benchmark, requests, score
     from scoring.sets.classification import ClassificationSet
     from evaluation.tasks.intra_modal import compute_retrieval_metrics
+
     test = ClassificationSet("cub", [f"i{i}" for i in range(6)], np.arange(6) % 2, ["a", "b"], [])
     bench = Benchmark("cub", "image_retrieval", {"test": test}, {"gallery": "test"})
     assert set(requests(bench)) == {"gallery", "test"}
     features = {"test": np.eye(6)[[0, 1, 0, 1, 0, 1]] + 0.1, "gallery": np.eye(6)}
     result = score(bench, features, Sphere(6))
     ids = np.arange(6)
-    want = compute_retrieval_metrics(features["test"], test.labels, features["gallery"], test.labels, dot,
-                                     query_ids=ids, gallery_ids=ids)
+    want = compute_retrieval_metrics(
+        features["test"], test.labels, features["gallery"], test.labels, dot, query_ids=ids, gallery_ids=ids
+    )
     assert {k: result[k] for k in want} == pytest.approx(want)
     assert "query removed" in result["protocol"] and result["n_gallery"] == 5
     with pytest.raises(ValueError, match="unknown gallery 'val'"):
         requests(Benchmark("cub", "image_retrieval", {"test": test}, {"gallery": "val"}))
     from evaluation.task_registry import benchmark_roles
+
     assert benchmark_roles("image_retrieval", {"gallery": "test"}) == ("test",)  # no train split read
     assert benchmark_roles("image_retrieval", {}) == ("train", "test")
 
@@ -178,8 +196,15 @@ def test_pair_accuracy_ties_are_misses():
 
 
 def test_sugarcrepe_averages():
-    accuracies = {"replace_obj": 0.9, "replace_att": 0.8, "replace_rel": 0.7, "swap_obj": 0.6,
-                  "swap_att": 0.5, "add_obj": 0.4, "add_att": 0.3}
+    accuracies = {
+        "replace_obj": 0.9,
+        "replace_att": 0.8,
+        "replace_rel": 0.7,
+        "swap_obj": 0.6,
+        "swap_att": 0.5,
+        "add_obj": 0.4,
+        "add_att": 0.3,
+    }
     summary = summarize_sugarcrepe(accuracies)
     assert summary["average_object"] == pytest.approx((0.9 + 0.6 + 0.4) / 3)
     assert summary["average_attribute"] == pytest.approx((0.8 + 0.5 + 0.3) / 3)
@@ -212,11 +237,13 @@ def test_inverted_queries_are_embedding_requests_keyed_by_their_settings():
     from evaluation.task_registry import Benchmark, requests, score
     from scoring.sets.classification import ClassificationSet
     from evaluation.inversion import requested_inversion
+
     rng = np.random.default_rng(4)
     test = ClassificationSet("t", ["q"] * 5, np.arange(5) % 3, ["a", "b", "c"], [])
     train = ClassificationSet("t", ["g"] * 12, np.arange(12) % 3, ["a", "b", "c"], [])
-    oti = Benchmark("t", "image_retrieval", {"train": train, "test": test},
-                    {"query": "oti", "inversion": {"steps": 20}})
+    oti = Benchmark(
+        "t", "image_retrieval", {"train": train, "test": test}, {"query": "oti", "inversion": {"steps": 20}}
+    )
     wanted = requests(oti)
     assert wanted["train"][0] == "image" and wanted["test"][0].startswith("oti-")
     assert requested_inversion(wanted["test"][0]).num_steps == 20
@@ -224,8 +251,9 @@ def test_inverted_queries_are_embedding_requests_keyed_by_their_settings():
     assert requests(other)["test"][0] != wanted["test"][0]  # other settings, other cache key
     features = {"test": rng.normal(size=(5, 4)), "train": rng.normal(size=(12, 4))}
     result = score(oti, features, Sphere(4))
-    assert result["mAP"] == pytest.approx(compute_retrieval_map(features["test"], test.labels, features["train"],
-                                                                train.labels, dot))
+    assert result["mAP"] == pytest.approx(
+        compute_retrieval_map(features["test"], test.labels, features["train"], train.labels, dot)
+    )
     assert "oti test queries" in result["protocol"]
     with pytest.raises(ValueError, match="unknown image query 'ovi'"):
         requests(Benchmark("t", "image_retrieval", {"train": train, "test": test}, {"query": "ovi"}))
@@ -251,6 +279,7 @@ def test_sgd_probe_learns_separable_classes():
 def test_ovi_caption_queries_are_a_request_of_the_first_captions():
     from evaluation.task_registry import Benchmark, requests
     from scoring.sets.retrieval import RetrievalSet
+
     data = RetrievalSet("r", "hand-made", ["i0", "i1"], ["a", "b", "c", "d"], np.array([0, 0, 1, 1]))
     wanted = requests(Benchmark("r", "text_retrieval", {"test": data}, {"query": "ovi"}))
     assert wanted["queries"][0].startswith("ovi-") and wanted["queries"][1] == ["a", "c"]
@@ -264,6 +293,7 @@ def test_zero_shot_and_retrieval_controls_invert_one_side():
     from scoring.sets.classification import ClassificationSet
     from scoring.sets.retrieval import RetrievalSet
     from evaluation.inversion import requested_inversion
+
     zs = ClassificationSet("z", ["a", "b", "c"], np.array([0, 1, 0]), ["x", "y"], ["a {c}."])
     oti = requests(Benchmark("z", "zeroshot", {"test": zs}, {"query": "oti", "inversion": {"steps": 7}}))
     assert oti["images"][0].startswith("oti-") and oti["prompts"][0] == "text"
@@ -285,9 +315,16 @@ def test_zero_shot_entry_may_name_its_own_templates(tmp_path):
     """The paper's controls use one template per dataset: options.templates replaces the set's."""
     from evaluation.task_registry import load_benchmark, requests
     from tests.eval_fixtures import write_class_folder
+
     folder = write_class_folder(tmp_path / "zs", n_per_class=1, n_classes=2)
-    bench = load_benchmark({"name": "z", "task": "zeroshot", "test": {"format": "image_folder", "path": str(folder)},
-                            "options": {"templates": ["itap of a {c}."]}})
+    bench = load_benchmark(
+        {
+            "name": "z",
+            "task": "zeroshot",
+            "test": {"format": "image_folder", "path": str(folder)},
+            "options": {"templates": ["itap of a {c}."]},
+        }
+    )
     assert requests(bench)["prompts"][1] == ["itap of a red thing.", "itap of a green thing."]
 
 
@@ -297,20 +334,34 @@ def test_native_inverted_mixture_by_hand():
     from evaluation.task_registry import Benchmark, mixed_queries, requests, score
     from scoring.sets.classification import ClassificationSet
     from evaluation.tasks.intra_modal import compute_retrieval_map
+
     rng = np.random.default_rng(8)
     test = ClassificationSet("t", [f"q{i}" for i in range(6)], np.arange(6) % 3, ["a", "b", "c"], [])
     train = ClassificationSet("t", [f"g{i}" for i in range(9)], np.arange(9) % 3, ["a", "b", "c"], [])
-    bench = Benchmark("t", "image_retrieval", {"train": train, "test": test},
-                      {"query": "oti", "mix": [0.0, 0.5, 1.0]})
+    bench = Benchmark("t", "image_retrieval", {"train": train, "test": test}, {"query": "oti", "mix": [0.0, 0.5, 1.0]})
     assert requests(bench)["test_native"] == ("image", test.images)
-    features = {"test": rng.normal(size=(6, 4)), "test_native": rng.normal(size=(6, 4)), "train": rng.normal(size=(9, 4))}
+    features = {
+        "test": rng.normal(size=(6, 4)),
+        "test_native": rng.normal(size=(6, 4)),
+        "train": rng.normal(size=(9, 4)),
+    }
     entry = score(bench, features, Sphere(4))
     unit = lambda x: x / np.linalg.norm(x, axis=1, keepdims=True)  # noqa: E731
     gallery = features["train"]  # the sphere scores by the inner product of (unit) embeddings
-    by_hand = {a: compute_retrieval_map(unit(a * unit(features["test_native"]) + (1 - a) * unit(features["test"])),
-                                        test.labels, gallery, train.labels, dot) for a in (0.0, 0.5, 1.0)}
+    by_hand = {
+        a: compute_retrieval_map(
+            unit(a * unit(features["test_native"]) + (1 - a) * unit(features["test"])),
+            test.labels,
+            gallery,
+            train.labels,
+            dot,
+        )
+        for a in (0.0, 0.5, 1.0)
+    }
     assert entry["mAP_by_alpha"] == pytest.approx({"0": by_hand[0.0], "0.5": by_hand[0.5], "1": by_hand[1.0]})
     assert entry["mAP_by_alpha"]["0"] == pytest.approx(entry["mAP"])  # α = 0: the inverted queries
-    np.testing.assert_allclose(mixed_queries(features["test_native"], features["test"], 1.0), unit(features["test_native"]))
+    np.testing.assert_allclose(
+        mixed_queries(features["test_native"], features["test"], 1.0), unit(features["test_native"])
+    )
     with pytest.raises(ValueError, match="needs an inverted query"):
         requests(Benchmark("t", "image_retrieval", {"train": train, "test": test}, {"mix": [0.5]}))

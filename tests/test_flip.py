@@ -1,6 +1,7 @@
 """FLIP's random patch dropping: how many tokens it keeps, that they are distinct input
 patches behind an untouched class token, reproducibility from a seeded generator, and that
 the model really feeds a shorter sequence in training and is plain CLIP in eval mode."""
+
 from __future__ import annotations
 
 import pytest
@@ -36,18 +37,33 @@ def drop_patches(x: torch.Tensor, ratio: float, seed: int) -> torch.Tensor:
     return drop(x)
 
 
-@pytest.mark.parametrize("num_patches, ratio, expected", [
-    (16, 0.5, 8), (196, 0.5, 98), (16, 0.75, 4), (49, 0.0, 49), (10, 0.3, 7),
-    (1, 0.9, 1),  # at least one patch survives
-    (10, 0.95, 1), (5, 0.5, 2), (7, 0.5, 3), (196, 0.3, 137), (100, 0.9, 10),
-])
+@pytest.mark.parametrize(
+    "num_patches, ratio, expected",
+    [
+        (16, 0.5, 8),
+        (196, 0.5, 98),
+        (16, 0.75, 4),
+        (49, 0.0, 49),
+        (10, 0.3, 7),
+        (1, 0.9, 1),  # at least one patch survives
+        (10, 0.95, 1),
+        (5, 0.5, 2),
+        (7, 0.5, 3),
+        (196, 0.3, 137),
+        (100, 0.9, 10),
+    ],
+)
 def test_compute_num_keep_by_hand(num_patches, ratio, expected):
     assert compute_num_keep(num_patches, ratio) == expected
 
 
 @settings(max_examples=60, deadline=None)
-@given(batch=st.integers(1, 3), num_patches=st.integers(1, 40),
-       ratio=st.floats(0.0, 0.95, allow_nan=False), seed=st.integers(0, 2 ** 31))
+@given(
+    batch=st.integers(1, 3),
+    num_patches=st.integers(1, 40),
+    ratio=st.floats(0.0, 0.95, allow_nan=False),
+    seed=st.integers(0, 2**31),
+)
 def test_keeps_class_token_and_distinct_input_patches(batch, num_patches, ratio, seed):
     x = make_tokens(batch, num_patches, seed=seed)
     out = drop_patches(x, ratio, seed)
@@ -99,6 +115,7 @@ def record_vision_sequence_lengths(model) -> list[int]:
 
     def hook(module, args):
         lengths.append(args[0].shape[token_dim])
+
     transformer.register_forward_pre_hook(hook)
     return lengths
 

@@ -2,6 +2,7 @@
 evaluation features agree with float32, and one optimiser step gives a finite loss and
 gradient and moves the weights. Needs CUDA (CI has none; `scripts/gpu_check.sh` runs these
 on a lent GPU machine) and skips itself without it."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -20,8 +21,7 @@ from training.optim import build_optimizer, build_scheduler
 from training.towers import build_tokenizer
 from training.transforms import normalize_image_tensor
 
-pytestmark = [pytest.mark.gpu,
-              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
 ARCH = "ViT-B-16"
 BATCH = 8
@@ -50,10 +50,14 @@ def gpu_batch(config, model) -> dict:
     rng = np.random.default_rng(0)
     image_size, patch = tower_geometry(model)
     tokenizer = build_tokenizer(ARCH, model.tower.context_length)
-    captions = [f"a {c} square and a {d} circle, photo {i}" for i, (c, d) in
-                enumerate(rng.choice(["red", "blue", "green"], (BATCH, 2)))]
-    batch = {IMAGES: rng.integers(0, 256, (BATCH, 3, image_size, image_size), dtype=np.uint8),
-             TEXTS: tokenizer(captions).numpy()}
+    captions = [
+        f"a {c} square and a {d} circle, photo {i}"
+        for i, (c, d) in enumerate(rng.choice(["red", "blue", "green"], (BATCH, 2)))
+    ]
+    batch = {
+        IMAGES: rng.integers(0, 256, (BATCH, 3, image_size, image_size), dtype=np.uint8),
+        TEXTS: tokenizer(captions).numpy(),
+    }
     if config.data.caption_policy == "long_and_short":
         batch[SHORT_TEXTS] = tokenizer([c.split(",")[0] for c in captions]).numpy()
     if config.masking.kind == "pgs":

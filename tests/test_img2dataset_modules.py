@@ -3,6 +3,7 @@ torch in a fetching process), and the package is complete the moment anything as
 
 Each check runs in a fresh interpreter: the test process has img2dataset imported already.
 """
+
 from __future__ import annotations
 
 import subprocess
@@ -14,9 +15,19 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def run_fresh(code: str) -> str:
-    done = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], cwd=REPO, capture_output=True,
-                          text=True, timeout=120, env={"PYTHONPATH": str(REPO), "NO_ALBUMENTATIONS_UPDATE": "1",
-                                                       "WANDB_MODE": "disabled", "PATH": "/usr/bin:/bin"})
+    done = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={
+            "PYTHONPATH": str(REPO),
+            "NO_ALBUMENTATIONS_UPDATE": "1",
+            "WANDB_MODE": "disabled",
+            "PATH": "/usr/bin:/bin",
+        },
+    )
     assert done.returncode == 0, done.stderr
     return done.stdout.strip()
 

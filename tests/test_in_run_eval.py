@@ -1,6 +1,7 @@
 """In-run evaluation (training/in_run_eval.py): the figures it logs are the evaluation job's
 for the same weights (same readers, preprocessing, tokenizer and scoring functions), the
 round-robin shares gather back in set order, and bad settings are refused up front."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -25,8 +26,9 @@ def evaluation_job_figures(checkpoint_uri: str, entry: dict) -> dict:
         is_image = modality == task_registry.IMAGE
         encoder = encoders.ImageEncoder(checkpoint_uri) if is_image else encoders.TextEncoder(checkpoint_uri)
         rows = encoders.image_rows(values) if is_image else encoders.text_rows(values)
-        columns = {k: np.array([r[k] for r in rows], dtype=object if k != encoders.INDEX else np.int64)
-                   for k in rows[0]}
+        columns = {
+            k: np.array([r[k] for r in rows], dtype=object if k != encoders.INDEX else np.int64) for k in rows[0]
+        }
         features[role] = encoder(columns)[encoders.EMBEDDING]
     return task_registry.score(bench, features, load_inference_model(checkpoint_uri).topology)
 
@@ -37,8 +39,10 @@ def in_run_figures(checkpoint_uri: str, sets: tuple[str, ...], world: int = 1) -
     bundle = load_inference_model(checkpoint_uri)
     model = bundle.model.model  # the ContrastiveModel inside the plain scorer
     config = EvalConfig(every=1, sets=sets, batch_size=7)
-    evaluators = [InRunEvaluator(config, bundle.preprocess.image_size, bundle.tokenizer, r, world,
-                                 torch.device("cpu")) for r in range(world)]
+    evaluators = [
+        InRunEvaluator(config, bundle.preprocess.image_size, bundle.tokenizer, r, world, torch.device("cpu"))
+        for r in range(world)
+    ]
     if world == 1:
         return evaluators[0](model)
     figures = {}
@@ -63,10 +67,12 @@ def test_in_run_figures_are_the_evaluation_jobs(small_sets, tmp_path, topology):
     folder, karpathy = small_sets
     uri = str(save_micro_checkpoint(tmp_path / "run" / "step_00000001", **topology))
     ours = in_run_figures(uri, (f"colours=image_folder:{folder}", f"shots=karpathy:{karpathy}"))
-    zeroshot = evaluation_job_figures(uri, {"name": "colours", "task": "zeroshot",
-                                            "test": {"format": "image_folder", "path": folder}})
-    retrieval = evaluation_job_figures(uri, {"name": "shots", "task": "retrieval",
-                                             "test": {"format": "karpathy", "path": karpathy}})
+    zeroshot = evaluation_job_figures(
+        uri, {"name": "colours", "task": "zeroshot", "test": {"format": "image_folder", "path": folder}}
+    )
+    retrieval = evaluation_job_figures(
+        uri, {"name": "shots", "task": "retrieval", "test": {"format": "karpathy", "path": karpathy}}
+    )
     for key in ("top1", "top5", "mean_per_class_recall"):
         assert ours[f"eval/colours/{key}"] == pytest.approx(zeroshot[key], abs=1e-12)
     recalls = [k for k in retrieval if "recall@" in k]
@@ -74,7 +80,8 @@ def test_in_run_figures_are_the_evaluation_jobs(small_sets, tmp_path, topology):
     for key in recalls:
         assert ours[f"eval/shots/{key}"] == pytest.approx(retrieval[key], abs=1e-12)
     assert set(ours) == {f"eval/colours/{k}" for k in ("top1", "top5", "mean_per_class_recall")} | {
-        f"eval/shots/{k}" for k in recalls}
+        f"eval/shots/{k}" for k in recalls
+    }
 
 
 def test_three_workers_shares_give_the_one_worker_figures(small_sets, tmp_path):

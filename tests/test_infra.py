@@ -2,6 +2,7 @@
 own admission rules, the job entry points, secrets, GPU and /dev/shm sizing, Ray token auth,
 one image everywhere, and the Dockerfile's install. No network, no cluster, no Docker.
 """
+
 from __future__ import annotations
 
 import os
@@ -43,7 +44,8 @@ MIN_TOKEN_AUTH_RAY_VERSION = (2, 52, 0)
 AWS_ACCESS_KEY_ID_RE = re.compile(r"\b(?:AKIA|ASIA|ABIA|ACCA|A3T[A-Z0-9])[A-Z0-9]{16}\b")
 AWS_SECRET_KEY_RE = re.compile(r"(?<![A-Za-z0-9/+=])[A-Za-z0-9/+]{40}(?![A-Za-z0-9/+=])")
 SECRET_ASSIGNMENT_RE = re.compile(
-    r"(?i)(secret_?access_?key|auth_?token|password)[\"']?\s*[:=]\s*[\"']?[A-Za-z0-9/+=]{16,}")
+    r"(?i)(secret_?access_?key|auth_?token|password)[\"']?\s*[:=]\s*[\"']?[A-Za-z0-9/+=]{16,}"
+)
 SENSITIVE_ENV_RE = re.compile(r"^AWS_|TOKEN|SECRET|PASSW|CREDENTIAL|API_KEY|ACCESS_KEY")
 DNS1035_RE = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
 GPU = "nvidia.com/gpu"
@@ -55,9 +57,11 @@ GPU = "nvidia.com/gpu"
 
 def find_crd_dir() -> Path | None:
     """The KubeRay CRDs live in the workspace's shared/ folder, beside or inside the checkout."""
-    candidates = [os.environ.get("CLIPFORGE_KUBERAY_CRDS"),
-                  REPO_ROOT / "shared" / "schemas" / "kuberay",
-                  REPO_ROOT.parent / "shared" / "schemas" / "kuberay"]
+    candidates = [
+        os.environ.get("CLIPFORGE_KUBERAY_CRDS"),
+        REPO_ROOT / "shared" / "schemas" / "kuberay",
+        REPO_ROOT.parent / "shared" / "schemas" / "kuberay",
+    ]
     for candidate in candidates:
         if candidate and (Path(candidate) / CRD_FILES["RayJob"]).is_file():
             return Path(candidate)
@@ -89,7 +93,8 @@ def cluster_spec(doc: dict) -> dict | None:
 def groups(spec: dict) -> list[tuple[str, dict]]:
     """(name, group spec) for the head group and every worker group."""
     return [("head", spec["headGroupSpec"])] + [
-        (group["groupName"], group) for group in spec.get("workerGroupSpecs", [])]
+        (group["groupName"], group) for group in spec.get("workerGroupSpecs", [])
+    ]
 
 
 def ray_container(group: dict) -> dict:
@@ -117,8 +122,19 @@ def all_containers() -> list[tuple[str, dict]]:
 
 def parse_quantity(value: int | str) -> float:
     """Kubernetes resource quantity to a number (bytes for memory)."""
-    units = {"Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "Pi": 2**50,
-             "k": 1e3, "M": 1e6, "G": 1e9, "T": 1e12, "P": 1e15, "m": 1e-3}
+    units = {
+        "Ki": 2**10,
+        "Mi": 2**20,
+        "Gi": 2**30,
+        "Ti": 2**40,
+        "Pi": 2**50,
+        "k": 1e3,
+        "M": 1e6,
+        "G": 1e9,
+        "T": 1e12,
+        "P": 1e15,
+        "m": 1e-3,
+    }
     match = re.fullmatch(r"([0-9.]+)([A-Za-z]*)", str(value))
     assert match, f"not a quantity: {value!r}"
     number, unit = match.groups()
@@ -200,8 +216,10 @@ def crd_validator(kind: str, api_version: str) -> jsonschema.Draft7Validator:
 
 def schema_errors(doc: dict) -> list[str]:
     validator = crd_validator(doc["kind"], doc["apiVersion"])
-    return [f"{'/'.join(map(str, error.absolute_path)) or '<root>'}: {error.message}"
-            for error in validator.iter_errors(doc)]
+    return [
+        f"{'/'.join(map(str, error.absolute_path)) or '<root>'}: {error.message}"
+        for error in validator.iter_errors(doc)
+    ]
 
 
 def test_manifests_present():
@@ -224,8 +242,10 @@ def test_schema_check_rejects_typos_and_wrong_types():
     assert any(e.startswith("spec/backoffLimit") for e in schema_errors(wrong_type))
     worker = job["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]
     missing = {k: v for k, v in worker.items() if k != "maxReplicas"}
-    no_max = {**job, "spec": {**job["spec"], "rayClusterSpec": {
-        **job["spec"]["rayClusterSpec"], "workerGroupSpecs": [missing]}}}
+    no_max = {
+        **job,
+        "spec": {**job["spec"], "rayClusterSpec": {**job["spec"]["rayClusterSpec"], "workerGroupSpecs": [missing]}},
+    }
     assert any("maxReplicas" in e for e in schema_errors(no_max))
 
 
@@ -247,8 +267,9 @@ def test_operator_admission_rules(path):
             assert "labels" not in params, f"{group_name}: use the group's labels field"
             resource_keys = ("num-cpus", "num-gpus", "memory", "resources")
             sets_resources = any(params.get(k) for k in resource_keys)
-            assert not (sets_resources and group.get("resources")), \
+            assert not (sets_resources and group.get("resources")), (
                 f"{group_name}: resources set both in rayStartParams and resources"
+            )
             if group_name != "head":
                 assert group["minReplicas"] <= group.get("replicas", 0) <= group["maxReplicas"]
             if spec.get("authOptions", {}).get("mode") == "token":
@@ -285,8 +306,7 @@ def test_entrypoint_runs_its_script(name):
 def referenced_scripts() -> list[str]:
     scripts = set(JOB_SCRIPTS.values())
     if README.is_file():
-        scripts |= set(re.findall(r"\bpython3? ((?:pipelines|training|evaluation)/[\w/]+\.py)",
-                                  README.read_text()))
+        scripts |= set(re.findall(r"\bpython3? ((?:pipelines|training|evaluation)/[\w/]+\.py)", README.read_text()))
     return sorted(scripts)
 
 
@@ -302,10 +322,12 @@ def test_train_entrypoint_fits_the_gpu_cluster():
     assert "--use-gpu" in argv
     for flag in ("--data", "--storage"):
         assert flag_value(argv, flag).startswith("s3://"), f"{flag} must be an S3 URI"
-    gpu_groups = [g for g in doc["spec"]["rayClusterSpec"]["workerGroupSpecs"]
-                  if GPU in ray_container(g)["resources"].get("limits", {})]
-    max_gpus = sum(int(ray_container(g)["resources"]["limits"][GPU]) * g["maxReplicas"]
-                   for g in gpu_groups)
+    gpu_groups = [
+        g
+        for g in doc["spec"]["rayClusterSpec"]["workerGroupSpecs"]
+        if GPU in ray_container(g)["resources"].get("limits", {})
+    ]
+    max_gpus = sum(int(ray_container(g)["resources"]["limits"][GPU]) * g["maxReplicas"] for g in gpu_groups)
     assert int(flag_value(argv, "--num-workers")) <= max_gpus
 
 
@@ -333,8 +355,10 @@ def test_train_cluster_has_8_gpu_worker_pods():
 
 def test_evaluate_cluster_has_one_gpu():
     spec = load_manifest("rayjob-evaluate.yaml")["spec"]["rayClusterSpec"]
-    gpus = [int(ray_container(g)["resources"].get("limits", {}).get(GPU, 0))
-            * (1 if name == "head" else g["maxReplicas"]) for name, g in groups(spec)]
+    gpus = [
+        int(ray_container(g)["resources"].get("limits", {}).get(GPU, 0)) * (1 if name == "head" else g["maxReplicas"])
+        for name, g in groups(spec)
+    ]
     assert sum(gpus) == 1
 
 
@@ -380,8 +404,9 @@ def test_no_inline_secrets(path):
     text = path.read_text()
     assert not AWS_ACCESS_KEY_ID_RE.search(text), "AWS access key id"
     assert not SECRET_ASSIGNMENT_RE.search(text), "a secret assigned inline"
-    assert not [s for s in AWS_SECRET_KEY_RE.findall(text) if looks_random(s)], \
+    assert not [s for s in AWS_SECRET_KEY_RE.findall(text) if looks_random(s)], (
         "40-character string that looks like an AWS secret access key"
+    )
 
 
 def looks_random(candidate: str) -> bool:
@@ -395,8 +420,7 @@ def test_secret_detectors_catch_aws_keys():
     assert AWS_ACCESS_KEY_ID_RE.search(f"value: {key_id}")
     assert [s for s in AWS_SECRET_KEY_RE.findall(f"value: {secret}") if looks_random(s)]
     assert SECRET_ASSIGNMENT_RE.search(f"aws_secret_access_key = {secret}")
-    assert not [s for s in AWS_SECRET_KEY_RE.findall("s3://BUCKET/runs/RUN/checkpoints/CHECKPOINT")
-                if looks_random(s)]
+    assert not [s for s in AWS_SECRET_KEY_RE.findall("s3://BUCKET/runs/RUN/checkpoints/CHECKPOINT") if looks_random(s)]
 
 
 def test_no_secret_objects_in_manifests():
@@ -416,8 +440,11 @@ def test_sensitive_env_vars_come_from_secrets():
 def test_every_ray_container_gets_s3_credentials():
     for manifest, group_name, group in all_groups():
         env = {e["name"]: e for e in ray_container(group).get("env", [])}
-        for name, optional in [("AWS_ACCESS_KEY_ID", False), ("AWS_SECRET_ACCESS_KEY", False),
-                               ("AWS_ENDPOINT_URL", True)]:
+        for name, optional in [
+            ("AWS_ACCESS_KEY_ID", False),
+            ("AWS_SECRET_ACCESS_KEY", False),
+            ("AWS_ENDPOINT_URL", True),
+        ]:
             assert name in env, f"{manifest}:{group_name}: {name} missing"
             ref = env[name]["valueFrom"]["secretKeyRef"]
             assert ref["name"] and ref["key"] and bool(ref.get("optional")) == optional
@@ -456,11 +483,11 @@ def test_ray_versions_agree():
 
 def dockerfile_instructions() -> list[tuple[str, str]]:
     """(INSTRUCTION, arguments) with line continuations joined and comments dropped."""
-    lines = [line for line in DOCKERFILE.read_text().splitlines()
-             if not line.lstrip().startswith("#")]
+    lines = [line for line in DOCKERFILE.read_text().splitlines() if not line.lstrip().startswith("#")]
     joined = re.sub(r"\\\n", " ", "\n".join(lines))
-    return [(m.group(1).upper(), m.group(2).strip())
-            for m in re.finditer(r"^\s*(\w+)\s+(.*)$", joined, flags=re.MULTILINE)]
+    return [
+        (m.group(1).upper(), m.group(2).strip()) for m in re.finditer(r"^\s*(\w+)\s+(.*)$", joined, flags=re.MULTILINE)
+    ]
 
 
 def dockerfile_args() -> dict[str, str]:
@@ -475,8 +502,7 @@ def dockerfile_args() -> dict[str, str]:
 def base_image_match() -> re.Match:
     (base,) = [rest for instruction, rest in dockerfile_instructions() if instruction == "FROM"]
     image = re.sub(r"\$\{?(\w+)\}?", lambda m: dockerfile_args()[m.group(1)], base.split()[0])
-    match = re.fullmatch(
-        r"rayproject/ray:(?P<ray>\d+\.\d+\.\d+)-py(?P<py>\d+)-(?:gpu|cu\d+)", image)
+    match = re.fullmatch(r"rayproject/ray:(?P<ray>\d+\.\d+\.\d+)-py(?P<py>\d+)-(?:gpu|cu\d+)", image)
     assert match, f"base image {image} is not an official Ray GPU image"
     return match
 
@@ -511,8 +537,9 @@ def test_dockerfile_installs_the_project_from_pyproject():
     assert any("." in args and "--no-cache-dir" in args for args in installs), installs
     for args in installs:
         packages = [a for a in args if not a.startswith("-") and a != "."]
-        assert all(a.startswith("$") for a in packages), \
+        assert all(a.startswith("$") for a in packages), (
             f"install dependencies through pyproject.toml, not by hand: {packages}"
+        )
 
 
 def test_only_headless_opencv():
@@ -527,8 +554,11 @@ def test_entrypoints_resolve_in_the_image():
     """KubeRay starts Ray in the image's working directory; the project must be copied there."""
     instructions = dockerfile_instructions()
     workdirs = [i for i, (instruction, _) in enumerate(instructions) if instruction == "WORKDIR"]
-    copies = [i for i, (instruction, rest) in enumerate(instructions)
-              if instruction == "COPY" and rest.split()[-2:] == [".", "."]]
+    copies = [
+        i
+        for i, (instruction, rest) in enumerate(instructions)
+        if instruction == "COPY" and rest.split()[-2:] == [".", "."]
+    ]
     assert workdirs and copies and workdirs[-1] < copies[-1]
 
 

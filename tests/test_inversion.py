@@ -1,13 +1,23 @@
 """OTI and OVI (evaluation/inversion.py) on a micro tower: the pseudo-inputs enter where the
 paper puts them, the optimisation lowers the loss without touching the towers, and the features
 do not depend on how queries are batched."""
+
 from __future__ import annotations
 
 import pytest
 import torch
 
-from evaluation.inversion import (InversionConfig, PseudoPatchImage, PseudoTokenText, check_inversion,
-                                  initial_pseudo_inputs, invert, nearest_repeat, ovi_features, oti_features)
+from evaluation.inversion import (
+    InversionConfig,
+    PseudoPatchImage,
+    PseudoTokenText,
+    check_inversion,
+    initial_pseudo_inputs,
+    invert,
+    nearest_repeat,
+    ovi_features,
+    oti_features,
+)
 from training.towers import build_tokenizer, build_tower_model
 
 ARCH = "clip-micro-p8-32"
@@ -44,7 +54,7 @@ def test_nearest_repetition_fills_raster_runs():
     slots = nearest_repeat(pseudo, 256)
     assert slots.shape == (2, 256, 3)
     for j in range(4):
-        assert (slots[:, 64 * j:64 * (j + 1)] == j).all()
+        assert (slots[:, 64 * j : 64 * (j + 1)] == j).all()
     assert (nearest_repeat(pseudo[:, :1], 49) == 0).all()
 
 
@@ -82,8 +92,12 @@ def test_features_do_not_depend_on_the_batching(tower, tokenizer):
     targets = torch.nn.functional.normalize(torch.randn(6, 64, generator=torch.Generator().manual_seed(1)), dim=-1)
     ids = [f"image-{i}" for i in range(6)]
     whole = oti_features(tower, tokenizer, targets, ids, config)
-    split = torch.cat([oti_features(tower, tokenizer, targets[:2], ids[:2], config),
-                       oti_features(tower, tokenizer, targets[2:], ids[2:], config)])
+    split = torch.cat(
+        [
+            oti_features(tower, tokenizer, targets[:2], ids[:2], config),
+            oti_features(tower, tokenizer, targets[2:], ids[2:], config),
+        ]
+    )
     torch.testing.assert_close(whole, split, rtol=1e-5, atol=1e-5)
     reordered = ovi_features(tower, targets[[1, 0]], [ids[1], ids[0]], InversionConfig(kind="ovi", steps=5))
     straight = ovi_features(tower, targets[:2], ids[:2], InversionConfig(kind="ovi", steps=5))
@@ -113,24 +127,35 @@ def test_encoders_invert_and_the_cache_returns_inverted_features_without_reoptim
     from evaluation.cache import EmbeddingCache
     from scoring.sets.classification import ClassificationSet
     from tests.eval_fixtures import class_image, save_micro_checkpoint
+
     uri = str(save_micro_checkpoint(tmp_path / "step_00000001"))
     images = [class_image(label, 0) for label in range(3)]
     data = ClassificationSet("c", images, np.arange(3), ["a", "b", "c"], [])
-    bench = Benchmark("c", "image_retrieval", {"train": data, "test": data},
-                      {"query": "oti", "inversion": {"steps": 4}})
+    bench = Benchmark(
+        "c", "image_retrieval", {"train": data, "test": data}, {"query": "oti", "inversion": {"steps": 4}}
+    )
     calls = []
 
     def encode_without_ray(modality, blocks, cache, args):  # the actors' code, called directly
         calls.append(modality)
         encoder, constructor, is_image, _ = evaluate.encoder_spec(modality, args)
-        actor = encoders.BlockEncoder(encoder, constructor, is_image, modality, args.batch_size,
-                                      cache.root, cache.fingerprint)
+        actor = encoders.BlockEncoder(
+            encoder, constructor, is_image, modality, args.batch_size, cache.root, cache.fingerprint
+        )
         rows = encoders.block_rows(blocks, is_image)
         return list(actor({key: [r[key] for r in rows] for key in rows[0]})[encoders.EMBEDDING])
 
     monkeypatch.setattr(evaluate, "encode", encode_without_ray)
-    args = argparse.Namespace(checkpoint=uri, pinned_checkpoint=uri, checkpoint_cache=None, use_gpu=False,
-                              scorer="plain", batch_size=8, num_encoders=1, cache_block=1024)
+    args = argparse.Namespace(
+        checkpoint=uri,
+        pinned_checkpoint=uri,
+        checkpoint_cache=None,
+        use_gpu=False,
+        scorer="plain",
+        batch_size=8,
+        num_encoders=1,
+        cache_block=1024,
+    )
     first = evaluate.embed([bench], EmbeddingCache(str(tmp_path / "cache"), "fp"), args)[0]
     assert sorted(calls) == sorted(["image", requests(bench)["test"][0]])
     # The OTI features are the inversion of each image's own feature.

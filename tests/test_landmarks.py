@@ -1,6 +1,7 @@
 """The revisited Oxford / Paris protocol (Radenović et al. 2018): its reader on a folder in the
 published layout written here, its AP against the protocol's own loop, its easy / medium / hard
 settings, and the entry through the scorer."""
+
 from __future__ import annotations
 
 import pickle
@@ -67,15 +68,20 @@ def write_revisited(root, tampered: bool = False):
     names = [f"img_{i}" for i in range(6)]
     for n in names:
         cv2.imwrite(str(root / "jpg" / f"{n}.jpg"), rng.integers(0, 255, (40, 60, 3), dtype=np.uint8))
-    gnd = [{"bbx": [5.2, 4.0, 24.0, 19.0], "easy": np.array([1, 2]), "hard": np.array([3]), "junk": np.array([4])},
-           {"bbx": [0.0, 0.0, 59.0, 39.0], "easy": [], "hard": np.array([5]), "junk": []}]
+    gnd = [
+        {"bbx": [5.2, 4.0, 24.0, 19.0], "easy": np.array([1, 2]), "hard": np.array([3]), "junk": np.array([4])},
+        {"bbx": [0.0, 0.0, 59.0, 39.0], "easy": [], "hard": np.array([5]), "junk": []},
+    ]
     truth = {"imlist": names, "qimlist": ["img_0", "img_5"], "gnd": gnd}
     data = pickle.dumps(truth)
     if tampered:
+
         class Evil:
             def __reduce__(self):
                 import os
+
                 return (os.system, ("true",))
+
         data = pickle.dumps({**truth, "x": Evil()})
     (root / "gnd_roxford5k.pkl").write_bytes(data)
     return truth

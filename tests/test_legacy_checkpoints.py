@@ -1,5 +1,6 @@
 """Checkpoints saved before the layout change (issue 19) still load and evaluate to the same
 numbers: `tests/fixtures/legacy/` was written by stop 35's code (see its writer's docstring)."""
+
 from __future__ import annotations
 
 import json

@@ -1,14 +1,19 @@
 """Long-CLIP positional stretching: the anchor rows of docs/methods/longclip.md §2 (77 -> 248), a
 row-by-row reference for other (n, k, f), frozen first rows under AdamW, the causal mask and
 tokenizer context of a stretched tower, and captions within the kept rows unchanged."""
+
 from __future__ import annotations
 
 import pytest
 import torch
 
 from training.config import MaskingConfig, ModelConfig, OptimConfig, Temperature
-from training.methods.longclip.positions import (apply_long_text, compute_stretched_context,
-                                                 stretch_positional_table, zero_frozen_rows)
+from training.methods.longclip.positions import (
+    apply_long_text,
+    compute_stretched_context,
+    stretch_positional_table,
+    zero_frozen_rows,
+)
 from training.model import build_model
 from training.optim import build_optimizer
 from training.towers import build_tokenizer
@@ -35,9 +40,14 @@ def test_long_clip_anchor_rows():
     old = torch.randn(77, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     new = stretch_positional_table(old, keep=20, factor=4)
     assert new.shape == (248, 16) and compute_stretched_context(77, 20, 4) == 248
-    expected = {19: old[19], 20: old[20], 21: 0.75 * old[20] + 0.25 * old[21],
-                243: 0.25 * old[75] + 0.75 * old[76], 244: old[76],
-                247: old[76] + 0.75 * (old[76] - old[75])}
+    expected = {
+        19: old[19],
+        20: old[20],
+        21: 0.75 * old[20] + 0.25 * old[21],
+        243: 0.25 * old[75] + 0.75 * old[76],
+        244: old[76],
+        247: old[76] + 0.75 * (old[76] - old[75]),
+    }
     for row, value in expected.items():
         torch.testing.assert_close(new[row], value, rtol=1e-12, atol=1e-12, msg=f"row {row}")
     torch.testing.assert_close(new[:20], old[:20], rtol=0, atol=0)
@@ -58,8 +68,9 @@ def test_impossible_stretch_is_an_error(n, keep, factor):
 
 
 def stretched_model(keep: int, factor: int):
-    return build_model(ModelConfig(ARCH, text_positions_kept=keep, text_stretch_factor=factor),
-                       MaskingConfig(), Temperature())
+    return build_model(
+        ModelConfig(ARCH, text_positions_kept=keep, text_stretch_factor=factor), MaskingConfig(), Temperature()
+    )
 
 
 def test_stretched_tower_geometry_and_tokenizer():
@@ -80,8 +91,12 @@ def test_captions_within_the_kept_rows_encode_as_before():
     torch.manual_seed(0)
     base = stretched_model(20, 1)
     stretched = stretched_model(20, 4)
-    stretched.tower.load_state_dict({**base.tower.state_dict(), "positional_embedding":
-                                     stretch_positional_table(base.tower.positional_embedding.data, 20, 4)})
+    stretched.tower.load_state_dict(
+        {
+            **base.tower.state_dict(),
+            "positional_embedding": stretch_positional_table(base.tower.positional_embedding.data, 20, 4),
+        }
+    )
     short = ["a small red circle", "a blue square on the left"]
     before = base.tower.encode_text(build_tokenizer(ARCH, 77)(short))
     after = stretched.tower.encode_text(build_tokenizer(ARCH, 248)(short))

@@ -1,6 +1,7 @@
 """Long-CLIP: the batch's top-k principal-component projection against NumPy's eigen-
 decomposition of the covariance, the two-term loss, and the two-caption batch path (one long
 and one short caption of the image's own group per step), plus the single-caption "mix"."""
+
 from __future__ import annotations
 
 import json
@@ -40,18 +41,21 @@ def test_all_components_keep_the_features():
 
 def test_loss_terms_with_full_rank_projection_are_clip_losses():
     g = torch.Generator().manual_seed(0)
-    image, long_text, short_text = (F.normalize(torch.randn(8, 6, generator=g, dtype=torch.float64), dim=-1)
-                                    for _ in range(3))
+    image, long_text, short_text = (
+        F.normalize(torch.randn(8, 6, generator=g, dtype=torch.float64), dim=-1) for _ in range(3)
+    )
     scale = torch.tensor(20.0, dtype=torch.float64)
-    terms = LongClipLoss(num_components=6)({"image_features": image, "text_features": long_text,
-                                            "short_text_features": short_text, "logit_scale": scale})
+    terms = LongClipLoss(num_components=6)(
+        {"image_features": image, "text_features": long_text, "short_text_features": short_text, "logit_scale": scale}
+    )
     clip = ContrastiveLoss()
     expected_long = clip({"image_features": image, "text_features": long_text, "logit_scale": scale})
     expected_short = clip({"image_features": image, "text_features": short_text, "logit_scale": scale})
     torch.testing.assert_close(terms["long"], expected_long["contrastive"])
     torch.testing.assert_close(terms["short"], expected_short["contrastive"])
-    fewer = LongClipLoss(num_components=2)({"image_features": image, "text_features": long_text,
-                                            "short_text_features": short_text, "logit_scale": scale})
+    fewer = LongClipLoss(num_components=2)(
+        {"image_features": image, "text_features": long_text, "short_text_features": short_text, "logit_scale": scale}
+    )
     assert not torch.isclose(fewer["short"], terms["short"])
 
 
@@ -60,8 +64,9 @@ def captions_of(row: dict, kind: str) -> set[str]:
 
 
 def test_long_and_short_batches_pair_each_image_with_its_own_captions(shard_rows):  # noqa: F811
-    prepare = BatchPreprocessor(ARCH, IMAGE_SIZE, PATCH_SIZE, CROP_SCALE, seed=1,
-                                caption_policy="long_and_short", context_length=96)
+    prepare = BatchPreprocessor(
+        ARCH, IMAGE_SIZE, PATCH_SIZE, CROP_SCALE, seed=1, caption_policy="long_and_short", context_length=96
+    )
     out = prepare.prepare_rows(as_batch(shard_rows, epoch=0))
     assert out[TEXTS].shape == out[SHORT_TEXTS].shape == (len(shard_rows), 96)
     tokenizer = prepare.tokenizer
@@ -79,8 +84,12 @@ def test_single_caption_batches_have_no_second_caption(shard_rows):  # noqa: F81
 
 @pytest.mark.parametrize("fraction", [0.0, 0.25, 1.0])
 def test_mix_draws_the_long_caption_with_its_fraction(fraction):
-    captions = [{"kind": "short", "text": "s1"}, {"kind": "short", "text": "s2"},
-                {"kind": "short", "text": "s3"}, {"kind": "long", "text": "l"}]
+    captions = [
+        {"kind": "short", "text": "s1"},
+        {"kind": "short", "text": "s2"},
+        {"kind": "short", "text": "s3"},
+        {"kind": "long", "text": "l"},
+    ]
     rng = np.random.default_rng(0)
     draws = [choose_caption(captions, "mix", rng, fraction) for _ in range(4000)]
     assert abs(draws.count("l") / len(draws) - fraction) < 0.03

@@ -1,6 +1,7 @@
 """CUB-200-2011 and Stanford Online Products readers on folders in their published layouts,
 written here, and their Cross the Gap entries (same split, each query removed from its own
 gallery) through the scorer and the crossgap suite."""
+
 from __future__ import annotations
 
 import cv2
@@ -38,9 +39,15 @@ def write_cub(root, ids=(3, 1, 2, 4, 5, 6)):
 
 def write_sop(root):
     """Two super classes, three products; the test split's classes start at 11319 as published."""
-    rows = {"train": [(1, 1, 1, "bicycle_final/111_0.JPG"), (2, 1, 1, "bicycle_final/111_1.JPG")],
-            "test": [(3, 11319, 1, "bicycle_final/222_0.JPG"), (4, 11320, 2, "cabinet_final/333_0.JPG"),
-                     (5, 11319, 1, "bicycle_final/222_1.JPG"), (6, 11320, 2, "cabinet_final/333_1.JPG")]}
+    rows = {
+        "train": [(1, 1, 1, "bicycle_final/111_0.JPG"), (2, 1, 1, "bicycle_final/111_1.JPG")],
+        "test": [
+            (3, 11319, 1, "bicycle_final/222_0.JPG"),
+            (4, 11320, 2, "cabinet_final/333_0.JPG"),
+            (5, 11319, 1, "bicycle_final/222_1.JPG"),
+            (6, 11320, 2, "cabinet_final/333_1.JPG"),
+        ],
+    }
     for split, listing in rows.items():
         for row in listing:
             write_image(root / row[3])
@@ -52,8 +59,7 @@ def write_sop(root):
 def test_cub_reads_every_image_in_id_order_with_its_class(tmp_path):
     truth = write_cub(tmp_path)
     data = load_cub(str(tmp_path))
-    assert data.n_images == 6 and data.classnames == ["Black footed Albatross", "Laysan Albatross",
-                                                     "Sooty Albatross"]
+    assert data.n_images == 6 and data.classnames == ["Black footed Albatross", "Laysan Albatross", "Sooty Albatross"]
     assert [ref.rsplit("/", 1)[-1] for ref in data.images] == [truth[i][0].rsplit("/", 1)[-1] for i in range(1, 7)]
     assert data.labels.tolist() == [0, 0, 1, 1, 2, 2]
 
@@ -97,8 +103,14 @@ def test_same_split_entry_removes_each_query_from_its_gallery(tmp_path, fmt, wri
     features that put each image closest to itself, a scorer that kept the query would reach
     precision 1 at rank 1 for free."""
     writer(tmp_path)
-    bench = load_benchmark({"name": fmt, "task": "image_retrieval", "test": {"format": fmt, "path": str(tmp_path)},
-                            "options": {"gallery": "test"}})
+    bench = load_benchmark(
+        {
+            "name": fmt,
+            "task": "image_retrieval",
+            "test": {"format": fmt, "path": str(tmp_path)},
+            "options": {"gallery": "test"},
+        }
+    )
     wanted = requests(bench)
     assert set(wanted) == {"test", "gallery"} and wanted["test"] == wanted["gallery"]
     labels = bench.data["test"].labels
@@ -106,7 +118,9 @@ def test_same_split_entry_removes_each_query_from_its_gallery(tmp_path, fmt, wri
     features = rng.normal(size=(len(labels), 8))
     entry = score(bench, {"test": features, "gallery": features}, Sphere(8))
     ids = np.arange(len(labels))
-    want = compute_retrieval_metrics(features, labels, features, labels, Sphere(8).score, query_ids=ids, gallery_ids=ids)
+    want = compute_retrieval_metrics(
+        features, labels, features, labels, Sphere(8).score, query_ids=ids, gallery_ids=ids
+    )
     assert entry["mAP"] == pytest.approx(want["mAP"]) and entry["n_gallery"] == len(labels) - 1
     assert "query removed" in entry["protocol"]
     kept = compute_retrieval_metrics(features, labels, features, labels, Sphere(8).score)
@@ -115,6 +129,7 @@ def test_same_split_entry_removes_each_query_from_its_gallery(tmp_path, fmt, wri
 
 def test_crossgap_suite_names_cub_sop_and_the_landmarks_native_and_oti():
     from evaluation.suites import suite_entries
+
     entries = {e["name"]: e for e in suite_entries("crossgap")}
     for name in ("cub", "sop"):
         assert entries[name]["options"] == {"gallery": "test"} and entries[name]["test"]["format"] == name

@@ -1,5 +1,6 @@
 """The logged figures are the whole worker group's: each window's numerators and denominators
 summed over 2 gloo workers, then divided (not rank 0's figures alone)."""
+
 from __future__ import annotations
 
 import json

@@ -2,6 +2,7 @@
 
 Only 127.0.0.1 is ever connected to; other ranges are checked with a stubbed resolver.
 """
+
 from __future__ import annotations
 
 import http.client
@@ -19,9 +20,10 @@ from pipelines.mirror import LoopbackMirror, ServingProfile, check_loopback_host
 
 def stub_resolver(*addresses: str):
     """A getaddrinfo stand-in answering `addresses` for any host, without any lookup."""
+
     def resolve(host, port, *args, **kwargs):
-        return [(socket.AF_INET6 if ":" in a else socket.AF_INET, socket.SOCK_STREAM, 6, "", (a, 0))
-                for a in addresses]
+        return [(socket.AF_INET6 if ":" in a else socket.AF_INET, socket.SOCK_STREAM, 6, "", (a, 0)) for a in addresses]
+
     return resolve
 
 
@@ -72,11 +74,14 @@ def test_guard_rejects_empty_host():
         check_loopback_host("", resolve=stub_resolver("127.0.0.1"))
 
 
-@pytest.mark.parametrize("host,addresses,expected", [
-    ("127.0.0.1", ["127.0.0.1"], "127.0.0.1"),
-    ("127.0.0.2", ["127.0.0.2"], "127.0.0.2"),
-    ("localhost", ["::1", "127.0.0.1"], "::1"),
-])
+@pytest.mark.parametrize(
+    "host,addresses,expected",
+    [
+        ("127.0.0.1", ["127.0.0.1"], "127.0.0.1"),
+        ("127.0.0.2", ["127.0.0.2"], "127.0.0.2"),
+        ("localhost", ["::1", "127.0.0.1"], "::1"),
+    ],
+)
 def test_guard_accepts_loopback(host, addresses, expected):
     assert check_loopback_host(host, resolve=stub_resolver(*addresses)) == expected
 

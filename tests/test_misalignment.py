@@ -1,5 +1,6 @@
 """The report's intra-modal misalignment view: inverted entries paired with the native entry on
 the same data, the expected direction per task, the section and its plot."""
+
 from __future__ import annotations
 
 from evaluation.misalignment import misalignment_rows
@@ -10,21 +11,32 @@ SPEC_PETS = {"test": {"format": "wds", "path": "/d/pets", "split": "test"}}
 SPEC_COCO = {"test": {"format": "karpathy", "path": "/d/coco.json"}}
 REPORT = {
     "checkpoint": {"path": "runs/x", "step": 3, "method": "clip"},
-    "intra_modal": {"pets": {"mAP": 0.30}, "pets-oti": {"mAP": 0.36, "query": "oti"},
-                    "coco": {"mAP": 0.40}, "coco-ovi": {"mAP": 0.38, "query": "ovi"}},
-    "zeroshot": {"pets-zs": {"top1": 0.60}, "pets-zs-oti": {"top1": 0.50, "query": "oti"},
-                 "orphan-oti": {"top1": 0.1, "query": "oti"}},
-    "retrieval": {"coco-r": {"text_retrieval_recall@1": 0.5, "image_retrieval_recall@1": 0.4},
-                  "coco-r-ovi": {"text_retrieval_recall@1": 0.5, "image_retrieval_recall@1": 0.2, "query": "ovi"}},
-    "datasets": {"pets": {"task": "image_retrieval", "specs": SPEC_PETS},
-                 "pets-oti": {"task": "image_retrieval", "specs": SPEC_PETS},
-                 "coco": {"task": "text_retrieval", "specs": SPEC_COCO},
-                 "coco-ovi": {"task": "text_retrieval", "specs": SPEC_COCO},
-                 "pets-zs": {"task": "zeroshot", "specs": SPEC_PETS},
-                 "pets-zs-oti": {"task": "zeroshot", "specs": SPEC_PETS},
-                 "orphan-oti": {"task": "zeroshot", "specs": {"test": {"path": "/elsewhere"}}},
-                 "coco-r": {"task": "retrieval", "specs": SPEC_COCO},
-                 "coco-r-ovi": {"task": "retrieval", "specs": SPEC_COCO}},
+    "intra_modal": {
+        "pets": {"mAP": 0.30},
+        "pets-oti": {"mAP": 0.36, "query": "oti"},
+        "coco": {"mAP": 0.40},
+        "coco-ovi": {"mAP": 0.38, "query": "ovi"},
+    },
+    "zeroshot": {
+        "pets-zs": {"top1": 0.60},
+        "pets-zs-oti": {"top1": 0.50, "query": "oti"},
+        "orphan-oti": {"top1": 0.1, "query": "oti"},
+    },
+    "retrieval": {
+        "coco-r": {"text_retrieval_recall@1": 0.5, "image_retrieval_recall@1": 0.4},
+        "coco-r-ovi": {"text_retrieval_recall@1": 0.5, "image_retrieval_recall@1": 0.2, "query": "ovi"},
+    },
+    "datasets": {
+        "pets": {"task": "image_retrieval", "specs": SPEC_PETS},
+        "pets-oti": {"task": "image_retrieval", "specs": SPEC_PETS},
+        "coco": {"task": "text_retrieval", "specs": SPEC_COCO},
+        "coco-ovi": {"task": "text_retrieval", "specs": SPEC_COCO},
+        "pets-zs": {"task": "zeroshot", "specs": SPEC_PETS},
+        "pets-zs-oti": {"task": "zeroshot", "specs": SPEC_PETS},
+        "orphan-oti": {"task": "zeroshot", "specs": {"test": {"path": "/elsewhere"}}},
+        "coco-r": {"task": "retrieval", "specs": SPEC_COCO},
+        "coco-r-ovi": {"task": "retrieval", "specs": SPEC_COCO},
+    },
 }
 
 

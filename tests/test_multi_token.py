@@ -1,5 +1,6 @@
 """Multi(n, m) towers (training/methods/topology/multi_token.py): m [CLS] tokens in the vision tower that FLIP
 and PGS keep, and both text routes against a naive per-sample reference without masks."""
+
 from __future__ import annotations
 
 import pytest
@@ -17,8 +18,9 @@ M = 4
 
 def multi_model(method: str = "clip", **overrides):
     torch.manual_seed(0)
-    config = apply_overrides(build_method_config(method), {"model.arch": ARCH, "topology.kind": "multi",
-                                                           "topology.m": M, **overrides})
+    config = apply_overrides(
+        build_method_config(method), {"model.arch": ARCH, "topology.kind": "multi", "topology.m": M, **overrides}
+    )
     return build_training_model(config)
 
 
@@ -28,8 +30,9 @@ def texts_with_padding(tokenizer) -> torch.Tensor:
 
 def record_transformer_input(visual):
     seen = []
-    handle = visual.transformer.register_forward_pre_hook(lambda module, args, kwargs: seen.append(args[0]),
-                                                          with_kwargs=True)
+    handle = visual.transformer.register_forward_pre_hook(
+        lambda module, args, kwargs: seen.append(args[0]), with_kwargs=True
+    )
     return seen, handle
 
 
@@ -72,6 +75,7 @@ def test_patch_selection_keeps_every_class_token(method):
 
 def build_tokenizer_for(model):
     from training.towers import build_tokenizer
+
     return build_tokenizer(ARCH)
 
 
@@ -110,8 +114,9 @@ def test_append_route_keeps_the_pretrained_text_states():
     torch.manual_seed(3)
     plain = build_tower_model(ARCH).eval()
     model = multi_model(**{"topology.text_tokens": "append"}).eval()
-    model.tower.load_state_dict({k: v for k, v in plain.state_dict().items()
-                                 if not k.startswith(("visual.", "text_projection"))}, strict=False)
+    model.tower.load_state_dict(
+        {k: v for k, v in plain.state_dict().items() if not k.startswith(("visual.", "text_projection"))}, strict=False
+    )
     text = texts_with_padding(build_tokenizer_for(model))
     states = []
     handle = model.tower.ln_final.register_forward_hook(lambda module, args, out: states.append(out))
@@ -135,6 +140,7 @@ def test_auto_route_follows_the_start():
 def test_multi_needs_a_class_token_vit():
     with pytest.raises(ValueError, match="multi"):
         from training.methods.topology.multi_token import convert_to_multi_token
+
         convert_to_multi_token(torch.nn.Linear(2, 2), M, 8, "prepend")
 
 
@@ -145,16 +151,19 @@ def test_the_saved_route_survives_rebuilding_without_pretrained(tmp_path):
     from training.inference import load_inference_model
     from training.methods.recipes import resolve_auto_fields
     from training.optim import build_optimizer, build_scheduler
-    config = apply_overrides(build_method_config("multi"), {"model.arch": ARCH, "topology.m": M,
-                                                            "model.pretrained": "/weights/start.pt"})
+
+    config = apply_overrides(
+        build_method_config("multi"), {"model.arch": ARCH, "topology.m": M, "model.pretrained": "/weights/start.pt"}
+    )
     config = resolve_auto_fields(config)
     assert config.topology.text_tokens == "append"
     local = apply_overrides(config, {"model.pretrained": None})  # no weights file here
     torch.manual_seed(0)
     model = build_training_model(local)
     optimizer = build_optimizer(model, config.optim)
-    checkpoint.save_checkpoint(tmp_path / "step_00000001", model, optimizer,
-                               build_scheduler(optimizer, 1, 2), 1, config, {})
+    checkpoint.save_checkpoint(
+        tmp_path / "step_00000001", model, optimizer, build_scheduler(optimizer, 1, 2), 1, config, {}
+    )
     bundle = load_inference_model(str(tmp_path / "step_00000001"))
     assert bundle.model.model.tower.text_cls_route == "append"
     text = texts_with_padding(build_tokenizer_for(model))

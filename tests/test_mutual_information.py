@@ -1,6 +1,7 @@
 """The MI estimators CIBR minimises (training/methods/cibr/mutual_information.py), against closed
 forms: correlated Gaussians, I = −½ Σ log(1 − ρ²), and a linear-Gaussian chain for the
 conditional MI. Each estimator is trained on fresh batches and scored on 100 k fresh samples."""
+
 from __future__ import annotations
 
 import math
@@ -22,11 +23,11 @@ DIM, STEPS, BATCH, LR, HIDDEN = 5, 800, 512, 3e-3, 64
 def correlated_gaussians(n: int, rho: float, generator: torch.Generator):
     """(z, x) with z_j = ρ x_j + √(1 − ρ²) ε_j, coordinates independent."""
     x = torch.randn(n, DIM, generator=generator)
-    return rho * x + math.sqrt(1 - rho ** 2) * torch.randn(n, DIM, generator=generator), x
+    return rho * x + math.sqrt(1 - rho**2) * torch.randn(n, DIM, generator=generator), x
 
 
 def gaussian_mi(rho: float) -> float:
-    return -0.5 * DIM * math.log(1 - rho ** 2)
+    return -0.5 * DIM * math.log(1 - rho**2)
 
 
 def train_estimator(module, sample, seed: int, steps: int = STEPS):
@@ -86,7 +87,7 @@ def test_club_lies_above_the_gaussian_mi_at_its_own_closed_form(rho):
     E_joint[log q] − E_marg[log q] = Σ ρ² / (1 − ρ²), above the MI for every ρ."""
     estimate = trained_pair_estimate("club", rho, seed=0)
     assert estimate > gaussian_mi(rho) * 1.5
-    assert abs(estimate - DIM * rho ** 2 / (1 - rho ** 2)) < 0.05 * DIM * rho ** 2 / (1 - rho ** 2)
+    assert abs(estimate - DIM * rho**2 / (1 - rho**2)) < 0.05 * DIM * rho**2 / (1 - rho**2)
 
 
 def test_chain_rule_recovers_a_conditional_mi_in_closed_form():
@@ -96,10 +97,10 @@ def test_chain_rule_recovers_a_conditional_mi_in_closed_form():
 
     def sample(n, g):
         c = torch.randn(n, dim, generator=g)
-        x = rho * c + math.sqrt(1 - rho ** 2) * torch.randn(n, dim, generator=g)
+        x = rho * c + math.sqrt(1 - rho**2) * torch.randn(n, dim, generator=g)
         return x + c + sigma * torch.randn(n, dim, generator=g), x, c
 
-    truth = dim / 2 * math.log((1 - rho ** 2 + sigma ** 2) / sigma ** 2)
+    truth = dim / 2 * math.log((1 - rho**2 + sigma**2) / sigma**2)
     estimate = train_estimator(ConditionalMI("mine", dim, dim, dim, hidden=HIDDEN), sample, seed=0, steps=1000)
     assert abs(estimate - truth) < 0.1 * truth, (estimate, truth)
 

@@ -1,6 +1,7 @@
 """An off-the-shelf open_clip model in the evaluation job (`--open-clip ARCH=WEIGHTS`): on an
 open_clip weights file the test writes, its features are open_clip's own (its preprocessing,
 its tokenizer, normalised), and the job scores it and names it in the report."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -56,8 +57,20 @@ def test_malformed_specs_and_masked_scorer_are_refused(weights_file):
 
 def test_evaluation_job_scores_an_open_clip_file(ray_session, weights_file, tmp_path):
     folder = write_class_folder(tmp_path / "zs", n_per_class=3)
-    report = evaluate.main(["--open-clip", f"{ARCH}={weights_file}", "--zeroshot", str(folder),
-                            "--output", str(tmp_path / "report"), "--cache", "none", "--batch-size", "8"])
+    report = evaluate.main(
+        [
+            "--open-clip",
+            f"{ARCH}={weights_file}",
+            "--zeroshot",
+            str(folder),
+            "--output",
+            str(tmp_path / "report"),
+            "--cache",
+            "none",
+            "--batch-size",
+            "8",
+        ]
+    )
     assert report["checkpoint"]["path"] == f"open_clip:{ARCH}={weights_file}"
     entry = next(iter(report["zeroshot"].values()))
     bundle = load_inference_model(f"open_clip:{ARCH}={weights_file}")
@@ -72,4 +85,5 @@ def test_evaluation_job_scores_an_open_clip_file(ray_session, weights_file, tmp_
     markdown = (tmp_path / "report" / "report.md").read_text()
     assert f"open_clip:{ARCH}=" in markdown and "- Method: open_clip" in markdown
     from evaluation.figures import run_directories
+
     assert run_directories(report["checkpoint"]) == []  # no training curves to look for

@@ -3,6 +3,7 @@ nn.MultiheadAttention's own key_padding_mask), hidden tokens without influence o
 output, evaluation on all tokens, no gradient through the selection, the loop's masking
 metrics and alpha schedule, the method recipes and config round trip, and (GPU) no host
 synchronisation in a training step."""
+
 from __future__ import annotations
 
 import json
@@ -20,8 +21,7 @@ from training.loop import LoopSettings, compute_epoch_fraction, run_training, se
 from training.methods.clip.loss import ContrastiveLoss
 from training.methods.recipes import build_method_config
 from training.methods.pgs import PGSSelector, Selection, remove_shared_hidden
-from training.methods.pgs.attention import (build_key_padding_mask, embed_patch_tokens,
-                                            encode_selected_tokens)
+from training.methods.pgs.attention import build_key_padding_mask, embed_patch_tokens, encode_selected_tokens
 from training.model import build_model
 from training.optim import build_optimizer, build_scheduler
 from training.towers import build_tokenizer
@@ -46,16 +46,18 @@ def build_pgs_model(method: str = "pgs0.3", seed: int = 0, **pgs):
 def make_batch(batch_size: int = 4, seed: int = 0) -> dict:
     rng = np.random.default_rng(seed)
     captions = [f"a {c} thing {i}" for i, c in enumerate(rng.choice(["red", "blue", "green"], batch_size))]
-    return {IMAGES: rng.integers(0, 256, (batch_size, 3, 32, 32), dtype=np.uint8),
-            EDGE_SCORES: rng.random((batch_size, 16), dtype=np.float32) * 50,
-            TEXTS: build_tokenizer(ARCH)(captions).numpy()}
+    return {
+        IMAGES: rng.integers(0, 256, (batch_size, 3, 32, 32), dtype=np.uint8),
+        EDGE_SCORES: rng.random((batch_size, 16), dtype=np.float32) * 50,
+        TEXTS: build_tokenizer(ARCH)(captions).numpy(),
+    }
 
 
 # ------------------------------------------------------------------ the attention mask
 
 
 @settings(max_examples=50, deadline=None)
-@given(batch=st.integers(1, 4), kept=st.integers(1, 9), heads=st.integers(1, 4), seed=st.integers(0, 2 ** 31))
+@given(batch=st.integers(1, 4), kept=st.integers(1, 9), heads=st.integers(1, 4), seed=st.integers(0, 2**31))
 def test_key_padding_mask_hides_exactly_the_hidden_keys_in_every_head(batch, kept, heads, seed):
     g = torch.Generator().manual_seed(seed)
     hidden = torch.rand(batch, kept, generator=g) < 0.5
@@ -70,7 +72,7 @@ def test_key_padding_mask_hides_exactly_the_hidden_keys_in_every_head(batch, kep
 
 
 @settings(max_examples=20, deadline=None)
-@given(batch=st.integers(1, 3), kept=st.integers(1, 8), seed=st.integers(0, 2 ** 31))
+@given(batch=st.integers(1, 3), kept=st.integers(1, 8), seed=st.integers(0, 2**31))
 def test_mask_equals_multihead_attention_key_padding(batch, kept, seed):
     g = torch.Generator().manual_seed(seed)
     attention = torch.nn.MultiheadAttention(8, 2, batch_first=True)
@@ -103,7 +105,8 @@ def test_hidden_tokens_have_no_influence_on_the_pooled_output():
         perturbed = tokens.clone()
         for b in range(3):
             perturbed[b, 1 + selection.keep_index[b][selection.hidden[b]]] += 100 * torch.randn(
-                int(selection.hidden[b].sum()), tokens.shape[-1])
+                int(selection.hidden[b].sum()), tokens.shape[-1]
+            )
         after = encode_selected_tokens(visual, perturbed, selection)
         visible_changed = tokens.clone()
         visible_changed[0, 1 + selection.keep_index[0, 0]] += torch.randn(tokens.shape[-1])  # visible: matters
@@ -125,8 +128,8 @@ def test_hidden_equals_removed_tokens():
         masked = encode_selected_tokens(visual, tokens, selection)
         for b in range(2):
             visible = selection.keep_index[b][~selection.hidden[b]][None]
-            removed = encode_selected_tokens(visual, tokens[b:b + 1], Selection(visible, None, None))
-            torch.testing.assert_close(masked[b:b + 1], removed, rtol=1e-5, atol=1e-6)
+            removed = encode_selected_tokens(visual, tokens[b : b + 1], Selection(visible, None, None))
+            torch.testing.assert_close(masked[b : b + 1], removed, rtol=1e-5, atol=1e-6)
 
 
 # ------------------------------------------------------------------ inside the model
@@ -135,8 +138,11 @@ def test_hidden_equals_removed_tokens():
 @pytest.mark.parametrize("mode", ["reference", "paper"])
 def test_eval_mode_is_plain_clip_and_training_selects(mode):
     model = build_pgs_model(mode=mode)
-    flip_like = build_model(*(lambda c: (c.model, c.masking, temperature_of(c.loss, c.topology)))(apply_overrides(
-        build_method_config("clip"), {"model.arch": ARCH})))
+    flip_like = build_model(
+        *(lambda c: (c.model, c.masking, temperature_of(c.loss, c.topology)))(
+            apply_overrides(build_method_config("clip"), {"model.arch": ARCH})
+        )
+    )
     flip_like.load_state_dict(model.state_dict())
     batch = make_batch()
     images = torch.randn(4, 3, 32, 32)
@@ -192,11 +198,17 @@ def test_pgs_needs_class_token_pooling_and_masking_ratio_zero():
     model = build_pgs_model()
     with pytest.raises(ValueError, match="class-token pooling"):
         from training.methods.pgs import check_supported_tower
+
         model.tower.visual.pool_type = "avg"
         check_supported_tower(model.tower.visual)
     config = pgs_config()
     with pytest.raises(ValueError, match="masking.ratio"):
-        build_model(config.model, apply_overrides(config.masking, {"ratio": 0.5}), temperature_of(config.loss, config.topology), pgs=config.pgs)
+        build_model(
+            config.model,
+            apply_overrides(config.masking, {"ratio": 0.5}),
+            temperature_of(config.loss, config.topology),
+            pgs=config.pgs,
+        )
 
 
 # ------------------------------------------------------------------ loop, recipes, config
@@ -217,12 +229,23 @@ def test_loop_logs_the_realised_drop_as_device_metrics(mode):
     s = LoopSettings(0, 4, 0, 0, 1, torch.device("cpu"), log_every=1, epoch_steps=(2, 2))
     seed_step(model, 0, 0, 0)
     metrics = train_step(model, ContrastiveLoss(), optimizer, scheduler, make_batch(), s)
-    for key in ("masking/kept_patches", "masking/drop_fraction", "masking/drop_fraction_min",
-                "masking/drop_fraction_max"):
+    for key in (
+        "masking/kept_patches",
+        "masking/drop_fraction",
+        "masking/drop_fraction_min",
+        "masking/drop_fraction_max",
+    ):
         assert isinstance(metrics[key], torch.Tensor)  # no host read in the step
     calls = []
-    run_training(model, ContrastiveLoss(), optimizer, scheduler, [make_batch(seed=i) for i in range(4)], s,
-                 lambda step, m, ckpt: calls.append(m))
+    run_training(
+        model,
+        ContrastiveLoss(),
+        optimizer,
+        scheduler,
+        [make_batch(seed=i) for i in range(4)],
+        s,
+        lambda step, m, ckpt: calls.append(m),
+    )
     assert len(calls) == 4 and all(math.isfinite(m["loss/total"]) for m in calls)
     for m in calls:
         assert 0.3 - 1e-6 <= m["masking/drop_fraction_min"] <= m["masking/drop_fraction"] <= 0.5 + 1e-6
@@ -296,8 +319,12 @@ def test_batch_min_compaction_reads_the_host_once(mode):
     device = torch.device("cuda")
     selector = build_pgs_model(mode=mode).train().to(device).token_selector
     selector.generator = torch.Generator(device).manual_seed(0)
-    selection = selector(torch.randn(4, 16, 64, device=device), torch.randn(4, 3, 32, 32, device=device),
-                         torch.rand(4, 16, device=device), 0.5)
+    selection = selector(
+        torch.randn(4, 16, 64, device=device),
+        torch.randn(4, 3, 32, 32, device=device),
+        torch.rand(4, 16, device=device),
+        0.5,
+    )
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("warn")
     try:
@@ -315,7 +342,12 @@ def test_hidden_equals_removed_tokens_in_bf16_on_cuda():
         pytest.skip("needs CUDA")
     config = apply_overrides(pgs_config(), {"model.arch": "ViT-B-16"})
     torch.manual_seed(0)
-    visual = build_model(config.model, config.masking, temperature_of(config.loss, config.topology), pgs=config.pgs).cuda().train().tower.visual
+    visual = (
+        build_model(config.model, config.masking, temperature_of(config.loss, config.topology), pgs=config.pgs)
+        .cuda()
+        .train()
+        .tower.visual
+    )
     g = torch.Generator().manual_seed(0)
     keep = torch.stack([torch.randperm(196, generator=g)[:120] for _ in range(3)])
     hidden = torch.rand(3, 120, generator=g) < 0.3
@@ -324,8 +356,16 @@ def test_hidden_equals_removed_tokens_in_bf16_on_cuda():
         tokens = embed_patch_tokens(visual, torch.randn(3, 3, 224, 224, device="cuda"))
         masked = encode_selected_tokens(visual, tokens, selection).float()
         unmasked = encode_selected_tokens(visual, tokens, Selection(selection.keep_index, None, None)).float()
-        removed = torch.cat([encode_selected_tokens(visual, tokens[b:b + 1], Selection(
-            selection.keep_index[b][~selection.hidden[b]][None], None, None)) for b in range(3)]).float()
+        removed = torch.cat(
+            [
+                encode_selected_tokens(
+                    visual,
+                    tokens[b : b + 1],
+                    Selection(selection.keep_index[b][~selection.hidden[b]][None], None, None),
+                )
+                for b in range(3)
+            ]
+        ).float()
     error = (masked - removed).norm(dim=-1) / removed.norm(dim=-1)
     ignored = (unmasked - removed).norm(dim=-1) / removed.norm(dim=-1)  # what a mask that blocks nothing gives
     assert (error < 0.03).all() and (error < ignored / 4).all(), (error, ignored)  # bf16 rounding: ~0.008

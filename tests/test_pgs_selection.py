@@ -2,6 +2,7 @@
 docs/methods/pgs.md §3 / §5 (the paper mode's OTN through POT's single-problem `ot.sinkhorn`),
 the paper mode's mask-ratio bounds as a property, and edges protecting patches on real
 photographs and demo scenes prepared as the training pipeline prepares them."""
+
 from __future__ import annotations
 
 import math
@@ -18,10 +19,17 @@ from training.methods.flip import random_masking
 from training.methods.pgs import PGSSelector, Selection
 from pipelines.demo_corpus import render_demo_samples
 from training.methods.pgs.examples import SKIMAGE_SAMPLES, load_skimage_sample, prepare_batch
-from training.methods.pgs.selection import (build_sobel_kernels, compute_drop_bounds,
-                                            compute_mixed_similarity, compute_reference_edges,
-                                            extract_pixel_patches, remove_shared_hidden,
-                                            select_paper, select_reference, standardize_patches)
+from training.methods.pgs.selection import (
+    build_sobel_kernels,
+    compute_drop_bounds,
+    compute_mixed_similarity,
+    compute_reference_edges,
+    extract_pixel_patches,
+    remove_shared_hidden,
+    select_paper,
+    select_reference,
+    standardize_patches,
+)
 from training.transforms import normalize_image_tensor
 
 from tests.test_pgs_sinkhorn import released_balancing_loop
@@ -37,7 +45,7 @@ def naive_patches(image: np.ndarray, p: int) -> np.ndarray:
     rows = []
     for r in range(image.shape[1] // p):
         for c in range(image.shape[2] // p):
-            v = image[:, r * p:(r + 1) * p, c * p:(c + 1) * p].transpose(1, 2, 0).reshape(-1)
+            v = image[:, r * p : (r + 1) * p, c * p : (c + 1) * p].transpose(1, 2, 0).reshape(-1)
             rows.append((v - v.mean()) / (v.std(ddof=1) + 1e-6))
     return np.array(rows)
 
@@ -54,9 +62,9 @@ def naive_sobel_minmax(grey: np.ndarray) -> np.ndarray:
     gx, gy = np.zeros_like(grey), np.zeros_like(grey)
     for i in range(grey.shape[0]):
         for j in range(grey.shape[1]):
-            window = padded[i:i + 3, j:j + 3]
+            window = padded[i : i + 3, j : j + 3]
             gx[i, j], gy[i, j] = (window * kx).sum(), (window * kx.T).sum()
-    mag = np.sqrt(gx ** 2 + gy ** 2).reshape(-1)
+    mag = np.sqrt(gx**2 + gy**2).reshape(-1)
     return (mag - mag.min()) / max(mag.max() - mag.min(), np.finfo(np.float32).tiny)
 
 
@@ -84,8 +92,15 @@ def naive_paper(sims, edge_scores, config: PGSConfig, tie_noise, seed_noise, ord
     for b in range(len(sims)):
         s = sims[b]
         if config.use_ot:
-            s = s + L * ot.sinkhorn(np.ones(L) / L, np.ones(L) / L, -s, config.sinkhorn_reg,
-                                    numItermax=config.sinkhorn_iters, stopThr=0.0, warn=False)
+            s = s + L * ot.sinkhorn(
+                np.ones(L) / L,
+                np.ones(L) / L,
+                -s,
+                config.sinkhorn_reg,
+                numItermax=config.sinkhorn_iters,
+                stopThr=0.0,
+                warn=False,
+            )
         eligible, protected = np.ones(L, bool), np.zeros(L, bool)
         if config.use_edges:
             e = edge_scores[b]
@@ -122,11 +137,14 @@ def smooth_images(batch: int, size: int, seed: int) -> torch.Tensor:
 # ------------------------------------------------------------------ reference mode
 
 
-@pytest.mark.parametrize("use_edges, use_ot, alpha, min_ratio", [
-    (True, True, 0.0, 0.5), (True, False, 0.25, 0.3), (False, True, 0.5, 0.3), (False, False, 0.9, 0.5)])
+@pytest.mark.parametrize(
+    "use_edges, use_ot, alpha, min_ratio",
+    [(True, True, 0.0, 0.5), (True, False, 0.25, 0.3), (False, True, 0.5, 0.3), (False, False, 0.9, 0.5)],
+)
 def test_reference_mode_equals_the_naive_released_algorithm(use_edges, use_ot, alpha, min_ratio):
-    config = PGSConfig(mode="reference", min_mask_ratio=min_ratio, use_edges=use_edges, use_ot=use_ot,
-                       candidate_ratio=0.2)
+    config = PGSConfig(
+        mode="reference", min_mask_ratio=min_ratio, use_edges=use_edges, use_ot=use_ot, candidate_ratio=0.2
+    )
     batch, size, p = 5, 32, 4  # L = 64
     images = smooth_images(batch, size, seed=1).double()
     g = torch.Generator().manual_seed(2)
@@ -135,14 +153,19 @@ def test_reference_mode_equals_the_naive_released_algorithm(use_edges, use_ot, a
     std = standardize_patches(extract_pixel_patches(images, p))
     edges = compute_reference_edges(std, (8, 8), build_sobel_kernels()) if use_edges else None  # checked below
     similarity = compute_mixed_similarity(tokens, std, alpha)
-    naive_sims = np.stack([alpha * naive_cosines(t) + (1 - alpha) * naive_cosines(naive_patches(im, p))
-                           for t, im in zip(tokens.numpy(), images.numpy())])
+    naive_sims = np.stack(
+        [
+            alpha * naive_cosines(t) + (1 - alpha) * naive_cosines(naive_patches(im, p))
+            for t, im in zip(tokens.numpy(), images.numpy())
+        ]
+    )
     np.testing.assert_allclose(similarity.numpy(), naive_sims, rtol=0, atol=1e-12)
     if use_ot:  # the released loop amplifies round-off (below): run it literally on the same S
         naive_sims = (similarity + released_balancing_loop(similarity, config.sinkhorn_iters)).numpy()
     selection = select_reference(similarity, edges, config, seed_noise, order_noise)
-    expected = naive_reference(naive_sims, None if edges is None else edges.numpy(), config,
-                               seed_noise.numpy(), order_noise.numpy())
+    expected = naive_reference(
+        naive_sims, None if edges is None else edges.numpy(), config, seed_noise.numpy(), order_noise.numpy()
+    )
     for b in range(batch):
         assert visible_patches(selection, b) == expected[b].tolist()
     assert selection.keep_index.shape == (batch, int(64 * (1 - min_ratio)))
@@ -153,8 +176,9 @@ def test_released_normalisation_amplifies_round_off():
     # Sinkhorn on raw cosines (row/column sums near zero): a 1e-15 change of S moves S' by
     # orders of magnitude more, so no two implementations agree on S' (docs/methods/pgs.md §4.3).
     images = smooth_images(5, 32, seed=1).double()
-    similarity = compute_mixed_similarity(images.new_zeros(5, 64, 1) + 1, standardize_patches(
-        extract_pixel_patches(images, 4)), 0.0)
+    similarity = compute_mixed_similarity(
+        images.new_zeros(5, 64, 1) + 1, standardize_patches(extract_pixel_patches(images, 4)), 0.0
+    )
     nudged = similarity * (1 + 1e-15)
     gap = (released_balancing_loop(similarity) - released_balancing_loop(nudged)).abs().max()
     assert gap > 1e-3
@@ -190,8 +214,9 @@ def test_reference_edge_map_is_min_max_sobel_of_round_off_noise():
 # ------------------------------------------------------------------ paper mode
 
 
-@pytest.mark.parametrize("use_edges, use_ot, min_ratio", [
-    (True, True, 0.3), (True, False, 0.5), (False, True, 0.3), (False, False, 0.1)])
+@pytest.mark.parametrize(
+    "use_edges, use_ot, min_ratio", [(True, True, 0.3), (True, False, 0.5), (False, True, 0.3), (False, False, 0.1)]
+)
 def test_paper_mode_equals_the_naive_per_image_algorithm(use_edges, use_ot, min_ratio):
     config = PGSConfig(mode="paper", min_mask_ratio=min_ratio, use_edges=use_edges, use_ot=use_ot)
     batch, L = 6, 49
@@ -208,13 +233,23 @@ def test_paper_mode_equals_the_naive_per_image_algorithm(use_edges, use_ot, min_
 
 
 @settings(max_examples=40, deadline=None)
-@given(batch=st.integers(1, 4), grid=st.integers(2, 7), low=st.floats(0.0, 0.6), span=st.floats(0.0, 0.3),
-       use_edges=st.booleans(), use_ot=st.booleans(), alpha=st.floats(0.0, 1.0), seed=st.integers(0, 2 ** 31))
+@given(
+    batch=st.integers(1, 4),
+    grid=st.integers(2, 7),
+    low=st.floats(0.0, 0.6),
+    span=st.floats(0.0, 0.3),
+    use_edges=st.booleans(),
+    use_ot=st.booleans(),
+    alpha=st.floats(0.0, 1.0),
+    seed=st.integers(0, 2**31),
+)
 def test_paper_mode_drops_within_the_bounds_and_keeps_the_strongest_edges(
-        batch, grid, low, span, use_edges, use_ot, alpha, seed):
+    batch, grid, low, span, use_edges, use_ot, alpha, seed
+):
     L, p = grid * grid, 4
-    config = PGSConfig(mode="paper", min_mask_ratio=low, max_mask_ratio=min(low + span, 0.8),
-                       use_edges=use_edges, use_ot=use_ot)
+    config = PGSConfig(
+        mode="paper", min_mask_ratio=low, max_mask_ratio=min(low + span, 0.8), use_edges=use_edges, use_ot=use_ot
+    )
     g = torch.Generator().manual_seed(seed)
     images = torch.randn(batch, 3, grid * p, grid * p, generator=g)
     edges = torch.rand(batch, L, generator=g) * 100
@@ -235,16 +270,15 @@ def test_paper_mode_drops_within_the_bounds_and_keeps_the_strongest_edges(
         if selection.hidden is not None:
             assert selection.hidden[b].sum() == dropped - lowest
         if use_edges:  # the top 20 % of edge scores are never dropped
-            strongest = edges[b].argsort(descending=True)[:math.ceil(0.2 * L)].tolist()
+            strongest = edges[b].argsort(descending=True)[: math.ceil(0.2 * L)].tolist()
             assert set(strongest) <= set(visible)
     compact = remove_shared_hidden(selection)  # the batch minimum leaves the sequence
     assert compact.keep_index.shape == (batch, L - int(selection.num_dropped.min()))
-    assert [visible_patches(compact, b) for b in range(batch)] == [visible_patches(selection, b)
-                                                                   for b in range(batch)]
+    assert [visible_patches(compact, b) for b in range(batch)] == [visible_patches(selection, b) for b in range(batch)]
 
 
 @settings(max_examples=60, deadline=None)
-@given(batch=st.integers(1, 5), kept=st.integers(1, 12), density=st.floats(0.0, 1.0), seed=st.integers(0, 2 ** 31))
+@given(batch=st.integers(1, 5), kept=st.integers(1, 12), density=st.floats(0.0, 1.0), seed=st.integers(0, 2**31))
 def test_removing_the_shared_hidden_count_keeps_every_visible_set(batch, kept, density, seed):
     g = torch.Generator().manual_seed(seed)
     keep = torch.stack([torch.randperm(20, generator=g)[:kept] for _ in range(batch)])
@@ -262,10 +296,18 @@ def test_removing_the_shared_hidden_count_keeps_every_visible_set(batch, kept, d
         assert compact.hidden.sum(dim=1).min() == 0
 
 
-@pytest.mark.parametrize("num_patches, low, high, expected", [
-    (196, 0.3, 0.5, (59, 98)), (196, 0.5, 0.5, (98, 98)), (64, 0.3, 0.5, (20, 32)), (10, 0.3, 0.5, (3, 5)),
-    (49, 0.5, 0.5, (25, 25)),  # no whole count in [24.5, 24.5]: FLIP keeps floor(24.5) = 24
-    (10, 0.45, 0.49, (5, 5)), (16, 0.0, 0.0, (0, 0))])
+@pytest.mark.parametrize(
+    "num_patches, low, high, expected",
+    [
+        (196, 0.3, 0.5, (59, 98)),
+        (196, 0.5, 0.5, (98, 98)),
+        (64, 0.3, 0.5, (20, 32)),
+        (10, 0.3, 0.5, (3, 5)),
+        (49, 0.5, 0.5, (25, 25)),  # no whole count in [24.5, 24.5]: FLIP keeps floor(24.5) = 24
+        (10, 0.45, 0.49, (5, 5)),
+        (16, 0.0, 0.0, (0, 0)),
+    ],
+)
 def test_drop_bounds_by_hand(num_patches, low, high, expected):
     assert compute_drop_bounds(num_patches, low, high) == expected
 
@@ -276,8 +318,17 @@ def test_paper_mode_needs_edge_scores():
         selector(torch.randn(1, 4, 8), torch.randn(1, 3, 8, 8), None, 0.0)
 
 
-@pytest.mark.parametrize("bad", [dict(mode="released"), dict(min_mask_ratio=0.6), dict(max_mask_ratio=1.0),
-                                 dict(candidate_ratio=0.0), dict(sinkhorn_iters=0), dict(sinkhorn_reg=0.0)])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        dict(mode="released"),
+        dict(min_mask_ratio=0.6),
+        dict(max_mask_ratio=1.0),
+        dict(candidate_ratio=0.0),
+        dict(sinkhorn_iters=0),
+        dict(sinkhorn_reg=0.0),
+    ],
+)
 def test_selector_rejects_bad_config(bad):
     with pytest.raises(ValueError):
         PGSSelector(PGSConfig(**bad), patch_size=4)
@@ -300,8 +351,11 @@ def edge_means(edge_scores: torch.Tensor, visible: list[list[int]]) -> tuple[flo
 @pytest.mark.parametrize("source", ["skimage", "demo"])
 @pytest.mark.parametrize("min_ratio", [0.5, 0.3])
 def test_paper_mode_keeps_edge_patches_more_than_it_drops_them_and_more_than_flip(source, min_ratio):
-    rgbs = ([load_skimage_sample(n) for n in SKIMAGE_SAMPLES] if source == "skimage"
-            else render_demo_samples(12, size=128, seed=1))
+    rgbs = (
+        [load_skimage_sample(n) for n in SKIMAGE_SAMPLES]
+        if source == "skimage"
+        else render_demo_samples(12, size=128, seed=1)
+    )
     images_u8, edge_np = prepare_batch(rgbs, image_size=224, patch_size=16)  # L = 196
     images, edge_scores = normalize_image_tensor(torch.from_numpy(images_u8)), torch.from_numpy(edge_np)
     selector = PGSSelector(PGSConfig(mode="paper", min_mask_ratio=min_ratio), patch_size=16).train()

@@ -2,6 +2,7 @@
 POT's single-problem `ot.sinkhorn` image by image and POT's own batched solver, and the
 reference mode's batched, sync-free balancing loop against the released loop written out
 literally (with its Python `break`)."""
+
 from __future__ import annotations
 
 import subprocess
@@ -12,8 +13,7 @@ import ot
 import pytest
 import torch
 
-from training.methods.pgs.sinkhorn import (balance_similarity_reference, normalize_similarity_paper,
-                                           sinkhorn_plans)
+from training.methods.pgs.sinkhorn import balance_similarity_reference, normalize_similarity_paper, sinkhorn_plans
 
 
 def random_similarities(batch: int, n: int, seed: int, dtype=torch.float64) -> torch.Tensor:
@@ -28,8 +28,9 @@ def test_batched_plans_equal_pot_sinkhorn_image_by_image(reg, iters):
     similarity = random_similarities(5, 16, seed=0)
     plans = sinkhorn_plans(similarity, reg, iters)
     for b in range(len(similarity)):
-        expected = ot.sinkhorn(np.ones(16) / 16, np.ones(16) / 16, -similarity[b].numpy(), reg,
-                               numItermax=iters, stopThr=0.0, warn=False)
+        expected = ot.sinkhorn(
+            np.ones(16) / 16, np.ones(16) / 16, -similarity[b].numpy(), reg, numItermax=iters, stopThr=0.0, warn=False
+        )
         np.testing.assert_allclose(plans[b].numpy(), expected, rtol=1e-10, atol=1e-14)
 
 
@@ -79,8 +80,9 @@ def released_balancing_loop(similarity: torch.Tensor, iters: int = 50, eps: floa
 
 def test_reference_loop_equals_the_released_loop_on_raw_cosines():
     similarity = random_similarities(6, 16, seed=4, dtype=torch.float32)
-    torch.testing.assert_close(balance_similarity_reference(similarity),
-                               released_balancing_loop(similarity), rtol=0, atol=0)
+    torch.testing.assert_close(
+        balance_similarity_reference(similarity), released_balancing_loop(similarity), rtol=0, atol=0
+    )
 
 
 def doubly_stochastic(n: int, seed: int) -> torch.Tensor:
@@ -113,9 +115,11 @@ def test_reference_loop_is_the_simultaneous_update_which_does_not_balance():
 
 def test_pot_is_imported_without_its_gpu_array_backends():
     # JAX, when installed, preallocates most of the GPU on import; POT would import it.
-    code = ("import os; os.environ['POT_BACKEND_DISABLE_CUPY'] = ''; "
-            "import training.methods.pgs.sinkhorn, ot.backend as b; "
-            "print(os.environ['POT_BACKEND_DISABLE_JAX'], os.environ['POT_BACKEND_DISABLE_TENSORFLOW'], "
-            "repr(os.environ['POT_BACKEND_DISABLE_CUPY']), sorted(type(x).__name__ for x in b.get_backend_list()))")
+    code = (
+        "import os; os.environ['POT_BACKEND_DISABLE_CUPY'] = ''; "
+        "import training.methods.pgs.sinkhorn, ot.backend as b; "
+        "print(os.environ['POT_BACKEND_DISABLE_JAX'], os.environ['POT_BACKEND_DISABLE_TENSORFLOW'], "
+        "repr(os.environ['POT_BACKEND_DISABLE_CUPY']), sorted(type(x).__name__ for x in b.get_backend_list()))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.split() == ["1", "1", "''", "['NumpyBackend',", "'TorchBackend']"]

@@ -1,5 +1,6 @@
 """CLIP-PGS through training/train.py on Ray Train: two workers, both selection modes, the
 realised drop in the logged metrics, the PGS settings in the checkpoint's config."""
+
 from __future__ import annotations
 
 import json
@@ -12,10 +13,36 @@ pytestmark = pytest.mark.ray
 
 
 def run_args(build_uri: str, storage, name: str, method: str, mode: str) -> list[str]:
-    return ["--data", build_uri, "--method", method, "--set", f"pgs.mode={mode}", "--arch", "clip-micro-p8-32",
-            "--num-workers", "2", "--batch-size", "4", "--epochs", "3", "--warmup-steps", "2", "--lr", "1e-3",
-            "--storage", str(storage), "--run-name", name, "--log-every", "1", "--checkpoint-every", "100",
-            "--max-steps", "4"]
+    return [
+        "--data",
+        build_uri,
+        "--method",
+        method,
+        "--set",
+        f"pgs.mode={mode}",
+        "--arch",
+        "clip-micro-p8-32",
+        "--num-workers",
+        "2",
+        "--batch-size",
+        "4",
+        "--epochs",
+        "3",
+        "--warmup-steps",
+        "2",
+        "--lr",
+        "1e-3",
+        "--storage",
+        str(storage),
+        "--run-name",
+        name,
+        "--log-every",
+        "1",
+        "--checkpoint-every",
+        "100",
+        "--max-steps",
+        "4",
+    ]
 
 
 @pytest.mark.parametrize("method, mode", [("pgs0.3", "paper"), ("pgs0.5", "reference")])

@@ -1,6 +1,7 @@
 """Planning through Ray Data (TSV rows -> caption groups -> shard specs) against a naive
 pure-Python reference written from the documented rules: same reject counts, same groups
 and captions, same shard of every group, byte-identical packed specs."""
+
 from __future__ import annotations
 
 import json
@@ -39,18 +40,20 @@ def generated_lines(n_rows: int, seed: int = 7) -> list[bytes]:
 
 def odd_line(rng: random.Random, url: str, caption: str) -> bytes:
     """One line of the kinds a real TSV holds a few of."""
-    return rng.choice([
-        f"{url} {caption}\n".encode(),                       # no tab: malformed
-        f"{url}\t{caption}\tmore\n".encode(),                # three fields: malformed
-        f"ftp://example.com/{caption[:5]}\t{caption}\n".encode(),  # bad URL
-        f"{url}\t   \n".encode(),                             # empty caption
-        f"{url}\t{'w' * 400}\n".encode(),                    # too long for RULES
-        f"{url}\tcaf\xe9 {caption}\n".encode("latin-1"),     # not UTF-8
-        f"{url}\tbroken \ufffd {caption}\n".encode(),        # U+FFFD upstream
-        f"{url}\tcr\u00e9me {caption}\r\n".encode(),          # CRLF, UTF-8 accent
-        f"{url}\t\u0445\u043e\u0440\u043e\u0448\u043e {caption}\n".encode(),  # Cyrillic: byte 0x85 inside
-        b"   \n",                                            # blank: the reader drops it
-    ])
+    return rng.choice(
+        [
+            f"{url} {caption}\n".encode(),  # no tab: malformed
+            f"{url}\t{caption}\tmore\n".encode(),  # three fields: malformed
+            f"ftp://example.com/{caption[:5]}\t{caption}\n".encode(),  # bad URL
+            f"{url}\t   \n".encode(),  # empty caption
+            f"{url}\t{'w' * 400}\n".encode(),  # too long for RULES
+            f"{url}\tcaf\xe9 {caption}\n".encode("latin-1"),  # not UTF-8
+            f"{url}\tbroken \ufffd {caption}\n".encode(),  # U+FFFD upstream
+            f"{url}\tcr\u00e9me {caption}\r\n".encode(),  # CRLF, UTF-8 accent
+            f"{url}\t\u0445\u043e\u0440\u043e\u0448\u043e {caption}\n".encode(),  # Cyrillic: byte 0x85 inside
+            b"   \n",  # blank: the reader drops it
+        ]
+    )
 
 
 @pytest.fixture(scope="module")
@@ -73,8 +76,9 @@ def reference_plan(path, rules: captions.CaptionRules, shard_size: int, origin: 
         if not line.strip():
             continue
         text = captions.redecode_utf8(line)
-        url, caption, reason = (("", "", captions.REJECT_NON_UTF8) if text is None
-                                else captions.parse_tsv_line(text, rules))
+        url, caption, reason = (
+            ("", "", captions.REJECT_NON_UTF8) if text is None else captions.parse_tsv_line(text, rules)
+        )
         reasons[reason] += 1
         if not reason:
             kept.append({"source": url, "caption": caption, "kind": "", "origin": origin})
@@ -101,9 +105,15 @@ def test_planning_matches_the_naive_reference(ray_session, tsv, monkeypatch):
     expected_reasons, expected = reference_plan(tsv, RULES, shard_size=SHARD_SIZE)
     reasons, packed, shard_ids = ray_plan(tsv, RULES, shard_size=SHARD_SIZE)
     assert reasons == expected_reasons
-    assert {captions.HEADER, captions.REJECT_MALFORMED, captions.REJECT_BAD_URL,
-            captions.REJECT_EMPTY_CAPTION, captions.REJECT_LONG_CAPTION, captions.REJECT_NON_UTF8,
-            captions.REJECT_NON_UTF8_CAPTION} < set(reasons)  # the data exercises every reason
+    assert {
+        captions.HEADER,
+        captions.REJECT_MALFORMED,
+        captions.REJECT_BAD_URL,
+        captions.REJECT_EMPTY_CAPTION,
+        captions.REJECT_LONG_CAPTION,
+        captions.REJECT_NON_UTF8,
+        captions.REJECT_NON_UTF8_CAPTION,
+    } < set(reasons)  # the data exercises every reason
     assert shard_ids == list(range(len(expected)))
     assert sorted(packed) == shard_ids
     assert packed == expected  # same groups, captions, shards and bytes
@@ -127,26 +137,45 @@ def test_empty_hash_buckets_get_no_shard_id(ray_session, tmp_path):
 def test_lines_are_cut_at_newlines_only_and_ranges_read_each_once(tmp_path):
     """split_lines keeps UTF-8 letters whose bytes are Latin-1 line breaks (0x85 in Cyrillic
     "х", 0x0b, 0x0c, 0x1c); byte ranges of every size give the whole file's lines once."""
-    data = ("url\tcaption\r\nhttps://a/1.jpg\t\u0445\u043e\u0440\u043e\u0448\u043e\n\n"
-            "https://a/2.jpg\tx\u000by\u001cz\n  \nlast line without newline").encode()
+    data = (
+        "url\tcaption\r\nhttps://a/1.jpg\t\u0445\u043e\u0440\u043e\u0448\u043e\n\n"
+        "https://a/2.jpg\tx\u000by\u001cz\n  \nlast line without newline"
+    ).encode()
     lines = text_input.split_lines(data)
     assert [captions.redecode_utf8(line) for line in lines] == [
-        "url\tcaption", "https://a/1.jpg\t\u0445\u043e\u0440\u043e\u0448\u043e",
-        "https://a/2.jpg\tx\u000by\u001cz", "last line without newline"]
+        "url\tcaption",
+        "https://a/1.jpg\t\u0445\u043e\u0440\u043e\u0448\u043e",
+        "https://a/2.jpg\tx\u000by\u001cz",
+        "last line without newline",
+    ]
     path = tmp_path / "lines.tsv"
     path.write_bytes(data)
     for size in (1, 2, 5, 17, len(data)):
-        got = [line for start in range(0, len(data), size)
-               for line in text_input.read_chunk_lines(str(path), start, min(start + size, len(data)))]
+        got = [
+            line
+            for start in range(0, len(data), size)
+            for line in text_input.read_chunk_lines(str(path), start, min(start + size, len(data)))
+        ]
         assert got == lines, size
     import gzip
+
     (tmp_path / "lines.tsv.gz").write_bytes(gzip.compress(data))
     assert text_input.read_chunk_lines(str(tmp_path / "lines.tsv.gz"), 0, -1) == lines
 
 
-@pytest.mark.parametrize("n_shards, n_cpus, expected", [
-    (0, 2, 1), (3, 2, 1), (8, 2, 2), (9, 2, 2), (15, 2, 3), (1000, 2, build.MAX_SHARDS_PER_TASK),
-    (40, 16, 1), (1000, 64, 7 if build.MAX_SHARDS_PER_TASK >= 7 else build.MAX_SHARDS_PER_TASK)])
+@pytest.mark.parametrize(
+    "n_shards, n_cpus, expected",
+    [
+        (0, 2, 1),
+        (3, 2, 1),
+        (8, 2, 2),
+        (9, 2, 2),
+        (15, 2, 3),
+        (1000, 2, build.MAX_SHARDS_PER_TASK),
+        (40, 16, 1),
+        (1000, 64, 7 if build.MAX_SHARDS_PER_TASK >= 7 else build.MAX_SHARDS_PER_TASK),
+    ],
+)
 def test_shards_per_task_leave_every_cpu_two_tasks_at_least(n_shards, n_cpus, expected):
     per_task = build.shards_per_task(n_shards, n_cpus)
     assert per_task == expected
@@ -154,8 +183,9 @@ def test_shards_per_task_leave_every_cpu_two_tasks_at_least(n_shards, n_cpus, ex
         assert math.ceil(n_shards / per_task) >= 2 * n_cpus
 
 
-@pytest.mark.parametrize("n_shards, n_cpus", [(9, 2), (8, 2), (1, 2), (3, 4), (6, 8), (10, 4), (7, 1),
-                                              (17, 16), (65, 64), (127, 64)])
+@pytest.mark.parametrize(
+    "n_shards, n_cpus", [(9, 2), (8, 2), (1, 2), (3, 4), (6, 8), (10, 4), (7, 1), (17, 16), (65, 64), (127, 64)]
+)
 def test_the_last_shards_are_split_so_every_cpu_gets_the_same_work(n_shards, n_cpus):
     """Against a naive list schedule of equal shard-times: with the split, the last round
     spreads evenly (the makespan is n_shards / n_cpus) whenever the parts per shard stay
@@ -175,7 +205,15 @@ def test_tasks_run_whole_shards_first_and_hold_every_group_once():
     groups = {i: [{"key": f"{i}-{j:02d}"} for j in range(11)] for i in range(5)}
     tasks = [json.loads(t["task"]) for t in build.compose_tasks(groups, [0, 1, 2], [3, 4], 3, n_cpus=2)]
     assert [(t["part"], t["n_parts"], [i for i, _ in t["specs"]]) for t in tasks] == [
-        (0, 1, [0, 1]), (0, 1, [2]), (0, 3, [3]), (1, 3, [3]), (2, 3, [3]), (0, 3, [4]), (1, 3, [4]), (2, 3, [4])]
+        (0, 1, [0, 1]),
+        (0, 1, [2]),
+        (0, 3, [3]),
+        (1, 3, [3]),
+        (2, 3, [3]),
+        (0, 3, [4]),
+        (1, 3, [4]),
+        (2, 3, [4]),
+    ]
     held = sorted(g["key"] for t in tasks for _, part in t["specs"] for g in part)
     assert held == sorted(g["key"] for shard in groups.values() for g in shard)
 

@@ -1,6 +1,7 @@
 """run.precision: fp32, bf16 autocast, and bf16 weights with float32 master weights, whose
 updates survive the 1e-6 learning rates of the fine-tuning recipes (a bfloat16 weight alone
 absorbs none of them)."""
+
 from __future__ import annotations
 
 import copy
@@ -22,8 +23,7 @@ CPU = torch.device("cpu")
 
 
 def build(lr: float, method: str = "clip"):
-    config = apply_overrides(build_method_config(method), {"model.arch": ARCH, "optim.lr": lr,
-                                                          "optim.warmup_steps": 1})
+    config = apply_overrides(build_method_config(method), {"model.arch": ARCH, "optim.lr": lr, "optim.warmup_steps": 1})
     torch.manual_seed(0)
     model = build_training_model(config)
     objective = build_training_objective(config, 0, 1, model, CPU)
@@ -41,9 +41,16 @@ def run_steps(precision: str, lr: float, steps: int = 3, accum_freq: int = 1, me
         batch.pop("short_texts", None)
     losses = []
     for step in range(steps):
-        metrics = train_step(weights.compute if weights else model, objective, optimizer, scheduler,
-                             batch, settings, step=step,
-                             weights=weights)
+        metrics = train_step(
+            weights.compute if weights else model,
+            objective,
+            optimizer,
+            scheduler,
+            batch,
+            settings,
+            step=step,
+            weights=weights,
+        )
         losses.append(float(metrics["loss/total"]))
     return model, weights, start, losses
 
@@ -64,15 +71,26 @@ def test_bf16_with_master_weights_keeps_updates_that_bf16_weights_lose():
         torch.testing.assert_close(compute.detach(), master.detach().to(torch.bfloat16), rtol=0, atol=0)
     # The failure mode the masters exist for: the same tiny step taken on bfloat16 weights.
     plain = {n: v.to(torch.bfloat16) for n, v in start.items() if v.is_floating_point()}
-    stepped = {n: (v.float() + (model.state_dict()[n] - start[n])).to(torch.bfloat16) for n, v in plain.items()
-               if n.endswith("weight") and v.ndim >= 2}
+    stepped = {
+        n: (v.float() + (model.state_dict()[n] - start[n])).to(torch.bfloat16)
+        for n, v in plain.items()
+        if n.endswith("weight") and v.ndim >= 2
+    }
     unchanged = sum(int((stepped[n] == plain[n]).sum()) for n in stepped) / sum(v.numel() for v in stepped.values())
     assert unchanged >= 0.9, f"bfloat16 weights round most 1e-6 updates away (kept {unchanged:.3f})"
 
 
-@pytest.mark.parametrize("precision, accum_freq, method", [
-    ("amp_bf16", 1, "clip"), ("bf16", 1, "clip"), ("bf16", 2, "clip"), ("amp_bf16", 2, "clip"),
-    ("bf16", 1, "pgs0.5"), ("amp_bf16", 1, "pgs0.5")])  # PGS selects in float32 from bfloat16 tokens
+@pytest.mark.parametrize(
+    "precision, accum_freq, method",
+    [
+        ("amp_bf16", 1, "clip"),
+        ("bf16", 1, "clip"),
+        ("bf16", 2, "clip"),
+        ("amp_bf16", 2, "clip"),
+        ("bf16", 1, "pgs0.5"),
+        ("amp_bf16", 1, "pgs0.5"),
+    ],
+)  # PGS selects in float32 from bfloat16 tokens
 def test_low_precision_losses_follow_fp32(precision, accum_freq, method):
     _, _, _, reference = run_steps("fp32", lr=1e-3, method=method)
     _, _, _, losses = run_steps(precision, lr=1e-3, accum_freq=accum_freq, method=method)
@@ -87,9 +105,11 @@ def test_pgs_under_bf16_selects_what_fp32_selects(monkeypatch):
     import training.methods.pgs as pgs
 
     kept, encode = [], pgs.encode_selected_tokens
-    monkeypatch.setattr(pgs, "encode_selected_tokens",
-                        lambda visual, tokens, selection: kept.append(selection.keep_index) or encode(
-                            visual, tokens, selection))
+    monkeypatch.setattr(
+        pgs,
+        "encode_selected_tokens",
+        lambda visual, tokens, selection: kept.append(selection.keep_index) or encode(visual, tokens, selection),
+    )
     for precision in ("fp32", "bf16"):
         run_steps(precision, lr=1e-3, steps=1, method="pgs0.5")
     assert len(kept) == 2 and torch.equal(kept[0], kept[1])

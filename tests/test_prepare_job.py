@@ -1,4 +1,5 @@
 """prepare_cc12m.py through Ray Data on a loopback mirror: counts, reuse and resume."""
+
 from __future__ import annotations
 
 import json
@@ -6,9 +7,9 @@ import json
 import pytest
 
 from pipelines import prepare_cc12m, shards, storage
+from tests.conftest import PREPARE_ARGS as ARGS
 
 pytestmark = pytest.mark.ray
-from tests.conftest import PREPARE_ARGS as ARGS
 
 
 @pytest.fixture(scope="module")
@@ -53,6 +54,7 @@ def test_shards_fetched_in_parts_equal_shards_fetched_whole(built, tmp_path, mon
     CPUs); the same input fetched with every shard whole gives the same shards, byte for
     byte, and the same counts."""
     from pipelines import build, ray_setup
+
     _, tsv, _, build_uri = built
     manifest = shards.read_manifest(build_uri)
     n_split, _ = build.final_round_parts(len(manifest["shards"]), ray_setup.cluster_cpus())
@@ -101,12 +103,14 @@ def test_a_job_over_a_slow_failing_mirror_counts_each_failure(small_corpus, ray_
 
     from pipelines.demo_corpus import write_cc12m_tsv
     from pipelines.mirror import LoopbackMirror, ServingProfile
+
     corpus, _ = small_corpus
     profile = ServingProfile(latency_s=(0.01, 0.06), error_503=0.15, reset=0.1, seed=5)
     with LoopbackMirror(corpus.mirror_root, profile=profile) as mirror:
         tsv = write_cc12m_tsv(corpus, mirror.base_url, tmp_path / "slow.tsv", n_dead=0, n_corrupt=0)
-        build_uri = prepare_cc12m.main(["--input", str(tsv), "--output", str(tmp_path / "out"),
-                                        *ARGS, "--retries", "0", "--shard-size", "24"])
+        build_uri = prepare_cc12m.main(
+            ["--input", str(tsv), "--output", str(tmp_path / "out"), *ARGS, "--retries", "0", "--shard-size", "24"]
+        )
     paths = {urlsplit(line.split("\t", 1)[0]).path for line in tsv.read_text().splitlines()}
     drawn = Counter(profile.draw(p)[1] for p in paths)
     counts = shards.read_manifest(build_uri)["counts"]

@@ -2,6 +2,7 @@
 node would) and started again ends with exactly the expected keys: no duplicates, nothing
 lost, no partial shard taken for complete; against a local folder and against `s3://` on a
 loopback moto server."""
+
 from __future__ import annotations
 
 import json
@@ -23,17 +24,21 @@ from tests.conftest import S3_BUCKET
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 ROOT = Path(__file__).resolve().parents[1]
-ARGS = ["--allow-loopback-urls", "--image-size", "32", "--shard-size", "3",
-        "--threads-per-task", "1", "--timeout", "5"]
+ARGS = ["--allow-loopback-urls", "--image-size", "32", "--shard-size", "3", "--threads-per-task", "1", "--timeout", "5"]
 
 
 def start_prepare(tsv, output: str, env: dict) -> subprocess.Popen:
     """The job in its own process group, so that one signal reaches the driver and the Ray
     processes it started."""
     return subprocess.Popen(
-        [sys.executable, str(ROOT / "pipelines" / "prepare_cc12m.py"), "--input", str(tsv),
-         "--output", output, *ARGS], env=env, cwd=ROOT, start_new_session=True,
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        [sys.executable, str(ROOT / "pipelines" / "prepare_cc12m.py"), "--input", str(tsv), "--output", output, *ARGS],
+        env=env,
+        cwd=ROOT,
+        start_new_session=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
 
 
 def wait_until(predicate, timeout_s: float, proc: subprocess.Popen) -> None:
@@ -74,12 +79,12 @@ def kill_and_resume(tsv, output: str, env: dict) -> str:
 def slow_corpus(tmp_path):
     """24 images behind a mirror that answers each request after 0.3 s: a build long enough
     to be killed in the middle."""
-    corpus = write_demo_corpus(tmp_path / "corpus", n_images=24, image_size=48, seed=5,
-                               n_eval_per_class=1, n_eval_retrieval=1)
+    corpus = write_demo_corpus(
+        tmp_path / "corpus", n_images=24, image_size=48, seed=5, n_eval_per_class=1, n_eval_retrieval=1
+    )
     with LoopbackMirror(corpus.mirror_root, delay_s=0.3) as mirror:
         tsv = write_cc12m_tsv(corpus, mirror.base_url, tmp_path / "cc12m.tsv", n_dead=1, n_corrupt=0)
-        expected = {sample_key(f"{mirror.base_url}/{r['path']}")
-                    for r in read_corpus_records(corpus.corpus_jsonl)}
+        expected = {sample_key(f"{mirror.base_url}/{r['path']}") for r in read_corpus_records(corpus.corpus_jsonl)}
         yield tsv, expected
 
 
@@ -94,10 +99,12 @@ def test_killed_build_resumes_to_exactly_the_expected_keys_locally(slow_corpus, 
 def test_killed_build_resumes_to_exactly_the_expected_keys_on_s3(slow_corpus, s3_env):
     """Input TSV and build both on S3."""
     import s3fs
+
     tsv, expected = slow_corpus
     s3fs.S3FileSystem().put(str(tsv), f"{S3_BUCKET}/inputs/cc12m.tsv")
-    build_uri = kill_and_resume(f"s3://{S3_BUCKET}/inputs/cc12m.tsv", f"s3://{S3_BUCKET}/shards",
-                                {**os.environ, **s3_env})
+    build_uri = kill_and_resume(
+        f"s3://{S3_BUCKET}/inputs/cc12m.tsv", f"s3://{S3_BUCKET}/shards", {**os.environ, **s3_env}
+    )
     manifest, metas = check_build(build_uri)
     text = json.dumps(manifest)
     assert s3_env["AWS_SECRET_ACCESS_KEY"] not in text and s3_env["AWS_ACCESS_KEY_ID"] not in text

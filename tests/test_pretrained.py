@@ -1,6 +1,7 @@
 """Fine-tuning starts: an open_clip checkpoint file (local, and on a moto S3 server), a
 checkpoint directory of this project, an unknown name; the logit-scale reset; stretching
 applied on top of the loaded weights."""
+
 from __future__ import annotations
 
 import pytest
@@ -49,15 +50,18 @@ def test_project_checkpoint_start_with_long_text_and_reset_scale(tmp_path):
     config = apply_overrides(build_method_config("clip"), {"model.arch": ARCH})
     source = build_training_model(config)
     optimizer = build_optimizer(source, config.optim)
-    checkpoint.save_checkpoint(tmp_path / "run" / "step_00000005", source, optimizer,
-                               build_scheduler(optimizer, 1, 2), 5, config, {})
-    tuned = apply_overrides(build_method_config("smartclip"), {"model.arch": ARCH,
-                                                              "model.pretrained": str(tmp_path / "run")})
+    checkpoint.save_checkpoint(
+        tmp_path / "run" / "step_00000005", source, optimizer, build_scheduler(optimizer, 1, 2), 5, config, {}
+    )
+    tuned = apply_overrides(
+        build_method_config("smartclip"), {"model.arch": ARCH, "model.pretrained": str(tmp_path / "run")}
+    )
     model = build_training_model(tuned)
     state = source.tower.state_dict()
     assert_same_tower({k: v for k, v in state.items() if k != "logit_scale"}, model.tower)
-    torch.testing.assert_close(model.tower.positional_embedding.data,
-                               stretch_positional_table(state["positional_embedding"], 20, 4))
+    torch.testing.assert_close(
+        model.tower.positional_embedding.data, stretch_positional_table(state["positional_embedding"], 20, 4)
+    )
     assert model.tower.logit_scale.item() == pytest.approx(4.6052)  # Long-CLIP's reset to 100
 
 
@@ -77,9 +81,9 @@ def test_unknown_pretrained_name_is_an_error(tmp_path):
 
 def test_open_clip_file_on_s3(s3_env, tmp_path):
     import s3fs
+
     state = trained_tower_state(seed=11)
     local = write_open_clip_file(tmp_path / "tiny.pt", state)
     s3fs.S3FileSystem().put(local, f"{BUCKET}/weights/tiny.pt")
-    model = build_model(ModelConfig(ARCH, pretrained=f"s3://{BUCKET}/weights/tiny.pt"), MaskingConfig(),
-                        Temperature())
+    model = build_model(ModelConfig(ARCH, pretrained=f"s3://{BUCKET}/weights/tiny.pt"), MaskingConfig(), Temperature())
     assert_same_tower(state, model.tower, skip=())

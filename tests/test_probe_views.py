@@ -1,5 +1,6 @@
 """Augmented linear-probe views (evaluation/probe_views.py): drawn from (seed, image, view)
 alone, encoded by the image encoder as one request, read one view per epoch by the probe."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -38,8 +39,9 @@ def test_views_are_a_request_and_the_encoder_concatenates_them(tmp_path):
     uri = str(save_micro_checkpoint(tmp_path / "step_00000001"))
     images = [class_image(label, 0) for label in range(3)]
     data = ClassificationSet("c", images, np.arange(3), ["a", "b", "c"], [])
-    bench = Benchmark("c", "linear_probe", {"train": data, "test": data},
-                      {"features": "class_states", "views": {"views": 2}})
+    bench = Benchmark(
+        "c", "linear_probe", {"train": data, "test": data}, {"features": "class_states", "views": {"views": 2}}
+    )
     wanted = requests(bench)
     assert wanted["test"][0] == IMAGE_STATES and requested_views(wanted["train"][0]).views == 2
     with pytest.raises(ValueError, match="class_states"):
@@ -53,4 +55,4 @@ def test_views_are_a_request_and_the_encoder_concatenates_them(tmp_path):
         for v in range(2):
             pixels = torch.stack([augment(b, encoders.image_identity("", b), v) for b in images])
             want = model.encode_image_states(pixels).numpy()
-            np.testing.assert_allclose(got[:, v * want.shape[1]:(v + 1) * want.shape[1]], want, rtol=1e-5, atol=1e-5)
+            np.testing.assert_allclose(got[:, v * want.shape[1] : (v + 1) * want.shape[1]], want, rtol=1e-5, atol=1e-5)

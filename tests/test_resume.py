@@ -1,4 +1,5 @@
 """training/resume.py without Ray: what a resume must match of the checkpoint it continues."""
+
 from __future__ import annotations
 
 import pytest
@@ -27,11 +28,24 @@ def config():
 
 
 def test_free_fields_may_change_and_each_guarded_one_is_named_by_its_category(config):
-    free = apply_overrides(config, {"run.max_steps": 900, "run.log_every": 1, "run.max_failures": 3,
-                                    "data.preprocess_concurrency": 3, "run.placement_strategy": "SPREAD"})
+    free = apply_overrides(
+        config,
+        {
+            "run.max_steps": 900,
+            "run.log_every": 1,
+            "run.max_failures": 3,
+            "data.preprocess_concurrency": 3,
+            "run.placement_strategy": "SPREAD",
+        },
+    )
     assert resume.resume_differences(saved(config), free, ONE) == {}
-    changes = {"data.caption_policy": "long", "masking.ratio": 0.3, "model.arch": "ViT-B-32",
-               "data.batch_size_per_worker": 8, "optim.lr": 1e-2}
+    changes = {
+        "data.caption_policy": "long",
+        "masking.ratio": 0.3,
+        "model.arch": "ViT-B-32",
+        "data.batch_size_per_worker": 8,
+        "optim.lr": 1e-2,
+    }
     found = resume.resume_differences(saved(config), apply_overrides(config, changes), built(("d2", 1.0)))
     assert set(found) == {"data", "method", "architecture", "batch", "schedule"}
     assert found["data"][0] == "builds: b (sha256 d1, weight 1) -> s3://b/d2 (sha256 d2, weight 1)"
@@ -53,8 +67,12 @@ def test_a_mixture_resumes_only_with_the_same_builds_and_weights(config):
     state = {**saved(config), **data_mixture.describe_sources(mixture)}
     moved = [Source("/local/copy/" + s.digest, s.weight, [], s.digest) for s in mixture]
     assert resume.resume_differences(state, config, moved) == {}
-    for changed in (built(("d1", 0.6), ("d2", 0.4)), built(("d2", 0.3), ("d1", 0.7)), built(("d1", 1.0)),
-                    built(("d1", 0.5), ("d2", 0.3), ("d3", 0.2))):
+    for changed in (
+        built(("d1", 0.6), ("d2", 0.4)),
+        built(("d2", 0.3), ("d1", 0.7)),
+        built(("d1", 1.0)),
+        built(("d1", 0.5), ("d2", 0.3), ("d3", 0.2)),
+    ):
         (line,) = resume.resume_differences(state, config, changed)["data"]
         assert "weight 0.7" in line.split(" -> ")[0], line
     with pytest.raises(SystemExit, match="--allow-change data"):
@@ -72,6 +90,7 @@ def test_a_worker_must_start_at_the_runs_latest_checkpoint():
 
 def test_the_latest_saved_state_is_the_highest_step(tmp_path):
     import json
+
     for step in (4, 12, 8):
         (tmp_path / "r" / f"step_{step:08d}").mkdir(parents=True)
         (tmp_path / "r" / f"step_{step:08d}" / "state.json").write_text(json.dumps({"step": step}))
@@ -88,6 +107,7 @@ def test_run_compile_and_the_pgs_compaction_it_picks_may_change_on_resume(method
     """A run saved before pgs.compaction had `auto` holds batch_min; compiling it on resume (or
     stopping to) changes only how many hidden tokens leave PGS's sequence, never a loss."""
     from training.methods.recipes import resolve_auto_fields
+
     base = apply_overrides(build_method_config(method), {"data.builds": ("b",)})
     old = resolve_auto_fields(apply_overrides(base, {"pgs.compaction": "batch_min"}))  # stop 32 saved this
     for compiled in (False, True):

@@ -1,6 +1,7 @@
 """The scale levers together through training/train.py and Ray Train: two workers, bf16
 weights with float32 masters, 2 micro-batches, checkpointed and compiled blocks; a resume
 continues with the straight run's losses and the checkpoint holds float32 weights."""
+
 from __future__ import annotations
 
 import math
@@ -17,8 +18,18 @@ pytestmark = [pytest.mark.ray, pytest.mark.slow]
 # aot_eager: dynamo and AOT autograd as inductor sees them, without its C++ code generation
 # (a minute per worker and run on 2 cores); inductor's numbers are tests/test_compile.py's.
 
-LEVERS = ("--set", "run.precision=bf16", "--set", "run.accum_freq=2", "--set", "run.grad_checkpointing=true",
-          "--set", "run.compile=true", "--set", "run.compile_backend=aot_eager")
+LEVERS = (
+    "--set",
+    "run.precision=bf16",
+    "--set",
+    "run.accum_freq=2",
+    "--set",
+    "run.grad_checkpointing=true",
+    "--set",
+    "run.compile=true",
+    "--set",
+    "run.compile_backend=aot_eager",
+)
 
 
 def test_the_levers_train_together_and_resume_exactly(small_build, tmp_path):

@@ -2,6 +2,7 @@
 parameters, the losses and weights follow DDP's step for step (with 2 micro-batches on the
 FSDP side for some steps), the gathered checkpoint is the one DDP writes and loads for
 evaluation and the open_clip export, and a resume from it continues with DDP's losses."""
+
 from __future__ import annotations
 
 import json
@@ -50,8 +51,15 @@ def build(config, fresh: bool = True):
 
 
 def shard(config, model, optimizer, scheduler, bf16: bool = False):
-    return shard_training_state(model, optimizer, scheduler, lambda m: build_optimizer(m, config.optim),
-                                lambda o: build_scheduler(o, config.optim.warmup_steps, 10), CPU, bf16)
+    return shard_training_state(
+        model,
+        optimizer,
+        scheduler,
+        lambda m: build_optimizer(m, config.optim),
+        lambda o: build_scheduler(o, config.optim.warmup_steps, 10),
+        CPU,
+        bf16,
+    )
 
 
 def step(model, objective, optimizer, scheduler, rank: int, number: int, accum: int = 1) -> tuple[float, float]:
@@ -82,8 +90,10 @@ def run_rank(rank: int, port: int, out: str) -> None:
 
 
 def method_config(method: str, overrides: dict):
-    return apply_overrides(build_method_config(method), {"model.arch": ARCH, "optim.lr": 1e-3, "optim.warmup_steps": 1,
-                                                        "loss.learn_temperature": True, **overrides})
+    return apply_overrides(
+        build_method_config(method),
+        {"model.arch": ARCH, "optim.lr": 1e-3, "optim.warmup_steps": 1, "loss.learn_temperature": True, **overrides},
+    )
 
 
 def every_method_step(rank: int) -> dict:
@@ -102,8 +112,9 @@ def every_method_step(rank: int) -> dict:
 def in_run_evaluator(config, model, rank: int, out: Path) -> InRunEvaluator:
     sets = (f"colours=image_folder:{out / 'colours'}", f"shots=karpathy:{out / 'shots' / 'dataset_tiny.json'}")
     geometry = sample_geometry(model, config.model.arch)
-    return InRunEvaluator(EvalConfig(every=1, sets=sets, batch_size=4), geometry.image_size, geometry.tokenizer(),
-                          rank, 2, CPU)
+    return InRunEvaluator(
+        EvalConfig(every=1, sets=sets, batch_size=4), geometry.image_size, geometry.tokenizer(), rank, 2, CPU
+    )
 
 
 def compare_to_ddp(rank: int, out: Path) -> dict:

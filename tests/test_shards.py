@@ -1,5 +1,6 @@
 """The shard format: tar + index round trips byte for byte, manifest entries describe the tar,
 stats ride in the index, broken or tampered shards are refused, publishing is atomic."""
+
 from __future__ import annotations
 
 import hashlib
@@ -7,7 +8,6 @@ import io
 import json
 import tarfile
 
-import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
@@ -16,23 +16,36 @@ from pipelines.captions import sample_key
 
 CAPTION_SETS = [
     [{"text": "a red circle on a grey background", "source": "demo", "kind": "short"}],
-    [{"text": "un café crème sur une table en bois", "source": "demo", "kind": "short"},
-     {"text": "東京の夜景と赤い塔", "source": "demo", "kind": "short"},
-     {"text": "a long caption " + "with many words " * 10, "source": "demo", "kind": "long"}],
-    [{"text": "emoji 🐱‍👤 and combining e\u0301 accents", "source": "demo", "kind": "long"},
-     {"text": "quote \" backslash \\ tab-free", "source": "demo", "kind": "short"}],
+    [
+        {"text": "un café crème sur une table en bois", "source": "demo", "kind": "short"},
+        {"text": "東京の夜景と赤い塔", "source": "demo", "kind": "short"},
+        {"text": "a long caption " + "with many words " * 10, "source": "demo", "kind": "long"},
+    ],
+    [
+        {"text": "emoji 🐱‍👤 and combining e\u0301 accents", "source": "demo", "kind": "long"},
+        {"text": 'quote " backslash \\ tab-free', "source": "demo", "kind": "short"},
+    ],
 ]
 
 
 def make_sample(i: int, captions: list[dict]) -> dict:
     """A sample row with distinct binary payloads (all 256 byte values, NULs included)."""
     url = f"http://127.0.0.1/images/{i:06d}.jpg"
-    meta = {"key": sample_key(url), "source": url, "captions": captions,
-            "width": 32 + i, "height": 24 + 2 * i, "original_width": 320, "original_height": 240}
-    return {shards.KEY: sample_key(url),
-            shards.IMAGE: b"\xff\xd8" + bytes(range(256)) * (i + 1) + b"\x00\xff\xd9",
-            shards.EDGE: b"\x89PNG\r\n\x1a\n" + bytes([i]) * (100 + 37 * i),
-            shards.META: json.dumps(meta, ensure_ascii=False, sort_keys=True)}
+    meta = {
+        "key": sample_key(url),
+        "source": url,
+        "captions": captions,
+        "width": 32 + i,
+        "height": 24 + 2 * i,
+        "original_width": 320,
+        "original_height": 240,
+    }
+    return {
+        shards.KEY: sample_key(url),
+        shards.IMAGE: b"\xff\xd8" + bytes(range(256)) * (i + 1) + b"\x00\xff\xd9",
+        shards.EDGE: b"\x89PNG\r\n\x1a\n" + bytes([i]) * (100 + 37 * i),
+        shards.META: json.dumps(meta, ensure_ascii=False, sort_keys=True),
+    }
 
 
 @pytest.fixture
@@ -70,9 +83,14 @@ def test_manifest_entry_describes_the_published_tar(build, samples):
     entry = shards.write_shard(fs, build_path, 7, samples)
     tar_path, index_path = shards.shard_paths(build_path, 7)
     data = storage.read_bytes(fs, tar_path)
-    assert entry == {"id": 7, "tar": "shards/000007.tar", "index": "index/000007.parquet",
-                     "n_samples": len(samples), "bytes": len(data),
-                     "sha256": hashlib.sha256(data).hexdigest()}
+    assert entry == {
+        "id": 7,
+        "tar": "shards/000007.tar",
+        "index": "index/000007.parquet",
+        "n_samples": len(samples),
+        "bytes": len(data),
+        "sha256": hashlib.sha256(data).hexdigest(),
+    }
     assert storage.join(build_path, entry["tar"]) == tar_path
     assert storage.join(build_path, entry["index"]) == index_path
 
@@ -89,11 +107,15 @@ def test_index_has_one_row_per_sample_with_the_index_columns(build, samples):
     for sample in samples:
         meta = json.loads(sample[shards.META])
         assert by_key[sample[shards.KEY]] == {
-            "key": sample[shards.KEY], "shard": 3, "source": meta["source"],
+            "key": sample[shards.KEY],
+            "shard": 3,
+            "source": meta["source"],
             "n_captions": len(meta["captions"]),
             "n_long": sum(c["kind"] == shards.CAPTION_LONG for c in meta["captions"]),
-            "width": meta["width"], "height": meta["height"],
-            "image_bytes": len(sample[shards.IMAGE]), "edge_bytes": len(sample[shards.EDGE]),
+            "width": meta["width"],
+            "height": meta["height"],
+            "image_bytes": len(sample[shards.IMAGE]),
+            "edge_bytes": len(sample[shards.EDGE]),
             "captions": [c["text"] for c in meta["captions"]],
             shards.DIGEST: hashlib.sha256(sample[shards.IMAGE]).hexdigest(),
             "captions_json": json.dumps(meta["captions"], sort_keys=True),
@@ -102,8 +124,7 @@ def test_index_has_one_row_per_sample_with_the_index_columns(build, samples):
 
 def test_shard_stats_ride_in_the_index_and_unpublished_shards_have_none(build, samples):
     fs, build_path = build
-    stats = {"failures": {"http_404": 2, "decode_error": 1}, "n_groups": 6,
-             "n_captions_written": 6}
+    stats = {"failures": {"http_404": 2, "decode_error": 1}, "n_groups": 6, "n_captions_written": 6}
     entry = shards.write_shard(fs, build_path, 0, samples, stats)
     assert shards.read_shard_stats(fs, build_path, 0) == {"shard": entry, **stats}
     assert shards.read_shard_stats(fs, build_path, 1) is None
@@ -138,16 +159,21 @@ def tar_of(members: dict[str, bytes]) -> bytes:
 
 @pytest.mark.parametrize("missing", shards.SAMPLE_EXTS)
 def test_sample_missing_a_member_raises(missing):
-    members = {"aaaa.jpg": b"img", "aaaa.edge.png": b"edge", "aaaa.json": b"{}",
-               "bbbb.jpg": b"img", "bbbb.edge.png": b"edge", "bbbb.json": b"{}"}
+    members = {
+        "aaaa.jpg": b"img",
+        "aaaa.edge.png": b"edge",
+        "aaaa.json": b"{}",
+        "bbbb.jpg": b"img",
+        "bbbb.edge.png": b"edge",
+        "bbbb.json": b"{}",
+    }
     del members[f"aaaa.{missing}"]
     with pytest.raises(ValueError, match="aaaa"):
         list(shards.iter_tar_samples(tar_of(members)))
 
 
 def test_last_sample_missing_a_member_raises():
-    members = {"aaaa.jpg": b"img", "aaaa.edge.png": b"edge", "aaaa.json": b"{}",
-               "bbbb.jpg": b"img", "bbbb.json": b"{}"}
+    members = {"aaaa.jpg": b"img", "aaaa.edge.png": b"edge", "aaaa.json": b"{}", "bbbb.jpg": b"img", "bbbb.json": b"{}"}
     with pytest.raises(ValueError, match="bbbb"):
         list(shards.iter_tar_samples(tar_of(members)))
 
@@ -187,11 +213,18 @@ def test_remove_stale_temporaries_deletes_only_leftovers(tmp_path):
 
 
 def test_manifest_digest_ignores_key_order_but_not_content():
-    manifest = {"corpus": "demo", "build_id": "abc", "counts": {"written": 3, "failed": {"a": 1}},
-                "shards": [{"id": 0, "sha256": "00"}, {"id": 1, "sha256": "11"}]}
-    reordered = {"shards": [{"sha256": "00", "id": 0}, {"sha256": "11", "id": 1}],
-                 "counts": {"failed": {"a": 1}, "written": 3}, "build_id": "abc",
-                 "corpus": "demo"}
+    manifest = {
+        "corpus": "demo",
+        "build_id": "abc",
+        "counts": {"written": 3, "failed": {"a": 1}},
+        "shards": [{"id": 0, "sha256": "00"}, {"id": 1, "sha256": "11"}],
+    }
+    reordered = {
+        "shards": [{"sha256": "00", "id": 0}, {"sha256": "11", "id": 1}],
+        "counts": {"failed": {"a": 1}, "written": 3},
+        "build_id": "abc",
+        "corpus": "demo",
+    }
     assert shards.manifest_digest(manifest) == shards.manifest_digest(reordered)
     changed = json.loads(json.dumps(manifest))
     changed["counts"]["written"] = 4
@@ -213,7 +246,9 @@ def test_the_txt_caption_is_the_fullest_short_one_else_the_first():
     def group(*captions):
         return {"captions": [{"text": t, "kind": k} for t, k in captions]}
 
-    assert shards.txt_caption(group(("a dog", "short"), ("a brown dog runs", "short"),
-                                    ("a long story " * 20, "long"))) == "a brown dog runs"
+    assert (
+        shards.txt_caption(group(("a dog", "short"), ("a brown dog runs", "short"), ("a long story " * 20, "long")))
+        == "a brown dog runs"
+    )
     assert shards.txt_caption(group(("a cat sits", "short"), ("a dog runs", "short"))) == "a cat sits"
     assert shards.txt_caption(group(("first long", "long"), ("second long", "long"))) == "first long"

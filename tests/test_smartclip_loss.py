@@ -2,6 +2,7 @@
 the two-matmul masked cosine, the loss, and their gradients, with an all-zero mask among
 the texts; all-ones masks reduce it to (twice) the CLIP loss; and across two gloo processes
 with features and masks gathered with gradients."""
+
 from __future__ import annotations
 
 import os
@@ -38,7 +39,7 @@ def naive_masked_cosine(image, text, masks, linear_norm: bool = True):
         row = []
         for b in range(text.shape[0]):
             masked = image[a] * masks[b]
-            norm_sq = (image[a] ** 2 * masks[b]).sum() if linear_norm else (masked ** 2).sum()
+            norm_sq = (image[a] ** 2 * masks[b]).sum() if linear_norm else (masked**2).sum()
             row.append((masked * text[b]).sum() / torch.sqrt(norm_sq + EPS))
         rows.append(torch.stack(row))
     return torch.stack(rows)
@@ -62,8 +63,12 @@ def leaves(*tensors):
 def test_masked_cosine_equals_per_pair_cosine():
     image, text, masks = make_inputs(B, D, seed=0)
     fast = compute_masked_cosine(image, text, masks)
-    literal = torch.stack([torch.stack([F.cosine_similarity(image[a] * masks[b], text[b], dim=0, eps=1e-30)
-                                        for b in range(B)]) for a in range(B)])
+    literal = torch.stack(
+        [
+            torch.stack([F.cosine_similarity(image[a] * masks[b], text[b], dim=0, eps=1e-30) for b in range(B)])
+            for a in range(B)
+        ]
+    )
     nonzero = masks.sum(1) > 0
     # eps = 1e-8 under the root: relative effect eps / (2 ‖z ⊙ m‖²), far below 1e-6 here.
     torch.testing.assert_close(fast[:, nonzero], literal[:, nonzero], rtol=1e-6, atol=1e-9)
@@ -97,14 +102,16 @@ def test_modular_loss_matches_naive_forward_and_backward(local_loss):
     scale = torch.tensor(SCALE, dtype=torch.float64)
     loss_fn = ModularContrastiveLoss(lambda_align=0.7, lambda_sparsity=0.01, local_loss=local_loss)
     fast_in, naive_in = leaves(image, text, masks, scale), leaves(image, text, masks, scale)
-    terms = loss_fn({"image_features": fast_in[0], "text_features": fast_in[1], "text_masks": fast_in[2],
-                     "logit_scale": fast_in[3]})
+    terms = loss_fn(
+        {"image_features": fast_in[0], "text_features": fast_in[1], "text_masks": fast_in[2], "logit_scale": fast_in[3]}
+    )
     fast = terms["align"] + terms["sparsity"]
     naive = naive_modular_loss(*naive_in, lambda_align=0.7, lambda_sparsity=0.01)
     torch.testing.assert_close(fast, naive, rtol=1e-10, atol=1e-10)
     torch.testing.assert_close(terms["sparsity"], 0.01 * masks.sum() / B, rtol=1e-12, atol=0)
-    for name, a, b in zip(("image", "text", "masks", "scale"), torch.autograd.grad(fast, fast_in),
-                          torch.autograd.grad(naive, naive_in)):
+    for name, a, b in zip(
+        ("image", "text", "masks", "scale"), torch.autograd.grad(fast, fast_in), torch.autograd.grad(naive, naive_in)
+    ):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11, msg=lambda m, n=name: f"d_{n}: {m}")
 
 
@@ -113,10 +120,12 @@ def test_all_ones_masks_give_twice_the_clip_loss():
     image, text, _ = make_inputs(B, D, seed=4, zero_mask_row=None)
     scale = torch.tensor(SCALE, dtype=torch.float64)
     ones = torch.ones(B, D, dtype=torch.float64)
-    modular = ModularContrastiveLoss(1.0, 0.0)({"image_features": image, "text_features": text,
-                                                "text_masks": ones, "logit_scale": scale})["align"]
-    clip = ContrastiveLoss()({"image_features": F.normalize(image, dim=-1), "text_features": text,
-                              "logit_scale": scale})["contrastive"]
+    modular = ModularContrastiveLoss(1.0, 0.0)(
+        {"image_features": image, "text_features": text, "text_masks": ones, "logit_scale": scale}
+    )["align"]
+    clip = ContrastiveLoss()(
+        {"image_features": F.normalize(image, dim=-1), "text_features": text, "logit_scale": scale}
+    )["contrastive"]
     torch.testing.assert_close(modular, 2 * clip, rtol=1e-7, atol=1e-9)
 
 
@@ -132,6 +141,7 @@ def run_gather_worker(rank: int, port: int, out_dir: str) -> None:
     """One rank: the modular loss on its shard of one global batch (gather with gradients,
     with and without local_loss); saves loss and gradients of its own inputs."""
     import torch.distributed as dist
+
     torch.set_num_threads(1)
     os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
     dist.init_process_group("gloo", rank=rank, world_size=WORLD_SIZE)
@@ -141,10 +151,15 @@ def run_gather_worker(rank: int, port: int, out_dir: str) -> None:
         results = {}
         for local_loss in (False, True):
             inputs = leaves(image[rows], text[rows], masks[rows], torch.tensor(SCALE, dtype=torch.float64))
-            loss_fn = ModularContrastiveLoss(1.0, 0.0, rank, WORLD_SIZE, gather_with_grad=True,
-                                             local_loss=local_loss)
-            loss = loss_fn({"image_features": inputs[0], "text_features": inputs[1],
-                            "text_masks": inputs[2], "logit_scale": inputs[3]})["align"]
+            loss_fn = ModularContrastiveLoss(1.0, 0.0, rank, WORLD_SIZE, gather_with_grad=True, local_loss=local_loss)
+            loss = loss_fn(
+                {
+                    "image_features": inputs[0],
+                    "text_features": inputs[1],
+                    "text_masks": inputs[2],
+                    "logit_scale": inputs[3],
+                }
+            )["align"]
             results[local_loss] = (loss.detach(), *torch.autograd.grad(loss, inputs))
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
@@ -170,12 +185,17 @@ def test_two_process_gather_matches_naive_on_whole_batch(gathered_results, local
     full_grads = torch.autograd.grad(full_loss, inputs)
     losses = torch.stack([r[local_loss][0] for r in gathered_results])
     expected = full_loss.detach()
-    torch.testing.assert_close(losses.mean() if local_loss else losses,
-                               expected if local_loss else expected.expand(WORLD_SIZE), rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(
+        losses.mean() if local_loss else losses,
+        expected if local_loss else expected.expand(WORLD_SIZE),
+        rtol=1e-10,
+        atol=1e-10,
+    )
     for rank, results in enumerate(gathered_results):
         rows = slice(rank * BATCH_PER_RANK, (rank + 1) * BATCH_PER_RANK)
         for index in range(3):
-            torch.testing.assert_close(results[local_loss][1 + index], WORLD_SIZE * full_grads[index][rows],
-                                       rtol=1e-9, atol=1e-11)
+            torch.testing.assert_close(
+                results[local_loss][1 + index], WORLD_SIZE * full_grads[index][rows], rtol=1e-9, atol=1e-11
+            )
     summed_scale = sum(r[local_loss][4] for r in gathered_results)
     torch.testing.assert_close(summed_scale, WORLD_SIZE * full_grads[3], rtol=1e-9, atol=1e-11)

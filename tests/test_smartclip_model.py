@@ -2,6 +2,7 @@
 ones, pads ignored, gradients reaching the mask network and the text tower, per-group
 learning rates, the mask density metric of a training step, and the masked scorer of a
 checkpoint (equal to the loss's masked cosine, robust to row rescaling)."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -25,8 +26,12 @@ from training.optim import build_optimizer, build_scheduler
 from training.towers import build_tokenizer
 
 ARCH = "clip-micro-p8-32"
-CAPTIONS = ["a small red circle", "a blue square on the left and a green star at the top right",
-            "stripes", "a large yellow triangle in the center"]
+CAPTIONS = [
+    "a small red circle",
+    "a blue square on the left and a green star at the top right",
+    "stripes",
+    "a large yellow triangle in the center",
+]
 
 pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
@@ -77,8 +82,13 @@ def test_gradients_reach_mask_network_and_text_tower():
     assert set(outputs["text_masks"].detach().unique().tolist()) <= {0.0, 1.0}
     terms = build_objective(config.loss, config.smartclip, 0, 1)(outputs)
     sum(terms.values()).backward()
-    for name in ("mask_network.block.attn.in_proj_weight", "mask_network.pool.query", "mask_network.bias",
-                 "tower.transformer.resblocks.0.attn.in_proj_weight", "tower.visual.conv1.weight"):
+    for name in (
+        "mask_network.block.attn.in_proj_weight",
+        "mask_network.pool.query",
+        "mask_network.bias",
+        "tower.transformer.resblocks.0.attn.in_proj_weight",
+        "tower.visual.conv1.weight",
+    ):
         grad = dict(model.named_parameters())[name].grad
         assert grad is not None and grad.abs().sum() > 0, name
 
@@ -104,11 +114,14 @@ def test_training_step_logs_mask_density_as_a_device_tensor():
     optimizer = build_optimizer(model, config.optim)
     scheduler = build_scheduler(optimizer, 1, 10)
     tokenizer = build_tokenizer(ARCH, model.tower.context_length)
-    batch = {IMAGES: np.random.default_rng(0).integers(0, 255, (4, 3, 32, 32), dtype=np.uint8),
-             TEXTS: tokenizer(CAPTIONS).numpy()}
+    batch = {
+        IMAGES: np.random.default_rng(0).integers(0, 255, (4, 3, 32, 32), dtype=np.uint8),
+        TEXTS: tokenizer(CAPTIONS).numpy(),
+    }
     settings = LoopSettings(start_step=0, total_steps=1, seed=0, rank=0, world_size=1, device=torch.device("cpu"))
-    metrics = train_step(model, build_objective(config.loss, config.smartclip, 0, 1), optimizer, scheduler,
-                         batch, settings)
+    metrics = train_step(
+        model, build_objective(config.loss, config.smartclip, 0, 1), optimizer, scheduler, batch, settings
+    )
     assert torch.is_tensor(metrics["mask_density"]) and metrics["mask_density"].item() == 1.0
     assert {"loss/align", "loss/sparsity", "loss/total"} <= set(metrics)
     assert metrics["loss/sparsity"].item() == pytest.approx(0.01 * model.tower.text_projection.shape[1])

@@ -1,6 +1,7 @@
 """SmartCLIP and Long-CLIP through training/train.py (Ray Train, two workers, gather with
 gradients), fine-tuning from a checkpoint the test writes; the checkpoint then scores with
 the plain and the masked scorer at the stretched context."""
+
 from __future__ import annotations
 
 import json
@@ -33,10 +34,34 @@ def start_checkpoint(tmp_path_factory) -> str:
 
 
 def run_args(build_uri: str, storage, method: str, pretrained: str) -> list[str]:
-    return ["--data", build_uri, "--method", method, "--arch", ARCH, "--pretrained", pretrained,
-            "--num-workers", "2", "--batch-size", "4", "--epochs", "3", "--warmup-steps", "1",
-            "--storage", str(storage), "--run-name", method, "--log-every", "1",
-            "--checkpoint-every", "100", "--max-steps", "3"]
+    return [
+        "--data",
+        build_uri,
+        "--method",
+        method,
+        "--arch",
+        ARCH,
+        "--pretrained",
+        pretrained,
+        "--num-workers",
+        "2",
+        "--batch-size",
+        "4",
+        "--epochs",
+        "3",
+        "--warmup-steps",
+        "1",
+        "--storage",
+        str(storage),
+        "--run-name",
+        method,
+        "--log-every",
+        "1",
+        "--checkpoint-every",
+        "100",
+        "--max-steps",
+        "3",
+    ]
 
 
 def logged(storage, name: str) -> list[dict]:
@@ -55,8 +80,9 @@ def test_smartclip_fine_tune_logs_density_and_scores_both_ways(small_build, star
         tokens = bundle.tokenizer(["a red circle", "a blue square"])
         assert tokens.shape == (2, 248)
         with torch.no_grad():
-            scores = bundle.similarity(bundle.model.encode_image(torch.zeros(1, 3, 32, 32)),
-                                       bundle.model.encode_text(tokens))
+            scores = bundle.similarity(
+                bundle.model.encode_image(torch.zeros(1, 3, 32, 32)), bundle.model.encode_text(tokens)
+            )
         assert scores.shape == (1, 2) and torch.isfinite(scores).all()
     tuned = checkpoint.tower_state_dict(checkpoint.fetch_checkpoint(str(tmp_path / "smartclip")))
     assert torch.equal(tuned["positional_embedding"][:20], start["positional_embedding"][:20])  # frozen

@@ -1,5 +1,6 @@
 """The CPU stages without Ray: download through img2dataset from a loopback mirror, resize once,
 classify failures, and build one shard end to end. Only 127.0.0.1 is ever contacted."""
+
 from __future__ import annotations
 
 import io
@@ -20,18 +21,16 @@ from tests.test_edges_transforms import assert_edges_of
 from pipelines.mirror import LoopbackMirror
 from tests.conftest import S3_BUCKET
 from pipelines.image_input import is_truncated_jpeg
-from pipelines.stages import (DownloadParams, ImageFetcher, ShardBuilder,
-                              classify_download_error, classify_resize_error)
+from pipelines.stages import DownloadParams, ImageFetcher, ShardBuilder, classify_download_error, classify_resize_error
 
 IMAGE_SIZE = 32
-PARAMS = DownloadParams(image_size=IMAGE_SIZE, min_image_size=0, allow_loopback=True,
-                        timeout_s=5.0, retries=0, thread_count=4)
+PARAMS = DownloadParams(
+    image_size=IMAGE_SIZE, min_image_size=0, allow_loopback=True, timeout_s=5.0, retries=0, thread_count=4
+)
 # (width, height) of the good images: landscape, portrait, square, smaller than IMAGE_SIZE.
-GOOD_SIZES = {"wide.jpg": (96, 64), "tall.jpg": (48, 80), "square.jpg": (40, 40),
-              "small.jpg": (20, 30)}
+GOOD_SIZES = {"wide.jpg": (96, 64), "tall.jpg": (48, 80), "square.jpg": (40, 40), "small.jpg": (20, 30)}
 # Bad files and the reason each must be counted under.
-BAD_FILES = {"truncated.jpg": "truncated_image", "text.jpg": "not_an_image",
-             "empty.jpg": "empty_file"}
+BAD_FILES = {"truncated.jpg": "truncated_image", "text.jpg": "not_an_image", "empty.jpg": "empty_file"}
 
 
 def encode_jpeg(width: int, height: int, seed: int) -> bytes:
@@ -48,7 +47,7 @@ def mirror(tmp_path_factory):
     for seed, (name, (width, height)) in enumerate(GOOD_SIZES.items()):
         (root / name).write_bytes(encode_jpeg(width, height, seed))
     jpeg = encode_jpeg(96, 96, 99)
-    (root / "truncated.jpg").write_bytes(jpeg[:len(jpeg) // 2])  # past the header, mid-scan
+    (root / "truncated.jpg").write_bytes(jpeg[: len(jpeg) // 2])  # past the header, mid-scan
     (root / "text.jpg").write_bytes(b"this is not an image\n")
     (root / "empty.jpg").write_bytes(b"")
     with LoopbackMirror(root) as server:
@@ -83,12 +82,15 @@ def test_bad_file_is_counted_under_its_reason(mirror, fetch, name, reason):
     assert fetch("k", f"{mirror.base_url}/{name}") == (None, reason)
 
 
-@pytest.mark.parametrize("url,expected", [
-    (f"http://127.0.0.1:{closed_loopback_port()}/a.jpg", "connection_error"),
-    ("http://", "blocked_address"),  # no host
-    ("not a url", "missing_file"),  # a relative path that does not exist
-    ("ftp://127.0.0.1:1/a.jpg", "bad_source"),  # neither a web URL nor an object store
-])
+@pytest.mark.parametrize(
+    "url,expected",
+    [
+        (f"http://127.0.0.1:{closed_loopback_port()}/a.jpg", "connection_error"),
+        ("http://", "blocked_address"),  # no host
+        ("not a url", "missing_file"),  # a relative path that does not exist
+        ("ftp://127.0.0.1:1/a.jpg", "bad_source"),  # neither a web URL nor an object store
+    ],
+)
 def test_failed_fetch_returns_a_reason_and_never_raises(fetch, url, expected):
     assert fetch("k", url) == (None, expected)
 
@@ -103,6 +105,7 @@ def test_loopback_urls_are_refused_unless_allowed(mirror):
 def test_files_are_read_from_s3(fetch, s3_env):
     """ShareGPT4V's images live under an s3:// prefix (moto on loopback)."""
     import s3fs
+
     s3fs.S3FileSystem().pipe(f"{S3_BUCKET}/images/a.jpg", encode_jpeg(40, 40, 6))
     image, reason = fetch("k", f"s3://{S3_BUCKET}/images/a.jpg")
     assert reason == "" and (image["width"], image["height"]) == (IMAGE_SIZE, IMAGE_SIZE)
@@ -126,42 +129,48 @@ def test_server_that_never_answers_is_a_timeout():
     with socket.socket() as silent:  # accepts connections (backlog) but never replies
         silent.bind(("127.0.0.1", 0))
         silent.listen(1)
-        fetcher = ImageFetcher(DownloadParams(image_size=IMAGE_SIZE, timeout_s=0.3, retries=0,
-                                              allow_loopback=True))
+        fetcher = ImageFetcher(DownloadParams(image_size=IMAGE_SIZE, timeout_s=0.3, retries=0, allow_loopback=True))
         url = f"http://127.0.0.1:{silent.getsockname()[1]}/a.jpg"
         assert fetcher("k", url) == (None, "timeout")
 
 
 def test_image_below_the_minimum_size_is_refused(mirror):
-    fetcher = ImageFetcher(DownloadParams(image_size=IMAGE_SIZE, min_image_size=41, retries=0,
-                                          allow_loopback=True))
+    fetcher = ImageFetcher(DownloadParams(image_size=IMAGE_SIZE, min_image_size=41, retries=0, allow_loopback=True))
     assert fetcher("k", f"{mirror.base_url}/square.jpg") == (None, "image_too_small")
 
 
-@pytest.mark.parametrize("message,reason", [
-    ("HTTP Error 404: Not Found", "http_404"),
-    ("HTTP Error 503: Service Unavailable", "http_503"),
-    ("HTTP Error: weird", "http_error"),
-    ("<urlopen error [Errno 111] Connection refused>", "connection_error"),
-    ("<urlopen error [Errno -2] Name or service not known>", "connection_error"),
-    ("timed out", "timeout"),
-    ("<urlopen error timed out>", "timeout"),
-    ("The read operation timed out", "timeout"),
-    ("Use of image disallowed by X-Robots-Tag directive", "disallowed_by_header"),
-    ("Remote end closed connection without response", "connection_error"),
-    ("[Errno 104] Connection reset by peer", "connection_error"),
-    ("something unexpected", "download_error"),
-    ("", "download_error"),
-])
+@pytest.mark.parametrize(
+    "message,reason",
+    [
+        ("HTTP Error 404: Not Found", "http_404"),
+        ("HTTP Error 503: Service Unavailable", "http_503"),
+        ("HTTP Error: weird", "http_error"),
+        ("<urlopen error [Errno 111] Connection refused>", "connection_error"),
+        ("<urlopen error [Errno -2] Name or service not known>", "connection_error"),
+        ("timed out", "timeout"),
+        ("<urlopen error timed out>", "timeout"),
+        ("The read operation timed out", "timeout"),
+        ("Use of image disallowed by X-Robots-Tag directive", "disallowed_by_header"),
+        ("Remote end closed connection without response", "connection_error"),
+        ("[Errno 104] Connection reset by peer", "connection_error"),
+        ("something unexpected", "download_error"),
+        ("", "download_error"),
+    ],
+)
 def test_classify_download_error(message, reason):
     assert classify_download_error(message) == reason
 
 
-@pytest.mark.parametrize("message,reason", [
-    ("Image decoding error", "decode_error"), ("image too small", "image_too_small"),
-    ("image area too large", "image_too_large"), ("aspect ratio too large", "bad_aspect_ratio"),
-    ("OpenCV(4.x) error: (-215:Assertion failed) !buf.empty()", "decode_error"),
-])
+@pytest.mark.parametrize(
+    "message,reason",
+    [
+        ("Image decoding error", "decode_error"),
+        ("image too small", "image_too_small"),
+        ("image area too large", "image_too_large"),
+        ("aspect ratio too large", "bad_aspect_ratio"),
+        ("OpenCV(4.x) error: (-215:Assertion failed) !buf.empty()", "decode_error"),
+    ],
+)
 def test_classify_resize_error(message, reason):
     assert classify_resize_error(message) == reason
 
@@ -191,33 +200,36 @@ def test_truncation_is_judged_from_the_marker_structure():
     jpeg, thumbnail = encode_jpeg(64, 48, 1), encode_jpeg(16, 12, 2)
     progressive = io.BytesIO()
     Image.fromarray(cv2.imdecode(np.frombuffer(jpeg, np.uint8), cv2.IMREAD_COLOR)).save(
-        progressive, format="JPEG", progressive=True)
+        progressive, format="JPEG", progressive=True
+    )
     assert not is_truncated_jpeg(motion_photo(jpeg, 0))  # data after the end marker
     assert not is_truncated_jpeg(progressive.getvalue())  # several scans
     scans = progressive.getvalue().count(b"\xff\xda")
     assert scans > 1 and is_truncated_jpeg(progressive.getvalue()[:-2])
     # Cut between two scans: every scan so far is whole, the end marker is missing.
-    assert is_truncated_jpeg(progressive.getvalue()[:progressive.getvalue().rindex(b"\xff\xda")])
+    assert is_truncated_jpeg(progressive.getvalue()[: progressive.getvalue().rindex(b"\xff\xda")])
     whole = with_embedded_jpeg(jpeg, thumbnail)
     assert not is_truncated_jpeg(whole)
     # Cut just after the thumbnail: its end marker is among the last bytes, not the image's.
-    cut = whole[:2 + 4 + len(thumbnail) + 300]
+    cut = whole[: 2 + 4 + len(thumbnail) + 300]
     assert cut[-1024:].find(b"\xff\xd9") >= 0 and is_truncated_jpeg(cut)
 
 
 def test_motion_photo_is_stored_and_truncated_jpeg_is_not(fetch, tmp_path):
     jpeg = encode_jpeg(96, 64, 3)
     (tmp_path / "motion.jpg").write_bytes(motion_photo(jpeg, 1))
-    (tmp_path / "cut.jpg").write_bytes(motion_photo(jpeg, 1)[:len(jpeg) - 40])
+    (tmp_path / "cut.jpg").write_bytes(motion_photo(jpeg, 1)[: len(jpeg) - 40])
     image, reason = fetch("k", str(tmp_path / "motion.jpg"))
     assert reason == "" and (image["width"], image["original_width"]) == (IMAGE_SIZE, 96)
     assert fetch("k", str(tmp_path / "cut.jpg")) == (None, "truncated_image")
 
 
 def group_for(url: str, n_captions: int) -> dict:
-    return {"key": sample_key(url), "source": url,
-            "captions": [{"text": f"caption {i} of {url}", "source": "test", "kind": "short"}
-                         for i in range(n_captions)]}
+    return {
+        "key": sample_key(url),
+        "source": url,
+        "captions": [{"text": f"caption {i} of {url}", "source": "test", "kind": "short"} for i in range(n_captions)],
+    }
 
 
 def test_shard_builder_publishes_good_images_and_counts_failures(mirror, tmp_path):
@@ -228,8 +240,13 @@ def test_shard_builder_publishes_good_images_and_counts_failures(mirror, tmp_pat
 
     result = ShardBuilder(build_uri, PARAMS)(4, bad[:2] + good + bad[2:])
 
-    assert result["failures"] == {"truncated_image": 1, "not_an_image": 1, "empty_file": 1, "http_404": 1,
-                                  "connection_error": 1}
+    assert result["failures"] == {
+        "truncated_image": 1,
+        "not_an_image": 1,
+        "empty_file": 1,
+        "http_404": 1,
+        "connection_error": 1,
+    }
     assert result["n_groups"] == len(good) + len(bad)
     assert result["n_captions_written"] == sum(len(g["captions"]) for g in good)
     fs, build_path = storage.open_storage(build_uri)
@@ -238,10 +255,10 @@ def test_shard_builder_publishes_good_images_and_counts_failures(mirror, tmp_pat
     stats = shards.read_shard_stats(fs, build_path, 4)
     assert stats == {k: v for k, v in result.items() if k != "seconds"}
     tar_path, index_path = shards.shard_paths(build_path, 4)
-    assert sorted(p.name for p in (tmp_path / "demo" / "build0").rglob("*") if p.is_file()) == \
-        sorted(["000004.tar", "000004.parquet"])  # published, no temporaries left
-    assert sorted(pq.read_table(index_path).column("key").to_pylist()) == \
-        sorted(g["key"] for g in good)
+    assert sorted(p.name for p in (tmp_path / "demo" / "build0").rglob("*") if p.is_file()) == sorted(
+        ["000004.tar", "000004.parquet"]
+    )  # published, no temporaries left
+    assert sorted(pq.read_table(index_path).column("key").to_pylist()) == sorted(g["key"] for g in good)
 
     samples = shards.read_shard_samples(fs, build_path, entry, verify=True)
     groups = {g["key"]: g for g in good}
@@ -278,10 +295,12 @@ def test_shards_built_together_match_shards_built_one_at_a_time(mirror, tmp_path
     """build_many streams several shards through one pool (one of them empty, one all
     failures): each shard and its stats are those of building it alone."""
     names = [*GOOD_SIZES, *BAD_FILES, "missing.jpg"]
-    specs = [(7, [group_for(f"{mirror.base_url}/{n}", 1 + i % 2) for i, n in enumerate(names)]),
-             (8, []),
-             (9, [group_for(f"{mirror.base_url}/missing-{i}.jpg", 1) for i in range(3)]),
-             (10, [group_for(f"{mirror.base_url}/{n}?copy", 2) for n in reversed(list(GOOD_SIZES))])]
+    specs = [
+        (7, [group_for(f"{mirror.base_url}/{n}", 1 + i % 2) for i, n in enumerate(names)]),
+        (8, []),
+        (9, [group_for(f"{mirror.base_url}/missing-{i}.jpg", 1) for i in range(3)]),
+        (10, [group_for(f"{mirror.base_url}/{n}?copy", 2) for n in reversed(list(GOOD_SIZES))]),
+    ]
     together, alone = str(tmp_path / "together"), str(tmp_path / "alone")
     many = ShardBuilder(together, PARAMS).build_many(specs)
     single = [ShardBuilder(alone, PARAMS)(shard_id, groups) for shard_id, groups in specs]
@@ -303,6 +322,7 @@ def test_an_error_in_a_download_thread_fails_the_task_and_stops_the_rest(mirror,
         calls.append(source)
         time.sleep(0.01)  # all 200 would take 0.5 s on 4 threads
         raise RuntimeError("a bug in the fetcher")
+
     monkeypatch.setattr(builder.fetch, "fetch_bytes", broken)
     groups = [group_for(f"{mirror.base_url}/{i}.jpg", 1) for i in range(200)]
     with pytest.raises(RuntimeError, match="a bug in the fetcher"):

@@ -1,6 +1,7 @@
 """Topologies (training/methods/topology/spaces.py) against the paper's definitions written naively: per-sphere
 sums, per-pair arccos and norms, the template rule, numerics under bf16, and the config's
 refusals."""
+
 from __future__ import annotations
 
 import math
@@ -13,8 +14,15 @@ from tests.test_contrastive_loss import load_clip_loss_class
 from training.config import TopologyConfig, apply_overrides
 from training.methods.clip.loss import ContrastiveLoss
 from training.methods.recipes import build_method_config, check_combination
-from training.methods.topology.spaces import (Euclidean, MultiToken, Oblique, ObliqueGeodesic, Sphere, build_topology,
-                               chunk_normalize)
+from training.methods.topology.spaces import (
+    Euclidean,
+    MultiToken,
+    Oblique,
+    ObliqueGeodesic,
+    Sphere,
+    build_topology,
+    chunk_normalize,
+)
 
 SCALE = torch.tensor(7.5, dtype=torch.float64)
 
@@ -28,7 +36,7 @@ def naive_chunk_sum(u: torch.Tensor, v: torch.Tensor, n: int, m: int) -> torch.T
     out = torch.zeros(len(u), len(v), dtype=u.dtype)
     for a in range(len(u)):
         for b in range(len(v)):
-            out[a, b] = sum(torch.dot(u[a, k * n:(k + 1) * n], v[b, k * n:(k + 1) * n]) for k in range(m))
+            out[a, b] = sum(torch.dot(u[a, k * n : (k + 1) * n], v[b, k * n : (k + 1) * n]) for k in range(m))
     return out
 
 
@@ -36,7 +44,9 @@ def naive_chunk_sum(u: torch.Tensor, v: torch.Tensor, n: int, m: int) -> torch.T
 def test_flattened_matmul_equals_explicit_per_sphere_sum(topology):
     u, v = topology.embed(raw(5, 12, 0)), topology.embed(raw(6, 12, 1))
     for k in range(topology.m):  # every chunk is a unit vector
-        torch.testing.assert_close(u[:, k * topology.n:(k + 1) * topology.n].norm(dim=1), torch.ones(5, dtype=u.dtype))
+        torch.testing.assert_close(
+            u[:, k * topology.n : (k + 1) * topology.n].norm(dim=1), torch.ones(5, dtype=u.dtype)
+        )
     torch.testing.assert_close(topology.logits(u, v, SCALE), SCALE * naive_chunk_sum(u, v, topology.n, topology.m))
     low, high = topology.similarity_range()
     assert (low, high) == (-topology.m, topology.m)
@@ -44,8 +54,9 @@ def test_flattened_matmul_equals_explicit_per_sphere_sum(topology):
 
 def loss_and_grads(topology, image, text, scale):
     image, text, scale = (t.detach().clone().requires_grad_(True) for t in (image, text, scale))
-    loss = ContrastiveLoss(topology=topology)({"image_features": topology.embed(image),
-                                               "text_features": topology.embed(text), "logit_scale": scale})
+    loss = ContrastiveLoss(topology=topology)(
+        {"image_features": topology.embed(image), "text_features": topology.embed(text), "logit_scale": scale}
+    )
     loss = loss["contrastive"]
     return (loss, *torch.autograd.grad(loss, (image, text, scale)))
 
@@ -66,9 +77,14 @@ def naive_geodesic(u: torch.Tensor, v: torch.Tensor, n: int, m: int) -> torch.Te
     out = torch.zeros(len(u), len(v), dtype=u.dtype)
     for a in range(len(u)):
         for b in range(len(v)):
-            angles = [math.acos(max(-1 + 1e-6, min(1 - 1e-6, float(torch.dot(u[a, k * n:(k + 1) * n],
-                                                                         v[b, k * n:(k + 1) * n])))))
-                      for k in range(m)]
+            angles = [
+                math.acos(
+                    max(
+                        -1 + 1e-6, min(1 - 1e-6, float(torch.dot(u[a, k * n : (k + 1) * n], v[b, k * n : (k + 1) * n])))
+                    )
+                )
+                for k in range(m)
+            ]
             out[a, b] = -math.sqrt(sum(t * t for t in angles) + 1e-12)
     return out
 
@@ -92,8 +108,7 @@ def test_euclidean_equals_the_norm_of_differences_without_normalising():
     torch.testing.assert_close(topology.logits(u, v, SCALE), SCALE * naive, rtol=1e-9, atol=1e-6)
 
 
-@pytest.mark.parametrize("topology", [Sphere(8), Oblique(2, 4), MultiToken(4, 2), ObliqueGeodesic(2, 4),
-                                      Euclidean(8)])
+@pytest.mark.parametrize("topology", [Sphere(8), Oblique(2, 4), MultiToken(4, 2), ObliqueGeodesic(2, 4), Euclidean(8)])
 def test_template_averaged_scores_equal_averaged_distances(topology):
     """Zero-shot (docs/methods/topology.md §6): per class, the distance of the image to every template's
     prompt, averaged. Sphere keeps CLIP's rule instead (normalise, average, normalise)."""
@@ -104,13 +119,16 @@ def test_template_averaged_scores_equal_averaged_distances(topology):
         mean = (prompts / np.linalg.norm(prompts, axis=-1, keepdims=True)).mean(axis=1)
         want = images @ (mean / np.linalg.norm(mean, axis=-1, keepdims=True)).T
     else:
-        want = np.stack([np.mean([topology.score(images, prompts[c, t][None])[:, 0] for t in range(5)], axis=0)
-                         for c in range(3)], axis=1)
+        want = np.stack(
+            [np.mean([topology.score(images, prompts[c, t][None])[:, 0] for t in range(5)], axis=0) for c in range(3)],
+            axis=1,
+        )
     np.testing.assert_allclose(got, want, rtol=1e-9, atol=1e-9)
 
 
 def test_evaluation_scores_blocks_of_rows_like_one_matrix(monkeypatch):
     import training.methods.topology.spaces as topology_module
+
     topology = ObliqueGeodesic(4, 2)
     a, b = topology.embed(raw(9, 8, 10)).numpy(), topology.embed(raw(4, 8, 11)).numpy()
     whole = topology.score(a, b)
@@ -135,7 +153,8 @@ def test_distance_logits_stay_float32_under_bf16_autocast(topology):
 def test_modality_gap_per_topology():
     image, text = np.array([[3.0, 4.0, 0.0, 2.0]]), np.array([[0.0, 1.0, 5.0, 0.0]])
     assert Sphere(4).modality_gap(image, text) == pytest.approx(
-        np.linalg.norm(image[0] / np.linalg.norm(image) - text[0] / np.linalg.norm(text)))
+        np.linalg.norm(image[0] / np.linalg.norm(image) - text[0] / np.linalg.norm(text))
+    )
     # Ob(2, 2): chunks (0.6, 0.8 | 0, 1) and (0, 1 | 1, 0); RMS over the two spheres.
     per_sphere = [np.linalg.norm([0.6, -0.2]), np.linalg.norm([-1.0, 1.0])]
     assert Oblique(2, 2).modality_gap(image, text) == pytest.approx(np.sqrt(np.mean(np.square(per_sphere))))
@@ -178,8 +197,10 @@ def test_chunk_normalize_is_per_contiguous_chunk():
 def test_a_fixed_temperature_stays_out_of_the_optimiser():
     from training.model import build_training_model
     from training.optim import build_optimizer
-    config = config_with("clip", **{"model.arch": "clip-micro-p8-32", "loss.init_logit_scale": 0.0,
-                                    "loss.learn_temperature": False})
+
+    config = config_with(
+        "clip", **{"model.arch": "clip-micro-p8-32", "loss.init_logit_scale": 0.0, "loss.learn_temperature": False}
+    )
     model = build_training_model(config)
     assert model.tower.logit_scale.item() == 0.0 and not model.tower.logit_scale.requires_grad
     optimised = {id(p) for group in build_optimizer(model, config.optim).param_groups for p in group["params"]}
@@ -188,6 +209,7 @@ def test_a_fixed_temperature_stays_out_of_the_optimiser():
 
 def test_multi_caps_the_logit_scale_at_100_over_m_unless_set():
     from training.config import resolve_max_logit_scale
+
     multi = config_with("multi")
     assert resolve_max_logit_scale(multi.loss, multi.topology) == 100 / 8
     assert resolve_max_logit_scale(config_with("oblique").loss, config_with("oblique").topology) == 100
@@ -197,6 +219,7 @@ def test_multi_caps_the_logit_scale_at_100_over_m_unless_set():
 
 def test_report_names_the_topology_and_its_range():
     from evaluation.report import format_info
+
     assert format_info(MultiToken(16, 8).describe()) == "multi(16, 8), similarity in [-8, 8]"
     assert format_info(Euclidean(128).describe()) == "euclidean(128, 1), similarity in [-inf, 0]"
     assert format_info("sphere") == "sphere"

@@ -6,6 +6,7 @@ then evaluated with its own topology. One worker, so that the in-process referen
 whole run (two-worker resume: test_train_job.py; two-worker gather-with-grad per topology:
 test_topology.py). A Euclidean checkpoint's retrieval is recomputed by hand from its
 unnormalised features (a silent fallback to cosine would fail)."""
+
 from __future__ import annotations
 
 import copy
@@ -34,10 +35,37 @@ STEPS = 4  # logged in windows of 2 (each Ray Train report costs ~2 s here): ste
 
 
 def run_args(build_uri: str, storage, name: str, kind: str, *extra: str) -> list[str]:
-    return ["--data", build_uri, "--method", "flip", "--arch", "clip-micro-p8-32", "--num-workers", "1",
-            "--batch-size", "4", "--epochs", "3", "--warmup-steps", "2", "--lr", "1e-3",
-            "--storage", str(storage), "--run-name", name, "--log-every", "2", "--checkpoint-every", "100",
-            "--set", f"topology.kind={kind}", "--set", f"topology.m={TOPOLOGIES[kind]}", *extra]
+    return [
+        "--data",
+        build_uri,
+        "--method",
+        "flip",
+        "--arch",
+        "clip-micro-p8-32",
+        "--num-workers",
+        "1",
+        "--batch-size",
+        "4",
+        "--epochs",
+        "3",
+        "--warmup-steps",
+        "2",
+        "--lr",
+        "1e-3",
+        "--storage",
+        str(storage),
+        "--run-name",
+        name,
+        "--log-every",
+        "2",
+        "--checkpoint-every",
+        "100",
+        "--set",
+        f"topology.kind={kind}",
+        "--set",
+        f"topology.m={TOPOLOGIES[kind]}",
+        *extra,
+    ]
 
 
 def step_losses(storage, name: str) -> dict[int, float]:
@@ -54,8 +82,15 @@ def in_process_losses(argv: list[str], batches: list[dict]) -> dict[int, float]:
     objective = build_objective(config.loss, config.smartclip, 0, 1, model.topology)
     settings = train.loop_settings(config, loop_config, 0, 1, device, 0)
     losses: dict[int, float] = {}
-    run_training(model, objective, optimizer, scheduler, iter(copy.deepcopy(batches)), settings,
-                 lambda step, metrics, _: losses.__setitem__(step, float(metrics["loss/total"])))
+    run_training(
+        model,
+        objective,
+        optimizer,
+        scheduler,
+        iter(copy.deepcopy(batches)),
+        settings,
+        lambda step, metrics, _: losses.__setitem__(step, float(metrics["loss/total"])),
+    )
     return losses
 
 
@@ -67,8 +102,16 @@ def geometry_of(argv: list[str]):
 def worker_batches(argv: list[str]) -> list[dict]:
     """The one worker's Ray Data batch stream of `argv` from step 0, its first STEPS batches."""
     config = train.build_config(train.parse_args(argv))
-    stream = data_stage.iter_worker_batches(config.data, config.run.seed, config.run.epochs,
-                                            data_mixture.load_sources(config.data.builds), 0, 1, 0, geometry_of(argv))
+    stream = data_stage.iter_worker_batches(
+        config.data,
+        config.run.seed,
+        config.run.epochs,
+        data_mixture.load_sources(config.data.builds),
+        0,
+        1,
+        0,
+        geometry_of(argv),
+    )
     return [batch for _, batch in zip(range(STEPS), stream)]
 
 
@@ -82,7 +125,9 @@ def topology_runs(small_build, tmp_path_factory, single_torch_thread):
     storage, runs = tmp_path_factory.mktemp("topology-runs"), {}
     argv = {kind: run_args(small_build[3], storage, kind, kind, "--max-steps", str(STEPS)) for kind in TOPOLOGIES}
     configs = [train.build_config(train.parse_args(a)) for a in argv.values()]
-    assert len({(c.data, c.model, c.run.seed, c.run.epochs, geometry_of(a)) for c, a in zip(configs, argv.values())}) == 1
+    assert (
+        len({(c.data, c.model, c.run.seed, c.run.epochs, geometry_of(a)) for c, a in zip(configs, argv.values())}) == 1
+    )
     batches = worker_batches(argv["multi"])
     for kind in TOPOLOGIES:
         train.main(run_args(small_build[3], storage, kind, kind, "--max-steps", "2"))
@@ -115,8 +160,9 @@ def test_topology_checkpoint_is_saved_and_evaluated_with_its_own_similarity(smal
     bench = Benchmark("demo", "retrieval", {"test": dataset})
     features = {role: encode_directly(uri, modality, values) for role, (modality, values) in requests(bench).items()}
     entry = score(bench, features, bundle.topology)
-    by_hand = compute_retrieval_recall(bundle.topology.score(features["images"], features["captions"]),
-                                       dataset.text_to_image)
+    by_hand = compute_retrieval_recall(
+        bundle.topology.score(features["images"], features["captions"]), dataset.text_to_image
+    )
     assert {k: entry[k] for k in by_hand} == by_hand
 
 
@@ -154,12 +200,15 @@ def test_linear_probe_reads_the_concatenated_class_states(tmp_path):
     from evaluation.task_registry import IMAGE_STATES
     from scoring.sets.classification import ClassificationSet
     from tests.eval_fixtures import class_image
+
     uri = str(save_micro_checkpoint(tmp_path / "step_00000001", **{"topology.kind": "multi", "topology.m": 4}))
     images = [class_image(label, i) for label in range(3) for i in range(2)]
     data = ClassificationSet("p", images, np.repeat(np.arange(3), 2), ["a", "b", "c"], [])
     bench = Benchmark("p", "linear_probe", {"train": data, "test": data}, {"features": "class_states"})
-    assert {role: modality for role, (modality, _) in requests(bench).items()} == {"train": IMAGE_STATES,
-                                                                                   "test": IMAGE_STATES}
+    assert {role: modality for role, (modality, _) in requests(bench).items()} == {
+        "train": IMAGE_STATES,
+        "test": IMAGE_STATES,
+    }
     rows = encoders.image_rows(images)
     batch = {key: np.array([r[key] for r in rows], dtype=object) for key in rows[0]}
     states = encoders.ImageEncoder(uri, output="class_states")(batch)[encoders.EMBEDDING]

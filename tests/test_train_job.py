@@ -1,4 +1,5 @@
 """training/train.py through Ray Train: a two-worker run, resume equality, the run guard."""
+
 from __future__ import annotations
 
 import json
@@ -21,10 +22,33 @@ pytestmark = pytest.mark.ray
 # batches for many more steps than the six these tests run.
 def run_args(build_uri: str | list[str], storage, name: str, *extra: str) -> list[str]:
     builds = [build_uri] if isinstance(build_uri, str) else build_uri
-    return ["--data", *builds, "--method", "flip", "--arch", "clip-micro-p8-32",
-            "--num-workers", "2", "--batch-size", "4", "--epochs", "3", "--warmup-steps", "2",
-            "--lr", "1e-3", "--storage", str(storage), "--run-name", name, "--log-every", "1",
-            "--checkpoint-every", "100", *extra]
+    return [
+        "--data",
+        *builds,
+        "--method",
+        "flip",
+        "--arch",
+        "clip-micro-p8-32",
+        "--num-workers",
+        "2",
+        "--batch-size",
+        "4",
+        "--epochs",
+        "3",
+        "--warmup-steps",
+        "2",
+        "--lr",
+        "1e-3",
+        "--storage",
+        str(storage),
+        "--run-name",
+        name,
+        "--log-every",
+        "1",
+        "--checkpoint-every",
+        "100",
+        *extra,
+    ]
 
 
 def logged_lines(storage, name: str) -> list[dict]:
@@ -51,10 +75,23 @@ def straight_run(small_build, tmp_path_factory):
     with pytest.MonkeyPatch.context() as env:
         env.setenv("WANDB_MODE", "offline")
         env.setenv("WANDB_DIR", str(storage))
-        result = train.main(run_args(small_build[3], storage, "straight", "--max-steps", "6",
-                                     "--set", "run.wandb_project=clipforge-test", "--eval-every", "4",
-                                     "--eval-set", f"scenes=image_folder:{corpus.zeroshot_dir}",
-                                     "--eval-set", f"shots=karpathy:{corpus.retrieval_dir / KARPATHY_JSON}"))
+        result = train.main(
+            run_args(
+                small_build[3],
+                storage,
+                "straight",
+                "--max-steps",
+                "6",
+                "--set",
+                "run.wandb_project=clipforge-test",
+                "--eval-every",
+                "4",
+                "--eval-set",
+                f"scenes=image_folder:{corpus.zeroshot_dir}",
+                "--eval-set",
+                f"shots=karpathy:{corpus.retrieval_dir / KARPATHY_JSON}",
+            )
+        )
     return storage, result
 
 
@@ -62,13 +99,14 @@ def wandb_records(path: Path) -> list:
     """The records of a W&B run file (LevelDB log framing: a 7-byte file header, then 32 KiB
     blocks of records, each with a 7-byte header: crc, length, FULL/FIRST/MIDDLE/LAST)."""
     from wandb.proto import wandb_internal_pb2
+
     data, pos, block, pending, records = path.read_bytes(), 7, 32768, b"", []
     while pos + 7 <= len(data):
         if block - pos % block < 7:  # a block's tail too short for a header is padding
             pos += block - pos % block
             continue
-        length, kind = int.from_bytes(data[pos + 4:pos + 6], "little"), data[pos + 6]
-        pending, pos = pending + data[pos + 7:pos + 7 + length], pos + 7 + length
+        length, kind = int.from_bytes(data[pos + 4 : pos + 6], "little"), data[pos + 6]
+        pending, pos = pending + data[pos + 7 : pos + 7 + length], pos + 7 + length
         if kind in (1, 4):
             record = wandb_internal_pb2.Record()
             record.ParseFromString(pending)
@@ -83,8 +121,11 @@ def test_weights_and_biases_gets_every_logged_line(straight_run):
     records = wandb_records(run_file)
     (run,) = [r.run for r in records if r.WhichOneof("record_type") == "run"]
     assert run.project == "clipforge-test" and run.display_name == "straight"
-    history = [{i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in r.history.item}
-               for r in records if r.WhichOneof("record_type") == "history"]
+    history = [
+        {i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in r.history.item}
+        for r in records
+        if r.WhichOneof("record_type") == "history"
+    ]
     lines = {r["step"]: r for r in logged_lines(storage, "straight")}
     assert [h["_step"] for h in history] == sorted(lines) == [1, 2, 3, 4, 5, 6]
     for h in history:
@@ -112,10 +153,18 @@ def test_in_run_evaluation_logs_the_evaluation_jobs_figures_every_n_steps(small_
     assert evaluated == [4, 6]
     assert lines[6]["eval/seconds"] > 0
     uri = str(checkpoint.fetch_checkpoint(str(storage / "straight")))
-    zeroshot = evaluation_job_figures(uri, {"name": "scenes", "task": "zeroshot",
-                                            "test": {"format": "image_folder", "path": str(corpus.zeroshot_dir)}})
-    retrieval = evaluation_job_figures(uri, {"name": "shots", "task": "retrieval", "test": {
-        "format": "karpathy", "path": str(corpus.retrieval_dir / KARPATHY_JSON)}})
+    zeroshot = evaluation_job_figures(
+        uri,
+        {"name": "scenes", "task": "zeroshot", "test": {"format": "image_folder", "path": str(corpus.zeroshot_dir)}},
+    )
+    retrieval = evaluation_job_figures(
+        uri,
+        {
+            "name": "shots",
+            "task": "retrieval",
+            "test": {"format": "karpathy", "path": str(corpus.retrieval_dir / KARPATHY_JSON)},
+        },
+    )
     for prefix, figures in (("scenes", zeroshot), ("shots", retrieval)):
         keys = [k for k in figures if k.startswith(("top", "mean_per_class", "image_retrieval", "text_retrieval"))]
         assert keys
@@ -146,8 +195,11 @@ def test_resume_refuses_changed_settings_and_a_checkpoint_ray_does_not_restore(s
     state = checkpoint.read_state(checkpoint.fetch_checkpoint(str(tmp_path / "guarded")))
     assert state["config"]["run"]["sharding"] == "fsdp" and state["step"] == 2
     with pytest.raises(SystemExit) as refused:
-        train.main(run_args(build_uri, tmp_path, "guarded", "--max-steps", "4", "--resume",
-                            "--lr", "2e-3", "--num-workers", "1"))
+        train.main(
+            run_args(
+                build_uri, tmp_path, "guarded", "--max-steps", "4", "--resume", "--lr", "2e-3", "--num-workers", "1"
+            )
+        )
     message = str(refused.value)
     assert "optim.lr: 0.001 -> 0.002" in message and "run.num_workers: 2 -> 1" in message
     assert "different sequence of global batches" in message

@@ -1,6 +1,7 @@
 """The parts around the loop: configuration, method recipes, optimizer groups and schedule,
 the temperature clamp, checkpoints (exact round trip, completeness, latest-complete pick),
 the open_clip export and the inference rebuild."""
+
 from __future__ import annotations
 
 import json
@@ -12,13 +13,21 @@ import torch
 from torch import nn
 
 from training import checkpoint, export
-from training.config import (MaskingConfig, ModelConfig, OptimConfig, Temperature, TrainConfig,
-                             apply_overrides, config_from_dict, config_to_dict, temperature_of)
+from training.config import (
+    MaskingConfig,
+    ModelConfig,
+    OptimConfig,
+    Temperature,
+    TrainConfig,
+    apply_overrides,
+    config_from_dict,
+    config_to_dict,
+    temperature_of,
+)
 from training.inference import load_inference_model
 from training.methods.recipes import METHODS, build_method_config
 from training.model import build_model
-from training.optim import (build_optimizer, build_param_groups, build_scheduler,
-                            compute_lr_factor)
+from training.optim import build_optimizer, build_param_groups, build_scheduler, compute_lr_factor
 from training.towers import build_tokenizer, register_tiny_configs
 
 ARCH = "clip-micro-p8-32"
@@ -28,18 +37,35 @@ pytestmark = pytest.mark.usefixtures("single_torch_thread")  # see conftest
 
 
 def test_config_round_trips_through_json():
-    config = apply_overrides(build_method_config("flip"), {
-        "model.arch": ARCH, "optim.lr": 1e-3, "optim.betas": (0.9, 0.95),
-        "data.crop_scale": (0.5, 1.0), "run.max_steps": 7, "run.tensorboard_dir": "/tmp/tb"})
+    config = apply_overrides(
+        build_method_config("flip"),
+        {
+            "model.arch": ARCH,
+            "optim.lr": 1e-3,
+            "optim.betas": (0.9, 0.95),
+            "data.crop_scale": (0.5, 1.0),
+            "run.max_steps": 7,
+            "run.tensorboard_dir": "/tmp/tb",
+        },
+    )
     restored = config_from_dict(json.loads(json.dumps(config_to_dict(config))))
     assert restored == config
     assert isinstance(restored.data.crop_scale, tuple) and isinstance(restored.optim.betas, tuple)
 
 
 def test_string_overrides_take_the_field_type():
-    config = apply_overrides(TrainConfig(), {
-        "optim.lr": "0.001", "run.max_steps": "12", "data.crop_scale": "[0.5, 1.0]",
-        "run.name": "abc", "run.use_gpu": "true", "run.seed": "3", "method": "flip"})
+    config = apply_overrides(
+        TrainConfig(),
+        {
+            "optim.lr": "0.001",
+            "run.max_steps": "12",
+            "data.crop_scale": "[0.5, 1.0]",
+            "run.name": "abc",
+            "run.use_gpu": "true",
+            "run.seed": "3",
+            "method": "flip",
+        },
+    )
     assert config.optim.lr == 0.001 and config.run.max_steps == 12 and config.run.seed == 3
     assert config.data.crop_scale == (0.5, 1.0) and config.run.name == "abc"
     assert config.run.use_gpu is True and config.method == "flip"
@@ -48,8 +74,7 @@ def test_string_overrides_take_the_field_type():
 
 def test_string_override_of_optional_path_field():
     """`--pretrained /x.pt`: an unset optional field takes a plain (non-JSON) string as is."""
-    config = apply_overrides(TrainConfig(), {"model.pretrained": "/ckpt/model.pt",
-                                             "run.tensorboard_dir": "/tmp/tb"})
+    config = apply_overrides(TrainConfig(), {"model.pretrained": "/ckpt/model.pt", "run.tensorboard_dir": "/tmp/tb"})
     assert config.model.pretrained == "/ckpt/model.pt"
     assert config.run.tensorboard_dir == "/tmp/tb"
 
@@ -94,8 +119,7 @@ def micro_model():
 def expected_no_decay(name: str) -> bool:
     """Written out independently of training.optim: biases, LayerNorm gains, embeddings of
     tokens, positions and the class token, and the temperature."""
-    return (name.endswith("bias") or ".ln_" in name or "embedding" in name
-            or name == "tower.logit_scale")
+    return name.endswith("bias") or ".ln_" in name or "embedding" in name or name == "tower.logit_scale"
 
 
 def test_param_groups_by_name(micro_model):
@@ -105,19 +129,29 @@ def test_param_groups_by_name(micro_model):
     names = {id(p): n for n, p in micro_model.named_parameters()}
     decay = {names[id(p)] for p in by_group["decay"]["params"]}
     no_decay = {names[id(p)] for p in by_group["no_decay"]["params"]}
-    for name in ("tower.logit_scale", "tower.token_embedding.weight", "tower.positional_embedding",
-                 "tower.visual.positional_embedding", "tower.visual.class_embedding",
-                 "tower.visual.ln_pre.weight", "tower.ln_final.weight",
-                 "tower.visual.transformer.resblocks.0.ln_1.weight",
-                 "tower.transformer.resblocks.1.ln_2.weight",
-                 "tower.visual.transformer.resblocks.0.attn.in_proj_bias",
-                 "tower.transformer.resblocks.0.mlp.c_fc.bias"):
+    for name in (
+        "tower.logit_scale",
+        "tower.token_embedding.weight",
+        "tower.positional_embedding",
+        "tower.visual.positional_embedding",
+        "tower.visual.class_embedding",
+        "tower.visual.ln_pre.weight",
+        "tower.ln_final.weight",
+        "tower.visual.transformer.resblocks.0.ln_1.weight",
+        "tower.transformer.resblocks.1.ln_2.weight",
+        "tower.visual.transformer.resblocks.0.attn.in_proj_bias",
+        "tower.transformer.resblocks.0.mlp.c_fc.bias",
+    ):
         assert name in no_decay, name
-    for name in ("tower.visual.conv1.weight", "tower.visual.proj", "tower.text_projection",
-                 "tower.visual.transformer.resblocks.0.attn.in_proj_weight",
-                 "tower.visual.transformer.resblocks.1.attn.out_proj.weight",
-                 "tower.transformer.resblocks.0.mlp.c_fc.weight",
-                 "tower.transformer.resblocks.1.mlp.c_proj.weight"):
+    for name in (
+        "tower.visual.conv1.weight",
+        "tower.visual.proj",
+        "tower.text_projection",
+        "tower.visual.transformer.resblocks.0.attn.in_proj_weight",
+        "tower.visual.transformer.resblocks.1.attn.out_proj.weight",
+        "tower.transformer.resblocks.0.mlp.c_fc.weight",
+        "tower.transformer.resblocks.1.mlp.c_proj.weight",
+    ):
         assert name in decay, name
     assert no_decay == {n for n in names.values() if expected_no_decay(n)}
     assert all(dict(micro_model.named_parameters())[n].ndim >= 2 for n in decay)
@@ -134,14 +168,20 @@ def test_every_trainable_parameter_in_exactly_one_group(micro_model):
     assert id(model.tower.visual.conv1.weight) not in grouped
 
 
-@pytest.mark.parametrize("step, expected", [
-    (0, 0.1), (4, 0.5), (9, 1.0),  # warmup: (step + 1) / 10
-    (10, 1.0),  # cosine starts at 1
-    (35, 0.5 * (1 + math.cos(math.pi / 4))),  # progress 25 / 100
-    (60, 0.5),  # progress 1/2
-    (85, 0.5 * (1 + math.cos(3 * math.pi / 4))),
-    (110, 0.0), (500, 0.0),  # clipped after total_steps
-])
+@pytest.mark.parametrize(
+    "step, expected",
+    [
+        (0, 0.1),
+        (4, 0.5),
+        (9, 1.0),  # warmup: (step + 1) / 10
+        (10, 1.0),  # cosine starts at 1
+        (35, 0.5 * (1 + math.cos(math.pi / 4))),  # progress 25 / 100
+        (60, 0.5),  # progress 1/2
+        (85, 0.5 * (1 + math.cos(3 * math.pi / 4))),
+        (110, 0.0),
+        (500, 0.0),  # clipped after total_steps
+    ],
+)
 def test_lr_factor_warmup_then_cosine(step, expected):
     assert compute_lr_factor(step, warmup_steps=10, total_steps=110) == pytest.approx(expected, abs=1e-12)
 
@@ -215,10 +255,10 @@ def saved_micro(tmp_path_factory):
     config = micro_config()
     model, optimizer, scheduler = build_trained_micro(config, steps=2)
     directory = tmp_path_factory.mktemp("run") / "step_00000002"
-    checkpoint.save_checkpoint(directory, model, optimizer, scheduler, 2, config,
-                               {"manifest_digest": "abc123", "code_version": "test"})
-    return {"dir": directory, "config": config, "model": model.eval(), "optimizer": optimizer,
-            "scheduler": scheduler}
+    checkpoint.save_checkpoint(
+        directory, model, optimizer, scheduler, 2, config, {"manifest_digest": "abc123", "code_version": "test"}
+    )
+    return {"dir": directory, "config": config, "model": model.eval(), "optimizer": optimizer, "scheduler": scheduler}
 
 
 def normalize_group(group: dict) -> dict:
@@ -245,8 +285,7 @@ def test_checkpoint_round_trip_restores_training_state_exactly(saved_micro):
         assert entries.keys() == got["state"][index].keys() >= {"exp_avg", "exp_avg_sq", "step"}
         for name, value in entries.items():
             assert torch.equal(value, got["state"][index][name]), (index, name)
-    assert [normalize_group(g) for g in want["param_groups"]] == \
-        [normalize_group(g) for g in got["param_groups"]]
+    assert [normalize_group(g) for g in want["param_groups"]] == [normalize_group(g) for g in got["param_groups"]]
     assert scheduler.state_dict() == saved_micro["scheduler"].state_dict()
     assert scheduler.get_last_lr() == saved_micro["scheduler"].get_last_lr()
 
@@ -266,19 +305,31 @@ def truncate(path: Path) -> None:
     path.write_bytes(data[: len(data) // 2])
 
 
-@pytest.mark.parametrize("damage", [
-    "none", "truncate_model", "truncate_optimizer", "truncate_state", "missing_model",
-    "missing_optimizer", "missing_state", "flipped_byte"])
+@pytest.mark.parametrize(
+    "damage",
+    [
+        "none",
+        "truncate_model",
+        "truncate_optimizer",
+        "truncate_state",
+        "missing_model",
+        "missing_optimizer",
+        "missing_state",
+        "flipped_byte",
+    ],
+)
 def test_is_complete_detects_missing_or_truncated_files(tmp_path, damage):
     directory = save_tiny_checkpoint(tmp_path / "ckpt", step=1)
     model_file = directory / checkpoint.MODEL_FILE
     if damage.startswith("truncate_"):
-        name = {"model": checkpoint.MODEL_FILE, "optimizer": checkpoint.OPTIMIZER_FILE,
-                "state": checkpoint.STATE_FILE}[damage.split("_")[1]]
+        name = {"model": checkpoint.MODEL_FILE, "optimizer": checkpoint.OPTIMIZER_FILE, "state": checkpoint.STATE_FILE}[
+            damage.split("_")[1]
+        ]
         truncate(directory / name)
     elif damage.startswith("missing_"):
-        name = {"model": checkpoint.MODEL_FILE, "optimizer": checkpoint.OPTIMIZER_FILE,
-                "state": checkpoint.STATE_FILE}[damage.split("_")[1]]
+        name = {"model": checkpoint.MODEL_FILE, "optimizer": checkpoint.OPTIMIZER_FILE, "state": checkpoint.STATE_FILE}[
+            damage.split("_")[1]
+        ]
         (directory / name).unlink()
     elif damage == "flipped_byte":
         data = bytearray(model_file.read_bytes())
@@ -289,8 +340,7 @@ def test_is_complete_detects_missing_or_truncated_files(tmp_path, damage):
         with pytest.raises(ValueError, match="incomplete"):
             model = nn.Linear(3, 2)
             optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
-            checkpoint.load_training_state(directory, model, optimizer,
-                                           build_scheduler(optimizer, 1, 5))
+            checkpoint.load_training_state(directory, model, optimizer, build_scheduler(optimizer, 1, 5))
 
 
 def test_fetch_checkpoint_picks_highest_complete_step(tmp_path):
@@ -360,6 +410,7 @@ def test_convolutional_tower_trains_clip():
     stage's geometry reads the whole image as one 'patch'."""
     from training.model import tower_geometry
     from training.objectives import build_objective
+
     register_tiny_configs()
     config = apply_overrides(build_method_config("clip"), {"model.arch": RESNET_ARCH})
     model = build_model(config.model, config.masking, temperature_of(config.loss, config.topology))
@@ -372,12 +423,14 @@ def test_convolutional_tower_trains_clip():
     assert torch.isfinite(loss) and model.tower.visual.attnpool.c_proj.weight.grad.abs().sum() > 0
 
 
-@pytest.mark.parametrize("method, names", [("flip", "FLIP's patch dropout"), ("pgs0.5", "CLIP-PGS"),
-                                           ("multi", "topology.kind=multi")])
+@pytest.mark.parametrize(
+    "method, names", [("flip", "FLIP's patch dropout"), ("pgs0.5", "CLIP-PGS"), ("multi", "topology.kind=multi")]
+)
 def test_patch_methods_refuse_a_convolutional_tower(method, names):
     """FLIP on open_clip's ResNet would set a patch-dropout hook the tower never calls: a
     silent no-op. Every method that needs patches or class tokens refuses it by name."""
     from training.model import build_training_model
+
     register_tiny_configs()
     config = apply_overrides(build_method_config(method), {"model.arch": RESNET_ARCH})
     with pytest.raises(ValueError, match=names):
@@ -399,30 +452,53 @@ def run_projection_only_steps(arch: str, learn_temperature: bool, steps: int = 3
     from training.model import build_training_model
     from training.objectives import build_objective
     from training.batches import IMAGES, TEXTS
+
     register_tiny_configs()
-    config = apply_overrides(build_method_config("clip"), {
-        "model.arch": arch, "model.trainable": "projections", "optim.lr": 1e-2,
-        "loss.learn_temperature": learn_temperature})
+    config = apply_overrides(
+        build_method_config("clip"),
+        {
+            "model.arch": arch,
+            "model.trainable": "projections",
+            "optim.lr": 1e-2,
+            "loss.learn_temperature": learn_temperature,
+        },
+    )
     torch.manual_seed(0)
     model = build_training_model(config)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     optimizer = build_optimizer(model, config.optim)
     tokenizer = build_tokenizer(arch)
-    batches = [{IMAGES: torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8).numpy(),
-                TEXTS: tokenizer([f"a {c} shape {b}" for c in ("red", "blue", "green", "pink")]).numpy()}
-               for b in range(steps)]
-    settings = LoopSettings(start_step=0, total_steps=steps, seed=0, rank=0, world_size=1,
-                            device=torch.device("cpu"))
-    run_training(model, build_objective(config.loss, config.smartclip, 0, 1), optimizer,
-                 build_scheduler(optimizer, 1, steps), batches, settings, Recorder())
+    batches = [
+        {
+            IMAGES: torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8).numpy(),
+            TEXTS: tokenizer([f"a {c} shape {b}" for c in ("red", "blue", "green", "pink")]).numpy(),
+        }
+        for b in range(steps)
+    ]
+    settings = LoopSettings(start_step=0, total_steps=steps, seed=0, rank=0, world_size=1, device=torch.device("cpu"))
+    run_training(
+        model,
+        build_objective(config.loss, config.smartclip, 0, 1),
+        optimizer,
+        build_scheduler(optimizer, 1, steps),
+        batches,
+        settings,
+        Recorder(),
+    )
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     return before, model.state_dict(), trainable
 
 
-@pytest.mark.parametrize("arch, projections", [
-    (ARCH, {"tower.visual.proj", "tower.text_projection"}),
-    (RESNET_ARCH, {"tower.visual.attnpool.c_proj.weight", "tower.visual.attnpool.c_proj.bias",
-                   "tower.text_projection"})])
+@pytest.mark.parametrize(
+    "arch, projections",
+    [
+        (ARCH, {"tower.visual.proj", "tower.text_projection"}),
+        (
+            RESNET_ARCH,
+            {"tower.visual.attnpool.c_proj.weight", "tower.visual.attnpool.c_proj.bias", "tower.text_projection"},
+        ),
+    ],
+)
 @pytest.mark.parametrize("learn_temperature", [True, False])
 def test_projection_only_training_leaves_every_other_weight_bit_identical(arch, projections, learn_temperature):
     """Cross the Gap §5.6 trains only the final projections (and a learned temperature):
@@ -441,10 +517,13 @@ def test_projection_only_training_leaves_every_other_weight_bit_identical(arch, 
 
 def test_projection_only_refuses_what_it_would_leave_untrained():
     from training.model import build_training_model
+
     register_tiny_configs()
     with pytest.raises(ValueError, match="mask network would then never train"):
-        build_training_model(apply_overrides(build_method_config("smartclip"), {
-            "model.arch": ARCH, "model.trainable": "projections"}))
+        build_training_model(
+            apply_overrides(build_method_config("smartclip"), {"model.arch": ARCH, "model.trainable": "projections"})
+        )
     with pytest.raises(ValueError, match="unknown model.trainable='towers'"):
-        build_training_model(apply_overrides(build_method_config("clip"), {
-            "model.arch": ARCH, "model.trainable": "towers"}))
+        build_training_model(
+            apply_overrides(build_method_config("clip"), {"model.arch": ARCH, "model.trainable": "towers"})
+        )

@@ -2,6 +2,7 @@
 go through a stubbed resolver, and their URLs use the reserved `.invalid` domain, so even a
 broken guard could not reach them. The tests that open connections also forbid name lookups
 and any connection off 127.0.0.0/8 at the socket layer."""
+
 from __future__ import annotations
 
 import io
@@ -20,16 +21,30 @@ from PIL import Image
 from pipelines import url_guard
 from pipelines.stages import DownloadParams, ImageFetcher
 
-BLOCKED = ["10.0.0.1", "172.16.5.4", "192.168.1.1", "169.254.169.254", "100.100.100.200",
-           "100.64.0.1", "0.0.0.0", "224.0.0.1", "240.0.0.1", "fd00:ec2::254", "fe80::1",
-           "::", "::ffff:10.0.0.1", "::ffff:169.254.169.254", "fc00::1"]
+BLOCKED = [
+    "10.0.0.1",
+    "172.16.5.4",
+    "192.168.1.1",
+    "169.254.169.254",
+    "100.100.100.200",
+    "100.64.0.1",
+    "0.0.0.0",
+    "224.0.0.1",
+    "240.0.0.1",
+    "fd00:ec2::254",
+    "fe80::1",
+    "::",
+    "::ffff:10.0.0.1",
+    "::ffff:169.254.169.254",
+    "fc00::1",
+]
 GLOBAL = ["93.184.216.34", "8.8.8.8", "2606:4700::1111"]
 
 
 def stub(*addresses: str):
     def resolve(host, port):
-        return [(socket.AF_INET6 if ":" in a else socket.AF_INET, socket.SOCK_STREAM, 6, "",
-                 (a, 0)) for a in addresses]
+        return [(socket.AF_INET6 if ":" in a else socket.AF_INET, socket.SOCK_STREAM, 6, "", (a, 0)) for a in addresses]
+
     return resolve
 
 
@@ -61,6 +76,7 @@ def test_only_http_urls_with_a_host_pass(url):
 def test_unresolvable_hosts_are_refused():
     def fail(host, port):
         raise socket.gaierror("no such host")
+
     assert not url_guard.url_allowed("http://nowhere.invalid/", False, fail)
 
 
@@ -74,6 +90,7 @@ def test_fetcher_refuses_metadata_address_before_connecting(monkeypatch, loopbac
 class LoopbackServer(socketserver.ThreadingTCPServer):
     """A loopback HTTP server that records the Host header of each request. Plain TCPServer,
     not http.server.HTTPServer, whose bind does a reverse lookup of its own address."""
+
     daemon_threads = True
 
     def __init__(self, handler):
@@ -149,6 +166,7 @@ def counting_stub(*answers: str):
     def resolve(host, port):
         calls.append(host)
         return stub(answers[min(len(calls), len(answers)) - 1])(host, port)
+
     return resolve, calls
 
 
@@ -166,8 +184,11 @@ def fetch_from(handler, host: str, path: str):
 def test_redirects_to_blocked_addresses_are_not_followed(monkeypatch, loopback_only):
     """A loopback server (allowed) redirects to a name the stub resolves to the metadata
     address: the redirect is refused, so nothing but loopback is contacted."""
-    monkeypatch.setattr(url_guard, "RESOLVE", lambda host, port: stub("169.254.169.254")(host, port)
-                        if host.endswith(".invalid") else stub(host)(host, port))
+    monkeypatch.setattr(
+        url_guard,
+        "RESOLVE",
+        lambda host, port: stub("169.254.169.254")(host, port) if host.endswith(".invalid") else stub(host)(host, port),
+    )
     server, result = fetch_from(RedirectToMetadata, "127.0.0.1", "/img.jpg")
     assert result == (None, "blocked_address")
     assert loopback_only == [("127.0.0.1", server.port)]
@@ -201,6 +222,7 @@ def test_pinned_connection_keeps_the_original_host_header(monkeypatch, loopback_
 
 class RecordingContext:
     """Stands in for an SSL context: records the server name it is asked to wrap for."""
+
     verify_mode, check_hostname = ssl.CERT_REQUIRED, True
 
     def __init__(self):
@@ -216,8 +238,7 @@ def test_https_connection_is_pinned_but_names_the_original_host(monkeypatch, loo
     monkeypatch.setattr(url_guard, "RESOLVE", stub("127.0.0.1"))
     listener = socket.create_server(("127.0.0.1", 0))
     context, port = RecordingContext(), listener.getsockname()[1]
-    conn = url_guard.GuardedHTTPSConnection(f"secure.invalid:{port}", timeout=2.0,
-                                            context=context, allow_loopback=True)
+    conn = url_guard.GuardedHTTPSConnection(f"secure.invalid:{port}", timeout=2.0, context=context, allow_loopback=True)
     try:
         conn.connect()
         assert conn.sock.getpeername() == ("127.0.0.1", port)

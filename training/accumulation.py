@@ -15,6 +15,7 @@ temperature's gradient is counted once, not k times. Each micro-batch's random d
 masks) are reseeded from (seed, step, rank, micro-batch) before both of its forwards, so the
 recompute draws what the cached forward drew. PGS selects within each micro-batch.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -90,9 +91,17 @@ def gradient_sync(model, enabled: bool):
         yield
 
 
-def accumulate_backward(model, objective, update_parts: Callable[[dict], dict], inputs: dict, k: int,
-                        forward: Callable[[object, dict], dict], reseed: Callable[[int], None], extras: dict,
-                        autocast) -> tuple[dict, torch.Tensor, dict, dict]:
+def accumulate_backward(
+    model,
+    objective,
+    update_parts: Callable[[dict], dict],
+    inputs: dict,
+    k: int,
+    forward: Callable[[object, dict], dict],
+    reseed: Callable[[int], None],
+    extras: dict,
+    autocast,
+) -> tuple[dict, torch.Tensor, dict, dict]:
     """(loss terms, total loss, merged outputs, the parts' metrics) of one step whose gradients
     now sit in the model's parameters. `forward(module, micro_inputs)` runs the model;
     `update_parts(outputs)` the objective's auxiliary parts' own step, once on all B·k rows;

@@ -11,6 +11,7 @@ export see, never in the encoders' optimiser. It is either
   every checkpoint records their digest, so a resume reads them back instead of rebuilding
   them (for CIBR: instead of fetching `--pretrained` again).
 """
+
 from __future__ import annotations
 
 import contextlib

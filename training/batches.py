@@ -5,6 +5,7 @@ per-patch edge scores, one caption per image sampled from its group, tokenisatio
 batch; the data stage (`data_stage.PrepareShardItems`, on Ray Data CPU actors) runs it on each
 shard's rows, and tests call it directly.
 """
+
 from __future__ import annotations
 
 import json
@@ -27,6 +28,7 @@ CAPTION_POLICIES = ("uniform", "short", "long", "mix", "long_and_short")
 @dataclass(frozen=True)
 class SampleGeometry:
     """What a sample is prepared for: read from the built towers (`model.sample_geometry`)."""
+
     arch: str  # its tokenizer
     image_size: int
     patch_size: int  # edge scores per patch; a convolutional tower's "patch" is the image
@@ -41,8 +43,7 @@ def sample_rng(seed: int, epoch: int, key: str) -> np.random.Generator:
     return np.random.default_rng([seed, epoch, int(key[:15], 16)])
 
 
-def choose_caption(captions: list[dict], policy: str, rng: np.random.Generator,
-                   long_fraction: float = 0.5) -> str:
+def choose_caption(captions: list[dict], policy: str, rng: np.random.Generator, long_fraction: float = 0.5) -> str:
     """One caption of the group: uniform over all, restricted to one kind when present, or
     ("mix") the long kind with probability `long_fraction`, else the short kind."""
     if policy not in CAPTION_POLICIES or policy == "long_and_short":
@@ -53,21 +54,29 @@ def choose_caption(captions: list[dict], policy: str, rng: np.random.Generator,
     return pool[int(rng.integers(len(pool)))]["text"]
 
 
-def choose_captions(captions: list[dict], policy: str, rng: np.random.Generator,
-                    long_fraction: float) -> tuple[str, ...]:
+def choose_captions(
+    captions: list[dict], policy: str, rng: np.random.Generator, long_fraction: float
+) -> tuple[str, ...]:
     """The caption(s) of one image for one step: one, or (long, short) for "long_and_short"."""
     if policy == "long_and_short":
-        return (choose_caption(captions, shards.CAPTION_LONG, rng),
-                choose_caption(captions, shards.CAPTION_SHORT, rng))
+        return (choose_caption(captions, shards.CAPTION_LONG, rng), choose_caption(captions, shards.CAPTION_SHORT, rng))
     return (choose_caption(captions, policy, rng, long_fraction),)
 
 
 class BatchPreprocessor:
     """Shard rows (dict of arrays) -> a prepared batch (dict of arrays)."""
 
-    def __init__(self, arch: str, image_size: int, patch_size: int, crop_scale, seed: int,
-                 caption_policy: str = "uniform", long_fraction: float = 0.5,
-                 context_length: int | None = None):
+    def __init__(
+        self,
+        arch: str,
+        image_size: int,
+        patch_size: int,
+        crop_scale,
+        seed: int,
+        caption_policy: str = "uniform",
+        long_fraction: float = 0.5,
+        context_length: int | None = None,
+    ):
         if caption_policy not in CAPTION_POLICIES:
             raise ValueError(f"unknown caption policy {caption_policy!r}; known: {CAPTION_POLICIES}")
         self.tokenizer = build_tokenizer(arch, context_length)
@@ -81,20 +90,22 @@ class BatchPreprocessor:
         rgb = transforms.decode_rgb(row[shards.IMAGE])
         box = transforms.sample_crop(rng, rgb.shape[0], rgb.shape[1], self.crop_scale)
         image = transforms.apply_crop(rgb, box, self.image_size, cv2.INTER_CUBIC)
-        edges = transforms.transform_edges(decode_edge_png(row[shards.EDGE]), box, self.image_size,
-                                           rgb.shape)
+        edges = transforms.transform_edges(decode_edge_png(row[shards.EDGE]), box, self.image_size, rgb.shape)
         scores = transforms.reduce_edges_per_patch(edges, self.patch_size)
-        captions = choose_captions(json.loads(row[shards.META])["captions"], self.caption_policy,
-                                   rng, self.long_fraction)
+        captions = choose_captions(
+            json.loads(row[shards.META])["captions"], self.caption_policy, rng, self.long_fraction
+        )
         return image.transpose(2, 0, 1), scores, captions  # uint8 (3, H, W): 4x less to move
 
     def prepare_rows(self, rows: list[dict]) -> dict:
         """Sample rows (each with its epoch) -> one prepared batch."""
         prepared = [self.prepare_sample(r, int(r[EPOCH])) for r in rows]
-        batch = {IMAGES: np.stack([p[0] for p in prepared]),  # (B, 3, H, W) uint8, normalised on device
-                 EDGE_SCORES: np.stack([p[1] for p in prepared]),  # (B, L) float32
-                 TEXTS: self.tokenizer([p[2][0] for p in prepared]).numpy(),  # (B, context) int64
-                 KEYS: np.asarray([r[shards.KEY] for r in rows], dtype=object)}
+        batch = {
+            IMAGES: np.stack([p[0] for p in prepared]),  # (B, 3, H, W) uint8, normalised on device
+            EDGE_SCORES: np.stack([p[1] for p in prepared]),  # (B, L) float32
+            TEXTS: self.tokenizer([p[2][0] for p in prepared]).numpy(),  # (B, context) int64
+            KEYS: np.asarray([r[shards.KEY] for r in rows], dtype=object),
+        }
         if self.caption_policy == "long_and_short":
             batch[SHORT_TEXTS] = self.tokenizer([p[2][1] for p in prepared]).numpy()  # (B, context)
         return batch

@@ -13,6 +13,7 @@ Layout of one checkpoint directory:
                            `<run>/<part>.safetensors`) and the sha256 of every tensor file
                            (written last)
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -66,9 +67,18 @@ def part_files(name: str) -> tuple[str, str]:
     return f"auxiliary.{name}.safetensors", f"auxiliary.{name}.optimizer.safetensors"
 
 
-def save_checkpoint(directory: Path, model, optimizer, scheduler, step: int,
-                    config: TrainConfig, extra: dict, parts=(), run_dir: str | None = None,
-                    gathered: tuple[dict, dict] | None = None) -> Path:
+def save_checkpoint(
+    directory: Path,
+    model,
+    optimizer,
+    scheduler,
+    step: int,
+    config: TrainConfig,
+    extra: dict,
+    parts=(),
+    run_dir: str | None = None,
+    gathered: tuple[dict, dict] | None = None,
+) -> Path:
     """Write a complete checkpoint into a local directory (state.json last); a frozen
     auxiliary part is written once into `run_dir` instead (training/auxiliary.py).
     `gathered`: (model state, optimizer state dict) already gathered from a sharded model
@@ -88,9 +98,15 @@ def save_checkpoint(directory: Path, model, optimizer, scheduler, step: int,
         tensors, plain = split_optimizer_state(part.optimizer)
         save_file(tensors, directory / optimizer_file)
         auxiliary[part.name], names = {"optimizer": plain}, names + [weights_file, optimizer_file]
-    state = {"step": step, "config": config_to_dict(config), "optimizer": opt_plain,
-             "scheduler": scheduler.state_dict(), **extra, **({"auxiliary": auxiliary} if auxiliary else {}),
-             "files": {name: storage.file_sha256(str(directory / name)) for name in names}}
+    state = {
+        "step": step,
+        "config": config_to_dict(config),
+        "optimizer": opt_plain,
+        "scheduler": scheduler.state_dict(),
+        **extra,
+        **({"auxiliary": auxiliary} if auxiliary else {}),
+        "files": {name: storage.file_sha256(str(directory / name)) for name in names},
+    }
     (directory / STATE_FILE).write_text(json.dumps(state, indent=1, sort_keys=True))
     return directory
 
@@ -116,7 +132,6 @@ def store_once(part, run_dir: str | None) -> str:
             storage.put_file_atomic(fs, str(local), target)
     part.sha256 = digest
     return digest
-
 
 
 def load_part(part, directory: Path, state: dict, run_dir: str | None) -> None:
@@ -185,8 +200,11 @@ def locate_checkpoint(uri: str, cache_dir: str | None = None) -> tuple[str, Path
     first by the step its state.json records, downloading one checkpoint at a time until a
     complete one is found."""
     fs, path = storage.open_storage(uri)
-    candidates = [path] if fs.exists(storage.join(path, STATE_FILE)) else [
-        p.rsplit("/", 1)[0] for p in fs.glob(storage.join(path, "**", STATE_FILE))]
+    candidates = (
+        [path]
+        if fs.exists(storage.join(path, STATE_FILE))
+        else [p.rsplit("/", 1)[0] for p in fs.glob(storage.join(path, "**", STATE_FILE))]
+    )
     steps = {}
     for candidate in candidates:
         try:
@@ -232,6 +250,7 @@ def _localize_shared(fs, path: str, cache_dir: Path) -> Path:
     """One download per machine: the first process to take the lock downloads, the others
     find the complete copy (the folder is named by the checkpoint's path)."""
     import fcntl
+
     local = cache_dir / hashlib.sha256(path.encode()).hexdigest()[:24]
     local.mkdir(parents=True, exist_ok=True)
     with open(cache_dir / f"{local.name}.lock", "w") as lock:
@@ -253,4 +272,4 @@ def load_model_state_dict(directory: Path) -> dict:
 def tower_state_dict(directory: Path) -> dict:
     """The open_clip model's own state dict (tensors only) from a checkpoint."""
     weights = load_file(directory / MODEL_FILE)
-    return {k[len(TOWER_PREFIX):]: v for k, v in weights.items() if k.startswith(TOWER_PREFIX)}
+    return {k[len(TOWER_PREFIX) :]: v for k, v in weights.items() if k.startswith(TOWER_PREFIX)}

@@ -9,6 +9,7 @@ collectives: with those on gloo, two of our 2-worker CPU demo runs lost a worker
 corruption (SIGSEGV in malloc, "unaligned tcache chunk") while its peer waited in
 `all_gather_into_tensor_backward`. The cause was not isolated; the synchronous ops are the
 ones DDP itself relies on."""
+
 from __future__ import annotations
 
 import zlib
@@ -35,7 +36,7 @@ class _AllGatherWithGrad(torch.autograd.Function):
             return grad
         summed = grad_output.clone()  # gloo: the sum of every copy, then this worker's slice
         dist.all_reduce(summed, op=dist.ReduceOp.SUM)
-        return summed[ctx.rank * ctx.rows:(ctx.rank + 1) * ctx.rows]
+        return summed[ctx.rank * ctx.rows : (ctx.rank + 1) * ctx.rows]
 
 
 def all_gather_with_grad(features: torch.Tensor) -> torch.Tensor:

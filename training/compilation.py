@@ -13,6 +13,7 @@ compile PGS needs `pgs.compaction=static` (`check_combination` says so).
 Graph breaks are counted by dynamo; `compile_metrics` reports them with each log line
 (`compile/graph_breaks`, expected 0; `compile/graphs`).
 """
+
 from __future__ import annotations
 
 from collections import Counter

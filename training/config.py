@@ -1,5 +1,6 @@
 """Typed, frozen configuration of a training job, built from a named method recipe and
 overridden from the command line. Each component receives only its own section."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -37,6 +38,7 @@ class MaskingConfig:
 @dataclass(frozen=True)
 class PGSConfig:
     """CLIP-PGS patch selection (docs/methods/pgs.md); used when masking.kind == "pgs"."""
+
     mode: str = "reference"  # "reference": released code's semantics | "paper": docs/methods/pgs.md §5
     min_mask_ratio: float = 0.5  # the variant: PGS0.5 -> 0.5, PGS0.3 -> 0.3
     max_mask_ratio: float = 0.5
@@ -57,6 +59,7 @@ class PGSConfig:
 @dataclass(frozen=True)
 class TopologyConfig:
     """The embedding space (training/methods/topology/spaces.py, docs/methods/topology.md)."""
+
     kind: str = "sphere"
     n: int = 0  # dimension of each sphere; 0: the tower's embed_dim / m
     m: int = 1  # number of spheres (oblique) or [CLS] tokens (multi)
@@ -87,6 +90,7 @@ class LossConfig:
 @dataclass(frozen=True)
 class SmartClipConfig:
     """SmartCLIP's mask network and loss weights (docs/methods/smartclip.md §3, §5)."""
+
     mask_init_bias: float = 3.0  # sigmoid(3) = 0.95: masks start all ones (pretrained CLIP)
     lambda_align: float = 1.0
     lambda_sparsity: float = 0.01  # on the un-normalised L1 of the mask, batch mean
@@ -106,6 +110,7 @@ class CibrConfig:
     the first warmup_steps, where λ is 0 (the encoders meanwhile train on the base loss alone;
     docs/methods/cibr.md §2 discusses pretraining the estimators on the frozen start instead), then λ ramps
     linearly over ramp_steps; `lambda` on the command line is this `lambda_` field."""
+
     lambda_: float = 0.5
     estimator: str = "mine"  # "mine" | "mine_f" | "club" (an upper bound, docs/methods/cibr.md §2)
     noise_std: float = 0.02
@@ -196,6 +201,7 @@ class EvalConfig:
     scoring.sets.SET_READERS (image_folder, wds, karpathy, coco_captions, flickr_token,
     long_folder, long_build); PATH a local folder or file, or s3://. Every worker embeds its
     round-robin share of each set; the images are decoded once, at the start of the run."""
+
     every: int = 0  # 0: off
     sets: tuple[str, ...] = ()
     batch_size: int = 64  # images or texts embedded at once on each worker
@@ -281,6 +287,7 @@ def resolve_max_logit_scale(loss: LossConfig, topology: TopologyConfig) -> float
 class Temperature:
     """The towers' logit scale as the model needs it, resolved from the loss and topology
     sections (`temperature_of`), so that building a model never takes the loss config."""
+
     init_logit_scale: float = math.log(1 / 0.07)
     max_logit_scale: float = DEFAULT_MAX_LOGIT_SCALE
     learn: bool = True
@@ -288,5 +295,6 @@ class Temperature:
 
 
 def temperature_of(loss: LossConfig, topology: TopologyConfig) -> Temperature:
-    return Temperature(loss.init_logit_scale, resolve_max_logit_scale(loss, topology), loss.learn_temperature,
-                       loss.reset_logit_scale)
+    return Temperature(
+        loss.init_logit_scale, resolve_max_logit_scale(loss, topology), loss.learn_temperature, loss.reset_logit_scale
+    )

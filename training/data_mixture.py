@@ -3,6 +3,7 @@
 weighs 1). The driver reads each build's manifest once; the sources travel to the workers
 with the run's plan, and the checkpoint records every manifest digest and weight, which a
 resume must match (the URIs may change: a build copied to S3 is the same build)."""
+
 from __future__ import annotations
 
 import math
@@ -16,12 +17,13 @@ DIGESTS_KEY, WEIGHTS_KEY, URIS_KEY = "manifest_digests", "data_weights", "data_u
 
 
 def parse_build_spec(spec: str) -> tuple[str, float]:
-    """"URI[:WEIGHT]" -> (URI, weight); a trailing ":<number>" is the weight."""
+    """ "URI[:WEIGHT]" -> (URI, weight); a trailing ":<number>" is the weight."""
     match = WEIGHT_SUFFIX.match(spec.strip())
     uri, weight = (match["uri"], float(match["weight"])) if match else (spec.strip(), 1.0)
     if not uri or not math.isfinite(weight) or weight <= 0:
-        raise ValueError(f"--data {spec!r}: a build URI with an optional positive weight, e.g. "
-                         "s3://bucket/shards/cc12m/ID:0.7")
+        raise ValueError(
+            f"--data {spec!r}: a build URI with an optional positive weight, e.g. s3://bucket/shards/cc12m/ID:0.7"
+        )
     return uri, weight
 
 
@@ -54,8 +56,11 @@ def load_sources(specs) -> list[Source]:
 
 def describe_sources(sources: list[Source]) -> dict:
     """What state.json records of the run's data: digests, weights and URIs, in --data order."""
-    return {DIGESTS_KEY: [s.digest for s in sources], WEIGHTS_KEY: [round(s.weight, 12) for s in sources],
-            URIS_KEY: [s.uri for s in sources]}
+    return {
+        DIGESTS_KEY: [s.digest for s in sources],
+        WEIGHTS_KEY: [round(s.weight, 12) for s in sources],
+        URIS_KEY: [s.uri for s in sources],
+    }
 
 
 def saved_sources(state: dict) -> dict:
@@ -69,12 +74,15 @@ def source_differences(saved: dict, sources: list[Source]) -> list[str]:
     """What a resume would change of the run's data (empty: the same builds and weights)."""
     before, now = saved_sources(saved), describe_sources(sources)
     if before[DIGESTS_KEY] == now[DIGESTS_KEY] and all(
-            math.isclose(a, b, rel_tol=1e-9) for a, b in zip(before[WEIGHTS_KEY], now[WEIGHTS_KEY])):
+        math.isclose(a, b, rel_tol=1e-9) for a, b in zip(before[WEIGHTS_KEY], now[WEIGHTS_KEY])
+    ):
         return []
 
     def show(d: dict) -> str:
-        return ", ".join(f"{u} (sha256 {str(g)[:12]}, weight {w:g})"
-                         for u, g, w in zip(d[URIS_KEY], d[DIGESTS_KEY], d[WEIGHTS_KEY]))
+        return ", ".join(
+            f"{u} (sha256 {str(g)[:12]}, weight {w:g})" for u, g, w in zip(d[URIS_KEY], d[DIGESTS_KEY], d[WEIGHTS_KEY])
+        )
+
     return [f"builds: {show(before)} -> {show(now)}"]
 
 

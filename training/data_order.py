@@ -14,6 +14,7 @@ started before mixtures existed is unchanged, so they resume exactly. Every work
 the same number of steps per epoch (the smallest worker's sample count // batch size), so
 steps line up.
 """
+
 from __future__ import annotations
 
 import json
@@ -35,6 +36,7 @@ ITEM_BUILD, ITEM_SOURCE, ITEM_CYCLE = "build", "source", "cycle"  # where the sh
 class Source:
     """One build of a run's data: its root URI, its sampling weight (normalised over the
     run's sources) and its manifest's shard entries."""
+
     uri: str
     weight: float
     entries: list[dict]
@@ -47,6 +49,7 @@ class Source:
 
 class ShardRead(NamedTuple):
     """One shard of an epoch: its manifest entry, its source's index and its cycle."""
+
     entry: dict
     source: int
     cycle: int
@@ -71,8 +74,7 @@ def stream_position(sizes: np.ndarray, seed: int, source: int, target: int) -> t
     return cycle, int(np.searchsorted(np.cumsum(sizes[order]), rest, side="left")) + 1
 
 
-def stream_slice(src: Source, index: int, seed: int, start: tuple[int, int],
-                 stop: tuple[int, int]) -> list[ShardRead]:
+def stream_slice(src: Source, index: int, seed: int, start: tuple[int, int], stop: tuple[int, int]) -> list[ShardRead]:
     reads = []
     for cycle in range(start[0], stop[0] + 1):
         order = cycle_permutation(len(src.entries), seed, index, cycle)
@@ -108,8 +110,9 @@ def compute_epoch_steps(sources: list[Source], seed: int, epoch: int, world: int
     return min(totals) // batch_size
 
 
-def locate_step(sources: list[Source], seed: int, world: int, batch_size: int, step: int,
-                epochs: int) -> tuple[int, int]:
+def locate_step(
+    sources: list[Source], seed: int, world: int, batch_size: int, step: int, epochs: int
+) -> tuple[int, int]:
     """(epoch, step within epoch) of a global step."""
     for epoch in range(epochs):
         n = compute_epoch_steps(sources, seed, epoch, world, batch_size)
@@ -123,16 +126,24 @@ def compute_total_steps(sources: list[Source], seed: int, world: int, batch_size
     return sum(compute_epoch_steps(sources, seed, e, world, batch_size) for e in range(epochs))
 
 
-def plan_worker_epoch(sources: list[Source], seed: int, epoch: int, rank: int, world: int,
-                      skip_samples: int, take_samples: int | None = None) -> list[dict]:
+def plan_worker_epoch(
+    sources: list[Source],
+    seed: int,
+    epoch: int,
+    rank: int,
+    world: int,
+    skip_samples: int,
+    take_samples: int | None = None,
+) -> list[dict]:
     """Reader items for one worker and epoch; the first `skip_samples` samples (already
     trained on before a resume) are skipped, whole shards without being read, and at most
     `take_samples` samples follow (the epoch's whole batches; None = all)."""
     return plan_reads(worker_shards(sources, seed, epoch, rank, world), sources, epoch, skip_samples, take_samples)
 
 
-def plan_reads(reads: list[ShardRead], sources: list[Source], epoch: int, skip_samples: int,
-               take_samples: int | None) -> list[dict]:
+def plan_reads(
+    reads: list[ShardRead], sources: list[Source], epoch: int, skip_samples: int, take_samples: int | None
+) -> list[dict]:
     items, remaining = [], float("inf") if take_samples is None else take_samples
     for read in reads:
         n = read.entry["n_samples"]
@@ -142,23 +153,33 @@ def plan_reads(reads: list[ShardRead], sources: list[Source], epoch: int, skip_s
         if remaining <= 0:
             break
         take = int(min(n - skip_samples, remaining))
-        items.append({ITEM_SHARD: json.dumps(read.entry), ITEM_SKIP: skip_samples, ITEM_TAKE: take,
-                      ITEM_EPOCH: epoch, ITEM_BUILD: sources[read.source].uri, ITEM_SOURCE: read.source,
-                      ITEM_CYCLE: read.cycle})
+        items.append(
+            {
+                ITEM_SHARD: json.dumps(read.entry),
+                ITEM_SKIP: skip_samples,
+                ITEM_TAKE: take,
+                ITEM_EPOCH: epoch,
+                ITEM_BUILD: sources[read.source].uri,
+                ITEM_SOURCE: read.source,
+                ITEM_CYCLE: read.cycle,
+            }
+        )
         remaining, skip_samples = remaining - take, 0
     return items
 
 
-def plan_worker_run(sources: list[Source], seed: int, rank: int, world: int, batch_size: int,
-                    start_step: int, epochs: int) -> list[dict]:
+def plan_worker_run(
+    sources: list[Source], seed: int, rank: int, world: int, batch_size: int, start_step: int, epochs: int
+) -> list[dict]:
     """Reader items for all of one worker's remaining steps: every epoch trimmed to its
     whole batches, so one stream of samples batches into exactly the run's steps. The
     item of each shard's first read in the run (by any worker) carries ITEM_VERIFY."""
     return plan_all_workers(sources, seed, world, batch_size, start_step, epochs)[rank]
 
 
-def plan_all_workers(sources: list[Source], seed: int, world: int, batch_size: int, start_step: int,
-                     epochs: int) -> list[list[dict]]:
+def plan_all_workers(
+    sources: list[Source], seed: int, world: int, batch_size: int, start_step: int, epochs: int
+) -> list[list[dict]]:
     """Every worker's reader items from `start_step` on (see plan_worker_run): each worker
     plans all of them, so that exactly one of them verifies each shard, once per run."""
     first_epoch, done = locate_step(sources, seed, world, batch_size, start_step, epochs)
@@ -192,5 +213,5 @@ def iter_item_samples(item: dict, seed: int) -> Iterator[dict]:
     samples = shards.read_shard_samples(fs, build_path, entry, verify=bool(item.get(ITEM_VERIFY, False)))
     skip = int(item[ITEM_SKIP])
     take = int(item.get(ITEM_TAKE, len(samples) - skip))
-    for i in within_shard_order(len(samples), seed, item, entry["id"])[skip:skip + take]:
+    for i in within_shard_order(len(samples), seed, item, entry["id"])[skip : skip + take]:
         yield {**samples[i], EPOCH: epoch}

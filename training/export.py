@@ -1,4 +1,5 @@
 """Export of a sphere checkpoint to open_clip's own checkpoint format."""
+
 from __future__ import annotations
 
 import torch
@@ -15,9 +16,11 @@ def export_open_clip(uri: str, out_file: str) -> str:
     directory = fetch_checkpoint(uri)
     config = load_config(directory)
     if config.topology.kind != "sphere":
-        raise ValueError(f"cannot export a topology.kind={config.topology.kind} checkpoint to open_clip, which "
-                         "scores by the cosine of one vector; evaluate it with `python evaluation/evaluate.py "
-                         "--checkpoint <run or checkpoint>`, which ranks by the checkpoint's own topology")
+        raise ValueError(
+            f"cannot export a topology.kind={config.topology.kind} checkpoint to open_clip, which "
+            "scores by the cosine of one vector; evaluate it with `python evaluation/evaluate.py "
+            "--checkpoint <run or checkpoint>`, which ranks by the checkpoint's own topology"
+        )
     payload = {"state_dict": tower_state_dict(directory), "arch": config.model.arch}
     fs, path = storage.open_storage(out_file)
     with fs.open(path, "wb") as f:

@@ -12,6 +12,7 @@ Every worker takes part: worker r embeds items r, r + W, ... of each set (padded
 so that every worker runs the same forwards, which FSDP's gathers need), the embeddings are
 all-gathered and every worker scores them; rank 0's tracker logs them. Images are decoded and
 preprocessed once, when the evaluator is built; each worker keeps only its share."""
+
 from __future__ import annotations
 
 import contextlib
@@ -43,12 +44,11 @@ class SetSpec:
 
 
 def parse_set(text: str) -> SetSpec:
-    """"NAME=FORMAT:PATH" (PATH may itself hold ':', as s3:// does)."""
+    """ "NAME=FORMAT:PATH" (PATH may itself hold ':', as s3:// does)."""
     name, sep, rest = text.partition("=")
     fmt, colon, path = rest.partition(":")
     if not (sep and colon and name and path):
-        raise ValueError(f"eval.sets entry {text!r}: expected NAME=FORMAT:PATH, e.g. "
-                         f"pets=image_folder:/data/pets/test")
+        raise ValueError(f"eval.sets entry {text!r}: expected NAME=FORMAT:PATH, e.g. pets=image_folder:/data/pets/test")
     if fmt not in SET_READERS:
         raise ValueError(f"eval.sets entry {text!r}: unknown format {fmt!r}; known: {sorted(SET_READERS)}")
     return SetSpec(name, fmt, path)
@@ -95,15 +95,15 @@ class EvalSet:
 
     def score(self, image_features: np.ndarray, text_features: np.ndarray, topology) -> dict[str, float]:
         if self.zeroshot:
-            return classification_metrics(self.dataset, class_logits(self.dataset, image_features, text_features,
-                                                                     topology))
+            return classification_metrics(
+                self.dataset, class_logits(self.dataset, image_features, text_features, topology)
+            )
         scores = retrieval_scores(image_features, text_features, topology)
         return compute_retrieval_recall(scores, self.dataset.text_to_image)
 
 
 def embed(encode, inputs: torch.Tensor, batch_size: int, device: torch.device) -> torch.Tensor:
-    return torch.cat([encode(inputs[s:s + batch_size].to(device)).float()
-                      for s in range(0, len(inputs), batch_size)])
+    return torch.cat([encode(inputs[s : s + batch_size].to(device)).float() for s in range(0, len(inputs), batch_size)])
 
 
 def broadcast_buffers(model) -> None:
@@ -139,8 +139,16 @@ class InRunEvaluator:
     """`evaluator(model)` -> {"eval/<set>/<metric>": value} for the current weights; called on
     every worker at the same steps (training/loop.py)."""
 
-    def __init__(self, config: EvalConfig, image_size: int, tokenizer, rank: int, world: int,
-                 device: torch.device, autocast: bool = False):
+    def __init__(
+        self,
+        config: EvalConfig,
+        image_size: int,
+        tokenizer,
+        rank: int,
+        world: int,
+        device: torch.device,
+        autocast: bool = False,
+    ):
         preprocess = EvalPreprocess(image_size)
         self.sets = [EvalSet(spec, preprocess, tokenizer, rank, world) for spec in check_eval_config(config)]
         self.batch_size, self.device, self.autocast = config.batch_size, device, autocast
@@ -150,10 +158,10 @@ class InRunEvaluator:
         autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast)
         with evaluation_mode(inner), autocast:
             for part in self.sets:
-                images = gather_strided(embed(inner.embed_image, part.images, self.batch_size, self.device),
-                                        part.n_images)
-                texts = gather_strided(embed(inner.embed_text, part.texts, self.batch_size, self.device),
-                                       part.n_texts)
+                images = gather_strided(
+                    embed(inner.embed_image, part.images, self.batch_size, self.device), part.n_images
+                )
+                texts = gather_strided(embed(inner.embed_text, part.texts, self.batch_size, self.device), part.n_texts)
                 scored = part.score(images.cpu().numpy(), texts.cpu().numpy(), inner.topology)
                 metrics.update({PREFIX.format(name=part.dataset.name, metric=k): v for k, v in scored.items()})
         return metrics

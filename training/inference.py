@@ -6,6 +6,7 @@ the sphere, what SmartCLIP's tables compare, docs/methods/smartclip.md §6); "ma
 checkpoints with the mask of each text, S[a, b] = cos(z_I^a ⊙ m_b, z_T^b), through the same
 encode/topology interface: the encoders return packed features and the similarity unpacks them.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -71,8 +72,9 @@ def build_scoring(model: ContrastiveModel, scorer: str) -> tuple[nn.Module, Sphe
     raise ValueError(f"unknown scorer {scorer!r}; known: {', '.join(SCORER_NAMES)}")
 
 
-def load_inference_model(uri: str, device: str = "cpu", scorer: str = "plain",
-                         cache_dir: str | None = None) -> InferenceModel:
+def load_inference_model(
+    uri: str, device: str = "cpu", scorer: str = "plain", cache_dir: str | None = None
+) -> InferenceModel:
     """A checkpoint (or run directory: its latest complete checkpoint, whose own URI is
     info["checkpoint_uri"]) of this project, or `open_clip:ARCH=WEIGHTS`
     (training/off_the_shelf.py), as evaluation uses it. An s3:// checkpoint is downloaded into
@@ -89,10 +91,23 @@ def load_inference_model(uri: str, device: str = "cpu", scorer: str = "plain",
     encoder, topology = build_scoring(model, scorer)
     encoder.eval()
     state = checkpoint.read_state(directory)
-    info = {"path": uri, "checkpoint_uri": source, "resolved": str(directory), "step": state["step"],
-            "method": config.method, "arch": config.model.arch, "topology": model.topology.describe(), "scorer": scorer,
-            **data_mixture.saved_sources(state),
-            "code_version": state.get("code_version")}
+    info = {
+        "path": uri,
+        "checkpoint_uri": source,
+        "resolved": str(directory),
+        "step": state["step"],
+        "method": config.method,
+        "arch": config.model.arch,
+        "topology": model.topology.describe(),
+        "scorer": scorer,
+        **data_mixture.saved_sources(state),
+        "code_version": state.get("code_version"),
+    }
     geometry = sample_geometry(model, config.model.arch)
-    return InferenceModel(model=encoder, preprocess=EvalPreprocess(geometry.image_size),
-                          tokenizer=geometry.tokenizer(), topology=topology, info=info)
+    return InferenceModel(
+        model=encoder,
+        preprocess=EvalPreprocess(geometry.image_size),
+        tokenizer=geometry.tokenizer(),
+        topology=topology,
+        info=info,
+    )

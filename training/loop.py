@@ -1,5 +1,6 @@
 """The per-worker training loop: a page long, free of Ray. It takes an iterable of prepared
 batches and a report callback, so a test can hand it a list."""
+
 from __future__ import annotations
 
 import bisect
@@ -65,8 +66,12 @@ class MetricMeter:
         samples over the workers' mean window), data_wait_fraction the summed wait over the
         summed window time."""
         keys = sorted(self.sums)
-        totals = [self.sums[k] for k in keys] + [self.count, self.samples, self.wait_s,
-                                                 time.perf_counter() - self.window_start]
+        totals = [self.sums[k] for k in keys] + [
+            self.count,
+            self.samples,
+            self.wait_s,
+            time.perf_counter() - self.window_start,
+        ]
         reduced = world_size > 1 and dist.is_available() and dist.is_initialized()
         if reduced:
             totals = sum_over_workers(keys, totals, device or torch.device("cpu"))
@@ -123,8 +128,17 @@ def finish_gradients(master, max_norm: float) -> torch.Tensor:
     return torch.nn.utils.clip_grad_norm_(master.parameters(), max_norm)
 
 
-def train_step(model, objective, optimizer, scheduler, batch: dict, s: LoopSettings,
-               epoch_fraction: float = 0.0, step: int | None = None, weights: MasterWeights | None = None) -> dict:
+def train_step(
+    model,
+    objective,
+    optimizer,
+    scheduler,
+    batch: dict,
+    s: LoopSettings,
+    epoch_fraction: float = 0.0,
+    step: int | None = None,
+    weights: MasterWeights | None = None,
+) -> dict:
     """One step: the model's forward, the objective's auxiliary parts' own updates (each
     detaches what it reads of the step's outputs), then the encoders' backward and optimiser
     step. `step` (0-based) is required with auxiliary parts: their draws and schedules use it.
@@ -136,6 +150,7 @@ def train_step(model, objective, optimizer, scheduler, batch: dict, s: LoopSetti
     inputs = device_inputs(batch, s.device)
     extras = {"inputs": {k: v for k, v in inputs.items() if k != "edge_scores"}, "step": step}
     autocast = functools.partial(torch.autocast, device_type=s.device.type, dtype=torch.bfloat16, enabled=s.bf16)
+
     def update(outputs: dict) -> dict:
         # The auxiliary parts in the step's precision (a frozen tower's forward in bfloat16 under
         # amp_bf16 and bf16 alike; a part may turn autocast off for its own numerics, as CIBR's
@@ -152,8 +167,16 @@ def train_step(model, objective, optimizer, scheduler, batch: dict, s: LoopSetti
         if step is None:
             raise ValueError("train_step: gradient accumulation needs the step number (its draws use it)")
         terms, loss, outputs, part_metrics = accumulate_backward(
-            model, objective, update, inputs, s.accum_freq, forward,
-            lambda j: seed_step(model, s.seed, step, s.rank, j), extras, autocast)
+            model,
+            objective,
+            update,
+            inputs,
+            s.accum_freq,
+            forward,
+            lambda j: seed_step(model, s.seed, step, s.rank, j),
+            extras,
+            autocast,
+        )
     else:
         with autocast():
             outputs = forward(model, inputs)
@@ -174,19 +197,34 @@ def train_step(model, objective, optimizer, scheduler, batch: dict, s: LoopSetti
         weights.master_to_compute()
     scale = master.tower.logit_scale.detach().exp()
     # Detached device tensors, no .item(): a host synchronisation per step would stall the GPU.
-    return {**{f"loss/{k}": v.detach() for k, v in terms.items()}, "loss/total": loss.detach(),
-            "logit_scale": scale, "temperature": 1.0 / scale, "grad_norm": grad_norm.detach(),
-            "lr": lr, **part_metrics, **outputs.get("diagnostics", {}),
-            **{k: v for k, v in outputs.items() if k.startswith("masking/")}}
+    return {
+        **{f"loss/{k}": v.detach() for k, v in terms.items()},
+        "loss/total": loss.detach(),
+        "logit_scale": scale,
+        "temperature": 1.0 / scale,
+        "grad_norm": grad_norm.detach(),
+        "lr": lr,
+        **part_metrics,
+        **outputs.get("diagnostics", {}),
+        **{k: v for k, v in outputs.items() if k.startswith("masking/")},
+    }
 
 
 def wants_evaluation(step: int, s: LoopSettings) -> bool:
     return s.eval_every > 0 and (step % s.eval_every == 0 or step == s.total_steps)
 
 
-def run_training(model, objective, optimizer, scheduler, batches: Iterable[dict],
-                 s: LoopSettings, report: Callable[[int, dict, bool], None],
-                 weights: MasterWeights | None = None, evaluate: Callable | None = None) -> None:
+def run_training(
+    model,
+    objective,
+    optimizer,
+    scheduler,
+    batches: Iterable[dict],
+    s: LoopSettings,
+    report: Callable[[int, dict, bool], None],
+    weights: MasterWeights | None = None,
+    evaluate: Callable | None = None,
+) -> None:
     """Train from s.start_step to s.total_steps. `report(step, metrics, checkpoint)` is
     called every log_every steps and at checkpoints (checkpoint=True), including the last.
     With `evaluate` (training/in_run_eval.py) every worker runs `evaluate(model)` every
@@ -200,8 +238,9 @@ def run_training(model, objective, optimizer, scheduler, batches: Iterable[dict]
         wait_s = time.perf_counter() - wait_start
         if s.accum_freq == 1:  # accumulation reseeds per micro-batch
             seed_step(model, s.seed, step, s.rank)
-        metrics = train_step(model, objective, optimizer, scheduler, batch, s,
-                             compute_epoch_fraction(step, s.epoch_steps), step, weights)
+        metrics = train_step(
+            model, objective, optimizer, scheduler, batch, s, compute_epoch_fraction(step, s.epoch_steps), step, weights
+        )
         meter.update(metrics, len(batch[IMAGES]), wait_s)
         step += 1
         is_last = step == s.total_steps

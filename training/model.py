@@ -2,6 +2,7 @@
 (patch selection in the vision tower, long-text positions, SmartCLIP's mask network, the
 multi-[CLS] towers of a topology), returning a dict of named outputs. Every embedding is the
 topology's (`embed_image` / `embed_text`, training/methods/topology/spaces.py)."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -9,13 +10,20 @@ import dataclasses
 import torch
 from torch import nn
 
-from training.config import (MaskingConfig, ModelConfig, PGSConfig, SmartClipConfig, Temperature, TopologyConfig,
-                             TrainConfig, temperature_of)
+from training.config import (
+    MaskingConfig,
+    ModelConfig,
+    PGSConfig,
+    SmartClipConfig,
+    Temperature,
+    TopologyConfig,
+    TrainConfig,
+    temperature_of,
+)
 from training.methods.longclip.positions import apply_long_text
 from training.methods.recipes import check_combination, resolve_auto_fields
 from training.methods.flip import RandomPatchDrop
-from training.methods.pgs import (PGSSelector, check_supported_tower, encode_image_with_selection,
-                                  summarize_selection)
+from training.methods.pgs import PGSSelector, check_supported_tower, encode_image_with_selection, summarize_selection
 from training.methods.smartclip.mask_network import MaskNetwork, encode_text_with_states
 from training.methods.topology.multi_token import convert_to_multi_token, num_class_tokens, pooled_class_states
 from training.pretrained import load_pretrained_tower
@@ -37,9 +45,15 @@ class ContrastiveModel(nn.Module):
     caption's binary mask over embedding dimensions plus its mean density, and with a token
     selector (PGS) its `masking/...` statistics."""
 
-    def __init__(self, tower: nn.Module, patch_selector: nn.Module | None, max_logit_scale: float,
-                 mask_network: nn.Module | None = None, token_selector: PGSSelector | None = None,
-                 topology: Sphere | None = None):
+    def __init__(
+        self,
+        tower: nn.Module,
+        patch_selector: nn.Module | None,
+        max_logit_scale: float,
+        mask_network: nn.Module | None = None,
+        token_selector: PGSSelector | None = None,
+        topology: Sphere | None = None,
+    ):
         super().__init__()
         self.tower = tower
         self.topology = topology or Sphere(tower.text_projection.shape[1])
@@ -76,16 +90,24 @@ class ContrastiveModel(nn.Module):
             return {"text_features": self.embed_text(texts)}
         features, states = encode_text_with_states(self.tower, texts)
         masks, _ = self.mask_network(states, texts)  # (B, d) 0/1 forward values
-        return {"text_features": features, "text_masks": masks,
-                "diagnostics": {"mask_density": masks.detach().mean()}}
+        return {"text_features": features, "text_masks": masks, "diagnostics": {"mask_density": masks.detach().mean()}}
 
-    def forward(self, images: torch.Tensor, texts: torch.Tensor,
-                short_texts: torch.Tensor | None = None, edge_scores: torch.Tensor | None = None,
-                epoch_fraction: float = 0.0) -> dict:
+    def forward(
+        self,
+        images: torch.Tensor,
+        texts: torch.Tensor,
+        short_texts: torch.Tensor | None = None,
+        edge_scores: torch.Tensor | None = None,
+        epoch_fraction: float = 0.0,
+    ) -> dict:
         """edge_scores (B, L) and epoch_fraction (epoch / epochs) feed a token selector."""
         image_features, selection_stats = self.encode_image_for_training(images, edge_scores, epoch_fraction)
-        outputs = {"image_features": image_features, **self.encode_text(texts),
-                   "logit_scale": self.tower.logit_scale.exp(), **selection_stats}
+        outputs = {
+            "image_features": image_features,
+            **self.encode_text(texts),
+            "logit_scale": self.tower.logit_scale.exp(),
+            **selection_stats,
+        }
         if short_texts is not None:
             outputs["short_text_features"] = self.embed_text(short_texts)
         return outputs
@@ -93,8 +115,9 @@ class ContrastiveModel(nn.Module):
     def encode_image_for_training(self, images, edge_scores, epoch_fraction) -> tuple[torch.Tensor, dict]:
         if self.token_selector is None or not self.training:  # evaluation sees every token
             return self.embed_image(images), {}
-        pooled, selection = encode_image_with_selection(self.tower.visual, self.token_selector, images,
-                                                        edge_scores, epoch_fraction)
+        pooled, selection = encode_image_with_selection(
+            self.tower.visual, self.token_selector, images, edge_scores, epoch_fraction
+        )
         visual = self.tower.visual
         num_patches = visual.positional_embedding.shape[0] - num_class_tokens(visual)
         return self.topology.embed(pooled), summarize_selection(selection, num_patches)
@@ -123,8 +146,13 @@ def build_patch_selector(masking: MaskingConfig, num_prefix_tokens: int = 1) -> 
 def build_mask_network(tower: nn.Module, smartclip: SmartClipConfig) -> MaskNetwork:
     """Shaped like one block of the text tower (its width, heads and activation)."""
     block = tower.transformer.resblocks[0]
-    return MaskNetwork(tower.transformer.width, block.attn.num_heads, tower.text_projection.shape[1],
-                       smartclip.mask_init_bias, act_layer=type(block.mlp.gelu))
+    return MaskNetwork(
+        tower.transformer.width,
+        block.attn.num_heads,
+        tower.text_projection.shape[1],
+        smartclip.mask_init_bias,
+        act_layer=type(block.mlp.gelu),
+    )
 
 
 def build_token_selector(masking: MaskingConfig, pgs: PGSConfig, visual: nn.Module) -> PGSSelector | None:
@@ -133,8 +161,10 @@ def build_token_selector(masking: MaskingConfig, pgs: PGSConfig, visual: nn.Modu
     check_supported_tower(visual)
     patch_size = _first(visual.patch_size)
     if masking.ratio != 0.0:
-        raise ValueError("CLIP-PGS takes its mask ratios from pgs.min_mask_ratio / pgs.max_mask_ratio; "
-                         f"leave masking.ratio at 0 (got {masking.ratio})")
+        raise ValueError(
+            "CLIP-PGS takes its mask ratios from pgs.min_mask_ratio / pgs.max_mask_ratio; "
+            f"leave masking.ratio at 0 (got {masking.ratio})"
+        )
     return TOKEN_SELECTORS[masking.kind](pgs, patch_size)
 
 
@@ -155,8 +185,14 @@ def apply_topology(tower: nn.Module, topology_config: TopologyConfig, model: Mod
 # The final projection of each tower, by open_clip parameter name: a ViT's `visual.proj`, a
 # ModifiedResNet's attention-pool output projection, the text tower's `text_projection`
 # (a matrix, or a Linear with proj_type "linear").
-PROJECTION_PARAMETERS = ("visual.proj", "visual.attnpool.c_proj.weight", "visual.attnpool.c_proj.bias",
-                         "text_projection", "text_projection.weight", "text_projection.bias")
+PROJECTION_PARAMETERS = (
+    "visual.proj",
+    "visual.attnpool.c_proj.weight",
+    "visual.attnpool.c_proj.bias",
+    "text_projection",
+    "text_projection.weight",
+    "text_projection.bias",
+)
 
 
 def freeze_all_but_projections(tower: nn.Module) -> list[str]:
@@ -164,8 +200,10 @@ def freeze_all_but_projections(tower: nn.Module) -> list[str]:
     names. The temperature is set apart, by `set_temperature`."""
     kept = [name for name, _ in tower.named_parameters() if name in PROJECTION_PARAMETERS]
     if not any(n.startswith("visual.") for n in kept) or not any(n.startswith("text_") for n in kept):
-        raise ValueError(f"model.trainable=projections: no final projection found in both towers of "
-                         f"{type(tower.visual).__name__} (found {kept or 'none'})")
+        raise ValueError(
+            f"model.trainable=projections: no final projection found in both towers of "
+            f"{type(tower.visual).__name__} (found {kept or 'none'})"
+        )
     for name, parameter in tower.named_parameters():
         parameter.requires_grad_(name in kept)
     for module in tower.modules():  # a ResNet's running statistics stay as they were too
@@ -181,9 +219,15 @@ def set_temperature(tower: nn.Module, model: ModelConfig, temperature: Temperatu
     tower.logit_scale.requires_grad_(temperature.learn)
 
 
-def build_model(model: ModelConfig, masking: MaskingConfig, temperature: Temperature = Temperature(),
-                smartclip: SmartClipConfig | None = None, *, pgs: PGSConfig = PGSConfig(),
-                topology: TopologyConfig = TopologyConfig()) -> ContrastiveModel:
+def build_model(
+    model: ModelConfig,
+    masking: MaskingConfig,
+    temperature: Temperature = Temperature(),
+    smartclip: SmartClipConfig | None = None,
+    *,
+    pgs: PGSConfig = PGSConfig(),
+    topology: TopologyConfig = TopologyConfig(),
+) -> ContrastiveModel:
     """The towers (from `model.pretrained` if set), long-text positions, the topology (m
     [CLS] tokens for multi), patch selection (FLIP in open_clip's hook, PGS around the vision
     tower; both keep every class token), and a mask network when `smartclip` is given."""
@@ -194,9 +238,14 @@ def build_model(model: ModelConfig, masking: MaskingConfig, temperature: Tempera
         freeze_all_but_projections(tower)
     set_temperature(tower, model, temperature)
     mask_network = None if smartclip is None else build_mask_network(tower, smartclip)
-    return ContrastiveModel(tower, build_patch_selector(masking, num_class_tokens(tower.visual)),
-                            temperature.max_logit_scale, mask_network,
-                            build_token_selector(masking, pgs, tower.visual), space)
+    return ContrastiveModel(
+        tower,
+        build_patch_selector(masking, num_class_tokens(tower.visual)),
+        temperature.max_logit_scale,
+        mask_network,
+        build_token_selector(masking, pgs, tower.visual),
+        space,
+    )
 
 
 def build_training_model(config: TrainConfig, with_weights: bool = True) -> ContrastiveModel:
@@ -206,8 +255,14 @@ def build_training_model(config: TrainConfig, with_weights: bool = True) -> Cont
     config = resolve_auto_fields(config)  # what depends on `pretrained` is fixed before it is dropped
     smartclip = config.smartclip if config.loss.kind == "smartclip" else None
     model = config.model if with_weights else dataclasses.replace(config.model, pretrained=None)
-    built = build_model(model, config.masking, temperature_of(config.loss, config.topology), smartclip,
-                        pgs=config.pgs, topology=config.topology)
+    built = build_model(
+        model,
+        config.masking,
+        temperature_of(config.loss, config.topology),
+        smartclip,
+        pgs=config.pgs,
+        topology=config.topology,
+    )
     built.tower.set_grad_checkpointing(config.run.grad_checkpointing)
     return built
 

@@ -3,6 +3,7 @@ architecture plus its weights (an open_clip file, local or s3://, or an open_cli
 tag where the network allows), with open_clip's own evaluation preprocessing and tokenizer, so
 that its numbers match the published ones. Referred to as `open_clip:<ARCH>=<WEIGHTS>` wherever
 a checkpoint URI goes (the evaluation job's `--open-clip ARCH=WEIGHTS`)."""
+
 from __future__ import annotations
 
 import hashlib
@@ -30,8 +31,8 @@ def is_open_clip_ref(uri: str) -> bool:
 
 
 def parse_open_clip_ref(uri: str) -> tuple[str, str]:
-    """"open_clip:ARCH=WEIGHTS" (or "ARCH=WEIGHTS") -> (arch, weights)."""
-    spec = uri[len(PREFIX):] if is_open_clip_ref(uri) else uri
+    """ "open_clip:ARCH=WEIGHTS" (or "ARCH=WEIGHTS") -> (arch, weights)."""
+    spec = uri[len(PREFIX) :] if is_open_clip_ref(uri) else uri
     arch, mark, weights = spec.partition("=")
     if not mark or not arch or not weights:
         raise ValueError(f"an open_clip model is ARCH=WEIGHTS (an open_clip file or pretrained tag), got {spec!r}")
@@ -46,7 +47,8 @@ class OpenClipPreprocess:
         self.config = dict(preprocess_cfg)
         self.image_size = self.config["size"][0] if isinstance(self.config["size"], tuple) else self.config["size"]
         self.transform = open_clip.transform.image_transform_v2(
-            open_clip.transform.PreprocessCfg(**self.config), is_train=False)
+            open_clip.transform.PreprocessCfg(**self.config), is_train=False
+        )
 
     def __call__(self, image_bytes: bytes) -> torch.Tensor:
         with Image.open(io.BytesIO(image_bytes)) as image:
@@ -87,8 +89,23 @@ def load_open_clip_inference(uri: str, device: str = "cpu", scorer: str = "plain
     arch, weights = parse_open_clip_ref(uri)
     tower = load_pretrained_tower(arch, weights).eval().to(device)
     topology = Sphere(tower.text_projection.shape[1])
-    info = {"path": f"{PREFIX}{arch}={weights}", "step": None, "method": "open_clip", "arch": arch,
-            "topology": topology.describe(), "scorer": scorer, "manifest_digests": [], "data_weights": [], "data_uris": [],
-            "weights": weights, "weights_sha256": weights_digest(weights)}
-    return InferenceModel(model=UnitEncoder(tower).eval(), preprocess=OpenClipPreprocess(tower.visual.preprocess_cfg),
-                                     tokenizer=build_tokenizer(arch), topology=topology, info=info)
+    info = {
+        "path": f"{PREFIX}{arch}={weights}",
+        "step": None,
+        "method": "open_clip",
+        "arch": arch,
+        "topology": topology.describe(),
+        "scorer": scorer,
+        "manifest_digests": [],
+        "data_weights": [],
+        "data_uris": [],
+        "weights": weights,
+        "weights_sha256": weights_digest(weights),
+    }
+    return InferenceModel(
+        model=UnitEncoder(tower).eval(),
+        preprocess=OpenClipPreprocess(tower.visual.preprocess_cfg),
+        tokenizer=build_tokenizer(arch),
+        topology=topology,
+        info=info,
+    )

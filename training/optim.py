@@ -1,5 +1,6 @@
 """AdamW with parameter groups (no weight decay on gains, biases, embeddings and the
 temperature) and a linear-warmup cosine-decay learning-rate schedule."""
+
 from __future__ import annotations
 
 import math
@@ -24,10 +25,10 @@ def is_tower(name: str) -> bool:
 
 
 def split_by_decay(named: list, weight_decay: float, prefix: str = "") -> list[dict]:
-    return [{"params": [p for n, p in named if is_decayed(n, p)], "weight_decay": weight_decay,
-             "name": prefix + "decay"},
-            {"params": [p for n, p in named if not is_decayed(n, p)], "weight_decay": 0.0,
-             "name": prefix + "no_decay"}]
+    return [
+        {"params": [p for n, p in named if is_decayed(n, p)], "weight_decay": weight_decay, "name": prefix + "decay"},
+        {"params": [p for n, p in named if not is_decayed(n, p)], "weight_decay": 0.0, "name": prefix + "no_decay"},
+    ]
 
 
 def build_param_groups(model: nn.Module, weight_decay: float, new_module_lr: float | None = None) -> list[dict]:
@@ -43,8 +44,9 @@ def build_param_groups(model: nn.Module, weight_decay: float, new_module_lr: flo
 
 
 def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
-    return torch.optim.AdamW(build_param_groups(model, cfg.weight_decay, cfg.new_module_lr), lr=cfg.lr,
-                             betas=cfg.betas, eps=cfg.eps)
+    return torch.optim.AdamW(
+        build_param_groups(model, cfg.weight_decay, cfg.new_module_lr), lr=cfg.lr, betas=cfg.betas, eps=cfg.eps
+    )
 
 
 def compute_lr_factor(step: int, warmup_steps: int, total_steps: int) -> float:
@@ -56,5 +58,4 @@ def compute_lr_factor(step: int, warmup_steps: int, total_steps: int) -> float:
 
 
 def build_scheduler(optimizer, warmup_steps: int, total_steps: int):
-    return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: compute_lr_factor(step, warmup_steps, total_steps))
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: compute_lr_factor(step, warmup_steps, total_steps))

@@ -12,6 +12,7 @@ evaluation and the open_clip export all see float32 weights, so a resume is exac
 forward and backward run on a bfloat16 copy whose gradients are moved to the float32
 parameters before clipping and the update, and which takes the updated weights back after.
 """
+
 from __future__ import annotations
 
 import copy

@@ -1,6 +1,7 @@
 """Starting weights of a fine-tune (`model.pretrained`): an open_clip pretrained tag (open_clip
 downloads it; needs internet), an open_clip checkpoint file (local or s3://, localised with
 fsspec first), or a checkpoint / run directory of this project (training/checkpoint.py)."""
+
 from __future__ import annotations
 
 import tempfile
@@ -30,8 +31,10 @@ def load_project_checkpoint(arch: str, uri: str) -> nn.Module:
     if saved.arch != arch:
         raise ValueError(f"checkpoint {uri} holds a {saved.arch!r} model, not {arch!r}")
     if saved.text_stretch_factor != 1:
-        raise ValueError(f"checkpoint {uri} has a stretched text context: starting a fine-tune "
-                         "from it is not supported (its positional table no longer matches the arch)")
+        raise ValueError(
+            f"checkpoint {uri} has a stretched text context: starting a fine-tune "
+            "from it is not supported (its positional table no longer matches the arch)"
+        )
     tower = build_tower_model(arch)
     tower.load_state_dict(checkpoint.tower_state_dict(directory))
     return tower
@@ -48,6 +51,8 @@ def load_pretrained_tower(arch: str, pretrained: str | None) -> nn.Module:
         return load_project_checkpoint(arch, pretrained)
     tags = open_clip.list_pretrained_tags_by_model(arch)
     if pretrained not in tags:
-        raise ValueError(f"pretrained {pretrained!r} is neither a file, a checkpoint directory nor "
-                         f"an open_clip tag of {arch!r} (tags: {', '.join(tags) or 'none'})")
+        raise ValueError(
+            f"pretrained {pretrained!r} is neither a file, a checkpoint directory nor "
+            f"an open_clip tag of {arch!r} (tags: {', '.join(tags) or 'none'})"
+        )
     return build_tower_model(arch, pretrained=pretrained)

@@ -2,6 +2,7 @@
 report callback. Kept light on purpose: the controller only schedules, so it must not pay
 for importing the training code (torch, open_clip, POT and the rest take ~9 s on two cores,
 on the path of every launch); the worker imports it when the function runs."""
+
 from __future__ import annotations
 
 import ray.train
@@ -9,6 +10,7 @@ import ray.train
 
 def train_loop_per_worker(loop_config: dict) -> None:
     from training import train  # in the worker process only
+
     train.run_worker(loop_config)
 
 

@@ -8,6 +8,7 @@ training/data_order.py), so a run resumed on fewer or more workers would continu
 sequence of global batches: that is refused like any other change of the batch plan, and
 `--allow-change batch` accepts it (the new order from the saved step on; the epoch in progress
 then sees some samples twice and others not at all)."""
+
 from __future__ import annotations
 
 import json
@@ -21,8 +22,7 @@ from training.config import TrainConfig, config_from_dict, config_to_dict
 RESUME_FIELDS = {
     "data": ("data.crop_scale", "data.caption_policy", "data.long_caption_fraction"),
     "method": ("method", "masking.", "pgs.", "topology.", "loss.", "smartclip.", "cibr."),
-    "architecture": ("model.arch", "model.text_positions_kept", "model.text_stretch_factor",
-                     "model.trainable"),
+    "architecture": ("model.arch", "model.text_positions_kept", "model.text_stretch_factor", "model.trainable"),
     "batch": ("run.num_workers", "data.batch_size_per_worker"),
     "schedule": ("optim.", "run.epochs", "run.seed"),
 }
@@ -74,11 +74,16 @@ def check_resume(saved: dict, config: TrainConfig, sources, allowed=()) -> None:
         return
     lines = [f"  {category}: {d}" for category, details in found.items() for d in details]
     if "run.num_workers" in " ".join(found.get("batch", [])):
-        lines.append("  (the data order depends on the worker count: with another count the run would continue "
-                     "a different sequence of global batches from the saved step)")
-    raise SystemExit(f"--resume of run {config.run.name!r} at step {saved['step']} would change what it trains:\n"
-                     + "\n".join(lines) + "\npass the same settings, or accept the change with "
-                     + " ".join(f"--allow-change {c}" for c in found))
+        lines.append(
+            "  (the data order depends on the worker count: with another count the run would continue "
+            "a different sequence of global batches from the saved step)"
+        )
+    raise SystemExit(
+        f"--resume of run {config.run.name!r} at step {saved['step']} would change what it trains:\n"
+        + "\n".join(lines)
+        + "\npass the same settings, or accept the change with "
+        + " ".join(f"--allow-change {c}" for c in found)
+    )
 
 
 def saved_states(run_dir: str) -> list[dict]:
@@ -100,8 +105,10 @@ def check_run_state(run_dir: str, name: str, resume: bool) -> dict | None:
     silently continue an old one, nor a resume start from scratch."""
     latest = latest_saved_state(run_dir)
     if latest is not None and not resume:
-        raise SystemExit(f"run {name!r} already has checkpoints under {run_dir}; "
-                         "pass --resume to continue it or choose another --run-name")
+        raise SystemExit(
+            f"run {name!r} already has checkpoints under {run_dir}; "
+            "pass --resume to continue it or choose another --run-name"
+        )
     if resume and latest is None:
         raise SystemExit(f"--resume: no checkpoint of run {name!r} under {run_dir}")
     return latest
@@ -115,4 +122,5 @@ def check_restored(restored_step: int, expected_step: int, run_dir: str) -> None
         raise RuntimeError(
             f"--resume: run {run_dir} has a checkpoint at step {expected_step}, but Ray Train restored {got} "
             "(its checkpoint_manager_snapshot.json there is missing, unreadable or older than the "
-            "checkpoints); refusing to train the run again from an earlier step")
+            "checkpoints); refusing to train the run again from an earlier step"
+        )

@@ -15,6 +15,7 @@ evaluation, the export and a resume under DDP read it as any other. A resume und
 loads it into the unsharded model and optimizer as today, then shards both
 (`shard_training_state`); the full optimizer state is held only for that moment.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -23,8 +24,12 @@ import itertools
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
-                                                     get_optimizer_state_dict, set_optimizer_state_dict)
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_optimizer_state_dict,
+)
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
@@ -80,8 +85,7 @@ def clip_gradients(parameters, max_norm: float) -> torch.Tensor:
     squares = [g.to_local().float().pow(2).sum() for g in grads if isinstance(g, DTensor)]
     sharded = torch.stack(squares).sum() if squares else torch.zeros((), device=device)
     dist.all_reduce(sharded)
-    whole = sum((g.float().pow(2).sum() for g in grads if not isinstance(g, DTensor)),
-                torch.zeros((), device=device))
+    whole = sum((g.float().pow(2).sum() for g in grads if not isinstance(g, DTensor)), torch.zeros((), device=device))
     norm = (sharded + whole).sqrt()
     factor = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
     for g in grads:
@@ -97,20 +101,25 @@ def index_to_name(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[in
 
 
 def keyed_by_name(state: dict, names: dict[int, str]) -> dict:
-    return {"state": {names[i]: v for i, v in state["state"].items()},
-            "param_groups": [{**g, "params": [names[i] for i in g["params"]]} for g in state["param_groups"]]}
+    return {
+        "state": {names[i]: v for i, v in state["state"].items()},
+        "param_groups": [{**g, "params": [names[i] for i in g["params"]]} for g in state["param_groups"]],
+    }
 
 
 def keyed_by_index(state: dict) -> dict:
     """A name-keyed optimizer state dict in the index layout of an unsharded optimizer."""
     order = list(itertools.chain.from_iterable(g["params"] for g in state["param_groups"]))
     index = {name: i for i, name in enumerate(order)}
-    return {"state": {index[n]: v for n, v in state["state"].items()},
-            "param_groups": [{**g, "params": [index[n] for n in g["params"]]} for g in state["param_groups"]]}
+    return {
+        "state": {index[n]: v for n, v in state["state"].items()},
+        "param_groups": [{**g, "params": [index[n] for n in g["params"]]} for g in state["param_groups"]],
+    }
 
 
-def shard_training_state(model, optimizer, scheduler, build_optimizer, build_scheduler, device: torch.device,
-                         bf16: bool = False):
+def shard_training_state(
+    model, optimizer, scheduler, build_optimizer, build_scheduler, device: torch.device, bf16: bool = False
+):
     """(sharded model, its optimizer, its scheduler) carrying the unsharded ones' state;
     `build_optimizer(model)` / `build_scheduler(optimizer)` make the new ones as the run does."""
     names = index_to_name(model, optimizer)

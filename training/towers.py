@@ -4,6 +4,7 @@ The standard sizes (ViT-B-32, ViT-B-16, ViT-L-14, ...) come from open_clip's own
 registry; the tiny sizes for CPU runs live in `training/model_configs/` and are registered
 into the same registry, so every tower is created by `open_clip.create_model(<arch>)`.
 """
+
 from __future__ import annotations
 
 from pathlib import Path

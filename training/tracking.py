@@ -1,5 +1,6 @@
 """Where training metrics go: metrics.jsonl and TensorBoard under the run directory (local or
-s3://) and Weights & Biases when `run.wandb_project` names a project, on rank 0, nowhere on other ranks (a null tracker chosen once, so the loop has no
+s3://) and Weights & Biases when `run.wandb_project` names a project, on rank 0, nowhere on
+other ranks (a null tracker chosen once, so the loop has no
 `if rank == 0`). The console line per window is printed by the driver (training/train.py
 `follow_reports`).
 
@@ -7,6 +8,7 @@ An attempt that starts at step k (a resume, or Ray Train restarting a failed wor
 its latest checkpoint) first drops every line an earlier attempt logged after step k, and
 TensorBoard purges those steps, so that each step is logged exactly once. Every line records
 the `start_step` of the attempt that logged it."""
+
 from __future__ import annotations
 
 import hashlib
@@ -68,6 +70,7 @@ class TensorBoardLog:
 
     def __init__(self, uri: str, start_step: int):
         from torch.utils.tensorboard import SummaryWriter
+
         self.uri, self.remote = uri, None if is_local(uri) else tempfile.mkdtemp(prefix="tensorboard-")
         self.writer = SummaryWriter(self.remote or uri, purge_step=start_step + 1 if start_step else None)
 
@@ -102,8 +105,14 @@ def wandb_settings(project: str | None, run_name: str, run_dir: str, config: dic
     except ImportError as err:
         raise SystemExit("run.wandb_project needs Weights & Biases: pip install wandb") from err
     digest = hashlib.sha1(run_dir.encode()).hexdigest()[:8]
-    return {"project": project, "name": run_name, "id": f"{re.sub(r'[^A-Za-z0-9_-]', '-', run_name)}-{digest}",
-            "mode": os.environ.get("WANDB_MODE"), "dir": os.environ.get("WANDB_DIR"), "config": config}
+    return {
+        "project": project,
+        "name": run_name,
+        "id": f"{re.sub(r'[^A-Za-z0-9_-]', '-', run_name)}-{digest}",
+        "mode": os.environ.get("WANDB_MODE"),
+        "dir": os.environ.get("WANDB_DIR"),
+        "config": config,
+    }
 
 
 class WandbLog:
@@ -113,9 +122,16 @@ class WandbLog:
 
     def __init__(self, settings: dict):
         import wandb
-        self.run = wandb.init(project=settings["project"], name=settings["name"], id=settings["id"],
-                              resume="allow", mode=settings["mode"], dir=settings["dir"],
-                              config=settings["config"])
+
+        self.run = wandb.init(
+            project=settings["project"],
+            name=settings["name"],
+            id=settings["id"],
+            resume="allow",
+            mode=settings["mode"],
+            dir=settings["dir"],
+            config=settings["config"],
+        )
 
     def log(self, step: int, metrics: dict) -> None:
         self.run.log({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, step=step)
@@ -125,8 +141,9 @@ class WandbLog:
 
 
 class RunTracker:
-    def __init__(self, metrics_uri: str | None, tensorboard_uri: str | None, start_step: int = 0,
-                 wandb: dict | None = None):
+    def __init__(
+        self, metrics_uri: str | None, tensorboard_uri: str | None, start_step: int = 0, wandb: dict | None = None
+    ):
         self.metrics = MetricsLog(metrics_uri, start_step) if metrics_uri else None
         self.tensorboard = TensorBoardLog(tensorboard_uri, start_step) if tensorboard_uri else None
         self.wandb = WandbLog(wandb) if wandb else None
@@ -144,11 +161,16 @@ class RunTracker:
                 sink.close()
 
 
-def build_tracker(rank: int, run_dir: str, tensorboard_dir: str | None = None, start_step: int = 0,
-                  wandb: dict | None = None):
+def build_tracker(
+    rank: int, run_dir: str, tensorboard_dir: str | None = None, start_step: int = 0, wandb: dict | None = None
+):
     """Rank 0's tracker: <run_dir>/metrics.jsonl, TensorBoard in `tensorboard_dir` (default
     <run_dir>/tensorboard) and, with `wandb` settings, W&B; a null tracker on every other rank."""
     if rank != 0:
         return NullTracker()
-    return RunTracker(storage.join(run_dir, METRICS_FILE),
-                      tensorboard_dir or storage.join(run_dir, TENSORBOARD_DIR), start_step, wandb)
+    return RunTracker(
+        storage.join(run_dir, METRICS_FILE),
+        tensorboard_dir or storage.join(run_dir, TENSORBOARD_DIR),
+        start_step,
+        wandb,
+    )

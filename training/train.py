@@ -10,6 +10,7 @@ joint crop of image and edge map, per-patch edge scores, caption sampling, token
 CPU workers) into the loop in `training/loop.py`. `--resume` continues an existing run from
 its latest checkpoint with the same data order.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -49,32 +50,63 @@ from training.precision import MasterWeights, resolve_precision  # noqa: E402
 from training.sharding import gather_full_state, is_sharded, local_parameter_count, shard_training_state  # noqa: E402
 from training.tracking import build_tracker, wandb_settings  # noqa: E402
 
-FLAG_TO_FIELD = {"arch": "model.arch", "pretrained": "model.pretrained", "mask_ratio": "masking.ratio",
-                 "batch_size": "data.batch_size_per_worker", "lr": "optim.lr",
-                 "warmup_steps": "optim.warmup_steps", "epochs": "run.epochs",
-                 "max_steps": "run.max_steps", "seed": "run.seed", "num_workers": "run.num_workers",
-                 "run_name": "run.name", "storage": "run.storage", "log_every": "run.log_every",
-                 "checkpoint_every": "run.checkpoint_every", "eval_every": "eval.every"}
+FLAG_TO_FIELD = {
+    "arch": "model.arch",
+    "pretrained": "model.pretrained",
+    "mask_ratio": "masking.ratio",
+    "batch_size": "data.batch_size_per_worker",
+    "lr": "optim.lr",
+    "warmup_steps": "optim.warmup_steps",
+    "epochs": "run.epochs",
+    "max_steps": "run.max_steps",
+    "seed": "run.seed",
+    "num_workers": "run.num_workers",
+    "run_name": "run.name",
+    "storage": "run.storage",
+    "log_every": "run.log_every",
+    "checkpoint_every": "run.checkpoint_every",
+    "eval_every": "eval.every",
+}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", required=True, nargs="+", metavar="URI[:WEIGHT]",
-                   help="build root(s): <root>/<corpus>/<build-id>; several builds with sampling weights make "
-                        "a mixture, e.g. s3://b/shards/cc12m/ID:0.7 s3://b/shards/yfcc15m/ID:0.3")
+    p.add_argument(
+        "--data",
+        required=True,
+        nargs="+",
+        metavar="URI[:WEIGHT]",
+        help="build root(s): <root>/<corpus>/<build-id>; several builds with sampling weights make "
+        "a mixture, e.g. s3://b/shards/cc12m/ID:0.7 s3://b/shards/yfcc15m/ID:0.3",
+    )
     p.add_argument("--method", default="clip")
     for flag in FLAG_TO_FIELD:
         p.add_argument(f"--{flag.replace('_', '-')}", default=None)
     p.add_argument("--use-gpu", action="store_true")
     p.add_argument("--resume", action="store_true", help="continue the run from its latest checkpoint")
-    p.add_argument("--allow-change", action="append", default=[], choices=resume.CHANGES,
-                   help="let --resume continue although this part of the run's settings differs from "
-                        "its checkpoint's (data, method, architecture, batch, schedule)")
-    p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
-                   help="override any config field, e.g. --set optim.weight_decay=0.1")
-    p.add_argument("--eval-set", action="append", default=[], metavar="NAME=FORMAT:PATH",
-                   help="a small set to evaluate on during the run every --eval-every steps (zero-shot for a "
-                        "classification set, retrieval for a captioned one), e.g. pets=image_folder:/data/pets")
+    p.add_argument(
+        "--allow-change",
+        action="append",
+        default=[],
+        choices=resume.CHANGES,
+        help="let --resume continue although this part of the run's settings differs from "
+        "its checkpoint's (data, method, architecture, batch, schedule)",
+    )
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="FIELD=VALUE",
+        help="override any config field, e.g. --set optim.weight_decay=0.1",
+    )
+    p.add_argument(
+        "--eval-set",
+        action="append",
+        default=[],
+        metavar="NAME=FORMAT:PATH",
+        help="a small set to evaluate on during the run every --eval-every steps (zero-shot for a "
+        "classification set, retrieval for a captioned one), e.g. pets=image_folder:/data/pets",
+    )
     p.add_argument("--export", default=None, help="after training, write an open_clip checkpoint file")
     p.add_argument("--ray-address", default=None)
     p.add_argument("--verbose", action="store_true", help="show Ray's own logs too")
@@ -82,8 +114,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def build_config(args: argparse.Namespace) -> TrainConfig:
-    overrides = {field: getattr(args, flag) for flag, field in FLAG_TO_FIELD.items()
-                 if getattr(args, flag) is not None}
+    overrides = {field: getattr(args, flag) for flag, field in FLAG_TO_FIELD.items() if getattr(args, flag) is not None}
     overrides.update(dict(item.split("=", 1) for item in args.set))
     overrides.update({"data.builds": tuple(args.data), "run.use_gpu": args.use_gpu})
     if args.eval_set:
@@ -103,8 +134,9 @@ def restore(ckpt, model, optimizer, scheduler, parts=(), run_dir: str | None = N
         return checkpoint.load_training_state(Path(directory), model, optimizer, scheduler, parts, run_dir)["step"]
 
 
-def build_reporter(config: TrainConfig, rank: int, model, optimizer, scheduler, extra: dict, parts,
-                   run_dir: str, tracker):
+def build_reporter(
+    config: TrainConfig, rank: int, model, optimizer, scheduler, extra: dict, parts, run_dir: str, tracker
+):
     def report(step: int, metrics: dict, want_checkpoint: bool) -> None:
         tracker.log(step, metrics)
         if not want_checkpoint:
@@ -115,12 +147,21 @@ def build_reporter(config: TrainConfig, rank: int, model, optimizer, scheduler, 
         with tempfile.TemporaryDirectory() as tmp:
             ckpt = None
             if rank == 0:
-                checkpoint.save_checkpoint(Path(tmp), model, optimizer, scheduler, step, config,
-                                           {**extra, **({"auxiliary_rank_digests": digests} if digests else {})},
-                                           parts, run_dir, gathered)
+                checkpoint.save_checkpoint(
+                    Path(tmp),
+                    model,
+                    optimizer,
+                    scheduler,
+                    step,
+                    config,
+                    {**extra, **({"auxiliary_rank_digests": digests} if digests else {})},
+                    parts,
+                    run_dir,
+                    gathered,
+                )
                 ckpt = ray.train.Checkpoint.from_directory(tmp)
-            ray.train.report({**metrics, "step": step}, checkpoint=ckpt,
-                             checkpoint_dir_name=f"step_{step:08d}")
+            ray.train.report({**metrics, "step": step}, checkpoint=ckpt, checkpoint_dir_name=f"step_{step:08d}")
+
     return report
 
 
@@ -142,16 +183,26 @@ def build_training_state(config: TrainConfig, loop_config: dict, device: torch.d
     return model, optimizer, scheduler
 
 
-def loop_settings(config: TrainConfig, loop_config: dict, rank: int, world: int, device: torch.device,
-                  start_step: int) -> LoopSettings:
+def loop_settings(
+    config: TrainConfig, loop_config: dict, rank: int, world: int, device: torch.device, start_step: int
+) -> LoopSettings:
     precision = resolve_precision(config.run.precision, device)
-    return LoopSettings(start_step=start_step, total_steps=loop_config["stop_step"], seed=config.run.seed,
-                        rank=rank, world_size=world, device=device,
-                        log_every=config.run.log_every, checkpoint_every=config.run.checkpoint_every,
-                        grad_clip_norm=config.optim.grad_clip_norm,
-                        bf16=precision == "amp_bf16", parts_bf16=precision == "bf16",
-                        epoch_steps=tuple(loop_config["epoch_steps"]), accum_freq=config.run.accum_freq,
-                        eval_every=config.eval.every)
+    return LoopSettings(
+        start_step=start_step,
+        total_steps=loop_config["stop_step"],
+        seed=config.run.seed,
+        rank=rank,
+        world_size=world,
+        device=device,
+        log_every=config.run.log_every,
+        checkpoint_every=config.run.checkpoint_every,
+        grad_clip_norm=config.optim.grad_clip_norm,
+        bf16=precision == "amp_bf16",
+        parts_bf16=precision == "bf16",
+        epoch_steps=tuple(loop_config["epoch_steps"]),
+        accum_freq=config.run.accum_freq,
+        eval_every=config.eval.every,
+    )
 
 
 def parallelize(config: TrainConfig, loop_config: dict, model, optimizer, scheduler, device: torch.device):
@@ -162,8 +213,14 @@ def parallelize(config: TrainConfig, loop_config: dict, model, optimizer, schedu
     weights = None
     if config.run.sharding == "fsdp":
         model, optimizer, scheduler = shard_training_state(
-            model, optimizer, scheduler, lambda m: build_optimizer(m, config.optim),
-            lambda o: build_scheduler(o, config.optim.warmup_steps, loop_config["schedule_steps"]), device, bf16)
+            model,
+            optimizer,
+            scheduler,
+            lambda m: build_optimizer(m, config.optim),
+            lambda o: build_scheduler(o, config.optim.warmup_steps, loop_config["schedule_steps"]),
+            device,
+            bf16,
+        )
         runner = model
         print(f"FSDP2: {local_parameter_count(model):,} parameters on this worker", flush=True)
     else:
@@ -182,25 +239,34 @@ def run_worker(loop_config: dict) -> None:
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     device, ckpt, run_dir = ray.train.torch.get_device(), ray.train.get_checkpoint(), loop_config["run_dir"]
-    print(f"train worker {rank}/{world} on node {ray.get_runtime_context().get_node_id()}, "
-          f"{'resuming from ' + ckpt.path if ckpt else 'fresh'}", flush=True)
+    print(
+        f"train worker {rank}/{world} on node {ray.get_runtime_context().get_node_id()}, "
+        f"{'resuming from ' + ckpt.path if ckpt else 'fresh'}",
+        flush=True,
+    )
     model, optimizer, scheduler = build_training_state(config, loop_config, device, fresh=ckpt is None)
     objective = build_training_objective(config, rank, world, model, device, fresh=ckpt is None)
     parts = parts_of(objective)
     start_step = restore(ckpt, model, optimizer, scheduler, parts, run_dir)
     resume.check_restored(start_step, loop_config.get("resume_step", 0), run_dir)
     geometry = sample_geometry(model, config.model.arch)
-    model, optimizer, scheduler, runner, weights = parallelize(config, loop_config, model, optimizer, scheduler,
-                                                               device)
+    model, optimizer, scheduler, runner, weights = parallelize(config, loop_config, model, optimizer, scheduler, device)
     settings = loop_settings(config, loop_config, rank, world, device, start_step)
-    batches = iter_worker_batches(config.data, config.run.seed, config.run.epochs, sources, rank, world, start_step,
-                                  geometry)
+    batches = iter_worker_batches(
+        config.data, config.run.seed, config.run.epochs, sources, rank, world, start_step, geometry
+    )
     tracker = build_tracker(rank, run_dir, config.run.tensorboard_dir, start_step, loop_config.get("wandb"))
     # checkpoints hold the float32 model (the masters under bf16), so a resume is exact
-    report = build_reporter(config, rank, model if weights else runner, optimizer, scheduler, loop_config["extra"],
-                            parts, run_dir, tracker)
-    evaluate = (InRunEvaluator(config.eval, geometry.image_size, geometry.tokenizer(), rank, world, device,
-                               autocast=settings.bf16) if config.eval.every else None)
+    report = build_reporter(
+        config, rank, model if weights else runner, optimizer, scheduler, loop_config["extra"], parts, run_dir, tracker
+    )
+    evaluate = (
+        InRunEvaluator(
+            config.eval, geometry.image_size, geometry.tokenizer(), rank, world, device, autocast=settings.bf16
+        )
+        if config.eval.every
+        else None
+    )
     try:
         run_training(runner, objective, optimizer, scheduler, batches, settings, report, weights, evaluate)
     finally:
@@ -213,10 +279,14 @@ CONSOLE_EVAL = ("/top1", "/image_retrieval_recall@1")  # the in-run figures the 
 def console_fields(metrics: dict) -> dict:
     """The progress line's figures: loss, temperature, throughput, and on an evaluation step
     each set's top-1 or text-to-image R@1 ("scenes/top1 0.31")."""
-    fields = {"loss": metrics.get("loss/total"), "temp": metrics.get("temperature"),
-              "samples/s": metrics.get("samples_per_s")}
-    fields.update({k.removeprefix("eval/"): v for k, v in metrics.items()
-                   if k.startswith("eval/") and k.endswith(CONSOLE_EVAL)})
+    fields = {
+        "loss": metrics.get("loss/total"),
+        "temp": metrics.get("temperature"),
+        "samples/s": metrics.get("samples_per_s"),
+    }
+    fields.update(
+        {k.removeprefix("eval/"): v for k, v in metrics.items() if k.startswith("eval/") and k.endswith(CONSOLE_EVAL)}
+    )
     return {k: float(v) for k, v in fields.items() if v is not None}
 
 
@@ -257,18 +327,22 @@ def follow_reports(total_steps: int):
 def plan_steps(config: TrainConfig, sources: list[data_order.Source]) -> dict:
     """The schedule spans all epochs; `run.max_steps` only stops early (an interrupted or
     budget-capped run), so a later `--resume` continues the very same schedule."""
-    epoch_steps = [data_order.compute_epoch_steps(sources, config.run.seed, epoch,
-                                                  config.run.num_workers, config.data.batch_size_per_worker)
-                   for epoch in range(config.run.epochs)]
+    epoch_steps = [
+        data_order.compute_epoch_steps(
+            sources, config.run.seed, epoch, config.run.num_workers, config.data.batch_size_per_worker
+        )
+        for epoch in range(config.run.epochs)
+    ]
     total = sum(epoch_steps)
     if total == 0:
         entries = [e for s in sources for e in s.entries]
-        raise ValueError(f"no full batch for every worker: {config.run.num_workers} workers of "
-                         f"{config.data.batch_size_per_worker} samples each, but the data has "
-                         f"{len(entries)} shards of {[e['n_samples'] for e in entries][:8]}... "
-                         "samples (each worker reads whole shards: use smaller shards or fewer workers)")
-    return {"schedule_steps": total, "stop_step": min(total, config.run.max_steps or total),
-            "epoch_steps": epoch_steps}
+        raise ValueError(
+            f"no full batch for every worker: {config.run.num_workers} workers of "
+            f"{config.data.batch_size_per_worker} samples each, but the data has "
+            f"{len(entries)} shards of {[e['n_samples'] for e in entries][:8]}... "
+            "samples (each worker reads whole shards: use smaller shards or fewer workers)"
+        )
+    return {"schedule_steps": total, "stop_step": min(total, config.run.max_steps or total), "epoch_steps": epoch_steps}
 
 
 def build_run_config(config: TrainConfig, callbacks: list = ()) -> ray.train.RunConfig:
@@ -276,11 +350,14 @@ def build_run_config(config: TrainConfig, callbacks: list = ()) -> ray.train.Run
     if fs is None:
         storage_path = str(Path(storage_path).resolve())
     return ray.train.RunConfig(
-        name=config.run.name, storage_path=storage_path, storage_filesystem=fs,
+        name=config.run.name,
+        storage_path=storage_path,
+        storage_filesystem=fs,
         callbacks=list(callbacks),
         logging_config=ray.train.LoggingConfig(log_level=ray_setup.ray_train_log_level()),
         checkpoint_config=ray.train.CheckpointConfig(num_to_keep=config.run.keep_checkpoints),
-        failure_config=ray.train.FailureConfig(max_failures=config.run.max_failures))
+        failure_config=ray.train.FailureConfig(max_failures=config.run.max_failures),
+    )
 
 
 def fit(config: TrainConfig, resume_run: bool = False, allow_changes=()):
@@ -294,9 +371,11 @@ def fit(config: TrainConfig, resume_run: bool = False, allow_changes=()):
         except ray.train.ControllerError as err:
             if relaunch == config.run.max_failures or resume.latest_saved_state(run_directory(config)) is None:
                 raise
-            print(f"Ray Train's controller failed ({type(err).__name__}: {str(err)[:200]}); relaunching "
-                  f"{config.run.name!r} from its latest checkpoint ({relaunch + 1}/{config.run.max_failures})",
-                  flush=True)
+            print(
+                f"Ray Train's controller failed ({type(err).__name__}: {str(err)[:200]}); relaunching "
+                f"{config.run.name!r} from its latest checkpoint ({relaunch + 1}/{config.run.max_failures})",
+                flush=True,
+            )
             resume_run = True
 
 
@@ -313,18 +392,26 @@ def fit_once(config: TrainConfig, resume_run: bool = False, allow_changes=()):
         return make_trainer(config, sources, extra, plan, ray_entry.ReportForwarder(reports)).fit()
 
 
-def make_trainer(config: TrainConfig, sources: list[data_order.Source], extra: dict, plan: dict,
-                 callback) -> TorchTrainer:
+def make_trainer(
+    config: TrainConfig, sources: list[data_order.Source], extra: dict, plan: dict, callback
+) -> TorchTrainer:
     return TorchTrainer(
         ray_entry.train_loop_per_worker,
-        train_loop_config={"config": config_to_dict(config), "sources": data_mixture.to_plan(sources), "extra": extra,
-                           **plan},
+        train_loop_config={
+            "config": config_to_dict(config),
+            "sources": data_mixture.to_plan(sources),
+            "extra": extra,
+            **plan,
+        },
         scaling_config=ray.train.ScalingConfig(
-            num_workers=config.run.num_workers, use_gpu=config.run.use_gpu,
+            num_workers=config.run.num_workers,
+            use_gpu=config.run.use_gpu,
             resources_per_worker={"CPU": config.run.cpus_per_worker},
-            placement_strategy=config.run.placement_strategy),
+            placement_strategy=config.run.placement_strategy,
+        ),
         torch_config=TorchConfig(backend="nccl" if config.run.use_gpu else "gloo"),
-        run_config=build_run_config(config, [callback]))
+        run_config=build_run_config(config, [callback]),
+    )
 
 
 def local_cpu_budget(config: TrainConfig) -> int:

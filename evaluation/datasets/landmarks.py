@@ -7,6 +7,7 @@ The ground-truth pickle holds `imlist` (gallery names, no suffix), `qimlist` (qu
 is read with an unpickler that builds only dicts, lists, numbers, strings and numpy arrays, so
 a tampered file cannot run code. Optional distractors (R1M) are more gallery images listed one
 relative path per line, never relevant to any query."""
+
 from __future__ import annotations
 
 import io
@@ -19,9 +20,14 @@ import numpy as np
 from scoring.sets.files import Location, read_image, read_lines
 
 GROUND_TRUTH = {"roxford5k": "gnd_roxford5k.pkl", "rparis6k": "gnd_rparis6k.pkl"}
-SAFE_GLOBALS = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
-                ("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.multiarray", "scalar"),
-                ("numpy._core.multiarray", "scalar")}
+SAFE_GLOBALS = {
+    ("numpy.core.multiarray", "_reconstruct"),
+    ("numpy._core.multiarray", "_reconstruct"),
+    ("numpy", "ndarray"),
+    ("numpy", "dtype"),
+    ("numpy.core.multiarray", "scalar"),
+    ("numpy._core.multiarray", "scalar"),
+}
 
 
 @dataclass(frozen=True)
@@ -55,7 +61,7 @@ def crop_query(image: bytes, box) -> bytes:
     if decoded is None:
         raise ValueError("a query image does not decode")
     x1, y1, x2, y2 = (int(round(v)) for v in box)
-    ok, png = cv2.imencode(".png", decoded[max(y1, 0):y2 + 1, max(x1, 0):x2 + 1])
+    ok, png = cv2.imencode(".png", decoded[max(y1, 0) : y2 + 1, max(x1, 0) : x2 + 1])
     return png.tobytes()
 
 
@@ -64,16 +70,20 @@ def load_revisited(path: str, name: str = "", distractors: str | None = None) ->
     root = Location(path)
     names = [name] if name else [n for n in GROUND_TRUTH if root.child(GROUND_TRUTH[n]).exists()]
     if len(names) != 1 or names[0] not in GROUND_TRUTH:
-        raise ValueError(f"{path}: expected exactly one of {sorted(GROUND_TRUTH.values())} (or name=roxford5k/rparis6k)")
+        raise ValueError(
+            f"{path}: expected exactly one of {sorted(GROUND_TRUTH.values())} (or name=roxford5k/rparis6k)"
+        )
     truth = read_ground_truth(root.child(GROUND_TRUTH[names[0]]).read_bytes())
     images = [root.child("jpg", f"{n}.jpg").uri for n in truth["imlist"]]
-    queries = [crop_query(read_image(root.child("jpg", f"{n}.jpg").uri), g["bbx"])
-               for n, g in zip(truth["qimlist"], truth["gnd"])]
-    ground_truth = [{k: np.asarray(g.get(k, []), dtype=np.int64) for k in ("easy", "hard", "junk")}
-                    for g in truth["gnd"]]
+    queries = [
+        crop_query(read_image(root.child("jpg", f"{n}.jpg").uri), g["bbx"])
+        for n, g in zip(truth["qimlist"], truth["gnd"])
+    ]
+    ground_truth = [
+        {k: np.asarray(g.get(k, []), dtype=np.int64) for k in ("easy", "hard", "junk")} for g in truth["gnd"]
+    ]
     if distractors:
         listing = Location(distractors)
         folder = Location(listing.uri.rsplit("/", 1)[0])
         images += [folder.child(line).uri for line in read_lines(listing, "distractor list")]
-    return LandmarkSet(names[0], images, queries, ground_truth,
-                       "revisited" + (" + distractors" if distractors else ""))
+    return LandmarkSet(names[0], images, queries, ground_truth, "revisited" + (" + distractors" if distractors else ""))

@@ -11,6 +11,7 @@ Stanford Online Products (Oh Song et al. 2016), folder `Stanford_Online_Products
 `Ebay_train.txt` / `Ebay_test.txt`, a header line then "<image id> <class id> <super class id>
 <path>" with the path below the folder (e.g. `bicycle_final/111085122871_0.JPG`). The paper
 uses the test split for both sides. Classes are numbered in order of first appearance."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -64,12 +65,18 @@ def load_cub(path: str, split: str = "all", name: str = "cub") -> Classification
     ids = cub_image_ids(root, split, sorted(paths, key=int))
     unlabelled = [i for i in ids if i not in labels or labels[i][0] not in index]
     if unlabelled:
-        raise ValueError(f"{root.uri}: image {unlabelled[0]} has no label in image_class_labels.txt "
-                         "naming a class of classes.txt")
+        raise ValueError(
+            f"{root.uri}: image {unlabelled[0]} has no label in image_class_labels.txt naming a class of classes.txt"
+        )
     images = [root.child("images", paths[i][0]).uri for i in ids]
     check_files_exist(images, root.child("images.txt").uri)
-    return ClassificationSet(name, images, np.array([index[labels[i][0]] for i in ids], dtype=np.int64),
-                             [cub_classname(classes[c][0]) for c in class_ids], [])
+    return ClassificationSet(
+        name,
+        images,
+        np.array([index[labels[i][0]] for i in ids], dtype=np.int64),
+        [cub_classname(classes[c][0]) for c in class_ids],
+        [],
+    )
 
 
 def read_sop_listing(location: Location) -> list[list[str]]:
@@ -98,5 +105,10 @@ def load_sop(path: str, split: str = "test", name: str = "sop") -> Classificatio
     super_of = {row[1]: row[3].split("/", 1)[0].removesuffix("_final") for row in rows}
     images = [root.child(row[3]).uri for row in rows]
     check_files_exist(images, listing.uri)
-    return ClassificationSet(name, images, np.array([index[row[1]] for row in rows], dtype=np.int64),
-                             [f"{super_of[c]} {c}" for c in order], [])
+    return ClassificationSet(
+        name,
+        images,
+        np.array([index[row[1]] for row in rows], dtype=np.int64),
+        [f"{super_of[c]} {c}" for c in order],
+        [],
+    )

@@ -4,6 +4,7 @@ A suite is {"name", "description", "roots": {root: default URI}, "benchmarks": [
 an entry is {"name", "task", "test": dataset spec[, "train": spec][, "groups": [...]][, "options"]},
 a dataset spec {"format", "path", reader arguments...}. `{root}` placeholders in spec strings
 resolve to the suite's roots, which `--root NAME=URI` overrides on the command line."""
+
 from __future__ import annotations
 
 import json
@@ -58,6 +59,11 @@ def suite_entries(name_or_path: str, overrides: dict[str, str] | None = None) ->
     for entry in suite["benchmarks"]:
         where = f"suite {suite['name']}, benchmark {entry.get('name')}"
         specs = {k: v for k, v in entry.items() if k != "options"}  # options hold templates' {c}
-        entries.append({**resolve_placeholders(specs, roots, where), **({"options": entry["options"]} if "options" in entry else {}),
-                        "suite": suite["name"]})
+        entries.append(
+            {
+                **resolve_placeholders(specs, roots, where),
+                **({"options": entry["options"]} if "options" in entry else {}),
+                "suite": suite["name"],
+            }
+        )
     return entries

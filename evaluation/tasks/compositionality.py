@@ -1,5 +1,6 @@
 """SugarCrepe accuracy: an image scores a hit when its true caption is strictly more similar
 than the hard negative; per subset, then averaged by what is edited and by how."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -13,8 +14,10 @@ def compute_pair_accuracy(positive_scores: np.ndarray, negative_scores: np.ndarr
     """Fraction of images whose positive caption beats its negative (a tie is a miss)."""
     positive_scores, negative_scores = np.asarray(positive_scores), np.asarray(negative_scores)
     if positive_scores.shape != negative_scores.shape or positive_scores.size == 0:
-        raise ValueError(f"need one positive and one negative score per image, got {positive_scores.shape} "
-                         f"and {negative_scores.shape}")
+        raise ValueError(
+            f"need one positive and one negative score per image, got {positive_scores.shape} "
+            f"and {negative_scores.shape}"
+        )
     if not (np.isfinite(positive_scores).all() and np.isfinite(negative_scores).all()):
         raise ValueError("scores contain NaN or inf")
     return float(np.mean(positive_scores > negative_scores))

@@ -7,6 +7,7 @@ The query features are whatever the benchmark requested: the native features (th
 baseline) or the modality-inverted ones (OTI images, OVI captions, evaluation/inversion.py),
 which the encoder actors compute; a suite entry names them in its options
 (`"options": {"query": "oti"}`)."""
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -42,15 +43,23 @@ def compute_precision_metrics(scores: np.ndarray, relevant: np.ndarray) -> dict[
     n_relevant = truth.sum(axis=1)
     within_r = ranks <= n_relevant[:, None]
     denominator = np.maximum(n_relevant, 1)
-    return {MAP_KEY: (precision * truth).sum(axis=1) / denominator,
-            R_PRECISION_KEY: (truth * within_r).sum(axis=1) / denominator,
-            MAP_AT_R_KEY: (precision * truth * within_r).sum(axis=1) / denominator}
+    return {
+        MAP_KEY: (precision * truth).sum(axis=1) / denominator,
+        R_PRECISION_KEY: (truth * within_r).sum(axis=1) / denominator,
+        MAP_AT_R_KEY: (precision * truth * within_r).sum(axis=1) / denominator,
+    }
 
 
-def compute_retrieval_metrics(queries: np.ndarray, query_owner: np.ndarray, gallery: np.ndarray,
-                              gallery_owner: np.ndarray, similarity: Similarity,
-                              block_size: int = QUERY_BLOCK_SIZE, query_ids: np.ndarray | None = None,
-                              gallery_ids: np.ndarray | None = None) -> dict[str, float]:
+def compute_retrieval_metrics(
+    queries: np.ndarray,
+    query_owner: np.ndarray,
+    gallery: np.ndarray,
+    gallery_owner: np.ndarray,
+    similarity: Similarity,
+    block_size: int = QUERY_BLOCK_SIZE,
+    query_ids: np.ndarray | None = None,
+    gallery_ids: np.ndarray | None = None,
+) -> dict[str, float]:
     """mAP, mAP@R and R-precision of ranking `gallery` for each query; gallery item j is
     relevant to query q when their owners (class label, source image) are equal. With ids
     (query and gallery drawn from one split, as CUB and SOP are evaluated), the gallery item
@@ -71,17 +80,23 @@ def compute_retrieval_metrics(queries: np.ndarray, query_owner: np.ndarray, gall
     return {key: float(np.mean(np.concatenate(values))) for key, values in per_query.items()}
 
 
-def remove_self(scores: np.ndarray, relevant: np.ndarray, query_ids: np.ndarray,
-                gallery_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def remove_self(
+    scores: np.ndarray, relevant: np.ndarray, query_ids: np.ndarray, gallery_ids: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
     """The query's own gallery item ranked last and not relevant: below every finite score it
     changes none of the metrics, as if it were not in the gallery."""
     own = query_ids[:, None] == gallery_ids[None, :]
     return np.where(own, -np.inf, scores), relevant & ~own
 
 
-def compute_retrieval_map(queries: np.ndarray, query_owner: np.ndarray, gallery: np.ndarray,
-                          gallery_owner: np.ndarray, similarity: Similarity,
-                          block_size: int = QUERY_BLOCK_SIZE) -> float:
+def compute_retrieval_map(
+    queries: np.ndarray,
+    query_owner: np.ndarray,
+    gallery: np.ndarray,
+    gallery_owner: np.ndarray,
+    similarity: Similarity,
+    block_size: int = QUERY_BLOCK_SIZE,
+) -> float:
     """The mAP of `compute_retrieval_metrics`."""
     return compute_retrieval_metrics(queries, query_owner, gallery, gallery_owner, similarity, block_size)[MAP_KEY]
 
@@ -93,23 +108,33 @@ def split_first_caption(text_to_image: np.ndarray) -> tuple[np.ndarray, np.ndarr
     return first, gallery
 
 
-def compute_text_to_text_metrics(text_features: np.ndarray, text_to_image: np.ndarray, similarity: Similarity,
-                                 query_features: np.ndarray | None = None) -> dict[str, float]:
+def compute_text_to_text_metrics(
+    text_features: np.ndarray,
+    text_to_image: np.ndarray,
+    similarity: Similarity,
+    query_features: np.ndarray | None = None,
+) -> dict[str, float]:
     """Each image's first caption queries the other captions; `query_features` (one row per
     image, in image order) replaces those captions' own features as queries (e.g. OVI)."""
     queries, gallery = split_first_caption(text_to_image)
     query_rows = text_features[queries] if query_features is None else query_features
-    return compute_retrieval_metrics(query_rows, text_to_image[queries], text_features[gallery],
-                                     text_to_image[gallery], similarity)
+    return compute_retrieval_metrics(
+        query_rows, text_to_image[queries], text_features[gallery], text_to_image[gallery], similarity
+    )
 
 
-def compute_text_to_text_map(text_features: np.ndarray, text_to_image: np.ndarray, similarity: Similarity,
-                             query_features: np.ndarray | None = None) -> float:
+def compute_text_to_text_map(
+    text_features: np.ndarray,
+    text_to_image: np.ndarray,
+    similarity: Similarity,
+    query_features: np.ndarray | None = None,
+) -> float:
     return compute_text_to_text_metrics(text_features, text_to_image, similarity, query_features)[MAP_KEY]
 
 
-def compute_modality_gap(image_features: np.ndarray, text_features: np.ndarray,
-                         text_to_image: np.ndarray, topology: Sphere | None = None) -> float:
+def compute_modality_gap(
+    image_features: np.ndarray, text_features: np.ndarray, text_to_image: np.ndarray, topology: Sphere | None = None
+) -> float:
     """The topology's gap over the n (image, caption) pairs (`Sphere.modality_gap`): on the
     sphere ‖(1/n) Σ x̂_i − (1/n) Σ ŷ_i‖ of L2-normalised features; on m chunks that distance
     of the chunk-normalised rows divided by √m (the root mean square of the m spheres' gaps);
@@ -118,8 +143,11 @@ def compute_modality_gap(image_features: np.ndarray, text_features: np.ndarray,
 
 
 # The revisited protocol's three settings: (relevant, ignored) built from a query's ground truth.
-REVISITED_SETTINGS = {"easy": (("easy",), ("junk", "hard")), "medium": (("easy", "hard"), ("junk",)),
-                      "hard": (("hard",), ("junk", "easy"))}
+REVISITED_SETTINGS = {
+    "easy": (("easy",), ("junk", "hard")),
+    "medium": (("easy", "hard"), ("junk",)),
+    "hard": (("hard",), ("junk", "easy")),
+}
 
 
 def revisited_average_precision(ranked: np.ndarray, relevant: np.ndarray, ignored: np.ndarray) -> float:
@@ -133,16 +161,17 @@ def revisited_average_precision(ranked: np.ndarray, relevant: np.ndarray, ignore
     return float(((before + (j + 1) / (ranks + 1)) / 2).sum() / len(relevant))
 
 
-def compute_revisited_map(queries: np.ndarray, gallery: np.ndarray, ground_truth: list[dict],
-                          similarity: Similarity, block_size: int = 8) -> dict[str, float]:
+def compute_revisited_map(
+    queries: np.ndarray, gallery: np.ndarray, ground_truth: list[dict], similarity: Similarity, block_size: int = 8
+) -> dict[str, float]:
     """mAP in each setting (easy / medium / hard), over the queries that have a relevant item
     in that setting; the gallery is ranked in blocks of queries (R1M galleries are large)."""
     per_setting: dict[str, list[float]] = {name: [] for name in REVISITED_SETTINGS}
     for start in range(0, len(queries), block_size):
-        scores = np.asarray(similarity(queries[start:start + block_size], gallery), np.float64)
+        scores = np.asarray(similarity(queries[start : start + block_size], gallery), np.float64)
         if not np.isfinite(scores).all():
             raise ValueError("scores contain NaN or inf")
-        for row, truth in zip(np.argsort(-scores, axis=1, kind="stable"), ground_truth[start:start + block_size]):
+        for row, truth in zip(np.argsort(-scores, axis=1, kind="stable"), ground_truth[start : start + block_size]):
             for name, (relevant_keys, ignored_keys) in REVISITED_SETTINGS.items():
                 relevant = np.concatenate([truth[k] for k in relevant_keys])
                 if len(relevant):

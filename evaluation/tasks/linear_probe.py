@@ -5,6 +5,7 @@ topology paper's (MoCo v3's) optimiser is `optimizer="sgd"`: SGD without momentu
 decay, lr 1.0 cosine after `warmup_epochs` = 5 linear warm-up epochs, 100 epochs (its
 RandomResizedCrop + RandAugment on the training images comes as V pre-encoded views per image,
 evaluation/probe_views.py)."""
+
 from __future__ import annotations
 
 import math
@@ -51,8 +52,9 @@ def build_probe_optimizer(model: torch.nn.Module, config: LinearProbeConfig) -> 
     return torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
 
 
-def train_linear_probe(features: np.ndarray, labels: np.ndarray, n_classes: int,
-                       config: LinearProbeConfig) -> torch.nn.Linear:
+def train_linear_probe(
+    features: np.ndarray, labels: np.ndarray, n_classes: int, config: LinearProbeConfig
+) -> torch.nn.Linear:
     """A (D -> C) linear classifier fitted by cross-entropy; seeded like CLIP_benchmark
     (torch.manual_seed before the layer is built; shuffling draws from the same generator).
     `features` (N, D), or (N, V, D) for V augmented views: epoch e trains on view e mod V."""
@@ -61,8 +63,14 @@ def train_linear_probe(features: np.ndarray, labels: np.ndarray, n_classes: int,
     torch.manual_seed(config.seed)
     model = torch.nn.Linear(views.shape[2], n_classes)
     optimizer = build_probe_optimizer(model, config)
-    loaders = [DataLoader(TensorDataset(torch.from_numpy(np.ascontiguousarray(views[:, v])), torch.from_numpy(labels)),
-                          batch_size=config.batch_size, shuffle=True) for v in range(views.shape[1])]
+    loaders = [
+        DataLoader(
+            TensorDataset(torch.from_numpy(np.ascontiguousarray(views[:, v])), torch.from_numpy(labels)),
+            batch_size=config.batch_size,
+            shuffle=True,
+        )
+        for v in range(views.shape[1])
+    ]
     steps_per_epoch = len(loaders[0])
     total_steps, warmup_steps = config.epochs * steps_per_epoch, config.warmup_epochs * steps_per_epoch
     for epoch in range(config.epochs):
@@ -76,9 +84,14 @@ def train_linear_probe(features: np.ndarray, labels: np.ndarray, n_classes: int,
     return model
 
 
-def evaluate_linear_probe(train_features: np.ndarray, train_labels: np.ndarray, test_features: np.ndarray,
-                          test_labels: np.ndarray, n_classes: int,
-                          config: LinearProbeConfig = LinearProbeConfig()) -> dict[str, float]:
+def evaluate_linear_probe(
+    train_features: np.ndarray,
+    train_labels: np.ndarray,
+    test_features: np.ndarray,
+    test_labels: np.ndarray,
+    n_classes: int,
+    config: LinearProbeConfig = LinearProbeConfig(),
+) -> dict[str, float]:
     """Top-1/top-5/mean per-class recall of the probe on the test features."""
     train_labels, test_labels = np.asarray(train_labels, np.int64), np.asarray(test_labels, np.int64)
     if train_labels.ndim != 1:

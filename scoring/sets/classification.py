@@ -5,6 +5,7 @@ ImageNet-A/-R/-O as distributed (one folder per WordNet id, a subset of the 1000
 put the 1000 ImageNet class names in `classnames.txt` and their ids in `wnids.txt`; the
 classes are the ids that have a folder, in ImageNet order, as CLIP_benchmark masks them.
 """
+
 from __future__ import annotations
 
 import json
@@ -89,12 +90,14 @@ def match_classnames(root: Location, dir_names: list[str], classnames: list[str]
         return classnames
     if len(dir_names) < len(classnames) and root.child(WNIDS_FILE).exists():
         return select_class_subset(root, dir_names, classnames)
-    raise ValueError(f"{root.uri} has {len(dir_names)} class folders but {CLASSNAMES_FILE} names "
-                     f"{len(classnames)} classes")
+    raise ValueError(
+        f"{root.uri} has {len(dir_names)} class folders but {CLASSNAMES_FILE} names {len(classnames)} classes"
+    )
 
 
-def load_image_folder(root: str, name: str | None = None, split: str | None = None,
-                      need_templates: bool = True) -> ClassificationSet:
+def load_image_folder(
+    root: str, name: str | None = None, split: str | None = None, need_templates: bool = True
+) -> ClassificationSet:
     """Read `<root>[/<split>]/<class_dir>/*.{jpg,jpeg,png,webp}` with `classnames.txt` and a template
     file in `<root>[/<split>]` or `<root>`. Folder i in name order is class i (ImageFolder's rule)."""
     top = Location(root)

@@ -1,6 +1,7 @@
 """Where benchmark files live: a local folder or an `s3://` prefix, behind one fsspec interface
 (pipelines.storage). Readers refer to an image by URI (read by the encoders when they need it)
 or carry its bytes (images read out of tar shards)."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -102,5 +103,6 @@ def check_files_exist(refs: list[str], source: str) -> None:
         if name not in present[parent]:
             missing.append(ref)
     if missing:
-        raise FileNotFoundError(f"{len(missing)} of {len(refs)} images listed in {source} are missing, "
-                                f"e.g. {missing[0]}")
+        raise FileNotFoundError(
+            f"{len(missing)} of {len(refs)} images listed in {source} are missing, e.g. {missing[0]}"
+        )

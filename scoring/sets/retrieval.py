@@ -2,6 +2,7 @@
 image: Karpathy-split JSON (COCO 5k, Flickr30k/8k 1k), COCO val2017 `captions_val2017.json`,
 Flickr30k's whole-set `results_20130124.token`, Urban1k's folder and a ShareGPT4V-style shard
 build (long captions). Local paths or s3://; the protocol is named in the set."""
+
 from __future__ import annotations
 
 import itertools
@@ -83,8 +84,9 @@ def parent_uri(uri: str) -> str:
     return uri.rstrip("/").rsplit("/", 1)[0] if "/" in uri.rstrip("/") else "."
 
 
-def load_karpathy(json_path: str, image_root: str | None = None, split: str = "test",
-                  name: str | None = None) -> RetrievalSet:
+def load_karpathy(
+    json_path: str, image_root: str | None = None, split: str = "test", name: str | None = None
+) -> RetrievalSet:
     """One split of a Karpathy `dataset_*.json`; images at `image_root/filepath/filename`
     (Flickr's file has no `filepath`: the image sits in `image_root`)."""
     location = Location(json_path)
@@ -92,12 +94,18 @@ def load_karpathy(json_path: str, image_root: str | None = None, split: str = "t
     entries = read_karpathy_entries(location, split)
     images = [root.child(entry.get("filepath", ""), entry["filename"]).uri for entry in entries]
     groups = [[s["raw"].strip() for s in entry["sentences"]] for entry in entries]
-    return build_set(name or location.name().rsplit(".", 1)[0], KARPATHY_PROTOCOL.format(split=split),
-                     images, groups, f"{location.uri} (image_root {root.uri})")
+    return build_set(
+        name or location.name().rsplit(".", 1)[0],
+        KARPATHY_PROTOCOL.format(split=split),
+        images,
+        groups,
+        f"{location.uri} (image_root {root.uri})",
+    )
 
 
-def load_coco_captions(annotation_file: str, image_root: str | None = None, name: str | None = None,
-                       captions_per_image: int = 5) -> RetrievalSet:
+def load_coco_captions(
+    annotation_file: str, image_root: str | None = None, name: str | None = None, captions_per_image: int = 5
+) -> RetrievalSet:
     """COCO `captions_val2017.json`: images by id, each with its first `captions_per_image`
     captions in file order. Images default to `<annotations/..>/val2017/<file_name>`."""
     location = Location(annotation_file)
@@ -109,8 +117,13 @@ def load_coco_captions(annotation_file: str, image_root: str | None = None, name
     images = sorted(data["images"], key=lambda image: image["id"])  # torchvision CocoCaptions' order
     refs = [root.child(image["file_name"]).uri for image in images]
     caption_groups = [groups[image["id"]][:captions_per_image] for image in images]
-    return build_set(name or "mscoco_val2017", COCO_PROTOCOL.format(n=captions_per_image), refs,
-                     caption_groups, f"{location.uri} (image_root {root.uri})")
+    return build_set(
+        name or "mscoco_val2017",
+        COCO_PROTOCOL.format(n=captions_per_image),
+        refs,
+        caption_groups,
+        f"{location.uri} (image_root {root.uri})",
+    )
 
 
 def load_flickr_token(token_file: str, image_root: str | None = None, name: str | None = None) -> RetrievalSet:
@@ -127,8 +140,13 @@ def load_flickr_token(token_file: str, image_root: str | None = None, name: str 
             raise ValueError(f"{location.uri} line {number}: expected '<image>#<i>\\t<caption>', got {line[:80]!r}")
         groups.setdefault(tag.rsplit("#", 1)[0], []).append(caption.strip())
     refs = [root.child(filename).uri for filename in groups]
-    return build_set(name or "flickr30k_full", FLICKR_FULL_PROTOCOL, refs, list(groups.values()),
-                     f"{location.uri} (image_root {root.uri})")
+    return build_set(
+        name or "flickr30k_full",
+        FLICKR_FULL_PROTOCOL,
+        refs,
+        list(groups.values()),
+        f"{location.uri} (image_root {root.uri})",
+    )
 
 
 def load_long_caption_folder(root: str, name: str | None = None) -> RetrievalSet:
@@ -139,19 +157,29 @@ def load_long_caption_folder(root: str, name: str | None = None) -> RetrievalSet
         if not folder.is_dir():
             raise FileNotFoundError(f"missing folder {folder.uri}")
     images = {name.rsplit(".", 1)[0]: uri for name, uri in image_dir.image_files()}
-    texts = {name[: -len(LONG_CAPTION_SUFFIX)]: uri for name, uri in caption_dir.entries(dirs=False)
-             if name.endswith(LONG_CAPTION_SUFFIX)}
+    texts = {
+        name[: -len(LONG_CAPTION_SUFFIX)]: uri
+        for name, uri in caption_dir.entries(dirs=False)
+        if name.endswith(LONG_CAPTION_SUFFIX)
+    }
     unmatched = sorted(images.keys() ^ texts.keys())
     if unmatched:
-        raise ValueError(f"{len(unmatched)} stems in {image_dir.uri} / {caption_dir.uri} lack an image or "
-                         f"a caption, e.g. {unmatched[:5]}")
+        raise ValueError(
+            f"{len(unmatched)} stems in {image_dir.uri} / {caption_dir.uri} lack an image or "
+            f"a caption, e.g. {unmatched[:5]}"
+        )
     stems = sorted(images)
     captions = [Location(texts[stem]).read_text().strip() for stem in stems]
     empty = [texts[stem] for stem, caption in zip(stems, captions) if not caption]
     if empty:
         raise ValueError(f"{len(empty)} empty caption files, e.g. {empty[0]}")
-    return build_set(name or location.name(), LONG_CAPTION_PROTOCOL, [images[s] for s in stems],
-                     [[c] for c in captions], location.uri)
+    return build_set(
+        name or location.name(),
+        LONG_CAPTION_PROTOCOL,
+        [images[s] for s in stems],
+        [[c] for c in captions],
+        location.uri,
+    )
 
 
 def first_long_caption(row: dict) -> str | None:

@@ -9,6 +9,7 @@
 Images are not loaded here: each is referred to by its byte range inside its shard, so a set
 as large as ImageNet's train split costs the driver only its labels.
 """
+
 from __future__ import annotations
 
 import io
@@ -43,8 +44,11 @@ def iter_tar_members(shard: Location) -> Iterator[tuple[str, dict[str, bytes | s
                 yield key, members
                 members = {}
             key = name
-            members[ext] = (range_ref(shard.uri, member.offset_data, member.size) if ext in IMAGE_EXTS
-                            else tar.extractfile(member).read())
+            members[ext] = (
+                range_ref(shard.uri, member.offset_data, member.size)
+                if ext in IMAGE_EXTS
+                else tar.extractfile(member).read()
+            )
     if key is not None:
         yield key, members
 
@@ -74,8 +78,9 @@ def decode_label(members: dict[str, bytes], dataset_type: str, key: str) -> np.n
     return int(pick(members, ("cls",), key).decode("utf-8").strip())
 
 
-def load_wds_classification(root: Location, split: str, name: str, dataset_type: str,
-                            need_templates: bool) -> ClassificationSet:
+def load_wds_classification(
+    root: Location, split: str, name: str, dataset_type: str, need_templates: bool
+) -> ClassificationSet:
     classnames = read_lines(root.child(CLASSNAMES_FILE), "class names")
     templates = read_lines(root.child(TEMPLATES_FILE), "templates") if need_templates else []
     if need_templates:
@@ -103,13 +108,13 @@ def load_wds_retrieval(root: Location, split: str, name: str) -> RetrievalSet:
     return RetrievalSet(name, WDS_PROTOCOL.format(split=split), images, captions, text_to_image)
 
 
-def load_wds(root: str, split: str = "test", name: str | None = None,
-             need_templates: bool = True) -> ClassificationSet | RetrievalSet:
+def load_wds(
+    root: str, split: str = "test", name: str | None = None, need_templates: bool = True
+) -> ClassificationSet | RetrievalSet:
     """Read one split of a CLIP_benchmark WebDataset folder (images as byte ranges of its shards)."""
     location = Location(root)
     if not location.child(split, NSHARDS_FILE).exists():
-        raise FileNotFoundError(f"missing {location.uri}/{split}/{NSHARDS_FILE}: not a CLIP_benchmark "
-                                f"WebDataset split")
+        raise FileNotFoundError(f"missing {location.uri}/{split}/{NSHARDS_FILE}: not a CLIP_benchmark WebDataset split")
     name = name or location.name().removeprefix("wds_")
     dataset_type = read_dataset_type(location)
     if dataset_type == "retrieval":

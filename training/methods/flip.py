@@ -1,5 +1,6 @@
 """FLIP's random patch dropping (Li et al., 2023): a random subset of patch tokens is removed
 from the sequence before the vision transformer, so the step really gets cheaper."""
+
 from __future__ import annotations
 
 import torch
@@ -13,8 +14,9 @@ def compute_num_keep(num_patches: int, ratio: float) -> int:
     return max(1, int(round(num_patches * (1.0 - ratio), 6)))
 
 
-def random_masking(x: torch.Tensor, num_keep: int, generator: torch.Generator | None,
-                   num_prefix_tokens: int = 1) -> torch.Tensor:
+def random_masking(
+    x: torch.Tensor, num_keep: int, generator: torch.Generator | None, num_prefix_tokens: int = 1
+) -> torch.Tensor:
     """Keep `num_keep` random patch tokens of x (B, c + L, D); the c class tokens stay first.
 
     MAE's recipe: draw noise per patch, argsort it, keep the first tokens with a gather.

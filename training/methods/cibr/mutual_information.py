@@ -11,6 +11,7 @@ needs). Each returns an `MIEstimate`: `value` is the estimate, carrying the grad
 encoders should follow (for MINE the bias-corrected one), and `objective` is what the
 estimator's own parameters maximise. The estimators are pure modules: rank, device and the
 optimiser belong to whoever owns them."""
+
 from __future__ import annotations
 
 import math
@@ -29,8 +30,9 @@ class MIEstimate:
     objective: torch.Tensor  # () what the estimator's parameters maximise
 
 
-def derangement(batch_size: int, generator: torch.Generator | None = None,
-                device: torch.device | str = "cpu") -> torch.Tensor:
+def derangement(
+    batch_size: int, generator: torch.Generator | None = None, device: torch.device | str = "cpu"
+) -> torch.Tensor:
     """A random permutation with no fixed point: one cycle through a random order of the rows
     (batch_size ≥ 2), so every z is paired with another sample's x."""
     if batch_size < 2:
@@ -91,8 +93,9 @@ class StatisticsNetwork(nn.Module):
     def __init__(self, dims: Sequence[int], hidden: int = 512, clamp: float = 20.0):
         super().__init__()
         self.norms = nn.ModuleList(BlockNorm(d) for d in dims)
-        self.mlp = nn.Sequential(nn.Linear(sum(dims), hidden), nn.ELU(), nn.Linear(hidden, hidden), nn.ELU(),
-                                 nn.Linear(hidden, 1))
+        self.mlp = nn.Sequential(
+            nn.Linear(sum(dims), hidden), nn.ELU(), nn.Linear(hidden, hidden), nn.ELU(), nn.Linear(hidden, 1)
+        )
         self.clamp = clamp
 
     def forward(self, *blocks: torch.Tensor) -> torch.Tensor:
@@ -162,7 +165,7 @@ class Club(nn.Module):
         mean, log_var = self.mean(hidden), self.log_var(hidden).clamp(-10, 10)  # (B, Dz)
 
         def log_q(values):  # (B,) log-density of `values` under each row's q, constants dropped
-            return (-(values - mean) ** 2 / (2 * log_var.exp()) - log_var / 2).sum(-1)
+            return (-((values - mean) ** 2) / (2 * log_var.exp()) - log_var / 2).sum(-1)
 
         joint = log_q(z)
         bound = (joint - log_q(z[perm])).mean()

@@ -15,6 +15,7 @@ per-rank gradients instead would estimate another quantity: the DV bound's log-m
 the marginal samples does not split into a sum over ranks, and each rank would only shuffle
 its own rows.
 """
+
 from __future__ import annotations
 
 import copy
@@ -45,8 +46,9 @@ class ReferenceTowers(nn.Module):
             visual.proj = None
         else:
             self.image_dim = visual.output_dim
-        self.text_dim = (text_projection.in_features if isinstance(text_projection, nn.Linear)
-                         else text_projection.shape[0])
+        self.text_dim = (
+            text_projection.in_features if isinstance(text_projection, nn.Linear) else text_projection.shape[0]
+        )
         tower.text_projection = None
         self.tower = freeze(tower)
 
@@ -83,27 +85,41 @@ class CibrObjective(nn.Module):
     """The base objective's terms plus {"cibr": λ·R}; R's four estimates, λ and the InfoNCE
     value log B − L_base go to the step's diagnostics (`cibr/...`)."""
 
-    def __init__(self, base: nn.Module, reference: ReferenceTowers, z_dim: int, cfg: CibrConfig,
-                 rank: int = 0, world_size: int = 1, seed: int = 0):
+    def __init__(
+        self,
+        base: nn.Module,
+        reference: ReferenceTowers,
+        z_dim: int,
+        cfg: CibrConfig,
+        rank: int = 0,
+        world_size: int = 1,
+        seed: int = 0,
+    ):
         super().__init__()
         if cfg.estimator not in ESTIMATOR_KINDS:
             raise ValueError(f"unknown cibr.estimator {cfg.estimator!r}; known: {', '.join(ESTIMATOR_KINDS)}")
         self.base, self.reference, self.cfg = base, reference, cfg
         self.rank, self.world_size, self.seed = rank, world_size, seed
         x_v, x_t = reference.image_dim, reference.text_dim
-        self.estimators = nn.ModuleDict({
-            "image": ConditionalMI(cfg.estimator, z_dim, x_v, x_t, cfg.hidden, cfg.ema_rate),  # I(Z_v; X_v | X_t)
-            "text": ConditionalMI(cfg.estimator, z_dim, x_t, x_v, cfg.hidden, cfg.ema_rate)})  # I(Z_t; X_t | X_v)
+        self.estimators = nn.ModuleDict(
+            {
+                "image": ConditionalMI(cfg.estimator, z_dim, x_v, x_t, cfg.hidden, cfg.ema_rate),  # I(Z_v; X_v | X_t)
+                "text": ConditionalMI(cfg.estimator, z_dim, x_t, x_v, cfg.hidden, cfg.ema_rate),
+            }
+        )  # I(Z_t; X_t | X_v)
         self.optimizer: torch.optim.Optimizer | None = None  # the estimators', made by `attach`
         self.parts: list[AuxiliaryPart] = []
 
     def attach(self, device: torch.device) -> CibrObjective:
         """Move to the device and give the estimators their optimiser (Adam, no weight decay)."""
         self.to(device)
-        self.optimizer = torch.optim.Adam(self.estimators.parameters(), lr=self.cfg.estimator_lr,
-                                          betas=self.cfg.estimator_betas)
-        self.parts = [AuxiliaryPart("reference", self.reference),
-                      AuxiliaryPart("estimators", self.estimators, self.optimizer, self.update_estimators)]
+        self.optimizer = torch.optim.Adam(
+            self.estimators.parameters(), lr=self.cfg.estimator_lr, betas=self.cfg.estimator_betas
+        )
+        self.parts = [
+            AuxiliaryPart("reference", self.reference),
+            AuxiliaryPart("estimators", self.estimators, self.optimizer, self.update_estimators),
+        ]
         return self
 
     def auxiliary_parts(self) -> list[AuxiliaryPart]:
@@ -119,9 +135,13 @@ class CibrObjective(nn.Module):
             generator = step_generator(self.seed, outputs["step"], device)
             noise = torch.randn((2, *z_v.shape), generator=generator, device=device) * self.cfg.noise_std
             outputs["cibr_inputs"] = {
-                "z_v": z_v + noise[0], "z_t": z_t + noise[1], "batch": z_v.shape[0],
-                "x_v": gather(x_v.float(), False), "x_t": gather(x_t.float(), False),
-                "perm": derangement(z_v.shape[0], generator, device)}
+                "z_v": z_v + noise[0],
+                "z_t": z_t + noise[1],
+                "batch": z_v.shape[0],
+                "x_v": gather(x_v.float(), False),
+                "x_t": gather(x_t.float(), False),
+                "perm": derangement(z_v.shape[0], generator, device),
+            }
         return outputs["cibr_inputs"]
 
     def estimate(self, z_v, z_t, x_v, x_t, perm):
@@ -147,13 +167,21 @@ class CibrObjective(nn.Module):
     def forward(self, outputs: dict) -> dict:
         terms = self.base(outputs)
         s, weight = self.step_inputs(outputs), cibr_weight(outputs["step"], self.cfg)
-        with (without_grad(self.estimators), torch.autocast(device_type=s["z_v"].device.type, enabled=False),
-              torch.set_grad_enabled(weight != 0)):  # λ = 0: logged, no graph, no gather backward
+        with (
+            without_grad(self.estimators),
+            torch.autocast(device_type=s["z_v"].device.type, enabled=False),
+            torch.set_grad_enabled(weight != 0),
+        ):  # λ = 0: logged, no graph, no gather backward
             (a_v, c_v), (a_t, c_t) = self.estimate(s["z_v"], s["z_t"], s["x_v"], s["x_t"], s["perm"])
         regularizer = (a_v.value - c_v.value) + (a_t.value - c_t.value)
-        diagnostics = {"cibr/A_v": a_v.value.detach(), "cibr/C_v": c_v.value.detach(),
-                       "cibr/A_t": a_t.value.detach(), "cibr/C_t": c_t.value.detach(),
-                       "cibr/R": regularizer.detach(), "cibr/lambda": weight}
+        diagnostics = {
+            "cibr/A_v": a_v.value.detach(),
+            "cibr/C_v": c_v.value.detach(),
+            "cibr/A_t": a_t.value.detach(),
+            "cibr/C_t": c_t.value.detach(),
+            "cibr/R": regularizer.detach(),
+            "cibr/lambda": weight,
+        }
         infonce = [terms[k] for k in INFONCE_TERMS if k in terms]  # the symmetric InfoNCE of the base
         if infonce:
             diagnostics["cibr/infonce"] = math.log(s["batch"]) - infonce[0].detach()

@@ -1,6 +1,7 @@
 """Symmetric InfoNCE (CLIP, Radford et al. 2021, Eq. in Fig. 3) over features gathered across
 workers with gradients; the logits are the topology's (training/methods/topology/spaces.py). On the sphere
 it equals open_clip's `ClipLoss` on the same inputs."""
+
 from __future__ import annotations
 
 import torch
@@ -12,8 +13,9 @@ from training.collectives import all_gather_with_grad
 from training.methods.topology.spaces import Sphere
 
 
-def gather_features(features: torch.Tensor, rank: int, world_size: int,
-                    with_grad: bool, local_loss: bool = False) -> torch.Tensor:
+def gather_features(
+    features: torch.Tensor, rank: int, world_size: int, with_grad: bool, local_loss: bool = False
+) -> torch.Tensor:
     """Concatenate every worker's features (B_global, D) in rank order."""
     if world_size == 1:
         return features
@@ -26,8 +28,9 @@ def gather_features(features: torch.Tensor, rank: int, world_size: int,
     return torch.cat(gathered, dim=0)
 
 
-def compute_contrastive_logits(image_features, text_features, logit_scale, rank, world_size,
-                               gather_with_grad, local_loss, topology: Sphere):
+def compute_contrastive_logits(
+    image_features, text_features, logit_scale, rank, world_size, gather_with_grad, local_loss, topology: Sphere
+):
     """(logits_per_image, logits_per_text, labels) in open_clip's ClipLoss conventions; every
     topology's similarity is symmetric, so the text rows are the transpose where both exist."""
     all_image = gather_features(image_features, rank, world_size, gather_with_grad, local_loss)
@@ -48,8 +51,14 @@ class ContrastiveLoss(nn.Module):
     """{"contrastive": symmetric cross-entropy} from the topology's image and text embeddings
     (the sphere's unit features when no topology is given)."""
 
-    def __init__(self, rank: int = 0, world_size: int = 1, gather_with_grad: bool = True,
-                 local_loss: bool = False, topology: Sphere | None = None):
+    def __init__(
+        self,
+        rank: int = 0,
+        world_size: int = 1,
+        gather_with_grad: bool = True,
+        local_loss: bool = False,
+        topology: Sphere | None = None,
+    ):
         super().__init__()
         self.topology = topology or Sphere(1)
         self.rank, self.world_size = rank, world_size
@@ -57,7 +66,14 @@ class ContrastiveLoss(nn.Module):
 
     def forward(self, outputs: dict) -> dict:
         logits_i, logits_t, labels = compute_contrastive_logits(
-            outputs["image_features"], outputs["text_features"], outputs["logit_scale"],
-            self.rank, self.world_size, self.gather_with_grad, self.local_loss, self.topology)
+            outputs["image_features"],
+            outputs["text_features"],
+            outputs["logit_scale"],
+            self.rank,
+            self.world_size,
+            self.gather_with_grad,
+            self.local_loss,
+            self.topology,
+        )
         loss = (F.cross_entropy(logits_i, labels) + F.cross_entropy(logits_t, labels)) / 2
         return {"contrastive": loss}

@@ -2,6 +2,7 @@
 on long captions with full image features, plus the CLIP loss on short captions against
 each image's projection onto the batch's top-k principal components ("coarse-grained"
 image features). Logits and the re-embedding of the projected features are the topology's."""
+
 from __future__ import annotations
 
 import torch
@@ -34,9 +35,16 @@ class LongClipLoss(nn.Module):
     topology's manifold (`embed`: re-normalised on the sphere) and gathered across workers
     with gradients."""
 
-    def __init__(self, num_components: int, rank: int = 0, world_size: int = 1,
-                 gather_with_grad: bool = True, local_loss: bool = False, label_smoothing: float = 0.0,
-                 topology: Sphere | None = None):
+    def __init__(
+        self,
+        num_components: int,
+        rank: int = 0,
+        world_size: int = 1,
+        gather_with_grad: bool = True,
+        local_loss: bool = False,
+        label_smoothing: float = 0.0,
+        topology: Sphere | None = None,
+    ):
         super().__init__()
         self.topology = topology or Sphere(1)
         self.num_components = num_components
@@ -46,13 +54,18 @@ class LongClipLoss(nn.Module):
 
     def clip_loss(self, image: torch.Tensor, text: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
         logits_i, logits_t, labels = compute_contrastive_logits(
-            image, text, scale, self.rank, self.world_size, self.gather_with_grad, self.local_loss, self.topology)
+            image, text, scale, self.rank, self.world_size, self.gather_with_grad, self.local_loss, self.topology
+        )
         smoothing = self.label_smoothing
-        return (F.cross_entropy(logits_i, labels, label_smoothing=smoothing)
-                + F.cross_entropy(logits_t, labels, label_smoothing=smoothing)) / 2
+        return (
+            F.cross_entropy(logits_i, labels, label_smoothing=smoothing)
+            + F.cross_entropy(logits_t, labels, label_smoothing=smoothing)
+        ) / 2
 
     def forward(self, outputs: dict) -> dict:
         image, scale = outputs["image_features"], outputs["logit_scale"]
         coarse = self.topology.embed(project_to_principal_components(image, self.num_components))
-        return {"long": self.clip_loss(image, outputs["text_features"], scale),
-                "short": self.clip_loss(coarse, outputs["short_text_features"], scale)}
+        return {
+            "long": self.clip_loss(image, outputs["text_features"], scale),
+            "short": self.clip_loss(coarse, outputs["short_text_features"], scale),
+        }

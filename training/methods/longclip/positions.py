@@ -3,6 +3,7 @@ trained with context n reads k + f·(n − k) tokens. The first k positional row
 frozen, every later row is interpolated into f rows, the last one extrapolated. Long-CLIP
 uses n = 77, k = 20, f = 4 -> 248; the tiny CPU archs use the same rule with their own n, k.
 """
+
 from __future__ import annotations
 
 import torch
@@ -13,8 +14,10 @@ from torch.distributed.tensor import DTensor, distribute_tensor
 def compute_stretched_context(context: int, keep: int, factor: int) -> int:
     """Positions after stretching: k + f·(n − k) (Long-CLIP: 20 + 4·57 = 248)."""
     if factor < 1 or not 0 <= keep < context or context < 2:
-        raise ValueError(f"cannot stretch context {context} keeping {keep} rows by factor {factor} "
-                         "(need factor >= 1, 0 <= keep < context, context >= 2)")
+        raise ValueError(
+            f"cannot stretch context {context} keeping {keep} rows by factor {factor} "
+            "(need factor >= 1, 0 <= keep < context, context >= 2)"
+        )
     return keep + factor * (context - keep)
 
 
@@ -26,7 +29,7 @@ def stretch_positional_table(table: torch.Tensor, keep: int, factor: int) -> tor
     compute_stretched_context(n, keep, factor)  # validates
     source = table[keep:]  # (n − k, w)
     beyond = 2 * table[-1:] - table[-2:-1]  # (1, w) extrapolated P[n]
-    following = torch.cat([table[keep + 1:], beyond])  # (n − k, w) row i+1 of each source row
+    following = torch.cat([table[keep + 1 :], beyond])  # (n − k, w) row i+1 of each source row
     weights = torch.arange(factor, dtype=table.dtype, device=table.device) / factor  # (f,)
     rows = source[:, None] + weights[None, :, None] * (following - source)[:, None]  # (n − k, f, w)
     return torch.cat([table[:keep], rows.reshape(-1, table.shape[1])])
@@ -71,8 +74,10 @@ def apply_long_text(tower: nn.Module, keep: int, factor: int) -> None:
     if factor == 1:
         return
     if not isinstance(getattr(tower, "positional_embedding", None), nn.Parameter):
-        raise ValueError(f"{type(tower).__name__} has no text positional table to stretch "
-                         "(only open_clip CLIP towers with their own text transformer)")
+        raise ValueError(
+            f"{type(tower).__name__} has no text positional table to stretch "
+            "(only open_clip CLIP towers with their own text transformer)"
+        )
     with torch.no_grad():
         table = stretch_positional_table(tower.positional_embedding.data, keep, factor)
     tower.positional_embedding = nn.Parameter(table)

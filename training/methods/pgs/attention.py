@@ -6,6 +6,7 @@ open_clip 3.3.0's `Transformer.forward(x, attn_mask)` hands the mask to each blo
 mask of shape (B * heads, T, T) is added to the attention logits, sample-major
 (row b * heads + h), so -inf in a key column removes that token for every query and head.
 """
+
 from __future__ import annotations
 
 import torch
@@ -42,8 +43,9 @@ def gather_selected_tokens(tokens: torch.Tensor, keep_index: torch.Tensor, num_p
     return torch.cat([tokens[:, :num_prefix], patches], dim=1)
 
 
-def build_key_padding_mask(hidden: torch.Tensor, num_heads: int, dtype: torch.dtype,
-                           num_prefix: int = 1) -> torch.Tensor:
+def build_key_padding_mask(
+    hidden: torch.Tensor, num_heads: int, dtype: torch.dtype, num_prefix: int = 1
+) -> torch.Tensor:
     """hidden (B, K) bool -> additive mask (B * heads, c + K, c + K): -inf where the key is a
     hidden patch, 0 elsewhere; class tokens (the first c keys) are never hidden, so no row is
     empty."""

@@ -2,6 +2,7 @@
 RGB array, such as a demo-corpus scene that the caller renders), each prepared as the training
 pipeline prepares a sample (JPEG, Sobel edge map as stored in the shards, centre crop,
 per-patch edge scores)."""
+
 from __future__ import annotations
 
 import cv2
@@ -10,13 +11,26 @@ import numpy as np
 from pipelines.edges import compute_edge_png, decode_edge_png
 from training import transforms
 
-SKIMAGE_SAMPLES = ("astronaut", "chelsea", "coffee", "rocket", "camera", "coins", "immunohistochemistry",
-                   "horse", "page", "moon", "brick", "grass")
+SKIMAGE_SAMPLES = (
+    "astronaut",
+    "chelsea",
+    "coffee",
+    "rocket",
+    "camera",
+    "coins",
+    "immunohistochemistry",
+    "horse",
+    "page",
+    "moon",
+    "brick",
+    "grass",
+)
 
 
 def load_skimage_sample(name: str) -> np.ndarray:
     """(H, W, 3) uint8 RGB of one of scikit-image's bundled images."""
     from skimage import data
+
     image = np.asarray(getattr(data, name)())
     if image.dtype == bool:
         image = image.astype(np.uint8) * 255
@@ -32,8 +46,9 @@ def prepare_view(rgb: np.ndarray, image_size: int, patch_size: int) -> tuple[np.
     decoded = transforms.decode_rgb(jpeg.tobytes())
     box = transforms.center_box(*decoded.shape[:2])
     image = transforms.apply_crop(decoded, box, image_size, cv2.INTER_CUBIC)
-    edges = transforms.transform_edges(decode_edge_png(compute_edge_png(jpeg.tobytes())), box, image_size,
-                                       decoded.shape)
+    edges = transforms.transform_edges(
+        decode_edge_png(compute_edge_png(jpeg.tobytes())), box, image_size, decoded.shape
+    )
     return image.transpose(2, 0, 1), transforms.reduce_edges_per_patch(edges, patch_size)
 
 

@@ -11,6 +11,7 @@ needs no host synchronisation): each image's data-dependent rest is hidden by a 
 `remove_shared_hidden` then takes the hidden tokens that every image of the batch shares
 out of the sequence (the batch minimum), at the price of one count read by the host.
 """
+
 from __future__ import annotations
 
 import math
@@ -50,6 +51,7 @@ class Selection:
     """keep_index: (B, K) patch indices left in the sequence (K static); hidden: (B, K)
     True where a kept token is masked out of attention as a key (None: nothing hidden);
     num_dropped: (B,) float, patches the image does not see (removed + hidden)."""
+
     keep_index: torch.Tensor
     hidden: torch.Tensor | None
     num_dropped: torch.Tensor
@@ -127,16 +129,20 @@ def compute_sobel_magnitude_zero_padded(grey: torch.Tensor, kernels: torch.Tenso
 # ------------------------------------------------------------------ reference mode
 
 
-def compute_reference_edges(std_patches: torch.Tensor, grid: tuple[int, int],
-                            kernels: torch.Tensor) -> torch.Tensor:
+def compute_reference_edges(std_patches: torch.Tensor, grid: tuple[int, int], kernels: torch.Tensor) -> torch.Tensor:
     """The released edge map (§3 step 2, degenerate by design: the mean of a standardised
     patch is zero up to round-off, which min-max normalisation blows up). (B, L) in [0, 1]."""
     grey = std_patches.mean(dim=-1).reshape(-1, 1, *grid)  # (B, 1, gh, gw)
     return normalize_min_max(compute_sobel_magnitude_zero_padded(grey, kernels).flatten(1))
 
 
-def select_reference(similarity: torch.Tensor, edges: torch.Tensor | None, config: PGSConfig,
-                     seed_noise: torch.Tensor, order_noise: torch.Tensor) -> Selection:
+def select_reference(
+    similarity: torch.Tensor,
+    edges: torch.Tensor | None,
+    config: PGSConfig,
+    seed_noise: torch.Tensor,
+    order_noise: torch.Tensor,
+) -> Selection:
     """§3 steps 4-8 on S (B, L, L); edges (B, L) or None without ED; noises U(0,1) (B, L)."""
     num_patches = similarity.shape[-1]
     if config.use_ot:
@@ -174,8 +180,14 @@ def rank_with_random_ties(values: torch.Tensor, tie_noise: torch.Tensor) -> torc
     return ranks.scatter_(1, order, torch.arange(order.shape[1], device=order.device).expand_as(order))
 
 
-def select_paper(similarity: torch.Tensor, edges: torch.Tensor | None, config: PGSConfig,
-                 tie_noise: torch.Tensor, seed_noise: torch.Tensor, order_noise: torch.Tensor) -> Selection:
+def select_paper(
+    similarity: torch.Tensor,
+    edges: torch.Tensor | None,
+    config: PGSConfig,
+    tie_noise: torch.Tensor,
+    seed_noise: torch.Tensor,
+    order_noise: torch.Tensor,
+) -> Selection:
     """§5: seeds among low-edge patches, candidates = patches similar to a seed minus the
     strongest edges, each image dropping clip(|C|, ceil(lower L), floor(upper L)) patches.
     edges: (B, L) per-patch Sobel scores (any scale) or None without ED."""

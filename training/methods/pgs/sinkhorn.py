@@ -8,6 +8,7 @@ so they never read a device value back to the host inside the training step.
 * `balance_similarity_reference`: the released code's loop on the raw similarity matrix
   (docs/methods/pgs.md §3 step 4), kept with its quirks for the `reference` mode.
 """
+
 from __future__ import annotations
 
 import os
@@ -28,6 +29,7 @@ def pot_backend(array):
     for backend in ("JAX", "CUPY", "TENSORFLOW"):
         os.environ.setdefault(f"POT_BACKEND_DISABLE_{backend}", "1")
     from ot.backend import get_backend
+
     return get_backend(array)
 
 
@@ -57,8 +59,9 @@ def normalize_similarity_paper(similarity: torch.Tensor, reg: float, num_iters: 
     return similarity + similarity.shape[-1] * sinkhorn_plans(similarity, reg, num_iters)
 
 
-def balance_similarity_reference(similarity: torch.Tensor, num_iters: int = 50,
-                                 eps: float = REFERENCE_EPS) -> torch.Tensor:
+def balance_similarity_reference(
+    similarity: torch.Tensor, num_iters: int = 50, eps: float = REFERENCE_EPS
+) -> torch.Tensor:
     """The released loop on raw similarities (negative entries allowed, no kernel).
 
     Each iteration divides by (column sums + eps) and by (row sums + eps), both computed

@@ -5,6 +5,7 @@ Every pair (image a, text b), positive or negative, compares the image embedding
 *text b's* mask with text b:  S[a, b] = cos(z_I^a ⊙ m_b, z_T^b). L_ctrI is the cross-entropy
 of each row of s·S (target: the diagonal), L_ctrT of each column; Eq. 9 sums them.
 """
+
 from __future__ import annotations
 
 import torch
@@ -16,8 +17,9 @@ from training.methods.clip.loss import gather_features
 EPS = 1e-8  # keeps the all-zero mask finite: S = 0 / sqrt(0 + eps) = 0
 
 
-def compute_masked_cosine(image: torch.Tensor, text: torch.Tensor, masks: torch.Tensor,
-                          eps: float = EPS) -> torch.Tensor:
+def compute_masked_cosine(
+    image: torch.Tensor, text: torch.Tensor, masks: torch.Tensor, eps: float = EPS
+) -> torch.Tensor:
     """S (A, B) with S[a, b] = cos(image[a] ⊙ masks[b], text[b]); image (A, d) any scale,
     text (B, d) unit rows, masks (B, d) with 0/1 forward values. Two matrix products:
 
@@ -42,9 +44,16 @@ class ModularContrastiveLoss(nn.Module):
     image features, unit text features, text masks and logit scale; features and masks are
     gathered across workers with gradients (as in `ContrastiveLoss`)."""
 
-    def __init__(self, lambda_align: float, lambda_sparsity: float, rank: int = 0,
-                 world_size: int = 1, gather_with_grad: bool = True, local_loss: bool = False,
-                 label_smoothing: float = 0.0):
+    def __init__(
+        self,
+        lambda_align: float,
+        lambda_sparsity: float,
+        rank: int = 0,
+        world_size: int = 1,
+        gather_with_grad: bool = True,
+        local_loss: bool = False,
+        label_smoothing: float = 0.0,
+    ):
         super().__init__()
         self.lambda_align, self.lambda_sparsity = lambda_align, lambda_sparsity
         self.rank, self.world_size = rank, world_size
@@ -69,9 +78,12 @@ class ModularContrastiveLoss(nn.Module):
 
     def forward(self, outputs: dict) -> dict:
         masks = outputs["text_masks"]
-        rows, columns, labels = self.compute_logits(outputs["image_features"], outputs["text_features"],
-                                                    masks, outputs["logit_scale"])
+        rows, columns, labels = self.compute_logits(
+            outputs["image_features"], outputs["text_features"], masks, outputs["logit_scale"]
+        )
         ctr_i = F.cross_entropy(rows, labels, label_smoothing=self.label_smoothing)  # Eq. 6
         ctr_t = F.cross_entropy(columns, labels, label_smoothing=self.label_smoothing)  # Eq. 7
-        return {"align": self.lambda_align * (ctr_i + ctr_t),
-                "sparsity": self.lambda_sparsity * compute_sparsity(masks)}
+        return {
+            "align": self.lambda_align * (ctr_i + ctr_t),
+            "sparsity": self.lambda_sparsity * compute_sparsity(masks),
+        }

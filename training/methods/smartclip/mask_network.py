@@ -5,6 +5,7 @@ One transformer block over the text tower's final token states (pads key-masked,
 bidirectional), attention pooling with one learned query to the embedding width, a sigmoid
 and a straight-through binary mask (forward exactly 0/1, backward the sigmoid's gradient).
 """
+
 from __future__ import annotations
 
 import torch
@@ -31,10 +32,9 @@ class AttentionPool(nn.Module):
 
     def __init__(self, out_dim: int, context_dim: int, heads: int):
         super().__init__()
-        self.query = nn.Parameter(torch.randn(1, 1, out_dim) * out_dim ** -0.5)
+        self.query = nn.Parameter(torch.randn(1, 1, out_dim) * out_dim**-0.5)
         self.ln_q, self.ln_k = nn.LayerNorm(out_dim), nn.LayerNorm(context_dim)
-        self.attn = nn.MultiheadAttention(out_dim, heads, kdim=context_dim, vdim=context_dim,
-                                          batch_first=True)
+        self.attn = nn.MultiheadAttention(out_dim, heads, kdim=context_dim, vdim=context_dim, batch_first=True)
 
     def forward(self, states: torch.Tensor, padding: torch.Tensor) -> torch.Tensor:
         keys = self.ln_k(states)  # (B, L, w)
@@ -47,12 +47,10 @@ class MaskNetwork(nn.Module):
     """Token states (B, L, w) and token ids (B, L) -> a binary mask (B, d) with
     straight-through gradients, and the sigmoid probabilities (B, d)."""
 
-    def __init__(self, width: int, heads: int, embed_dim: int, init_bias: float,
-                 act_layer: type[nn.Module] = nn.GELU):
+    def __init__(self, width: int, heads: int, embed_dim: int, init_bias: float, act_layer: type[nn.Module] = nn.GELU):
         super().__init__()
         self.heads = heads
-        self.block = ResidualAttentionBlock(width, heads, mlp_ratio=4.0, act_layer=act_layer,
-                                            batch_first=True)
+        self.block = ResidualAttentionBlock(width, heads, mlp_ratio=4.0, act_layer=act_layer, batch_first=True)
         self.pool = AttentionPool(embed_dim, width, max(1, embed_dim // 64))
         self.bias = nn.Parameter(torch.full((embed_dim,), float(init_bias)))
         # The pool's output starts at zero so that logits = bias: every mask starts the same,

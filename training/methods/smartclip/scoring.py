@@ -2,6 +2,7 @@
 an image through its own dimension mask, S[a, b] = cos(z_I^a ⊙ m_b, z_T^b), behind the same
 encode / similarity interface as any topology. The encoders return packed rows and the
 similarity unpacks them."""
+
 from __future__ import annotations
 
 import torch
@@ -46,7 +47,7 @@ def masked_similarity(image, text):
     d = (image.shape[1] - 2) // 2
     scale = image[:, 2 * d][:, None] * text[:, 2 * d + 1][None, :]  # (N, M) product of row scales
     numerator = image[:, :d] @ text[:, :d].T / scale
-    norm_sq = image[:, d:2 * d] @ text[:, d:2 * d].T / scale
+    norm_sq = image[:, d : 2 * d] @ text[:, d : 2 * d].T / scale
     return numerator / (norm_sq + EPS) ** 0.5
 
 

@@ -18,6 +18,7 @@ Text, two routes:
   tokens' own states are exactly the pretrained tower's.
 Both keep the tokenizer's context; the sequence is context + m long.
 """
+
 from __future__ import annotations
 
 import torch
@@ -53,8 +54,9 @@ def pooled_class_states(visual: nn.Module, images: torch.Tensor) -> torch.Tensor
     return pooled.flatten(1)
 
 
-def additive_key_mask(hidden_keys: torch.Tensor, num_heads: int, dtype: torch.dtype,
-                      causal: bool = False) -> torch.Tensor:
+def additive_key_mask(
+    hidden_keys: torch.Tensor, num_heads: int, dtype: torch.dtype, causal: bool = False
+) -> torch.Tensor:
     """hidden_keys (B, T) bool -> float mask (B·heads, T, T) in open_clip's layout (sample
     major): −inf where the key is hidden (and above the diagonal when causal), 0 elsewhere."""
     batch, length = hidden_keys.shape
@@ -78,7 +80,7 @@ class MultiTokenVisionTransformer(VisionTransformer):
         return self.ln_pre(self.patch_dropout(x))
 
     def _global_pool(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return x[:, :self.num_class_tokens], x[:, self.num_class_tokens:]
+        return x[:, : self.num_class_tokens], x[:, self.num_class_tokens :]
 
     def forward(self, x: torch.Tensor):
         x = self.transformer(self._embeds(x))
@@ -102,7 +104,7 @@ class MultiTokenCLIP(CLIP):
         slots = (self.text_cls_embedding + self.text_cls_positional_embedding).to(cast_dtype)
         slots = slots.unsqueeze(0).expand(x.shape[0], -1, -1)
         pads = text == PAD_TOKEN_ID
-        visible = torch.zeros_like(pads[:, :slots.shape[1]])
+        visible = torch.zeros_like(pads[:, : slots.shape[1]])
         if self.text_cls_route == "prepend":
             return torch.cat([slots, x], dim=1), torch.cat([visible, pads], dim=1)
         return torch.cat([x, slots], dim=1), torch.cat([pads, visible], dim=1)
@@ -125,8 +127,10 @@ class MultiTokenCLIP(CLIP):
 def check_convertible(tower: nn.Module) -> None:
     visual = getattr(tower, "visual", None)
     if type(tower) is not CLIP or type(visual) is not VisionTransformer:
-        raise ValueError("topology.kind=multi needs an open_clip CLIP with its own text transformer and a "
-                         f"VisionTransformer image tower (got {type(tower).__name__} / {type(visual).__name__})")
+        raise ValueError(
+            "topology.kind=multi needs an open_clip CLIP with its own text transformer and a "
+            f"VisionTransformer image tower (got {type(tower).__name__} / {type(visual).__name__})"
+        )
     if getattr(tower.visual, "attn_pool", None) is not None or tower.visual.pool_type != "tok":
         raise ValueError("topology.kind=multi needs class-token pooling (pool_type 'tok', no attentional pooler)")
 
@@ -138,9 +142,9 @@ def convert_vision(visual: VisionTransformer, m: int, n: int) -> None:
     cls_rows = torch.randn(m, width, device=device) * CLS_POSITION_STD
     visual.__class__ = MultiTokenVisionTransformer
     visual.num_class_tokens = m
-    visual.class_embedding = nn.Parameter(torch.randn(m, width, device=device) * width ** -0.5)
+    visual.class_embedding = nn.Parameter(torch.randn(m, width, device=device) * width**-0.5)
     visual.positional_embedding = nn.Parameter(torch.cat([cls_rows, patch_rows]))
-    visual.proj = nn.Parameter(torch.randn(width, n, device=device) * width ** -0.5)
+    visual.proj = nn.Parameter(torch.randn(width, n, device=device) * width**-0.5)
     visual.output_dim = m * n
 
 
@@ -153,7 +157,7 @@ def convert_text(tower: CLIP, m: int, n: int, route: str) -> None:
     tower.text_cls_route = route
     tower.text_cls_embedding = nn.Parameter(torch.randn(width, device=device) * CLS_POSITION_STD)
     tower.text_cls_positional_embedding = nn.Parameter(torch.randn(m, width, device=device) * CLS_POSITION_STD)
-    tower.text_projection = nn.Parameter(torch.randn(width, n, device=device) * width ** -0.5)
+    tower.text_projection = nn.Parameter(torch.randn(width, n, device=device) * width**-0.5)
 
 
 def convert_to_multi_token(tower: CLIP, m: int, n: int, text_route: str) -> CLIP:

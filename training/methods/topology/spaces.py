@@ -24,6 +24,7 @@ Training tensors stay within B×B (the geodesic's B×B×m, as the paper says); e
 scores in blocks of query rows. Geodesic and Euclidean similarities are computed in float32
 even under bf16 autocast (1 − 1e-6 rounds to 1 in bf16 and the arccos gradient blows up).
 """
+
 from __future__ import annotations
 
 import math
@@ -115,8 +116,10 @@ class Sphere:
             return self.score(images, weights)
         n_classes, n_templates = prompts.shape[:2]
         flat = np.asarray(prompts).reshape(n_classes * n_templates, -1)
-        blocks = [self.score(images[s:s + SCORE_BLOCK_ROWS], flat).reshape(-1, n_classes, n_templates).mean(axis=2)
-                  for s in range(0, len(images), SCORE_BLOCK_ROWS)]
+        blocks = [
+            self.score(images[s : s + SCORE_BLOCK_ROWS], flat).reshape(-1, n_classes, n_templates).mean(axis=2)
+            for s in range(0, len(images), SCORE_BLOCK_ROWS)
+        ]
         return np.concatenate(blocks) if blocks else np.zeros((0, n_classes))
 
     # (d) evaluation similarity -------------------------------------------------------------
@@ -126,8 +129,10 @@ class Sphere:
         b_t = torch.as_tensor(np.asarray(b, np.float64))
         a = np.asarray(a, np.float64)
         with torch.no_grad():
-            blocks = [self.similarity(torch.as_tensor(a[s:s + SCORE_BLOCK_ROWS]), b_t).numpy()
-                      for s in range(0, len(a), SCORE_BLOCK_ROWS)]
+            blocks = [
+                self.similarity(torch.as_tensor(a[s : s + SCORE_BLOCK_ROWS]), b_t).numpy()
+                for s in range(0, len(a), SCORE_BLOCK_ROWS)
+            ]
         return np.concatenate(blocks) if blocks else np.zeros((0, len(b_t)))
 
     def modality_gap(self, images: np.ndarray, texts: np.ndarray) -> float:
@@ -179,8 +184,7 @@ class ObliqueGeodesic(Oblique):
     def similarity(self, u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         with without_autocast(u.device.type):
             u, v = float32(u, v)
-            cosines = torch.einsum("akn,bkn->abk", u.unflatten(-1, (self.m, self.n)),
-                                   v.unflatten(-1, (self.m, self.n)))
+            cosines = torch.einsum("akn,bkn->abk", u.unflatten(-1, (self.m, self.n)), v.unflatten(-1, (self.m, self.n)))
             angles = torch.arccos(cosines.clamp(-1 + COSINE_CLAMP, 1 - COSINE_CLAMP))
             return -torch.sqrt(angles.square().sum(dim=-1) + SQRT_EPS)
 
@@ -216,8 +220,9 @@ class Euclidean(Sphere):
         return float(np.linalg.norm(np.mean(images, axis=0) - np.mean(texts, axis=0)))
 
 
-TOPOLOGIES: dict[str, type[Sphere]] = {cls.kind: cls for cls in (Sphere, Oblique, MultiToken, ObliqueGeodesic,
-                                                                  Euclidean)}
+TOPOLOGIES: dict[str, type[Sphere]] = {
+    cls.kind: cls for cls in (Sphere, Oblique, MultiToken, ObliqueGeodesic, Euclidean)
+}
 
 
 def check_topology_config(config: TopologyConfig) -> None:
@@ -226,11 +231,14 @@ def check_topology_config(config: TopologyConfig) -> None:
     if config.text_tokens not in MULTI_TEXT_ROUTES:
         raise ValueError(f"unknown topology.text_tokens {config.text_tokens!r}; known: {MULTI_TEXT_ROUTES}")
     if config.m < 1 or config.n < 0:
-        raise ValueError(f"topology {config.kind}: need m >= 1 and n >= 0 (0: embed_dim / m), got "
-                         f"n={config.n}, m={config.m}")
+        raise ValueError(
+            f"topology {config.kind}: need m >= 1 and n >= 0 (0: embed_dim / m), got n={config.n}, m={config.m}"
+        )
     if config.kind in ("sphere", "euclidean") and config.m != 1:
-        raise ValueError(f"topology.kind={config.kind} is one vector per sample: leave topology.m at 1 "
-                         f"(got {config.m}); the product of spheres is topology.kind=oblique")
+        raise ValueError(
+            f"topology.kind={config.kind} is one vector per sample: leave topology.m at 1 "
+            f"(got {config.m}); the product of spheres is topology.kind=oblique"
+        )
 
 
 def resolve_sphere_dim(config: TopologyConfig, embed_dim: int) -> int:
@@ -238,12 +246,16 @@ def resolve_sphere_dim(config: TopologyConfig, embed_dim: int) -> int:
     split embed_dim exactly; multi projects each token to n (any n; default embed_dim / m)."""
     if config.n == 0:
         if embed_dim % config.m:
-            raise ValueError(f"topology {config.kind}: embed_dim {embed_dim} does not split into "
-                             f"m={config.m} spheres; set topology.n")
+            raise ValueError(
+                f"topology {config.kind}: embed_dim {embed_dim} does not split into "
+                f"m={config.m} spheres; set topology.n"
+            )
         return embed_dim // config.m
     if config.kind != "multi" and config.n * config.m != embed_dim:
-        raise ValueError(f"topology {config.kind}({config.n}, {config.m}) needs n·m = {config.n * config.m} "
-                         f"= the tower's embed_dim ({embed_dim})")
+        raise ValueError(
+            f"topology {config.kind}({config.n}, {config.m}) needs n·m = {config.n * config.m} "
+            f"= the tower's embed_dim ({embed_dim})"
+        )
     return config.n
 
 
@@ -255,4 +267,3 @@ def build_topology(config: TopologyConfig, embed_dim: int) -> Sphere:
 def topology_from_info(info: dict) -> Sphere:
     """The topology a report's checkpoint info describes ({"kind", "n", "m"})."""
     return TOPOLOGIES[info["kind"]](int(info["n"]), int(info["m"]))
-
