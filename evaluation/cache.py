@@ -55,7 +55,9 @@ class EmbeddingCache:
     that were in progress when a pass died (`stale_claims`)."""
 
     def __init__(self, root: str | None, fingerprint: str):
-        self.root, self.fingerprint, self.enabled = root, fingerprint, root is not None
+        self.root = root
+        self.fingerprint = fingerprint
+        self.enabled = root is not None
         if self.enabled:
             self.fs, base = storage.open_storage(root)
             self.folder = storage.join(base, fingerprint[:16])

@@ -14,7 +14,11 @@ from evaluation.inversion import InversionConfig, check_inversion, oti_features,
 from evaluation.probe_views import ViewAugmenter, ViewConfig
 from training.inference import load_inference_model
 
-INDEX, URI, DATA, TEXT, EMBEDDING = "index", "uri", "data", "text", "embedding"
+INDEX = "index"
+URI = "uri"
+DATA = "data"
+TEXT = "text"
+EMBEDDING = "embedding"
 
 
 def image_rows(refs: list[ImageRef]) -> list[dict]:
@@ -65,7 +69,8 @@ class ImageEncoder:
     ):
         if output not in IMAGE_OUTPUTS:
             raise ValueError(f"unknown image output {output!r}; known: {IMAGE_OUTPUTS}")
-        self.bundle, self.device = load_inference_model(checkpoint_uri, device, scorer, cache_dir), device
+        self.bundle = load_inference_model(checkpoint_uri, device, scorer, cache_dir)
+        self.device = device
         model = self.bundle.model
         self.forward = model.encode_image_states if output == "class_states" else model.encode_image
         self.inversion = build_inversion(self.bundle, inversion if output == "oti" else None)
@@ -113,7 +118,8 @@ class TextEncoder:
         inversion: dict | None = None,
         cache_dir: str | None = None,
     ):
-        self.bundle, self.device = load_inference_model(checkpoint_uri, device, scorer, cache_dir), device
+        self.bundle = load_inference_model(checkpoint_uri, device, scorer, cache_dir)
+        self.device = device
         self.inversion = build_inversion(self.bundle, inversion)
 
     @torch.no_grad()
@@ -160,7 +166,9 @@ class BlockEncoder:
         checkpoint_cache: str | None = None,
     ):
         self.encoder = encoder(*constructor, cache_dir=checkpoint_cache)
-        self.is_image, self.modality, self.batch_size = is_image, modality, batch_size
+        self.is_image = is_image
+        self.modality = modality
+        self.batch_size = batch_size
         self.cache = EmbeddingCache(cache_root, fingerprint)
 
     def encode(self, values: list) -> np.ndarray:

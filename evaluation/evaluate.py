@@ -178,7 +178,8 @@ def encoder_spec(modality: str, args: argparse.Namespace) -> tuple[type, tuple, 
     """(encoder class, its constructor arguments, whether it reads images, progress label) of a
     request: the topology's embeddings, class-token states, or an inversion (OTI reads images,
     OVI texts). Its checkpoint is the one the driver resolved (args.pinned_checkpoint)."""
-    inversion, views = requested_inversion(modality), requested_views(modality)
+    inversion = requested_inversion(modality)
+    views = requested_views(modality)
     is_image = (
         modality in (IMAGE, IMAGE_STATES)
         or views is not None

@@ -23,7 +23,9 @@ from pipelines import storage  # noqa: E402
 
 METRICS_FILE = "metrics.jsonl"  # training/train.py: one JSON line per logging window, in the run directory
 ANNOTATE_MAX_CLASSES = 20  # confusion cells carry their count up to this many classes
-RIGHT, WRONG, NOTE = "#1a7f37", "#b42318", "#555555"
+RIGHT = "#1a7f37"
+WRONG = "#b42318"
+NOTE = "#555555"
 
 
 # ---------------------------------------------------------------- confusion matrix
@@ -43,7 +45,8 @@ def class_order(classnames: list[str], attributes: dict[str, list[str]]) -> tupl
 
 def group_spans(values: list[str]) -> list[tuple[str, int, int]]:
     """(value, first, last) of each run of equal consecutive values."""
-    spans, start = [], 0
+    spans = []
+    start = 0
     for i in range(1, len(values) + 1):
         if i == len(values) or values[i] != values[start]:
             spans.append((values[start], start, i - 1))
@@ -130,7 +133,8 @@ def run_directories(checkpoint_info: dict) -> list[str]:
     """Where the evaluated checkpoint's run directory may be: the folder holding the local
     checkpoint (a run directory holds `step_XXXXXXXX/` checkpoints), else the path given (a run
     directory) or its parent (a checkpoint in one), local or s3://."""
-    path, resolved = str(checkpoint_info.get("path", "")).rstrip("/"), checkpoint_info.get("resolved")
+    path = str(checkpoint_info.get("path", "")).rstrip("/")
+    resolved = checkpoint_info.get("resolved")
     if checkpoint_info.get("method") == "open_clip":  # an off-the-shelf model has no run
         return []
     if path and not path.startswith("s3://"):
@@ -151,7 +155,8 @@ def load_run_metrics(checkpoint_info: dict) -> list[dict]:
 
 
 def curves_title(checkpoint_info: dict) -> str:
-    directories, step = run_directories(checkpoint_info), checkpoint_info.get("step")
+    directories = run_directories(checkpoint_info)
+    step = checkpoint_info.get("step")
     run = Path(directories[0]).name if directories else "the run"
     return f"Training curves of {run}" + (f" (evaluated at step {step}, dashed)" if step is not None else "")
 

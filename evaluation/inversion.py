@@ -109,7 +109,8 @@ def nearest_repeat(pseudo: torch.Tensor, num_slots: int) -> torch.Tensor:
 @contextlib.contextmanager
 def frozen(module: nn.Module):
     """No gradient into the module's weights and eval mode for the block; restored after."""
-    flags, training = [p.requires_grad for p in module.parameters()], module.training
+    flags = [p.requires_grad for p in module.parameters()]
+    training = module.training
     module.eval().requires_grad_(False)
     try:
         yield module

@@ -36,7 +36,8 @@ def misalignment_rows(report: dict) -> list[dict]:
             if twin is None or (section, kind) not in METRICS:
                 continue
             key, label, sign = METRICS[(section, kind)]
-            native, inverted = entries[twin].get(key), entry.get(key)
+            native = entries[twin].get(key)
+            inverted = entry.get(key)
             if native is None or inverted is None:
                 continue
             rows.append(

@@ -44,7 +44,8 @@ class ViewAugmenter:
     def __init__(self, config: ViewConfig, image_size: int):
         if config.views < 1:
             raise ValueError(f"linear-probe views must be >= 1, got {config.views}")
-        self.config, self.image_size = config, image_size
+        self.config = config
+        self.image_size = image_size
         self.rand_augment = rand_augment_transform(config.rand_augment, {"img_mean": CLIP_MEAN_PIXEL})
 
     def __call__(self, image_bytes: bytes, identity: str, view: int) -> torch.Tensor:
@@ -54,7 +55,8 @@ class ViewAugmenter:
         crop = transforms.apply_crop(rgb, box, self.image_size, cv2.INTER_AREA)
         # timm picks the operations with NumPy's global generator and draws their magnitudes from
         # the `random` module: both seeded for this view, both restored after.
-        state, np_state = random.getstate(), np.random.get_state()
+        state = random.getstate()
+        np_state = np.random.get_state()
         random.seed(seed)
         np.random.seed(seed % 2**32)
         try:

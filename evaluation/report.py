@@ -350,7 +350,8 @@ def write_report(report: dict, out_dir: str | Path, figures: Sequence[str] = ())
     `figures`, written beside it) into `out_dir`; return both paths."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    json_path, md_path = out_dir / REPORT_JSON, out_dir / REPORT_MD
+    json_path = out_dir / REPORT_JSON
+    md_path = out_dir / REPORT_MD
     json_path.write_text(
         json.dumps(report, sort_keys=True, indent=2, default=convert_numpy_scalar) + "\n", encoding="utf-8"
     )

@@ -40,7 +40,8 @@ from scoring.zeroshot import (
     top1_predictions,
 )
 
-IMAGE, TEXT = "image", "text"
+IMAGE = "image"
+TEXT = "text"
 IMAGE_STATES = "image_states"  # class-token states before the projection (linear probe, "features")
 MODALITIES = (IMAGE, IMAGE_STATES, TEXT)
 PROBE_FEATURES = {"embedding": IMAGE, "class_states": IMAGE_STATES}
@@ -84,7 +85,9 @@ def load_dataset(spec: dict, need_templates: bool):
     """A dataset from its spec: {"format": ..., "path": ..., other reader arguments}; a
     "protocol" key names the protocol of a retrieval set whose files do not say it."""
     spec = dict(spec)
-    reader_name, path, protocol = spec.pop("format"), spec.pop("path"), spec.pop("protocol", None)
+    reader_name = spec.pop("format")
+    path = spec.pop("path")
+    protocol = spec.pop("protocol", None)
     if reader_name not in READERS:
         raise ValueError(f"unknown dataset format {reader_name!r}; known: {sorted(READERS)}")
     if reader_name in TEMPLATED:
@@ -144,7 +147,8 @@ def requests(bench: Benchmark) -> dict[str, tuple[str, list]]:
             wanted["queries"] = (query_modality(bench, TEXT), [test.captions[i] for i in first])
         return wanted
     if bench.task == "linear_probe":
-        modality, views = probe_modality(bench), views_from_options(bench.options)
+        modality = probe_modality(bench)
+        views = views_from_options(bench.options)
         train = modality if views is None else views_request(views)
         return {"train": (train, bench.data["train"].images), "test": (modality, test.images)}
     if bench.task == "image_retrieval":
@@ -259,9 +263,11 @@ def probe_modality(bench: Benchmark) -> str:
 
 
 def score_linear_probe(bench: Benchmark, features: dict, topology: Topology) -> dict:
-    train, test = bench.data["train"], bench.data["test"]
+    train = bench.data["train"]
+    test = bench.data["test"]
     options = {k: v for k, v in bench.options.items() if k not in ("features", "views")}
-    config, views = LinearProbeConfig(**options), views_from_options(bench.options)
+    config = LinearProbeConfig(**options)
+    views = views_from_options(bench.options)
     train_features = features["train"]
     if views is not None:  # (N, V·D) -> (N, V, D): epoch e reads view e mod V
         train_features = train_features.reshape(len(train_features), views.views, -1)
@@ -290,11 +296,14 @@ def paired_similarity(topology: Topology, a: np.ndarray, b: np.ndarray, block: i
 def score_compositionality(bench: Benchmark, features: dict, topology: Topology) -> dict:
     composition = bench.data["test"]
     row_of = {ref: i for i, ref in enumerate(unique_images(composition))}
-    texts, start, accuracies = features["texts"], 0, {}
+    texts = features["texts"]
+    start = 0
+    accuracies = {}
     for subset, pairs in composition.subsets.items():
         n = len(pairs.images)
         images = features["images"][[row_of[ref] for ref in pairs.images]]
-        positives, negatives = texts[start : start + n], texts[start + n : start + 2 * n]
+        positives = texts[start : start + n]
+        negatives = texts[start + n : start + 2 * n]
         start += 2 * n
         accuracies[subset] = compute_pair_accuracy(
             paired_similarity(topology, images, positives), paired_similarity(topology, images, negatives)
@@ -338,14 +347,16 @@ def mixture_entry(bench: Benchmark, native: np.ndarray, inverted: np.ndarray, me
 
 
 def score_image_retrieval(bench: Benchmark, features: dict, topology: Topology) -> dict:
-    test, query = bench.data["test"], query_kind(bench, IMAGE)
+    test = bench.data["test"]
+    query = query_kind(bench, IMAGE)
     if gallery_split(bench) == "train":
         train = bench.data["train"]
 
         def metrics_of(queries):
             return compute_retrieval_metrics(queries, test.labels, features["train"], train.labels, topology.score)
 
-        protocol, n_gallery = f"image->image, {query} test queries / train gallery", train.n_images
+        protocol = f"image->image, {query} test queries / train gallery"
+        n_gallery = train.n_images
     else:
         ids = np.arange(test.n_images)
 
@@ -354,7 +365,8 @@ def score_image_retrieval(bench: Benchmark, features: dict, topology: Topology) 
                 queries, test.labels, features["gallery"], test.labels, topology.score, query_ids=ids, gallery_ids=ids
             )
 
-        protocol, n_gallery = f"image->image, {query} queries / same split, query removed", test.n_images - 1
+        protocol = f"image->image, {query} queries / same split, query removed"
+        n_gallery = test.n_images - 1
     mixture = mixture_entry(bench, features.get("test_native"), features["test"], metrics_of)
     return {
         **metrics_of(features["test"]),
@@ -389,7 +401,8 @@ def score_text_retrieval(bench: Benchmark, features: dict, topology: Topology) -
 
 def score_landmark_retrieval(bench: Benchmark, features: dict, topology: Topology) -> dict:
     """The revisited protocol; the entry's mAP is the medium setting's (the one usually quoted)."""
-    dataset, query = bench.data["test"], query_kind(bench, IMAGE)
+    dataset = bench.data["test"]
+    query = query_kind(bench, IMAGE)
     maps = compute_revisited_map(features["test"], features["gallery"], dataset.ground_truth, topology.score)
     return {
         MAP_KEY: maps["medium"],

@@ -264,11 +264,13 @@ def run_shard_tasks(specs, build_uri: str, params: BuildParams, todo: set[int], 
     wrong."""
     if not todo:
         return []
-    n_cpus, ordered = ray_setup.cluster_cpus(), sorted(todo)
+    n_cpus = ray_setup.cluster_cpus()
+    ordered = sorted(todo)
     composed = len(ordered) * params.shard_size <= DRIVER_TASKS_MAX_GROUPS
     # A large build streams its tasks from the specs: its last round is a small share of it.
     n_split, n_parts = final_round_parts(len(ordered), n_cpus) if composed else (0, 1)
-    whole, split = ordered[: len(ordered) - n_split], ordered[len(ordered) - n_split :]
+    whole = ordered[: len(ordered) - n_split]
+    split = ordered[len(ordered) - n_split :]
     dedup.remove_staged_parts(*storage.open_storage(build_uri), todo)  # of an earlier split
     if split:
         log.info(
@@ -279,7 +281,9 @@ def run_shard_tasks(specs, build_uri: str, params: BuildParams, todo: set[int], 
             n_cpus,
         )
     results = download_stage(specs, whole, split, n_parts, build_uri, params, n_cpus, composed)
-    stats, start, parts_done = [], time.monotonic(), Counter()
+    stats = []
+    start = time.monotonic()
+    parts_done = Counter()
     n_units = len(whole) + len(split) * n_parts
     with Progress("prepare", num_shards, "shard", start=num_shards - len(todo)) as progress:
         for row in results.iter_rows():
@@ -426,7 +430,8 @@ def find_duplicates(fs, build_path: str, shard_ids: list[int], max_rows: int) ->
     digest, ROWS_PER_BUCKET rows a bucket, and each bucket finds its duplicates in one sort.
     A build of at most one bucket's rows (`max_rows`, shards x shard size, bounds them) is one
     bucket: one task reads every index and sorts, without the shuffle's stages around it."""
-    paths, part_sets = [], dedup.staged_part_sets(fs, build_path)
+    paths = []
+    part_sets = dedup.staged_part_sets(fs, build_path)
     for i in shard_ids:
         staged = dedup.staged_index_path(build_path, i)
         if fs.exists(staged):

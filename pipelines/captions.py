@@ -112,7 +112,8 @@ def _invisible_class() -> re.Pattern:
         for c in range(plane << 16, (plane + 1) << 16)
         if not 0xD800 <= c <= 0xDFFF and removed(chr(c))
     ]
-    ranges, start = [], points[0]
+    ranges = []
+    start = points[0]
     for prev, cur in zip(points, points[1:] + [None]):
         if cur != prev + 1:
             ranges.append(re.escape(chr(start)) + ("" if prev == start else "-" + re.escape(chr(prev))))

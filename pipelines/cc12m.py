@@ -11,7 +11,8 @@ class ParseTsvRows:
     """CC12M reader stage: TSV lines (read as Latin-1) -> caption rows."""
 
     def __init__(self, rules: captions.CaptionRules, origin: str):
-        self.rules, self.origin = rules, origin
+        self.rules = rules
+        self.origin = origin
 
     def __call__(self, batch: dict) -> dict:
         return captions.rows_to_columns([self.parse(line) for line in batch["text"]])

@@ -35,7 +35,8 @@ class OpenClipChatter(logging.Filter):
 @contextlib.contextmanager
 def quiet_open_clip(known_warning: str | None = None):
     """Around an open_clip call (unless verbose): drop its INFO steps and `known_warning`."""
-    root, drop = logging.getLogger(), OpenClipChatter(known_warning)
+    root = logging.getLogger()
+    drop = OpenClipChatter(known_warning)
     if not is_verbose():
         root.addFilter(drop)
     try:
@@ -89,10 +90,15 @@ class Progress:
         stream=None,
         tty: bool | None = None,
     ):
-        self.label, self.total, self.unit, self.every_s = label, max(int(total), 0), unit, every_s
+        self.label = label
+        self.total = max(int(total), 0)
+        self.unit = unit
+        self.every_s = every_s
         self.stream = stream or sys.stdout
         self.tty = self.stream.isatty() if tty is None else tty
-        self.start, self.done, self.fields = start, start, {}
+        self.start = start
+        self.done = start
+        self.fields = {}
         self.t0 = self.last_print = time.monotonic()
         self.printed_at, self.first = None, None  # first: (done, time) of the first update
 
@@ -106,7 +112,8 @@ class Progress:
     def line(self) -> str:
         pct = f"{100 * self.done / self.total:3.0f}%" if self.total else ""
         unit = f"{self.unit} " if self.unit else ""
-        rate, left = self.rate(), self.total - self.done
+        rate = self.rate()
+        left = self.total - self.done
         eta = format_duration(left / rate) if rate > 0 and left > 0 else ("done" if left <= 0 else "?")
         parts = [
             self.label,
@@ -138,7 +145,8 @@ class Progress:
 
     def emit(self, now: float) -> None:
         say(self.line(), self.stream)
-        self.last_print, self.printed_at = now, self.done
+        self.last_print = now
+        self.printed_at = self.done
 
     def close(self) -> None:
         if self.tty:

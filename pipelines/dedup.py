@@ -67,7 +67,8 @@ def merge_duplicates(keys, shard_ids, captions_jsons) -> str:
     """The plan (JSON) of one set of identical images: the smallest key stays and takes every
     caption once, its own first, then the others' in key order."""
     rows = sorted(zip(keys, shard_ids, captions_jsons))
-    merged, texts = [], set()
+    merged = []
+    texts = set()
     for _, _, captions_json in rows:
         for caption in json.loads(captions_json):
             if caption["text"] not in texts:
@@ -107,7 +108,8 @@ def plan_exists(fs, build_path: str) -> bool:
 
 
 def apply_edits(samples: list[dict], edit: dict) -> list[dict]:
-    drop, new_captions = set(edit["drop"]), edit["captions"]
+    drop = set(edit["drop"])
+    new_captions = edit["captions"]
     kept = []
     for sample in samples:
         if sample[shards.KEY] in drop:
@@ -147,7 +149,9 @@ def publish_shard(fs, build_path: str, shard_id: int) -> dict:
 def read_staged(fs, roots: list[str], shard_id: int) -> tuple[list[dict], dict]:
     """The samples (in key order, as one staged shard holds them) and the summed fetch stats
     of a shard staged whole (one root) or in parts (one root per part)."""
-    samples, failures, n_groups = [], Counter(), 0
+    samples = []
+    failures = Counter()
+    n_groups = 0
     for root in roots:
         stats = shards.read_shard_stats(fs, root, shard_id)
         samples += shards.read_shard_samples(fs, root, stats["shard"], verify=True)

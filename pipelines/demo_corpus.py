@@ -76,7 +76,8 @@ BACKGROUND_LIGHTNESS = (70.0, 200.0)
 BEIGE_LIGHTNESS = (140.0, 210.0)  # darker "beige" reads as brown
 BEIGE_TINT = np.array([14.0, 5.0, -14.0])
 
-MIN_SHORT_CAPTIONS, MAX_SHORT_CAPTIONS = 2, 4
+MIN_SHORT_CAPTIONS = 2
+MAX_SHORT_CAPTIONS = 4
 MAX_CAPTION_ATTEMPTS = 64
 SHORT_CAPTION_FRAMES: tuple[str, ...] = (
     "{objects}",
@@ -127,7 +128,11 @@ CORRUPT_ROW_CAPTION = "an image file that does not decode"
 
 # Independent random streams, so the evaluation split never reuses training draws and
 # each image depends only on (seed, stream, index).
-TRAIN_STREAM, ZEROSHOT_STREAM, RETRIEVAL_STREAM, TSV_STREAM, CORRUPT_STREAM = 0, 1, 2, 3, 4
+TRAIN_STREAM = 0
+ZEROSHOT_STREAM = 1
+RETRIEVAL_STREAM = 2
+TSV_STREAM = 3
+CORRUPT_STREAM = 4
 MAX_SCENE_ATTEMPTS = 1000
 
 
@@ -190,7 +195,9 @@ def sample_scene(rng: np.random.Generator, n_objects: int | None = None) -> Scen
     classes = rng.choice(len(COLOURS) * len(SHAPES), size=n, replace=False)
     cells = rng.choice(len(POSITIONS), size=n, replace=False)
     sizes = rng.integers(len(SIZES), size=n)
-    colours, positions, size_names = list(COLOURS), list(POSITIONS), list(SIZES)
+    colours = list(COLOURS)
+    positions = list(POSITIONS)
+    size_names = list(SIZES)
     objects = [
         SceneObject(colours[c // len(SHAPES)], SHAPES[c % len(SHAPES)], size_names[s], positions[p])
         for c, p, s in sorted(zip(classes, cells, sizes), key=lambda t: t[1])
@@ -201,7 +208,8 @@ def sample_scene(rng: np.random.Generator, n_objects: int | None = None) -> Scen
 def sample_class_scene(rng: np.random.Generator, class_index: int) -> Scene:
     """A single-object scene of one colour x shape class (for zero-shot evaluation)."""
     scene = sample_scene(rng, n_objects=1)
-    colour, shape = list(COLOURS)[class_index // len(SHAPES)], SHAPES[class_index % len(SHAPES)]
+    colour = list(COLOURS)[class_index // len(SHAPES)]
+    shape = SHAPES[class_index % len(SHAPES)]
     return replace(scene, objects=(replace(scene.objects[0], colour=colour, shape=shape),))
 
 
@@ -399,7 +407,8 @@ def write_training_split(
     mirror_root: Path, corpus_jsonl: Path, n_images: int, settings: ImageSettings, seed: int
 ) -> list[Scene]:
     """Training images under the mirror root and one corpus.jsonl line per image."""
-    records, scenes = [], []
+    records = []
+    scenes = []
     for i in range(n_images):
         rng = stream_rng(seed, TRAIN_STREAM, i)
         scene = sample_scene(rng)
@@ -488,7 +497,9 @@ def write_retrieval_splits(
 ) -> None:
     """Held-out images for Karpathy short-caption and Urban1k long-caption retrieval."""
     seen = {scene_key(s) for s in training_scenes}
-    entries, records, first_sentid = [], [], 0
+    entries = []
+    records = []
+    first_sentid = 0
     for i in range(n_images):
         rng = stream_rng(seed, RETRIEVAL_STREAM, i)
         scene = sample_unseen_scene(rng, seen)
@@ -514,7 +525,8 @@ def write_demo_corpus(
     jpeg_quality: int = 95,
 ) -> DemoCorpus:
     """Write the whole corpus under out_dir; the same arguments give the same bytes."""
-    out, settings = Path(out_dir), ImageSettings(image_size, jpeg_quality)
+    out = Path(out_dir)
+    settings = ImageSettings(image_size, jpeg_quality)
     mirror_root = out / MIRROR_DIR
     corpus = DemoCorpus(
         out_dir=out,

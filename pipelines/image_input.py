@@ -30,7 +30,9 @@ REJECT_DECODE = "decode_error"
 REJECT_TOO_SMALL = "image_too_small"
 
 
-JPEG_SOI, JPEG_EOI, JPEG_SOS = 0xD8, 0xD9, 0xDA
+JPEG_SOI = 0xD8
+JPEG_EOI = 0xD9
+JPEG_SOS = 0xDA
 JPEG_STANDALONE = frozenset(range(0xD0, 0xD8)) | {0x01, JPEG_SOI}  # RSTn, TEM: no length field
 
 
@@ -53,7 +55,8 @@ def is_truncated_jpeg(data: bytes) -> bool:
 def jpeg_end_offset(data: bytes) -> int | None:
     """Offset just past the end-of-image marker that follows the last scan, or None when the
     data ends first. Stray bytes where a marker should start are skipped, as libjpeg does."""
-    pos, scans = 2, 0
+    pos = 2
+    scans = 0
     while True:
         pos = data.find(b"\xff", pos)
         while 0 <= pos < len(data) - 1 and data[pos + 1] == 0xFF:

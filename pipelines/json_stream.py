@@ -27,8 +27,12 @@ class _Buffer:
     """The unread text of a stream, refilled a chunk at a time."""
 
     def __init__(self, stream: TextIO, chunk_chars: int):
-        self.stream, self.chunk_chars = stream, chunk_chars
-        self.text, self.pos, self.consumed, self.eof = "", 0, 0, False
+        self.stream = stream
+        self.chunk_chars = chunk_chars
+        self.text = ""
+        self.pos = 0
+        self.consumed = 0
+        self.eof = False
 
     def refill(self) -> bool:
         """Append a chunk (dropping what was read); False at the end of the stream."""

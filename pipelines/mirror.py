@@ -50,7 +50,9 @@ def check_loopback_host(host: str, resolve: Resolver = socket.getaddrinfo) -> st
 
 # Failure paths for tests of the download stage: `/_status/503/...` answers that status,
 # `/_stall/...` accepts the request and answers nothing for STALL_S seconds.
-STATUS_PREFIX, STALL_PREFIX, STALL_S = "/_status/", "/_stall/", 10.0
+STATUS_PREFIX = "/_status/"
+STALL_PREFIX = "/_stall/"
+STALL_S = 10.0
 
 
 @dataclass(frozen=True)
@@ -127,7 +129,9 @@ def build_server(
     )
     handler = functools.partial(QuietHandler, directory=str(root))
     server = server_class((address, port), handler)
-    server.requests_served, server.count_lock, server.profile = 0, threading.Lock(), profile
+    server.requests_served = 0
+    server.count_lock = threading.Lock()
+    server.profile = profile
     server.first_request_s = server.last_request_s = None
     server.events = []  # (time.monotonic(), +1 arrival | -1 answered), for in-flight figures
     server.note_request = functools.partial(_note_request, server)
@@ -148,7 +152,9 @@ def _note_request(server: ThreadingHTTPServer, change: int) -> None:
 
 def mean_in_flight(events: list[tuple[float, int]], start: float, end: float) -> float:
     """Time-averaged number of requests being answered between `start` and `end`."""
-    level, area, last = 0, 0.0, start
+    level = 0
+    area = 0.0
+    last = start
     for when, change in sorted(events):
         if when > end:
             break
@@ -223,7 +229,8 @@ class LoopbackMirror:
         self._server.shutdown()
         self._server.server_close()
         self._thread.join()
-        self._server, self._thread = None, None
+        self._server = None
+        self._thread = None
 
     def __enter__(self) -> LoopbackMirror:
         return self.start()

@@ -58,7 +58,8 @@ def stream_records(batch: dict, first: int, stop: int | None, block: int = RECOR
     Undecodable bytes become U+FFFD, so their captions are counted as non_utf8_caption."""
     for uri in batch["uri"]:
         fs, path = storage.open_storage(str(uri))
-        texts, seen = [], 0
+        texts = []
+        seen = 0
         with fs.open(path, "r", encoding="utf-8", errors="replace") as f:
             for seen, text in enumerate(iter_json_array(f), start=1):
                 if stop is not None and seen > stop:
@@ -78,7 +79,9 @@ class RecordRows:
     """ShareGPT4V records (JSON text) -> caption rows."""
 
     def __init__(self, image_root: str, coco: dict | None, rules: CaptionRules):
-        self.image_root, self.coco, self.rules = image_root, coco, rules
+        self.image_root = image_root
+        self.coco = coco
+        self.rules = rules
 
     def __call__(self, batch: dict) -> dict:
         rows = [

@@ -49,7 +49,8 @@ def decode_line(line: str) -> str:
 
 
 REJECT_MISSING_METADATA = "missing_metadata"
-N_TABS, N_TABS_WITH_HASH = yfcc.N_COLUMNS - 1, yfcc.N_COLUMNS_WITH_HASH - 1
+N_TABS = yfcc.N_COLUMNS - 1
+N_TABS_WITH_HASH = yfcc.N_COLUMNS_WITH_HASH - 1
 
 
 def parse_subset(batch: dict) -> dict:
@@ -87,7 +88,8 @@ def select_subset(batch: dict, subset_ref, rules: CaptionRules) -> dict:
     ids = np.array([line_photo_id(line) for line in batch["text"]], dtype=np.int64)
     pos = np.searchsorted(subset, ids).clip(max=max(len(subset) - 1, 0))
     listed = (subset[pos] == ids) if len(subset) else np.zeros(len(ids), bool)
-    rows, positions = [], []
+    rows = []
+    positions = []
     for i in np.flatnonzero(listed | (ids == yfcc.NO_PHOTO_ID)):
         record = yfcc.parse_metadata_line(decode_line(batch["text"][i]))
         photo_rows = yfcc.yfcc_caption_rows(record, rules)

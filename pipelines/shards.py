@@ -100,7 +100,9 @@ def encode_shard_tar(samples: Iterable[dict]) -> bytes:
             }
             for ext, data in members.items():
                 info = tarfile.TarInfo(f"{row[KEY]}.{ext}")
-                info.size, info.mtime, info.mode = len(data), 0, 0o644
+                info.size = len(data)
+                info.mtime = 0
+                info.mode = 0o644
                 tar.addfile(info, io.BytesIO(data))
     return buf.getvalue()
 

@@ -14,11 +14,14 @@ from pipelines.shards import CAPTION_LONG, CAPTION_SHORT
 from pipelines.storage import join
 
 VALIDATION_RECORDS = 1000
-SPLIT_VALIDATION, SPLIT_TRAIN = "validation", "train"
+SPLIT_VALIDATION = "validation"
+SPLIT_TRAIN = "train"
 COCO_PREFIX = "coco/train2017/"
 COCO_CAPTIONS_PER_IMAGE = 5
 
-ORIGIN_LONG, ORIGIN_FIRST_SENTENCE, ORIGIN_COCO = "sharegpt4v", "sharegpt4v-first-sentence", "coco"
+ORIGIN_LONG = "sharegpt4v"
+ORIGIN_FIRST_SENTENCE = "sharegpt4v-first-sentence"
+ORIGIN_COCO = "coco"
 REJECT_MALFORMED_RECORD = "malformed_record"
 REJECT_BAD_PATH = "bad_path"
 
@@ -113,7 +116,8 @@ def sharegpt4v_caption_rows(record, image_root: str, coco: dict | None, rules: C
     """
     if not isinstance(record, dict):
         return [rejected_row("", REJECT_MALFORMED_RECORD)]
-    image, reply = record.get("image"), gpt_reply(record)
+    image = record.get("image")
+    reply = gpt_reply(record)
     path_reason = image_path_reason(image)
     source = "" if path_reason else join(image_root, image)
     reason = path_reason or ("" if isinstance(reply, str) else REJECT_MALFORMED_RECORD)

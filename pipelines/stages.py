@@ -167,7 +167,8 @@ class ShardBuilder:
     """
 
     def __init__(self, build_uri: str, params: DownloadParams):
-        self.build_uri, self.params = build_uri, params
+        self.build_uri = build_uri
+        self.params = params
         self.fetch = ImageFetcher(params)
 
     def __call__(self, shard_id: int, groups: list[dict]) -> dict:
@@ -200,7 +201,8 @@ class ShardBuilder:
     def _finish(self, specs: list[tuple[int, list[dict]]], fetched: queue.SimpleQueue) -> list[dict]:
         built = [[None] * len(groups) for _, groups in specs]
         remaining = [len(groups) for _, groups in specs]
-        stats, start = {}, time.monotonic()
+        stats = {}
+        start = time.monotonic()
         for index, (shard_id, groups) in enumerate(specs):
             if not groups:
                 stats[index] = self.write(shard_id, groups, [], start)

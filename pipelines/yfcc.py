@@ -24,18 +24,28 @@ from pipelines.captions import (
 
 # Column positions in the published 23-column metadata file (yfcc100m_dataset); the
 # 25-column variant prepends a line number and puts the photo hash third (after the id).
-N_COLUMNS, N_COLUMNS_WITH_HASH = 23, 25
-COL_ID, COL_TITLE, COL_DESCRIPTION, COL_DOWNLOAD_URL, COL_MARKER = 0, 6, 7, 14, 22
+N_COLUMNS = 23
+N_COLUMNS_WITH_HASH = 25
+COL_ID = 0
+COL_TITLE = 6
+COL_DESCRIPTION = 7
+COL_DOWNLOAD_URL = 14
+COL_MARKER = 22
 VIDEO_MARKER = "1"
 NO_PHOTO_ID = -1  # photo_id of a malformed line
 
 # Normalized record fields.
-REC_PHOTO_ID, REC_URL, REC_TITLE, REC_DESCRIPTION = "photo_id", "url", "title", "description"
-REC_IS_VIDEO, REC_REASON = "is_video", "reason"
+REC_PHOTO_ID = "photo_id"
+REC_URL = "url"
+REC_TITLE = "title"
+REC_DESCRIPTION = "description"
+REC_IS_VIDEO = "is_video"
+REC_REASON = "reason"
 # Column names a joined table may use for the photo/video marker (first present wins).
 JOINED_MARKER_COLUMNS = ("marker", "photo_video_marker", "is_video", "video")
 
-ORIGIN_TITLE, ORIGIN_DESCRIPTION = "yfcc-title", "yfcc-description"
+ORIGIN_TITLE = "yfcc-title"
+ORIGIN_DESCRIPTION = "yfcc-description"
 REJECT_VIDEO = "video"
 REJECT_CAMERA_TITLE = "camera_default_title"
 REJECT_DUPLICATE = "duplicate_caption"

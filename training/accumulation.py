@@ -39,7 +39,8 @@ def split_inputs(inputs: dict, k: int) -> list[dict]:
 def merge_outputs(micro_outputs: list[dict]) -> tuple[dict, dict]:
     """(outputs over all B·k rows, their differentiable leaves by key). Per-sample tensors are
     concatenated, global ones (0-dim) must agree across micro-batches, summaries averaged."""
-    merged, leaves = {}, {}
+    merged = {}
+    leaves = {}
     for key, first in micro_outputs[0].items():
         values = [out[key] for out in micro_outputs]
         if key == "diagnostics":

@@ -19,7 +19,10 @@ from pipelines.edges import decode_edge_png
 from training import transforms
 from training.towers import build_tokenizer
 
-IMAGES, TEXTS, EDGE_SCORES, KEYS = "images", "texts", "edge_scores", "keys"
+IMAGES = "images"
+TEXTS = "texts"
+EDGE_SCORES = "edge_scores"
+KEYS = "keys"
 SHORT_TEXTS = "short_texts"  # a second, short caption per image (policy "long_and_short")
 EPOCH = "epoch"  # column added by the reader: randomness is a function of (seed, epoch, key)
 CAPTION_POLICIES = ("uniform", "short", "long", "mix", "long_and_short")
@@ -80,8 +83,11 @@ class BatchPreprocessor:
         if caption_policy not in CAPTION_POLICIES:
             raise ValueError(f"unknown caption policy {caption_policy!r}; known: {CAPTION_POLICIES}")
         self.tokenizer = build_tokenizer(arch, context_length)
-        self.image_size, self.patch_size = image_size, patch_size
-        self.crop_scale, self.seed, self.caption_policy = tuple(crop_scale), seed, caption_policy
+        self.image_size = image_size
+        self.patch_size = patch_size
+        self.crop_scale = tuple(crop_scale)
+        self.seed = seed
+        self.caption_policy = caption_policy
         self.long_fraction = long_fraction
         cv2.setNumThreads(1)
 

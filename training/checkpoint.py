@@ -27,14 +27,17 @@ from safetensors.torch import load_file, save_file
 from pipelines import storage
 from training.config import TrainConfig, config_from_dict, config_to_dict
 
-MODEL_FILE, OPTIMIZER_FILE, STATE_FILE = "model.safetensors", "optimizer.safetensors", "state.json"
+MODEL_FILE = "model.safetensors"
+OPTIMIZER_FILE = "optimizer.safetensors"
+STATE_FILE = "state.json"
 TOWER_PREFIX = "tower."
 
 
 def split_optimizer_state(optimizer: torch.optim.Optimizer | dict) -> tuple[dict, dict]:
     """(tensors for safetensors, plain JSON part) of an optimizer's state dict (or the dict)."""
     state = optimizer if isinstance(optimizer, dict) else optimizer.state_dict()
-    tensors, scalars = {}, {}
+    tensors = {}
+    scalars = {}
     for index, entries in state["state"].items():
         for name, value in entries.items():
             if torch.is_tensor(value):
@@ -88,7 +91,8 @@ def save_checkpoint(
     save_file(detached(weights), directory / MODEL_FILE)
     opt_tensors, opt_plain = split_optimizer_state(opt_state)
     save_file(opt_tensors, directory / OPTIMIZER_FILE)
-    names, auxiliary = [MODEL_FILE, OPTIMIZER_FILE], {}
+    names = [MODEL_FILE, OPTIMIZER_FILE]
+    auxiliary = {}
     for part in parts:
         if part.frozen:
             auxiliary[part.name] = {"run_file": f"{part.name}.safetensors", "sha256": store_once(part, run_dir)}

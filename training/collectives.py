@@ -21,8 +21,10 @@ import torch.distributed as dist
 class _AllGatherWithGrad(torch.autograd.Function):
     @staticmethod
     def forward(ctx, features: torch.Tensor) -> torch.Tensor:
-        world_size, rank = dist.get_world_size(), dist.get_rank()
-        ctx.rank, ctx.rows = rank, features.shape[0]
+        world_size = dist.get_world_size()
+        rank = dist.get_rank()
+        ctx.rank = rank
+        ctx.rows = features.shape[0]
         gathered = [torch.empty_like(features) for _ in range(world_size)]
         dist.all_gather(gathered, features.contiguous())
         return torch.cat(gathered, dim=0)

@@ -72,7 +72,8 @@ def saved_sources(state: dict) -> dict:
 
 def source_differences(saved: dict, sources: list[Source]) -> list[str]:
     """What a resume would change of the run's data (empty: the same builds and weights)."""
-    before, now = saved_sources(saved), describe_sources(sources)
+    before = saved_sources(saved)
+    now = describe_sources(sources)
     if before[DIGESTS_KEY] == now[DIGESTS_KEY] and all(
         math.isclose(a, b, rel_tol=1e-9) for a, b in zip(before[WEIGHTS_KEY], now[WEIGHTS_KEY])
     ):

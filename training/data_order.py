@@ -27,7 +27,10 @@ import numpy as np
 from pipelines import shards, storage
 from training.batches import EPOCH
 
-ITEM_SHARD, ITEM_SKIP, ITEM_TAKE, ITEM_EPOCH = "shard", "skip", "take", "epoch"
+ITEM_SHARD = "shard"
+ITEM_SKIP = "skip"
+ITEM_TAKE = "take"
+ITEM_EPOCH = "epoch"
 ITEM_VERIFY = "verify"  # this read is the shard's first of the run: check its sha256
 ITEM_BUILD, ITEM_SOURCE, ITEM_CYCLE = "build", "source", "cycle"  # where the shard lives, which stream pass
 
@@ -144,7 +147,8 @@ def plan_worker_epoch(
 def plan_reads(
     reads: list[ShardRead], sources: list[Source], epoch: int, skip_samples: int, take_samples: int | None
 ) -> list[dict]:
-    items, remaining = [], float("inf") if take_samples is None else take_samples
+    items = []
+    remaining = float("inf") if take_samples is None else take_samples
     for read in reads:
         n = read.entry["n_samples"]
         if skip_samples >= n:
@@ -183,7 +187,8 @@ def plan_all_workers(
     """Every worker's reader items from `start_step` on (see plan_worker_run): each worker
     plans all of them, so that exactly one of them verifies each shard, once per run."""
     first_epoch, done = locate_step(sources, seed, world, batch_size, start_step, epochs)
-    plans, verified = [[] for _ in range(world)], set()
+    plans = [[] for _ in range(world)]
+    verified = set()
     for epoch in range(first_epoch, epochs):
         skip = done * batch_size if epoch == first_epoch else 0
         take = compute_epoch_steps(sources, seed, epoch, world, batch_size) * batch_size - skip
@@ -200,7 +205,8 @@ def plan_all_workers(
 def within_shard_order(n: int, seed: int, item: dict, shard_id: int) -> np.ndarray:
     """The samples' order inside one shard read: per (seed, cycle, shard, source); with one
     source the cycle is the epoch, as before mixtures."""
-    source, cycle = int(item.get(ITEM_SOURCE, 0)), int(item.get(ITEM_CYCLE, item[ITEM_EPOCH]))
+    source = int(item.get(ITEM_SOURCE, 0))
+    cycle = int(item.get(ITEM_CYCLE, item[ITEM_EPOCH]))
     key = [seed, cycle, shard_id + 1] + ([source] if source else [])
     return np.random.default_rng(key).permutation(n)
 
@@ -208,7 +214,8 @@ def within_shard_order(n: int, seed: int, item: dict, shard_id: int) -> np.ndarr
 def iter_item_samples(item: dict, seed: int) -> Iterator[dict]:
     """Sample rows of one reader item, in its within-shard order; a shard whose bytes do
     not match the manifest's sha256 raises (ITEM_VERIFY items: once per run)."""
-    entry, epoch = json.loads(item[ITEM_SHARD]), int(item[ITEM_EPOCH])
+    entry = json.loads(item[ITEM_SHARD])
+    epoch = int(item[ITEM_EPOCH])
     fs, build_path = storage.open_storage(item[ITEM_BUILD])
     samples = shards.read_shard_samples(fs, build_path, entry, verify=bool(item.get(ITEM_VERIFY, False)))
     skip = int(item[ITEM_SKIP])

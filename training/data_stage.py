@@ -44,7 +44,8 @@ class PrepareShardItems:
     `preprocess_concurrency` CPUs and can never starve its own read tasks."""
 
     def __init__(self, data: DataConfig, seed: int, geometry: SampleGeometry):
-        self.seed, self.batch_size = seed, data.batch_size_per_worker
+        self.seed = seed
+        self.batch_size = data.batch_size_per_worker
         self.prepare = BatchPreprocessor(
             geometry.arch,
             geometry.image_size,

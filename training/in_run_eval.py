@@ -76,7 +76,8 @@ def load_set(spec: SetSpec) -> ClassificationSet | RetrievalSet:
 def share(items: list, rank: int, world: int) -> list:
     """Worker `rank`'s round-robin share of `items`, padded with its last item (or the set's
     first) to ceil(n / W), the count every worker embeds."""
-    mine, count = items[rank::world], math.ceil(len(items) / world)
+    mine = items[rank::world]
+    count = math.ceil(len(items) / world)
     return mine + [(mine or items)[-1]] * (count - len(mine))
 
 
@@ -91,7 +92,8 @@ class EvalSet:
         images = [ref if isinstance(ref, bytes) else read_image(ref) for ref in share(self.dataset.images, rank, world)]
         self.images = torch.stack([preprocess(image) for image in images])
         self.texts = tokenizer(share(texts, rank, world))
-        self.n_images, self.n_texts = len(self.dataset.images), len(texts)
+        self.n_images = len(self.dataset.images)
+        self.n_texts = len(texts)
 
     def score(self, image_features: np.ndarray, text_features: np.ndarray, topology) -> dict[str, float]:
         if self.zeroshot:
@@ -151,10 +153,13 @@ class InRunEvaluator:
     ):
         preprocess = EvalPreprocess(image_size)
         self.sets = [EvalSet(spec, preprocess, tokenizer, rank, world) for spec in check_eval_config(config)]
-        self.batch_size, self.device, self.autocast = config.batch_size, device, autocast
+        self.batch_size = config.batch_size
+        self.device = device
+        self.autocast = autocast
 
     def __call__(self, model) -> dict[str, float]:
-        inner, metrics = unwrap(model), {}
+        inner = unwrap(model)
+        metrics = {}
         autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast)
         with evaluation_mode(inner), autocast:
             for part in self.sets:

@@ -53,8 +53,11 @@ class MetricMeter:
     then the whole group's, not rank 0's)."""
 
     def __init__(self):
-        self.sums, self.count = defaultdict(float), 0
-        self.window_start, self.wait_s, self.samples = time.perf_counter(), 0.0, 0
+        self.sums = defaultdict(float)
+        self.count = 0
+        self.window_start = time.perf_counter()
+        self.wait_s = 0.0
+        self.samples = 0
 
     def update(self, values: dict, samples: int, wait_s: float) -> None:
         for k, v in values.items():
@@ -231,7 +234,9 @@ def run_training(
     s.eval_every steps and at the last step, after the window's figures are taken (its time
     is not training throughput), and the step's report carries its metrics and eval/seconds."""
     model.train()
-    meter, step, batch_iter = MetricMeter(), s.start_step, iter(batches)
+    meter = MetricMeter()
+    step = s.start_step
+    batch_iter = iter(batches)
     while step < s.total_steps:
         wait_start = time.perf_counter()
         batch = next(batch_iter)

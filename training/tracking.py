@@ -23,7 +23,8 @@ from pathlib import Path
 from pipelines import storage
 
 log = logging.getLogger("training")
-METRICS_FILE, TENSORBOARD_DIR = "metrics.jsonl", "tensorboard"
+METRICS_FILE = "metrics.jsonl"
+TENSORBOARD_DIR = "tensorboard"
 
 
 class NullTracker:
@@ -44,7 +45,8 @@ class MetricsLog:
 
     def __init__(self, uri: str, start_step: int):
         self.fs, self.path = storage.open_storage(uri)
-        self.local, self.start_step = is_local(uri), start_step
+        self.local = is_local(uri)
+        self.start_step = start_step
         old = storage.read_bytes(self.fs, self.path).decode().splitlines() if self.fs.exists(self.path) else []
         self.lines = [line for line in old if line.strip() and json.loads(line).get("step", 0) <= start_step]
         if len(self.lines) != len(old) or not self.local:
@@ -71,7 +73,8 @@ class TensorBoardLog:
     def __init__(self, uri: str, start_step: int):
         from torch.utils.tensorboard import SummaryWriter
 
-        self.uri, self.remote = uri, None if is_local(uri) else tempfile.mkdtemp(prefix="tensorboard-")
+        self.uri = uri
+        self.remote = None if is_local(uri) else tempfile.mkdtemp(prefix="tensorboard-")
         self.writer = SummaryWriter(self.remote or uri, purge_step=start_step + 1 if start_step else None)
 
     def log(self, step: int, metrics: dict) -> None:

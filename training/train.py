@@ -235,10 +235,14 @@ def parallelize(config: TrainConfig, loop_config: dict, model, optimizer, schedu
 
 def run_worker(loop_config: dict) -> None:
     """One Ray Train worker's run (entered through `ray_entry.train_loop_per_worker`)."""
-    config, sources = config_from_dict(loop_config["config"]), data_mixture.from_plan(loop_config["sources"])
+    config = config_from_dict(loop_config["config"])
+    sources = data_mixture.from_plan(loop_config["sources"])
     context = ray.train.get_context()
-    rank, world = context.get_world_rank(), context.get_world_size()
-    device, ckpt, run_dir = ray.train.torch.get_device(), ray.train.get_checkpoint(), loop_config["run_dir"]
+    rank = context.get_world_rank()
+    world = context.get_world_size()
+    device = ray.train.torch.get_device()
+    ckpt = ray.train.get_checkpoint()
+    run_dir = loop_config["run_dir"]
     print(
         f"train worker {rank}/{world} on node {ray.get_runtime_context().get_node_id()}, "
         f"{'resuming from ' + ckpt.path if ckpt else 'fresh'}",
@@ -296,7 +300,8 @@ def follow_reports(total_steps: int):
     report: `train  step 120/468  26%  loss 2.31 ...  3.1 steps/s  eta 1m30s`."""
     # The queue's actor lives on the driver's node: anywhere else, a lost node could take it along.
     here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
-    reports, stop = Queue(actor_options={"num_cpus": 0, "scheduling_strategy": here}), threading.Event()
+    reports = Queue(actor_options={"num_cpus": 0, "scheduling_strategy": here})
+    stop = threading.Event()
     progress = console.Progress("train", total_steps, "step", every_s=0)
 
     def pump(block: bool) -> bool:

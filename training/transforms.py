@@ -38,7 +38,8 @@ def sample_crop(
     for _ in range(10):
         target = area * rng.uniform(*scale)
         aspect = math.exp(rng.uniform(math.log(ratio[0]), math.log(ratio[1])))
-        w, h = round(math.sqrt(target * aspect)), round(math.sqrt(target / aspect))
+        w = round(math.sqrt(target * aspect))
+        h = round(math.sqrt(target / aspect))
         if 0 < w <= width and 0 < h <= height:
             return CropBox(int(rng.integers(0, height - h + 1)), int(rng.integers(0, width - w + 1)), h, w)
     side = min(height, width)
@@ -54,7 +55,8 @@ def transform_edges(edge_u8: np.ndarray, box: CropBox, size: int, image_shape: t
     """The stored edge map (any resolution, e.g. pooled cells) under the image's
     crop-and-resize, sampled bilinearly at each output pixel's centre, in gradient units of
     the *transformed* image: resizing by a factor z scales every gradient by 1/z."""
-    scale_y, scale_x = edge_u8.shape[0] / image_shape[0], edge_u8.shape[1] / image_shape[1]
+    scale_y = edge_u8.shape[0] / image_shape[0]
+    scale_x = edge_u8.shape[1] / image_shape[1]
     step_x, step_y = box.width / size, box.height / size  # image pixels per output pixel
     # Output pixel u has its centre at image x = left + (u + 1/2) step_x, which is edge-map
     # coordinate x * scale_x - 1/2 (pixel centres at integers): cv2.resize's convention.
@@ -77,7 +79,8 @@ def transform_edges(edge_u8: np.ndarray, box: CropBox, size: int, image_shape: t
 
 def reduce_edges_per_patch(edges: np.ndarray, patch_size: int) -> np.ndarray:
     """Mean edge magnitude of each patch, raster order: (H, W) -> (H/p * W/p,)."""
-    grid_h, grid_w = edges.shape[0] // patch_size, edges.shape[1] // patch_size
+    grid_h = edges.shape[0] // patch_size
+    grid_w = edges.shape[1] // patch_size
     blocks = edges[: grid_h * patch_size, : grid_w * patch_size].reshape(grid_h, patch_size, grid_w, patch_size)
     return blocks.mean(axis=(1, 3)).reshape(-1).astype(np.float32)
 

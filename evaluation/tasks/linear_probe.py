@@ -72,7 +72,8 @@ def train_linear_probe(
         for v in range(views.shape[1])
     ]
     steps_per_epoch = len(loaders[0])
-    total_steps, warmup_steps = config.epochs * steps_per_epoch, config.warmup_epochs * steps_per_epoch
+    total_steps = config.epochs * steps_per_epoch
+    warmup_steps = config.warmup_epochs * steps_per_epoch
     for epoch in range(config.epochs):
         loader = loaders[epoch % len(loaders)]
         for i, (x, y) in enumerate(loader):

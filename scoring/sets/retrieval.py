@@ -152,7 +152,8 @@ def load_flickr_token(token_file: str, image_root: str | None = None, name: str 
 def load_long_caption_folder(root: str, name: str | None = None) -> RetrievalSet:
     """The Urban1k layout: `root/image/<stem>.jpg` with one long caption in `root/caption/<stem>.txt`."""
     location = Location(root)
-    image_dir, caption_dir = location.child(LONG_CAPTION_IMAGE_DIR), location.child(LONG_CAPTION_TEXT_DIR)
+    image_dir = location.child(LONG_CAPTION_IMAGE_DIR)
+    caption_dir = location.child(LONG_CAPTION_TEXT_DIR)
     for folder in (image_dir, caption_dir):
         if not folder.is_dir():
             raise FileNotFoundError(f"missing folder {folder.uri}")
@@ -198,7 +199,8 @@ def iter_build_rows(build_uri: str):
 def load_long_caption_build(build_uri: str, name: str | None = None, limit: int = 1000) -> RetrievalSet:
     """A shard build (pipelines/shards.py format) such as the ShareGPT4V-1k validation build: the
     first `limit` samples in manifest order, each with the long caption of its caption group."""
-    images, groups = [], []
+    images = []
+    groups = []
     for row in itertools.islice(iter_build_rows(build_uri), limit):
         caption = first_long_caption(row)
         if caption is None:

@@ -32,7 +32,8 @@ WDS_PROTOCOL = "clip_benchmark-wds-{split}"
 def iter_tar_members(shard: Location) -> Iterator[tuple[str, dict[str, bytes | str]]]:
     """(key, {ext: value}) per sample, grouped as WebDataset groups consecutive members; an
     image's value is its byte-range reference, other members' values their bytes."""
-    key, members = None, {}
+    key = None
+    members = {}
     with shard.fs.open(shard.path, "rb") as f, tarfile.open(fileobj=f, mode="r:") as tar:
         for member in tar:
             if not member.isfile():
@@ -85,7 +86,8 @@ def load_wds_classification(
     templates = read_lines(root.child(TEMPLATES_FILE), "templates") if need_templates else []
     if need_templates:
         check_templates(templates, root.child(TEMPLATES_FILE).uri)
-    images, labels = [], []
+    images = []
+    labels = []
     for key, members in iter_wds_samples(root, split):
         images.append(pick(members, IMAGE_EXTS, key))
         labels.append(decode_label(members, dataset_type, key))
@@ -98,7 +100,8 @@ def load_wds_classification(
 
 
 def load_wds_retrieval(root: Location, split: str, name: str) -> RetrievalSet:
-    images, groups = [], []
+    images = []
+    groups = []
     for key, members in iter_wds_samples(root, split):
         images.append(pick(members, IMAGE_EXTS, key))
         groups.append(pick(members, ("txt",), key).decode("utf-8").splitlines())

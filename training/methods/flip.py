@@ -43,7 +43,8 @@ class RandomPatchDrop(nn.Module):
         super().__init__()
         if not 0.0 <= ratio < 1.0:
             raise ValueError(f"mask ratio must be in [0, 1), got {ratio}")
-        self.ratio, self.num_prefix_tokens = ratio, num_prefix_tokens
+        self.ratio = ratio
+        self.num_prefix_tokens = num_prefix_tokens
         self.generator: torch.Generator | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -153,7 +153,8 @@ def check_combination(config: TrainConfig) -> None:
             "loss.kind=smartclip's mask network would then never train"
         )
     check_precision(config.run.precision)
-    accum, batch = config.run.accum_freq, config.data.batch_size_per_worker
+    accum = config.run.accum_freq
+    batch = config.data.batch_size_per_worker
     if accum < 1 or batch % accum:
         raise ValueError(
             f"run.accum_freq={accum} must be >= 1 and divide data.batch_size_per_worker={batch} "

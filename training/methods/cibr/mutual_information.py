@@ -54,7 +54,8 @@ class StartedOnce(nn.Module):
 
     def __init__(self, flag: str):
         super().__init__()
-        self.flag, self.started = flag, False
+        self.flag = flag
+        self.started = False
         self.register_buffer(flag, torch.zeros((), dtype=torch.bool))
 
     def mark_started(self) -> None:
@@ -74,7 +75,8 @@ class BlockNorm(StartedOnce):
 
     def __init__(self, dim: int):
         super().__init__("initialised")
-        self.shift, self.log_scale = nn.Parameter(torch.zeros(dim)), nn.Parameter(torch.zeros(dim))
+        self.shift = nn.Parameter(torch.zeros(dim))
+        self.log_scale = nn.Parameter(torch.zeros(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.started:
@@ -115,7 +117,8 @@ class Mine(StartedOnce):
         self.register_buffer("log_mu", torch.zeros(()))
 
     def forward(self, z: torch.Tensor, xs: Sequence[torch.Tensor], perm: torch.Tensor) -> MIEstimate:
-        joint, log_marg = self.network(z, *xs).mean(), log_mean_exp(self.network(z[perm], *xs))
+        joint = self.network(z, *xs).mean()
+        log_marg = log_mean_exp(self.network(z[perm], *xs))
         log_mu = self.log_mu if self.started else log_marg.detach()
         corrected = joint - torch.exp(log_marg - log_mu)  # gradient: the bias-corrected one
         value = joint - log_marg
@@ -155,10 +158,12 @@ class Club(nn.Module):
 
     def __init__(self, dims: Sequence[int], hidden: int = 512):
         super().__init__()
-        z_dim, x_dims = dims[0], dims[1:]
+        z_dim = dims[0]
+        x_dims = dims[1:]
         self.norms = nn.ModuleList(BlockNorm(d) for d in x_dims)
         self.trunk = nn.Sequential(nn.Linear(sum(x_dims), hidden), nn.ELU(), nn.Linear(hidden, hidden), nn.ELU())
-        self.mean, self.log_var = nn.Linear(hidden, z_dim), nn.Linear(hidden, z_dim)
+        self.mean = nn.Linear(hidden, z_dim)
+        self.log_var = nn.Linear(hidden, z_dim)
 
     def forward(self, z: torch.Tensor, xs: Sequence[torch.Tensor], perm: torch.Tensor) -> MIEstimate:
         hidden = self.trunk(torch.cat([norm(x) for norm, x in zip(self.norms, xs)], dim=-1))

@@ -40,7 +40,8 @@ class ReferenceTowers(nn.Module):
     def __init__(self, tower: nn.Module):
         super().__init__()
         tower = copy.deepcopy(tower)
-        visual, text_projection = tower.visual, tower.text_projection
+        visual = tower.visual
+        text_projection = tower.text_projection
         if getattr(visual, "proj", None) is not None:
             self.image_dim = visual.proj.shape[0]
             visual.proj = None
@@ -98,9 +99,14 @@ class CibrObjective(nn.Module):
         super().__init__()
         if cfg.estimator not in ESTIMATOR_KINDS:
             raise ValueError(f"unknown cibr.estimator {cfg.estimator!r}; known: {', '.join(ESTIMATOR_KINDS)}")
-        self.base, self.reference, self.cfg = base, reference, cfg
-        self.rank, self.world_size, self.seed = rank, world_size, seed
-        x_v, x_t = reference.image_dim, reference.text_dim
+        self.base = base
+        self.reference = reference
+        self.cfg = cfg
+        self.rank = rank
+        self.world_size = world_size
+        self.seed = seed
+        x_v = reference.image_dim
+        x_t = reference.text_dim
         self.estimators = nn.ModuleDict(
             {
                 "image": ConditionalMI(cfg.estimator, z_dim, x_v, x_t, cfg.hidden, cfg.ema_rate),  # I(Z_v; X_v | X_t)
@@ -128,7 +134,8 @@ class CibrObjective(nn.Module):
     def step_inputs(self, outputs: dict) -> dict:
         """The step's global-batch Z (with grad), noisy Z̃, X and derangement, once per step."""
         if "cibr_inputs" not in outputs:
-            inputs, device = outputs["inputs"], outputs["image_features"].device
+            inputs = outputs["inputs"]
+            device = outputs["image_features"].device
             x_v, x_t = self.reference(inputs["images"], inputs["texts"])
             gather = lambda t, grad: gather_features(t, self.rank, self.world_size, grad, local_loss=not grad)  # noqa: E731
             z_v, z_t = (gather(outputs[k].float(), True) for k in ("image_features", "text_features"))
@@ -150,7 +157,11 @@ class CibrObjective(nn.Module):
     def update_estimators(self, outputs: dict) -> dict:
         """The estimators' own step(s) on the detached inputs: each maximises its objective."""
         s = self.step_inputs(outputs)
-        z_v, z_t, x_v, x_t, perm = s["z_v"].detach(), s["z_t"].detach(), s["x_v"], s["x_t"], s["perm"]
+        z_v = s["z_v"].detach()
+        z_t = s["z_t"].detach()
+        x_v = s["x_v"]
+        x_t = s["x_t"]
+        perm = s["perm"]
         repeats = self.cfg.warmup_estimator_steps if outputs["step"] < self.cfg.warmup_steps else 1
         with torch.autocast(device_type=z_v.device.type, enabled=False):
             for _ in range(repeats):
@@ -166,7 +177,8 @@ class CibrObjective(nn.Module):
 
     def forward(self, outputs: dict) -> dict:
         terms = self.base(outputs)
-        s, weight = self.step_inputs(outputs), cibr_weight(outputs["step"], self.cfg)
+        s = self.step_inputs(outputs)
+        weight = cibr_weight(outputs["step"], self.cfg)
         with (
             without_grad(self.estimators),
             torch.autocast(device_type=s["z_v"].device.type, enabled=False),

@@ -61,8 +61,10 @@ class ContrastiveLoss(nn.Module):
     ):
         super().__init__()
         self.topology = topology or Sphere(1)
-        self.rank, self.world_size = rank, world_size
-        self.gather_with_grad, self.local_loss = gather_with_grad, local_loss
+        self.rank = rank
+        self.world_size = world_size
+        self.gather_with_grad = gather_with_grad
+        self.local_loss = local_loss
 
     def forward(self, outputs: dict) -> dict:
         logits_i, logits_t, labels = compute_contrastive_logits(

@@ -48,8 +48,10 @@ class LongClipLoss(nn.Module):
         super().__init__()
         self.topology = topology or Sphere(1)
         self.num_components = num_components
-        self.rank, self.world_size = rank, world_size
-        self.gather_with_grad, self.local_loss = gather_with_grad, local_loss
+        self.rank = rank
+        self.world_size = world_size
+        self.gather_with_grad = gather_with_grad
+        self.local_loss = local_loss
         self.label_smoothing = label_smoothing
 
     def clip_loss(self, image: torch.Tensor, text: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -63,7 +65,8 @@ class LongClipLoss(nn.Module):
         ) / 2
 
     def forward(self, outputs: dict) -> dict:
-        image, scale = outputs["image_features"], outputs["logit_scale"]
+        image = outputs["image_features"]
+        scale = outputs["logit_scale"]
         coarse = self.topology.embed(project_to_principal_components(image, self.num_components))
         return {
             "long": self.clip_loss(image, outputs["text_features"], scale),

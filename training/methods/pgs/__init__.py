@@ -51,7 +51,8 @@ class PGSSelector(nn.Module):
     def __init__(self, config: PGSConfig, patch_size: int):
         super().__init__()
         check_pgs_config(config)
-        self.config, self.patch_size = config, patch_size
+        self.config = config
+        self.patch_size = patch_size
         self.generator: torch.Generator | None = None
         self.register_buffer("sobel_kernels", build_sobel_kernels(), persistent=False)
 

@@ -191,7 +191,8 @@ def select_paper(
     """§5: seeds among low-edge patches, candidates = patches similar to a seed minus the
     strongest edges, each image dropping clip(|C|, ceil(lower L), floor(upper L)) patches.
     edges: (B, L) per-patch Sobel scores (any scale) or None without ED."""
-    batch, num_patches = similarity.shape[0], similarity.shape[-1]
+    batch = similarity.shape[0]
+    num_patches = similarity.shape[-1]
     if config.use_ot:
         similarity = normalize_similarity_paper(similarity, config.sinkhorn_reg, config.sinkhorn_iters)
     num_seeds = compute_num_seeds(num_patches, config.candidate_ratio)

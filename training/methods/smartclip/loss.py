@@ -55,9 +55,12 @@ class ModularContrastiveLoss(nn.Module):
         label_smoothing: float = 0.0,
     ):
         super().__init__()
-        self.lambda_align, self.lambda_sparsity = lambda_align, lambda_sparsity
-        self.rank, self.world_size = rank, world_size
-        self.gather_with_grad, self.local_loss = gather_with_grad, local_loss
+        self.lambda_align = lambda_align
+        self.lambda_sparsity = lambda_sparsity
+        self.rank = rank
+        self.world_size = world_size
+        self.gather_with_grad = gather_with_grad
+        self.local_loss = local_loss
         self.label_smoothing = label_smoothing
 
     def gather(self, tensor: torch.Tensor) -> torch.Tensor:
@@ -65,14 +68,17 @@ class ModularContrastiveLoss(nn.Module):
 
     def compute_logits(self, image, text, masks, scale):
         """(row logits, column logits (as rows), labels): L_ctrI over texts, L_ctrT over images."""
-        all_image, all_text, all_masks = self.gather(image), self.gather(text), self.gather(masks)
+        all_image = self.gather(image)
+        all_text = self.gather(text)
+        all_masks = self.gather(masks)
         if self.local_loss:  # this worker's rows S[a_local, :] and columns S[:, b_local]
             rows = scale * compute_masked_cosine(image, all_text, all_masks)  # (B, B_global)
             columns = scale * compute_masked_cosine(all_image, text, masks).T  # (B, B_global)
             offset = self.rank * image.shape[0]
         else:
             rows = scale * compute_masked_cosine(all_image, all_text, all_masks)  # (B_global, B_global)
-            columns, offset = rows.T, 0
+            columns = rows.T
+            offset = 0
         labels = torch.arange(rows.shape[0], device=rows.device) + offset
         return rows, columns, labels
 

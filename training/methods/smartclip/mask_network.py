@@ -33,7 +33,8 @@ class AttentionPool(nn.Module):
     def __init__(self, out_dim: int, context_dim: int, heads: int):
         super().__init__()
         self.query = nn.Parameter(torch.randn(1, 1, out_dim) * out_dim**-0.5)
-        self.ln_q, self.ln_k = nn.LayerNorm(out_dim), nn.LayerNorm(context_dim)
+        self.ln_q = nn.LayerNorm(out_dim)
+        self.ln_k = nn.LayerNorm(context_dim)
         self.attn = nn.MultiheadAttention(out_dim, heads, kdim=context_dim, vdim=context_dim, batch_first=True)
 
     def forward(self, states: torch.Tensor, padding: torch.Tensor) -> torch.Tensor:

@@ -65,7 +65,8 @@ class Sphere:
     def __init__(self, n: int, m: int = 1):
         if n < 1 or m < 1:
             raise ValueError(f"topology {self.kind}: need n >= 1 and m >= 1, got n={n}, m={m}")
-        self.n, self.m = n, m
+        self.n = n
+        self.m = m
 
     @property
     def dim(self) -> int:
