@@ -20,10 +20,9 @@ from benchmarks.demo_build import add_job_args, ensure_demo_build, mean_samples_
 from pipelines import ray_setup, storage
 from training import data_mixture, data_order, train
 from training.batches import BatchPreprocessor
-from training.methods.clip.loss import ContrastiveLoss
 from training.loop import LoopSettings, run_training
-from training.config import temperature_of
-from training.model import build_model, tower_geometry
+from training.model import build_training_model, sample_geometry
+from training.objectives import build_training_objective
 from training.optim import build_optimizer, build_scheduler
 
 
@@ -60,7 +59,16 @@ def run_ray_job(build_uri: str, args, workdir: Path) -> float:
 
 def prepare_in_memory(build_uri: str, config, geometry, n_batches: int) -> list[dict]:
     sources = data_mixture.load_sources([build_uri])
-    prepare = BatchPreprocessor(config.model.arch, *geometry, config.data.crop_scale, 0)
+    prepare = BatchPreprocessor(
+        geometry.arch,
+        geometry.image_size,
+        geometry.patch_size,
+        config.data.crop_scale,
+        0,
+        config.data.caption_policy,
+        config.data.long_caption_fraction,
+        context_length=geometry.context_length,
+    )
     rows = [
         r
         for item in data_order.plan_worker_epoch(sources, 0, 0, 0, 1, 0)
@@ -80,15 +88,15 @@ def run_in_memory(build_uri: str, args) -> float:
         )
     )
     torch.manual_seed(0)
-    model = build_model(config.model, config.masking, temperature_of(config.loss, config.topology))
-    batches = prepare_in_memory(build_uri, config, tower_geometry(model), args.steps)
+    model = build_training_model(config)  # the method's whole model (Multi's towers, Long-CLIP's context)
+    batches = prepare_in_memory(build_uri, config, sample_geometry(model, config.model.arch), args.steps)
     optimizer = build_optimizer(model, config.optim)
     scheduler = build_scheduler(optimizer, 100, 10_000)
     windows = []
     settings = LoopSettings(0, args.steps, 0, 0, 1, torch.device("cpu"), log_every=10, checkpoint_every=10**9)
     run_training(
         model,
-        ContrastiveLoss(),
+        build_training_objective(config, 0, 1, model, torch.device("cpu")),
         optimizer,
         scheduler,
         batches,

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from evaluation.cache import settings_key
-from training.methods.topology.multi_token import class_tokens, num_class_tokens, project_pooled
+from training.towers import class_tokens, num_class_tokens, project_pooled
 
 PLACEHOLDER = "£"  # one token in CLIP's BPE (id 1950), as in the paper's code
 INIT_STD = 0.02

@@ -604,11 +604,11 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{name}: {value}")
 
 
-if __name__ == "__main__":
-    main()
-
-
 def render_demo_samples(count: int, size: int = 128, seed: int = 0) -> list[np.ndarray]:
     """(size, size, 3) uint8 RGB demo scenes (coloured shapes on textured backgrounds)."""
     rng = np.random.default_rng(seed)
     return [np.asarray(render_scene(sample_scene(rng), size, rng).convert("RGB")) for _ in range(count)]
+
+
+if __name__ == "__main__":
+    main()

@@ -67,12 +67,9 @@ def test_imports_flow_one_way():
     assert offenders == []
 
 
-def test_nothing_imports_evaluation_and_infra_has_no_python():
-    for folder in ("pipelines", "scoring", "training", "scripts", "benchmarks"):
-        for path in (ROOT / folder).rglob("*.py"):
-            if folder in ("scripts", "benchmarks"):
-                continue  # top-level drivers may run every job
-            assert "evaluation" not in imported_roots(path), path
+def test_infra_has_no_python():
+    """(That nothing but evaluation itself and the top-level drivers in scripts/ and
+    benchmarks/ imports evaluation is test_imports_flow_one_way's FORBIDDEN table.)"""
     assert not list((ROOT / "infra").rglob("*.py"))
 
 
@@ -247,3 +244,40 @@ def test_the_readme_layout_table_has_a_line_for_every_code_folder():
     folders = {p.relative_to(ROOT).parent.as_posix() for pkg in PACKAGES for p in (ROOT / pkg).rglob("*.py")}
     folders |= {"infra", "benchmarks", "scripts", "docs", "tests"}
     assert sorted(folders - listed) == []
+
+
+# A method's part may import the base every method shares and what its method builds on.
+METHOD_BASE = ("training.methods.clip", "training.methods.topology.spaces")
+BUILDS_ON = {"pgs": ("training.methods.flip",)}
+
+
+def test_a_method_imports_no_other_method_beyond_the_base():
+    offenders = []
+    for _, path, rel in package_files():
+        parts = rel.split("/")
+        if parts[:2] != ["training", "methods"] or len(parts) < 4 and parts[2] in ("__init__.py", "recipes.py"):
+            continue
+        place = parts[2].removesuffix(".py")
+        own = f"training.methods.{place}"
+        allowed = (own, *METHOD_BASE, *BUILDS_ON.get(place, ()))
+        others = [m for m in imported_modules(path) if m.startswith("training.methods.") and not m.startswith(allowed)]
+        offenders += [(rel, m) for m in others]
+    assert offenders == []
+
+
+def test_the_readme_and_docs_name_only_files_that_exist():
+    """Markdown links and backticked repository paths (`training/...py`) in README.md and
+    docs/ resolve, so a moved module cannot leave its old path in the documentation."""
+    import re
+
+    missing = []
+    for page in [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]:
+        text = page.read_text()
+        links = [page.parent / t for t in re.findall(r"\]\(([^)#:]+)(?:#[^)]*)?\)", text)]
+        roots = "pipelines|training|evaluation|scoring|tests|scripts|benchmarks|infra|docs"
+        named = re.findall(rf"`((?:{roots})/[\w/.-]*(?:\.(?:py|md|json|sh|yaml)|/))`", text)
+        paths = [ROOT / p for p in named]
+        missing += [
+            (page.name, str(p.relative_to(ROOT))) for p in links + paths if not p.exists() and "*" not in p.name
+        ]
+    assert missing == []

@@ -17,10 +17,10 @@ from training.inference import load_inference_model
 LEGACY = Path(__file__).resolve().parent / "fixtures" / "legacy"
 
 
-@pytest.mark.parametrize("name", sorted(CASES))
-def test_a_checkpoint_saved_before_the_layout_change_evaluates_the_same(name):
-    loaded = load_inference_model(str(LEGACY / name / "checkpoint_000001"))
-    expected = np.load(LEGACY / name / "expected.npz")
+@pytest.mark.parametrize(("name", "scorer"), [*((name, "plain") for name in sorted(CASES)), ("smartclip", "masked")])
+def test_a_checkpoint_saved_before_the_layout_change_evaluates_the_same(name, scorer):
+    loaded = load_inference_model(str(LEGACY / name / "checkpoint_000001"), scorer=scorer)
+    expected = np.load(LEGACY / name / ("expected.npz" if scorer == "plain" else f"expected_{scorer}.npz"))
     images = torch.stack([loaded.preprocess(b) for b in probe_images()])
     with torch.no_grad():
         image = loaded.model.encode_image(images)
@@ -29,7 +29,7 @@ def test_a_checkpoint_saved_before_the_layout_change_evaluates_the_same(name):
     np.testing.assert_allclose(image.numpy(), expected["image"], atol=1e-6)
     np.testing.assert_allclose(text.numpy(), expected["text"], atol=1e-6)
     np.testing.assert_allclose(scores.numpy(), expected["scores"], atol=1e-6)
-    info = json.loads((LEGACY / name / "expected_info.json").read_text())
+    info = json.loads((LEGACY / name / "expected_info.json").read_text()) | {"scorer": scorer}
     assert {k: json.loads(json.dumps(loaded.info[k], default=str)) for k in info} == info
 
 

@@ -9,7 +9,7 @@ import torch
 from training.config import apply_overrides
 from training.methods.recipes import build_method_config
 from training.model import build_training_model
-from training.methods.topology.multi_token import num_class_tokens
+from training.towers import num_class_tokens
 from training.towers import build_tower_model
 
 ARCH = "clip-micro-p8-32"

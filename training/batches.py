@@ -9,7 +9,6 @@ shard's rows, and tests call it directly.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 
 import cv2
 import numpy as np
@@ -26,19 +25,6 @@ KEYS = "keys"
 SHORT_TEXTS = "short_texts"  # a second, short caption per image (policy "long_and_short")
 EPOCH = "epoch"  # column added by the reader: randomness is a function of (seed, epoch, key)
 CAPTION_POLICIES = ("uniform", "short", "long", "mix", "long_and_short")
-
-
-@dataclass(frozen=True)
-class SampleGeometry:
-    """What a sample is prepared for: read from the built towers (`model.sample_geometry`)."""
-
-    arch: str  # its tokenizer
-    image_size: int
-    patch_size: int  # edge scores per patch; a convolutional tower's "patch" is the image
-    context_length: int  # the text tower's context (stretched by Long-CLIP)
-
-    def tokenizer(self):
-        return build_tokenizer(self.arch, self.context_length)
 
 
 def sample_rng(seed: int, epoch: int, key: str) -> np.random.Generator:

@@ -288,10 +288,10 @@ class Temperature:
     """The towers' logit scale as the model needs it, resolved from the loss and topology
     sections (`temperature_of`), so that building a model never takes the loss config."""
 
-    init_logit_scale: float = math.log(1 / 0.07)
-    max_logit_scale: float = DEFAULT_MAX_LOGIT_SCALE
-    learn: bool = True
-    reset: bool = False  # a pretrained start takes init_logit_scale anyway
+    init_logit_scale: float = LossConfig.init_logit_scale
+    max_logit_scale: float = DEFAULT_MAX_LOGIT_SCALE  # the sphere's; Multi's is 100 / m (temperature_of)
+    learn: bool = LossConfig.learn_temperature
+    reset: bool = LossConfig.reset_logit_scale  # a pretrained start takes init_logit_scale anyway
 
 
 def temperature_of(loss: LossConfig, topology: TopologyConfig) -> Temperature:

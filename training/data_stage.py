@@ -12,8 +12,9 @@ import ray.data
 
 from training import data_order
 from training.data_order import Source
-from training.batches import BatchPreprocessor, SampleGeometry
+from training.batches import BatchPreprocessor
 from training.config import DataConfig
+from training.towers import SampleGeometry
 
 
 def iter_worker_batches(

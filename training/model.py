@@ -25,11 +25,10 @@ from training.methods.recipes import check_combination, resolve_auto_fields
 from training.methods.flip import RandomPatchDrop
 from training.methods.pgs import PGSSelector, check_supported_tower, encode_image_with_selection, summarize_selection
 from training.methods.smartclip.mask_network import MaskNetwork, encode_text_with_states
-from training.methods.topology.multi_token import convert_to_multi_token, num_class_tokens, pooled_class_states
+from training.methods.topology.multi_token import convert_to_multi_token
 from training.pretrained import load_pretrained_tower
 from training.methods.topology.spaces import Sphere, build_topology
-from training.towers import tower_dtype
-from training.batches import SampleGeometry
+from training.towers import SampleGeometry, num_class_tokens, pooled_class_states, tower_dtype
 
 # Patch selection by `masking.kind` ("none": every token). A hook selector (FLIP) runs in
 # open_clip's patch-dropout hook and sees only the tokens; a token selector (PGS) also reads the
@@ -222,15 +221,16 @@ def set_temperature(tower: nn.Module, model: ModelConfig, temperature: Temperatu
 def build_model(
     model: ModelConfig,
     masking: MaskingConfig,
-    temperature: Temperature = Temperature(),
+    temperature: Temperature,
     smartclip: SmartClipConfig | None = None,
     *,
     pgs: PGSConfig = PGSConfig(),
     topology: TopologyConfig = TopologyConfig(),
 ) -> ContrastiveModel:
     """The towers (from `model.pretrained` if set), long-text positions, the topology (m
-    [CLS] tokens for multi), patch selection (FLIP in open_clip's hook, PGS around the vision
-    tower; both keep every class token), and a mask network when `smartclip` is given."""
+    [CLS] tokens for multi; its logit-scale cap comes in `temperature`, see `temperature_of`),
+    patch selection (FLIP in open_clip's hook, PGS around the vision tower; both keep every
+    class token), and a mask network when `smartclip` is given."""
     tower = load_pretrained_tower(model.arch, model.pretrained)
     apply_long_text(tower, model.text_positions_kept, model.text_stretch_factor)
     space = apply_topology(tower, topology, model)

@@ -18,7 +18,7 @@ from torch import nn
 from pipelines import storage
 from training.inference_model import InferenceModel
 from training.model import check_patch_tower
-from training.methods.topology.multi_token import pooled_class_states
+from training.towers import pooled_class_states
 from training.pretrained import load_pretrained_tower
 from training.methods.topology.spaces import Sphere
 from training.towers import build_tokenizer

@@ -9,4 +9,7 @@ places its parts live in, and each part is found under `training/methods/<place>
 - `topology/`: the embedding spaces (sphere, oblique, multi-[CLS], Euclidean ablations);
 - `cibr/`: CIBR's mutual-information regulariser and its estimators.
 
-This package module imports nothing, so importing one method's part never loads the others."""
+A method's part imports only the base every method shares (`clip/`'s InfoNCE, the sphere of
+`topology/spaces.py`, the tower helpers in training/towers.py) and what its method builds on
+(PGS on FLIP's keep count); this package module imports nothing. tests/test_boundaries.py
+holds the methods to that."""

@@ -21,7 +21,7 @@ from training.methods.pgs.selection import (
     select_reference,
     standardize_patches,
 )
-from training.methods.topology.multi_token import num_class_tokens
+from training.towers import num_class_tokens
 
 PGS_MODES = ("reference", "paper")
 PGS_COMPACTIONS = ("batch_min", "static", "auto")  # auto: resolved before a model is built

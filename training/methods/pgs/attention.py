@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from training.methods.pgs.selection import Selection
-from training.methods.topology.multi_token import additive_key_mask, class_tokens, num_class_tokens, project_pooled
+from training.towers import additive_key_mask, class_tokens, num_class_tokens, project_pooled
 from training.towers import tower_dtype
 
 

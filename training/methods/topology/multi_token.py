@@ -26,46 +26,11 @@ from open_clip.model import CLIP
 from open_clip.transformer import VisionTransformer
 from torch import nn
 
+from training.towers import additive_key_mask, class_tokens, project_pooled
+
 PAD_TOKEN_ID = 0  # open_clip's tokenizers pad with 0
 CLS_POSITION_STD = 0.01
 TEXT_ROUTES = ("prepend", "append")
-
-
-def num_class_tokens(visual: nn.Module) -> int:
-    """Class tokens at the front of a ViT's sequence (1 for open_clip's own)."""
-    return getattr(visual, "num_class_tokens", 1)
-
-
-def class_tokens(visual: nn.Module, batch: int, dtype: torch.dtype) -> torch.Tensor:
-    """(B, c, w) class token(s) of a ViT, for both open_clip's (w,) and our (m, w) tables."""
-    table = visual.class_embedding.to(dtype)
-    return table.reshape(1, -1, table.shape[-1]).expand(batch, -1, -1)
-
-
-def project_pooled(visual: nn.Module, pooled: torch.Tensor) -> torch.Tensor:
-    """Pooled (B, w) or (B, m, w) class states -> (B, E) raw features (E = m·n)."""
-    projected = pooled @ visual.proj if visual.proj is not None else pooled
-    return projected.flatten(1)
-
-
-def pooled_class_states(visual: nn.Module, images: torch.Tensor) -> torch.Tensor:
-    """(B, c·w) class-token state(s) of an open_clip ViT (one or m), before the projection."""
-    pooled, _ = visual._pool(visual.transformer(visual._embeds(images)))
-    return pooled.flatten(1)
-
-
-def additive_key_mask(
-    hidden_keys: torch.Tensor, num_heads: int, dtype: torch.dtype, causal: bool = False
-) -> torch.Tensor:
-    """hidden_keys (B, T) bool -> float mask (B·heads, T, T) in open_clip's layout (sample
-    major): −inf where the key is hidden (and above the diagonal when causal), 0 elsewhere."""
-    batch, length = hidden_keys.shape
-    mask = torch.zeros((batch, 1, length), dtype=dtype, device=hidden_keys.device)
-    mask = mask.masked_fill(hidden_keys[:, None, :], float("-inf")).expand(-1, length, -1)
-    if causal:
-        future = torch.ones(length, length, dtype=torch.bool, device=hidden_keys.device).triu_(1)
-        mask = mask.masked_fill(future, float("-inf"))
-    return mask[:, None].expand(-1, num_heads, -1, -1).reshape(-1, length, length)
 
 
 class MultiTokenVisionTransformer(VisionTransformer):
