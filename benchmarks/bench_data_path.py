@@ -59,16 +59,7 @@ def run_ray_job(build_uri: str, args, workdir: Path) -> float:
 
 def prepare_in_memory(build_uri: str, config, geometry, n_batches: int) -> list[dict]:
     sources = data_mixture.load_sources([build_uri])
-    prepare = BatchPreprocessor(
-        geometry.arch,
-        geometry.image_size,
-        geometry.patch_size,
-        config.data.crop_scale,
-        0,
-        config.data.caption_policy,
-        config.data.long_caption_fraction,
-        context_length=geometry.context_length,
-    )
+    prepare = BatchPreprocessor.for_run(geometry, config.data, 0)
     rows = [
         r
         for item in data_order.plan_worker_epoch(sources, 0, 0, 0, 1, 0)

@@ -16,7 +16,8 @@ import numpy as np
 from pipelines import shards
 from pipelines.edges import decode_edge_png
 from training import transforms
-from training.towers import build_tokenizer
+from training.config import DataConfig
+from training.towers import SampleGeometry, build_tokenizer
 
 IMAGES = "images"
 TEXTS = "texts"
@@ -76,6 +77,21 @@ class BatchPreprocessor:
         self.caption_policy = caption_policy
         self.long_fraction = long_fraction
         cv2.setNumThreads(1)
+
+    @classmethod
+    def for_run(cls, geometry: SampleGeometry, data: DataConfig, seed: int) -> BatchPreprocessor:
+        """The preprocessor of a run: the data section's crop and caption policy, for the
+        geometry read from the run's towers."""
+        return cls(
+            geometry.arch,
+            geometry.image_size,
+            geometry.patch_size,
+            data.crop_scale,
+            seed,
+            data.caption_policy,
+            data.long_caption_fraction,
+            context_length=geometry.context_length,
+        )
 
     def prepare_sample(self, row: dict, epoch: int) -> tuple[np.ndarray, np.ndarray, tuple[str, ...]]:
         rng = sample_rng(self.seed, epoch, row[shards.KEY])

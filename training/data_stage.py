@@ -47,16 +47,7 @@ class PrepareShardItems:
     def __init__(self, data: DataConfig, seed: int, geometry: SampleGeometry):
         self.seed = seed
         self.batch_size = data.batch_size_per_worker
-        self.prepare = BatchPreprocessor(
-            geometry.arch,
-            geometry.image_size,
-            geometry.patch_size,
-            data.crop_scale,
-            seed,
-            data.caption_policy,
-            data.long_caption_fraction,
-            context_length=geometry.context_length,
-        )
+        self.prepare = BatchPreprocessor.for_run(geometry, data, seed)
 
     def __call__(self, items: dict):
         for i in range(len(items[data_order.ITEM_SHARD])):
